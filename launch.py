@@ -1,0 +1,52 @@
+"""mardjax entry point: `python launch.py --config configs/default.py --workdir DIR`.
+
+Modes (`--mode`): synth, preprocess. Every mode prints one JSON object as the
+last line of stdout and writes the same object to DIR/<mode>.json. Config
+fields are overridden with `--config.data.vocab_size=30000` and the like;
+unknown fields are an error.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from mardjax import app as mardjax_app
+from mardjax.errors import UserError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/default.py.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for data, checkpoints, results.')
+flags.DEFINE_enum('mode', 'preprocess', mardjax_app.MODES, 'What to run.')
+flags.DEFINE_bool('force', False, 'Redo work even when outputs are up to date.')
+flags.DEFINE_bool('progress', True, 'Show progress bars on stderr.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  workdir = os.path.abspath(FLAGS.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    result = mardjax_app.run_mode(FLAGS.mode, FLAGS.config, workdir,
+                                  force=FLAGS.force,
+                                  show_progress=FLAGS.progress)
+  except UserError as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  result = dict(mode=FLAGS.mode, **result)
+  line = json.dumps(result, sort_keys=True)
+  with open(os.path.join(workdir, f'{FLAGS.mode}.json'), 'w') as f:
+    f.write(line + '\n')
+  print(line, flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

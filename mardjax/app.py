@@ -1,0 +1,65 @@
+"""What each `launch.py --mode` does, as functions that return JSON-able dicts.
+
+Kept apart from `launch.py` so tests call the same code the command runs.
+"""
+
+import os
+from typing import Any
+
+import ml_collections
+
+from mardjax import mard_io
+from mardjax import preprocess
+from mardjax import synth
+from mardjax.errors import UserError
+
+MODES = ('synth', 'preprocess')
+SYNTH_SUBDIR = 'synthetic_mard'
+
+
+def mard_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The raw data: config.data.mard_dir, else the workdir's synthetic corpus."""
+  return config.data.mard_dir or os.path.join(workdir, SYNTH_SUBDIR)
+
+
+def run_synth(config, workdir: str, show_progress: bool = True
+              ) -> dict[str, Any]:
+  """Writes (or reuses) the synthetic corpus into `mard_dir(config, workdir)`."""
+  try:
+    sizes = synth.sizes_from_config(config.data)
+  except ValueError as e:
+    raise UserError(f'config.data.synth_*: {e}') from None
+  out = mard_dir(config, workdir)
+  real = os.path.join(out, mard_io.METADATA_FILE)
+  marker = os.path.join(out, synth._DONE_MARKER)  # pylint: disable=protected-access
+  if os.path.exists(real) and not os.path.exists(marker):
+    # Never overwrite a directory that holds data we did not generate.
+    raise UserError(f'{out!r} holds a MARD corpus that mardjax did not '
+                    'generate; refusing to overwrite it with synthetic data.')
+  os.makedirs(out, exist_ok=True)
+  return synth.generate(out, sizes, seed=config.data.synth_seed,
+                        num_workers=config.data.num_workers,
+                        show_progress=show_progress)
+
+
+def run_preprocess(config, workdir: str, force: bool = False,
+                   show_progress: bool = True) -> dict[str, Any]:
+  """Raw MARD -> TFRecords; generates the synthetic corpus when none is given."""
+  result = {}
+  if not config.data.mard_dir:
+    result['synth'] = run_synth(config, workdir, show_progress)
+  report = preprocess.run(config, mard_dir(config, workdir),
+                          preprocess.output_dir(config, workdir), force=force,
+                          show_progress=show_progress)
+  result.update(report)
+  return result
+
+
+def run_mode(mode: str, config, workdir: str, force: bool = False,
+             show_progress: bool = True) -> dict[str, Any]:
+  """Runs one mode; returns its result (the JSON line launch.py prints)."""
+  if mode == 'synth':
+    return run_synth(config, workdir, show_progress)
+  if mode == 'preprocess':
+    return run_preprocess(config, workdir, force, show_progress)
+  raise UserError(f'Unknown mode {mode!r}; choose from {MODES}.')

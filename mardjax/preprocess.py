@@ -1,0 +1,515 @@
+"""Raw MARD directory -> validated, split, tokenized TFRecords + manifest.
+
+The path (DESIGN 2):
+
+  1. metadata: albums, their songs' MBIDs (`mard_io.read_albums`);
+  2. descriptor documents from the original and expanded directories, parsed
+     in worker processes, tied to albums, flattened (`descriptors.extract`);
+  3. splits: albums held out by hash (test), then reviews by hash (dev/train);
+  4. pass 1 over reviews: validate, de-duplicate, count training words;
+  5. vocabulary and feature statistics, fitted on the training split only;
+  6. pass 2 over reviews: tokenize and write; albums written with their tracks;
+  7. manifest.json last; the whole directory appears atomically.
+
+Memory stays bounded: reviews are streamed twice rather than held; what is
+held is one float32 vector per track (~0.5 GB at MARD's 343,882 tracks), the
+album table and the set of review ids.
+
+Every input record ends up either in the output or in a skip count with its
+reason (`report['skipped']`), and `report['reconcile']` checks the sums.
+"""
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+import orjson
+
+from mardjax import descriptors as desc_lib
+from mardjax import mard_io
+from mardjax import progress
+from mardjax import splits as splits_lib
+from mardjax import text as text_lib
+from mardjax.errors import UserError
+
+MANIFEST = 'manifest.json'
+VOCAB_FILE = 'vocab.txt'
+ALBUMS_FILE = 'albums.jsonl'
+FEATURES_FILE = 'descriptor_names.txt'
+# Config fields that change what preprocessing writes.
+_DATA_FIELDS = ('descriptors', 'transform', 'vocab_size', 'min_word_count',
+                'max_len', 'dev_fraction', 'test_album_fraction', 'split_salt',
+                'examples_per_shard', 'albums_per_shard')
+
+
+def validate_data_config(data: ml_collections.ConfigDict) -> None:
+  """Fails fast, with the field's name, on values that cannot work."""
+  def need(ok, field, why):
+    if not ok:
+      raise UserError(f'config.data.{field}={data[field]!r}: {why}')
+  need(data.vocab_size >= 1, 'vocab_size', 'must be at least 1')
+  need(data.min_word_count >= 1, 'min_word_count', 'must be at least 1')
+  need(data.max_len >= 1, 'max_len', 'must be at least 1')
+  need(0 <= data.dev_fraction < 1, 'dev_fraction', 'must be in [0, 1)')
+  need(0 <= data.test_album_fraction < 1, 'test_album_fraction',
+       'must be in [0, 1)')
+  need(data.examples_per_shard >= 1, 'examples_per_shard', 'must be >= 1')
+  need(data.albums_per_shard >= 1, 'albums_per_shard', 'must be >= 1')
+  need(data.num_workers >= 1, 'num_workers', 'must be >= 1')
+  need(data.transform in desc_lib.TRANSFORMS, 'transform',
+       f'choose from {desc_lib.TRANSFORMS}')
+  try:
+    desc_lib.parse_descriptor_list(data.descriptors)
+  except ValueError as e:
+    raise UserError(f'config.data.descriptors: {e}') from None
+
+
+def descriptor_dirs(mard_dir: str, extra: str) -> list[str]:
+  """The original directory, `acousticbrainz_expanded`, then the extras."""
+  dirs = [os.path.join(mard_dir, mard_io.ORIGINAL_DESCRIPTOR_DIR),
+          os.path.join(mard_dir, mard_io.EXPANDED_DESCRIPTOR_DIR)]
+  for item in (extra or '').split(','):
+    item = item.strip()
+    if not item:
+      continue
+    path = item if os.path.isabs(item) else os.path.join(mard_dir, item)
+    if not os.path.isdir(path):
+      raise UserError(f'config.data.extra_descriptor_dirs: {path!r} is not a '
+                      'directory.')
+    dirs.append(path)
+  return [d for d in dirs if os.path.isdir(d)]
+
+
+def _fingerprint(mard_dir: str, files: list[mard_io.DescriptorFile],
+                 data: ml_collections.ConfigDict) -> str:
+  """Hash of what the output depends on: inputs' names, sizes, mtimes, config."""
+  h = hashlib.sha256()
+  for name in (mard_io.METADATA_FILE, mard_io.REVIEWS_FILE):
+    st = os.stat(os.path.join(mard_dir, name))
+    h.update(f'{name}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  for f in files:
+    st = os.stat(f.path)
+    h.update(f'{f.priority}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+  config = {k: data[k] for k in _DATA_FIELDS}
+  h.update(json.dumps(config, sort_keys=True).encode())
+  h.update(f'schema{_schema_version()}'.encode())
+  return h.hexdigest()
+
+
+def _schema_version() -> int:
+  from mardjax import records  # pylint: disable=g-import-not-at-top
+  return records.SCHEMA_VERSION
+
+
+def _parse_descriptor_file(file: mard_io.DescriptorFile,
+                           specs: tuple[desc_lib.DescriptorSpec, ...]):
+  """Worker: one file -> [(file, mbid, offset, vector | reason, extractor)]."""
+  docs, counts = mard_io.documents_in_file(file)
+  out = []
+  for mbid, offset, doc in docs:
+    try:
+      vec = desc_lib.extract(doc, specs)
+    except desc_lib.DescriptorError as e:
+      vec = e.reason
+    out.append((mbid, offset, vec, desc_lib.extractor_version(doc)))
+  return file, out, counts
+
+
+@dataclasses.dataclass
+class _AlbumAudio:
+  tracks: dict[str, np.ndarray]  # mbid -> (dim,) float32, first found wins.
+
+
+def _collect_tracks(albums: list[mard_io.Album],
+                    files: list[mard_io.DescriptorFile],
+                    specs, num_workers: int, counts: collections.Counter,
+                    show_progress: bool):
+  """Parses every descriptor file and ties its documents to albums.
+
+  Returns:
+    (audio per album position, extractor version counts).
+  """
+  by_amazon = {a.amazon_id: i for i, a in enumerate(albums)}
+  by_mbid = collections.defaultdict(list)
+  for i, album in enumerate(albums):
+    for _, mbid in album.songs:
+      if not by_mbid[mbid] or by_mbid[mbid][-1] != i:
+        by_mbid[mbid].append(i)
+  audio = [_AlbumAudio({}) for _ in albums]
+  extractors = collections.Counter()
+  bar = progress.bar(len(files), 'descriptor files', 'file', show_progress)
+  parse = functools.partial(_parse_descriptor_file, specs=specs)
+  with progress.pool_map(num_workers, chunksize=64) as pmap:
+    for file, docs, file_counts in pmap(parse, files):
+      bar.update(1)
+      counts.update(file_counts)
+      # Entries of a bulk file that name no recording are track-level skips.
+      counts['input/track_documents'] += sum(
+          v for k, v in file_counts.items() if k.startswith('tracks/'))
+      counts['input/descriptor_files'] += 1
+      if not any(k.startswith('descriptor_files/') for k in file_counts):
+        counts['input/descriptor_files_read'] += 1
+      for mbid, _, vec, extractor in docs:
+        if file.amazon_id is not None:
+          owners = [by_amazon[file.amazon_id]] if (
+              file.amazon_id in by_amazon) else []
+          missing = 'tracks/unknown_album'
+        else:
+          owners = by_mbid.get(mbid, [])
+          missing = 'tracks/not_in_metadata'
+        if not owners:
+          counts['input/track_documents'] += 1
+          counts[missing] += 1
+          continue
+        if len(owners) > 1:
+          counts['tracks_notes/shared_between_albums'] += 1
+        for owner in owners:
+          counts['input/track_documents'] += 1
+          if isinstance(vec, str):
+            counts[f'tracks/{vec}'] += 1
+          elif mbid in audio[owner].tracks:
+            counts['tracks/duplicate_track'] += 1
+          else:
+            audio[owner].tracks[mbid] = vec
+            extractors[extractor or 'unknown'] += 1
+  bar.close()
+  return audio, extractors
+
+
+def _ordered_tracks(album: mard_io.Album, audio: _AlbumAudio
+                    ) -> tuple[list[str], np.ndarray]:
+  """Tracks in album order (songs list), then any others by MBID."""
+  order = [m for _, m in album.songs if m in audio.tracks]
+  seen = set(order)
+  order += sorted(m for m in audio.tracks if m not in seen)
+  return order, np.stack([audio.tracks[m] for m in order])
+
+
+class _ShardedWriter:
+  """Writes records into `num_shards` files named `<prefix>-<i>-of-<n>`."""
+
+  def __init__(self, out_dir: str, prefix: str, num_shards: int):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self.names = [f'{prefix}-{i:05d}-of-{num_shards:05d}.tfrecord'
+                  for i in range(num_shards)]
+    self._writers = [tf.io.TFRecordWriter(os.path.join(out_dir, n))
+                     for n in self.names]
+
+  def write(self, shard: int, record: bytes) -> None:
+    self._writers[shard].write(record)
+
+  def close(self) -> None:
+    for w in self._writers:
+      w.close()
+
+
+def _num_shards(count: int, per_shard: int) -> int:
+  return max(1, -(-count // per_shard))
+
+
+def _peak_rss_mb() -> float:
+  # ru_maxrss is in KiB on Linux; workers are counted separately.
+  own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  return round(max(own, children) / 1024, 1)
+
+
+def output_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.data.tfrecord_dir or os.path.join(workdir, 'data')
+
+
+def load_manifest(data_dir: str) -> dict[str, Any]:
+  """Reads a finished preprocessing output; clear error when there is none."""
+  path = os.path.join(data_dir, MANIFEST)
+  if not os.path.isfile(path):
+    raise UserError(f'No {MANIFEST} in {data_dir!r}: run --mode=preprocess '
+                    'first (or point config.data.tfrecord_dir at its output).')
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get('schema_version') != _schema_version():
+    raise UserError(f'{path} has schema version '
+                    f'{manifest.get("schema_version")}, this code reads '
+                    f'{_schema_version()}: run --mode=preprocess again.')
+  return manifest
+
+
+def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
+        force: bool = False, show_progress: bool = True) -> dict[str, Any]:
+  """Preprocesses `mard_dir` into `out_dir`. See the module docstring.
+
+  Args:
+    config: the full config (uses `config.data`).
+    mard_dir: raw MARD directory.
+    out_dir: output directory; replaced atomically when done.
+    force: rebuild even when `out_dir` is up to date.
+    show_progress: progress bars on stderr.
+
+  Returns:
+    The report: counts per split, skips by reason, paths, timings.
+
+  Raises:
+    UserError: bad config, missing files, or nothing usable in the input.
+  """
+  t0 = time.time()
+  data = config.data
+  validate_data_config(data)
+  if not os.path.isdir(mard_dir):
+    raise UserError(f'MARD directory {mard_dir!r} does not exist.')
+  specs = desc_lib.parse_descriptor_list(data.descriptors)
+  dim = desc_lib.dim(specs)
+  counts = collections.Counter()
+
+  # 1. Albums.
+  albums, metadata_lines = mard_io.read_albums(mard_dir, counts)
+  counts['input/metadata_lines'] = metadata_lines
+  if not os.path.isfile(os.path.join(mard_dir, mard_io.REVIEWS_FILE)):
+    raise UserError(f'No {mard_io.REVIEWS_FILE} in {mard_dir!r}.')
+  dirs = descriptor_dirs(mard_dir, data.extra_descriptor_dirs)
+  files = mard_io.list_descriptor_files(dirs)
+  fingerprint = _fingerprint(mard_dir, files, data)
+  existing = os.path.join(out_dir, MANIFEST)
+  if not force and os.path.isfile(existing):
+    with open(existing) as f:
+      old = json.load(f)
+    if old.get('source', {}).get('fingerprint') == fingerprint:
+      return dict(old['report'], reused=True,
+                  seconds=round(time.time() - t0, 2))
+  if not albums:
+    raise UserError(f'No usable album in {mard_io.METADATA_FILE}: '
+                    f'{_skips(counts, "albums")}')
+
+  # 2. Audio.
+  audio, extractors = _collect_tracks(albums, files, specs, data.num_workers,
+                                      counts, show_progress)
+  kept = []  # (album, ordered mbids, (tracks, dim) descriptors)
+  for album, aud in zip(albums, audio):
+    if aud.tracks:
+      mbids, vecs = _ordered_tracks(album, aud)
+      kept.append((album, mbids, vecs))
+    else:
+      counts['albums/no_descriptor'] += 1
+  del audio
+  if not kept:
+    raise UserError(
+        f'No album has a usable descriptor document (searched {dirs}); '
+        f'{_skips(counts, "tracks")} {_skips(counts, "descriptor_files")}')
+  index_of = {a.amazon_id: i for i, (a, _, _) in enumerate(kept)}
+  album_split = [splits_lib.album_split(a.amazon_id, data.test_album_fraction,
+                                        data.split_salt) for a, _, _ in kept]
+  skipped_albums = {a.amazon_id for a in albums} - set(index_of)
+
+  # 3+4. Reviews, pass 1: validate, split, count training words.
+  word_counts = collections.Counter()
+  review_lines = 0
+  split_counts = collections.Counter()
+  reviews_per_album = collections.defaultdict(collections.Counter)
+
+  def usable_reviews(pass_counts):
+    """Yields (review, album index, split) for every usable review."""
+    nonlocal review_lines
+    seen = set()
+    review_lines = 0
+    for review in mard_io.iter_reviews(mard_dir, pass_counts):
+      review_lines += 1
+      if review is None:
+        continue
+      if review.review_id in seen:
+        pass_counts['reviews/duplicate_review_id'] += 1
+        continue
+      seen.add(review.review_id)
+      idx = index_of.get(review.amazon_id)
+      if idx is None:
+        pass_counts['reviews/album_without_audio' if review.amazon_id in
+                    skipped_albums else 'reviews/unknown_album'] += 1
+        continue
+      split = splits_lib.review_split(review.review_id, album_split[idx],
+                                      data.dev_fraction, data.split_salt)
+      yield review, idx, split
+
+  bar = progress.bar(None, 'reviews pass 1/2', 'review', show_progress)
+  for review, idx, split in usable_reviews(counts):
+    bar.update(1)
+    split_counts[split] += 1
+    reviews_per_album[idx][split] += 1
+    if split == splits_lib.TRAIN:
+      word_counts.update(text_lib.tokenize(review.text))
+  bar.close()
+  counts['input/review_lines'] = review_lines
+  if not split_counts[splits_lib.TRAIN]:
+    raise UserError('No training review is left after validation: '
+                    f'{_skips(counts, "reviews")}')
+
+  # 5. Vocabulary and feature statistics from the training split only.
+  vocab = text_lib.Vocabulary.from_counts(word_counts, data.vocab_size,
+                                          data.min_word_count)
+  moments = desc_lib.RunningMoments(dim)
+  for (_, _, vecs), split in zip(kept, album_split):
+    if split == splits_lib.TRAIN:
+      moments.update(desc_lib.transform(vecs.astype(np.float64),
+                                        data.transform))
+
+  # 6. Write everything into a fresh temporary directory.
+  parent = os.path.dirname(os.path.abspath(out_dir)) or '.'
+  os.makedirs(parent, exist_ok=True)
+  base = os.path.basename(os.path.abspath(out_dir))
+  for leftover in os.listdir(parent):  # From interrupted runs.
+    if leftover.startswith(f'.{base}.tmp-') or leftover.startswith(
+        f'.{base}.old-'):
+      shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
+  tmp = os.path.join(parent, f'.{base}.tmp-{os.getpid()}')
+  os.makedirs(tmp)
+  vocab_sha = vocab.save(os.path.join(tmp, VOCAB_FILE))
+  with open(os.path.join(tmp, FEATURES_FILE), 'w') as f:
+    f.write('\n'.join(desc_lib.feature_names(specs)) + '\n')
+
+  from mardjax import records  # pylint: disable=g-import-not-at-top
+  files_out = {'reviews': {}, 'albums': {}}
+  review_writers = {}
+  for split in splits_lib.REVIEW_SPLITS:
+    n = _num_shards(split_counts[split], data.examples_per_shard)
+    review_writers[split] = _ShardedWriter(tmp, f'reviews-{split}', n)
+    files_out['reviews'][split] = review_writers[split].names
+  pass2 = collections.Counter()
+  truncated = 0
+  written = collections.Counter()
+  bar = progress.bar(sum(split_counts.values()), 'reviews pass 2/2', 'review',
+                     show_progress)
+  for review, idx, split in usable_reviews(pass2):
+    bar.update(1)
+    ids, full_len = vocab.encode(text_lib.tokenize(review.text), data.max_len)
+    truncated += full_len > data.max_len
+    writer = review_writers[split]
+    shard = int(splits_lib.hash_unit(review.review_id, 'shard') *
+                len(writer.names))
+    writer.write(shard, records.review_example(
+        review.review_id, idx, ids, full_len, review.rating))
+    written[split] += 1
+  bar.close()
+  for w in review_writers.values():
+    w.close()
+  if written != split_counts:  # The input changed under us.
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise UserError(f'{mard_io.REVIEWS_FILE} changed while it was read '
+                    f'({dict(split_counts)} then {dict(written)}); run again.')
+
+  album_table = []
+  tracks_written = 0
+  for split in (splits_lib.TRAIN, splits_lib.TEST):
+    members = [i for i, s in enumerate(album_split) if s == split]
+    n = _num_shards(len(members), data.albums_per_shard)
+    writer = _ShardedWriter(tmp, f'albums-{split}', n)
+    files_out['albums'][split] = writer.names
+    for pos, i in enumerate(members):
+      album, mbids, vecs = kept[i]
+      writer.write(pos * n // max(1, len(members)),
+                   records.album_example(i, album.amazon_id, mbids, vecs))
+      tracks_written += len(mbids)
+    writer.close()
+  with open(os.path.join(tmp, ALBUMS_FILE), 'wb') as f:
+    for i, (album, mbids, _) in enumerate(kept):
+      f.write(orjson.dumps({
+          'album_index': i, 'amazon_id': album.amazon_id,
+          'artist': album.artist, 'title': album.title,
+          'genre': album.genre, 'year': album.year, 'split': album_split[i],
+          'num_tracks': len(mbids),
+          'num_reviews': {s: reviews_per_album[i][s]
+                          for s in splits_lib.REVIEW_SPLITS}}) + b'\n')
+
+  album_counts = collections.Counter(album_split)
+  skipped = {}
+  for key, value in sorted(counts.items()):
+    group, _, reason = key.partition('/')
+    if not key.startswith('input/'):
+      skipped.setdefault(group, {})[reason] = value
+  reconcile = {
+      'albums': counts['input/metadata_lines'] == len(kept) + sum(
+          skipped.get('albums', {}).values()),
+      'reviews': counts['input/review_lines'] == sum(split_counts.values()) +
+                 sum(skipped.get('reviews', {}).values()),
+      'tracks': counts['input/track_documents'] == tracks_written + sum(
+          skipped.get('tracks', {}).values()),
+      'descriptor_files': counts['input/descriptor_files'] ==
+                          counts['input/descriptor_files_read'] + sum(
+                              skipped.get('descriptor_files', {}).values()),
+  }
+  report = {
+      'tfrecord_dir': os.path.abspath(out_dir),
+      'mard_dir': os.path.abspath(mard_dir),
+      'albums': len(kept),
+      'albums_by_split': {s: album_counts[s] for s in (splits_lib.TRAIN,
+                                                       splits_lib.TEST)},
+      'albums_without_reviews': sum(
+          1 for i in range(len(kept)) if not reviews_per_album[i]),
+      'reviews': {s: split_counts[s] for s in splits_lib.REVIEW_SPLITS},
+      'tracks': tracks_written,
+      'vocab_size': len(vocab),
+      'descriptor_dim': dim,
+      'reviews_truncated': int(truncated),
+      'extractor_versions': dict(extractors),
+      'input': {k.partition('/')[2]: v for k, v in sorted(counts.items())
+                if k.startswith('input/')},
+      'skipped': {g: r for g, r in skipped.items() if not g.endswith('_notes')},
+      'notes': {g[:-len('_notes')]: r for g, r in skipped.items()
+                if g.endswith('_notes')},
+      'reconcile': reconcile,
+  }
+  if len(extractors) > 1:
+    report['warnings'] = [f'descriptor documents come from several extractors '
+                          f'{dict(extractors)}: their values may not be '
+                          'comparable']
+  manifest = {
+      'schema_version': records.SCHEMA_VERSION,
+      'source': {'mard_dir': os.path.abspath(mard_dir),
+                 'descriptor_dirs': [os.path.abspath(d) for d in dirs],
+                 'fingerprint': fingerprint},
+      'config': {k: data[k] for k in _DATA_FIELDS},
+      'files': files_out,
+      'albums_file': ALBUMS_FILE,
+      'vocab': {'file': VOCAB_FILE, 'size': len(vocab), 'sha256': vocab_sha,
+                'pad_id': text_lib.PAD_ID, 'unk_id': text_lib.UNK_ID,
+                'max_len': data.max_len},
+      'descriptors': {'list': [str(s) for s in specs], 'dim': dim,
+                      'names_file': FEATURES_FILE,
+                      'transform': data.transform,
+                      'mean': moments.mean.tolist(),
+                      'std': moments.std().tolist(),
+                      'fitted_on_tracks': moments.count,
+                      'extractor_versions': dict(extractors)},
+      'counts': {'albums': report['albums'],
+                 'albums_by_split': report['albums_by_split'],
+                 'reviews': report['reviews'], 'tracks': tracks_written},
+      'report': report,
+  }
+  with open(os.path.join(tmp, MANIFEST), 'w') as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+
+  # 7. Swap in atomically: readers see the old set or the new, never half.
+  old = os.path.join(parent, f'.{base}.old-{os.getpid()}')
+  if os.path.exists(out_dir):
+    os.rename(out_dir, old)
+  os.rename(tmp, out_dir)
+  shutil.rmtree(old, ignore_errors=True)
+  return dict(report, reused=False, manifest=os.path.join(
+      os.path.abspath(out_dir), MANIFEST), seconds=round(time.time() - t0, 2),
+              peak_rss_mb=_peak_rss_mb())
+
+
+def manifest_hash(data_dir: str) -> str:
+  """sha256 of a preprocessing output's manifest (checkpoints refer to it)."""
+  with open(os.path.join(data_dir, MANIFEST), 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _skips(counts: collections.Counter, group: str) -> str:
+  items = {k.partition('/')[2]: v for k, v in counts.items()
+           if k.startswith(group + '/')}
+  return f'{group} skipped: {items or "none"}.'

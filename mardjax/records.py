@@ -1,0 +1,109 @@
+"""TFRecord schema: what preprocessing writes and the input pipeline reads.
+
+Two kinds of `tf.train.Example`, in sharded files:
+
+* reviews (`reviews-<split>-<i>-of-<n>.tfrecord`, splits train/dev/test):
+    review_id    bytes   `<amazon-id>/<reviewerID>`
+    album_index  int64   row of the album in `albums.jsonl`
+    tokens       int64[] word ids, truncated to max_len, no padding
+    length       int64   len(tokens)
+    full_length  int64   number of words before truncation
+    rating       float   Amazon star rating (0 when absent)
+* albums (`albums-<split>-<i>-of-<n>.tfrecord`, splits train/test; train
+  albums also hold the dev reviews' albums):
+    album_index  int64
+    amazon_id    bytes
+    num_tracks   int64
+    track_mbids  bytes[] num_tracks
+    descriptors  float[] num_tracks * dim, raw values, track-major; the
+                 manifest holds the transform and training statistics.
+
+Bump `SCHEMA_VERSION` on any change; readers refuse other versions.
+"""
+
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+SCHEMA_VERSION = 1
+
+
+def _int64(values) -> tf.train.Feature:
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+
+def _float(values) -> tf.train.Feature:
+  return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+
+
+def _bytes(values) -> tf.train.Feature:
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+
+
+def review_example(review_id: str, album_index: int, tokens: np.ndarray,
+                   full_length: int, rating: float) -> bytes:
+  """Serializes one review; tokens: (length,) int ids."""
+  return tf.train.Example(features=tf.train.Features(feature={
+      'review_id': _bytes([review_id.encode('utf-8')]),
+      'album_index': _int64([album_index]),
+      'tokens': _int64(tokens.tolist()),
+      'length': _int64([len(tokens)]),
+      'full_length': _int64([full_length]),
+      'rating': _float([rating]),
+  })).SerializeToString()
+
+
+def album_example(album_index: int, amazon_id: str, mbids: list[str],
+                  descriptors: np.ndarray) -> bytes:
+  """Serializes one album; descriptors: (num_tracks, dim) float32."""
+  return tf.train.Example(features=tf.train.Features(feature={
+      'album_index': _int64([album_index]),
+      'amazon_id': _bytes([amazon_id.encode('utf-8')]),
+      'num_tracks': _int64([len(mbids)]),
+      'track_mbids': _bytes([m.encode('utf-8') for m in mbids]),
+      'descriptors': _float(descriptors.ravel().tolist()),
+  })).SerializeToString()
+
+
+REVIEW_FEATURES = {
+    'review_id': tf.io.FixedLenFeature([], tf.string),
+    'album_index': tf.io.FixedLenFeature([], tf.int64),
+    'tokens': tf.io.VarLenFeature(tf.int64),
+    'length': tf.io.FixedLenFeature([], tf.int64),
+    'full_length': tf.io.FixedLenFeature([], tf.int64),
+    'rating': tf.io.FixedLenFeature([], tf.float32),
+}
+ALBUM_FEATURES = {
+    'album_index': tf.io.FixedLenFeature([], tf.int64),
+    'amazon_id': tf.io.FixedLenFeature([], tf.string),
+    'num_tracks': tf.io.FixedLenFeature([], tf.int64),
+    'track_mbids': tf.io.VarLenFeature(tf.string),
+    'descriptors': tf.io.VarLenFeature(tf.float32),
+}
+
+
+def parse_review(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+  """tf.data map function: one serialized review -> dense tensors."""
+  ex = tf.io.parse_single_example(serialized, REVIEW_FEATURES)
+  ex['tokens'] = tf.sparse.to_dense(ex['tokens'])
+  return ex
+
+
+def parse_album(serialized: tf.Tensor, dim: int) -> dict[str, tf.Tensor]:
+  """tf.data map function: descriptors come back as (num_tracks, dim)."""
+  ex = tf.io.parse_single_example(serialized, ALBUM_FEATURES)
+  ex['track_mbids'] = tf.sparse.to_dense(ex['track_mbids'])
+  ex['descriptors'] = tf.reshape(tf.sparse.to_dense(ex['descriptors']),
+                                 [-1, dim])
+  return ex
+
+
+def read_numpy(paths: list[str], kind: str, dim: int = 0
+               ) -> Iterator[dict[str, Any]]:
+  """Reads records eagerly as numpy dicts (tests, small tools; not training)."""
+  ds = tf.data.TFRecordDataset(paths)
+  parse = parse_review if kind == 'review' else (
+      lambda s: parse_album(s, dim))
+  for ex in ds.map(parse).as_numpy_iterator():
+    yield ex
