@@ -206,7 +206,8 @@ def extract(doc: Any, specs: Sequence[DescriptorSpec]) -> np.ndarray:
                                f'{spec.path}.{stat}').ravel())
     else:
       parts.append(_as_array(value, spec.shape, spec.path).ravel())
-  out = np.concatenate(parts).astype(np.float32)
+  with np.errstate(over='ignore'):  # Overflow is reported just below.
+    out = np.concatenate(parts).astype(np.float32)
   if not np.all(np.isfinite(out)):
     raise DescriptorError('non_finite', 'a value overflows float32')
   return out

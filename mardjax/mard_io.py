@@ -18,6 +18,7 @@ import ast
 import collections
 import dataclasses
 import hashlib
+import json
 import os
 import re
 from typing import Any, Iterator
@@ -290,13 +291,20 @@ def documents_in_file(file: DescriptorFile) -> tuple[
   counts = collections.Counter()
   try:
     with open(file.path, 'rb') as f:
-      data = orjson.loads(f.read())
-  except (orjson.JSONDecodeError, UnicodeDecodeError):
-    counts['descriptor_files/not_json'] += 1
-    return [], counts
+      raw = f.read()
   except OSError:
     counts['descriptor_files/unreadable'] += 1
     return [], counts
+  try:
+    data = orjson.loads(raw)
+  except orjson.JSONDecodeError:
+    # Python's json writes NaN and Infinity, which orjson rejects: read such
+    # files with the stdlib so their values are reported as non-finite.
+    try:
+      data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+      counts['descriptor_files/not_json'] += 1
+      return [], counts
   if file.mbid is not None:
     return [(file.mbid, file.offset, data)], counts
   if not isinstance(data, dict) or 'lowlevel' in data:

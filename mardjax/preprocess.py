@@ -20,8 +20,6 @@ reason (`report['skipped']`), and `report['reconcile']` checks the sums.
 """
 
 import collections
-import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -35,6 +33,7 @@ import numpy as np
 import orjson
 
 from mardjax import descriptors as desc_lib
+from mardjax import ingest
 from mardjax import mard_io
 from mardjax import progress
 from mardjax import splits as splits_lib
@@ -73,22 +72,6 @@ def validate_data_config(data: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.data.descriptors: {e}') from None
 
 
-def descriptor_dirs(mard_dir: str, extra: str) -> list[str]:
-  """The original directory, `acousticbrainz_expanded`, then the extras."""
-  dirs = [os.path.join(mard_dir, mard_io.ORIGINAL_DESCRIPTOR_DIR),
-          os.path.join(mard_dir, mard_io.EXPANDED_DESCRIPTOR_DIR)]
-  for item in (extra or '').split(','):
-    item = item.strip()
-    if not item:
-      continue
-    path = item if os.path.isabs(item) else os.path.join(mard_dir, item)
-    if not os.path.isdir(path):
-      raise UserError(f'config.data.extra_descriptor_dirs: {path!r} is not a '
-                      'directory.')
-    dirs.append(path)
-  return [d for d in dirs if os.path.isdir(d)]
-
-
 def _fingerprint(mard_dir: str, files: list[mard_io.DescriptorFile],
                  data: ml_collections.ConfigDict) -> str:
   """Hash of what the output depends on: inputs' names, sizes, mtimes, config."""
@@ -108,90 +91,6 @@ def _fingerprint(mard_dir: str, files: list[mard_io.DescriptorFile],
 def _schema_version() -> int:
   from mardjax import records  # pylint: disable=g-import-not-at-top
   return records.SCHEMA_VERSION
-
-
-def _parse_descriptor_file(file: mard_io.DescriptorFile,
-                           specs: tuple[desc_lib.DescriptorSpec, ...]):
-  """Worker: one file -> [(file, mbid, offset, vector | reason, extractor)]."""
-  docs, counts = mard_io.documents_in_file(file)
-  out = []
-  for mbid, offset, doc in docs:
-    try:
-      vec = desc_lib.extract(doc, specs)
-    except desc_lib.DescriptorError as e:
-      vec = e.reason
-    out.append((mbid, offset, vec, desc_lib.extractor_version(doc)))
-  return file, out, counts
-
-
-@dataclasses.dataclass
-class _AlbumAudio:
-  tracks: dict[str, np.ndarray]  # mbid -> (dim,) float32, first found wins.
-
-
-def _collect_tracks(albums: list[mard_io.Album],
-                    files: list[mard_io.DescriptorFile],
-                    specs, num_workers: int, counts: collections.Counter,
-                    show_progress: bool):
-  """Parses every descriptor file and ties its documents to albums.
-
-  Returns:
-    (audio per album position, extractor version counts).
-  """
-  by_amazon = {a.amazon_id: i for i, a in enumerate(albums)}
-  by_mbid = collections.defaultdict(list)
-  for i, album in enumerate(albums):
-    for _, mbid in album.songs:
-      if not by_mbid[mbid] or by_mbid[mbid][-1] != i:
-        by_mbid[mbid].append(i)
-  audio = [_AlbumAudio({}) for _ in albums]
-  extractors = collections.Counter()
-  bar = progress.bar(len(files), 'descriptor files', 'file', show_progress)
-  parse = functools.partial(_parse_descriptor_file, specs=specs)
-  with progress.pool_map(num_workers, chunksize=64) as pmap:
-    for file, docs, file_counts in pmap(parse, files):
-      bar.update(1)
-      counts.update(file_counts)
-      # Entries of a bulk file that name no recording are track-level skips.
-      counts['input/track_documents'] += sum(
-          v for k, v in file_counts.items() if k.startswith('tracks/'))
-      counts['input/descriptor_files'] += 1
-      if not any(k.startswith('descriptor_files/') for k in file_counts):
-        counts['input/descriptor_files_read'] += 1
-      for mbid, _, vec, extractor in docs:
-        if file.amazon_id is not None:
-          owners = [by_amazon[file.amazon_id]] if (
-              file.amazon_id in by_amazon) else []
-          missing = 'tracks/unknown_album'
-        else:
-          owners = by_mbid.get(mbid, [])
-          missing = 'tracks/not_in_metadata'
-        if not owners:
-          counts['input/track_documents'] += 1
-          counts[missing] += 1
-          continue
-        if len(owners) > 1:
-          counts['tracks_notes/shared_between_albums'] += 1
-        for owner in owners:
-          counts['input/track_documents'] += 1
-          if isinstance(vec, str):
-            counts[f'tracks/{vec}'] += 1
-          elif mbid in audio[owner].tracks:
-            counts['tracks/duplicate_track'] += 1
-          else:
-            audio[owner].tracks[mbid] = vec
-            extractors[extractor or 'unknown'] += 1
-  bar.close()
-  return audio, extractors
-
-
-def _ordered_tracks(album: mard_io.Album, audio: _AlbumAudio
-                    ) -> tuple[list[str], np.ndarray]:
-  """Tracks in album order (songs list), then any others by MBID."""
-  order = [m for _, m in album.songs if m in audio.tracks]
-  seen = set(order)
-  order += sorted(m for m in audio.tracks if m not in seen)
-  return order, np.stack([audio.tracks[m] for m in order])
 
 
 class _ShardedWriter:
@@ -262,20 +161,10 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
   t0 = time.time()
   data = config.data
   validate_data_config(data)
-  if not os.path.isdir(mard_dir):
-    raise UserError(f'MARD directory {mard_dir!r} does not exist.')
   specs = desc_lib.parse_descriptor_list(data.descriptors)
   dim = desc_lib.dim(specs)
-  counts = collections.Counter()
-
-  # 1. Albums.
-  albums, metadata_lines = mard_io.read_albums(mard_dir, counts)
-  counts['input/metadata_lines'] = metadata_lines
-  if not os.path.isfile(os.path.join(mard_dir, mard_io.REVIEWS_FILE)):
-    raise UserError(f'No {mard_io.REVIEWS_FILE} in {mard_dir!r}.')
-  dirs = descriptor_dirs(mard_dir, data.extra_descriptor_dirs)
-  files = mard_io.list_descriptor_files(dirs)
-  fingerprint = _fingerprint(mard_dir, files, data)
+  sources = ingest.find_sources(data, mard_dir)
+  fingerprint = _fingerprint(mard_dir, sources.files, data)
   existing = os.path.join(out_dir, MANIFEST)
   if not force and os.path.isfile(existing):
     with open(existing) as f:
@@ -283,78 +172,34 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
     if old.get('source', {}).get('fingerprint') == fingerprint:
       return dict(old['report'], reused=True,
                   seconds=round(time.time() - t0, 2))
-  if not albums:
-    raise UserError(f'No usable album in {mard_io.METADATA_FILE}: '
-                    f'{_skips(counts, "albums")}')
+  corpus = ingest.load(data, mard_dir, sources, show_progress)
+  counts = corpus.counts
+  kept, album_split = corpus.albums, corpus.album_split
+  dirs = sources.dirs
 
-  # 2. Audio.
-  audio, extractors = _collect_tracks(albums, files, specs, data.num_workers,
-                                      counts, show_progress)
-  kept = []  # (album, ordered mbids, (tracks, dim) descriptors)
-  for album, aud in zip(albums, audio):
-    if aud.tracks:
-      mbids, vecs = _ordered_tracks(album, aud)
-      kept.append((album, mbids, vecs))
-    else:
-      counts['albums/no_descriptor'] += 1
-  del audio
-  if not kept:
-    raise UserError(
-        f'No album has a usable descriptor document (searched {dirs}); '
-        f'{_skips(counts, "tracks")} {_skips(counts, "descriptor_files")}')
-  index_of = {a.amazon_id: i for i, (a, _, _) in enumerate(kept)}
-  album_split = [splits_lib.album_split(a.amazon_id, data.test_album_fraction,
-                                        data.split_salt) for a, _, _ in kept]
-  skipped_albums = {a.amazon_id for a in albums} - set(index_of)
-
-  # 3+4. Reviews, pass 1: validate, split, count training words.
+  # Reviews, pass 1: split sizes and training words.
   word_counts = collections.Counter()
-  review_lines = 0
   split_counts = collections.Counter()
   reviews_per_album = collections.defaultdict(collections.Counter)
-
-  def usable_reviews(pass_counts):
-    """Yields (review, album index, split) for every usable review."""
-    nonlocal review_lines
-    seen = set()
-    review_lines = 0
-    for review in mard_io.iter_reviews(mard_dir, pass_counts):
-      review_lines += 1
-      if review is None:
-        continue
-      if review.review_id in seen:
-        pass_counts['reviews/duplicate_review_id'] += 1
-        continue
-      seen.add(review.review_id)
-      idx = index_of.get(review.amazon_id)
-      if idx is None:
-        pass_counts['reviews/album_without_audio' if review.amazon_id in
-                    skipped_albums else 'reviews/unknown_album'] += 1
-        continue
-      split = splits_lib.review_split(review.review_id, album_split[idx],
-                                      data.dev_fraction, data.split_salt)
-      yield review, idx, split
-
   bar = progress.bar(None, 'reviews pass 1/2', 'review', show_progress)
-  for review, idx, split in usable_reviews(counts):
+  for review, idx, split in corpus.usable_reviews(counts):
     bar.update(1)
     split_counts[split] += 1
     reviews_per_album[idx][split] += 1
     if split == splits_lib.TRAIN:
       word_counts.update(text_lib.tokenize(review.text))
   bar.close()
-  counts['input/review_lines'] = review_lines
   if not split_counts[splits_lib.TRAIN]:
     raise UserError('No training review is left after validation: '
-                    f'{_skips(counts, "reviews")}')
+                    f'{ingest.describe_skips(counts, "reviews")}')
 
   # 5. Vocabulary and feature statistics from the training split only.
   vocab = text_lib.Vocabulary.from_counts(word_counts, data.vocab_size,
                                           data.min_word_count)
   moments = desc_lib.RunningMoments(dim)
-  for (_, _, vecs), split in zip(kept, album_split):
-    if split == splits_lib.TRAIN:
-      moments.update(desc_lib.transform(vecs.astype(np.float64),
+  for k in kept:
+    if k.split == splits_lib.TRAIN:
+      moments.update(desc_lib.transform(k.descriptors.astype(np.float64),
                                         data.transform))
 
   # 6. Write everything into a fresh temporary directory.
@@ -383,7 +228,7 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
   written = collections.Counter()
   bar = progress.bar(sum(split_counts.values()), 'reviews pass 2/2', 'review',
                      show_progress)
-  for review, idx, split in usable_reviews(pass2):
+  for review, idx, split in corpus.usable_reviews(pass2):
     bar.update(1)
     ids, full_len = vocab.encode(text_lib.tokenize(review.text), data.max_len)
     truncated += full_len > data.max_len
@@ -401,7 +246,6 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
     raise UserError(f'{mard_io.REVIEWS_FILE} changed while it was read '
                     f'({dict(split_counts)} then {dict(written)}); run again.')
 
-  album_table = []
   tracks_written = 0
   for split in (splits_lib.TRAIN, splits_lib.TEST):
     members = [i for i, s in enumerate(album_split) if s == split]
@@ -409,13 +253,14 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
     writer = _ShardedWriter(tmp, f'albums-{split}', n)
     files_out['albums'][split] = writer.names
     for pos, i in enumerate(members):
-      album, mbids, vecs = kept[i]
+      album, mbids, vecs = kept[i].album, kept[i].mbids, kept[i].descriptors
       writer.write(pos * n // max(1, len(members)),
                    records.album_example(i, album.amazon_id, mbids, vecs))
       tracks_written += len(mbids)
     writer.close()
   with open(os.path.join(tmp, ALBUMS_FILE), 'wb') as f:
-    for i, (album, mbids, _) in enumerate(kept):
+    for i, k in enumerate(kept):
+      album, mbids = k.album, k.mbids
       f.write(orjson.dumps({
           'album_index': i, 'amazon_id': album.amazon_id,
           'artist': album.artist, 'title': album.title,
@@ -454,7 +299,7 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
       'vocab_size': len(vocab),
       'descriptor_dim': dim,
       'reviews_truncated': int(truncated),
-      'extractor_versions': dict(extractors),
+      'extractor_versions': dict(corpus.extractors),
       'input': {k.partition('/')[2]: v for k, v in sorted(counts.items())
                 if k.startswith('input/')},
       'skipped': {g: r for g, r in skipped.items() if not g.endswith('_notes')},
@@ -462,9 +307,9 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
                 if g.endswith('_notes')},
       'reconcile': reconcile,
   }
-  if len(extractors) > 1:
+  if len(corpus.extractors) > 1:
     report['warnings'] = [f'descriptor documents come from several extractors '
-                          f'{dict(extractors)}: their values may not be '
+                          f'{dict(corpus.extractors)}: their values may not be '
                           'comparable']
   manifest = {
       'schema_version': records.SCHEMA_VERSION,
@@ -483,7 +328,7 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
                       'mean': moments.mean.tolist(),
                       'std': moments.std().tolist(),
                       'fitted_on_tracks': moments.count,
-                      'extractor_versions': dict(extractors)},
+                      'extractor_versions': dict(corpus.extractors)},
       'counts': {'albums': report['albums'],
                  'albums_by_split': report['albums_by_split'],
                  'reviews': report['reviews'], 'tracks': tracks_written},
@@ -509,7 +354,3 @@ def manifest_hash(data_dir: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def _skips(counts: collections.Counter, group: str) -> str:
-  items = {k.partition('/')[2]: v for k, v in counts.items()
-           if k.startswith(group + '/')}
-  return f'{group} skipped: {items or "none"}.'

@@ -1,0 +1,51 @@
+"""Shared fixtures. Several CPU devices are forced before jax/tf import."""
+
+import os
+
+# Must happen before jax (or tensorflow, which may import it) is imported.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import test as test_config  # pylint: disable=g-import-not-at-top
+from mardjax import synth  # pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_AB_DIR = os.path.join(ROOT, '..', 'shared', 'data', 'acousticbrainz')
+REAL_DOCS = ('0dad432b-16cc-4bf0-8961-fd31d124b01b.json',
+             'e8afe383-1478-497e-90b1-7885c7f37f6e.json')
+BULK_SAMPLE = 'bulk_lowlevel_response_sample.json'
+
+
+@pytest.fixture(scope='session')
+def real_ab_dir():
+  """The real AcousticBrainz documents in ../shared/data (CI has them)."""
+  if not os.path.isdir(REAL_AB_DIR):
+    pytest.fail(f'{REAL_AB_DIR} is missing: the real AcousticBrainz test '
+                'documents live in shared/data beside the repository.')
+  return REAL_AB_DIR
+
+
+@pytest.fixture
+def config():
+  return test_config.get_config()
+
+
+@pytest.fixture(scope='session')
+def tiny_corpus_master(tmp_path_factory):
+  """One tiny synthetic corpus per session; copy it before changing it."""
+  out = str(tmp_path_factory.mktemp('tiny_mard'))
+  synth.generate(out, synth.SynthSizes(**synth.PRESETS['tiny']), seed=0,
+                 num_workers=1, show_progress=False)
+  return out
+
+
+@pytest.fixture
+def tiny_corpus(tiny_corpus_master, tmp_path):
+  """A private copy of the tiny corpus that a test may damage."""
+  out = str(tmp_path / 'mard')
+  shutil.copytree(tiny_corpus_master, out)
+  return out

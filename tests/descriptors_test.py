@@ -1,0 +1,150 @@
+"""Descriptor extraction against the real AcousticBrainz documents."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from mardjax import descriptors as d
+from mardjax import mard_io
+from tests.conftest import BULK_SAMPLE, REAL_DOCS
+
+PAPER = d.parse_descriptor_list('paper')
+
+
+def _load(real_ab_dir, name):
+  with open(os.path.join(real_ab_dir, name)) as f:
+    return json.load(f)
+
+
+def test_paper_set_is_369_values_in_documented_order():
+  assert d.dim(PAPER) == 369
+  names = d.feature_names(PAPER)
+  assert len(names) == 369
+  assert names[0] == 'lowlevel.mfcc.mean[0]'
+  assert names[13] == 'lowlevel.mfcc.cov[0,0]'
+  assert names[14] == 'lowlevel.mfcc.cov[0,1]'  # Row-major.
+  assert names[13 + 169] == 'lowlevel.mfcc.icov[0,0]'
+  assert names[351:360] == [f'lowlevel.spectral_rolloff.{s}' for s in d.STATS]
+  assert names[360:] == [f'lowlevel.zerocrossingrate.{s}' for s in d.STATS]
+
+
+@pytest.mark.parametrize('name', REAL_DOCS)
+def test_every_extracted_value_matches_the_real_document(real_ab_dir, name):
+  doc = _load(real_ab_dir, name)
+  vec = d.extract(doc, PAPER)
+  assert vec.shape == (369,) and vec.dtype == np.float32
+  ll = doc['lowlevel']
+  expected = (list(ll['mfcc']['mean']) +
+              [x for row in ll['mfcc']['cov'] for x in row] +
+              [x for row in ll['mfcc']['icov'] for x in row] +
+              [ll['spectral_rolloff'][s] for s in d.STATS] +
+              [ll['zerocrossingrate'][s] for s in d.STATS])
+  assert len(expected) == 369
+  for i, (got, want) in enumerate(zip(vec.tolist(), expected)):
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-30), (
+        d.feature_names(PAPER)[i])
+  assert d.extractor_version(doc) == 'music 1.0'
+
+
+def test_configurable_lists_scalars_and_vector_stats(real_ab_dir):
+  doc = _load(real_ab_dir, REAL_DOCS[0])
+  specs = d.parse_descriptor_list(
+      'rhythm.bpm, lowlevel.spectral_centroid.mean, lowlevel.barkbands:statsx27')
+  vec = d.extract(doc, specs)
+  assert vec.shape == (2 + 9 * 27,)
+  assert vec[0] == pytest.approx(doc['rhythm']['bpm'])
+  assert vec[1] == pytest.approx(doc['lowlevel']['spectral_centroid']['mean'])
+  bark = doc['lowlevel']['barkbands']
+  np.testing.assert_allclose(vec[2:29], bark['min'], rtol=1e-6)
+  np.testing.assert_allclose(vec[-27:], bark['dvar2'], rtol=1e-6)
+  assert str(specs[2]) == 'lowlevel.barkbands:statsx27'
+
+
+@pytest.mark.parametrize('bad', ['', ',', 'a..b', 'x:0', 'x:3xq',
+                                 'a.b,a.b', 'nonexistent_set_name:stats:2'])
+def test_malformed_descriptor_lists_are_rejected(bad):
+  with pytest.raises(ValueError):
+    d.parse_descriptor_list(bad)
+
+
+def _mutated(real_ab_dir, fn):
+  doc = _load(real_ab_dir, REAL_DOCS[0])
+  fn(doc['lowlevel'])
+  return doc
+
+
+@pytest.mark.parametrize('mutate,reason', [
+    (lambda ll: ll.pop('mfcc'), 'missing_path'),
+    (lambda ll: ll['spectral_rolloff'].pop('dvar2'), 'missing_path'),
+    (lambda ll: ll['mfcc']['cov'].pop(), 'wrong_shape'),  # 12x13.
+    (lambda ll: ll['mfcc']['cov'][3].pop(), 'wrong_shape'),  # Ragged.
+    (lambda ll: ll['mfcc'].__setitem__('mean', 3.0), 'wrong_shape'),
+    (lambda ll: ll.__setitem__('zerocrossingrate', [1, 2]), 'wrong_shape'),
+    (lambda ll: ll['mfcc']['mean'].__setitem__(2, float('nan')), 'non_finite'),
+    (lambda ll: ll['spectral_rolloff'].__setitem__('var', float('inf')),
+     'non_finite'),
+    (lambda ll: ll['spectral_rolloff'].__setitem__('var', 1e300),
+     'non_finite'),  # Overflows float32.
+    (lambda ll: ll['spectral_rolloff'].__setitem__('mean', 'fast'),
+     'not_numeric'),
+    (lambda ll: ll['spectral_rolloff'].__setitem__('mean', True),
+     'not_numeric'),
+])
+def test_bad_documents_raise_with_a_reason(real_ab_dir, mutate, reason):
+  doc = _mutated(real_ab_dir, mutate)
+  with pytest.raises(d.DescriptorError) as e:
+    d.extract(doc, PAPER)
+  assert e.value.reason == reason
+
+
+def test_not_a_document():
+  with pytest.raises(d.DescriptorError) as e:
+    d.extract([1, 2, 3], PAPER)
+  assert e.value.reason == 'not_a_document'
+
+
+def test_bulk_response_sample_is_read_and_partial_documents_are_caught(
+    real_ab_dir):
+  path = os.path.join(real_ab_dir, BULK_SAMPLE)
+  file = mard_io.DescriptorFile(path, (0, BULK_SAMPLE), None, None, 0)
+  docs, counts = mard_io.documents_in_file(file)
+  assert not counts
+  assert sorted((m, o) for m, o, _ in docs) == [
+      ('0dad432b-16cc-4bf0-8961-fd31d124b01b', 0),
+      ('0dad432b-16cc-4bf0-8961-fd31d124b01b', 1),
+      ('e8afe383-1478-497e-90b1-7885c7f37f6e', 0)]
+  # The sample holds abridged documents: no MFCC, so no paper features.
+  for _, _, doc in docs:
+    with pytest.raises(d.DescriptorError) as e:
+      d.extract(doc, PAPER)
+    assert e.value.reason == 'missing_path'
+  specs = d.parse_descriptor_list('lowlevel.average_loudness')
+  assert d.extract(docs[0][2], specs)[0] == pytest.approx(0.048737552017)
+
+
+def test_signed_log_keeps_sign_and_compresses():
+  x = np.array([-5368628.0, -1.0, 0.0, 1.0, 14701.6])
+  y = d.transform(x, 'signed_log')
+  np.testing.assert_allclose(y, [-math.log1p(5368628), -math.log(2), 0,
+                                 math.log(2), math.log1p(14701.6)])
+  np.testing.assert_array_equal(d.transform(x, 'none'), x)
+  with pytest.raises(ValueError):
+    d.transform(x, 'log10')
+
+
+def test_running_moments_match_numpy():
+  rng = np.random.default_rng(0)
+  data = rng.normal(3, 2, (1000, 5)) * [1, 10, 100, 1e3, 1e4]
+  data[:, 4] = 7.0  # A constant feature gets std 1, not 0.
+  m = d.RunningMoments(5)
+  for chunk in np.array_split(data, [1, 10, 400, 401]):
+    m.update(chunk)
+  assert m.count == 1000
+  np.testing.assert_allclose(m.mean, data.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(m.std()[:4], data.std(0)[:4], rtol=1e-10)
+  assert m.std()[4] == 1.0
+  with pytest.raises(ValueError):
+    d.RunningMoments(3).std()

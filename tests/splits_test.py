@@ -1,0 +1,30 @@
+"""Deterministic, nested splits."""
+
+import random
+
+from mardjax import splits
+
+
+def test_hash_unit_is_stable_and_uniform():
+  assert splits.hash_unit('x', 's') == splits.hash_unit('x', 's')
+  assert splits.hash_unit('x', 's') != splits.hash_unit('x', 't')
+  values = [splits.hash_unit(str(i), 's') for i in range(20000)]
+  assert 0 <= min(values) and max(values) < 1
+  assert abs(sum(v < 0.1 for v in values) / 20000 - 0.1) < 0.01
+
+
+def test_splits_do_not_depend_on_order_or_run():
+  ids = [f'B{i:09d}' for i in range(2000)]
+  first = {i: splits.album_split(i, 0.1, 'salt') for i in ids}
+  shuffled = ids[:]
+  random.Random(0).shuffle(shuffled)
+  assert {i: splits.album_split(i, 0.1, 'salt') for i in shuffled} == first
+  assert 150 < sum(s == 'test' for s in first.values()) < 250
+
+
+def test_review_split_is_nested_in_album_split():
+  assert splits.review_split('r1', splits.TEST, 0.99, 's') == splits.TEST
+  dev = sum(splits.review_split(f'B1/A{i}', splits.TRAIN, 0.1, 's') ==
+            splits.DEV for i in range(5000))
+  assert 400 < dev < 600
+  assert splits.review_split('B1/A1', splits.TRAIN, 0.0, 's') == splits.TRAIN
