@@ -8,6 +8,7 @@ unknown fields are an error.
 
 import json
 import os
+import re
 import sys
 
 from absl import app
@@ -26,6 +27,25 @@ flags.DEFINE_enum('mode', 'preprocess', mardjax_app.MODES, 'What to run.')
 flags.DEFINE_bool('force', False, 'Redo work even when outputs are up to date.')
 flags.DEFINE_bool('progress', True, 'Show progress bars on stderr.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with one clear line for a mistyped config field."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these for overrides of fields the config lacks;
+    # its message already suggests the closest field name.
+    message = str(e.args[0] if e.args else e)
+    field = re.search(r'[A-Za-z_]\w*', message)
+    hint = re.search(r'Did you mean "([^"]+)"', message)
+    print(f'error: the config has no field '
+          f'{field.group(0) if field else message!r} in a --config override'
+          + (f' (did you mean {hint.group(1)!r}?)' if hint else ''),
+          file=sys.stderr)
+  except flags.Error as e:
+    print(f'error: {e}\nPass --helpfull to see all flags.', file=sys.stderr)
+  sys.exit(2)
 
 
 def main(argv):
@@ -49,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -45,6 +45,7 @@ def run_synth(config, workdir: str, show_progress: bool = True
 def run_preprocess(config, workdir: str, force: bool = False,
                    show_progress: bool = True) -> dict[str, Any]:
   """Raw MARD -> TFRecords; generates the synthetic corpus when none is given."""
+  preprocess.validate_data_config(config.data)  # Before minutes of synth.
   result = {}
   if not config.data.mard_dir:
     result['synth'] = run_synth(config, workdir, show_progress)

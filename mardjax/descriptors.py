@@ -24,7 +24,7 @@ skips by reason.
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -147,31 +147,42 @@ def feature_names(specs: Sequence[DescriptorSpec]) -> list[str]:
   return [n for s in specs for n in s.names()]
 
 
-def _lookup(doc: Mapping[str, Any], path: str) -> Any:
+def _lookup(doc: dict, path: str) -> Any:
   node = doc
   for part in path.split('.'):
-    if not isinstance(node, Mapping) or part not in node:
+    if not isinstance(node, dict) or part not in node:
       raise DescriptorError('missing_path', f'document has no {path!r}')
     node = node[part]
   return node
 
 
-def _as_array(value: Any, shape: tuple[int, ...], where: str) -> np.ndarray:
-  if isinstance(value, bool) or isinstance(value, (str, bytes, Mapping)):
+def _put(out: np.ndarray, pos: int, value: Any, shape: tuple[int, ...],
+         where: str) -> None:
+  """Writes `value` (checked against `shape`) into out[pos:pos + size]."""
+  if not shape:
+    # Exact type test: bool is an int subclass but not a descriptor value.
+    if type(value) is float or type(value) is int:  # pylint: disable=unidiomatic-typecheck
+      out[pos] = value
+      return
+    if isinstance(value, (list, dict)):
+      raise DescriptorError('wrong_shape',
+                            f'{where} is not a number (expected a scalar)')
     raise DescriptorError('not_numeric', f'{where} is not numeric')
+  if not isinstance(value, list):
+    kind = 'not_numeric' if isinstance(value, (str, bool, dict)) else (
+        'wrong_shape')
+    raise DescriptorError(kind, f'{where} is not an array of shape {shape}')
   try:
     arr = np.asarray(value, dtype=np.float64)
   except (TypeError, ValueError):
-    # Ragged nested lists land here: that is a shape problem.
+    # Ragged nested lists and strings inside arrays land here.
     raise DescriptorError('wrong_shape',
                           f'{where} is not a numeric array of shape {shape}'
                           ) from None
   if arr.shape != shape:
     raise DescriptorError('wrong_shape',
                           f'{where} has shape {arr.shape}, expected {shape}')
-  if not np.all(np.isfinite(arr)):
-    raise DescriptorError('non_finite', f'{where} holds non-finite values')
-  return arr
+  out[pos:pos + arr.size] = arr.ravel()
 
 
 def extract(doc: Any, specs: Sequence[DescriptorSpec]) -> np.ndarray:
@@ -188,29 +199,34 @@ def extract(doc: Any, specs: Sequence[DescriptorSpec]) -> np.ndarray:
     DescriptorError: missing path, wrong shape, non-numeric or non-finite
       values (including values too large for float32).
   """
-  if not isinstance(doc, Mapping):
+  if not isinstance(doc, dict):
     raise DescriptorError('not_a_document',
                           f'expected a JSON object, got {type(doc).__name__}')
-  parts = []
+  out = np.empty(dim(specs), np.float64)
+  pos = 0
   for spec in specs:
     value = _lookup(doc, spec.path)
     if spec.stats:
-      if not isinstance(value, Mapping):
+      if not isinstance(value, dict):
         raise DescriptorError('wrong_shape',
                               f'{spec.path} is not a dict of statistics')
+      step = spec.size // len(STATS)
       for stat in STATS:
         if stat not in value:
           raise DescriptorError('missing_path',
                                 f'document has no {spec.path}.{stat!r}')
-        parts.append(_as_array(value[stat], spec.shape,
-                               f'{spec.path}.{stat}').ravel())
+        _put(out, pos, value[stat], spec.shape, f'{spec.path}.{stat}')
+        pos += step
     else:
-      parts.append(_as_array(value, spec.shape, spec.path).ravel())
+      _put(out, pos, value, spec.shape, spec.path)
+      pos += spec.size
   with np.errstate(over='ignore'):  # Overflow is reported just below.
-    out = np.concatenate(parts).astype(np.float32)
-  if not np.all(np.isfinite(out)):
-    raise DescriptorError('non_finite', 'a value overflows float32')
-  return out
+    out32 = out.astype(np.float32)
+  if not np.isfinite(out32).all():
+    bad = feature_names(specs)[int(np.argmin(np.isfinite(out32)))]
+    raise DescriptorError('non_finite', f'{bad} is not finite (or overflows '
+                          'float32)')
+  return out32
 
 
 def extractor_version(doc: Any) -> str:
