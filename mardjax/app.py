@@ -13,7 +13,7 @@ from mardjax import preprocess
 from mardjax import synth
 from mardjax.errors import UserError
 
-MODES = ('synth', 'preprocess')
+MODES = ('synth', 'preprocess', 'benchmark')
 SYNTH_SUBDIR = 'synthetic_mard'
 
 
@@ -63,4 +63,7 @@ def run_mode(mode: str, config, workdir: str, force: bool = False,
     return run_synth(config, workdir, show_progress)
   if mode == 'preprocess':
     return run_preprocess(config, workdir, force, show_progress)
+  if mode == 'benchmark':
+    from mardjax import benchmark  # pylint: disable=g-import-not-at-top
+    return benchmark.run(config, workdir, run_mode)
   raise UserError(f'Unknown mode {mode!r}; choose from {MODES}.')

@@ -209,6 +209,8 @@ _FILLER = (
     'The liner notes mention {rare} and {rare2}.',
     'I saw them live in {rare} and this brings back memories.',
     'The title track is a standout.',
+    'It reminds me of {rare} and the {rare2} sessions.',
+    'Recorded in {rare} with {rare2} on production.',
     'The second half is stronger than the first.',
     'Every song tells a story.',
     'I play it in the car all the time.',
@@ -473,10 +475,10 @@ def _rare_words() -> tuple[list[str], np.ndarray]:
   """
   rng = np.random.default_rng(_PHYSICS_SEED + 1)
   syl = np.array(_SYLLABLES)
-  parts = syl[rng.integers(0, len(syl), (60000, 3))]
-  three = rng.random(60000) < 0.5
-  words = sorted({a + b + (c if t else '') for (a, b, c), t in
-                  zip(parts.tolist(), three.tolist())})
+  n = 250000
+  parts = syl[rng.integers(0, len(syl), (n, 4))].tolist()
+  lengths = rng.integers(2, 5, n).tolist()  # 2 to 4 syllables.
+  words = sorted({''.join(p[:k]) for p, k in zip(parts, lengths)})
   order = rng.permutation(len(words))
   words = [words[i] for i in order]
   return words, np.cumsum(1.0 / np.arange(1, len(words) + 1))
@@ -647,8 +649,9 @@ def _generate_chunk(job) -> tuple[bytes, bytes, collections.Counter]:
                       1, 5).astype(int).tolist()
     times = rng.integers(946684800, 1404172800, nr).tolist()  # 2000..2014.
     impressions = z_album + rng.normal(0, 0.6, (nr, len(LATENT)))
-    # Log-normal sentence counts: median ~7 sentences (~60 words), long tail.
-    n_sents = np.maximum(1, np.round(np.exp(rng.normal(2.0, 0.6, nr)))
+    # Log-normal sentence counts: median ~11 sentences (~90 words); about 2%
+    # of reviews run past 400 words, as long Amazon reviews do.
+    n_sents = np.maximum(1, np.round(np.exp(rng.normal(2.4, 0.7, nr)))
                          ).astype(int).tolist()
     helpful = rng.poisson(2, nr).tolist()
     draws = _Draws(rng)

@@ -106,8 +106,8 @@ def test_generation_is_deterministic_and_independent_of_workers(tmp_path):
                      show_progress=False)
   b = synth.generate(str(tmp_path / 'b'), sizes, seed=3, num_workers=2,
                      show_progress=False)
-  c = synth.generate(str(tmp_path / 'c'), sizes, seed=4, num_workers=1,
-                     show_progress=False)
+  synth.generate(str(tmp_path / 'c'), sizes, seed=4, num_workers=1,
+                 show_progress=False)
   assert a['tracks'] == b['tracks'] == 80
   assert _tree_digest(tmp_path / 'a') == _tree_digest(tmp_path / 'b')
   assert _tree_digest(tmp_path / 'a') != _tree_digest(tmp_path / 'c')
