@@ -1,0 +1,257 @@
+"""The bi-directional margin ranking loss with neighbourhood constraints.
+
+With L2-normalised audio embeddings x (B, D), text embeddings y (B, D) and
+album ids per row, positives are pairs of the same album (many-to-many) and
+negatives pairs of different albums; a same-album row is never a negative.
+Four hinge terms `[m + d(anchor, pos) - d(anchor, neg)]_+`, Euclidean d:
+
+  1. audio anchor, text positives vs text negatives      (weight l1)
+  2. text anchor, audio positives vs audio negatives     (weight l2; l2 = 0 is
+     the paper's uni-directional row)
+  3. audio-audio neighbourhood: tracks of one album closer than others' (l3)
+  4. text-text neighbourhood: reviews of one album closer than others'  (l4)
+
+For each (anchor, positive) pair the hinges over its negatives are summed
+(the paper's eq. 3; the original code overwrote instead of summing), and each
+term is the mean over the valid (anchor, positive) pairs. In the neighbourhood
+terms an anchor is not its own positive.
+
+Negatives per (anchor, positive):
+  * `all`: every in-batch negative (memory O(B^3): fine for B of a few
+    hundred; use the others beyond);
+  * `sampled:K`: K negatives drawn uniformly (with replacement) per pair
+    (the paper: K = 10);
+  * `hardest:K`: the K negatives closest to the anchor (Wang et al.'s top-K
+    most violating).
+
+Everything is a pairwise distance matrix and a `jax.vmap` over anchors; no
+Python loop over the batch. With `axis_name` set (inside pmap or shard_map)
+and gathering on, negatives and positives come from the global batch while
+each device keeps its own anchors.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Squared distances are clamped here before the square root: sqrt has an
+# infinite derivative at 0 (an anchor's distance to itself), and 0 * inf is NaN.
+_MIN_SQUARED_DISTANCE = 1e-12
+_BIG = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class NegativeMode:
+  """Parsed `negatives` config value: kind in {all, sampled, hardest}, k."""
+  kind: str
+  k: int = 0
+
+  @classmethod
+  def parse(cls, text: str) -> 'NegativeMode':
+    kind, _, k = text.partition(':')
+    if kind == 'all' and not k:
+      return cls('all')
+    if kind in ('sampled', 'hardest') and k.isdigit() and int(k) > 0:
+      return cls(kind, int(k))
+    raise ValueError(f'negatives={text!r}: use all, sampled:K or hardest:K '
+                     '(K a positive integer).')
+
+
+def pairwise_distances(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Euclidean distances (N, M) between rows of a (N, D) and b (M, D)."""
+  sq = (jnp.sum(a * a, -1)[:, None] + jnp.sum(b * b, -1)[None, :] -
+        2.0 * a @ b.T)
+  return jnp.sqrt(jnp.maximum(sq, _MIN_SQUARED_DISTANCE))
+
+
+def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
+                   margin: float, mode: NegativeMode,
+                   key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Hinge sum of one anchor over its (positive, negative) pairs.
+
+  Args:
+    dist_row: (M,) distances from the anchor to every candidate.
+    pos, neg: (M,) bool masks of positive and negative candidates.
+    margin: m.
+    mode: how negatives are chosen.
+    key: PRNG key (sampled mode only).
+
+  Returns:
+    (sum over positives of the summed hinges, number of positives).
+  """
+  num_pos = jnp.sum(pos)
+  if mode.kind == 'all':
+    # (M_pos, M_neg): hinge of positive j against negative k.
+    h = jax.nn.relu(margin + dist_row[:, None] - dist_row[None, :])
+    h = h * pos[:, None] * neg[None, :]
+    return jnp.sum(h), num_pos
+  if mode.kind == 'hardest':
+    # The K negatives closest to the anchor (same for every positive).
+    masked = jnp.where(neg, -dist_row, -_BIG)
+    top, _ = jax.lax.top_k(masked, min(mode.k, masked.shape[0]))
+    neg_d, valid = -top, top > -_BIG / 2
+    h = jax.nn.relu(margin + dist_row[:, None] - neg_d[None, :]) * valid
+    return jnp.sum(h * pos[:, None]), num_pos
+  # Sampled: K negatives per positive, uniform with replacement, drawn by
+  # inverting the negatives' cumulative count (O(M K log M), not O(M^2)).
+  m = dist_row.shape[0]
+  cum = jnp.cumsum(neg)
+  u = jax.random.uniform(key, (m, mode.k)) * cum[-1]
+  idx = jnp.minimum(jnp.searchsorted(cum, u, side='right'), m - 1)
+  valid = cum[-1] > 0
+  h = jax.nn.relu(margin + dist_row[:, None] - dist_row[idx]) * valid
+  return jnp.sum(h * pos[:, None]), num_pos
+
+
+def ranking_term(anchors: jax.Array, candidates: jax.Array,
+                 anchor_ids: jax.Array, candidate_ids: jax.Array,
+                 margin: float, mode: NegativeMode,
+                 key: jax.Array | None = None,
+                 self_index: jax.Array | None = None) -> jax.Array:
+  """One hinge term, averaged over valid (anchor, positive) pairs.
+
+  Args:
+    anchors: (N, D) embeddings.
+    candidates: (M, D) embeddings to rank for each anchor.
+    anchor_ids: (N,) album id of each anchor; ids < 0 mark padding rows.
+    candidate_ids: (M,) album id of each candidate; < 0 = padding.
+    margin: m.
+    mode: negatives.
+    key: PRNG key for `sampled` mode.
+    self_index: (N,) index of each anchor among the candidates, for the
+      neighbourhood terms (an anchor is not its own positive); None otherwise.
+
+  Returns:
+    Scalar loss; 0 when no anchor has a positive.
+  """
+  dist = pairwise_distances(anchors, candidates)
+  same = anchor_ids[:, None] == candidate_ids[None, :]
+  real = (anchor_ids[:, None] >= 0) & (candidate_ids[None, :] >= 0)
+  pos, neg = same & real, ~same & real
+  if self_index is not None:
+    pos = pos & (jnp.arange(candidates.shape[0])[None, :] !=
+                 self_index[:, None])
+  keys = (jax.random.split(key, anchors.shape[0]) if mode.kind == 'sampled'
+          else jnp.zeros((anchors.shape[0], 2), jnp.uint32))
+  per_anchor = jax.vmap(
+      lambda d, p, n, k: _anchor_hinges(d, p, n, margin, mode,
+                                        k if mode.kind == 'sampled' else None))
+  sums, counts = per_anchor(dist, pos, neg, keys)
+  return jnp.sum(sums) / jnp.maximum(jnp.sum(counts), 1)
+
+
+def _gather(x: jax.Array, axis_name: str | None) -> jax.Array:
+  if axis_name is None:
+    return x
+  return jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
+                 margin: float, weights: tuple[float, float, float, float],
+                 negatives: str, key: jax.Array | None = None,
+                 axis_name: str | None = None,
+                 gather_across_devices: bool = False
+                 ) -> tuple[jax.Array, dict[str, Any]]:
+  """The weighted sum of the four terms (see the module docstring).
+
+  Args:
+    audio: (B, D) audio embeddings of this device's rows.
+    text: (B, D) text embeddings; row i is a review of album_ids[i] and
+      audio row i one of its tracks.
+    album_ids: (B,) album ids; negative = padding row.
+    margin: m (paper: 0.05).
+    weights: (l1, l2, l3, l4).
+    negatives: `all`, `sampled:K` or `hardest:K`.
+    key: PRNG key, needed for `sampled:K`.
+    axis_name: the device axis inside pmap / shard_map.
+    gather_across_devices: take positives and negatives from the global batch.
+
+  Returns:
+    (loss, {term name: value}).
+  """
+  mode = NegativeMode.parse(negatives)
+  if mode.kind == 'sampled' and key is None:
+    raise ValueError('negatives=sampled:K needs a PRNG key.')
+  gather = axis_name if gather_across_devices else None
+  cand_audio, cand_text = _gather(audio, gather), _gather(text, gather)
+  cand_ids = _gather(album_ids, gather)
+  offset = 0 if gather is None else (
+      jax.lax.axis_index(gather) * audio.shape[0])
+  self_index = offset + jnp.arange(audio.shape[0])
+  keys = (jax.random.split(key, 4) if key is not None else [None] * 4)
+  term = functools.partial(ranking_term, margin=margin, mode=mode)
+  l1, l2, l3, l4 = weights
+  zero = jnp.zeros((), audio.dtype)
+  terms = {
+      'audio_to_text': term(audio, cand_text, album_ids, cand_ids,
+                            key=keys[0]) if l1 else zero,
+      'text_to_audio': term(text, cand_audio, album_ids, cand_ids,
+                            key=keys[1]) if l2 else zero,
+      'audio_neighbourhood': term(audio, cand_audio, album_ids, cand_ids,
+                                  key=keys[2], self_index=self_index)
+                             if l3 else zero,
+      'text_neighbourhood': term(text, cand_text, album_ids, cand_ids,
+                                 key=keys[3], self_index=self_index)
+                            if l4 else zero,
+  }
+  loss = (l1 * terms['audio_to_text'] + l2 * terms['text_to_audio'] +
+          l3 * terms['audio_neighbourhood'] + l4 * terms['text_neighbourhood'])
+  return loss, terms
+
+
+def _positive_mask(ids_a: jax.Array, ids_b: jax.Array) -> jax.Array:
+  return (ids_a[:, None] == ids_b[None, :]) & (ids_a[:, None] >= 0) & (
+      ids_b[None, :] >= 0)
+
+
+def infonce_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
+                 temperature: float, axis_name: str | None = None,
+                 gather_across_devices: bool = False) -> jax.Array:
+  """Symmetric InfoNCE with many-to-many positives (all same-album rows).
+
+  loss_i = -log(sum_{j in pos(i)} exp(s_ij / t) / sum_{j real} exp(s_ij / t)),
+  with s the cosine similarity, averaged over both directions and over the
+  anchors that have a positive.
+
+  Args:
+    audio, text: (B, D) L2-normalised embeddings; album_ids: (B,).
+    temperature: t.
+  """
+  gather = axis_name if gather_across_devices else None
+  cand_text, cand_audio = _gather(text, gather), _gather(audio, gather)
+  cand_ids = _gather(album_ids, gather)
+  pos = _positive_mask(album_ids, cand_ids)
+  real = (cand_ids >= 0)[None, :] & (album_ids >= 0)[:, None]
+
+  def direction(anchors, candidates):
+    logits = anchors @ candidates.T / temperature
+    all_lse = jax.nn.logsumexp(jnp.where(real, logits, -_BIG), axis=1)
+    pos_lse = jax.nn.logsumexp(jnp.where(pos, logits, -_BIG), axis=1)
+    has_pos = jnp.any(pos, axis=1)
+    per = jnp.where(has_pos, all_lse - pos_lse, 0.0)
+    return jnp.sum(per) / jnp.maximum(jnp.sum(has_pos), 1)
+
+  return 0.5 * (direction(audio, cand_text) + direction(text, cand_audio))
+
+
+def sigmoid_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
+                 temperature: float, bias: float,
+                 axis_name: str | None = None,
+                 gather_across_devices: bool = False) -> jax.Array:
+  """SigLIP-style pairwise sigmoid loss; positives are same-album pairs.
+
+  loss = -mean over real pairs (i, j) of log sigmoid(z_ij (s_ij / t + b)),
+  z = +1 for positives, -1 for negatives.
+  """
+  gather = axis_name if gather_across_devices else None
+  cand_text = _gather(text, gather)
+  cand_ids = _gather(album_ids, gather)
+  pos = _positive_mask(album_ids, cand_ids)
+  real = (cand_ids >= 0)[None, :] & (album_ids >= 0)[:, None]
+  logits = audio @ cand_text.T / temperature + bias
+  z = jnp.where(pos, 1.0, -1.0)
+  per = -jax.nn.log_sigmoid(z * logits) * real
+  return jnp.sum(per) / jnp.maximum(jnp.sum(real), 1)

@@ -1,0 +1,239 @@
+"""The ranking loss against slow Python-loop references and hand-computed cases."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mardjax import losses
+
+
+def _normalize(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _batch(seed, b=10, d=6, albums=4):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, albums, b)
+  x = _normalize(rng.normal(size=(b, d))).astype(np.float32)
+  y = _normalize(rng.normal(size=(b, d))).astype(np.float32)
+  return x, y, ids.astype(np.int32)
+
+
+def _dist(a, b):
+  return float(np.sqrt(max(np.sum((a - b) ** 2), 1e-12)))
+
+
+def _reference_term(anchors, cands, a_ids, c_ids, margin, neighbourhood,
+                    hardest_k=None):
+  """Plain loops: for each anchor, each positive, sum hinges over negatives."""
+  total, pairs = 0.0, 0
+  for i, j in itertools.product(range(len(anchors)), range(len(cands))):
+    if a_ids[i] < 0 or c_ids[j] < 0 or a_ids[i] != c_ids[j]:
+      continue
+    if neighbourhood and i == j:
+      continue
+    negs = [k for k in range(len(cands)) if c_ids[k] >= 0 and
+            c_ids[k] != a_ids[i]]
+    if hardest_k is not None:
+      negs = sorted(negs, key=lambda k: _dist(anchors[i], cands[k]))[
+          :hardest_k]
+    pairs += 1
+    for k in negs:
+      total += max(0.0, margin + _dist(anchors[i], cands[j]) -
+                   _dist(anchors[i], cands[k]))
+  return total / max(pairs, 1)
+
+
+def _reference(x, y, ids, margin, weights, hardest_k=None):
+  l1, l2, l3, l4 = weights
+  return (l1 * _reference_term(x, y, ids, ids, margin, False, hardest_k) +
+          l2 * _reference_term(y, x, ids, ids, margin, False, hardest_k) +
+          l3 * _reference_term(x, x, ids, ids, margin, True, hardest_k) +
+          l4 * _reference_term(y, y, ids, ids, margin, True, hardest_k))
+
+
+@pytest.mark.parametrize('seed', range(4))
+@pytest.mark.parametrize('weights', [(1, 1, 0, 0), (1, 0, 0, 0),
+                                     (0.5, 1.5, 0.2, 0.3), (0, 0, 1, 1)])
+def test_all_negatives_matches_reference(seed, weights):
+  x, y, ids = _batch(seed)
+  margin = 0.5  # Large enough that many hinges are active.
+  got, terms = losses.ranking_loss(x, y, ids, margin=margin, weights=weights,
+                                   negatives='all')
+  want = _reference(x, y, ids, margin, weights)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
+  assert set(terms) == {'audio_to_text', 'text_to_audio',
+                        'audio_neighbourhood', 'text_neighbourhood'}
+
+
+@pytest.mark.parametrize('seed', range(3))
+@pytest.mark.parametrize('k', [1, 3, 20])
+def test_hardest_k_matches_reference(seed, k):
+  x, y, ids = _batch(seed)
+  got, _ = losses.ranking_loss(x, y, ids, margin=0.3, weights=(1, 1, 1, 1),
+                               negatives=f'hardest:{k}')
+  want = _reference(x, y, ids, 0.3, (1, 1, 1, 1), hardest_k=k)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_k_is_unbiased_for_k_times_the_mean_hinge():
+  x, y, ids = _batch(0, b=8)
+  margin, k = 0.5, 4
+
+  def one(key):
+    return losses.ranking_loss(x, y, ids, margin=margin, weights=(1, 0, 0, 0),
+                               negatives=f'sampled:{k}', key=key)[0]
+
+  samples = jax.vmap(one)(jax.random.split(jax.random.PRNGKey(0), 4000))
+  # E[sum of K uniform draws] = K * mean over negatives, per (anchor, pos).
+  total, pairs = 0.0, 0
+  for i in range(8):
+    negs = [n for n in range(8) if ids[n] != ids[i]]
+    for j in range(8):
+      if ids[j] == ids[i]:
+        pairs += 1
+        total += k * np.mean([max(0, margin + _dist(x[i], y[j]) -
+                                  _dist(x[i], y[n])) for n in negs])
+  np.testing.assert_allclose(float(samples.mean()), total / pairs, rtol=0.03)
+  assert float(samples.std()) > 0  # Really random.
+
+
+def test_hand_computed_case():
+  # Two albums on a line: audio 0 of album 0 at +e1, text 0 at +e1 (d=0),
+  # text 1 of album 1 at -e1 (d=2). Margin 0.1: every hinge inactive except
+  # where distance ordering is violated.
+  e1 = np.array([[1.0, 0.0]], np.float32)
+  x = np.concatenate([e1, -e1])  # audio rows: album 0, album 1
+  y = np.concatenate([-e1, e1])  # text rows swapped: each review far away
+  ids = np.array([0, 1], np.int32)
+  loss, terms = losses.ranking_loss(x, y, ids, margin=0.1,
+                                    weights=(1, 0, 0, 0), negatives='all')
+  # Anchor x0: positive y0 at distance 2, negative y1 at distance 0:
+  # hinge 0.1 + 2 - 0 = 2.1, same for x1; mean over 2 pairs = 2.1.
+  np.testing.assert_allclose(float(loss), 2.1, rtol=1e-6)
+  np.testing.assert_allclose(float(terms['audio_to_text']), 2.1, rtol=1e-6)
+  loss, _ = losses.ranking_loss(x, x[::-1] * -1, ids, margin=0.1,
+                                weights=(1, 0, 0, 0), negatives='all')
+  np.testing.assert_allclose(float(loss), 0.0, atol=1e-6)  # All satisfied.
+
+
+def test_same_album_rows_are_never_negatives_and_padding_is_ignored():
+  x, y, ids = _batch(1, b=6, albums=2)
+  padded_ids = np.concatenate([ids, [-1, -1]]).astype(np.int32)
+  rng = np.random.default_rng(9)
+  junk = _normalize(rng.normal(size=(2, x.shape[1]))).astype(np.float32)
+  full, _ = losses.ranking_loss(np.concatenate([x, junk]),
+                                np.concatenate([y, junk]), padded_ids,
+                                margin=0.4, weights=(1, 1, 1, 1),
+                                negatives='all')
+  plain, _ = losses.ranking_loss(x, y, ids, margin=0.4, weights=(1, 1, 1, 1),
+                                 negatives='all')
+  np.testing.assert_allclose(float(full), float(plain), rtol=1e-6)
+  # One album only: no negatives, so no loss at all.
+  one = np.zeros(6, np.int32)
+  loss, _ = losses.ranking_loss(x, y, one, margin=0.4, weights=(1, 1, 1, 1),
+                                negatives='all')
+  assert float(loss) == 0.0
+
+
+def test_gradient_is_finite_when_all_hinges_are_inactive():
+  # Identical rows per album and far-apart albums: every hinge is 0, and the
+  # neighbourhood terms see zero distances (sqrt'(0) would be inf).
+  x = np.array([[1, 0], [1, 0], [-1, 0], [-1, 0]], np.float32)
+  ids = np.array([0, 0, 1, 1], np.int32)
+
+  def f(a, t):
+    return losses.ranking_loss(a, t, ids, margin=0.05, weights=(1, 1, 1, 1),
+                               negatives='all')[0]
+
+  value, grads = jax.value_and_grad(f, argnums=(0, 1))(x, x)
+  assert float(value) == 0.0
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_jit_and_vmap_compatible():
+  x, y, ids = _batch(2)
+  fn = jax.jit(lambda a, b: losses.ranking_loss(
+      a, b, ids, margin=0.2, weights=(1, 1, 1, 1), negatives='hardest:2')[0])
+  np.testing.assert_allclose(float(fn(x, y)), float(losses.ranking_loss(
+      x, y, ids, margin=0.2, weights=(1, 1, 1, 1), negatives='hardest:2')[0]),
+                             rtol=1e-6)
+  batched = jax.vmap(fn)(jnp.stack([x, y]), jnp.stack([y, x]))
+  assert batched.shape == (2,)
+
+
+@pytest.mark.parametrize('bad', ['some', 'sampled', 'hardest:0', 'all:3',
+                                 'sampled:-1', 'hardest:x'])
+def test_bad_negative_modes(bad):
+  with pytest.raises(ValueError):
+    losses.NegativeMode.parse(bad)
+
+
+def test_sampled_needs_a_key():
+  x, y, ids = _batch(0)
+  with pytest.raises(ValueError, match='PRNG key'):
+    losses.ranking_loss(x, y, ids, margin=0.1, weights=(1, 1, 1, 1),
+                        negatives='sampled:3')
+
+
+def _ref_infonce(x, y, ids, t):
+  def direction(a, c):
+    out, n = 0.0, 0
+    for i in range(len(a)):
+      s = a[i] @ c.T / t
+      pos = ids == ids[i]
+      out += -np.log(np.exp(s[pos]).sum() / np.exp(s).sum())
+      n += 1
+    return out / n
+  return 0.5 * (direction(x, y) + direction(y, x))
+
+
+def test_infonce_and_sigmoid_match_references():
+  x, y, ids = _batch(3)
+  got = losses.infonce_loss(x, y, ids, temperature=0.1)
+  np.testing.assert_allclose(float(got), _ref_infonce(x, y, ids, 0.1),
+                             rtol=1e-5)
+  got = losses.sigmoid_loss(x, y, ids, temperature=0.1, bias=-2.0)
+  want = 0.0
+  for i, j in itertools.product(range(len(x)), repeat=2):
+    z = 1.0 if ids[i] == ids[j] else -1.0
+    want += np.log1p(np.exp(-z * (x[i] @ y[j] / 0.1 - 2.0)))
+  np.testing.assert_allclose(float(got), want / len(x) ** 2, rtol=1e-5)
+
+
+def test_gathered_loss_on_four_devices_equals_global_anchors_mean():
+  n = jax.local_device_count()
+  assert n == 4, 'tests force 4 CPU devices (tests/conftest.py)'
+  x, y, ids = _batch(5, b=16, albums=5)
+  shard = lambda a: a.reshape(n, -1, *a.shape[1:])
+
+  def per_device(a, t, i):
+    return losses.ranking_loss(a, t, i, margin=0.3, weights=(1, 1, 1, 1),
+                               negatives='all', axis_name='d',
+                               gather_across_devices=True)[0]
+
+  per = jax.pmap(per_device, axis_name='d')(shard(x), shard(y), shard(ids))
+  # Each device: its anchors against the global batch. With equal numbers of
+  # positives per device the mean of device losses is the global loss; check
+  # the weighted form against the per-device references instead.
+  for dev in range(n):
+    rows = slice(dev * 4, dev * 4 + 4)
+    ref = 0.0
+    for anchors, cands, hood in ((x, y, False), (y, x, False), (x, x, True),
+                                 (y, y, True)):
+      total, pairs = 0.0, 0
+      for i in range(rows.start, rows.stop):
+        for j in range(16):
+          if ids[j] != ids[i] or (hood and i == j):
+            continue
+          pairs += 1
+          for k in range(16):
+            if ids[k] != ids[i]:
+              total += max(0.0, 0.3 + _dist(anchors[i], cands[j]) -
+                           _dist(anchors[i], cands[k]))
+      ref += total / max(pairs, 1)
+    np.testing.assert_allclose(float(per[dev]), ref, rtol=1e-5, atol=1e-6)
