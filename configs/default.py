@@ -51,4 +51,43 @@ def get_config():
   config.data.synth_num_reviews = 0
   config.data.synth_num_tracks = 0
 
+  # --- Model (paper sizes) -------------------------------------------------
+  config.model = ml_collections.ConfigDict()
+  config.model.text_encoder = 'mean'  # 'mean', 'lstm' or 'pretrained'.
+  config.model.audio_encoder = 'track'  # 'track' or 'album_lstm'.
+  config.model.word_dim = 256  # Word embedding size (text embedding).
+  config.model.hidden_dim = 256  # Hidden layer of each branch's head.
+  config.model.embed_dim = 128  # The joint embedding space.
+  config.model.lstm_dim = 256  # LSTM hidden size (text and album LSTMs).
+  config.model.linear = False  # One Dense per branch (WSABIE-like row).
+  config.model.batch_norm = True  # BN after the last linear layer (Wang et al.).
+
+  # --- Loss -----------------------------------------------------------------
+  config.loss = ml_collections.ConfigDict()
+  config.loss.kind = 'ranking'  # 'ranking', 'infonce' or 'sigmoid'.
+  config.loss.margin = 0.05  # m of the hinge terms.
+  # Weights of audio->text, text->audio, audio-audio and text-text terms.
+  config.loss.weights = (1.0, 1.0, 0.1, 0.1)
+  config.loss.negatives = 'sampled:10'  # 'all', 'sampled:K' or 'hardest:K'.
+  config.loss.temperature = 0.07  # InfoNCE / sigmoid.
+  config.loss.sigmoid_bias = -10.0  # Sigmoid loss bias init.
+  config.loss.gather_across_devices = False  # Negatives from the global batch.
+
+  # --- Training -------------------------------------------------------------
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 128  # Global batch (all devices, all hosts).
+  config.train.learning_rate = 1e-3  # optax Adam.
+  # Length of training: num_steps when > 0, else num_epochs over the
+  # training reviews (paper: 200 epochs).
+  config.train.num_steps = 0
+  config.train.num_epochs = 200
+  config.train.parallelism = 'pmap'  # 'pmap' or 'shard_map'.
+  config.train.neighbourhood_sampling = True  # Albums with 2+ reviews/tracks.
+  config.train.reviews_per_album = 2  # Group size under neighbourhood sampling.
+  config.train.shuffle_buffer = 20000  # Reviews.
+  config.train.log_every = 50  # Steps between progress lines / metrics.
+  config.train.checkpoint_every = 1000  # Steps between checkpoints.
+  config.train.keep_checkpoints = 3
+  config.train.eval_every = 1000  # Steps between dev recall evaluations.
+
   return config

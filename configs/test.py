@@ -12,4 +12,15 @@ def get_config():
   config.data.albums_per_shard = 20
   config.data.num_workers = 1
   config.data.synth_preset = 'tiny'
+  config.model.word_dim = 16
+  config.model.hidden_dim = 32
+  config.model.embed_dim = 16
+  config.model.lstm_dim = 16
+  config.loss.negatives = 'sampled:5'
+  config.train.batch_size = 16
+  config.train.num_steps = 30
+  config.train.shuffle_buffer = 256
+  config.train.log_every = 10
+  config.train.checkpoint_every = 10
+  config.train.eval_every = 20
   return config

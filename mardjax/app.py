@@ -13,7 +13,7 @@ from mardjax import preprocess
 from mardjax import synth
 from mardjax.errors import UserError
 
-MODES = ('synth', 'preprocess', 'benchmark')
+MODES = ('train', 'eval', 'synth', 'preprocess', 'benchmark')
 SYNTH_SUBDIR = 'synthetic_mard'
 
 
@@ -56,9 +56,31 @@ def run_preprocess(config, workdir: str, force: bool = False,
   return result
 
 
+def run_train(config, workdir: str, force: bool = False,
+              show_progress: bool = True) -> dict[str, Any]:
+  """Preprocesses (or reuses the records), trains, evaluates on dev."""
+  from mardjax import train  # pylint: disable=g-import-not-at-top
+  data = run_preprocess(config, workdir, force, show_progress)
+  _, metrics = train.train_and_evaluate(config, workdir,
+                                        preprocess.output_dir(config, workdir))
+  return dict(metrics, data={k: data[k] for k in ('tfrecord_dir', 'albums',
+                                                  'reviews', 'tracks')})
+
+
+def run_eval(config, workdir: str) -> dict[str, Any]:
+  """Evaluates the workdir's newest checkpoint on the dev split."""
+  from mardjax import train  # pylint: disable=g-import-not-at-top
+  return train.evaluate_checkpoint(config, workdir,
+                                   preprocess.output_dir(config, workdir))
+
+
 def run_mode(mode: str, config, workdir: str, force: bool = False,
              show_progress: bool = True) -> dict[str, Any]:
   """Runs one mode; returns its result (the JSON line launch.py prints)."""
+  if mode == 'train':
+    return run_train(config, workdir, force, show_progress)
+  if mode == 'eval':
+    return run_eval(config, workdir)
   if mode == 'synth':
     return run_synth(config, workdir, show_progress)
   if mode == 'preprocess':

@@ -30,6 +30,7 @@ from mardjax import descriptors as desc_lib
 from mardjax import mard_io
 from mardjax import progress
 from mardjax import splits as splits_lib
+from mardjax import text as text_lib
 from mardjax.errors import UserError
 
 
@@ -74,11 +75,12 @@ class Corpus:
     return [a.split for a in self.albums]
 
   def usable_reviews(self, counts: collections.Counter
-                     ) -> Iterator[tuple[mard_io.Review, int, str]]:
-    """Streams (review, album index, split) for every usable review.
+                     ) -> Iterator[tuple[mard_io.Review, list[str], int, str]]:
+    """Streams (review, words, album index, split) for every usable review.
 
     Each call reads the review file again and counts its skips and its input
-    lines into `counts`; the first of several reviews with one id wins.
+    lines into `counts`; the first of several reviews with one id wins. A
+    review without a single word ("!!!") is skipped as `no_words`.
     """
     seen = set()
     for review in mard_io.iter_reviews(self.sources.mard_dir, counts):
@@ -94,10 +96,14 @@ class Corpus:
         counts['reviews/album_without_audio' if review.amazon_id in
                self.dropped_albums else 'reviews/unknown_album'] += 1
         continue
+      words = text_lib.tokenize(review.text)
+      if not words:
+        counts['reviews/no_words'] += 1
+        continue
       split = splits_lib.review_split(review.review_id,
                                       self.albums[idx].split,
                                       self.dev_fraction, self.split_salt)
-      yield review, idx, split
+      yield review, words, idx, split
 
 
 def describe_skips(counts: collections.Counter, group: str) -> str:

@@ -26,8 +26,10 @@ Negatives per (anchor, positive):
 
 Everything is a pairwise distance matrix and a `jax.vmap` over anchors; no
 Python loop over the batch. With `axis_name` set (inside pmap or shard_map)
-and gathering on, negatives and positives come from the global batch while
-each device keeps its own anchors.
+the mean is taken over the global batch's pairs (see `_global_mean`), and with
+gathering on, negatives and positives come from the global batch while each
+device keeps its own anchors: the data-parallel loss then equals the
+single-device loss of the whole batch.
 """
 
 import dataclasses
@@ -110,7 +112,8 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
                  anchor_ids: jax.Array, candidate_ids: jax.Array,
                  margin: float, mode: NegativeMode,
                  key: jax.Array | None = None,
-                 self_index: jax.Array | None = None) -> jax.Array:
+                 self_index: jax.Array | None = None,
+                 axis_name: str | None = None) -> jax.Array:
   """One hinge term, averaged over valid (anchor, positive) pairs.
 
   Args:
@@ -123,6 +126,7 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
     key: PRNG key for `sampled` mode.
     self_index: (N,) index of each anchor among the candidates, for the
       neighbourhood terms (an anchor is not its own positive); None otherwise.
+    axis_name: device axis; the mean is then over the global batch's pairs.
 
   Returns:
     Scalar loss; 0 when no anchor has a positive.
@@ -140,7 +144,24 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
       lambda d, p, n, k: _anchor_hinges(d, p, n, margin, mode,
                                         k if mode.kind == 'sampled' else None))
   sums, counts = per_anchor(dist, pos, neg, keys)
-  return jnp.sum(sums) / jnp.maximum(jnp.sum(counts), 1)
+  return _global_mean(jnp.sum(sums), jnp.sum(counts), axis_name)
+
+
+def _global_mean(total: jax.Array, count: jax.Array,
+                 axis_name: str | None) -> jax.Array:
+  """total / count over the whole data-parallel batch, as this device's share.
+
+  On one device: total / max(count, 1). Under a device axis, each device
+  returns D * total_d / sum_d(count_d), so that averaging the devices' values
+  and gradients (what the train step's pmean does) gives exactly the loss and
+  gradient of the global batch, even when devices hold different numbers of
+  valid pairs.
+  """
+  if axis_name is None:
+    return total / jnp.maximum(count, 1)
+  global_count = jax.lax.stop_gradient(jax.lax.psum(count, axis_name))
+  devices = jax.lax.psum(1, axis_name)
+  return total * devices / jnp.maximum(global_count, 1)
 
 
 def _gather(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -182,7 +203,8 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
       jax.lax.axis_index(gather) * audio.shape[0])
   self_index = offset + jnp.arange(audio.shape[0])
   keys = (jax.random.split(key, 4) if key is not None else [None] * 4)
-  term = functools.partial(ranking_term, margin=margin, mode=mode)
+  term = functools.partial(ranking_term, margin=margin, mode=mode,
+                           axis_name=axis_name)
   l1, l2, l3, l4 = weights
   zero = jnp.zeros((), audio.dtype)
   terms = {
@@ -232,7 +254,7 @@ def infonce_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
     pos_lse = jax.nn.logsumexp(jnp.where(pos, logits, -_BIG), axis=1)
     has_pos = jnp.any(pos, axis=1)
     per = jnp.where(has_pos, all_lse - pos_lse, 0.0)
-    return jnp.sum(per) / jnp.maximum(jnp.sum(has_pos), 1)
+    return _global_mean(jnp.sum(per), jnp.sum(has_pos), axis_name)
 
   return 0.5 * (direction(audio, cand_text) + direction(text, cand_audio))
 
@@ -254,4 +276,4 @@ def sigmoid_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
   logits = audio @ cand_text.T / temperature + bias
   z = jnp.where(pos, 1.0, -1.0)
   per = -jax.nn.log_sigmoid(z * logits) * real
-  return jnp.sum(per) / jnp.maximum(jnp.sum(real), 1)
+  return _global_mean(jnp.sum(per), jnp.sum(real), axis_name)

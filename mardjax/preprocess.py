@@ -182,12 +182,12 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
   split_counts = collections.Counter()
   reviews_per_album = collections.defaultdict(collections.Counter)
   bar = progress.bar(None, 'reviews pass 1/2', 'review', show_progress)
-  for review, idx, split in corpus.usable_reviews(counts):
+  for _, words, idx, split in corpus.usable_reviews(counts):
     bar.update(1)
     split_counts[split] += 1
     reviews_per_album[idx][split] += 1
     if split == splits_lib.TRAIN:
-      word_counts.update(text_lib.tokenize(review.text))
+      word_counts.update(words)
   bar.close()
   if not split_counts[splits_lib.TRAIN]:
     raise UserError('No training review is left after validation: '
@@ -228,9 +228,9 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
   written = collections.Counter()
   bar = progress.bar(sum(split_counts.values()), 'reviews pass 2/2', 'review',
                      show_progress)
-  for review, idx, split in corpus.usable_reviews(pass2):
+  for review, words, idx, split in corpus.usable_reviews(pass2):
     bar.update(1)
-    ids, full_len = vocab.encode(text_lib.tokenize(review.text), data.max_len)
+    ids, full_len = vocab.encode(words, data.max_len)
     truncated += full_len > data.max_len
     writer = review_writers[split]
     shard = int(splits_lib.hash_unit(review.review_id, 'shard') *

@@ -115,7 +115,7 @@ class Mard(tfds.core.GeneratorBasedBuilder):
     return self._albums(corpus, split)
 
   def _reviews(self, corpus: ingest.Corpus, split: str):
-    for review, idx, review_split in corpus.usable_reviews(
+    for review, _, idx, review_split in corpus.usable_reviews(
         collections.Counter()):
       if review_split == split:
         yield review.review_id, {

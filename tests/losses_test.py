@@ -205,35 +205,28 @@ def test_infonce_and_sigmoid_match_references():
   np.testing.assert_allclose(float(got), want / len(x) ** 2, rtol=1e-5)
 
 
-def test_gathered_loss_on_four_devices_equals_global_anchors_mean():
+@pytest.mark.parametrize('kind', ['ranking', 'infonce', 'sigmoid'])
+def test_gathered_loss_on_four_devices_equals_the_global_loss(kind):
   n = jax.local_device_count()
   assert n == 4, 'tests force 4 CPU devices (tests/conftest.py)'
   x, y, ids = _batch(5, b=16, albums=5)
   shard = lambda a: a.reshape(n, -1, *a.shape[1:])
+  fns = {
+      'ranking': lambda a, t, i, **kw: losses.ranking_loss(
+          a, t, i, margin=0.3, weights=(1, 0.5, 0.2, 0.1), negatives='all',
+          **kw)[0],
+      'infonce': lambda a, t, i, **kw: losses.infonce_loss(
+          a, t, i, temperature=0.1, **kw),
+      'sigmoid': lambda a, t, i, **kw: losses.sigmoid_loss(
+          a, t, i, temperature=0.1, bias=-1.0, **kw),
+  }
+  fn = fns[kind]
 
   def per_device(a, t, i):
-    return losses.ranking_loss(a, t, i, margin=0.3, weights=(1, 1, 1, 1),
-                               negatives='all', axis_name='d',
-                               gather_across_devices=True)[0]
+    return fn(a, t, i, axis_name='d', gather_across_devices=True)
 
   per = jax.pmap(per_device, axis_name='d')(shard(x), shard(y), shard(ids))
-  # Each device: its anchors against the global batch. With equal numbers of
-  # positives per device the mean of device losses is the global loss; check
-  # the weighted form against the per-device references instead.
-  for dev in range(n):
-    rows = slice(dev * 4, dev * 4 + 4)
-    ref = 0.0
-    for anchors, cands, hood in ((x, y, False), (y, x, False), (x, x, True),
-                                 (y, y, True)):
-      total, pairs = 0.0, 0
-      for i in range(rows.start, rows.stop):
-        for j in range(16):
-          if ids[j] != ids[i] or (hood and i == j):
-            continue
-          pairs += 1
-          for k in range(16):
-            if ids[k] != ids[i]:
-              total += max(0.0, 0.3 + _dist(anchors[i], cands[j]) -
-                           _dist(anchors[i], cands[k]))
-      ref += total / max(pairs, 1)
-    np.testing.assert_allclose(float(per[dev]), ref, rtol=1e-5, atol=1e-6)
+  # Devices hold different numbers of positive pairs; the mean of their
+  # values is still exactly the loss of the whole batch on one device.
+  np.testing.assert_allclose(float(per.mean()), float(fn(x, y, ids)),
+                             rtol=1e-5)

@@ -1,0 +1,173 @@
+"""The two-branch embedding network (Flax linen, pure).
+
+    variables = model.init(rng, audio=a, tokens=t, lengths=l)
+    out = model.apply(variables, audio=a, tokens=t, lengths=l)
+    out['audio'], out['text']   # (B, embed_dim), L2-normalised
+
+Either branch may be skipped (pass only `audio`, or only `tokens`): the
+evaluator and the server embed albums and reviews separately with the same
+parameters.
+
+* Audio branch: descriptors (B, A) -> Dense -> ReLU -> Dense -> [BatchNorm]
+  -> L2. With `audio_encoder='album_lstm'` the input is an album's tracks
+  (B, T, A) with `num_tracks` (B,), run through an LSTM whose final state
+  feeds the head (the paper's "LSTM to generate audio features").
+* Text branch: tokens (B, L) -> encoder -> Dense -> ReLU -> Dense -> [BN] ->
+  L2. Encoders: `mean` (masked mean of learned word embeddings, padding
+  excluded), `lstm` (bi-directional LSTM, final states of both directions
+  concatenated, each sequence's length respected), `pretrained` (features
+  computed by a frozen encoder and stored beside the tokens: input
+  `text_features` (B, F)).
+* `linear=True`: one Dense per branch (the WSABIE-like ablation row).
+
+BatchNorm follows Wang et al. (after the last linear layer); its statistics
+are averaged over `bn_axis_name` when training data-parallel.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+TEXT_ENCODERS = ('mean', 'lstm', 'pretrained')
+AUDIO_ENCODERS = ('track', 'album_lstm')
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps))
+
+
+class Head(nn.Module):
+  """Dense-ReLU-Dense (or one Dense), optional BatchNorm, L2 normalisation."""
+  hidden_dim: int
+  embed_dim: int
+  linear: bool = False
+  batch_norm: bool = False
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if not self.linear:
+      x = nn.relu(nn.Dense(self.hidden_dim, name='hidden')(x))
+    x = nn.Dense(self.embed_dim, name='out')(x)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       axis_name=self.bn_axis_name if train else None,
+                       name='bn')(x)
+    return l2_normalize(x)
+
+
+def _final_lstm_state(cell_size: int, x: jax.Array, lengths: jax.Array,
+                      reverse: bool, name: str) -> jax.Array:
+  """Hidden state after each sequence's last real step; x: (B, L, F)."""
+  rnn = nn.RNN(nn.OptimizedLSTMCell(cell_size), return_carry=True,
+               reverse=reverse, keep_order=True, name=name)
+  (_, h), _ = rnn(x, seq_lengths=lengths)
+  return h
+
+
+class TextEncoder(nn.Module):
+  """tokens (B, L) + lengths (B,) -> features (B, F)."""
+  kind: str
+  vocab_size: int
+  word_dim: int
+  lstm_dim: int
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+    emb = nn.Embed(self.vocab_size, self.word_dim, name='embed')(tokens)
+    if self.kind == 'mean':
+      mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
+      total = jnp.einsum('bld,bl->bd', emb, mask.astype(emb.dtype))
+      return total / jnp.maximum(lengths, 1)[:, None].astype(emb.dtype)
+    if self.kind == 'lstm':
+      lengths = jnp.maximum(lengths, 1)  # An empty review reads one <pad>.
+      fwd = _final_lstm_state(self.lstm_dim, emb, lengths, False, 'fwd')
+      bwd = _final_lstm_state(self.lstm_dim, emb, lengths, True, 'bwd')
+      return jnp.concatenate([fwd, bwd], -1)
+    raise ValueError(f'Unknown text encoder {self.kind!r}; choose from '
+                     f'{TEXT_ENCODERS}.')
+
+
+class TwoBranch(nn.Module):
+  """Audio and text branches into one embedding space (module docstring)."""
+  vocab_size: int
+  text_encoder: str = 'mean'
+  audio_encoder: str = 'track'
+  word_dim: int = 256
+  hidden_dim: int = 256
+  embed_dim: int = 128
+  lstm_dim: int = 256
+  linear: bool = False
+  batch_norm: bool = False
+  bn_axis_name: str | None = None
+
+  def setup(self):
+    head = dict(hidden_dim=self.hidden_dim, embed_dim=self.embed_dim,
+                linear=self.linear, batch_norm=self.batch_norm,
+                bn_axis_name=self.bn_axis_name)
+    self.audio_head = Head(**head)
+    self.text_head = Head(**head)
+    if self.text_encoder != 'pretrained':
+      self.text_features = TextEncoder(self.text_encoder, self.vocab_size,
+                                       self.word_dim, self.lstm_dim)
+    if self.audio_encoder == 'album_lstm':
+      self.album_rnn = nn.RNN(nn.OptimizedLSTMCell(self.lstm_dim),
+                              return_carry=True)
+
+  def embed_audio(self, audio: jax.Array, train: bool = False,
+                  num_tracks: jax.Array | None = None) -> jax.Array:
+    """(B, A) descriptors, or (B, T, A) tracks with num_tracks -> (B, E)."""
+    if self.audio_encoder == 'album_lstm':
+      if audio.ndim != 3 or num_tracks is None:
+        raise ValueError('album_lstm embeds (B, T, A) tracks with num_tracks.')
+      (_, audio), _ = self.album_rnn(audio, seq_lengths=jnp.maximum(
+          num_tracks, 1))
+    return self.audio_head(audio, train)
+
+  def embed_text(self, tokens: jax.Array | None = None,
+                 lengths: jax.Array | None = None,
+                 text_features: jax.Array | None = None,
+                 train: bool = False) -> jax.Array:
+    """tokens (B, L) + lengths (B,), or text_features (B, F) -> (B, E)."""
+    if self.text_encoder == 'pretrained':
+      if text_features is None:
+        raise ValueError('text_encoder=pretrained embeds text_features.')
+      return self.text_head(text_features, train)
+    return self.text_head(self.text_features(tokens, lengths), train)
+
+  def __call__(self, audio: jax.Array | None = None,
+               tokens: jax.Array | None = None,
+               lengths: jax.Array | None = None,
+               text_features: jax.Array | None = None,
+               num_tracks: jax.Array | None = None,
+               train: bool = False) -> dict[str, Any]:
+    out = {}
+    if audio is not None:
+      out['audio'] = self.embed_audio(audio, train, num_tracks)
+    if tokens is not None or text_features is not None:
+      out['text'] = self.embed_text(tokens, lengths, text_features, train)
+    return out
+
+
+def build(model_config, vocab_size: int, bn_axis_name: str | None = None
+          ) -> TwoBranch:
+  """The model a config describes (fields: see configs/default.py)."""
+  if model_config.text_encoder not in TEXT_ENCODERS:
+    raise ValueError(f'config.model.text_encoder={model_config.text_encoder!r}'
+                     f': choose from {TEXT_ENCODERS}.')
+  if model_config.audio_encoder not in AUDIO_ENCODERS:
+    raise ValueError(f'config.model.audio_encoder='
+                     f'{model_config.audio_encoder!r}: choose from '
+                     f'{AUDIO_ENCODERS}.')
+  return TwoBranch(vocab_size=vocab_size,
+                   text_encoder=model_config.text_encoder,
+                   audio_encoder=model_config.audio_encoder,
+                   word_dim=model_config.word_dim,
+                   hidden_dim=model_config.hidden_dim,
+                   embed_dim=model_config.embed_dim,
+                   lstm_dim=model_config.lstm_dim,
+                   linear=model_config.linear,
+                   batch_norm=model_config.batch_norm,
+                   bn_axis_name=bn_axis_name)

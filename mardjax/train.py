@@ -1,0 +1,314 @@
+"""The training loop: data, state, steps, checkpoints, metrics, evaluation.
+
+`train_and_evaluate(config, workdir, data_dir)` trains the configured model
+on the preprocessed TFRecords in `data_dir`, resuming from the newest
+readable checkpoint in `workdir/checkpoints`, evaluates dev recall@K every
+`config.train.eval_every` steps (the best-by-recall checkpoint is kept apart
+in `workdir/best`), and returns the final state and metrics.
+
+Only this Python loop holds the iterator, the writers and the checkpoint
+manager; the step itself is pure (`mardjax.train_step`).
+"""
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mardjax import evaluate
+from mardjax import input_pipeline
+from mardjax import losses
+from mardjax import models
+from mardjax import preprocess
+from mardjax import train_step
+from mardjax.errors import UserError
+
+CHECKPOINT_DIR = 'checkpoints'
+BEST_DIR = 'best'
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int,
+                    process_count: int = 1) -> None:
+  """Fails before any compile, naming the field, on settings that cannot run."""
+  t, m, l = config.train, config.model, config.loss
+  def need(ok, field, why):
+    if not ok:
+      raise UserError(f'config.{field}: {why}')
+  need(t.batch_size > 0, 'train.batch_size', 'must be positive')
+  need(t.batch_size % (num_devices * process_count) == 0, 'train.batch_size',
+       f'{t.batch_size} is not divisible by the {num_devices * process_count} '
+       'devices')
+  per_device = t.batch_size // (num_devices * process_count)
+  need(t.parallelism in ('pmap', 'shard_map'), 'train.parallelism',
+       "choose 'pmap' or 'shard_map'")
+  need(m.text_encoder in models.TEXT_ENCODERS, 'model.text_encoder',
+       f'{m.text_encoder!r} is not one of {models.TEXT_ENCODERS}')
+  need(m.text_encoder != 'pretrained', 'model.text_encoder',
+       "'pretrained' needs text features in the records, which this data "
+       'version does not hold yet')
+  need(m.audio_encoder == 'track', 'model.audio_encoder',
+       "training pairs reviews with single tracks: use 'track'")
+  need(l.kind in ('ranking', 'infonce', 'sigmoid'), 'loss.kind',
+       f'{l.kind!r} is not ranking, infonce or sigmoid')
+  try:
+    mode = losses.NegativeMode.parse(l.negatives)
+  except ValueError as e:
+    raise UserError(f'config.loss.{e}') from None
+  candidates = t.batch_size if l.gather_across_devices else per_device
+  need(mode.k <= candidates, 'loss.negatives',
+       f'K={mode.k} is larger than the {candidates} rows a device ranks '
+       'against')
+  need(len(l.weights) == 4, 'loss.weights', 'needs four weights (l1..l4)')
+  if t.neighbourhood_sampling:
+    need(t.reviews_per_album >= 2, 'train.reviews_per_album', 'must be >= 2')
+    need(per_device % t.reviews_per_album == 0, 'train.batch_size',
+         f'the per-device batch {per_device} is not a multiple of '
+         f'reviews_per_album={t.reviews_per_album}')
+  need(t.num_steps > 0 or t.num_epochs > 0, 'train.num_steps',
+       'set num_steps or num_epochs')
+  need(t.learning_rate > 0, 'train.learning_rate', 'must be positive')
+
+
+def total_steps(config: ml_collections.ConfigDict,
+                manifest: dict[str, Any]) -> int:
+  t = config.train
+  if t.num_steps > 0:
+    return int(t.num_steps)
+  per_epoch = max(1, manifest['counts']['reviews']['train'] // t.batch_size)
+  return int(math.ceil(t.num_epochs * per_epoch))
+
+
+class Checkpoints:
+  """orbax CheckpointManager for the state plus a JSON record of the run."""
+
+  def __init__(self, directory: str, keep: int, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(directory, options=options)
+
+  def save(self, step: int, state, meta: dict[str, Any]) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                      force=True)
+
+  def restore_latest(self, abstract_state):
+    """(step, state, meta) of the newest readable checkpoint, or None.
+
+    An unreadable newest checkpoint (a crash mid-write, a damaged disk) gets a
+    warning and the previous one is tried.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            meta=ocp.args.JsonRestore()))
+        return step, restored['state'], restored['meta']
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint at step %d is unreadable (%s: %s); '
+                        'falling back to the previous one.', step,
+                        type(e).__name__, e)
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _eval_variables(state) -> dict[str, Any]:
+  variables = {'params': state.params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  return variables
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       data_dir: str) -> tuple[Any, dict[str, Any]]:
+  """Trains, checkpoints and evaluates; returns (final state, final metrics)."""
+  manifest = preprocess.load_manifest(data_dir)
+  manifest_hash = preprocess.manifest_hash(data_dir)
+  num_devices = jax.local_device_count()
+  process_count, process_index = jax.process_count(), jax.process_index()
+  validate_config(config, num_devices, process_count)
+  t = config.train
+  steps = total_steps(config, manifest)
+  local_batch = t.batch_size // process_count
+  parallel = num_devices * process_count > 1
+  model = models.build(config.model, manifest['vocab']['size'],
+                       bn_axis_name=train_step.AXIS if parallel else None)
+
+  audio = input_pipeline.load_audio_table(data_dir, manifest)
+  dev = input_pipeline.load_reviews(data_dir, manifest, 'dev',
+                                    config.data.max_len)
+
+  def batches(epoch, batch):
+    return input_pipeline.train_batches(
+        data_dir, manifest, audio, batch_size=local_batch,
+        num_devices=num_devices, max_len=config.data.max_len,
+        seed=config.seed, neighbourhood=t.neighbourhood_sampling,
+        reviews_per_album=t.reviews_per_album,
+        shuffle_buffer=t.shuffle_buffer, start_epoch=epoch, start_batch=batch,
+        process_index=process_index, process_count=process_count)
+
+  try:
+    (_, first) = next(batches(0, 0))
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  sample = {k: v[0] for k, v in first.items()}
+  state = train_step.create_state(model, config,
+                                  jax.random.PRNGKey(config.seed), sample)
+
+  ckpt = Checkpoints(os.path.join(workdir, CHECKPOINT_DIR),
+                     t.keep_checkpoints)
+  best = Checkpoints(os.path.join(workdir, BEST_DIR), 1, async_save=False)
+  config_json = config.to_json_best_effort(sort_keys=True)
+  position = (0, 0)
+  start_step = 0
+  best_recall = -1.0
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    start_step, state, meta = restored
+    if meta['manifest_hash'] != manifest_hash:
+      raise UserError(
+          f'The checkpoints in {workdir} were trained on different data '
+          f'(manifest {meta["manifest_hash"][:12]}, now '
+          f'{manifest_hash[:12]}): use a new --workdir, or the data they '
+          'were trained on.')
+    position = tuple(meta['position'])
+    best_recall = meta.get('best_recall', -1.0)
+    logging.info('Resumed from step %d at input position %s.', start_step,
+                 position)
+
+  if t.parallelism == 'pmap' or not parallel:
+    step_fn = (train_step.pmap_step(config.loss) if parallel else
+               train_step.single_device_step(config.loss))
+    def put(b):
+      return b if parallel else {k: v[0] for k, v in b.items()}
+  else:
+    mesh = train_step.make_mesh()
+    step_fn = train_step.shard_map_step(config.loss, mesh)
+    def put(b):
+      return train_step.shard_batch(b, mesh)
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=process_index > 0)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+  history = []
+  metrics: dict[str, Any] = {}
+  last_log_time, last_log_step = time.time(), start_step
+  step = start_step
+  base_key = jax.random.PRNGKey(config.seed + 1)
+
+  def meta_for(step_, position_):
+    return {'step': step_, 'position': list(position_),
+            'manifest_hash': manifest_hash, 'config': config_json,
+            'best_recall': best_recall}
+
+  def run_eval(step_):
+    nonlocal best_recall
+    result = evaluate.evaluate(_eval_variables(state), model, audio, dev)
+    writer.write_scalars(step_, {f'dev/{k}': v for k, v in result.items()})
+    history.append({'step': step_, **{k: result[k] for k in (
+        'recall@1', 'recall@5', 'recall@10')}})
+    logging.info('step %d dev %s', step_, json.dumps(result))
+    if result['recall@10'] > best_recall:
+      best_recall = result['recall@10']
+      best.save(step_, state, meta_for(step_, position))
+      best.wait()
+    return result
+
+  if start_step == 0:
+    run_eval(0)
+  it = batches(*position)
+  while step < steps:
+    (epoch, batch_no), batch = next(it)
+    key = jax.random.fold_in(base_key, step)
+    state, m = step_fn(state, put(batch), key)
+    step += 1
+    position = (epoch, batch_no + 1)
+    if step % t.log_every == 0 or step == steps:
+      m = jax.device_get(m)
+      loss = float(m['loss'])
+      if not np.isfinite(loss):
+        ckpt.wait()
+        latest = ckpt.manager.latest_step()
+        raise UserError(
+            f'The loss became {loss} at step {step}. The last good checkpoint'
+            + (f' is step {latest} in {os.path.join(workdir, CHECKPOINT_DIR)}'
+               if latest is not None else ' does not exist (none saved yet)')
+            + '; lower config.train.learning_rate or check the data.')
+      now = time.time()
+      rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+      eta = (steps - step) / max(rate, 1e-9)
+      writer.write_scalars(step, {f'train/{k}': float(v) for k, v in
+                                  m.items()} | {'steps_per_sec': rate})
+      logging.info('step %d/%d loss %.4f  %.1f steps/s  %.0f examples/s  '
+                   'ETA %.0fs', step, steps, loss, rate, rate * t.batch_size,
+                   eta)
+      last_log_time, last_log_step = now, step
+    if step % t.checkpoint_every == 0 or step == steps:
+      ckpt.save(step, state, meta_for(step, position))
+    if step % t.eval_every == 0 and step != steps:
+      run_eval(step)
+  metrics = run_eval(steps) if steps > start_step or not history else (
+      evaluate.evaluate(_eval_variables(state), model, audio, dev))
+  ckpt.close()
+  best.close()
+  writer.flush()
+  metrics = dict(metrics, steps=steps, resumed_from=start_step,
+                 best_dev_recall_at_10=best_recall, history=history)
+  return state, metrics
+
+
+def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v if isinstance(v, (int, float, str, bool)) else (
+          str(v))
+  return out
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        data_dir: str, split: str = 'dev') -> dict[str, Any]:
+  """Evaluates the newest readable checkpoint of `workdir` on `split`."""
+  manifest = preprocess.load_manifest(data_dir)
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(ckpt_dir):
+    raise UserError(f'No checkpoint in {workdir!r}: train first '
+                    '(--mode=train).')
+  model = models.build(config.model, manifest['vocab']['size'])
+  audio = input_pipeline.load_audio_table(data_dir, manifest)
+  reviews = input_pipeline.load_reviews(data_dir, manifest, split,
+                                        config.data.max_len)
+  if not len(reviews['album']):
+    raise UserError(f'The {split!r} split holds no reviews.')
+  sample = {'audio': audio.descriptors[:2],
+            'tokens': reviews['tokens'][:2], 'lengths': reviews['lengths'][:2]}
+  abstract = jax.eval_shape(lambda: train_step.create_state(
+      model, config, jax.random.PRNGKey(0), sample))
+  ckpt = Checkpoints(ckpt_dir, config.train.keep_checkpoints, async_save=False)
+  restored = ckpt.restore_latest(abstract)
+  ckpt.close()
+  if restored is None:
+    raise UserError(f'No readable checkpoint in {ckpt_dir!r}.')
+  step, state, meta = restored
+  if meta['manifest_hash'] != preprocess.manifest_hash(data_dir):
+    raise UserError('The checkpoint was trained on different data than '
+                    f'{data_dir!r} (manifest hash differs).')
+  result = evaluate.evaluate(_eval_variables(state), model, audio, reviews)
+  return dict(result, step=step, split=split)

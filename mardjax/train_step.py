@@ -1,0 +1,159 @@
+"""Train state and the per-device train step, with its two parallel wrappers.
+
+One step body (`per_device_step`: forward, loss, gradients, optax update,
+metrics) serves both data-parallel forms, as the design asks:
+
+  * `pmap_step`: `jax.pmap` over the local devices; batches shaped
+    (devices, per_device_batch, ...); state passed unreplicated
+    (`in_axes=None`) and returned unreplicated (`out_axes=None`).
+  * `shard_map_step`: `jax.jit` of `jax.shard_map` over a 1-D mesh named
+    'data'; batches shaped (devices * per_device_batch, ...) and sharded on
+    their first axis.
+
+Gradients and metrics are averaged over the device axis with `lax.pmean`;
+BatchNorm computes its statistics over the same axis, so the running averages
+agree on every device.
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+from flax.training import train_state
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+
+from mardjax import losses
+
+AXIS = 'data'
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state, step, and BatchNorm statistics (may be empty)."""
+  batch_stats: Any = None
+
+
+def make_optimizer(config: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
+  """optax Adam with the config's learning rate (paper: 1e-3)."""
+  return optax.adam(config.train.learning_rate)
+
+
+def create_state(model: nn.Module, config: ml_collections.ConfigDict,
+                 rng: jax.Array, sample: dict[str, np.ndarray]) -> TrainState:
+  """Initialises parameters from one (per-device) sample batch."""
+  variables = model.init(rng, audio=sample['audio'], tokens=sample['tokens'],
+                         lengths=sample['lengths'], train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           tx=make_optimizer(config),
+                           batch_stats=variables.get('batch_stats', {}))
+
+
+def compute_loss(audio: jax.Array, text: jax.Array, album: jax.Array,
+                 key: jax.Array, loss_config: ml_collections.ConfigDict,
+                 axis_name: str | None) -> tuple[jax.Array, dict[str, Any]]:
+  """The configured loss of one device's embeddings; (loss, terms)."""
+  gather = loss_config.gather_across_devices and axis_name is not None
+  if loss_config.kind == 'ranking':
+    return losses.ranking_loss(
+        audio, text, album, margin=loss_config.margin,
+        weights=tuple(loss_config.weights), negatives=loss_config.negatives,
+        key=key, axis_name=axis_name, gather_across_devices=gather)
+  if loss_config.kind == 'infonce':
+    loss = losses.infonce_loss(audio, text, album,
+                               temperature=loss_config.temperature,
+                               axis_name=axis_name,
+                               gather_across_devices=gather)
+    return loss, {}
+  if loss_config.kind == 'sigmoid':
+    loss = losses.sigmoid_loss(audio, text, album,
+                               temperature=loss_config.temperature,
+                               bias=loss_config.sigmoid_bias,
+                               axis_name=axis_name,
+                               gather_across_devices=gather)
+    return loss, {}
+  raise ValueError(f'config.loss.kind={loss_config.kind!r}: choose from '
+                   "'ranking', 'infonce', 'sigmoid'.")
+
+
+def per_device_step(state: TrainState, batch: dict[str, jax.Array],
+                    key: jax.Array, *, loss_config: ml_collections.ConfigDict,
+                    axis_name: str | None
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on this device's share of the batch.
+
+  Args:
+    state: the (replicated) train state.
+    batch: 'audio' (b, A), 'tokens' (b, L), 'lengths' (b,), 'album' (b,).
+    key: PRNG key for this step (same on every device; folded per device).
+    loss_config: config.loss.
+    axis_name: device axis name, or None on one device.
+
+  Returns:
+    (new state, metrics averaged over devices).
+  """
+  if axis_name is not None:
+    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+  has_bn = bool(state.batch_stats)
+
+  def loss_fn(params):
+    variables = {'params': params}
+    if has_bn:
+      variables['batch_stats'] = state.batch_stats
+    out, updates = state.apply_fn(
+        variables, audio=batch['audio'], tokens=batch['tokens'],
+        lengths=batch['lengths'], train=True,
+        mutable=['batch_stats'] if has_bn else [])
+    loss, terms = compute_loss(out['audio'], out['text'], batch['album'], key,
+                               loss_config, axis_name)
+    return loss, (terms, updates)
+
+  (loss, (terms, updates)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  new_state = state.apply_gradients(grads=grads)
+  if has_bn:
+    new_state = new_state.replace(batch_stats=updates['batch_stats'])
+  metrics = {'loss': loss, **terms,
+             'grad_norm': optax.global_norm(grads)}
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
+  return new_state, metrics
+
+
+def single_device_step(loss_config) -> Callable:
+  """jit of the body on one device; batch arrays (b, ...)."""
+  return jax.jit(functools.partial(per_device_step, loss_config=loss_config,
+                                   axis_name=None))
+
+
+def pmap_step(loss_config) -> Callable:
+  """pmap of the body; batch arrays (devices, b, ...), state unreplicated."""
+  return jax.pmap(functools.partial(per_device_step, loss_config=loss_config,
+                                    axis_name=AXIS),
+                  axis_name=AXIS, in_axes=(None, 0, None), out_axes=None)
+
+
+def make_mesh(devices=None) -> Mesh:
+  return Mesh(np.asarray(devices or jax.local_devices()), (AXIS,))
+
+
+def shard_map_step(loss_config, mesh: Mesh) -> Callable:
+  """jit(shard_map) of the body; batch arrays (devices * b, ...)."""
+  body = functools.partial(per_device_step, loss_config=loss_config,
+                           axis_name=AXIS)
+  return jax.jit(jax.shard_map(body, mesh=mesh,
+                               in_specs=(P(), P(AXIS), P()),
+                               out_specs=(P(), P())))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh
+                ) -> dict[str, jax.Array]:
+  """(devices, b, ...) numpy -> (devices * b, ...) arrays sharded over 'data'."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return {k: jax.device_put(v.reshape(-1, *v.shape[2:]), sharding)
+          for k, v in batch.items()}

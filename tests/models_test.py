@@ -1,0 +1,100 @@
+"""The two-branch model: shapes, normalisation, masking, skipping a branch."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from mardjax import models
+
+
+def _model(**overrides):
+  cfg = default.get_config().model
+  cfg.update(dict(word_dim=8, hidden_dim=16, embed_dim=4, lstm_dim=6))
+  cfg.update(overrides)
+  return models.build(cfg, vocab_size=50)
+
+
+def _inputs(b=3, length=7, a=5):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(2, 50, (b, length)).astype(np.int32)
+  lengths = np.array([7, 3, 1][:b], np.int32)
+  tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+  return rng.normal(size=(b, a)).astype(np.float32), tokens, lengths
+
+
+@pytest.mark.parametrize('encoder', ['mean', 'lstm'])
+@pytest.mark.parametrize('linear,bn', [(False, False), (False, True),
+                                       (True, False)])
+def test_shapes_and_unit_norm(encoder, linear, bn):
+  model = _model(text_encoder=encoder, linear=linear, batch_norm=bn)
+  audio, tokens, lengths = _inputs()
+  variables = model.init(jax.random.PRNGKey(0), audio=audio, tokens=tokens,
+                         lengths=lengths)
+  out = model.apply(variables, audio=audio, tokens=tokens, lengths=lengths)
+  assert out['audio'].shape == (3, 4) and out['text'].shape == (3, 4)
+  for v in out.values():
+    np.testing.assert_allclose(np.linalg.norm(v, axis=-1), 1.0, rtol=1e-5)
+  if bn:
+    out, state = model.apply(variables, audio=audio, tokens=tokens,
+                             lengths=lengths, train=True,
+                             mutable=['batch_stats'])
+    assert 'batch_stats' in state
+
+
+@pytest.mark.parametrize('encoder', ['mean', 'lstm'])
+def test_padding_does_not_change_the_text_embedding(encoder):
+  model = _model(text_encoder=encoder, batch_norm=False)
+  audio, tokens, lengths = _inputs()
+  variables = model.init(jax.random.PRNGKey(1), tokens=tokens, lengths=lengths)
+  base = model.apply(variables, tokens=tokens, lengths=lengths)['text']
+  noisy = tokens.copy()
+  noisy[1, 3:] = 17  # Garbage past the length: must be ignored.
+  longer = np.pad(noisy, ((0, 0), (0, 5)), constant_values=9)
+  got = model.apply(variables, tokens=longer, lengths=lengths)['text']
+  np.testing.assert_allclose(got, base, rtol=1e-5, atol=1e-6)
+  assert 'audio' not in model.apply(variables, tokens=tokens, lengths=lengths)
+
+
+def test_mean_encoder_is_the_masked_mean():
+  enc = models.TextEncoder('mean', vocab_size=10, word_dim=3, lstm_dim=2)
+  tokens = jnp.array([[2, 3, 0, 0]])
+  v = enc.init(jax.random.PRNGKey(0), tokens, jnp.array([2]))
+  table = v['params']['embed']['embedding']
+  got = enc.apply(v, tokens, jnp.array([2]))
+  np.testing.assert_allclose(got[0], (table[2] + table[3]) / 2, rtol=1e-6)
+
+
+def test_audio_only_and_album_lstm():
+  model = _model(batch_norm=False)
+  audio, tokens, lengths = _inputs()
+  variables = model.init(jax.random.PRNGKey(0), audio=audio, tokens=tokens,
+                         lengths=lengths)
+  out = model.apply(variables, audio=audio)
+  assert set(out) == {'audio'}
+  album = _model(audio_encoder='album_lstm', batch_norm=False)
+  tracks = np.random.default_rng(1).normal(size=(2, 4, 5)).astype(np.float32)
+  n = np.array([4, 2], np.int32)
+  v = album.init(jax.random.PRNGKey(0), audio=tracks, num_tracks=n)
+  e1 = album.apply(v, audio=tracks, num_tracks=n)['audio']
+  tracks[1, 2:] = 99.0  # Past num_tracks: ignored.
+  e2 = album.apply(v, audio=tracks, num_tracks=n)['audio']
+  np.testing.assert_allclose(e1, e2, rtol=1e-5)
+
+
+def test_pretrained_features_branch():
+  model = _model(text_encoder='pretrained', batch_norm=False)
+  feats = np.ones((2, 12), np.float32)
+  v = model.init(jax.random.PRNGKey(0), text_features=feats)
+  assert 'embed' not in str(jax.tree_util.tree_structure(v))
+  assert model.apply(v, text_features=feats)['text'].shape == (2, 4)
+
+
+def test_unknown_encoder_is_rejected():
+  cfg = default.get_config().model
+  cfg.text_encoder = 'transformer'
+  with pytest.raises(ValueError, match='text_encoder'):
+    models.build(cfg, 10)
+  assert isinstance(cfg, ml_collections.ConfigDict)
