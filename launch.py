@@ -7,6 +7,7 @@ unknown fields are an error.
 """
 
 import json
+import logging as pylogging
 import os
 import re
 import sys
@@ -48,9 +49,18 @@ def parse_flags(argv):
   sys.exit(2)
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of orbax (a dozen lines per checkpoint)."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or 'orbax' not in (
+        record.pathname)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   workdir = os.path.abspath(FLAGS.workdir)
   os.makedirs(workdir, exist_ok=True)
   try:
