@@ -50,7 +50,9 @@ class Head(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if not self.linear:
       x = nn.relu(nn.Dense(self.hidden_dim, name='hidden')(x))
-    x = nn.Dense(self.embed_dim, name='out')(x)
+    # BatchNorm subtracts the mean, so a bias before it would only collect
+    # round-off (which Adam then amplifies into real updates).
+    x = nn.Dense(self.embed_dim, use_bias=not self.batch_norm, name='out')(x)
     if self.batch_norm:
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                        axis_name=self.bn_axis_name if train else None,

@@ -146,9 +146,13 @@ def shard_map_step(loss_config, mesh: Mesh) -> Callable:
   """jit(shard_map) of the body; batch arrays (devices * b, ...)."""
   body = functools.partial(per_device_step, loss_config=loss_config,
                            axis_name=AXIS)
+  # check_vma=False gives the body pmap's semantics: jax.grad inside it is the
+  # gradient of this device's loss, and the body's own pmean averages them.
+  # (With varying-axis checking on, grads of replicated params come out
+  # already summed over devices and the body would need another form.)
   return jax.jit(jax.shard_map(body, mesh=mesh,
                                in_specs=(P(), P(AXIS), P()),
-                               out_specs=(P(), P())))
+                               out_specs=(P(), P()), check_vma=False))
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh

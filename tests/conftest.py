@@ -49,3 +49,13 @@ def tiny_corpus(tiny_corpus_master, tmp_path):
   out = str(tmp_path / 'mard')
   shutil.copytree(tiny_corpus_master, out)
   return out
+
+
+@pytest.fixture(scope='session')
+def tiny_records(tiny_corpus_master, tmp_path_factory):
+  """(data_dir, manifest) of the tiny corpus, preprocessed with configs/test."""
+  from mardjax import preprocess  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path_factory.mktemp('tiny_records') / 'data')
+  preprocess.run(test_config.get_config(), tiny_corpus_master, out,
+                 show_progress=False)
+  return out, preprocess.load_manifest(out)

@@ -1,0 +1,114 @@
+"""tf.data pipeline: shapes, pairing, neighbourhood sampling, determinism."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mardjax import input_pipeline
+
+
+@pytest.fixture(scope='module')
+def table(tiny_records):
+  data_dir, manifest = tiny_records
+  return input_pipeline.load_audio_table(data_dir, manifest)
+
+
+def _batches(tiny_records, table, n, **kw):
+  data_dir, manifest = tiny_records
+  args = dict(batch_size=16, num_devices=4, max_len=64, seed=0,
+              neighbourhood=True, reviews_per_album=2, shuffle_buffer=64)
+  args.update(kw)
+  it = input_pipeline.train_batches(data_dir, manifest, table, **args)
+  return list(itertools.islice(it, n))
+
+
+def test_audio_table_is_normalised_with_training_statistics(tiny_records,
+                                                            table):
+  _, manifest = tiny_records
+  assert table.counts.sum() == manifest['counts']['tracks']
+  train = [i for i in range(len(table.counts))]
+  rows = np.concatenate([table.album_tracks(i) for i in train])
+  assert rows.shape[1] == 369
+  assert abs(float(rows.mean())) < 0.2  # Standardised (train + test rows).
+
+
+def test_batch_shapes_and_pairing(tiny_records, table):
+  (pos, batch), = _batches(tiny_records, table, 1)
+  assert pos == (0, 0)
+  assert batch['tokens'].shape == (4, 4, 64)
+  assert batch['lengths'].shape == batch['album'].shape == (4, 4)
+  assert batch['audio'].shape == (4, 4, 369)
+  album = batch['album'].reshape(-1)
+  audio = batch['audio'].reshape(-1, 369)
+  for a, row in zip(album, audio):
+    # Every audio row is a track of that row's album.
+    assert np.any(np.all(table.album_tracks(a) == row, axis=1))
+  lengths = batch['lengths'].reshape(-1)
+  tokens = batch['tokens'].reshape(-1, 64)
+  for t, n in zip(tokens, lengths):
+    assert n >= 1 and np.all(t[n:] == 0) and np.all(t[:n] > 0)
+
+
+def test_neighbourhood_batches_have_in_batch_positives(tiny_records, table):
+  for _, batch in _batches(tiny_records, table, 6):
+    album = batch['album'].reshape(-1, 2)  # Groups of reviews_per_album.
+    audio = batch['audio'].reshape(-1, 2, 369)
+    assert np.all(album[:, 0] == album[:, 1])
+    for a, pair in zip(album[:, 0], audio):
+      assert table.counts[a] >= 2
+      assert not np.array_equal(pair[0], pair[1])  # Two distinct tracks.
+    # Each device's slice holds whole groups, so positives are local too.
+    per_device = batch['album'].reshape(4, -1)
+    for row in per_device:
+      assert all(np.sum(row == a) >= 2 for a in row)
+
+
+def test_plain_sampling_and_determinism(tiny_records, table):
+  a = _batches(tiny_records, table, 5, neighbourhood=False)
+  b = _batches(tiny_records, table, 5, neighbourhood=False)
+  c = _batches(tiny_records, table, 5, neighbourhood=False, seed=1)
+  for (pa, x), (pb, y) in zip(a, b):
+    assert pa == pb
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert any(not np.array_equal(x['album'], z['album'])
+             for (_, x), (_, z) in zip(a, c))
+
+
+def test_resuming_at_a_position_continues_the_same_sequence(tiny_records,
+                                                            table):
+  full = _batches(tiny_records, table, 40)
+  epochs = {p[0] for p, _ in full}
+  assert len(epochs) > 1  # The run crosses an epoch boundary.
+  for cut in (3, 17, 25):
+    (epoch, batch_no), _ = full[cut]
+    resumed = _batches(tiny_records, table, 40 - cut, start_epoch=epoch,
+                       start_batch=batch_no)
+    for (p1, x), (p2, y) in zip(full[cut:], resumed):
+      assert p1 == p2
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_process_shards_split_albums(tiny_records, table):
+  got = [
+      {int(a) for _, b in _batches(tiny_records, table, 3, batch_size=8,
+                                   process_index=i, process_count=2)
+       for a in b['album'].reshape(-1)}
+      for i in range(2)]
+  assert got[0] and got[1] and not got[0] & got[1]
+  assert all(a % 2 == 0 for a in got[0]) and all(a % 2 == 1 for a in got[1])
+
+
+def test_too_large_a_batch_is_a_clear_error(tiny_records, table):
+  with pytest.raises(ValueError, match='no batch'):
+    _batches(tiny_records, table, 1, batch_size=4096)
+
+
+def test_load_reviews(tiny_records):
+  data_dir, manifest = tiny_records
+  dev = input_pipeline.load_reviews(data_dir, manifest, 'dev', 64)
+  n = manifest['counts']['reviews']['dev']
+  assert dev['tokens'].shape == (n, 64) and dev['album'].shape == (n,)
+  assert np.all(dev['lengths'] > 0)

@@ -1,0 +1,104 @@
+"""The step body under one device, pmap and shard_map gives the same update."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from mardjax import models
+from mardjax import train_step
+
+
+def _setup(batch_norm, negatives='all', gather=True, kind='ranking'):
+  config = test_config.get_config()
+  config.model.batch_norm = batch_norm
+  config.loss.negatives = negatives
+  config.loss.gather_across_devices = gather
+  config.loss.kind = kind
+  rng = np.random.default_rng(0)
+  b, length, a = 16, 12, 10
+  lengths = rng.integers(1, length + 1, b).astype(np.int32)
+  tokens = rng.integers(2, 40, (b, length)).astype(np.int32)
+  tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+  batch = {'audio': rng.normal(size=(b, a)).astype(np.float32),
+           'tokens': tokens, 'lengths': lengths,
+           # Uneven albums: devices hold different numbers of positives.
+           'album': np.array([0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 5, 5, 0],
+                             np.int32)}
+  return config, batch
+
+
+def _state(config, batch, axis_name):
+  model = models.build(config.model, vocab_size=40, bn_axis_name=axis_name)
+  sample = {k: v[:4] for k, v in batch.items()}
+  return train_step.create_state(model, config, jax.random.PRNGKey(0),
+                                 sample)
+
+
+def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                               atol=atol)
+
+
+@pytest.mark.parametrize('batch_norm,kind,negatives', [
+    (False, 'ranking', 'all'), (True, 'ranking', 'hardest:3'),
+    (True, 'infonce', 'all')])
+def test_pmap_equals_single_device_on_the_global_batch(batch_norm, kind,
+                                                       negatives):
+  n = jax.local_device_count()
+  assert n == 4
+  config, batch = _setup(batch_norm, negatives, gather=True, kind=kind)
+  key = jax.random.PRNGKey(3)
+  single = _state(config, batch, None)
+  s1, m1 = train_step.single_device_step(config.loss)(single, batch, key)
+  s1, _ = train_step.single_device_step(config.loss)(s1, batch, key)
+  sharded = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
+  state = _state(config, batch, train_step.AXIS)
+  step = train_step.pmap_step(config.loss)
+  s2, m2 = step(state, sharded, key)
+  s2, _ = step(s2, sharded, key)  # Two steps: Adam moments agree too.
+  np.testing.assert_allclose(float(m2['loss']), float(m1['loss']), rtol=1e-5)
+  _assert_trees_close(s1.params, s2.params)
+  _assert_trees_close(s1.opt_state, s2.opt_state)
+  if batch_norm:
+    _assert_trees_close(s1.batch_stats, s2.batch_stats)
+  assert int(s2.step) == 2
+
+
+@pytest.mark.parametrize('gather,negatives', [(False, 'all'),
+                                              (True, 'sampled:4')])
+def test_shard_map_equals_pmap(gather, negatives):
+  n = jax.local_device_count()
+  config, batch = _setup(True, negatives, gather=gather)
+  key = jax.random.PRNGKey(5)
+  sharded = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
+  state = _state(config, batch, train_step.AXIS)
+  s_p, m_p = train_step.pmap_step(config.loss)(state, sharded, key)
+  mesh = train_step.make_mesh()
+  s_s, m_s = train_step.shard_map_step(config.loss, mesh)(
+      state, train_step.shard_batch(sharded, mesh), key)
+  np.testing.assert_allclose(float(m_s['loss']), float(m_p['loss']),
+                             rtol=1e-6)
+  # Gradients (Adam's first moment after one step is 0.1 * grad) agree
+  # tightly; parameters to a small fraction of one Adam step (lr), since Adam
+  # turns the round-off of a near-zero gradient into a full-size update.
+  _assert_trees_close(s_p.opt_state[0].mu, s_s.opt_state[0].mu, rtol=1e-4,
+                      atol=1e-7)
+  _assert_trees_close(s_p.params, s_s.params, rtol=0,
+                      atol=0.05 * config.train.learning_rate)
+  _assert_trees_close(s_p.batch_stats, s_s.batch_stats, rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_reduces_the_loss_and_keeps_it_finite():
+  config, batch = _setup(False, 'all', gather=False)
+  config.train.learning_rate = 1e-2
+  state = _state(config, batch, None)
+  step = train_step.single_device_step(config.loss)
+  key = jax.random.PRNGKey(0)
+  first = None
+  for _ in range(20):
+    state, m = step(state, batch, key)
+    assert np.isfinite(float(m['loss'])) and np.isfinite(float(m['grad_norm']))
+    first = first if first is not None else float(m['loss'])
+  assert float(m['loss']) < first
