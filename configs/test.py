@@ -17,7 +17,7 @@ def get_config():
   config.model.embed_dim = 16
   config.model.lstm_dim = 16
   config.loss.negatives = 'sampled:5'
-  config.train.batch_size = 16
+  config.train.batch_size = 32
   config.train.num_steps = 30
   config.train.shuffle_buffer = 256
   config.train.log_every = 10

@@ -19,6 +19,7 @@ from typing import Any
 from absl import logging
 from clu import metric_writers
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -93,9 +94,15 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
+    self.directory = directory
     self.manager = ocp.CheckpointManager(directory, options=options)
 
   def save(self, step: int, state, meta: dict[str, Any]) -> None:
+    if step in self.manager.all_steps():
+      # A resumed run reaching a step an earlier run also saved (e.g. the
+      # best-by-recall copy written just before a crash): the new one wins.
+      self.manager.wait_until_finished()
+      self.manager.delete(step)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                       force=True)
@@ -113,9 +120,16 @@ class Checkpoints:
             meta=ocp.args.JsonRestore()))
         return step, restored['state'], restored['meta']
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning('Checkpoint at step %d is unreadable (%s: %s); '
-                        'falling back to the previous one.', step,
-                        type(e).__name__, e)
+        # Moved aside (not deleted: someone may want to look at it), so that
+        # the resumed run can write this step again.
+        aside = os.path.join(os.path.dirname(self.directory),
+                             f'unreadable_checkpoints/{step}-{int(time.time())}')
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        os.rename(os.path.join(self.directory, str(step)), aside)
+        self.manager.reload()
+        logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved '
+                        'it to %s and falling back to the previous one.', step,
+                        type(e).__name__, e, aside)
     return None
 
   def wait(self) -> None:
@@ -198,6 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     mesh = train_step.make_mesh()
     step_fn = train_step.shard_map_step(config.loss, mesh)
+    # A restored state lives on one device; replicate it over the mesh.
+    state = jax.device_put(state, NamedSharding(mesh, P()))
     def put(b):
       return train_step.shard_batch(b, mesh)
 
@@ -238,7 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, m = step_fn(state, put(batch), key)
     step += 1
     position = (epoch, batch_no + 1)
-    if step % t.log_every == 0 or step == steps:
+    log_now = step % t.log_every == 0 or step == steps
+    save_now = step % t.checkpoint_every == 0 or step == steps
+    if log_now or save_now:  # Never checkpoint a state that went NaN.
       m = jax.device_get(m)
       loss = float(m['loss'])
       if not np.isfinite(loss):
@@ -249,6 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             + (f' is step {latest} in {os.path.join(workdir, CHECKPOINT_DIR)}'
                if latest is not None else ' does not exist (none saved yet)')
             + '; lower config.train.learning_rate or check the data.')
+    if log_now:
       now = time.time()
       rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
       eta = (steps - step) / max(rate, 1e-9)
@@ -258,12 +277,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                    'ETA %.0fs', step, steps, loss, rate, rate * t.batch_size,
                    eta)
       last_log_time, last_log_step = now, step
-    if step % t.checkpoint_every == 0 or step == steps:
+    if save_now:
       ckpt.save(step, state, meta_for(step, position))
     if step % t.eval_every == 0 and step != steps:
       run_eval(step)
-  metrics = run_eval(steps) if steps > start_step or not history else (
-      evaluate.evaluate(_eval_variables(state), model, audio, dev))
+  if steps > start_step:
+    metrics = run_eval(steps)
+  else:  # Already trained: report, save nothing.
+    metrics = evaluate.evaluate(_eval_variables(state), model, audio, dev)
   ckpt.close()
   best.close()
   writer.flush()

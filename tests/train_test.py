@@ -1,0 +1,188 @@
+"""The training loop end to end: learning, resuming, faults, bad configs."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from mardjax import train
+from mardjax.errors import UserError
+from tests.conftest import ROOT
+
+
+def _config(**train_overrides):
+  config = test_config.get_config()
+  config.train.update(train_overrides)
+  return config
+
+
+def _params_close(a, b, atol=1e-6):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0,
+                               atol=atol)
+
+
+def test_training_learns_and_reports_recall(tiny_records, tmp_path):
+  data_dir, _ = tiny_records
+  config = _config(num_steps=60, eval_every=30, log_every=30,
+                   checkpoint_every=30)
+  state, metrics = train.train_and_evaluate(config, str(tmp_path), data_dir)
+  assert int(state.step) == 60
+  for k in ('recall@1', 'recall@5', 'recall@10'):
+    assert 0.0 <= metrics[k] <= 1.0
+  before = metrics['history'][0]
+  assert before['step'] == 0 and metrics['history'][-1]['step'] == 60
+  # Trained beats both chance and the untrained model on the dev split.
+  assert metrics['recall@10'] > metrics['random_recall@10']
+  assert metrics['mrr'] > 0
+  assert os.listdir(tmp_path / train.CHECKPOINT_DIR)
+  assert os.listdir(tmp_path / train.BEST_DIR)
+  assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
+  # --mode=eval reads the newest checkpoint and gets the same numbers.
+  again = train.evaluate_checkpoint(config, str(tmp_path), data_dir)
+  assert again['step'] == 60
+  np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
+
+
+@pytest.mark.parametrize('parallelism', ['pmap', 'shard_map'])
+def test_resumed_run_ends_with_the_same_parameters(tiny_records, tmp_path,
+                                                   parallelism):
+  data_dir, _ = tiny_records
+  kw = dict(checkpoint_every=7, eval_every=1000, log_every=1000,
+            parallelism=parallelism)
+  straight, _ = train.train_and_evaluate(_config(num_steps=25, **kw),
+                                         str(tmp_path / 'a'), data_dir)
+  train.train_and_evaluate(_config(num_steps=14, **kw), str(tmp_path / 'b'),
+                           data_dir)
+  resumed, metrics = train.train_and_evaluate(_config(num_steps=25, **kw),
+                                              str(tmp_path / 'b'), data_dir)
+  assert metrics['resumed_from'] == 14
+  _params_close(straight.params, resumed.params)
+  _params_close(straight.opt_state, resumed.opt_state)
+
+
+def test_unreadable_newest_checkpoint_falls_back(tiny_records, tmp_path,
+                                                 caplog):
+  data_dir, _ = tiny_records
+  kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
+  train.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
+                           data_dir)
+  newest = tmp_path / train.CHECKPOINT_DIR / '10'
+  for path in glob.glob(str(newest / 'state' / '**' / '*'), recursive=True):
+    if os.path.isfile(path):
+      with open(path, 'wb') as f:
+        f.write(b'garbage')
+  _, metrics = train.train_and_evaluate(_config(num_steps=12, **kw),
+                                        str(tmp_path), data_dir)
+  assert metrics['resumed_from'] == 5
+  assert any('unreadable' in r.getMessage() for r in caplog.records)
+
+
+def test_a_different_manifest_is_refused(tiny_records, tmp_path):
+  data_dir, _ = tiny_records
+  kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
+  train.train_and_evaluate(_config(num_steps=5, **kw), str(tmp_path / 'w'),
+                           data_dir)
+  other = tmp_path / 'other'
+  shutil.copytree(data_dir, other)
+  with open(other / 'manifest.json') as f:
+    manifest = json.load(f)
+  manifest['source']['fingerprint'] = 'something else'
+  with open(other / 'manifest.json', 'w') as f:
+    json.dump(manifest, f)
+  with pytest.raises(UserError, match='different data'):
+    train.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path / 'w'),
+                             str(other))
+
+
+def test_nan_loss_stops_with_the_step_and_last_checkpoint(tiny_records,
+                                                          tmp_path):
+  data_dir, _ = tiny_records
+  kw = dict(checkpoint_every=5, eval_every=1000, log_every=5)
+  train.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
+                           data_dir)
+  # Resume with an absurd learning rate: the loss goes NaN after step 10.
+  config = _config(num_steps=40, learning_rate=1e30, **kw)
+  with pytest.raises(UserError, match=r'loss became nan at step 15\. The last '
+                     r'good checkpoint is step 10'):
+    train.train_and_evaluate(config, str(tmp_path), data_dir)
+  steps = sorted(int(d) for d in os.listdir(tmp_path / train.CHECKPOINT_DIR)
+                 if d.isdigit())
+  assert steps[-1] == 10  # The NaN state was not saved.
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('train.batch_size', 34, 'not divisible by the 4 devices'),
+    ('loss.negatives', 'sampled:9', 'larger than'),
+    ('loss.negatives', 'best:3', 'negatives'),
+    ('model.text_encoder', 'gru', 'text_encoder'),
+    ('train.parallelism', 'pjit', 'parallelism'),
+    ('train.reviews_per_album', 3, 'multiple of'),
+    ('loss.kind', 'hinge', 'loss.kind'),
+])
+def test_bad_configs_fail_before_compiling(field, value, message):
+  config = test_config.get_config()
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(UserError, match=message):
+    train.validate_config(config, num_devices=4)
+
+
+def _launch_train(workdir, num_steps, corpus, data_dir):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, 'launch.py'), '--config',
+       os.path.join(ROOT, 'configs', 'test.py'), '--workdir', str(workdir),
+       '--mode=train', '--noprogress', f'--config.train.num_steps={num_steps}',
+       '--config.train.checkpoint_every=3', '--config.train.eval_every=1000',
+       '--config.train.log_every=1000', f'--config.data.mard_dir={corpus}',
+       f'--config.data.tfrecord_dir={data_dir}'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def _final_params(workdir, data_dir, num_steps):
+  config = _config(num_steps=num_steps, checkpoint_every=3)
+  state, _ = train.train_and_evaluate(config, str(workdir), data_dir)
+  return state
+
+
+def test_sigkill_mid_training_then_restart_matches_uninterrupted(
+    tmp_path, tiny_corpus_master, tiny_records):
+  steps = 60
+  data_dir, _ = tiny_records
+  launch = lambda w: _launch_train(w, steps, tiny_corpus_master, data_dir)
+  straight = launch(tmp_path / 'a')
+  out, err = straight.communicate(timeout=600)
+  assert straight.returncode == 0, err
+  killed = launch(tmp_path / 'b')
+  ckpts = tmp_path / 'b' / train.CHECKPOINT_DIR
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    done = [d for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() \
+        else []
+    if done and max(map(int, done)) >= 9:
+      break
+    time.sleep(0.05)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  done = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  assert done and done[-1] < steps, 'the run finished before it was killed'
+  restart = launch(tmp_path / 'b')
+  out, err = restart.communicate(timeout=600)
+  assert restart.returncode == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert 0 < result['resumed_from'] < steps
+  a = _final_params(tmp_path / 'a', data_dir, steps)
+  b = _final_params(tmp_path / 'b', data_dir, steps)
+  assert int(a.step) == int(b.step) == steps
+  _params_close(a.params, b.params)
