@@ -1,9 +1,9 @@
 """mardjax entry point: `python launch.py --config configs/default.py --workdir DIR`.
 
-Modes (`--mode`): synth, preprocess. Every mode prints one JSON object as the
-last line of stdout and writes the same object to DIR/<mode>.json. Config
-fields are overridden with `--config.data.vocab_size=30000` and the like;
-unknown fields are an error.
+Modes (`--mode`): train (default), eval, synth, preprocess, benchmark. Every
+mode prints one JSON object as the last line of stdout and writes the same
+object to DIR/<mode>.json. Config fields are overridden with
+`--config.data.vocab_size=30000` and the like; unknown fields are an error.
 """
 
 import json
@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/default.py.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for data, checkpoints, results.')
-flags.DEFINE_enum('mode', 'preprocess', mardjax_app.MODES, 'What to run.')
+flags.DEFINE_enum('mode', 'train', mardjax_app.MODES, 'What to run.')
 flags.DEFINE_bool('force', False, 'Redo work even when outputs are up to date.')
 flags.DEFINE_bool('progress', True, 'Show progress bars on stderr.')
 flags.mark_flags_as_required(['config', 'workdir'])
