@@ -27,6 +27,10 @@ flags.DEFINE_string('workdir', None, 'Directory for data, checkpoints, results.'
 flags.DEFINE_enum('mode', 'train', mardjax_app.MODES, 'What to run.')
 flags.DEFINE_bool('force', False, 'Redo work even when outputs are up to date.')
 flags.DEFINE_bool('progress', True, 'Show progress bars on stderr.')
+flags.DEFINE_string('coordinator_address', None,
+                    'Multi-host: host:port of process 0, e.g. 10.0.0.1:1234.')
+flags.DEFINE_integer('num_processes', 1, 'Multi-host: number of processes.')
+flags.DEFINE_integer('process_id', 0, 'Multi-host: this process (0-based).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -63,6 +67,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   workdir = os.path.abspath(FLAGS.workdir)
   os.makedirs(workdir, exist_ok=True)
+  if FLAGS.num_processes > 1:
+    mardjax_app.init_distributed(FLAGS.coordinator_address,
+                                 FLAGS.num_processes, FLAGS.process_id)
   try:
     result = mardjax_app.run_mode(FLAGS.mode, FLAGS.config, workdir,
                                   force=FLAGS.force,
@@ -73,8 +80,9 @@ def main(argv):
     sys.exit(2)
   result = dict(mode=FLAGS.mode, **result)
   line = json.dumps(result, sort_keys=True)
-  with open(os.path.join(workdir, f'{FLAGS.mode}.json'), 'w') as f:
-    f.write(line + '\n')
+  if FLAGS.process_id == 0:  # One writer per workdir.
+    with open(os.path.join(workdir, f'{FLAGS.mode}.json'), 'w') as f:
+      f.write(line + '\n')
   print(line, flush=True)
 
 

@@ -59,12 +59,20 @@ def run_preprocess(config, workdir: str, force: bool = False,
 def run_train(config, workdir: str, force: bool = False,
               show_progress: bool = True) -> dict[str, Any]:
   """Preprocesses (or reuses the records), trains, evaluates on dev."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from mardjax import train  # pylint: disable=g-import-not-at-top
-  data = run_preprocess(config, workdir, force, show_progress)
-  _, metrics = train.train_and_evaluate(config, workdir,
-                                        preprocess.output_dir(config, workdir))
-  return dict(metrics, data={k: data[k] for k in ('tfrecord_dir', 'albums',
-                                                  'reviews', 'tracks')})
+  data_dir = preprocess.output_dir(config, workdir)
+  if jax.process_index() == 0:  # One process writes the data; all read it.
+    run_preprocess(config, workdir, force, show_progress)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('mardjax: data ready')
+  counts = preprocess.load_manifest(data_dir)['counts']
+  _, metrics = train.train_and_evaluate(config, workdir, data_dir)
+  return dict(metrics, data={'tfrecord_dir': data_dir,
+                             'albums': counts['albums'],
+                             'reviews': counts['reviews'],
+                             'tracks': counts['tracks']})
 
 
 def run_eval(config, workdir: str) -> dict[str, Any]:
@@ -72,6 +80,22 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
   from mardjax import train  # pylint: disable=g-import-not-at-top
   return train.evaluate_checkpoint(config, workdir,
                                    preprocess.output_dir(config, workdir))
+
+
+def init_distributed(coordinator_address: str | None, num_processes: int,
+                     process_id: int) -> None:
+  """Joins a multi-process JAX run (several hosts, or processes on one).
+
+  On CPUs the cross-process collectives go through gloo.
+  """
+  if not coordinator_address:
+    raise UserError('--num_processes > 1 needs --coordinator_address.')
+  if not 0 <= process_id < num_processes:
+    raise UserError(f'--process_id={process_id} is not in '
+                    f'[0, {num_processes}).')
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def run_mode(mode: str, config, workdir: str, force: bool = False,

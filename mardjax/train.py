@@ -10,6 +10,7 @@ Only this Python loop holds the iterator, the writers and the checkpoint
 manager; the step itself is pure (`mardjax.train_step`).
 """
 
+import hashlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from typing import Any
 from absl import logging
 from clu import metric_writers
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -87,6 +89,39 @@ def total_steps(config: ml_collections.ConfigDict,
   return int(math.ceil(t.num_epochs * per_epoch))
 
 
+def _replicated_global(tree):
+  """Multi-process: host-local replicated arrays -> global replicated arrays.
+
+  orbax writes only global arrays when several processes take part; each
+  process's copy of the (identical) state becomes one replicated array over
+  every device. One process: unchanged.
+  """
+  if jax.process_count() == 1:
+    return tree
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('all',))
+  tree = jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+  return multihost_utils.host_local_array_to_global_array(tree, mesh, P())
+
+
+def _replicated_local(tree):
+  """The inverse of `_replicated_global`: this process's copy of each array."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(x.addressable_shards[0].data), tree)
+
+
+def _abstract(tree):
+  """Restore targets: shapes, dtypes and, on several processes, shardings."""
+  if jax.process_count() == 1:
+    return tree
+  sharding = NamedSharding(
+      jax.sharding.Mesh(np.asarray(jax.devices()), ('all',)), P())
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                     sharding=sharding), tree)
+
+
 class Checkpoints:
   """orbax CheckpointManager for the state plus a JSON record of the run."""
 
@@ -104,8 +139,8 @@ class Checkpoints:
       self.manager.wait_until_finished()
       self.manager.delete(step)
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                      force=True)
+        state=ocp.args.StandardSave(_replicated_global(state)),
+        meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore_latest(self, abstract_state):
     """(step, state, meta) of the newest readable checkpoint, or None.
@@ -116,9 +151,9 @@ class Checkpoints:
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+            state=ocp.args.StandardRestore(_abstract(abstract_state)),
             meta=ocp.args.JsonRestore()))
-        return step, restored['state'], restored['meta']
+        return step, _replicated_local(restored['state']), restored['meta']
       except Exception as e:  # pylint: disable=broad-except
         # Moved aside (not deleted: someone may want to look at it), so that
         # the resumed run can write this step again.
@@ -289,8 +324,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   best.close()
   writer.flush()
   metrics = dict(metrics, steps=steps, resumed_from=start_step,
-                 best_dev_recall_at_10=best_recall, history=history)
+                 best_dev_recall_at_10=best_recall, history=history,
+                 params_sha256=params_fingerprint(state.params))
   return state, metrics
+
+
+def params_fingerprint(params) -> str:
+  """sha256 of every parameter's bytes, in tree order: equal iff identical."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params)):
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
 
 
 def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
