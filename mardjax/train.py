@@ -89,17 +89,27 @@ def total_steps(config: ml_collections.ConfigDict,
   return int(math.ceil(t.num_epochs * per_epoch))
 
 
+def _host_copy(tree):
+  """A host copy of the state that later steps cannot touch.
+
+  Train steps donate their input state, and on CPU a device array's host
+  view may share its buffer: an async save must write from its own copy.
+  """
+  return jax.tree_util.tree_map(lambda x: np.array(x, copy=True),
+                                jax.device_get(tree))
+
+
 def _replicated_global(tree):
   """Multi-process: host-local replicated arrays -> global replicated arrays.
 
   orbax writes only global arrays when several processes take part; each
   process's copy of the (identical) state becomes one replicated array over
-  every device. One process: unchanged.
+  every device. One process: a host copy.
   """
+  tree = _host_copy(tree)
   if jax.process_count() == 1:
     return tree
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('all',))
-  tree = jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
   return multihost_utils.host_local_array_to_global_array(tree, mesh, P())
 
 

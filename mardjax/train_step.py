@@ -125,17 +125,23 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
   return new_state, metrics
 
 
+# Every wrapper donates the incoming state: the step returns a new one, and
+# letting XLA reuse the old buffers (params, Adam moments: ~180 MB at paper
+# sizes) in place cuts the optimizer update several-fold on CPU.
+
+
 def single_device_step(loss_config) -> Callable:
   """jit of the body on one device; batch arrays (b, ...)."""
   return jax.jit(functools.partial(per_device_step, loss_config=loss_config,
-                                   axis_name=None))
+                                   axis_name=None), donate_argnums=0)
 
 
 def pmap_step(loss_config) -> Callable:
   """pmap of the body; batch arrays (devices, b, ...), state unreplicated."""
   return jax.pmap(functools.partial(per_device_step, loss_config=loss_config,
                                     axis_name=AXIS),
-                  axis_name=AXIS, in_axes=(None, 0, None), out_axes=None)
+                  axis_name=AXIS, in_axes=(None, 0, None), out_axes=None,
+                  donate_argnums=0)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -152,7 +158,8 @@ def shard_map_step(loss_config, mesh: Mesh) -> Callable:
   # already summed over devices and the body would need another form.)
   return jax.jit(jax.shard_map(body, mesh=mesh,
                                in_specs=(P(), P(AXIS), P()),
-                               out_specs=(P(), P()), check_vma=False))
+                               out_specs=(P(), P()), check_vma=False),
+                 donate_argnums=0)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh

@@ -73,11 +73,13 @@ def test_shard_map_equals_pmap(gather, negatives):
   config, batch = _setup(True, negatives, gather=gather)
   key = jax.random.PRNGKey(5)
   sharded = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
-  state = _state(config, batch, train_step.AXIS)
-  s_p, m_p = train_step.pmap_step(config.loss)(state, sharded, key)
+  # Steps donate their input state: each wrapper gets its own copy.
+  s_p, m_p = train_step.pmap_step(config.loss)(
+      _state(config, batch, train_step.AXIS), sharded, key)
   mesh = train_step.make_mesh()
   s_s, m_s = train_step.shard_map_step(config.loss, mesh)(
-      state, train_step.shard_batch(sharded, mesh), key)
+      _state(config, batch, train_step.AXIS),
+      train_step.shard_batch(sharded, mesh), key)
   np.testing.assert_allclose(float(m_s['loss']), float(m_p['loss']),
                              rtol=1e-6)
   # Gradients (Adam's first moment after one step is 0.1 * grad) agree
