@@ -90,4 +90,11 @@ def get_config():
   config.train.keep_checkpoints = 3
   config.train.eval_every = 1000  # Steps between dev recall evaluations.
 
+  # --- Benchmarks (--mode=benchmark) -----------------------------------------
+  config.benchmark = ml_collections.ConfigDict()
+  # 'data': generate + preprocess the synth_preset corpus; 'train': train-step
+  # examples/s of the mean and LSTM encoders at the config's sizes.
+  config.benchmark.kind = 'data'
+  config.benchmark.train_steps = 30  # Timed steps (LSTM: a tenth).
+
   return config

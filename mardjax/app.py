@@ -111,5 +111,10 @@ def run_mode(mode: str, config, workdir: str, force: bool = False,
     return run_preprocess(config, workdir, force, show_progress)
   if mode == 'benchmark':
     from mardjax import benchmark  # pylint: disable=g-import-not-at-top
-    return benchmark.run(config, workdir, run_mode)
+    if config.benchmark.kind == 'train':
+      return benchmark.run_train(config)
+    if config.benchmark.kind == 'data':
+      return benchmark.run(config, workdir, run_mode)
+    raise UserError(f'config.benchmark.kind={config.benchmark.kind!r}: '
+                    "choose 'data' or 'train'.")
   raise UserError(f'Unknown mode {mode!r}; choose from {MODES}.')

@@ -24,9 +24,11 @@ from typing import Any, Callable
 
 import psutil
 
-# Targets from the data issue, for the `full` preset on a 2-core machine.
+# Targets from the issues, on a 2-core machine: the `full` preset for the data
+# stages, paper sizes for the train step (examples/s, higher is better).
 TARGETS = {'synth': {'wall_s': 600},
            'preprocess': {'wall_s': 600, 'peak_rss_mb': 4096}}
+TRAIN_TARGETS = {'mean': 3000.0, 'lstm': 200.0}
 
 
 def _stage_main(fn: Callable[..., dict[str, Any]], args: tuple, queue) -> None:
@@ -83,6 +85,64 @@ def measure(name: str, fn: Callable[..., dict[str, Any]], args: tuple,
     line['meets_targets'] = status == 'ok' and all(
         line[k] <= v for k, v in targets.items())
   return line
+
+
+def train_step_throughput(config, encoder: str, steps: int,
+                          vocab_size: int) -> dict[str, Any]:
+  """Examples/s of the jitted train step at the config's sizes, one device.
+
+  Random batches with review lengths drawn like MARD's (log-normal, median
+  ~90 words, truncated to max_len) and two rows per album.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mardjax import descriptors  # pylint: disable=g-import-not-at-top
+  from mardjax import models  # pylint: disable=g-import-not-at-top
+  from mardjax import train_step  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.model.text_encoder = encoder
+  b, length = config.train.batch_size, config.data.max_len
+  dim = descriptors.dim(descriptors.parse_descriptor_list(
+      config.data.descriptors))
+  rng = np.random.default_rng(0)
+  lengths = np.clip(rng.lognormal(4.5, 0.7, b), 1, length).astype(np.int32)
+  tokens = rng.integers(2, vocab_size, (b, length)).astype(np.int32)
+  tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+  batch = {'audio': rng.normal(size=(b, dim)).astype(np.float32),
+           'tokens': tokens, 'lengths': lengths,
+           'album': np.repeat(np.arange(b // 2), 2)[:b].astype(np.int32)}
+  model = models.build(config.model, vocab_size)
+  state = train_step.create_state(model, config, jax.random.PRNGKey(0), batch)
+  step = train_step.single_device_step(config.loss)
+  key = jax.random.PRNGKey(1)
+  start = time.time()
+  state, metrics = step(state, batch, key)
+  jax.block_until_ready(metrics)
+  compile_s = time.time() - start
+  start = time.time()
+  for _ in range(steps):
+    state, metrics = step(state, batch, key)
+  jax.block_until_ready(metrics)
+  wall = time.time() - start
+  rate = steps * b / wall
+  return {'benchmark': f'train_step_{encoder}', 'examples_per_s': round(rate, 1),
+          'steps_per_s': round(steps / wall, 2), 'compile_s': round(compile_s, 1),
+          'batch_size': b, 'max_len': length, 'vocab_size': vocab_size,
+          'device': str(jax.devices()[0].platform),
+          'target_examples_per_s': TRAIN_TARGETS.get(encoder),
+          'meets_target': rate >= TRAIN_TARGETS.get(encoder, 0.0)}
+
+
+def run_train(config) -> dict[str, Any]:
+  """Train-step throughput of the mean and LSTM text encoders."""
+  lines = []
+  for encoder, steps in (('mean', config.benchmark.train_steps),
+                         ('lstm', max(2, config.benchmark.train_steps // 10))):
+    line = train_step_throughput(config, encoder, steps,
+                                 config.data.vocab_size + 2)
+    print(json.dumps(line, sort_keys=True), flush=True)
+    lines.append(line)
+  return {'benchmarks': lines}
 
 
 def run(config, workdir: str, run_mode: Callable,

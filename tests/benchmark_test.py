@@ -1,0 +1,25 @@
+"""The benchmark mode prints well-formed JSON lines (figures not asserted)."""
+
+from configs import test as test_config
+from mardjax import app
+from mardjax import benchmark
+
+
+def test_data_benchmark_measures_both_stages(tmp_path, capsys):
+  config = test_config.get_config()
+  result = benchmark.run(config, str(tmp_path), app.run_mode)
+  names = [line['benchmark'] for line in result['benchmarks']]
+  assert names == ['synth', 'preprocess']
+  for line in result['benchmarks']:
+    assert line['ok'] and line['wall_s'] > 0 and line['peak_rss_mb'] > 0
+    assert isinstance(line['meets_targets'], bool)
+  assert result['benchmarks'][1]['result']['tracks'] == 180
+  assert capsys.readouterr().out.count('"benchmark"') == 2
+
+
+def test_train_step_benchmark_line():
+  config = test_config.get_config()
+  line = benchmark.train_step_throughput(config, 'mean', steps=2,
+                                         vocab_size=100)
+  assert line['benchmark'] == 'train_step_mean'
+  assert line['examples_per_s'] > 0 and line['target_examples_per_s'] == 3000
