@@ -125,9 +125,12 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
   return new_state, metrics
 
 
-# Every wrapper donates the incoming state: the step returns a new one, and
+# The jit wrappers donate the incoming state: the step returns a new one, and
 # letting XLA reuse the old buffers (params, Adam moments: ~180 MB at paper
-# sizes) in place cuts the optimizer update several-fold on CPU.
+# sizes) in place cuts the optimizer update several-fold on CPU. pmap does
+# not: its unmapped (in_axes=None) state is broadcast to the devices first,
+# so there is nothing to reuse, and donating it breaks multi-process runs
+# ("Array has been deleted").
 
 
 def single_device_step(loss_config) -> Callable:
@@ -140,8 +143,7 @@ def pmap_step(loss_config) -> Callable:
   """pmap of the body; batch arrays (devices, b, ...), state unreplicated."""
   return jax.pmap(functools.partial(per_device_step, loss_config=loss_config,
                                     axis_name=AXIS),
-                  axis_name=AXIS, in_axes=(None, 0, None), out_axes=None,
-                  donate_argnums=0)
+                  axis_name=AXIS, in_axes=(None, 0, None), out_axes=None)
 
 
 def make_mesh(devices=None) -> Mesh:
