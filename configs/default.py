@@ -93,8 +93,10 @@ def get_config():
   # --- Benchmarks (--mode=benchmark) -----------------------------------------
   config.benchmark = ml_collections.ConfigDict()
   # 'data': generate + preprocess the synth_preset corpus; 'train': train-step
-  # examples/s of the mean and LSTM encoders at the config's sizes.
+  # examples/s of the mean and LSTM encoders at the config's sizes;
+  # 'pipeline': input-pipeline examples/s against the train step's.
   config.benchmark.kind = 'data'
   config.benchmark.train_steps = 30  # Timed steps (LSTM: a tenth).
+  config.benchmark.pipeline_batches = 200  # Timed input-pipeline batches.
 
   return config

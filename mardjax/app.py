@@ -113,8 +113,10 @@ def run_mode(mode: str, config, workdir: str, force: bool = False,
     from mardjax import benchmark  # pylint: disable=g-import-not-at-top
     if config.benchmark.kind == 'train':
       return benchmark.run_train(config)
+    if config.benchmark.kind == 'pipeline':
+      return benchmark.run_pipeline(config, workdir, run_mode)
     if config.benchmark.kind == 'data':
       return benchmark.run(config, workdir, run_mode)
     raise UserError(f'config.benchmark.kind={config.benchmark.kind!r}: '
-                    "choose 'data' or 'train'.")
+                    "choose 'data', 'train' or 'pipeline'.")
   raise UserError(f'Unknown mode {mode!r}; choose from {MODES}.')

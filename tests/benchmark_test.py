@@ -1,5 +1,7 @@
 """The benchmark mode prints well-formed JSON lines (figures not asserted)."""
 
+import pytest
+
 from configs import test as test_config
 from mardjax import app
 from mardjax import benchmark
@@ -23,3 +25,15 @@ def test_train_step_benchmark_line():
                                          vocab_size=100)
   assert line['benchmark'] == 'train_step_mean'
   assert line['examples_per_s'] > 0 and line['target_examples_per_s'] == 3000
+
+
+def test_pipeline_benchmark_compares_with_the_step(tmp_path):
+  config = test_config.get_config()
+  config.benchmark.pipeline_batches = 3
+  config.benchmark.train_steps = 2
+  result = benchmark.run_pipeline(config, str(tmp_path), app.run_mode)
+  step, line = result['benchmarks']
+  assert line['benchmark'] == 'input_pipeline' and line['batches'] == 3
+  assert line['examples_per_s'] > 0
+  assert line['ratio'] == pytest.approx(
+      line['examples_per_s'] / step['examples_per_s'], rel=0.01)
