@@ -90,6 +90,23 @@ def parse_review(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
   return ex
 
 
+def parse_reviews_batch(serialized: tf.Tensor, max_len: int
+                        ) -> dict[str, tf.Tensor]:
+  """tf.data map function over a batch of serialized reviews (vectorized).
+
+  Returns:
+    {'tokens': (n, max_len) int32 zero-padded, 'lengths': (n,) int32 (at
+    most max_len), 'album': (n,) int32}. Parsing a batch at once is an order
+    of magnitude faster than one record at a time.
+  """
+  ex = tf.io.parse_example(serialized, REVIEW_FEATURES)
+  tokens = tf.cast(tf.sparse.to_dense(ex['tokens'])[:, :max_len], tf.int32)
+  tokens = tf.pad(tokens, [[0, 0], [0, max_len - tf.shape(tokens)[1]]])
+  return {'tokens': tokens,
+          'lengths': tf.cast(tf.minimum(ex['length'], max_len), tf.int32),
+          'album': tf.cast(ex['album_index'], tf.int32)}
+
+
 def parse_album(serialized: tf.Tensor, dim: int) -> dict[str, tf.Tensor]:
   """tf.data map function: descriptors come back as (num_tracks, dim)."""
   ex = tf.io.parse_single_example(serialized, ALBUM_FEATURES)
