@@ -152,30 +152,45 @@ class Checkpoints:
         state=ocp.args.StandardSave(_replicated_global(state)),
         meta=ocp.args.JsonSave(meta)), force=True)
 
-  def restore_latest(self, abstract_state):
+  def restore_latest(self, abstract_state, check_meta=None):
     """(step, state, meta) of the newest readable checkpoint, or None.
 
+    Args:
+      abstract_state: a state of the right structure (values unused).
+      check_meta: called with the run record before the state is read; may
+        raise (e.g. for another data manifest), which stops the restore.
+
     An unreadable newest checkpoint (a crash mid-write, a damaged disk) gets a
-    warning and the previous one is tried.
+    warning, is moved aside, and the previous one is tried.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(abstract_state)),
-            meta=ocp.args.JsonRestore()))
-        return step, _replicated_local(restored['state']), restored['meta']
+        meta = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
       except Exception as e:  # pylint: disable=broad-except
-        # Moved aside (not deleted: someone may want to look at it), so that
-        # the resumed run can write this step again.
-        aside = os.path.join(os.path.dirname(self.directory),
-                             f'unreadable_checkpoints/{step}-{int(time.time())}')
-        os.makedirs(os.path.dirname(aside), exist_ok=True)
-        os.rename(os.path.join(self.directory, str(step)), aside)
-        self.manager.reload()
-        logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved '
-                        'it to %s and falling back to the previous one.', step,
-                        type(e).__name__, e, aside)
+        self._set_aside(step, e)
+        continue
+      if check_meta is not None:
+        check_meta(meta)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(abstract_state))))
+        return step, _replicated_local(restored['state']), meta
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
     return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    # Moved, not deleted (someone may want to look at it), so that the
+    # resumed run can write this step again.
+    aside = os.path.join(os.path.dirname(self.directory),
+                         f'unreadable_checkpoints/{step}-{int(time.time())}')
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    os.rename(os.path.join(self.directory, str(step)), aside)
+    self.manager.reload()
+    logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved it '
+                    'to %s and falling back to the previous one.', step,
+                    type(error).__name__, error, aside)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -183,6 +198,16 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _check_same_data(meta: dict[str, Any], manifest_hash: str,
+                     workdir: str) -> None:
+  """Refuses checkpoints trained on other data (before reading the state)."""
+  if meta['manifest_hash'] != manifest_hash:
+    raise UserError(
+        f'The checkpoints in {workdir} were trained on different data '
+        f'(manifest {meta["manifest_hash"][:12]}, now {manifest_hash[:12]}): '
+        'use a new --workdir, or the data they were trained on.')
 
 
 def _eval_variables(state) -> dict[str, Any]:
@@ -235,15 +260,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   position = (0, 0)
   start_step = 0
   best_recall = -1.0
-  restored = ckpt.restore_latest(state)
+  restored = ckpt.restore_latest(
+      state, check_meta=lambda m: _check_same_data(m, manifest_hash, workdir))
   if restored is not None:
     start_step, state, meta = restored
-    if meta['manifest_hash'] != manifest_hash:
-      raise UserError(
-          f'The checkpoints in {workdir} were trained on different data '
-          f'(manifest {meta["manifest_hash"][:12]}, now '
-          f'{manifest_hash[:12]}): use a new --workdir, or the data they '
-          'were trained on.')
     position = tuple(meta['position'])
     best_recall = meta.get('best_recall', -1.0)
     logging.info('Resumed from step %d at input position %s.', start_step,
@@ -378,13 +398,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   abstract = jax.eval_shape(lambda: train_step.create_state(
       model, config, jax.random.PRNGKey(0), sample))
   ckpt = Checkpoints(ckpt_dir, config.train.keep_checkpoints, async_save=False)
-  restored = ckpt.restore_latest(abstract)
-  ckpt.close()
+  data_hash = preprocess.manifest_hash(data_dir)
+  try:
+    restored = ckpt.restore_latest(
+        abstract, check_meta=lambda m: _check_same_data(m, data_hash, workdir))
+  finally:
+    ckpt.close()
   if restored is None:
     raise UserError(f'No readable checkpoint in {ckpt_dir!r}.')
-  step, state, meta = restored
-  if meta['manifest_hash'] != preprocess.manifest_hash(data_dir):
-    raise UserError('The checkpoint was trained on different data than '
-                    f'{data_dir!r} (manifest hash differs).')
+  step, state, _ = restored
   result = evaluate.evaluate(_eval_variables(state), model, audio, reviews)
   return dict(result, step=step, split=split)

@@ -96,12 +96,18 @@ def test_a_different_manifest_is_refused(tiny_records, tmp_path):
   shutil.copytree(data_dir, other)
   with open(other / 'manifest.json') as f:
     manifest = json.load(f)
-  manifest['source']['fingerprint'] = 'something else'
+  # Other data with another vocabulary: the state would not even fit.
+  manifest['vocab']['size'] += 7
   with open(other / 'manifest.json', 'w') as f:
     json.dump(manifest, f)
   with pytest.raises(UserError, match='different data'):
     train.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path / 'w'),
                              str(other))
+  with pytest.raises(UserError, match='different data'):
+    train.evaluate_checkpoint(_config(), str(tmp_path / 'w'), str(other))
+  # The refused checkpoints were left where they were.
+  assert '5' in os.listdir(tmp_path / 'w' / train.CHECKPOINT_DIR)
+  assert not (tmp_path / 'w' / 'unreadable_checkpoints').exists()
 
 
 def test_nan_loss_stops_with_the_step_and_last_checkpoint(tiny_records,
