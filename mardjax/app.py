@@ -31,7 +31,7 @@ def run_synth(config, workdir: str, show_progress: bool = True
     raise UserError(f'config.data.synth_*: {e}') from None
   out = mard_dir(config, workdir)
   real = os.path.join(out, mard_io.METADATA_FILE)
-  marker = os.path.join(out, synth._DONE_MARKER)  # pylint: disable=protected-access
+  marker = os.path.join(out, synth.DONE_MARKER)
   if os.path.exists(real) and not os.path.exists(marker):
     # Never overwrite a directory that holds data we did not generate.
     raise UserError(f'{out!r} holds a MARD corpus that mardjax did not '

@@ -59,7 +59,8 @@ _TEMPLATE_PATH = os.path.join(os.path.dirname(__file__), 'assets',
                               'lowlevel_template.json')
 _PHYSICS_SEED = 20161  # The latent -> sound map is fixed across corpora.
 _ALBUMS_PER_CHUNK = 250
-_DONE_MARKER = '.synth_complete.json'
+# Written last: a corpus without it is incomplete (an interrupted run).
+DONE_MARKER = '.synth_complete.json'
 
 LATENT = ('energy', 'valence', 'tempo', 'acousticness', 'brightness', 'vocals',
           'complexity', 'loudness')
@@ -705,7 +706,7 @@ def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
     A summary: counts, paths, seconds.
   """
   start_time = time.time()
-  marker = os.path.join(out_dir, _DONE_MARKER)
+  marker = os.path.join(out_dir, DONE_MARKER)
   wanted = {'sizes': dataclasses.asdict(sizes), 'seed': seed,
             'generator_version': 1}
   if os.path.exists(marker):
@@ -715,7 +716,7 @@ def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
       return dict(done['summary'], reused=True, seconds=0.0)
   for name in (mard_io.METADATA_FILE, mard_io.REVIEWS_FILE,
                mard_io.ORIGINAL_DESCRIPTOR_DIR,
-               mard_io.EXPANDED_DESCRIPTOR_DIR, _DONE_MARKER):
+               mard_io.EXPANDED_DESCRIPTOR_DIR, DONE_MARKER):
     path = os.path.join(out_dir, name)
     if os.path.isdir(path):
       shutil.rmtree(path)

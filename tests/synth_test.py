@@ -19,7 +19,7 @@ def _tree_digest(root):
   for dirpath, dirnames, files in os.walk(root):
     dirnames.sort()
     for name in sorted(files):
-      if name == synth._DONE_MARKER:  # pylint: disable=protected-access
+      if name == synth.DONE_MARKER:
         continue
       path = os.path.join(dirpath, name)
       h.update(os.path.relpath(path, root).encode())
@@ -121,7 +121,7 @@ def test_complete_corpus_is_reused_and_partial_one_rewritten(tmp_path):
   assert synth.generate(out, sizes, seed=0, show_progress=False)['reused']
   digest = _tree_digest(out)
   # An interrupted run leaves no completion marker: everything is redone.
-  os.remove(os.path.join(out, synth._DONE_MARKER))  # pylint: disable=protected-access
+  os.remove(os.path.join(out, synth.DONE_MARKER))
   with open(os.path.join(out, mard_io.REVIEWS_FILE), 'ab') as f:
     f.write(b'{"half a line')
   again = synth.generate(out, sizes, seed=0, show_progress=False)
