@@ -77,6 +77,10 @@ def get_config():
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # Global batch (all devices, all hosts).
   config.train.learning_rate = 1e-3  # optax Adam.
+  # Word-embedding table: 'lazy' updates only the rows a batch uses (lazy
+  # Adam, several times faster at 60k words); 'dense' is plain Adam on all.
+  config.train.embedding_update = 'lazy'
+  config.train.vocab_bucket = 1024  # Lazy: distinct ids padded to a multiple.
   # Length of training: num_steps when > 0, else num_epochs over the
   # training reviews (paper: 200 epochs).
   config.train.num_steps = 0

@@ -70,26 +70,43 @@ def _final_lstm_state(cell_size: int, x: jax.Array, lengths: jax.Array,
 
 
 class TextEncoder(nn.Module):
-  """tokens (B, L) + lengths (B,) -> features (B, F)."""
+  """tokens (B, L) + lengths (B,) -> features (B, F).
+
+  With `table` (U, D) given, `tokens` are indices into it instead of word ids
+  and the module's own embedding is not used (row-sparse training,
+  `mardjax.sparse_embedding`); the features are the same.
+  """
   kind: str
   vocab_size: int
   word_dim: int
   lstm_dim: int
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
-    emb = nn.Embed(self.vocab_size, self.word_dim, name='embed')(tokens)
+  def __call__(self, tokens: jax.Array, lengths: jax.Array,
+               table: jax.Array | None = None) -> jax.Array:
+    if self.kind not in ('mean', 'lstm'):
+      raise ValueError(f'Unknown text encoder {self.kind!r}; choose from '
+                       f'{TEXT_ENCODERS}.')
+    mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
+    if self.kind == 'mean' and table is not None:
+      # Bag of words: (B, U) weights, 1/length per occurrence, times the rows.
+      # No (B, L, D) array, forward or backward.
+      weights = mask / jnp.maximum(lengths, 1)[:, None]
+      bag = jnp.zeros((tokens.shape[0], table.shape[0]), table.dtype)
+      bag = bag.at[jnp.arange(tokens.shape[0])[:, None], tokens].add(
+          weights.astype(table.dtype))
+      return bag @ table
+    if table is None:
+      emb = nn.Embed(self.vocab_size, self.word_dim, name='embed')(tokens)
+    else:
+      emb = jnp.take(table, tokens, axis=0)
     if self.kind == 'mean':
-      mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
       total = jnp.einsum('bld,bl->bd', emb, mask.astype(emb.dtype))
       return total / jnp.maximum(lengths, 1)[:, None].astype(emb.dtype)
-    if self.kind == 'lstm':
-      lengths = jnp.maximum(lengths, 1)  # An empty review reads one <pad>.
-      fwd = _final_lstm_state(self.lstm_dim, emb, lengths, False, 'fwd')
-      bwd = _final_lstm_state(self.lstm_dim, emb, lengths, True, 'bwd')
-      return jnp.concatenate([fwd, bwd], -1)
-    raise ValueError(f'Unknown text encoder {self.kind!r}; choose from '
-                     f'{TEXT_ENCODERS}.')
+    lengths = jnp.maximum(lengths, 1)  # An empty review reads one <pad>.
+    fwd = _final_lstm_state(self.lstm_dim, emb, lengths, False, 'fwd')
+    bwd = _final_lstm_state(self.lstm_dim, emb, lengths, True, 'bwd')
+    return jnp.concatenate([fwd, bwd], -1)
 
 
 class TwoBranch(nn.Module):
@@ -131,25 +148,32 @@ class TwoBranch(nn.Module):
   def embed_text(self, tokens: jax.Array | None = None,
                  lengths: jax.Array | None = None,
                  text_features: jax.Array | None = None,
-                 train: bool = False) -> jax.Array:
-    """tokens (B, L) + lengths (B,), or text_features (B, F) -> (B, E)."""
+                 train: bool = False,
+                 table: jax.Array | None = None) -> jax.Array:
+    """tokens (B, L) + lengths (B,), or text_features (B, F) -> (B, E).
+
+    `table` (U, D): tokens index these rows instead of the embedding table
+    (see TextEncoder).
+    """
     if self.text_encoder == 'pretrained':
       if text_features is None:
         raise ValueError('text_encoder=pretrained embeds text_features.')
       return self.text_head(text_features, train)
-    return self.text_head(self.text_features(tokens, lengths), train)
+    return self.text_head(self.text_features(tokens, lengths, table), train)
 
   def __call__(self, audio: jax.Array | None = None,
                tokens: jax.Array | None = None,
                lengths: jax.Array | None = None,
                text_features: jax.Array | None = None,
                num_tracks: jax.Array | None = None,
-               train: bool = False) -> dict[str, Any]:
+               train: bool = False,
+               text_table: jax.Array | None = None) -> dict[str, Any]:
     out = {}
     if audio is not None:
       out['audio'] = self.embed_audio(audio, train, num_tracks)
     if tokens is not None or text_features is not None:
-      out['text'] = self.embed_text(tokens, lengths, text_features, train)
+      out['text'] = self.embed_text(tokens, lengths, text_features, train,
+                                    text_table)
     return out
 
 

@@ -78,6 +78,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   need(t.num_steps > 0 or t.num_epochs > 0, 'train.num_steps',
        'set num_steps or num_epochs')
   need(t.learning_rate > 0, 'train.learning_rate', 'must be positive')
+  need(t.embedding_update in ('lazy', 'dense'), 'train.embedding_update',
+       f"{t.embedding_update!r} is not 'lazy' or 'dense'")
+  need(t.vocab_bucket > 0, 'train.vocab_bucket', 'must be positive')
 
 
 def total_steps(config: ml_collections.ConfigDict,
@@ -316,6 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   while step < steps:
     (epoch, batch_no), batch = next(it)
     key = jax.random.fold_in(base_key, step)
+    batch = train_step.prepare_batch(state, batch, t.vocab_bucket)
     state, m = step_fn(state, put(batch), key)
     step += 1
     position = (epoch, batch_no + 1)

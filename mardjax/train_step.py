@@ -13,27 +13,44 @@ metrics) serves both data-parallel forms, as the design asks:
 Gradients and metrics are averaged over the device axis with `lax.pmean`;
 BatchNorm computes its statistics over the same axis, so the running averages
 agree on every device.
+
+With `config.train.embedding_update='lazy'` (the default) the word-embedding
+table is trained row-sparse: batches carry 'slots' and 'vocab_ids' instead
+of 'tokens' (`sparse_embedding.compact_batch`), the step differentiates only
+the rows in the batch and updates them with lazy Adam; everything else goes
+through optax as before. 'dense' trains the table like any other parameter.
 """
 
 import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax import struct
 from flax.training import train_state
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
 
 from mardjax import losses
+from mardjax import sparse_embedding
 
 AXIS = 'data'
 
 
 class TrainState(train_state.TrainState):
-  """Params, optimizer state, step, and BatchNorm statistics (may be empty)."""
+  """Params, optimizer state, step, and BatchNorm statistics (may be empty).
+
+  Under lazy embedding updates `opt_state` covers every parameter but the
+  embedding table, `embed_opt` holds the table's Adam moments and
+  `embed_tx` its update rule (`sparse_embedding.lazy_adam` with the
+  config's learning rate); both are None otherwise.
+  """
   batch_stats: Any = None
+  embed_opt: Any = None
+  embed_tx: Callable | None = struct.field(pytree_node=False, default=None)
 
 
 def make_optimizer(config: ml_collections.ConfigDict
@@ -47,9 +64,34 @@ def create_state(model: nn.Module, config: ml_collections.ConfigDict,
   """Initialises parameters from one (per-device) sample batch."""
   variables = model.init(rng, audio=sample['audio'], tokens=sample['tokens'],
                          lengths=sample['lengths'], train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           tx=make_optimizer(config),
-                           batch_stats=variables.get('batch_stats', {}))
+  params = variables['params']
+  batch_stats = variables.get('batch_stats', {})
+  tx = make_optimizer(config)
+  if not lazy_embedding(config, params):
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                             batch_stats=batch_stats)
+  table, rest = sparse_embedding.split_table(params)
+  return TrainState(
+      step=0, apply_fn=model.apply, params=params, tx=tx,
+      opt_state=tx.init(rest), batch_stats=batch_stats,
+      embed_opt=sparse_embedding.init(table),
+      embed_tx=functools.partial(sparse_embedding.lazy_adam,
+                                 learning_rate=config.train.learning_rate))
+
+
+def lazy_embedding(config: ml_collections.ConfigDict, params) -> bool:
+  """Whether the embedding table of `params` is trained row-sparse."""
+  return (config.train.embedding_update == 'lazy'
+          and sparse_embedding.has_table(params))
+
+
+def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
+                  vocab_bucket: int) -> dict[str, np.ndarray]:
+  """The host-side batch transform the state's step expects (numpy)."""
+  if state.embed_tx is None:
+    return batch
+  table, _ = sparse_embedding.split_table(state.params)
+  return sparse_embedding.compact_batch(batch, table.shape[0], vocab_bucket)
 
 
 def compute_loss(audio: jax.Array, text: jax.Array, album: jax.Array,
@@ -87,7 +129,9 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
 
   Args:
     state: the (replicated) train state.
-    batch: 'audio' (b, A), 'tokens' (b, L), 'lengths' (b,), 'album' (b,).
+    batch: 'audio' (b, A), 'tokens' (b, L), 'lengths' (b,), 'album' (b,);
+      under lazy embedding updates 'slots' (b, L) and 'vocab_ids' (U,)
+      in place of 'tokens' (`prepare_batch`).
     key: PRNG key for this step (same on every device; folded per device).
     loss_config: config.loss.
     axis_name: device axis name, or None on one device.
@@ -98,28 +142,49 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
   if axis_name is not None:
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   has_bn = bool(state.batch_stats)
+  lazy = 'vocab_ids' in batch
+  if lazy:
+    table, params = sparse_embedding.split_table(state.params)
+    rows = sparse_embedding.gather_rows(table, batch['vocab_ids'])
+    text = {'tokens': batch['slots']}
+  else:
+    params, rows = state.params, None
+    text = {'tokens': batch['tokens']}
 
-  def loss_fn(params):
+  def loss_fn(params, rows):
     variables = {'params': params}
     if has_bn:
       variables['batch_stats'] = state.batch_stats
     out, updates = state.apply_fn(
-        variables, audio=batch['audio'], tokens=batch['tokens'],
-        lengths=batch['lengths'], train=True,
-        mutable=['batch_stats'] if has_bn else [])
+        variables, audio=batch['audio'], lengths=batch['lengths'], train=True,
+        text_table=rows, mutable=['batch_stats'] if has_bn else [], **text)
     loss, terms = compute_loss(out['audio'], out['text'], batch['album'], key,
                                loss_config, axis_name)
     return loss, (terms, updates)
 
-  (loss, (terms, updates)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (loss, (terms, updates)), (grads, row_grads) = jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True)(params, rows)
   if axis_name is not None:
-    grads = jax.lax.pmean(grads, axis_name)
-  new_state = state.apply_gradients(grads=grads)
+    grads, row_grads = jax.lax.pmean((grads, row_grads), axis_name)
+  if lazy:
+    # Every device holds the same vocab_ids, so the averaged row gradients
+    # are the rows of the averaged dense gradient.
+    opt_updates, opt_state = state.tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, opt_updates)
+    table, embed_opt = state.embed_tx(table, state.embed_opt,
+                                      batch['vocab_ids'], row_grads,
+                                      state.step + 1)
+    new_state = state.replace(
+        step=state.step + 1, opt_state=opt_state, embed_opt=embed_opt,
+        params=sparse_embedding.merge_table(table, params))
+    grad_norm = jnp.sqrt(optax.global_norm(grads) ** 2
+                         + jnp.sum(row_grads ** 2))
+  else:
+    new_state = state.apply_gradients(grads=grads)
+    grad_norm = optax.global_norm(grads)
   if has_bn:
     new_state = new_state.replace(batch_stats=updates['batch_stats'])
-  metrics = {'loss': loss, **terms,
-             'grad_norm': optax.global_norm(grads)}
+  metrics = {'loss': loss, **terms, 'grad_norm': grad_norm}
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
   return new_state, metrics

@@ -1,0 +1,142 @@
+"""Row-sparse training of the word-embedding table (lazy Adam).
+
+A batch of 128 reviews touches a few thousand of the 60,002 rows of the
+embedding table, yet a dense step scatters the gradient into a full
+(V, D) zero array and runs Adam over all V x D entries (about 60 MB read and
+written several times): most of a `mean` step's time on a CPU. Here the
+step sees only the rows its batch uses:
+
+1. `compact_batch` (numpy, on the host) lists the distinct word ids of the
+   global batch, `vocab_ids` (U,), padded with out-of-range ids (>= V) to a
+   multiple of a bucket size (so only a few shapes are ever compiled), and
+   rewrites each review's tokens as `slots`, indices into that list.
+2. The step gathers those rows, `table[vocab_ids]` (U, D), differentiates the
+   loss with respect to them, and averages the (U, D) gradient over devices
+   (every device holds the same `vocab_ids`, so this is exact).
+3. `lazy_adam` updates those rows of the table and of Adam's moments and
+   leaves every other row alone (TensorFlow's LazyAdam, PyTorch's
+   SparseAdam). Rows not in the batch do not keep moving on their old
+   momentum as they would under dense Adam; for rows in the batch the update
+   is dense Adam's to the last bit (tests/sparse_embedding_test.py).
+
+The `mean` encoder then needs no (B, L, D) gather at all: its features are a
+(B, U) bag-of-words matrix times the (U, D) rows.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Where nn.Embed keeps the table in the model's params.
+EMBED_PATH = ('text_features', 'embed', 'embedding')
+
+
+class LazyAdamState(NamedTuple):
+  """Adam's moments of the embedding table, (V, D) each."""
+  mu: jax.Array
+  nu: jax.Array
+
+
+def has_table(params: dict[str, Any]) -> bool:
+  node = params
+  for key in EMBED_PATH:
+    if not isinstance(node, dict) or key not in node:
+      return False
+    node = node[key]
+  return True
+
+
+def split_table(params: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
+  """(embedding table (V, D), the other params without it)."""
+  a, b, c = EMBED_PATH
+  rest = dict(params)
+  text = dict(rest[a])
+  rest[a] = text
+  table = text.pop(b)[c]
+  return table, rest
+
+
+def merge_table(table: jax.Array, rest: dict[str, Any]) -> dict[str, Any]:
+  """Inverse of `split_table`."""
+  a, b, c = EMBED_PATH
+  params = dict(rest)
+  params[a] = dict(params[a], **{b: {c: table}})
+  return params
+
+
+def init(table: jax.Array) -> LazyAdamState:
+  return LazyAdamState(jnp.zeros_like(table), jnp.zeros_like(table))
+
+
+def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
+                  bucket: int) -> dict[str, np.ndarray]:
+  """Replaces 'tokens' (D, b, L) by 'slots' (D, b, L) and 'vocab_ids' (D, U).
+
+  Args:
+    batch: a training batch (`input_pipeline.train_batches`), D devices.
+    vocab_size: V, rows of the embedding table; ids must be in [0, V).
+    bucket: U is the number of distinct ids rounded up to a multiple of this.
+
+  Returns:
+    A new dict: `vocab_ids[d]` is the same sorted id list on every device,
+    padded with ids >= V (no row has them: gathers read zeros, updates
+    are dropped); `vocab_ids[d, slots[d, i, t]] == tokens[d, i, t]`.
+  """
+  tokens = batch['tokens']
+  present = np.bincount(tokens.ravel(), minlength=vocab_size)
+  if present.shape[0] > vocab_size:
+    raise ValueError(f'token id {present.shape[0] - 1} is outside the '
+                     f'vocabulary of {vocab_size}')
+  ids = np.flatnonzero(present).astype(np.int32)
+  lookup = np.zeros(vocab_size, np.int32)
+  lookup[ids] = np.arange(ids.shape[0], dtype=np.int32)
+  size = -(-ids.shape[0] // bucket) * bucket
+  # Padding ids V, V+1, ...: out of range, and distinct like the real ones.
+  padded = np.arange(vocab_size - ids.shape[0], vocab_size - ids.shape[0]
+                     + size, dtype=np.int32)
+  padded[:ids.shape[0]] = ids
+  out = {k: v for k, v in batch.items() if k != 'tokens'}
+  out['slots'] = lookup[tokens]
+  out['vocab_ids'] = np.broadcast_to(padded, (tokens.shape[0], size))
+  return out
+
+
+def gather_rows(table: jax.Array, vocab_ids: jax.Array) -> jax.Array:
+  """(U, D) rows of `table`; padding ids (>= V) read zeros."""
+  num_rows = table.shape[0]
+  rows = jnp.take(table, jnp.minimum(vocab_ids, num_rows - 1), axis=0,
+                  mode='clip')
+  return rows * (vocab_ids < num_rows)[:, None].astype(table.dtype)
+
+
+def lazy_adam(table: jax.Array, state: LazyAdamState, vocab_ids: jax.Array,
+              row_grads: jax.Array, count: jax.Array, *, learning_rate: float,
+              b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+              ) -> tuple[jax.Array, LazyAdamState]:
+  """Adam on the rows `vocab_ids` only (optax.adam's formula and defaults).
+
+  Args:
+    table: (V, D) embedding table.
+    state: its moments.
+    vocab_ids: (U,) distinct row ids; ids >= V are padding and ignored.
+    row_grads: (U, D) gradient of the loss with respect to those rows.
+    count: the step number after this update (1 for the first), for Adam's
+      bias correction, as optax counts.
+    learning_rate, b1, b2, eps: optax.adam's.
+
+  Returns:
+    (new table, new moments).
+  """
+  mu = b1 * gather_rows(state.mu, vocab_ids) + (1 - b1) * row_grads
+  nu = b2 * gather_rows(state.nu, vocab_ids) + (1 - b2) * row_grads ** 2
+  count = count.astype(row_grads.dtype)
+  mu_hat = mu / (1 - b1 ** count)
+  nu_hat = nu / (1 - b2 ** count)
+  step = -learning_rate * (mu_hat / (jnp.sqrt(nu_hat) + eps))
+  # The ids are distinct, so `add` and `set` touch each row once.
+  table = table.at[vocab_ids].add(step, mode='drop', unique_indices=True)
+  return table, LazyAdamState(
+      state.mu.at[vocab_ids].set(mu, mode='drop', unique_indices=True),
+      state.nu.at[vocab_ids].set(nu, mode='drop', unique_indices=True))
