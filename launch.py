@@ -12,6 +12,11 @@ import os
 import re
 import sys
 
+from mardjax import xla_env
+
+xla_env.apply_defaults()  # Before anything imports jax.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging

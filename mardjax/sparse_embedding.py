@@ -34,9 +34,12 @@ EMBED_PATH = ('text_features', 'embed', 'embedding')
 
 
 class LazyAdamState(NamedTuple):
-  """Adam's moments of the embedding table, (V, D) each."""
-  mu: jax.Array
-  nu: jax.Array
+  """Adam's moments of the embedding table: moments[:, 0] = mu, [:, 1] = nu.
+
+  One (V, 2, D) array, so a step gathers and scatters the moments of its
+  rows once, not twice.
+  """
+  moments: jax.Array
 
 
 def has_table(params: dict[str, Any]) -> bool:
@@ -67,7 +70,8 @@ def merge_table(table: jax.Array, rest: dict[str, Any]) -> dict[str, Any]:
 
 
 def init(table: jax.Array) -> LazyAdamState:
-  return LazyAdamState(jnp.zeros_like(table), jnp.zeros_like(table))
+  return LazyAdamState(jnp.zeros((table.shape[0], 2, table.shape[1]),
+                                 table.dtype))
 
 
 def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
@@ -81,8 +85,8 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
 
   Returns:
     A new dict: `vocab_ids[d]` is the same sorted id list on every device,
-    padded with ids >= V (no row has them: gathers read zeros, updates
-    are dropped); `vocab_ids[d, slots[d, i, t]] == tokens[d, i, t]`.
+    padded with ids >= V (no row has them: no slot refers to them and
+    their updates are dropped); `vocab_ids[d, slots[d, i, t]] == tokens[d, i, t]`.
   """
   tokens = batch['tokens']
   present = np.bincount(tokens.ravel(), minlength=vocab_size)
@@ -104,11 +108,13 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
 
 
 def gather_rows(table: jax.Array, vocab_ids: jax.Array) -> jax.Array:
-  """(U, D) rows of `table`; padding ids (>= V) read zeros."""
-  num_rows = table.shape[0]
-  rows = jnp.take(table, jnp.minimum(vocab_ids, num_rows - 1), axis=0,
-                  mode='clip')
-  return rows * (vocab_ids < num_rows)[:, None].astype(table.dtype)
+  """(U, ...) rows of `table`; padding ids (>= V) read its last row.
+
+  What padding rows hold does not matter: no slot refers to them (their
+  bag-of-words weight is 0 and no token looks them up) and their updates
+  are dropped. Clamping instead of zero-filling saves a pass over the rows.
+  """
+  return jnp.take(table, vocab_ids, axis=0, mode='clip')
 
 
 def lazy_adam(table: jax.Array, state: LazyAdamState, vocab_ids: jax.Array,
@@ -129,14 +135,14 @@ def lazy_adam(table: jax.Array, state: LazyAdamState, vocab_ids: jax.Array,
   Returns:
     (new table, new moments).
   """
-  mu = b1 * gather_rows(state.mu, vocab_ids) + (1 - b1) * row_grads
-  nu = b2 * gather_rows(state.nu, vocab_ids) + (1 - b2) * row_grads ** 2
+  old = gather_rows(state.moments, vocab_ids)
+  mu = b1 * old[:, 0] + (1 - b1) * row_grads
+  nu = b2 * old[:, 1] + (1 - b2) * row_grads * row_grads
   count = count.astype(row_grads.dtype)
   mu_hat = mu / (1 - b1 ** count)
   nu_hat = nu / (1 - b2 ** count)
   step = -learning_rate * (mu_hat / (jnp.sqrt(nu_hat) + eps))
   # The ids are distinct, so `add` and `set` touch each row once.
   table = table.at[vocab_ids].add(step, mode='drop', unique_indices=True)
-  return table, LazyAdamState(
-      state.mu.at[vocab_ids].set(mu, mode='drop', unique_indices=True),
-      state.nu.at[vocab_ids].set(nu, mode='drop', unique_indices=True))
+  return table, LazyAdamState(state.moments.at[vocab_ids].set(
+      jnp.stack([mu, nu], 1), mode='drop', unique_indices=True))

@@ -142,7 +142,11 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
   if axis_name is not None:
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
   has_bn = bool(state.batch_stats)
-  lazy = 'vocab_ids' in batch
+  lazy = state.embed_tx is not None
+  if lazy != ('vocab_ids' in batch):
+    raise ValueError('This state trains its embedding table ' + (
+        'row-sparse' if lazy else 'densely') + ': pass batches through '
+        'train_step.prepare_batch.')
   if lazy:
     table, params = sparse_embedding.split_table(state.params)
     rows = sparse_embedding.gather_rows(table, batch['vocab_ids'])

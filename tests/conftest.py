@@ -5,6 +5,9 @@ import os
 # Must happen before jax (or tensorflow, which may import it) is imported.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from mardjax import xla_env  # pylint: disable=g-import-not-at-top
+
+xla_env.apply_defaults()  # As launch.py does.
 
 import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
 

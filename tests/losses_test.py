@@ -173,6 +173,20 @@ def test_bad_negative_modes(bad):
     losses.NegativeMode.parse(bad)
 
 
+def test_sampled_draws_only_negatives():
+  """With one negative per anchor every draw must be it: sampled:K = K * all."""
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(2, 3)).astype(np.float32)
+  y = rng.normal(size=(2, 3)).astype(np.float32)
+  ids = np.array([0, 1], np.int32)
+  kw = dict(margin=5.0, weights=(1, 1, 0, 0))
+  want, _ = losses.ranking_loss(x, y, ids, negatives='all', **kw)
+  for seed in range(3):
+    got, _ = losses.ranking_loss(x, y, ids, negatives='sampled:6',
+                                 key=jax.random.PRNGKey(seed), **kw)
+    np.testing.assert_allclose(float(got), 6 * float(want), rtol=1e-6)
+
+
 def test_sampled_needs_a_key():
   x, y, ids = _batch(0)
   with pytest.raises(ValueError, match='PRNG key'):

@@ -9,8 +9,11 @@ from mardjax import models
 from mardjax import train_step
 
 
-def _setup(batch_norm, negatives='all', gather=True, kind='ranking'):
+def _setup(batch_norm, negatives='all', gather=True, kind='ranking',
+           embedding_update='lazy'):
   config = test_config.get_config()
+  config.train.embedding_update = embedding_update
+  config.train.vocab_bucket = 8
   config.model.batch_norm = batch_norm
   config.loss.negatives = negatives
   config.loss.gather_across_devices = gather
@@ -35,32 +38,43 @@ def _state(config, batch, axis_name):
                                  sample)
 
 
+def _prepare(state, batch, devices):
+  """(b, ...) batch -> what the state's step takes on `devices` devices."""
+  shaped = {k: v.reshape(devices, -1, *v.shape[1:]) for k, v in batch.items()}
+  out = train_step.prepare_batch(state, shaped, vocab_bucket=8)
+  return {k: v[0] for k, v in out.items()} if devices == 1 else out
+
+
 def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
                                atol=atol)
 
 
-@pytest.mark.parametrize('batch_norm,kind,negatives', [
-    (False, 'ranking', 'all'), (True, 'ranking', 'hardest:3'),
-    (True, 'infonce', 'all')])
+@pytest.mark.parametrize('batch_norm,kind,negatives,embedding_update', [
+    (False, 'ranking', 'all', 'dense'), (True, 'ranking', 'hardest:3', 'lazy'),
+    (True, 'infonce', 'all', 'lazy'), (False, 'ranking', 'all', 'lazy')])
 def test_pmap_equals_single_device_on_the_global_batch(batch_norm, kind,
-                                                       negatives):
+                                                       negatives,
+                                                       embedding_update):
   n = jax.local_device_count()
   assert n == 4
-  config, batch = _setup(batch_norm, negatives, gather=True, kind=kind)
+  config, raw = _setup(batch_norm, negatives, gather=True, kind=kind,
+                       embedding_update=embedding_update)
   key = jax.random.PRNGKey(3)
-  single = _state(config, batch, None)
+  single = _state(config, raw, None)
+  batch = _prepare(single, raw, 1)
   s1, m1 = train_step.single_device_step(config.loss)(single, batch, key)
   s1, _ = train_step.single_device_step(config.loss)(s1, batch, key)
-  sharded = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
-  state = _state(config, batch, train_step.AXIS)
+  state = _state(config, raw, train_step.AXIS)
+  sharded = _prepare(state, raw, n)
   step = train_step.pmap_step(config.loss)
   s2, m2 = step(state, sharded, key)
   s2, _ = step(s2, sharded, key)  # Two steps: Adam moments agree too.
   np.testing.assert_allclose(float(m2['loss']), float(m1['loss']), rtol=1e-5)
   _assert_trees_close(s1.params, s2.params)
   _assert_trees_close(s1.opt_state, s2.opt_state)
+  _assert_trees_close(s1.embed_opt, s2.embed_opt)
   if batch_norm:
     _assert_trees_close(s1.batch_stats, s2.batch_stats)
   assert int(s2.step) == 2
@@ -72,7 +86,7 @@ def test_shard_map_equals_pmap(gather, negatives):
   n = jax.local_device_count()
   config, batch = _setup(True, negatives, gather=gather)
   key = jax.random.PRNGKey(5)
-  sharded = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
+  sharded = _prepare(_state(config, batch, None), batch, n)
   # Steps donate their input state: each wrapper gets its own copy.
   s_p, m_p = train_step.pmap_step(config.loss)(
       _state(config, batch, train_step.AXIS), sharded, key)
@@ -96,6 +110,7 @@ def test_a_step_reduces_the_loss_and_keeps_it_finite():
   config, batch = _setup(False, 'all', gather=False)
   config.train.learning_rate = 1e-2
   state = _state(config, batch, None)
+  batch = _prepare(state, batch, 1)
   step = train_step.single_device_step(config.loss)
   key = jax.random.PRNGKey(0)
   first = None

@@ -1,0 +1,123 @@
+"""Row-sparse embedding training: compaction, lazy Adam, the lazy step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import test as test_config
+from mardjax import models
+from mardjax import sparse_embedding
+from mardjax import train_step
+
+
+def test_compact_batch_maps_slots_back_to_the_tokens():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 50, (2, 3, 7)).astype(np.int32)
+  out = sparse_embedding.compact_batch({'tokens': tokens, 'x': 1}, 50, 8)
+  ids = out['vocab_ids']
+  assert 'tokens' not in out and out['x'] == 1
+  assert ids.shape[1] % 8 == 0 and ids.shape[1] >= len(np.unique(tokens))
+  np.testing.assert_array_equal(ids[0], ids[1])  # Same on every device.
+  real = ids[0][ids[0] < 50]
+  np.testing.assert_array_equal(real, np.unique(tokens))
+  assert len(np.unique(ids[0])) == ids.shape[1]  # Padding ids distinct too.
+  for d in range(2):
+    np.testing.assert_array_equal(ids[d][out['slots'][d]], tokens[d])
+
+
+def test_compact_batch_rejects_ids_outside_the_vocabulary():
+  with pytest.raises(ValueError, match='outside the vocabulary'):
+    sparse_embedding.compact_batch(
+        {'tokens': np.array([[[1, 60]]], np.int32)}, 50, 8)
+
+
+def test_lazy_adam_equals_optax_adam_when_every_row_is_used():
+  rng = np.random.default_rng(1)
+  table = jnp.asarray(rng.normal(size=(6, 4)).astype(np.float32))
+  ids = jnp.asarray([0, 1, 2, 3, 4, 5, 6, 7], jnp.int32)  # 6, 7: padding.
+  tx = optax.adam(0.01)
+  dense, opt = table, tx.init(table)
+  lazy, state = table, sparse_embedding.init(table)
+  for step in range(1, 4):
+    g = jnp.asarray(rng.normal(size=(6, 4)).astype(np.float32))
+    updates, opt = tx.update(g, opt, dense)
+    dense = optax.apply_updates(dense, updates)
+    row_grads = jnp.concatenate([g, jnp.ones((2, 4))])  # Padding: ignored.
+    lazy, state = sparse_embedding.lazy_adam(
+        lazy, state, ids, row_grads, jnp.int32(step), learning_rate=0.01)
+  np.testing.assert_allclose(lazy, dense, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(state.moments[:, 0], opt[0].mu, rtol=1e-6)
+  np.testing.assert_allclose(state.moments[:, 1], opt[0].nu, rtol=1e-6)
+
+
+def test_lazy_adam_leaves_other_rows_alone():
+  rng = np.random.default_rng(2)
+  table = jnp.asarray(rng.normal(size=(6, 4)).astype(np.float32))
+  state = sparse_embedding.init(table)
+  ids = jnp.asarray([1, 4, 6, 7], jnp.int32)
+  g = jnp.asarray(rng.normal(size=(4, 4)).astype(np.float32))
+  new, new_state = sparse_embedding.lazy_adam(
+      table, state, ids, g, jnp.int32(1), learning_rate=0.1)
+  new, table, g = np.asarray(new), np.asarray(table), np.asarray(g)
+  untouched = np.array([0, 2, 3, 5])
+  np.testing.assert_array_equal(new[untouched], table[untouched])
+  np.testing.assert_array_equal(np.asarray(new_state.moments)[untouched], 0)
+  # Adam's first step moves every used coordinate by lr against its sign.
+  np.testing.assert_allclose(new[[1, 4]] - table[[1, 4]],
+                             -0.1 * np.sign(g[:2]), rtol=1e-4)
+
+
+@pytest.mark.parametrize('encoder', ['mean', 'lstm'])
+def test_lazy_step_equals_dense_step(encoder):
+  """From the same state, one lazy step = one dense Adam step (rows unused by
+  the batch have zero gradient and zero moments, so dense Adam leaves them
+  alone too); a second step on the same rows agrees as well."""
+  config = test_config.get_config()
+  config.model.text_encoder = encoder
+  config.loss.negatives = 'all'
+  rng = np.random.default_rng(3)
+  b, length, vocab = 8, 9, 30
+  lengths = rng.integers(0, length + 1, b).astype(np.int32)  # One may be 0.
+  tokens = rng.integers(2, vocab, (b, length)).astype(np.int32)
+  tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+  batch = {'audio': rng.normal(size=(b, 5)).astype(np.float32),
+           'tokens': tokens, 'lengths': lengths,
+           'album': np.repeat(np.arange(b // 2), 2).astype(np.int32)}
+  model = models.build(config.model, vocab)
+  states = {}
+  for update in ('dense', 'lazy'):
+    config.train.embedding_update = update
+    state = train_step.create_state(model, config, jax.random.PRNGKey(0),
+                                    batch)
+    prepared = train_step.prepare_batch(
+        state, {k: v[None] for k, v in batch.items()}, vocab_bucket=4)
+    prepared = {k: v[0] for k, v in prepared.items()}
+    step = train_step.single_device_step(config.loss)
+    key = jax.random.PRNGKey(1)
+    state, metrics = step(state, prepared, key)
+    state, metrics = step(state, prepared, key)
+    states[update] = (state, metrics)
+  (dense, m_dense), (lazy, m_lazy) = states['dense'], states['lazy']
+  np.testing.assert_allclose(m_lazy['loss'], m_dense['loss'], rtol=1e-5)
+  np.testing.assert_allclose(m_lazy['grad_norm'], m_dense['grad_norm'],
+                             rtol=1e-4)
+  for x, y in zip(jax.tree_util.tree_leaves(lazy.params),
+                  jax.tree_util.tree_leaves(dense.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  assert lazy.embed_opt is not None and dense.embed_opt is None
+
+
+def test_a_lazy_state_refuses_an_unprepared_batch():
+  config = test_config.get_config()
+  rng = np.random.default_rng(4)
+  batch = {'audio': rng.normal(size=(4, 5)).astype(np.float32),
+           'tokens': rng.integers(2, 9, (4, 3)).astype(np.int32),
+           'lengths': np.full(4, 3, np.int32),
+           'album': np.array([0, 0, 1, 1], np.int32)}
+  state = train_step.create_state(models.build(config.model, 10), config,
+                                  jax.random.PRNGKey(0), batch)
+  with pytest.raises(ValueError, match='prepare_batch'):
+    train_step.single_device_step(config.loss)(state, batch,
+                                               jax.random.PRNGKey(0))
