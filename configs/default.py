@@ -88,7 +88,6 @@ def get_config():
   config.train.parallelism = 'pmap'  # 'pmap' or 'shard_map'.
   config.train.neighbourhood_sampling = True  # Albums with 2+ reviews/tracks.
   config.train.reviews_per_album = 2  # Group size under neighbourhood sampling.
-  config.train.shuffle_buffer = 20000  # Reviews.
   config.train.log_every = 50  # Steps between progress lines / metrics.
   config.train.checkpoint_every = 1000  # Steps between checkpoints.
   config.train.keep_checkpoints = 3

@@ -19,7 +19,6 @@ def get_config():
   config.loss.negatives = 'sampled:5'
   config.train.batch_size = 32
   config.train.num_steps = 30
-  config.train.shuffle_buffer = 256
   config.train.log_every = 10
   config.train.checkpoint_every = 10
   config.train.eval_every = 20

@@ -239,14 +239,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   dev = input_pipeline.load_reviews(data_dir, manifest, 'dev',
                                     config.data.max_len)
 
+  reviews = input_pipeline.load_review_table(
+      data_dir, manifest, config.data.max_len, process_index=process_index,
+      process_count=process_count)
+
   def batches(epoch, batch):
     return input_pipeline.train_batches(
-        data_dir, manifest, audio, batch_size=local_batch,
-        num_devices=num_devices, max_len=config.data.max_len,
-        seed=config.seed, neighbourhood=t.neighbourhood_sampling,
-        reviews_per_album=t.reviews_per_album,
-        shuffle_buffer=t.shuffle_buffer, start_epoch=epoch, start_batch=batch,
-        process_index=process_index, process_count=process_count)
+        reviews, audio, batch_size=local_batch, num_devices=num_devices,
+        max_len=config.data.max_len, seed=config.seed,
+        neighbourhood=t.neighbourhood_sampling,
+        reviews_per_album=t.reviews_per_album, start_epoch=epoch,
+        start_batch=batch)
 
   try:
     (_, first) = next(batches(0, 0))

@@ -14,13 +14,53 @@ def table(tiny_records):
   return input_pipeline.load_audio_table(data_dir, manifest)
 
 
-def _batches(tiny_records, table, n, **kw):
+@pytest.fixture(scope='module')
+def reviews(tiny_records):
+  data_dir, manifest = tiny_records
+  return input_pipeline.load_review_table(data_dir, manifest, 64)
+
+
+def _batches(tiny_records, table, n, process_index=0, process_count=1,
+             **kw):
   data_dir, manifest = tiny_records
   args = dict(batch_size=16, num_devices=4, max_len=64, seed=0,
-              neighbourhood=True, reviews_per_album=2, shuffle_buffer=64)
+              neighbourhood=True, reviews_per_album=2)
   args.update(kw)
-  it = input_pipeline.train_batches(data_dir, manifest, table, **args)
+  reviews = input_pipeline.load_review_table(
+      data_dir, manifest, args['max_len'], process_index=process_index,
+      process_count=process_count)
+  it = input_pipeline.train_batches(reviews, table, **args)
   return list(itertools.islice(it, n))
+
+
+def test_review_table_holds_every_training_review(tiny_records, reviews):
+  data_dir, manifest = tiny_records
+  assert len(reviews) == manifest['counts']['reviews']['train']
+  loaded = input_pipeline.load_reviews(data_dir, manifest, 'train', 64)
+  # The same reviews (files are interleaved, so compare as sorted lists).
+  batch = input_pipeline.make_batch(reviews, np.arange(len(reviews)), 64)
+  got = sorted(zip(batch['album'].tolist(), batch['lengths'].tolist(),
+                   map(tuple, batch['tokens'].tolist())))
+  want = sorted(zip(loaded['album'].tolist(), loaded['lengths'].tolist(),
+                    map(tuple, loaded['tokens'].tolist())))
+  assert got == want
+
+
+def test_an_epoch_uses_each_review_at_most_once(tiny_records, table,
+                                                reviews):
+  for neighbourhood in (False, True):
+    order = input_pipeline.epoch_order(
+        reviews, table, batch_size=16, seed=0, epoch=3,
+        neighbourhood=neighbourhood, reviews_per_album=2)
+    flat = order.reshape(-1)
+    assert len(np.unique(flat)) == len(flat)
+    if not neighbourhood:  # All but the last partial batch.
+      assert len(flat) == len(reviews) // 16 * 16
+    else:  # Every eligible album's reviews, less an odd one out.
+      counts = np.bincount(reviews.album)
+      eligible = (counts >= 2) & (table.counts[:len(counts)] >= 2)
+      want = int(np.sum(counts[eligible] // 2 * 2))
+      assert want - 16 < len(flat) <= want
 
 
 def test_audio_table_is_normalised_with_training_statistics(tiny_records,
