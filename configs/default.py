@@ -81,6 +81,9 @@ def get_config():
   # Adam, several times faster at 60k words); 'dense' is plain Adam on all.
   config.train.embedding_update = 'lazy'
   config.train.vocab_bucket = 1024  # Lazy: distinct ids padded to a multiple.
+  # LSTM encoder: reviews packed end to end into rows of max_len, so the
+  # LSTM skips padding; rows rounded up to a multiple of this (0: padded).
+  config.train.lstm_pack_rows = 8
   # Length of training: num_steps when > 0, else num_epochs over the
   # training reviews (paper: 200 epochs).
   config.train.num_steps = 0

@@ -121,7 +121,8 @@ def train_step_throughput(config, encoder: str, steps: int,
   def prepare(state, batch):
     one = train_step.prepare_batch(state, {k: v[None] for k, v in
                                            batch.items()},
-                                   config.train.vocab_bucket)
+                                   config.train.vocab_bucket,
+                                   train_step.lstm_pack_rows(config))
     return {k: v[0] for k, v in one.items()}
 
   state = train_step.create_state(model, config, jax.random.PRNGKey(0), batch)

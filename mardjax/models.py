@@ -15,7 +15,8 @@ parameters.
 * Text branch: tokens (B, L) -> encoder -> Dense -> ReLU -> Dense -> [BN] ->
   L2. Encoders: `mean` (masked mean of learned word embeddings, padding
   excluded), `lstm` (bi-directional LSTM, final states of both directions
-  concatenated, each sequence's length respected), `pretrained` (features
+  concatenated, each sequence's length respected; in training the reviews
+  are packed end to end so padding costs nothing, `mardjax.packing`), `pretrained` (features
   computed by a frozen encoder and stored beside the tokens: input
   `text_features` (B, F)).
 * `linear=True`: one Dense per branch (the WSABIE-like ablation row).
@@ -29,6 +30,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mardjax import lstm
 
 TEXT_ENCODERS = ('mean', 'lstm', 'pretrained')
 AUDIO_ENCODERS = ('track', 'album_lstm')
@@ -60,13 +63,47 @@ class Head(nn.Module):
     return l2_normalize(x)
 
 
-def _final_lstm_state(cell_size: int, x: jax.Array, lengths: jax.Array,
-                      reverse: bool, name: str) -> jax.Array:
-  """Hidden state after each sequence's last real step; x: (B, L, F)."""
-  rnn = nn.RNN(nn.OptimizedLSTMCell(cell_size), return_carry=True,
-               reverse=reverse, keep_order=True, name=name)
-  (_, h), _ = rnn(x, seq_lengths=lengths)
-  return h
+class LSTMDirection(nn.Module):
+  """One direction of an LSTM over rows of packed reviews, time-major.
+
+  The input projection of every position is one matrix product before the
+  recurrence (only h @ W_h stays inside the loop, `mardjax.lstm`), and the
+  state is reset where a review begins in the direction of travel, so rows
+  may hold several reviews end to end (`mardjax.packing`). Gates i, f, g, o;
+  kernels initialised as flax's LSTM cells (lecun normal, orthogonal
+  recurrent, zero bias).
+  """
+  hidden: int
+  reverse: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, resets: jax.Array) -> jax.Array:
+    """x (P, R, F), resets (P, R) bool -> hidden states (P, R, H)."""
+    h_dim = self.hidden
+    wi = self.param('wi', nn.initializers.lecun_normal(),
+                    (x.shape[-1], 4 * h_dim))
+    wh = self.param('wh', nn.initializers.orthogonal(), (h_dim, 4 * h_dim))
+    bias = self.param('bias', nn.initializers.zeros, (4 * h_dim,))
+    proj = x @ wi + bias
+    keep = 1.0 - resets.astype(x.dtype)[..., None]
+    return lstm.recurrence(proj, keep, wh, self.reverse)
+
+
+def padded_layout(lengths: jax.Array, max_len: int
+                  ) -> dict[str, jax.Array]:
+  """The packed layout's markers for a padded (B, L) batch.
+
+  One review per row from position 0 to max(length, 1) - 1 (an empty review
+  reads one <pad>); see `mardjax.packing`.
+  """
+  b = lengths.shape[0]
+  end = jnp.maximum(lengths, 1) - 1
+  pos = jnp.arange(max_len)[None, :]
+  rows = jnp.arange(b)
+  return {'starts': jnp.broadcast_to(pos == 0, (b, max_len)),
+          'ends': pos == end[:, None],
+          'first': jnp.stack([rows, jnp.zeros_like(rows)], 1),
+          'last': jnp.stack([rows, end], 1)}
 
 
 class TextEncoder(nn.Module):
@@ -74,7 +111,9 @@ class TextEncoder(nn.Module):
 
   With `table` (U, D) given, `tokens` are indices into it instead of word ids
   and the module's own embedding is not used (row-sparse training,
-  `mardjax.sparse_embedding`); the features are the same.
+  `mardjax.sparse_embedding`); the features are the same. With `packed`
+  (the LSTM only) `tokens` are (R, P) rows of reviews packed end to end and
+  `packed` holds their markers (`mardjax.packing`); lengths are unused.
   """
   kind: str
   vocab_size: int
@@ -82,12 +121,16 @@ class TextEncoder(nn.Module):
   lstm_dim: int
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, lengths: jax.Array,
-               table: jax.Array | None = None) -> jax.Array:
+  def __call__(self, tokens: jax.Array, lengths: jax.Array | None,
+               table: jax.Array | None = None,
+               packed: dict[str, jax.Array] | None = None) -> jax.Array:
     if self.kind not in ('mean', 'lstm'):
       raise ValueError(f'Unknown text encoder {self.kind!r}; choose from '
                        f'{TEXT_ENCODERS}.')
-    mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
+    if packed is not None and self.kind != 'lstm':
+      raise ValueError('Only the lstm text encoder reads packed reviews.')
+    if self.kind == 'mean':
+      mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
     if self.kind == 'mean' and table is not None:
       # Bag of words: (B, U) weights, 1/length per occurrence, times the rows.
       # No (B, L, D) array, forward or backward.
@@ -96,6 +139,8 @@ class TextEncoder(nn.Module):
       bag = bag.at[jnp.arange(tokens.shape[0])[:, None], tokens].add(
           weights.astype(table.dtype))
       return bag @ table
+    if self.kind == 'lstm':
+      tokens = tokens.T  # The LSTM runs time-major: (P, R).
     if table is None:
       emb = nn.Embed(self.vocab_size, self.word_dim, name='embed')(tokens)
     else:
@@ -103,10 +148,15 @@ class TextEncoder(nn.Module):
     if self.kind == 'mean':
       total = jnp.einsum('bld,bl->bd', emb, mask.astype(emb.dtype))
       return total / jnp.maximum(lengths, 1)[:, None].astype(emb.dtype)
-    lengths = jnp.maximum(lengths, 1)  # An empty review reads one <pad>.
-    fwd = _final_lstm_state(self.lstm_dim, emb, lengths, False, 'fwd')
-    bwd = _final_lstm_state(self.lstm_dim, emb, lengths, True, 'bwd')
-    return jnp.concatenate([fwd, bwd], -1)
+    if packed is None:
+      packed = padded_layout(lengths, tokens.shape[0])
+    fwd = LSTMDirection(self.lstm_dim, reverse=False, name='fwd')(
+        emb, packed['starts'].T)
+    bwd = LSTMDirection(self.lstm_dim, reverse=True, name='bwd')(
+        emb, packed['ends'].T)
+    last, first = packed['last'], packed['first']  # (row, position)
+    return jnp.concatenate([fwd[last[:, 1], last[:, 0]],
+                            bwd[first[:, 1], first[:, 0]]], -1)
 
 
 class TwoBranch(nn.Module):
@@ -149,17 +199,19 @@ class TwoBranch(nn.Module):
                  lengths: jax.Array | None = None,
                  text_features: jax.Array | None = None,
                  train: bool = False,
-                 table: jax.Array | None = None) -> jax.Array:
+                 table: jax.Array | None = None,
+                 packed: dict[str, jax.Array] | None = None) -> jax.Array:
     """tokens (B, L) + lengths (B,), or text_features (B, F) -> (B, E).
 
-    `table` (U, D): tokens index these rows instead of the embedding table
-    (see TextEncoder).
+    `table` (U, D): tokens index these rows instead of the embedding table;
+    `packed`: tokens are packed rows (see TextEncoder).
     """
     if self.text_encoder == 'pretrained':
       if text_features is None:
         raise ValueError('text_encoder=pretrained embeds text_features.')
       return self.text_head(text_features, train)
-    return self.text_head(self.text_features(tokens, lengths, table), train)
+    return self.text_head(
+        self.text_features(tokens, lengths, table, packed), train)
 
   def __call__(self, audio: jax.Array | None = None,
                tokens: jax.Array | None = None,
@@ -167,13 +219,14 @@ class TwoBranch(nn.Module):
                text_features: jax.Array | None = None,
                num_tracks: jax.Array | None = None,
                train: bool = False,
-               text_table: jax.Array | None = None) -> dict[str, Any]:
+               text_table: jax.Array | None = None,
+               packed: dict[str, jax.Array] | None = None) -> dict[str, Any]:
     out = {}
     if audio is not None:
       out['audio'] = self.embed_audio(audio, train, num_tracks)
     if tokens is not None or text_features is not None:
       out['text'] = self.embed_text(tokens, lengths, text_features, train,
-                                    text_table)
+                                    text_table, packed)
     return out
 
 

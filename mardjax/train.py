@@ -81,6 +81,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   need(t.embedding_update in ('lazy', 'dense'), 'train.embedding_update',
        f"{t.embedding_update!r} is not 'lazy' or 'dense'")
   need(t.vocab_bucket > 0, 'train.vocab_bucket', 'must be positive')
+  need(t.lstm_pack_rows >= 0, 'train.lstm_pack_rows', 'must be >= 0')
 
 
 def total_steps(config: ml_collections.ConfigDict,
@@ -322,7 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   while step < steps:
     (epoch, batch_no), batch = next(it)
     key = jax.random.fold_in(base_key, step)
-    batch = train_step.prepare_batch(state, batch, t.vocab_bucket)
+    batch = train_step.prepare_batch(state, batch, t.vocab_bucket,
+                                     train_step.lstm_pack_rows(config))
     state, m = step_fn(state, put(batch), key)
     step += 1
     position = (epoch, batch_no + 1)

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from mardjax import losses
+from mardjax import packing
 from mardjax import sparse_embedding
 
 AXIS = 'data'
@@ -86,12 +87,30 @@ def lazy_embedding(config: ml_collections.ConfigDict, params) -> bool:
 
 
 def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
-                  vocab_bucket: int) -> dict[str, np.ndarray]:
-  """The host-side batch transform the state's step expects (numpy)."""
+                  vocab_bucket: int, pack_rows: int = 0
+                  ) -> dict[str, np.ndarray]:
+  """The host-side batch transform the state's step expects (numpy).
+
+  Args:
+    state: the train state (lazy or dense embedding updates).
+    batch: (D, b, ...) arrays from `input_pipeline.train_batches`.
+    vocab_bucket: `config.train.vocab_bucket`.
+    pack_rows: > 0 packs the reviews end to end (LSTM encoder), rows
+      rounded up to a multiple of this (`mardjax.packing`).
+  """
+  if pack_rows:
+    batch = dict(batch)
+    batch.update(packing.pack(batch['tokens'], batch['lengths'], pack_rows))
   if state.embed_tx is None:
     return batch
   table, _ = sparse_embedding.split_table(state.params)
   return sparse_embedding.compact_batch(batch, table.shape[0], vocab_bucket)
+
+
+def lstm_pack_rows(config: ml_collections.ConfigDict) -> int:
+  """The `pack_rows` argument of `prepare_batch` for this config."""
+  return (config.train.lstm_pack_rows
+          if config.model.text_encoder == 'lstm' else 0)
 
 
 def compute_loss(audio: jax.Array, text: jax.Array, album: jax.Array,
@@ -131,7 +150,8 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
     state: the (replicated) train state.
     batch: 'audio' (b, A), 'tokens' (b, L), 'lengths' (b,), 'album' (b,);
       under lazy embedding updates 'slots' (b, L) and 'vocab_ids' (U,)
-      in place of 'tokens' (`prepare_batch`).
+      in place of 'tokens'; packed (LSTM) batches hold (R, L) token rows
+      and the packing markers (`prepare_batch`).
     key: PRNG key for this step (same on every device; folded per device).
     loss_config: config.loss.
     axis_name: device axis name, or None on one device.
@@ -154,6 +174,8 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
   else:
     params, rows = state.params, None
     text = {'tokens': batch['tokens']}
+  if 'starts' in batch:
+    text['packed'] = {k: batch[k] for k in packing.KEYS if k != 'tokens'}
 
   def loss_fn(params, rows):
     variables = {'params': params}
