@@ -30,6 +30,11 @@ def get_config():
   # Stable transform applied before standardisation: 'signed_log' or 'none'.
   config.data.transform = 'signed_log'
   # Word vocabulary: the N most frequent training words (+ <pad>, <unk>).
+  # Frozen pretrained text encoder (the paper's BERT row): a local Hugging
+  # Face model directory; preprocessing stores its features of every review
+  # for model.text_encoder='pretrained'. '' = none.
+  config.data.text_encoder_path = ''
+  config.data.text_encoder_max_tokens = 256  # Word pieces per review.
   config.data.vocab_size = 60000
   config.data.min_word_count = 1  # Words seen fewer times map to <unk>.
   config.data.max_len = 400  # Reviews are truncated to this many tokens.

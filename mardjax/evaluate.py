@@ -54,6 +54,9 @@ def embed_reviews(variables: dict[str, Any], model: models.TwoBranch,
                   reviews: dict[str, np.ndarray], batch_size: int = 512
                   ) -> np.ndarray:
   """(N, E) embeddings of `input_pipeline.load_reviews` output."""
+  if model.text_encoder == 'pretrained':
+    embed = jax.jit(lambda f: model.apply(variables, text_features=f)['text'])
+    return _batched(embed, (reviews['text_features'],), batch_size)
   embed = jax.jit(lambda t, l: model.apply(variables, tokens=t,
                                            lengths=l)['text'])
   return _batched(embed, (reviews['tokens'], reviews['lengths']), batch_size)

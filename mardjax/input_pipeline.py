@@ -104,9 +104,11 @@ def load_reviews(data_dir: str, manifest: dict[str, Any], split: str,
 
   Returns:
     {'tokens': (N, max_len) int32, 'lengths': (N,) int32,
-     'album': (N,) int32, 'review_id': (N,) object}, in file order.
+     'album': (N,) int32, 'review_id': (N,) object}, in file order, and
+    'text_features' (N, F) float32 when the records hold them.
   """
-  tokens, lengths, albums, ids = [], [], [], []
+  feature_dim = feature_dim_of(manifest)
+  tokens, lengths, albums, ids, features = [], [], [], [], []
   for ex in records.read_numpy(_paths(data_dir, manifest, 'reviews', split),
                                'review'):
     t = ex['tokens'][:max_len].astype(np.int32)
@@ -114,11 +116,16 @@ def load_reviews(data_dir: str, manifest: dict[str, Any], split: str,
     lengths.append(len(t))
     albums.append(ex['album_index'])
     ids.append(ex['review_id'].decode())
-  return {'tokens': np.stack(tokens) if tokens else np.zeros(
+    features.append(ex['text_features'])
+  out = {'tokens': np.stack(tokens) if tokens else np.zeros(
       (0, max_len), np.int32),
-          'lengths': np.asarray(lengths, np.int32),
-          'album': np.asarray(albums, np.int32),
-          'review_id': np.asarray(ids, object)}
+         'lengths': np.asarray(lengths, np.int32),
+         'album': np.asarray(albums, np.int32),
+         'review_id': np.asarray(ids, object)}
+  if feature_dim:
+    out['text_features'] = (np.stack(features).astype(np.float32) if features
+                            else np.zeros((0, feature_dim), np.float32))
+  return out
 
 
 @dataclasses.dataclass
@@ -130,11 +137,14 @@ class ReviewTable:
     offsets: (N,) int64.
     lengths: (N,) int32, at most max_len.
     album: (N,) int32 album_index of each review.
+    features: (N, F) float32 pretrained text features, when the records
+      hold them (manifest['text_features']), else None.
   """
   tokens: np.ndarray
   offsets: np.ndarray
   lengths: np.ndarray
   album: np.ndarray
+  features: np.ndarray | None = None
 
   def __len__(self) -> int:
     return self.lengths.shape[0]
@@ -145,25 +155,38 @@ def load_review_table(data_dir: str, manifest: dict[str, Any], max_len: int,
                       process_count: int = 1) -> ReviewTable:
   """Reads a split's reviews of this process's albums through tf.data."""
   files = _paths(data_dir, manifest, 'reviews', split)
+  feature_dim = feature_dim_of(manifest)
   ds = tf.data.Dataset.from_tensor_slices(files)
   ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(1024).map(lambda s: records.parse_reviews_batch(s, max_len),
-                          num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True).prefetch(tf.data.AUTOTUNE)
-  tokens, lengths, album = [], [], []
+  ds = ds.batch(1024).map(
+      lambda s: records.parse_reviews_batch(s, max_len, feature_dim),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True).prefetch(tf.data.AUTOTUNE)
+  tokens, lengths, album, features = [], [], [], []
   for block in ds.as_numpy_iterator():
     keep = block['album'] % process_count == process_index
     mask = (np.arange(max_len)[None, :] < block['lengths'][keep][:, None])
     tokens.append(block['tokens'][keep][mask])
     lengths.append(block['lengths'][keep])
     album.append(block['album'][keep])
+    if feature_dim:
+      features.append(block['text_features'][keep])
   lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
   offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
   return ReviewTable(
       tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
       offsets=offsets.astype(np.int64), lengths=lengths,
-      album=np.concatenate(album) if album else np.zeros(0, np.int32))
+      album=np.concatenate(album) if album else np.zeros(0, np.int32),
+      features=(np.concatenate(features) if features else
+                np.zeros((0, feature_dim), np.float32)) if feature_dim
+      else None)
+
+
+def feature_dim_of(manifest: dict[str, Any]) -> int:
+  """Dimension of the records' pretrained text features (0: none)."""
+  info = manifest.get('text_features')
+  return int(info['dim']) if info else 0
 
 
 def epoch_order(reviews: ReviewTable, audio: 'AudioTable', *, batch_size: int,
@@ -203,8 +226,11 @@ def make_batch(reviews: ReviewTable, rows: np.ndarray, max_len: int
   index = reviews.offsets[rows][:, None] + pos[None, :]
   valid = pos[None, :] < lengths[:, None]
   tokens = np.where(valid, reviews.tokens[np.where(valid, index, 0)], 0)
-  return {'tokens': tokens.astype(np.int32), 'lengths': lengths,
-          'album': reviews.album[rows]}
+  batch = {'tokens': tokens.astype(np.int32), 'lengths': lengths,
+            'album': reviews.album[rows]}
+  if reviews.features is not None:
+    batch['text_features'] = reviews.features[rows]
+  return batch
 
 
 def pair_audio(album: np.ndarray, audio: AudioTable, seed: int, epoch: int,

@@ -38,6 +38,7 @@ from mardjax import mard_io
 from mardjax import progress
 from mardjax import splits as splits_lib
 from mardjax import text as text_lib
+from mardjax import text_features
 from mardjax.errors import UserError
 
 MANIFEST = 'manifest.json'
@@ -47,7 +48,8 @@ FEATURES_FILE = 'descriptor_names.txt'
 # Config fields that change what preprocessing writes.
 _DATA_FIELDS = ('descriptors', 'transform', 'vocab_size', 'min_word_count',
                 'max_len', 'dev_fraction', 'test_album_fraction', 'split_salt',
-                'examples_per_shard', 'albums_per_shard')
+                'examples_per_shard', 'albums_per_shard', 'text_encoder_path',
+                'text_encoder_max_tokens')
 
 
 def validate_data_config(data: ml_collections.ConfigDict) -> None:
@@ -64,6 +66,8 @@ def validate_data_config(data: ml_collections.ConfigDict) -> None:
   need(data.examples_per_shard >= 1, 'examples_per_shard', 'must be >= 1')
   need(data.albums_per_shard >= 1, 'albums_per_shard', 'must be >= 1')
   need(data.num_workers >= 1, 'num_workers', 'must be >= 1')
+  need(data.text_encoder_max_tokens >= 2, 'text_encoder_max_tokens',
+       'must be at least 2')
   need(data.transform in desc_lib.TRANSFORMS, 'transform',
        f'choose from {desc_lib.TRANSFORMS}')
   try:
@@ -83,6 +87,8 @@ def _fingerprint(mard_dir: str, files: list[mard_io.DescriptorFile],
     st = os.stat(f.path)
     h.update(f'{f.priority}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
   config = {k: data[k] for k in _DATA_FIELDS}
+  config['text_encoder'] = text_features.encoder_fingerprint(
+      data.text_encoder_path)
   h.update(json.dumps(config, sort_keys=True).encode())
   h.update(f'schema{_schema_version()}'.encode())
   return h.hexdigest()
@@ -226,18 +232,35 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
   pass2 = collections.Counter()
   truncated = 0
   written = collections.Counter()
+  encoder = (text_features.FrozenEncoder(data.text_encoder_path,
+                                         data.text_encoder_max_tokens)
+             if data.text_encoder_path else None)
+  pending = []  # Reviews waiting for their encoder features, in order.
+
+  def flush():
+    feats = (encoder.encode([p[-1] for p in pending]) if encoder else
+             [None] * len(pending))
+    for (split, shard, args, _), f in zip(pending, feats):
+      review_writers[split].write(shard, records.review_example(
+          *args, text_features=f))
+      written[split] += 1
+    pending.clear()
+
   bar = progress.bar(sum(split_counts.values()), 'reviews pass 2/2', 'review',
                      show_progress)
   for review, words, idx, split in corpus.usable_reviews(pass2):
     bar.update(1)
     ids, full_len = vocab.encode(words, data.max_len)
     truncated += full_len > data.max_len
-    writer = review_writers[split]
     shard = int(splits_lib.hash_unit(review.review_id, 'shard') *
-                len(writer.names))
-    writer.write(shard, records.review_example(
-        review.review_id, idx, ids, full_len, review.rating))
-    written[split] += 1
+                len(review_writers[split].names))
+    pending.append((split, shard, (review.review_id, idx, ids, full_len,
+                                   review.rating),
+                    text_features.review_text(review.summary, review.text)
+                    if encoder else None))
+    if len(pending) >= 256:
+      flush()
+  flush()
   bar.close()
   for w in review_writers.values():
     w.close()
@@ -322,6 +345,7 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
       'vocab': {'file': VOCAB_FILE, 'size': len(vocab), 'sha256': vocab_sha,
                 'pad_id': text_lib.PAD_ID, 'unk_id': text_lib.UNK_ID,
                 'max_len': data.max_len},
+      'text_features': encoder.info if encoder else None,
       'descriptors': {'list': [str(s) for s in specs], 'dim': dim,
                       'names_file': FEATURES_FILE,
                       'transform': data.transform,

@@ -9,6 +9,8 @@ Two kinds of `tf.train.Example`, in sharded files:
     length       int64   len(tokens)
     full_length  int64   number of words before truncation
     rating       float   Amazon star rating (0 when absent)
+    text_features float[] only with a pretrained text encoder configured:
+                 its features of the review (manifest['text_features'])
 * albums (`albums-<split>-<i>-of-<n>.tfrecord`, splits train/test; train
   albums also hold the dev reviews' albums):
     album_index  int64
@@ -26,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow as tf
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _int64(values) -> tf.train.Feature:
@@ -42,16 +44,21 @@ def _bytes(values) -> tf.train.Feature:
 
 
 def review_example(review_id: str, album_index: int, tokens: np.ndarray,
-                   full_length: int, rating: float) -> bytes:
-  """Serializes one review; tokens: (length,) int ids."""
-  return tf.train.Example(features=tf.train.Features(feature={
+                   full_length: int, rating: float,
+                   text_features: np.ndarray | None = None) -> bytes:
+  """Serializes one review; tokens: (length,) int ids; text_features (F,)."""
+  feature = {
       'review_id': _bytes([review_id.encode('utf-8')]),
       'album_index': _int64([album_index]),
       'tokens': _int64(tokens.tolist()),
       'length': _int64([len(tokens)]),
       'full_length': _int64([full_length]),
       'rating': _float([rating]),
-  })).SerializeToString()
+  }
+  if text_features is not None:
+    feature['text_features'] = _float(text_features.tolist())
+  return tf.train.Example(features=tf.train.Features(
+      feature=feature)).SerializeToString()
 
 
 def album_example(album_index: int, amazon_id: str, mbids: list[str],
@@ -73,6 +80,7 @@ REVIEW_FEATURES = {
     'length': tf.io.FixedLenFeature([], tf.int64),
     'full_length': tf.io.FixedLenFeature([], tf.int64),
     'rating': tf.io.FixedLenFeature([], tf.float32),
+    'text_features': tf.io.VarLenFeature(tf.float32),
 }
 ALBUM_FEATURES = {
     'album_index': tf.io.FixedLenFeature([], tf.int64),
@@ -87,24 +95,32 @@ def parse_review(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
   """tf.data map function: one serialized review -> dense tensors."""
   ex = tf.io.parse_single_example(serialized, REVIEW_FEATURES)
   ex['tokens'] = tf.sparse.to_dense(ex['tokens'])
+  ex['text_features'] = tf.sparse.to_dense(ex['text_features'])
   return ex
 
 
-def parse_reviews_batch(serialized: tf.Tensor, max_len: int
-                        ) -> dict[str, tf.Tensor]:
+def parse_reviews_batch(serialized: tf.Tensor, max_len: int,
+                        feature_dim: int = 0) -> dict[str, tf.Tensor]:
   """tf.data map function over a batch of serialized reviews (vectorized).
 
   Returns:
     {'tokens': (n, max_len) int32 zero-padded, 'lengths': (n,) int32 (at
-    most max_len), 'album': (n,) int32}. Parsing a batch at once is an order
-    of magnitude faster than one record at a time.
+    most max_len), 'album': (n,) int32}, and 'text_features' (n,
+    feature_dim) float32 when feature_dim > 0. Parsing a batch at once is an
+    order of magnitude faster than one record at a time.
   """
-  ex = tf.io.parse_example(serialized, REVIEW_FEATURES)
+  spec = {k: v for k, v in REVIEW_FEATURES.items() if k != 'text_features'}
+  if feature_dim:
+    spec['text_features'] = tf.io.FixedLenFeature([feature_dim], tf.float32)
+  ex = tf.io.parse_example(serialized, spec)
   tokens = tf.cast(tf.sparse.to_dense(ex['tokens'])[:, :max_len], tf.int32)
   tokens = tf.pad(tokens, [[0, 0], [0, max_len - tf.shape(tokens)[1]]])
-  return {'tokens': tokens,
-          'lengths': tf.cast(tf.minimum(ex['length'], max_len), tf.int32),
-          'album': tf.cast(ex['album_index'], tf.int32)}
+  out = {'tokens': tokens,
+         'lengths': tf.cast(tf.minimum(ex['length'], max_len), tf.int32),
+         'album': tf.cast(ex['album_index'], tf.int32)}
+  if feature_dim:
+    out['text_features'] = ex['text_features']
+  return out
 
 
 def parse_album(serialized: tf.Tensor, dim: int) -> dict[str, tf.Tensor]:

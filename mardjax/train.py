@@ -54,9 +54,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
        "choose 'pmap' or 'shard_map'")
   need(m.text_encoder in models.TEXT_ENCODERS, 'model.text_encoder',
        f'{m.text_encoder!r} is not one of {models.TEXT_ENCODERS}')
-  need(m.text_encoder != 'pretrained', 'model.text_encoder',
-       "'pretrained' needs text features in the records, which this data "
-       'version does not hold yet')
   need(m.audio_encoder == 'track', 'model.audio_encoder',
        "training pairs reviews with single tracks: use 'track'")
   need(l.kind in ('ranking', 'infonce', 'sigmoid'), 'loss.kind',
@@ -82,6 +79,18 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
        f"{t.embedding_update!r} is not 'lazy' or 'dense'")
   need(t.vocab_bucket > 0, 'train.vocab_bucket', 'must be positive')
   need(t.lstm_pack_rows >= 0, 'train.lstm_pack_rows', 'must be >= 0')
+
+
+def check_text_features(config: ml_collections.ConfigDict,
+                        manifest: dict[str, Any]) -> None:
+  """The pretrained encoder needs records that hold its features."""
+  if (config.model.text_encoder == 'pretrained'
+      and not input_pipeline.feature_dim_of(manifest)):
+    raise UserError(
+        "config.model.text_encoder='pretrained' reads precomputed text "
+        'features, and these records hold none: set '
+        'config.data.text_encoder_path to a local Hugging Face model '
+        'directory (preprocessing then computes them).')
 
 
 def total_steps(config: ml_collections.ConfigDict,
@@ -229,6 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   num_devices = jax.local_device_count()
   process_count, process_index = jax.process_count(), jax.process_index()
   validate_config(config, num_devices, process_count)
+  check_text_features(config, manifest)
   t = config.train
   steps = total_steps(config, manifest)
   local_batch = t.batch_size // process_count
@@ -402,8 +412,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                                         config.data.max_len)
   if not len(reviews['album']):
     raise UserError(f'The {split!r} split holds no reviews.')
-  sample = {'audio': audio.descriptors[:2],
-            'tokens': reviews['tokens'][:2], 'lengths': reviews['lengths'][:2]}
+  check_text_features(config, manifest)
+  sample = {k: reviews[k][:2] for k in ('tokens', 'lengths', 'text_features')
+            if k in reviews}
+  sample['audio'] = audio.descriptors[:2]
   abstract = jax.eval_shape(lambda: train_step.create_state(
       model, config, jax.random.PRNGKey(0), sample))
   ckpt = Checkpoints(ckpt_dir, config.train.keep_checkpoints, async_save=False)

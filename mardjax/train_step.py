@@ -64,7 +64,9 @@ def create_state(model: nn.Module, config: ml_collections.ConfigDict,
                  rng: jax.Array, sample: dict[str, np.ndarray]) -> TrainState:
   """Initialises parameters from one (per-device) sample batch."""
   variables = model.init(rng, audio=sample['audio'], tokens=sample['tokens'],
-                         lengths=sample['lengths'], train=False)
+                         lengths=sample['lengths'],
+                         text_features=sample.get('text_features'),
+                         train=False)
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
   tx = make_optimizer(config)
@@ -176,6 +178,8 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
     text = {'tokens': batch['tokens']}
   if 'starts' in batch:
     text['packed'] = {k: batch[k] for k in packing.KEYS if k != 'tokens'}
+  if 'text_features' in batch:
+    text['text_features'] = batch['text_features']
 
   def loss_fn(params, rows):
     variables = {'params': params}
