@@ -60,6 +60,7 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   config.model.text_encoder = 'mean'  # 'mean', 'lstm' or 'pretrained'.
   config.model.audio_encoder = 'track'  # 'track' or 'album_lstm'.
+  config.model.max_tracks = 32  # album_lstm: an album's first tracks read.
   config.model.word_dim = 256  # Word embedding size (text embedding).
   config.model.hidden_dim = 256  # Hidden layer of each branch's head.
   config.model.embed_dim = 128  # The joint embedding space.

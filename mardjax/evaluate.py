@@ -34,16 +34,27 @@ def _batched(fn: Callable[..., np.ndarray], arrays: tuple[np.ndarray, ...],
 
 
 def embed_albums(variables: dict[str, Any], model: models.TwoBranch,
-                 audio: input_pipeline.AudioTable, batch_size: int = 1024
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 audio: input_pipeline.AudioTable, batch_size: int = 1024,
+                 max_tracks: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Embeds every album that has tracks.
+
+  Track models: the normalised mean of the album's track embeddings. The
+  album LSTM: the model's embedding of the album's first `max_tracks`
+  tracks (required then).
 
   Returns:
     (album indices (C,), embeddings (C, E)).
   """
+  albums = np.flatnonzero(audio.counts > 0)
+  if model.audio_encoder == 'album_lstm':
+    if max_tracks < 1:
+      raise ValueError('embed_albums: the album LSTM needs max_tracks.')
+    embed_seq = jax.jit(lambda s, n: model.apply(variables, audio=s,
+                                                 num_tracks=n)['audio'])
+    return albums, _batched(
+        lambda a: embed_seq(*audio.sequences(a, max_tracks)), (albums,), 256)
   embed = jax.jit(lambda a: model.apply(variables, audio=a)['audio'])
   tracks = _batched(embed, (audio.descriptors,), batch_size)
-  albums = np.flatnonzero(audio.counts > 0)
   sums = np.add.reduceat(tracks, audio.offsets[albums], axis=0)
   means = sums / audio.counts[albums][:, None]
   return albums, means / np.maximum(
@@ -116,9 +127,11 @@ def retrieval_metrics(r: np.ndarray, num_candidates: int,
 
 def evaluate(variables: dict[str, Any], model: models.TwoBranch,
              audio: input_pipeline.AudioTable, reviews: dict[str, np.ndarray],
-             ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+             ks: tuple[int, ...] = DEFAULT_KS,
+             max_tracks: int = 0) -> dict[str, float]:
   """Review -> album retrieval metrics of `reviews` against all albums."""
-  albums, album_emb = embed_albums(variables, model, audio)
+  albums, album_emb = embed_albums(variables, model, audio,
+                                   max_tracks=max_tracks)
   review_emb = embed_reviews(variables, model, reviews)
   r = ranks(review_emb, reviews['album'], albums, album_emb)
   return retrieval_metrics(r, len(albums), ks)

@@ -69,6 +69,24 @@ class AudioTable:
     start = self.offsets[album]
     return self.descriptors[start:start + self.counts[album]]
 
+  def sequences(self, albums: np.ndarray, max_tracks: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Albums' tracks in album order for the album LSTM.
+
+    Args:
+      albums: (n,) album indices.
+      max_tracks: T; an album's tracks beyond its first T are left out.
+
+    Returns:
+      ((n, T, A) descriptors, zero past each album's tracks; (n,) counts).
+    """
+    counts = np.minimum(self.counts[albums], max_tracks)
+    slot = np.arange(max_tracks)[None, :]
+    valid = slot < counts[:, None]
+    rows = np.where(valid, self.offsets[albums][:, None] + slot, 0)
+    seq = self.descriptors[rows] * valid[..., None]
+    return seq.astype(np.float32), counts.astype(np.int32)
+
 
 def _paths(data_dir: str, manifest: dict[str, Any], kind: str,
            split: str) -> list[str]:
@@ -257,7 +275,8 @@ def pair_audio(album: np.ndarray, audio: AudioTable, seed: int, epoch: int,
 def train_batches(reviews: ReviewTable, audio: AudioTable, *,
                   batch_size: int, num_devices: int, max_len: int, seed: int,
                   neighbourhood: bool, reviews_per_album: int,
-                  start_epoch: int = 0, start_batch: int = 0
+                  start_epoch: int = 0, start_batch: int = 0,
+                  album_tracks: int = 0
                   ) -> Iterator[tuple[tuple[int, int], dict[str, np.ndarray]]]:
   """Endless training batches from position (start_epoch, start_batch).
 
@@ -271,6 +290,9 @@ def train_batches(reviews: ReviewTable, audio: AudioTable, *,
     neighbourhood: neighbourhood sampling (module docstring).
     reviews_per_album: group size under neighbourhood sampling.
     start_epoch, start_batch: where to start (a checkpoint's position).
+    album_tracks: > 0 pairs each review with its album's first
+      `album_tracks` tracks (the album LSTM): 'audio' is then (D, b, T, A)
+      and 'num_tracks' (D, b) counts them.
 
   Yields:
     ((epoch, batch number within the epoch), batch) with arrays shaped
@@ -293,9 +315,13 @@ def train_batches(reviews: ReviewTable, audio: AudioTable, *,
               'sampling)' if neighbourhood else '') + '.')
     for step in range(skip, len(order)):
       batch = make_batch(reviews, order[step], max_len)
-      groups = batch['album'].reshape(-1, r)
-      batch['audio'] = pair_audio(groups, audio, seed, epoch, step).reshape(
-          batch_size, audio.dim)
+      if album_tracks:
+        batch['audio'], batch['num_tracks'] = audio.sequences(
+            batch['album'], album_tracks)
+      else:
+        groups = batch['album'].reshape(-1, r)
+        batch['audio'] = pair_audio(groups, audio, seed, epoch,
+                                    step).reshape(batch_size, audio.dim)
       yield (epoch, step), {k: v.reshape(num_devices, -1, *v.shape[1:])
                             for k, v in batch.items()}
     epoch, skip = epoch + 1, 0

@@ -20,6 +20,8 @@ An empty review takes one position holding the padding token, as in the
 padded layout.
 """
 
+from typing import Callable
+
 import numpy as np
 
 KEYS = ('tokens', 'starts', 'ends', 'first', 'last')
@@ -44,7 +46,8 @@ def assign_rows(lengths: np.ndarray, capacity: int
   return row, start, used
 
 
-def pack(tokens: np.ndarray, lengths: np.ndarray, rows_multiple: int
+def pack(tokens: np.ndarray, lengths: np.ndarray, rows_multiple: int,
+         rows_max: Callable[[int], int] | None = None
          ) -> dict[str, np.ndarray]:
   """Packs each device's reviews.
 
@@ -53,6 +56,8 @@ def pack(tokens: np.ndarray, lengths: np.ndarray, rows_multiple: int
     lengths: (D, B) true lengths (0 allowed).
     rows_multiple: the row count R (the same on every device) is rounded up
       to a multiple of this, so that only a few shapes are compiled.
+    rows_max: with several processes, maps this process's row count to the
+      largest of any process (every device needs the same shape).
 
   Returns:
     The packed arrays (module docstring), each with a leading D axis.
@@ -60,6 +65,8 @@ def pack(tokens: np.ndarray, lengths: np.ndarray, rows_multiple: int
   d, b, p = tokens.shape
   plans = [assign_rows(lengths[i], p) for i in range(d)]
   rows = max(used for _, _, used in plans)
+  if rows_max is not None:
+    rows = rows_max(rows)
   rows = min(-(-rows // rows_multiple) * rows_multiple, b)
   out = {'tokens': np.zeros((d, rows, p), tokens.dtype),
          'starts': np.zeros((d, rows, p), bool),

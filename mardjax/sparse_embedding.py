@@ -23,7 +23,7 @@ The `mean` encoder then needs no (B, L, D) gather at all: its features are a
 (B, U) bag-of-words matrix times the (U, D) rows.
 """
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,13 +75,17 @@ def init(table: jax.Array) -> LazyAdamState:
 
 
 def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
-                  bucket: int) -> dict[str, np.ndarray]:
+                  bucket: int, union: Callable[[np.ndarray], np.ndarray]
+                  | None = None) -> dict[str, np.ndarray]:
   """Replaces 'tokens' (D, b, L) by 'slots' (D, b, L) and 'vocab_ids' (D, U).
 
   Args:
     batch: a training batch (`input_pipeline.train_batches`), D devices.
     vocab_size: V, rows of the embedding table; ids must be in [0, V).
     bucket: U is the number of distinct ids rounded up to a multiple of this.
+    union: with several processes, maps this process's (V,) bool mask of
+      ids present to the mask of ids present in any process, so that every
+      device of the run holds the same `vocab_ids`.
 
   Returns:
     A new dict: `vocab_ids[d]` is the same sorted id list on every device,
@@ -93,6 +97,9 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
   if present.shape[0] > vocab_size:
     raise ValueError(f'token id {present.shape[0] - 1} is outside the '
                      f'vocabulary of {vocab_size}')
+  present = present > 0
+  if union is not None:
+    present = union(present)
   ids = np.flatnonzero(present).astype(np.int32)
   lookup = np.zeros(vocab_size, np.int32)
   lookup[ids] = np.arange(ids.shape[0], dtype=np.int32)

@@ -54,8 +54,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
        "choose 'pmap' or 'shard_map'")
   need(m.text_encoder in models.TEXT_ENCODERS, 'model.text_encoder',
        f'{m.text_encoder!r} is not one of {models.TEXT_ENCODERS}')
-  need(m.audio_encoder == 'track', 'model.audio_encoder',
-       "training pairs reviews with single tracks: use 'track'")
+  need(m.audio_encoder in models.AUDIO_ENCODERS, 'model.audio_encoder',
+       f'{m.audio_encoder!r} is not one of {models.AUDIO_ENCODERS}')
+  need(m.max_tracks >= 1, 'model.max_tracks', 'must be at least 1')
   need(l.kind in ('ranking', 'infonce', 'sigmoid'), 'loss.kind',
        f'{l.kind!r} is not ranking, infonce or sigmoid')
   try:
@@ -79,6 +80,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
        f"{t.embedding_update!r} is not 'lazy' or 'dense'")
   need(t.vocab_bucket > 0, 'train.vocab_bucket', 'must be positive')
   need(t.lstm_pack_rows >= 0, 'train.lstm_pack_rows', 'must be >= 0')
+
+
+def album_tracks(config: ml_collections.ConfigDict) -> int:
+  """Tracks per album the pipeline gives the album LSTM (0: one track)."""
+  return (config.model.max_tracks
+          if config.model.audio_encoder == 'album_lstm' else 0)
 
 
 def check_text_features(config: ml_collections.ConfigDict,
@@ -260,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         max_len=config.data.max_len, seed=config.seed,
         neighbourhood=t.neighbourhood_sampling,
         reviews_per_album=t.reviews_per_album, start_epoch=epoch,
-        start_batch=batch)
+        start_batch=batch, album_tracks=album_tracks(config))
 
   try:
     (_, first) = next(batches(0, 0))
@@ -316,7 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def run_eval(step_):
     nonlocal best_recall
-    result = evaluate.evaluate(_eval_variables(state), model, audio, dev)
+    result = evaluate.evaluate(_eval_variables(state), model, audio, dev,
+                               max_tracks=album_tracks(config))
     writer.write_scalars(step_, {f'dev/{k}': v for k, v in result.items()})
     history.append({'step': step_, **{k: result[k] for k in (
         'recall@1', 'recall@5', 'recall@10')}})
@@ -329,12 +337,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   if start_step == 0:
     run_eval(0)
+  sync = train_step.ProcessSync() if process_count > 1 else None
   it = batches(*position)
   while step < steps:
     (epoch, batch_no), batch = next(it)
     key = jax.random.fold_in(base_key, step)
     batch = train_step.prepare_batch(state, batch, t.vocab_bucket,
-                                     train_step.lstm_pack_rows(config))
+                                     train_step.lstm_pack_rows(config),
+                                     sync=sync)
     state, m = step_fn(state, put(batch), key)
     step += 1
     position = (epoch, batch_no + 1)
@@ -368,7 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if steps > start_step:
     metrics = run_eval(steps)
   else:  # Already trained: report, save nothing.
-    metrics = evaluate.evaluate(_eval_variables(state), model, audio, dev)
+    metrics = evaluate.evaluate(_eval_variables(state), model, audio, dev,
+                                max_tracks=album_tracks(config))
   ckpt.close()
   best.close()
   writer.flush()
@@ -416,6 +427,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   sample = {k: reviews[k][:2] for k in ('tokens', 'lengths', 'text_features')
             if k in reviews}
   sample['audio'] = audio.descriptors[:2]
+  if album_tracks(config):
+    sample['audio'], sample['num_tracks'] = audio.sequences(
+        np.flatnonzero(audio.counts)[:2], album_tracks(config))
   abstract = jax.eval_shape(lambda: train_step.create_state(
       model, config, jax.random.PRNGKey(0), sample))
   ckpt = Checkpoints(ckpt_dir, config.train.keep_checkpoints, async_save=False)
@@ -428,5 +442,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   if restored is None:
     raise UserError(f'No readable checkpoint in {ckpt_dir!r}.')
   step, state, _ = restored
-  result = evaluate.evaluate(_eval_variables(state), model, audio, reviews)
+  result = evaluate.evaluate(_eval_variables(state), model, audio, reviews,
+                             max_tracks=album_tracks(config))
   return dict(result, step=step, split=split)

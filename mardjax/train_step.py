@@ -28,6 +28,7 @@ import flax.linen as nn
 from flax import struct
 from flax.training import train_state
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
@@ -66,7 +67,7 @@ def create_state(model: nn.Module, config: ml_collections.ConfigDict,
   variables = model.init(rng, audio=sample['audio'], tokens=sample['tokens'],
                          lengths=sample['lengths'],
                          text_features=sample.get('text_features'),
-                         train=False)
+                         num_tracks=sample.get('num_tracks'), train=False)
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
   tx = make_optimizer(config)
@@ -88,9 +89,25 @@ def lazy_embedding(config: ml_collections.ConfigDict, params) -> bool:
           and sparse_embedding.has_table(params))
 
 
+class ProcessSync:
+  """Host-side agreement between the processes of a multi-host run.
+
+  Every device of a run must see arrays of one shape and, for lazy
+  embedding updates, one list of word ids: batch preparation combines what
+  the processes computed from their own shares of the batch.
+  """
+
+  def any(self, mask: np.ndarray) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(mask)).any(0)
+
+  def max(self, value: int) -> int:
+    return int(np.asarray(multihost_utils.process_allgather(
+        np.int64(value))).max())
+
+
 def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
-                  vocab_bucket: int, pack_rows: int = 0
-                  ) -> dict[str, np.ndarray]:
+                  vocab_bucket: int, pack_rows: int = 0,
+                  sync: ProcessSync | None = None) -> dict[str, np.ndarray]:
   """The host-side batch transform the state's step expects (numpy).
 
   Args:
@@ -99,14 +116,17 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
     vocab_bucket: `config.train.vocab_bucket`.
     pack_rows: > 0 packs the reviews end to end (LSTM encoder), rows
       rounded up to a multiple of this (`mardjax.packing`).
+    sync: with several processes, combines their row counts and word ids.
   """
   if pack_rows:
     batch = dict(batch)
-    batch.update(packing.pack(batch['tokens'], batch['lengths'], pack_rows))
+    batch.update(packing.pack(batch['tokens'], batch['lengths'], pack_rows,
+                              sync.max if sync else None))
   if state.embed_tx is None:
     return batch
   table, _ = sparse_embedding.split_table(state.params)
-  return sparse_embedding.compact_batch(batch, table.shape[0], vocab_bucket)
+  return sparse_embedding.compact_batch(batch, table.shape[0], vocab_bucket,
+                                        sync.any if sync else None)
 
 
 def lstm_pack_rows(config: ml_collections.ConfigDict) -> int:
@@ -180,6 +200,8 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
     text['packed'] = {k: batch[k] for k in packing.KEYS if k != 'tokens'}
   if 'text_features' in batch:
     text['text_features'] = batch['text_features']
+  if 'num_tracks' in batch:  # The album LSTM: (b, T, A) audio.
+    text['num_tracks'] = batch['num_tracks']
 
   def loss_fn(params, rows):
     variables = {'params': params}

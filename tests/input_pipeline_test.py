@@ -152,3 +152,15 @@ def test_load_reviews(tiny_records):
   n = manifest['counts']['reviews']['dev']
   assert dev['tokens'].shape == (n, 64) and dev['album'].shape == (n,)
   assert np.all(dev['lengths'] > 0)
+
+
+def test_album_sequences_for_the_album_lstm(tiny_records, table):
+  (_, batch), = _batches(tiny_records, table, 1, album_tracks=3)
+  assert batch['audio'].shape == (4, 4, 3, 369)
+  for a, seq, n in zip(batch['album'].reshape(-1),
+                       batch['audio'].reshape(-1, 3, 369),
+                       batch['num_tracks'].reshape(-1)):
+    tracks = table.album_tracks(a)
+    assert n == min(3, len(tracks))
+    np.testing.assert_array_equal(seq[:n], tracks[:n])
+    assert not np.any(seq[n:])

@@ -53,6 +53,17 @@ def test_training_learns_and_reports_recall(tiny_records, tmp_path):
   np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
 
 
+def test_album_lstm_trains_and_evaluates(tiny_records, tmp_path):
+  data_dir, _ = tiny_records
+  config = _config(num_steps=4, eval_every=4, log_every=2, checkpoint_every=4)
+  config.model.audio_encoder = 'album_lstm'
+  config.model.max_tracks = 6
+  state, metrics = train.train_and_evaluate(config, str(tmp_path), data_dir)
+  assert int(state.step) == 4 and 'album_rnn' in state.params
+  again = train.evaluate_checkpoint(config, str(tmp_path), data_dir)
+  np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
+
+
 @pytest.mark.parametrize('parallelism', ['pmap', 'shard_map'])
 def test_resumed_run_ends_with_the_same_parameters(tiny_records, tmp_path,
                                                    parallelism):
