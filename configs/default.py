@@ -102,6 +102,13 @@ def get_config():
   config.train.keep_checkpoints = 3
   config.train.eval_every = 1000  # Steps between dev recall evaluations.
 
+  # --- Evaluation (--mode=eval) ---------------------------------------------
+  config.eval = ml_collections.ConfigDict()
+  # 'dev': held-out reviews of training albums; 'test': reviews of albums
+  # never seen in training.
+  config.eval.split = 'dev'
+  config.eval.bootstrap = 1000  # Resamples for the 95% CIs of recall@K.
+
   # --- Benchmarks (--mode=benchmark) -----------------------------------------
   config.benchmark = ml_collections.ConfigDict()
   # 'data': generate + preprocess the synth_preset corpus; 'train': train-step

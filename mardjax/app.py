@@ -76,7 +76,7 @@ def run_train(config, workdir: str, force: bool = False,
 
 
 def run_eval(config, workdir: str) -> dict[str, Any]:
-  """Evaluates the workdir's newest checkpoint on the dev split."""
+  """Evaluates the workdir's newest checkpoint (split: config.eval.split)."""
   from mardjax import train  # pylint: disable=g-import-not-at-top
   return train.evaluate_checkpoint(config, workdir,
                                    preprocess.output_dir(config, workdir))

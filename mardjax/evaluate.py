@@ -1,22 +1,23 @@
-"""Review -> album retrieval: embed, rank exactly, report recall@K.
+"""Evaluation: embed albums and held-out reviews, then retrieval metrics.
 
 Candidates are every album with audio (album embedding = the L2-normalised
-mean of its tracks' embeddings); queries are the held-out reviews of a split.
-For each query the rank of its own album is 1 + the number of albums strictly
-closer, computed on the device in chunks of queries so memory stays
-(chunk, num_albums) whatever the split size.
+mean of its tracks' embeddings, or the album LSTM's); queries are the
+held-out reviews of a split (`dev`: reviews of training albums held out
+review by review; `test`: reviews of albums never seen in training). The
+ranking math (exact, chunked, tie-aware, bootstrap CIs) is
+`mardjax.metrics`.
 """
 
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mardjax import input_pipeline
+from mardjax import metrics
 from mardjax import models
 
-DEFAULT_KS = (1, 5, 10)
+DEFAULT_KS = metrics.DEFAULT_KS
 
 
 def _batched(fn: Callable[..., np.ndarray], arrays: tuple[np.ndarray, ...],
@@ -62,7 +63,7 @@ def embed_albums(variables: dict[str, Any], model: models.TwoBranch,
 
 
 def embed_reviews(variables: dict[str, Any], model: models.TwoBranch,
-                  reviews: dict[str, np.ndarray], batch_size: int = 512
+                  reviews: dict[str, np.ndarray], batch_size: int = 256
                   ) -> np.ndarray:
   """(N, E) embeddings of `input_pipeline.load_reviews` output."""
   if model.text_encoder == 'pretrained':
@@ -73,65 +74,66 @@ def embed_reviews(variables: dict[str, Any], model: models.TwoBranch,
   return _batched(embed, (reviews['tokens'], reviews['lengths']), batch_size)
 
 
-@jax.jit
-def _ranks_chunk(queries: jax.Array, true_rows: jax.Array,
-                 candidates: jax.Array) -> jax.Array:
-  """1 + #candidates strictly closer than the true one; queries (q, E)."""
-  # Squared distances order the same as distances; unit vectors: 2 - 2 cos.
-  sims = queries @ candidates.T
-  true_sim = jnp.take_along_axis(sims, true_rows[:, None], axis=1)
-  return 1 + jnp.sum(sims > true_sim, axis=1)
-
-
-def ranks(queries: np.ndarray, query_albums: np.ndarray, cand_albums:
-          np.ndarray, candidates: np.ndarray, chunk: int = 1024) -> np.ndarray:
-  """Rank of each query's album among the candidates (1 = first).
-
-  Args:
-    queries: (Q, E) unit vectors; query_albums: (Q,) album index.
-    cand_albums: (C,) album index of each candidate; candidates: (C, E).
-    chunk: queries per device call.
-  """
-  row_of = {int(a): i for i, a in enumerate(cand_albums)}
-  missing = [int(a) for a in query_albums if int(a) not in row_of]
-  if missing:
-    raise ValueError(f'{len(missing)} queries name albums without audio, '
-                     f'e.g. {missing[:3]}.')
-  true_rows = np.asarray([row_of[int(a)] for a in query_albums], np.int32)
-  cands = jnp.asarray(candidates)
-  out = []
-  for s in range(0, len(queries), chunk):
-    q, t = queries[s:s + chunk], true_rows[s:s + chunk]
-    short = chunk - len(q)
-    if short:  # One compiled shape for every chunk.
-      q = np.concatenate([q, np.zeros((short, q.shape[1]), q.dtype)])
-      t = np.concatenate([t, np.zeros(short, t.dtype)])
-    out.append(np.asarray(_ranks_chunk(jnp.asarray(q), jnp.asarray(t),
-                                       cands))[:chunk - short])
-  return np.concatenate(out) if out else np.zeros(0, np.int64)
-
-
-def retrieval_metrics(r: np.ndarray, num_candidates: int,
-                      ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
-  """recall@K (fractions), median rank, MRR, and random-ranking recall@K."""
-  if len(r) == 0:
-    raise ValueError('No queries to evaluate.')
-  out = {f'recall@{k}': float(np.mean(r <= k)) for k in ks}
-  out.update({f'random_recall@{k}': min(1.0, k / num_candidates) for k in ks})
-  out['median_rank'] = float(np.median(r))
-  out['mrr'] = float(np.mean(1.0 / r))
-  out['num_queries'] = int(len(r))
-  out['num_candidates'] = int(num_candidates)
-  return out
-
-
 def evaluate(variables: dict[str, Any], model: models.TwoBranch,
              audio: input_pipeline.AudioTable, reviews: dict[str, np.ndarray],
-             ks: tuple[int, ...] = DEFAULT_KS,
-             max_tracks: int = 0) -> dict[str, float]:
-  """Review -> album retrieval metrics of `reviews` against all albums."""
+             ks: tuple[int, ...] = DEFAULT_KS, max_tracks: int = 0,
+             full: bool = False, genres: np.ndarray | None = None,
+             bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+  """Retrieval metrics of held-out `reviews` against every album with audio.
+
+  Args:
+    variables, model: the trained model.
+    audio: every album's tracks (candidates: albums with at least one).
+    reviews: `input_pipeline.load_reviews` output of the split.
+    ks: the K of recall@K.
+    max_tracks: the album LSTM's tracks per album (0 for track models).
+    full: also album -> review, bootstrap CIs and the per-genre breakdown
+      (what --mode=eval reports); otherwise review -> album only (the
+      training loop's periodic check).
+    genres: (num_albums,) root genre of each album (full only).
+    bootstrap: resamples for the CIs.
+    seed: seeds the bootstrap.
+
+  Returns:
+    review -> album 'recall@K', 'random_recall@K', 'median_rank', 'mrr',
+    'num_queries', 'num_candidates'; with `full` also 'recall@K_ci95',
+    'album_to_review/...' and 'per_genre'.
+  """
+  if not len(reviews['album']):
+    raise ValueError('No held-out reviews to evaluate.')
   albums, album_emb = embed_albums(variables, model, audio,
                                    max_tracks=max_tracks)
   review_emb = embed_reviews(variables, model, reviews)
-  r = ranks(review_emb, reviews['album'], albums, album_emb)
-  return retrieval_metrics(r, len(albums), ks)
+  counts = metrics.review_to_album_counts(review_emb, reviews['album'],
+                                          albums, album_emb)
+  out = metrics.summarize(*counts, len(albums), ks,
+                          bootstrap=bootstrap if full else 0, seed=seed)
+  for k, v in metrics.random_recall(counts[2], len(albums), ks).items():
+    out[f'random_recall@{k}'] = v
+  if not full:
+    return out
+  query_albums = np.unique(reviews['album'])
+  rows = np.searchsorted(albums, query_albums)
+  back = metrics.album_to_review_counts(album_emb[rows], query_albums,
+                                        review_emb, reviews['album'])
+  prefix = 'album_to_review/'
+  out.update(metrics.summarize(*back, len(review_emb), ks, prefix=prefix,
+                               bootstrap=bootstrap, seed=seed + 1))
+  for k, v in metrics.random_recall(back[2], len(review_emb), ks).items():
+    out[f'{prefix}random_recall@{k}'] = v
+  if genres is not None:
+    out['per_genre'] = per_genre(counts, genres[reviews['album']], ks)
+  return out
+
+
+def per_genre(counts: tuple[np.ndarray, ...], query_genres: np.ndarray,
+              ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, dict[str, Any]]:
+  """review -> album recall@K of the queries of each root genre."""
+  out = {}
+  for genre in sorted(set(query_genres.tolist())):
+    sel = query_genres == genre
+    out[genre or '(none)'] = {
+        'num_queries': int(sel.sum()),
+        **{f'recall@{k}': float(metrics.success_probability(
+            *(c[sel] for c in counts), k).mean()) for k in ks}}
+  return out

@@ -409,12 +409,30 @@ def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
+def load_genres(data_dir: str, manifest: dict[str, Any]) -> np.ndarray:
+  """(num_albums,) root genre of each album, from albums.jsonl."""
+  genres = np.full(manifest['counts']['albums'], '', object)
+  with open(os.path.join(data_dir, manifest['albums_file'])) as f:
+    for line in f:
+      album = json.loads(line)
+      genres[album['album_index']] = album.get('genre') or ''
+  return genres
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        data_dir: str, split: str = 'dev') -> dict[str, Any]:
-  """Evaluates the newest readable checkpoint of `workdir` on `split`."""
+                        data_dir: str) -> dict[str, Any]:
+  """Full evaluation of the newest readable checkpoint of `workdir`.
+
+  Split `config.eval.split`: both directions, bootstrap CIs, per-genre
+  recall (`evaluate.evaluate(full=True)`); the numbers also go to
+  TensorBoard under `workdir/eval`.
+  """
+  split = config.eval.split
+  if split not in ('dev', 'test'):
+    raise UserError(f"config.eval.split={split!r}: choose 'dev' or 'test'.")
   manifest = preprocess.load_manifest(data_dir)
   ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(ckpt_dir):
+  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
     raise UserError(f'No checkpoint in {workdir!r}: train first '
                     '(--mode=train).')
   model = models.build(config.model, manifest['vocab']['size'])
@@ -422,7 +440,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   reviews = input_pipeline.load_reviews(data_dir, manifest, split,
                                         config.data.max_len)
   if not len(reviews['album']):
-    raise UserError(f'The {split!r} split holds no reviews.')
+    raise UserError(f'The {split!r} split holds no held-out reviews '
+                    f'(manifest counts: {manifest["counts"]["reviews"]}); '
+                    'choose another config.eval.split or preprocess with a '
+                    'larger config.data.dev_fraction / test_album_fraction.')
   check_text_features(config, manifest)
   sample = {k: reviews[k][:2] for k in ('tokens', 'lengths', 'text_features')
             if k in reviews}
@@ -442,6 +463,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   if restored is None:
     raise UserError(f'No readable checkpoint in {ckpt_dir!r}.')
   step, state, _ = restored
-  result = evaluate.evaluate(_eval_variables(state), model, audio, reviews,
-                             max_tracks=album_tracks(config))
-  return dict(result, step=step, split=split)
+  start = time.time()
+  result = evaluate.evaluate(
+      _eval_variables(state), model, audio, reviews,
+      max_tracks=album_tracks(config), full=True,
+      genres=load_genres(data_dir, manifest),
+      bootstrap=config.eval.bootstrap, seed=config.seed)
+  result = dict(result, step=step, split=split,
+                eval_seconds=round(time.time() - start, 2))
+  if jax.process_index() == 0:
+    writer = metric_writers.create_default_writer(
+        os.path.join(workdir, 'eval'))
+    writer.write_scalars(step, {f'{split}/{k}': v for k, v in result.items()
+                                if isinstance(v, (int, float))})
+    writer.flush()
+  return result

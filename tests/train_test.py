@@ -51,6 +51,32 @@ def test_training_learns_and_reports_recall(tiny_records, tmp_path):
   again = train.evaluate_checkpoint(config, str(tmp_path), data_dir)
   assert again['step'] == 60
   np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
+  # The full evaluation: both directions, CIs, chance beside, per genre.
+  lo, hi = again['recall@10_ci95']
+  assert lo <= again['recall@10'] <= hi
+  assert again['album_to_review/recall@10'] > again[
+      'album_to_review/random_recall@10']
+  assert sum(g['num_queries'] for g in again['per_genre'].values()) == (
+      again['num_queries'])
+  assert glob.glob(str(tmp_path / 'eval' / 'events.out.tfevents.*'))
+  config.eval.split = 'test'
+  test = train.evaluate_checkpoint(config, str(tmp_path), data_dir)
+  assert test['split'] == 'test' and test['num_queries'] > 0
+
+
+def test_eval_of_a_split_without_reviews_is_a_clear_error(tiny_corpus_master,
+                                                         tmp_path):
+  from mardjax import preprocess  # pylint: disable=g-import-not-at-top
+  config = _config(num_steps=2, eval_every=2, checkpoint_every=2)
+  config.data.test_album_fraction = 0.0
+  data_dir = str(tmp_path / 'data')
+  preprocess.run(config, tiny_corpus_master, data_dir, show_progress=False)
+  train.train_and_evaluate(config, str(tmp_path / 'w'), data_dir)
+  config.eval.split = 'test'
+  with pytest.raises(UserError, match='holds no held-out reviews'):
+    train.evaluate_checkpoint(config, str(tmp_path / 'w'), data_dir)
+  with pytest.raises(UserError, match='No checkpoint'):
+    train.evaluate_checkpoint(config, str(tmp_path / 'empty'), data_dir)
 
 
 def test_album_lstm_trains_and_evaluates(tiny_records, tmp_path):
