@@ -109,6 +109,22 @@ def get_config():
   config.eval.split = 'dev'
   config.eval.bootstrap = 1000  # Resamples for the 95% CIs of recall@K.
 
+  # --- Baselines (--mode=baselines) -----------------------------------------
+  config.baselines = ml_collections.ConfigDict()
+  # Text vectors: mean GloVe vectors from this local file ('word v1 ... vD'
+  # per line), else TF-IDF + truncated SVD to text_dim, fitted on training.
+  config.baselines.glove_path = ''
+  config.baselines.glove_dim = 300
+  config.baselines.text_dim = 300
+  config.baselines.cca_dims = (50, 100)  # One CCA row per latent size.
+  config.baselines.cca_reg = 1e-3  # Ridge, times each side's mean variance.
+  config.baselines.wsabie_dim = 100
+  config.baselines.wsabie_steps = 2000
+  config.baselines.wsabie_batch = 256
+  config.baselines.wsabie_samples = 100  # Negatives drawn per pair (WARP).
+  config.baselines.wsabie_learning_rate = 1e-2
+  config.baselines.wsabie_margin = 0.1
+
   # --- Benchmarks (--mode=benchmark) -----------------------------------------
   config.benchmark = ml_collections.ConfigDict()
   # 'data': generate + preprocess the synth_preset corpus; 'train': train-step
@@ -117,5 +133,9 @@ def get_config():
   config.benchmark.kind = 'data'
   config.benchmark.train_steps = 30  # Timed steps (LSTM: a tenth).
   config.benchmark.pipeline_batches = 200  # Timed input-pipeline batches.
+  # 'eval': metrics time after embedding at this scale (MARD: 65,566 albums,
+  # ~26,400 held-out test reviews).
+  config.benchmark.eval_albums = 65566
+  config.benchmark.eval_reviews = 26397
 
   return config

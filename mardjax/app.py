@@ -13,7 +13,7 @@ from mardjax import preprocess
 from mardjax import synth
 from mardjax.errors import UserError
 
-MODES = ('train', 'eval', 'synth', 'preprocess', 'benchmark')
+MODES = ('train', 'eval', 'baselines', 'synth', 'preprocess', 'benchmark')
 SYNTH_SUBDIR = 'synthetic_mard'
 
 
@@ -82,6 +82,14 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
                                    preprocess.output_dir(config, workdir))
 
 
+def run_baselines(config, workdir: str, show_progress: bool = True
+                  ) -> dict[str, Any]:
+  """CCA, WSABIE and random on config.eval.split (preprocessing reused)."""
+  from mardjax import baselines  # pylint: disable=g-import-not-at-top
+  run_preprocess(config, workdir, False, show_progress)
+  return baselines.run(config, preprocess.output_dir(config, workdir))
+
+
 def init_distributed(coordinator_address: str | None, num_processes: int,
                      process_id: int) -> None:
   """Joins a multi-process JAX run (several hosts, or processes on one).
@@ -105,6 +113,8 @@ def run_mode(mode: str, config, workdir: str, force: bool = False,
     return run_train(config, workdir, force, show_progress)
   if mode == 'eval':
     return run_eval(config, workdir)
+  if mode == 'baselines':
+    return run_baselines(config, workdir, show_progress)
   if mode == 'synth':
     return run_synth(config, workdir, show_progress)
   if mode == 'preprocess':
@@ -117,6 +127,8 @@ def run_mode(mode: str, config, workdir: str, force: bool = False,
       return benchmark.run_pipeline(config, workdir, run_mode)
     if config.benchmark.kind == 'data':
       return benchmark.run(config, workdir, run_mode)
+    if config.benchmark.kind == 'eval':
+      return benchmark.run_eval(config)
     raise UserError(f'config.benchmark.kind={config.benchmark.kind!r}: '
-                    "choose 'data', 'train' or 'pipeline'.")
+                    "choose 'data', 'train', 'pipeline' or 'eval'.")
   raise UserError(f'Unknown mode {mode!r}; choose from {MODES}.')

@@ -1,0 +1,85 @@
+"""CCA, WSABIE (WARP), GloVe reading, and the baselines runner."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from mardjax import baselines
+from mardjax.errors import UserError
+
+
+def test_cca_finds_the_shared_directions():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(4000, 2))
+  x = np.c_[z, rng.normal(size=(4000, 3))] @ rng.normal(size=(5, 5))
+  y = np.c_[z + 0.1 * rng.normal(size=(4000, 2)),
+            rng.normal(size=(4000, 4))] @ rng.normal(size=(6, 6))
+  cca = baselines.CCA(3, reg=1e-6).fit(x, y)
+  assert cca.corr[0] > 0.98 and cca.corr[1] > 0.98 and cca.corr[2] < 0.1
+  # Paired rows land close together in the shared space (2 dimensions of
+  # signal: an angle; chance of top-1 among 200 is 0.005).
+  a, b = cca.audio(x[:200]), cca.text(y[:200])
+  sims = a @ b.T
+  assert np.mean(np.argmax(sims, 1) == np.arange(200)) > 0.1
+
+
+def test_warp_loss_hand_computed():
+  params = {'text': jnp.eye(2), 'audio': jnp.eye(2)}
+  text = jnp.array([[1.0, 0.0]])
+  pos = jnp.array([[0.5, 0.0]])  # score 0.5
+  pool = jnp.array([[0.0, 1.0], [0.9, 0.0], [0.2, 0.0]])  # 0, 0.9, 0.2
+  # Draws: album 0 (no violation: 0.1 - 0.5 + 0 < 0), album 1 (violates by
+  # 0.1 - 0.5 + 0.9 = 0.5) on trial 2: rank = floor((3 - 1) / 2) = 1,
+  # weight L(1) = 1.
+  loss = baselines.warp_loss(params, text, pos, pool, jnp.array([[0, 1, 2]]),
+                             margin=0.1, num_candidates=3)
+  assert float(loss) == pytest.approx(0.5)
+  none = baselines.warp_loss(params, text, pos, pool, jnp.array([[0, 0]]),
+                             margin=0.1, num_candidates=3)
+  assert float(none) == 0.0
+
+
+def _glove(tmp_path, lines):
+  path = tmp_path / 'glove.txt'
+  path.write_text('\n'.join(lines) + '\n')
+  return str(path)
+
+
+def test_glove_reading_and_its_errors(tmp_path):
+  words = ['<pad>', '<unk>', 'good', 'song']
+  ok = _glove(tmp_path, ['good 1 0 0', 'other 0 0 1', 'song 0 2 0'])
+  g = baselines.GloveMean(ok, 3, words)
+  vec = g({'tokens': np.array([[2, 3, 1, 0]]), 'lengths': np.array([3])})
+  np.testing.assert_allclose(vec, [[0.5, 1.0, 0.0]])  # <unk> has no vector.
+  with pytest.raises(UserError, match=r'glove.txt:2: 2 values.*glove_dim=3'):
+    baselines.GloveMean(_glove(tmp_path, ['good 1 0 0', 'song 1 0']), 3,
+                        words)
+  with pytest.raises(UserError, match='glove.txt:1: a value is not a number'):
+    baselines.GloveMean(_glove(tmp_path, ['good 1 x 0']), 3, words)
+  with pytest.raises(UserError, match='not a GloVe line'):
+    baselines.GloveMean(_glove(tmp_path, ['good']), 3, words)
+  with pytest.raises(UserError, match='does not exist'):
+    baselines.GloveMean(str(tmp_path / 'missing.txt'), 3, words)
+
+
+def test_runner_reports_every_baseline(tiny_records):
+  data_dir, manifest = tiny_records
+  config = test_config.get_config()
+  config.baselines.text_dim = 16
+  config.baselines.cca_dims = (4, 8)
+  config.baselines.wsabie_steps = 30
+  out = baselines.run(config, data_dir)
+  rows = {r['baseline']: r for r in out['baselines']}
+  assert set(rows) == {'text features', 'cca-4', 'cca-8', 'wsabie', 'random'}
+  n_albums = rows['random']['num_candidates']
+  assert rows['random']['recall@10'] == pytest.approx(min(1, 10 / n_albums))
+  assert rows['random']['median_rank'] == pytest.approx((n_albums + 1) / 2)
+  for name in ('cca-4', 'cca-8', 'wsabie'):
+    r = rows[name]
+    assert r['num_queries'] == manifest['counts']['reviews']['dev']
+    assert 0 <= r['recall@1'] <= r['recall@5'] <= r['recall@10'] <= 1
+    assert 0 <= r['album_to_review/recall@10'] <= 1
+  # On the synthetic corpus text and audio share latent traits: CCA finds
+  # them, above chance even on the tiny corpus.
+  assert rows['cca-8']['mrr'] > 1.5 * rows['random']['mrr']
