@@ -137,5 +137,6 @@ def get_config():
   # ~26,400 held-out test reviews).
   config.benchmark.eval_albums = 65566
   config.benchmark.eval_reviews = 26397
+  config.benchmark.eval_query_albums = 6557  # Test albums holding them.
 
   return config

@@ -21,8 +21,9 @@ so a model that maps everything to one point scores chance, not 1.0
 first right answer is g + 1 + t / (m + 1); for m = 1 the reciprocal rank's
 expectation is (H(g + t + 1) - H(g)) / (t + 1).
 
-Similarities are computed on the device in chunks of queries, so memory stays
-(chunk, candidates) whatever the split's size.
+Scores are computed on the device in chunks of queries and blocks of
+candidates, so memory stays (chunk, block) whatever the split's size.
+Scores within TIE_TOLERANCE of the right answer's count as tied.
 """
 
 from typing import Any
@@ -35,41 +36,83 @@ from scipy import special
 DEFAULT_KS = (1, 5, 10)
 
 
+# Scores closer than this count as a tie: float32 dot products of unit
+# vectors carry round-off of this order, and the threshold (the right
+# answer's score) is computed apart from the candidate scores.
+TIE_TOLERANCE = 1e-5
+# Candidates per block: a (chunk, block) score tile stays in cache while it
+# is compared and counted, instead of a (chunk, all candidates) array
+# written to memory and read back (half the time at MARD scale).
+_BLOCK = 4096
+
+
 @jax.jit
-def _review_counts(queries, true_rows, candidates):
-  sims = queries @ candidates.T
-  true = jnp.take_along_axis(sims, true_rows[:, None], axis=1)
-  greater = jnp.sum(sims > true, axis=1)
-  tied = jnp.sum(sims == true, axis=1) - 1  # Less the right album itself.
+def _count_block(carry, queries, thresholds, query_ids, block, block_ids):
+  greater, tied = carry
+  sims = queries @ block.T
+  other = query_ids[:, None] != block_ids[None, :]
+  above = sims > thresholds[:, None] + TIE_TOLERANCE
+  close = jnp.abs(sims - thresholds[:, None]) <= TIE_TOLERANCE
+  return (greater + jnp.sum(above & other, 1, dtype=jnp.int32),
+          tied + jnp.sum(close & other, 1, dtype=jnp.int32))
+
+
+@jax.jit
+def _count_chunk(queries, thresholds, query_ids, blocks, block_ids):
+  zeros = jnp.zeros(queries.shape[0], jnp.int32)
+
+  def body(carry, blk):
+    return _count_block(carry, queries, thresholds, query_ids, *blk), None
+
+  (greater, tied), _ = jax.lax.scan(body, (zeros, zeros), (blocks, block_ids))
   return greater, tied
 
 
-@jax.jit
-def _album_counts(queries, query_ids, candidates, candidate_ids):
-  sims = queries @ candidates.T
-  own = query_ids[:, None] == candidate_ids[None, :]
-  best = jnp.max(jnp.where(own, sims, -jnp.inf), axis=1, keepdims=True)
-  greater = jnp.sum((sims > best) & ~own, axis=1)
-  tied = jnp.sum((sims == best) & ~own, axis=1)
-  right = jnp.sum((sims == best) & own, axis=1)
-  return greater, tied, right
+def count_wrong_above(queries: np.ndarray, thresholds: np.ndarray,
+                      query_ids: np.ndarray, candidates: np.ndarray,
+                      candidate_ids: np.ndarray, chunk: int = 1024
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Per query: wrong candidates scoring above / tied with its threshold.
 
+  Args:
+    queries: (Q, E) unit vectors; thresholds: (Q,) the score of each
+      query's best right answer; query_ids: (Q,) an id per query.
+    candidates: (C, E); candidate_ids: (C,) (>= 0); a candidate is right
+      for a query when the ids match.
+    chunk: queries per device call.
 
-def _chunked(fn, queries: np.ndarray, per_query: tuple[np.ndarray, ...],
-             fixed: tuple[np.ndarray, ...], chunk: int) -> list[np.ndarray]:
-  """fn over query chunks, the last padded so one shape is compiled."""
-  fixed = tuple(jnp.asarray(f) for f in fixed)
-  outs = []
+  Returns:
+    (greater (Q,), tied (Q,)) counts of wrong candidates.
+  """
+  e = candidates.shape[1]
+  block = min(_BLOCK, max(1, len(candidates)))
+  pad = (-len(candidates)) % block
+  # Padding rows score exactly 0 and are wrong for every query (id -1):
+  # counted like the rest, then taken off below.
+  blocks = np.concatenate([candidates, np.zeros((pad, e), np.float32)]
+                          ).reshape(-1, block, e).astype(np.float32)
+  ids = np.concatenate([candidate_ids, np.full(pad, -1)]).reshape(
+      -1, block).astype(np.int32)
+  blocks, ids = jnp.asarray(blocks), jnp.asarray(ids)
+  chunk = min(chunk, max(1, len(queries)))
+  greater, tied = [], []
   for s in range(0, len(queries), chunk):
-    parts = [queries[s:s + chunk]] + [p[s:s + chunk] for p in per_query]
+    parts = [queries[s:s + chunk].astype(np.float32),
+             thresholds[s:s + chunk].astype(np.float32),
+             query_ids[s:s + chunk].astype(np.int32)]
     short = chunk - len(parts[0])
-    if short:
+    if short:  # One compiled shape for every chunk.
       parts = [np.concatenate([p, np.repeat(p[-1:], short, 0)]) for p in parts]
-    res = fn(*(jnp.asarray(p) for p in parts), *fixed)
-    outs.append([np.asarray(r)[:chunk - short] for r in res])
-  if not outs:
-    return [np.zeros(0, np.int64) for _ in range(3)]
-  return [np.concatenate(col) for col in zip(*outs)]
+    g, t = _count_chunk(*(jnp.asarray(p) for p in parts), blocks, ids)
+    greater.append(np.asarray(g)[:chunk - short])
+    tied.append(np.asarray(t)[:chunk - short])
+  greater = np.concatenate(greater) if greater else np.zeros(0, np.int64)
+  tied = np.concatenate(tied) if tied else np.zeros(0, np.int64)
+  if pad:
+    thr = thresholds.astype(np.float32)
+    greater = greater - pad * (0 > thr + TIE_TOLERANCE)
+    tied = tied - pad * (np.abs(thr) <= TIE_TOLERANCE)
+  return greater.astype(np.int64), tied.astype(np.int64)
 
 
 def review_to_album_counts(queries: np.ndarray, query_albums: np.ndarray,
@@ -87,10 +130,11 @@ def review_to_album_counts(queries: np.ndarray, query_albums: np.ndarray,
   if missing:
     raise ValueError(f'{len(missing)} query albums have no audio, e.g. '
                      f'{missing[:3]}.')
-  true_rows = np.asarray([row_of[int(a)] for a in query_albums], np.int32)
-  greater, tied = _chunked(_review_counts, queries.astype(np.float32),
-                           (true_rows,), (candidates.astype(np.float32),),
-                           chunk)[:2]
+  true_rows = np.asarray([row_of[int(a)] for a in query_albums], np.int64)
+  thresholds = np.einsum('qe,qe->q', queries.astype(np.float32),
+                         candidates[true_rows].astype(np.float32))
+  greater, tied = count_wrong_above(queries, thresholds, query_albums,
+                                    candidates, cand_albums, chunk)
   return greater, tied, np.ones_like(greater)
 
 
@@ -101,13 +145,27 @@ def album_to_review_counts(album_emb: np.ndarray, albums: np.ndarray,
 
   Args:
     album_emb: (A, E) embeddings of the query albums; albums: (A,) their
-      indices, each with at least one review among the candidates.
+      indices, sorted, each with at least one review among the candidates.
     review_emb: (N, E) candidate reviews; review_albums: (N,) their albums.
   """
-  return tuple(_chunked(_album_counts, album_emb.astype(np.float32),
-                        (albums.astype(np.int32),),
-                        (review_emb.astype(np.float32),
-                         review_albums.astype(np.int32)), chunk))
+  if np.any(np.diff(albums) <= 0):
+    raise ValueError('album_to_review_counts: albums must be sorted, '
+                     'without repeats.')
+  row = np.minimum(np.searchsorted(albums, review_albums), len(albums) - 1)
+  member = albums[row] == review_albums  # Reviews of a query album.
+  row = row[member]
+  own = np.einsum('ne,ne->n', review_emb[member].astype(np.float32),
+                  album_emb[row].astype(np.float32))
+  best = np.full(len(albums), -np.inf, np.float32)
+  np.maximum.at(best, row, own)
+  right = np.bincount(row, weights=own >= best[row] - TIE_TOLERANCE,
+                      minlength=len(albums)).astype(np.int64)
+  if np.any(right == 0):
+    raise ValueError('album_to_review_counts: a query album has no review '
+                     'among the candidates.')
+  greater, tied = count_wrong_above(album_emb, best, albums, review_emb,
+                                    review_albums, chunk)
+  return greater, tied, right
 
 
 def success_probability(greater: np.ndarray, tied: np.ndarray,
@@ -144,8 +202,10 @@ def bootstrap_ci(per_query: np.ndarray, samples: int = 1000, seed: int = 0,
   means = []
   for start in range(0, samples, 100):  # Bounded memory: 100 x Q at a time.
     n = min(100, samples - start)
-    idx = rng.integers(0, q, (n, q))
-    means.append(per_query[idx].mean(axis=1))
+    # How often each query is drawn in each resample, then weighted means.
+    idx = rng.integers(0, q, (n, q)) + q * np.arange(n)[:, None]
+    times = np.bincount(idx.ravel(), minlength=n * q).reshape(n, q)
+    means.append(times @ per_query / q)
   means = np.concatenate(means)
   tail = (1 - level) / 2 * 100
   return (np.percentile(means, tail, axis=0),
