@@ -125,6 +125,14 @@ def get_config():
   config.baselines.wsabie_learning_rate = 1e-2
   config.baselines.wsabie_margin = 0.1
 
+  # --- Table 1 (--mode=ablate) ----------------------------------------------
+  config.ablate = ml_collections.ConfigDict()
+  # Training steps per row (0: each row's own schedule, the paper's 200
+  # epochs); dev recall is also measured `evals` times along the way.
+  config.ablate.num_steps = 600
+  config.ablate.evals = 4
+  config.ablate.rows = ''  # Comma-separated row names; '' = every row.
+
   # --- Benchmarks (--mode=benchmark) -----------------------------------------
   config.benchmark = ml_collections.ConfigDict()
   # 'data': generate + preprocess the synth_preset corpus; 'train': train-step
