@@ -268,18 +268,9 @@ def _album_audio(audio: input_pipeline.AudioTable
 def _score(name: str, album_emb: np.ndarray, albums: np.ndarray,
            review_emb: np.ndarray, held_out: dict[str, np.ndarray],
            ks=metrics.DEFAULT_KS) -> dict[str, Any]:
-  counts = metrics.review_to_album_counts(review_emb, held_out['album'],
-                                          albums, album_emb)
-  out = {'baseline': name, **metrics.summarize(*counts, len(albums), ks)}
-  for k, v in metrics.random_recall(counts[2], len(albums), ks).items():
-    out[f'random_recall@{k}'] = v
-  query_albums = np.unique(held_out['album'])
-  rows = np.searchsorted(albums, query_albums)
-  back = metrics.album_to_review_counts(album_emb[rows], query_albums,
-                                        review_emb, held_out['album'])
-  out.update(metrics.summarize(*back, len(review_emb), ks,
-                               prefix='album_to_review/'))
-  return out
+  out, _ = metrics.report(albums, album_emb, review_emb, held_out['album'],
+                          ks)
+  return {'baseline': name, **out}
 
 
 def random_row(num_albums: int, held_out: dict[str, np.ndarray],

@@ -104,24 +104,10 @@ def evaluate(variables: dict[str, Any], model: models.TwoBranch,
   albums, album_emb = embed_albums(variables, model, audio,
                                    max_tracks=max_tracks)
   review_emb = embed_reviews(variables, model, reviews)
-  counts = metrics.review_to_album_counts(review_emb, reviews['album'],
-                                          albums, album_emb)
-  out = metrics.summarize(*counts, len(albums), ks,
-                          bootstrap=bootstrap if full else 0, seed=seed)
-  for k, v in metrics.random_recall(counts[2], len(albums), ks).items():
-    out[f'random_recall@{k}'] = v
-  if not full:
-    return out
-  query_albums = np.unique(reviews['album'])
-  rows = np.searchsorted(albums, query_albums)
-  back = metrics.album_to_review_counts(album_emb[rows], query_albums,
-                                        review_emb, reviews['album'])
-  prefix = 'album_to_review/'
-  out.update(metrics.summarize(*back, len(review_emb), ks, prefix=prefix,
-                               bootstrap=bootstrap, seed=seed + 1))
-  for k, v in metrics.random_recall(back[2], len(review_emb), ks).items():
-    out[f'{prefix}random_recall@{k}'] = v
-  if genres is not None:
+  out, counts = metrics.report(albums, album_emb, review_emb,
+                               reviews['album'], ks, both_directions=full,
+                               bootstrap=bootstrap if full else 0, seed=seed)
+  if full and genres is not None:
     out['per_genre'] = per_genre(counts, genres[reviews['album']], ks)
   return out
 

@@ -247,3 +247,37 @@ def random_recall(right: np.ndarray, num_candidates: int,
   return {k: float(success_probability(np.zeros_like(right),
                                        n - right, right, k).mean())
           for k in ks}
+
+
+def report(albums: np.ndarray, album_emb: np.ndarray, review_emb: np.ndarray,
+           review_albums: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS,
+           both_directions: bool = True, bootstrap: int = 0,
+           seed: int = 0) -> tuple[dict[str, Any], tuple[np.ndarray, ...]]:
+  """The evaluator's metrics of one set of embeddings.
+
+  Args:
+    albums: (C,) sorted album indices of the candidates; album_emb: (C, E).
+    review_emb: (N, E) held-out reviews; review_albums: (N,) their albums.
+    ks, bootstrap, seed: see `summarize`.
+    both_directions: also album -> review ('album_to_review/...').
+
+  Returns:
+    (metrics with 'random_recall@K' beside each recall, the review -> album
+    (greater, tied, right) counts).
+  """
+  counts = review_to_album_counts(review_emb, review_albums, albums,
+                                  album_emb)
+  out = summarize(*counts, len(albums), ks, bootstrap=bootstrap, seed=seed)
+  for k, v in random_recall(counts[2], len(albums), ks).items():
+    out[f'random_recall@{k}'] = v
+  if both_directions:
+    query_albums = np.unique(review_albums)
+    rows = np.searchsorted(albums, query_albums)
+    back = album_to_review_counts(album_emb[rows], query_albums, review_emb,
+                                  review_albums)
+    prefix = 'album_to_review/'
+    out.update(summarize(*back, len(review_emb), ks, prefix=prefix,
+                         bootstrap=bootstrap, seed=seed + 1))
+    for k, v in random_recall(back[2], len(review_emb), ks).items():
+      out[f'{prefix}random_recall@{k}'] = v
+  return out, counts
