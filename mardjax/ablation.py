@@ -161,9 +161,11 @@ def _write(results: list[dict[str, Any]], workdir: str,
             for k in ('recall@1', 'recall@5', 'recall@10')]
     flags = (['', '', '', '', ''] if r.get('baseline') else
              [mark(r.get(c)) for c in COLUMNS])
-    name = r['row'] + (f' ({r["skipped"]})' if 'skipped' in r else '')
+    name = r['row'] + (' (skipped*)' if 'skipped' in r else '')
     lines.append('| ' + ' | '.join([name, *flags, *map(_fmt, ours),
                                     *map(_fmt, paper)]) + ' |')
+  lines += [f'\n\\* {r["row"]}: {r["skipped"]}.' for r in results
+            if 'skipped' in r]
   chance = next((r['random_recall@10'] for r in results
                  if 'random_recall@10' in r), None)
   if chance is not None:

@@ -10,15 +10,12 @@ gradient is one large product afterwards, sum_t h_{t-1}^T dz_t. On a CPU
 this is most of the backward pass's time saved. `reference` is the plain
 scan, differentiated by JAX, for tests.
 
-Several independent recurrences (the two directions of a BiLSTM, each
-already in its own order of travel) run in one loop, batched over a leading
-axis D: one loop of twice the work per step instead of two loops.
-
-Shapes: proj (P, D, R, 4H) time-major, keep (P, D, R, 1) (0 resets the state
+Shapes: proj (P, R, 4H) time-major, keep (P, R, 1) (0 resets the state
 before that position: a review starts there in the direction of travel),
-wh (D, H, 4H); gates in the order i, f, g, o. Returns hidden states
-(P, D, R, H).
+wh (H, 4H); gates in the order i, f, g, o. Returns hidden states (P, R, H).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +24,7 @@ import jax.numpy as jnp
 def _cell(c, h, xp, keep, wh):
   """One step; returns the new (c, h) and what the backward pass needs."""
   c, h = c * keep, h * keep
-  z = xp + jnp.einsum('drh,dhg->drg', h, wh)
+  z = xp + h @ wh
   i, f, g, o = jnp.split(z, 4, axis=-1)
   i, f, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jax.nn.sigmoid(o)
   g = jnp.tanh(g)
@@ -37,33 +34,33 @@ def _cell(c, h, xp, keep, wh):
 
 
 def _zeros(proj, wh):
-  return jnp.zeros(proj.shape[1:3] + (wh.shape[1],), proj.dtype)
+  return jnp.zeros((proj.shape[1], wh.shape[0]), proj.dtype)
 
 
-def reference(proj, keep, wh):
+def reference(proj, keep, wh, reverse: bool):
   """The recurrence as a plain scan (autodiff backward)."""
   def step(carry, inputs):
     c, h, _ = _cell(*carry, *inputs, wh)
     return (c, h), h
   z = _zeros(proj, wh)
-  return jax.lax.scan(step, (z, z), (proj, keep))[1]
+  return jax.lax.scan(step, (z, z), (proj, keep), reverse=reverse)[1]
 
 
-@jax.custom_vjp
-def recurrence(proj, keep, wh):
-  return reference(proj, keep, wh)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def recurrence(proj, keep, wh, reverse: bool):
+  return reference(proj, keep, wh, reverse)
 
 
-def _forward(proj, keep, wh):
+def _forward(proj, keep, wh, reverse):
   def step(carry, inputs):
     c, h, saved = _cell(*carry, *inputs, wh)
     return (c, h), (h, saved)
   z = _zeros(proj, wh)
-  _, (hs, saved) = jax.lax.scan(step, (z, z), (proj, keep))
+  _, (hs, saved) = jax.lax.scan(step, (z, z), (proj, keep), reverse=reverse)
   return hs, (keep, wh, saved)
 
 
-def _backward(residuals, d_hs):
+def _backward(reverse, residuals, d_hs):
   keep, wh, (c_prev, h_prev, i, f, g, o, tc) = residuals
 
   def step(carry, inputs):
@@ -75,12 +72,13 @@ def _backward(residuals, d_hs):
     dz = jnp.concatenate([dc * g_ * i_ * (1 - i_), dc * c0 * f_ * (1 - f_),
                           dc * i_ * (1 - g_ * g_), do * o_ * (1 - o_)], -1)
     # Through the reset: the kept state is state * keep.
-    return (jnp.einsum('drg,dhg->drh', dz, wh) * k, dc * f_ * k), dz
+    return ((dz @ wh.T) * k, dc * f_ * k), dz
 
   z = jnp.zeros_like(d_hs[0])
   _, dz = jax.lax.scan(step, (z, z),
-                       (d_hs, keep, c_prev, i, f, g, o, tc), reverse=True)
-  d_wh = jnp.einsum('pdrh,pdrg->dhg', h_prev, dz)
+                       (d_hs, keep, c_prev, i, f, g, o, tc),
+                       reverse=not reverse)
+  d_wh = jnp.einsum('prh,prg->hg', h_prev, dz)
   return dz, jnp.zeros_like(keep), d_wh
 
 

@@ -63,43 +63,30 @@ class Head(nn.Module):
     return l2_normalize(x)
 
 
-def _orthogonal_per_direction(key, shape, dtype=jnp.float32):
-  """(D, H, 4H): an orthogonal recurrent kernel per direction (as flax's
-  LSTM cells initialise theirs)."""
-  keys = jax.random.split(key, shape[0])
-  init = nn.initializers.orthogonal()
-  return jnp.stack([init(k, shape[1:], dtype) for k in keys])
+class LSTMDirection(nn.Module):
+  """One direction of an LSTM over rows of packed reviews, time-major.
 
-
-class BiLSTM(nn.Module):
-  """A bi-directional LSTM over rows of packed reviews, time-major.
-
-  The input projections of every position, both directions, are one matrix
-  product before the recurrence; the two directions then run in one loop
-  (`mardjax.lstm`, hand-written backward pass). The state is reset where a
-  review begins in the direction of travel, so rows may hold several
-  reviews end to end (`mardjax.packing`). Gates i, f, g, o; kernels
-  initialised as flax's LSTM cells (lecun normal, orthogonal recurrent,
-  zero bias).
+  The input projection of every position is one matrix product before the
+  recurrence (only h @ W_h stays inside the loop, `mardjax.lstm`), and the
+  state is reset where a review begins in the direction of travel, so rows
+  may hold several reviews end to end (`mardjax.packing`). Gates i, f, g, o;
+  kernels initialised as flax's LSTM cells (lecun normal, orthogonal
+  recurrent, zero bias).
   """
   hidden: int
+  reverse: bool
 
   @nn.compact
-  def __call__(self, x: jax.Array, starts: jax.Array, ends: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
-    """x (P, R, F), starts / ends (P, R) bool -> forward and backward hidden
-    states, each (P, R, H) in position order."""
+  def __call__(self, x: jax.Array, resets: jax.Array) -> jax.Array:
+    """x (P, R, F), resets (P, R) bool -> hidden states (P, R, H)."""
     h_dim = self.hidden
     wi = self.param('wi', nn.initializers.lecun_normal(),
-                    (x.shape[-1], 8 * h_dim))  # [forward | backward]
-    wh = self.param('wh', _orthogonal_per_direction, (2, h_dim, 4 * h_dim))
-    bias = self.param('bias', nn.initializers.zeros, (8 * h_dim,))
+                    (x.shape[-1], 4 * h_dim))
+    wh = self.param('wh', nn.initializers.orthogonal(), (h_dim, 4 * h_dim))
+    bias = self.param('bias', nn.initializers.zeros, (4 * h_dim,))
     proj = x @ wi + bias
-    # The backward direction travels from the last position to the first.
-    proj = jnp.stack([proj[..., :4 * h_dim], proj[::-1, :, 4 * h_dim:]], 1)
-    keep = 1.0 - jnp.stack([starts, ends[::-1]], 1).astype(x.dtype)
-    hs = lstm.recurrence(proj, keep[..., None], wh)  # (P, 2, R, H)
-    return hs[:, 0], hs[::-1, 1]
+    keep = 1.0 - resets.astype(x.dtype)[..., None]
+    return lstm.recurrence(proj, keep, wh, self.reverse)
 
 
 def padded_layout(lengths: jax.Array, max_len: int
@@ -163,8 +150,10 @@ class TextEncoder(nn.Module):
       return total / jnp.maximum(lengths, 1)[:, None].astype(emb.dtype)
     if packed is None:
       packed = padded_layout(lengths, tokens.shape[0])
-    fwd, bwd = BiLSTM(self.lstm_dim, name='bilstm')(
-        emb, packed['starts'].T, packed['ends'].T)
+    fwd = LSTMDirection(self.lstm_dim, reverse=False, name='fwd')(
+        emb, packed['starts'].T)
+    bwd = LSTMDirection(self.lstm_dim, reverse=True, name='bwd')(
+        emb, packed['ends'].T)
     last, first = packed['last'], packed['first']  # (row, position)
     return jnp.concatenate([fwd[last[:, 1], last[:, 0]],
                             bwd[first[:, 1], first[:, 0]]], -1)
