@@ -13,8 +13,8 @@ from mardjax import preprocess
 from mardjax import synth
 from mardjax.errors import UserError
 
-MODES = ('train', 'eval', 'baselines', 'ablate', 'synth', 'preprocess',
-         'benchmark')
+MODES = ('train', 'eval', 'baselines', 'ablate', 'export', 'synth',
+         'preprocess', 'benchmark')
 SYNTH_SUBDIR = 'synthetic_mard'
 
 
@@ -116,6 +116,10 @@ def run_mode(mode: str, config, workdir: str, force: bool = False,
     return run_eval(config, workdir)
   if mode == 'baselines':
     return run_baselines(config, workdir, show_progress)
+  if mode == 'export':
+    from mardjax import export  # pylint: disable=g-import-not-at-top
+    return export.run(config, workdir, preprocess.output_dir(config, workdir),
+                      mard_dir(config, workdir))
   if mode == 'ablate':
     from mardjax import ablation  # pylint: disable=g-import-not-at-top
     return ablation.run(config, workdir, run_mode, show_progress)

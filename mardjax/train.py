@@ -230,7 +230,8 @@ def _check_same_data(meta: dict[str, Any], manifest_hash: str,
         'use a new --workdir, or the data they were trained on.')
 
 
-def _eval_variables(state) -> dict[str, Any]:
+def inference_variables(state) -> dict[str, Any]:
+  """The variables model.apply needs: params and BatchNorm statistics."""
   variables = {'params': state.params}
   if state.batch_stats:
     variables['batch_stats'] = state.batch_stats
@@ -323,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def run_eval(step_):
     nonlocal best_recall
-    result = evaluate.evaluate(_eval_variables(state), model, audio, dev,
+    result = evaluate.evaluate(inference_variables(state), model, audio, dev,
                                max_tracks=album_tracks(config))
     writer.write_scalars(step_, {f'dev/{k}': v for k, v in result.items()})
     history.append({'step': step_, **{k: result[k] for k in (
@@ -378,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if steps > start_step:
     metrics = run_eval(steps)
   else:  # Already trained: report, save nothing.
-    metrics = evaluate.evaluate(_eval_variables(state), model, audio, dev,
+    metrics = evaluate.evaluate(inference_variables(state), model, audio, dev,
                                 max_tracks=album_tracks(config))
   ckpt.close()
   best.close()
@@ -419,6 +420,43 @@ def load_genres(data_dir: str, manifest: dict[str, Any]) -> np.ndarray:
   return genres
 
 
+def restore_trained(config: ml_collections.ConfigDict, workdir: str,
+                    data_dir: str, model: models.TwoBranch,
+                    manifest: dict[str, Any],
+                    audio: input_pipeline.AudioTable,
+                    reviews: dict[str, np.ndarray],
+                    directory: str = CHECKPOINT_DIR) -> tuple[int, Any]:
+  """(step, state) of the newest readable checkpoint in workdir/directory.
+
+  `reviews` (any split, `input_pipeline.load_reviews`) only shapes the
+  restore target. Refuses checkpoints of other data.
+  """
+  ckpt_dir = os.path.join(workdir, directory)
+  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
+    raise UserError(f'No checkpoint in {ckpt_dir!r}: train first '
+                    '(--mode=train).')
+  check_text_features(config, manifest)
+  sample = {k: reviews[k][:2] for k in ('tokens', 'lengths', 'text_features')
+            if k in reviews}
+  sample['audio'] = audio.descriptors[:2]
+  if album_tracks(config):
+    sample['audio'], sample['num_tracks'] = audio.sequences(
+        np.flatnonzero(audio.counts)[:2], album_tracks(config))
+  abstract = jax.eval_shape(lambda: train_step.create_state(
+      model, config, jax.random.PRNGKey(0), sample))
+  ckpt = Checkpoints(ckpt_dir, config.train.keep_checkpoints, async_save=False)
+  data_hash = preprocess.manifest_hash(data_dir)
+  try:
+    restored = ckpt.restore_latest(
+        abstract, check_meta=lambda m: _check_same_data(m, data_hash, workdir))
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise UserError(f'No readable checkpoint in {ckpt_dir!r}.')
+  step, state, _ = restored
+  return step, state
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         data_dir: str) -> dict[str, Any]:
   """Full evaluation of the newest readable checkpoint of `workdir`.
@@ -444,28 +482,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                     f'(manifest counts: {manifest["counts"]["reviews"]}); '
                     'choose another config.eval.split or preprocess with a '
                     'larger config.data.dev_fraction / test_album_fraction.')
-  check_text_features(config, manifest)
-  sample = {k: reviews[k][:2] for k in ('tokens', 'lengths', 'text_features')
-            if k in reviews}
-  sample['audio'] = audio.descriptors[:2]
-  if album_tracks(config):
-    sample['audio'], sample['num_tracks'] = audio.sequences(
-        np.flatnonzero(audio.counts)[:2], album_tracks(config))
-  abstract = jax.eval_shape(lambda: train_step.create_state(
-      model, config, jax.random.PRNGKey(0), sample))
-  ckpt = Checkpoints(ckpt_dir, config.train.keep_checkpoints, async_save=False)
-  data_hash = preprocess.manifest_hash(data_dir)
-  try:
-    restored = ckpt.restore_latest(
-        abstract, check_meta=lambda m: _check_same_data(m, data_hash, workdir))
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise UserError(f'No readable checkpoint in {ckpt_dir!r}.')
-  step, state, _ = restored
+  step, state = restore_trained(config, workdir, data_dir, model, manifest,
+                                audio, reviews)
   start = time.time()
   result = evaluate.evaluate(
-      _eval_variables(state), model, audio, reviews,
+      inference_variables(state), model, audio, reviews,
       max_tracks=album_tracks(config), full=True,
       genres=load_genres(data_dir, manifest),
       bootstrap=config.eval.bootstrap, seed=config.seed)

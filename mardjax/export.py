@@ -1,0 +1,150 @@
+"""Embedding export (`--mode=export`): the trained space as plain files.
+
+Writes `DIR/export/` from the workdir's best-by-recall checkpoint (the
+newest rolling checkpoint when no best was kept):
+
+  export.json      format version, checkpoint step and parameter sha256, data
+                   manifest hash, embedding size, counts, the config
+  albums.npy       (C, E) float32 unit vectors: every album with audio
+  albums.jsonl     one line per row: album_index, amazon_id, artist, title,
+                   genre, split
+  reviews.npy      (N, E) float32 unit vectors: every review of every split
+  reviews.jsonl    one line per row: review_id, album_index, split, text
+                   (summary and body, from the raw MARD reviews file)
+
+Rows of each .npy match the lines of its .jsonl. Exact top-k search over an
+export is `nearest` (cosine = dot product of unit vectors).
+"""
+
+import collections
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from mardjax import evaluate
+from mardjax import input_pipeline
+from mardjax import mard_io
+from mardjax import models
+from mardjax import preprocess
+from mardjax import train
+from mardjax.errors import UserError
+
+FORMAT_VERSION = 1
+EXPORT_DIR = 'export'
+
+
+def _review_texts(mard_dir: str, wanted: set[str]) -> dict[str, str]:
+  """review_id -> 'summary. text' for the wanted ids, from the raw file."""
+  texts = {}
+  counts = collections.Counter()
+  for review in mard_io.iter_reviews(mard_dir, counts):
+    if review is not None and review.review_id in wanted:
+      texts[review.review_id] = (f'{review.summary}. {review.text}'
+                                 if review.summary else review.text)
+  return texts
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
+        mard_dir: str) -> dict[str, Any]:
+  """Writes the export; returns its export.json content plus paths."""
+  start = time.time()
+  manifest = preprocess.load_manifest(data_dir)
+  model = models.build(config.model, manifest['vocab']['size'])
+  audio = input_pipeline.load_audio_table(data_dir, manifest)
+  splits = ('train', 'dev', 'test')
+  reviews = [input_pipeline.load_reviews(data_dir, manifest, s,
+                                         config.data.max_len) for s in splits]
+  merged = {k: np.concatenate([r[k] for r in reviews])
+            for k in reviews[0]}
+  split_of = np.concatenate([np.full(len(r['album']), s)
+                             for s, r in zip(splits, reviews)])
+  source = train.BEST_DIR if os.path.isdir(
+      os.path.join(workdir, train.BEST_DIR)) else train.CHECKPOINT_DIR
+  step, state = train.restore_trained(config, workdir, data_dir, model,
+                                      manifest, audio, merged, source)
+  variables = train.inference_variables(state)
+  albums, album_emb = evaluate.embed_albums(
+      variables, model, audio, max_tracks=train.album_tracks(config))
+  review_emb = (evaluate.embed_reviews(variables, model, merged)
+                if len(merged['album']) else np.zeros((0, model.embed_dim)))
+
+  out = os.path.join(workdir, EXPORT_DIR)
+  os.makedirs(out, exist_ok=True)
+  np.save(os.path.join(out, 'albums.npy'), album_emb.astype(np.float32))
+  np.save(os.path.join(out, 'reviews.npy'), review_emb.astype(np.float32))
+  meta = {}
+  with open(os.path.join(data_dir, manifest['albums_file'])) as f:
+    for line in f:
+      a = json.loads(line)
+      meta[a['album_index']] = a
+  with open(os.path.join(out, 'albums.jsonl'), 'w') as f:
+    for i in albums:
+      a = meta[int(i)]
+      f.write(json.dumps({k: a.get(k) for k in (
+          'album_index', 'amazon_id', 'artist', 'title', 'genre',
+          'split')}) + '\n')
+  texts = _review_texts(mard_dir, set(merged['review_id'].tolist()))
+  missing = 0
+  with open(os.path.join(out, 'reviews.jsonl'), 'w') as f:
+    for rid, album, split in zip(merged['review_id'], merged['album'],
+                                 split_of):
+      text = texts.get(rid)
+      missing += text is None
+      f.write(json.dumps({'review_id': rid, 'album_index': int(album),
+                          'split': str(split), 'text': text}) + '\n')
+  info = {
+      'format_version': FORMAT_VERSION, 'checkpoint': source,
+      'step': int(step),
+      'params_sha256': train.params_fingerprint(state.params),
+      'manifest_hash': preprocess.manifest_hash(data_dir),
+      'embed_dim': int(album_emb.shape[1]),
+      'albums': int(len(albums)), 'reviews': int(len(review_emb)),
+      'reviews_without_text': int(missing),
+      'config': json.loads(config.to_json_best_effort()),
+  }
+  with open(os.path.join(out, 'export.json'), 'w') as f:
+    json.dump(info, f, indent=1)
+  if missing:
+    info['warnings'] = [f'{missing} reviews not found in {mard_dir}: their '
+                        'text is null']
+  return dict({k: v for k, v in info.items() if k != 'config'},
+              directory=out, seconds=round(time.time() - start, 1))
+
+
+def load(directory: str) -> dict[str, Any]:
+  """An export back: {'info', 'albums', 'album_meta', 'reviews',
+  'review_meta'}; checks the files agree."""
+  path = os.path.join(directory, 'export.json')
+  if not os.path.isfile(path):
+    raise UserError(f'No export in {directory!r}: run --mode=export first.')
+  with open(path) as f:
+    info = json.load(f)
+  if info.get('format_version') != FORMAT_VERSION:
+    raise UserError(f'{path}: export format {info.get("format_version")}, '
+                    f'this code reads {FORMAT_VERSION}; export again.')
+  out = {'info': info}
+  for name in ('albums', 'reviews'):
+    emb = np.load(os.path.join(directory, f'{name}.npy'))
+    with open(os.path.join(directory, f'{name}.jsonl')) as f:
+      meta = [json.loads(line) for line in f]
+    if len(meta) != emb.shape[0]:
+      raise UserError(f'{directory}: {name}.npy has {emb.shape[0]} rows but '
+                      f'{name}.jsonl {len(meta)} lines.')
+    out[name], out[f'{name[:-1]}_meta'] = emb, meta
+  return out
+
+
+def nearest(bank: np.ndarray, queries: np.ndarray, k: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """Exact top-k by cosine: (indices (Q, k), scores (Q, k)), best first."""
+  k = min(k, bank.shape[0])
+  scores = np.asarray(queries, np.float32) @ bank.T
+  top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+  top_scores = np.take_along_axis(scores, top, 1)
+  order = np.argsort(-top_scores, axis=1, kind='stable')
+  return (np.take_along_axis(top, order, 1),
+          np.take_along_axis(top_scores, order, 1))

@@ -1,0 +1,60 @@
+"""--mode=export: the trained space as files, read back, searched."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from mardjax import app
+from mardjax import export
+from mardjax.errors import UserError
+
+
+def test_export_round_trip(tiny_corpus_master, tmp_path):
+  config = test_config.get_config()
+  config.data.mard_dir = tiny_corpus_master
+  config.train.update(num_steps=4, eval_every=4, checkpoint_every=4)
+  workdir = str(tmp_path)
+  trained = app.run_mode('train', config, workdir, show_progress=False)
+  info = app.run_mode('export', config, workdir, show_progress=False)
+  assert info['checkpoint'] == 'best' and info['reviews_without_text'] == 0
+  assert info['params_sha256'] == trained['params_sha256']
+  bank = export.load(info['directory'])
+  assert bank['albums'].shape == (info['albums'], 16)
+  np.testing.assert_allclose(np.linalg.norm(bank['reviews'], axis=1), 1,
+                             rtol=1e-5)
+  splits = {m['split'] for m in bank['review_meta']}
+  assert splits == {'train', 'dev', 'test'}
+  assert all(m['text'] for m in bank['review_meta'])
+  assert {'artist', 'title', 'genre'} <= set(bank['album_meta'][0])
+  # Exact search: every review finds itself first.
+  idx, scores = export.nearest(bank['reviews'], bank['reviews'][:5], k=3)
+  np.testing.assert_array_equal(idx[:, 0], np.arange(5))
+  assert np.all(np.diff(scores, axis=1) <= 1e-6)
+  # The same embeddings the evaluator ranks: the dev recall follows.
+  dev = [i for i, m in enumerate(bank['review_meta']) if m['split'] == 'dev']
+  row_of = {m['album_index']: i for i, m in enumerate(bank['album_meta'])}
+  top, _ = export.nearest(bank['albums'], bank['reviews'][dev], k=10)
+  hit = [row_of[bank['review_meta'][i]['album_index']] in t
+         for i, t in zip(dev, top)]
+  assert np.mean(hit) == pytest.approx(trained['recall@10'], abs=0.02)
+
+
+def test_export_without_training_is_a_clear_error(tiny_corpus_master,
+                                                  tmp_path):
+  config = test_config.get_config()
+  config.data.mard_dir = tiny_corpus_master
+  with pytest.raises(UserError, match='No manifest.json'):
+    app.run_mode('export', config, str(tmp_path), show_progress=False)
+  app.run_mode('preprocess', config, str(tmp_path), show_progress=False)
+  with pytest.raises(UserError, match='No checkpoint'):
+    app.run_mode('export', config, str(tmp_path), show_progress=False)
+  with pytest.raises(UserError, match='No export'):
+    export.load(str(tmp_path / 'nothing'))
+
+
+def test_an_export_of_another_format_is_refused(tmp_path):
+  (tmp_path / 'export.json').write_text(json.dumps({'format_version': 99}))
+  with pytest.raises(UserError, match='format 99'):
+    export.load(str(tmp_path))
