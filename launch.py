@@ -36,6 +36,8 @@ flags.DEFINE_string('coordinator_address', None,
                     'Multi-host: host:port of process 0, e.g. 10.0.0.1:1234.')
 flags.DEFINE_integer('num_processes', 1, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', 0, 'Multi-host: this process (0-based).')
+flags.DEFINE_string('host', '127.0.0.1', '--mode=serve: address to listen on.')
+flags.DEFINE_integer('port', 8000, '--mode=serve: port to listen on.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -78,7 +80,8 @@ def main(argv):
   try:
     result = mardjax_app.run_mode(FLAGS.mode, FLAGS.config, workdir,
                                   force=FLAGS.force,
-                                  show_progress=FLAGS.progress)
+                                  show_progress=FLAGS.progress,
+                                  host=FLAGS.host, port=FLAGS.port)
   except UserError as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)

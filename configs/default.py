@@ -133,6 +133,10 @@ def get_config():
   config.ablate.evals = 4
   config.ablate.rows = ''  # Comma-separated row names; '' = every row.
 
+  # --- Serving (--mode=serve) -----------------------------------------------
+  config.serve = ml_collections.ConfigDict()
+  config.serve.max_upload_mb = 50.0  # Larger uploads are answered 413.
+
   # --- Benchmarks (--mode=benchmark) -----------------------------------------
   config.benchmark = ml_collections.ConfigDict()
   # 'data': generate + preprocess the synth_preset corpus; 'train': train-step

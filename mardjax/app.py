@@ -13,7 +13,7 @@ from mardjax import preprocess
 from mardjax import synth
 from mardjax.errors import UserError
 
-MODES = ('train', 'eval', 'baselines', 'ablate', 'export', 'synth',
+MODES = ('train', 'eval', 'baselines', 'ablate', 'export', 'serve', 'synth',
          'preprocess', 'benchmark')
 SYNTH_SUBDIR = 'synthetic_mard'
 
@@ -108,7 +108,8 @@ def init_distributed(coordinator_address: str | None, num_processes: int,
 
 
 def run_mode(mode: str, config, workdir: str, force: bool = False,
-             show_progress: bool = True) -> dict[str, Any]:
+             show_progress: bool = True, host: str = '127.0.0.1',
+             port: int = 8000) -> dict[str, Any]:
   """Runs one mode; returns its result (the JSON line launch.py prints)."""
   if mode == 'train':
     return run_train(config, workdir, force, show_progress)
@@ -120,6 +121,10 @@ def run_mode(mode: str, config, workdir: str, force: bool = False,
     from mardjax import export  # pylint: disable=g-import-not-at-top
     return export.run(config, workdir, preprocess.output_dir(config, workdir),
                       mard_dir(config, workdir))
+  if mode == 'serve':
+    from mardjax import serve  # pylint: disable=g-import-not-at-top
+    return serve.run(config, workdir, preprocess.output_dir(config, workdir),
+                     mard_dir(config, workdir), host, port)
   if mode == 'ablate':
     from mardjax import ablation  # pylint: disable=g-import-not-at-top
     return ablation.run(config, workdir, run_mode, show_progress)
