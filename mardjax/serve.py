@@ -6,18 +6,21 @@ another checkpoint), then answers:
 
   GET  /healthz              {"status": "ok", "step", "albums", "reviews"}
   POST /api/query/text       JSON {"text": ..., "k": 10} -> {"albums": [...]}
-  POST /api/query/audio      multipart field `file`: an AcousticBrainz
-                             low-level JSON document -> {"reviews": [...],
-                             "albums": [...], "descriptors": {...},
-                             "warnings": [...]}
+  POST /api/query/audio      multipart field `file`: a recording (wav, mp3,
+                             flac, ogg) or an AcousticBrainz low-level JSON
+                             document -> {"reviews": [...], "albums": [...],
+                             "descriptors": {...}, "warnings": [...]}
 
-Bad requests get a 4xx with {"detail": ...} and the server keeps serving.
-Audio files (wav, mp3, ...) need Essentia's MusicExtractor, which this
-version does not run yet: they are answered 415 with that reason.
+Recordings go through Essentia's MusicExtractor, the extractor AcousticBrainz
+ran, into the same low-level layout the model was trained on; the upload is
+written to a private temporary directory under a name of our own and
+deleted after use. Bad requests get a 4xx with {"detail": ...} and the
+server keeps serving.
 """
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -34,6 +37,55 @@ from mardjax import train
 from mardjax.errors import UserError
 
 MAX_K = 100
+AUDIO_TYPES = ('.wav', '.mp3', '.flac', '.ogg')
+MIN_SECONDS = 1.0
+# The statistics AcousticBrainz documents hold for every frame descriptor.
+_STATS = ['mean', 'var', 'median', 'min', 'max', 'dmean', 'dmean2', 'dvar',
+          'dvar2']
+
+
+class BadAudio(ValueError):
+  """An upload that is not a usable recording (the message says why)."""
+
+
+def analyse_audio(path: str) -> dict[str, Any]:
+  """A recording -> an AcousticBrainz-style low-level document (nested dict).
+
+  Raises:
+    BadAudio: not decodable, or shorter than MIN_SECONDS.
+    ImportError: Essentia is not installed.
+  """
+  import essentia  # pylint: disable=g-import-not-at-top
+  import essentia.standard as es  # pylint: disable=g-import-not-at-top
+  essentia.log.infoActive = False
+  essentia.log.warningActive = False
+  try:
+    if not path.endswith('.wav'):
+      # Decode with Essentia's FFmpeg loader into a wav beside it: the
+      # extractor's own metadata reader knows only wav/aiff in the PyPI
+      # build (no taglib), and decoding first treats every format alike.
+      samples = es.MonoLoader(filename=path, sampleRate=44100)()
+      path = os.path.splitext(path)[0] + '.wav'
+      es.MonoWriter(filename=path, format='wav', sampleRate=44100)(samples)
+    pool, _ = es.MusicExtractor(lowlevelStats=_STATS, rhythmStats=_STATS,
+                                tonalStats=_STATS)(path)
+  except RuntimeError as e:
+    raise BadAudio(f'not a readable recording ({str(e)[:200]})') from None
+  length = float(pool['metadata.audio_properties.length'])
+  if length < MIN_SECONDS:
+    raise BadAudio(f'the recording lasts {length:.2f} s; at least '
+                   f'{MIN_SECONDS:g} s is needed')
+  doc: dict[str, Any] = {}
+  for name in pool.descriptorNames():
+    node = doc
+    *parents, leaf = name.split('.')
+    for p in parents:
+      node = node.setdefault(p, {})
+    value = pool[name]
+    node[leaf] = (value.tolist() if isinstance(value, np.ndarray) else
+                  float(value) if isinstance(value, (int, float, np.number))
+                  else value)
+  return doc
 # Standardised descriptor values beyond this are flagged: training data
 # puts almost all values within a few standard deviations.
 OUTLIER_Z = 8.0
@@ -196,14 +248,33 @@ def create_app(room: Room, max_upload_bytes: int):
           413, f'the upload is larger than {max_upload_bytes} bytes')
     if not data.strip():
       raise fastapi.HTTPException(400, 'the file is empty')
-    if not data.lstrip().startswith(b'{'):
+    ext = os.path.splitext(name)[1].lower()
+    if data.lstrip().startswith(b'{') or ext == '.json':
+      try:
+        doc = json.loads(data)
+      except (ValueError, UnicodeDecodeError) as e:
+        raise fastapi.HTTPException(422, f'not valid JSON: {e}') from None
+    elif ext in AUDIO_TYPES:
+      # Our own file name in a private directory: nothing the client sends
+      # decides where bytes land; the directory goes when done.
+      with tempfile.TemporaryDirectory(prefix='mardjax-upload-') as tmp:
+        path = os.path.join(tmp, 'upload' + ext)
+        with open(path, 'wb') as f:
+          f.write(data)
+        try:
+          doc = await fastapi.concurrency.run_in_threadpool(analyse_audio,
+                                                            path)
+        except BadAudio as e:
+          raise fastapi.HTTPException(422, str(e)) from None
+        except ImportError:
+          raise fastapi.HTTPException(
+              415, 'audio analysis needs Essentia (pip install '
+              'essentia), which is not installed') from None
+    else:
       raise fastapi.HTTPException(
-          415, 'only AcousticBrainz low-level JSON documents are accepted '
-          'for now; computing descriptors from audio (Essentia) comes next')
-    try:
-      doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-      raise fastapi.HTTPException(422, f'not valid JSON: {e}') from None
+          415, f'unsupported file type {ext or "(none)"}: upload '
+          f'{", ".join(AUDIO_TYPES)} audio or an AcousticBrainz low-level '
+          '.json document')
     try:
       return room.descriptor_query(doc, k)
     except desc_lib.DescriptorError as e:

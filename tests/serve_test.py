@@ -64,7 +64,8 @@ def test_real_acousticbrainz_document(client):
 
 @pytest.mark.parametrize('data,name,status,message', [
     (b'', 'a.json', 400, 'empty'),
-    (b'RIFF....WAVEfmt ', 'a.wav', 415, 'AcousticBrainz'),
+    (b'RIFF....WAVEfmt hello', 'a.wav', 422, 'not a readable recording'),
+    (b'MZ\x90\x00binary', 'setup.exe', 415, 'unsupported file type'),
     (b'{"not": "closed"', 'a.json', 422, 'not valid JSON'),
     (b'{"metadata": {}}', 'a.json', 422, 'not an AcousticBrainz'),
     (b'{}', '../../etc/passwd', 400, 'path components'),
@@ -75,3 +76,45 @@ def test_bad_uploads_get_a_clear_4xx(client, data, name, status, message):
   assert r.status_code == status, r.text
   assert message in json.dumps(r.json())
   assert client.get('/healthz').status_code == 200  # Still serving.
+
+
+def _tone(path, seconds, fmt):
+  import essentia.standard as es  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  sr = 44100
+  t = np.arange(int(sr * seconds)) / sr
+  x = 0.3 * np.sin(2 * np.pi * 440 * t) * (1 + 0.5 * np.sin(2 * np.pi * t))
+  x = x + 0.02 * np.random.default_rng(0).normal(size=t.shape)
+  es.MonoWriter(filename=str(path), format=fmt, sampleRate=sr)(
+      x.astype(np.float32))
+  return path.read_bytes()
+
+
+@pytest.mark.parametrize('fmt', ['wav', 'flac', 'ogg', 'mp3'])
+def test_recordings_are_analysed_by_essentia(client, tmp_path, fmt):
+  data = _tone(tmp_path / f'tone.{fmt}', 3.0, fmt)
+  r = _upload(client, data, f'my song.{fmt}')
+  assert r.status_code == 200, r.text
+  body = r.json()
+  assert len(body['reviews']) == 5 and len(body['descriptors']) == 369
+  assert body['extractor']  # Essentia's extractor version, shown.
+
+
+def test_short_and_truncated_recordings_are_refused(client, tmp_path):
+  short = _tone(tmp_path / 'short.wav', 0.4, 'wav')
+  r = _upload(client, short, 'short.wav')
+  assert r.status_code == 422 and 'at least 1 s' in r.text
+  mp3 = _tone(tmp_path / 'long.mp3', 3.0, 'mp3')
+  r = _upload(client, mp3[:2000], 'cut.mp3')
+  assert r.status_code == 422, r.text
+  assert client.get('/healthz').status_code == 200
+
+
+def test_uploads_leave_no_files_behind(client, tmp_path, monkeypatch):
+  import tempfile  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+  os.makedirs(tmp_path / 'tmp')
+  data = _tone(tmp_path / 'tone.wav', 1.5, 'wav')
+  assert _upload(client, data, 'tone.wav').status_code == 200
+  assert _upload(client, b'garbage', 'x.ogg').status_code == 422
+  assert os.listdir(tmp_path / 'tmp') == []
