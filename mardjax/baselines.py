@@ -260,9 +260,8 @@ def train_wsabie(text: np.ndarray, pair_album: np.ndarray,
 def _album_audio(audio: input_pipeline.AudioTable
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(albums with tracks (C,), their mean normalised descriptors (C, A))."""
-  albums = np.flatnonzero(audio.counts > 0)
-  sums = np.add.reduceat(audio.descriptors, audio.offsets[albums], axis=0)
-  return albums, (sums / audio.counts[albums][:, None]).astype(np.float32)
+  albums, means = audio.album_means(audio.descriptors)
+  return albums, means.astype(np.float32)
 
 
 def _score(name: str, album_emb: np.ndarray, albums: np.ndarray,

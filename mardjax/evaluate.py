@@ -56,8 +56,7 @@ def embed_albums(variables: dict[str, Any], model: models.TwoBranch,
         lambda a: embed_seq(*audio.sequences(a, max_tracks)), (albums,), 256)
   embed = jax.jit(lambda a: model.apply(variables, audio=a)['audio'])
   tracks = _batched(embed, (audio.descriptors,), batch_size)
-  sums = np.add.reduceat(tracks, audio.offsets[albums], axis=0)
-  means = sums / audio.counts[albums][:, None]
+  albums, means = audio.album_means(tracks)
   return albums, means / np.maximum(
       np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
 

@@ -30,68 +30,87 @@ from mardjax import input_pipeline
 from mardjax import mard_io
 from mardjax import models
 from mardjax import preprocess
+from mardjax import text_features
 from mardjax import train
 from mardjax.errors import UserError
 
 FORMAT_VERSION = 1
 EXPORT_DIR = 'export'
+_SPLITS = ('train', 'dev', 'test')
 
 
 def _review_texts(mard_dir: str, wanted: set[str]) -> dict[str, str]:
-  """review_id -> 'summary. text' for the wanted ids, from the raw file."""
+  """review_id -> its text as the encoders read it, from the raw file."""
   texts = {}
   counts = collections.Counter()
   for review in mard_io.iter_reviews(mard_dir, counts):
     if review is not None and review.review_id in wanted:
-      texts[review.review_id] = (f'{review.summary}. {review.text}'
-                                 if review.summary else review.text)
+      texts[review.review_id] = text_features.review_text(review.summary,
+                                                          review.text)
   return texts
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
         mard_dir: str) -> dict[str, Any]:
-  """Writes the export; returns its export.json content plus paths."""
-  start = time.time()
+  """Restores the workdir's serving checkpoint and writes its export."""
   manifest = preprocess.load_manifest(data_dir)
   model = models.build(config.model, manifest['vocab']['size'])
   audio = input_pipeline.load_audio_table(data_dir, manifest)
-  splits = ('train', 'dev', 'test')
-  reviews = [input_pipeline.load_reviews(data_dir, manifest, s,
-                                         config.data.max_len) for s in splits]
-  merged = {k: np.concatenate([r[k] for r in reviews])
-            for k in reviews[0]}
-  split_of = np.concatenate([np.full(len(r['album']), s)
-                             for s, r in zip(splits, reviews)])
-  source = train.BEST_DIR if os.path.isdir(
-      os.path.join(workdir, train.BEST_DIR)) else train.CHECKPOINT_DIR
+  reviews = _all_reviews(config, data_dir, manifest)
+  source = train.inference_source(workdir)
   step, state = train.restore_trained(config, workdir, data_dir, model,
-                                      manifest, audio, merged, source)
+                                      manifest, audio, reviews, source)
+  return write(config, workdir, data_dir, mard_dir, model, manifest, audio,
+               step, state, source, reviews)
+
+
+def _all_reviews(config, data_dir: str, manifest: dict[str, Any]
+                 ) -> dict[str, np.ndarray]:
+  """Every split's reviews in one `load_reviews` dict, plus 'split'."""
+  parts = [input_pipeline.load_reviews(data_dir, manifest, s,
+                                       config.data.max_len)
+           for s in _SPLITS]
+  merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  merged['split'] = np.concatenate([np.full(len(p['album']), s)
+                                    for s, p in zip(_SPLITS, parts)])
+  return merged
+
+
+def write(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
+          mard_dir: str, model: models.TwoBranch, manifest: dict[str, Any],
+          audio: input_pipeline.AudioTable, step: int, state, source: str,
+          reviews: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """Writes the export of a restored state (`run`, or a server that already
+  holds one); returns export.json's content plus paths.
+
+  Args:
+    reviews: `_all_reviews` when the caller has them, else loaded here.
+  """
+  start = time.time()
+  if reviews is None:
+    reviews = _all_reviews(config, data_dir, manifest)
   variables = train.inference_variables(state)
   albums, album_emb = evaluate.embed_albums(
       variables, model, audio, max_tracks=train.album_tracks(config))
-  review_emb = (evaluate.embed_reviews(variables, model, merged)
-                if len(merged['album']) else np.zeros((0, model.embed_dim)))
+  review_emb = (evaluate.embed_reviews(variables, model, reviews)
+                if len(reviews['album']) else np.zeros((0, model.embed_dim)))
 
   out = os.path.join(workdir, EXPORT_DIR)
   os.makedirs(out, exist_ok=True)
   np.save(os.path.join(out, 'albums.npy'), album_emb.astype(np.float32))
   np.save(os.path.join(out, 'reviews.npy'), review_emb.astype(np.float32))
-  meta = {}
-  with open(os.path.join(data_dir, manifest['albums_file'])) as f:
-    for line in f:
-      a = json.loads(line)
-      meta[a['album_index']] = a
+  meta = preprocess.read_albums(data_dir, manifest)
   with open(os.path.join(out, 'albums.jsonl'), 'w') as f:
     for i in albums:
       a = meta[int(i)]
       f.write(json.dumps({k: a.get(k) for k in (
           'album_index', 'amazon_id', 'artist', 'title', 'genre',
           'split')}) + '\n')
-  texts = _review_texts(mard_dir, set(merged['review_id'].tolist()))
+  texts = _review_texts(mard_dir, set(reviews['review_id'].tolist()))
   missing = 0
   with open(os.path.join(out, 'reviews.jsonl'), 'w') as f:
-    for rid, album, split in zip(merged['review_id'], merged['album'],
-                                 split_of):
+    for rid, album, split in zip(reviews['review_id'], reviews['album'],
+                                 reviews['split']):
       text = texts.get(rid)
       missing += text is None
       f.write(json.dumps({'review_id': rid, 'album_index': int(album),

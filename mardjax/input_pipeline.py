@@ -69,6 +69,21 @@ class AudioTable:
     start = self.offsets[album]
     return self.descriptors[start:start + self.counts[album]]
 
+  def album_means(self, per_track: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over each album's tracks of per-track rows.
+
+    Args:
+      per_track: (num_tracks, F) values in table order (e.g. descriptors,
+        or track embeddings).
+
+    Returns:
+      (albums with tracks (C,), their means (C, F)).
+    """
+    albums = np.flatnonzero(self.counts > 0)
+    sums = np.add.reduceat(per_track, self.offsets[albums], axis=0)
+    return albums, sums / self.counts[albums][:, None]
+
   def sequences(self, albums: np.ndarray, max_tracks: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Albums' tracks in album order for the album LSTM.

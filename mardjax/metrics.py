@@ -46,7 +46,6 @@ TIE_TOLERANCE = 1e-5
 _BLOCK = 4096
 
 
-@jax.jit
 def _count_block(carry, queries, thresholds, query_ids, block, block_ids):
   greater, tied = carry
   sims = queries @ block.T

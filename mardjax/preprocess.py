@@ -77,7 +77,8 @@ def validate_data_config(data: ml_collections.ConfigDict) -> None:
 
 
 def _fingerprint(mard_dir: str, files: list[mard_io.DescriptorFile],
-                 data: ml_collections.ConfigDict) -> str:
+                 data: ml_collections.ConfigDict,
+                 encoder_id: dict[str, Any]) -> str:
   """Hash of what the output depends on: inputs' names, sizes, mtimes, config."""
   h = hashlib.sha256()
   for name in (mard_io.METADATA_FILE, mard_io.REVIEWS_FILE):
@@ -87,8 +88,7 @@ def _fingerprint(mard_dir: str, files: list[mard_io.DescriptorFile],
     st = os.stat(f.path)
     h.update(f'{f.priority}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
   config = {k: data[k] for k in _DATA_FIELDS}
-  config['text_encoder'] = text_features.encoder_fingerprint(
-      data.text_encoder_path)
+  config['text_encoder'] = encoder_id
   h.update(json.dumps(config, sort_keys=True).encode())
   h.update(f'schema{_schema_version()}'.encode())
   return h.hexdigest()
@@ -170,7 +170,9 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
   specs = desc_lib.parse_descriptor_list(data.descriptors)
   dim = desc_lib.dim(specs)
   sources = ingest.find_sources(data, mard_dir)
-  fingerprint = _fingerprint(mard_dir, sources.files, data)
+  # The encoder's weights are hashed once: they may be hundreds of MB.
+  encoder_id = text_features.encoder_fingerprint(data.text_encoder_path)
+  fingerprint = _fingerprint(mard_dir, sources.files, data, encoder_id)
   existing = os.path.join(out_dir, MANIFEST)
   if not force and os.path.isfile(existing):
     with open(existing) as f:
@@ -233,7 +235,8 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
   truncated = 0
   written = collections.Counter()
   encoder = (text_features.FrozenEncoder(data.text_encoder_path,
-                                         data.text_encoder_max_tokens)
+                                         data.text_encoder_max_tokens,
+                                         sha256=encoder_id['sha256'])
              if data.text_encoder_path else None)
   pending = []  # Reviews waiting for their encoder features, in order.
 
@@ -370,6 +373,13 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
   return dict(report, reused=False, manifest=os.path.join(
       os.path.abspath(out_dir), MANIFEST), seconds=round(time.time() - t0, 2),
               peak_rss_mb=_peak_rss_mb())
+
+
+def read_albums(data_dir: str, manifest: dict[str, Any]
+                ) -> dict[int, dict[str, Any]]:
+  """albums.jsonl as {album_index: record} (artist, title, genre, split...)."""
+  with open(os.path.join(data_dir, manifest['albums_file'])) as f:
+    return {a['album_index']: a for a in map(json.loads, f)}
 
 
 def manifest_hash(data_dir: str) -> str:

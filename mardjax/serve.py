@@ -39,6 +39,9 @@ from mardjax.errors import UserError
 MAX_K = 100
 AUDIO_TYPES = ('.wav', '.mp3', '.flac', '.ogg')
 MIN_SECONDS = 1.0
+# Standardised descriptor values beyond this are flagged: training data
+# puts almost all values within a few standard deviations.
+OUTLIER_Z = 8.0
 # The statistics AcousticBrainz documents hold for every frame descriptor.
 _STATS = ['mean', 'var', 'median', 'min', 'max', 'dmean', 'dmean2', 'dvar',
           'dvar2']
@@ -86,9 +89,11 @@ def analyse_audio(path: str) -> dict[str, Any]:
                   float(value) if isinstance(value, (int, float, np.number))
                   else value)
   return doc
-# Standardised descriptor values beyond this are flagged: training data
-# puts almost all values within a few standard deviations.
-OUTLIER_Z = 8.0
+
+
+def _distance(cosine: float) -> float:
+  """Euclidean distance between unit vectors with this cosine (0 to 2)."""
+  return float(np.sqrt(max(0.0, 2 - 2 * cosine)))
 
 
 class Room:
@@ -111,8 +116,7 @@ class Room:
     if not len(sample['album']):
       sample = input_pipeline.load_reviews(data_dir, self.manifest, 'train',
                                            config.data.max_len)
-    source = train.BEST_DIR if os.path.isdir(
-        os.path.join(workdir, train.BEST_DIR)) else train.CHECKPOINT_DIR
+    source = train.inference_source(workdir)
     self.step, state = train.restore_trained(
         config, workdir, data_dir, self.model, self.manifest, audio, sample,
         source)
@@ -124,10 +128,12 @@ class Room:
       stale = bank['info']['params_sha256'] != sha
     except UserError:
       stale = True
-    if stale:
-      export.run(config, workdir, data_dir, mard_dir)
+    if stale:  # Export the state already in hand, not a second restore.
+      export.write(config, workdir, data_dir, mard_dir, self.model,
+                   self.manifest, audio, self.step, state, source)
       bank = export.load(bank_dir)
     self.bank = bank
+    self._album_rows = {m['album_index']: m for m in bank['album_meta']}
     with open(os.path.join(data_dir, self.manifest['vocab']['file'])) as f:
       self.vocab = text_lib.Vocabulary([w.rstrip('\n') for w in f])
     d = self.manifest['descriptors']
@@ -176,29 +182,24 @@ class Room:
     reviews = []
     for i, s in zip(idx[0], scores[0]):
       meta = self.bank['review_meta'][i]
-      album = self._album_meta(meta['album_index'])
+      album = self._album_rows.get(meta['album_index'], {})
       text = meta.get('text') or ''
       reviews.append({'review_id': meta['review_id'],
                       'excerpt': text[:300] + ('…' if len(text) > 300 else ''),
                       'album': album.get('title'),
                       'artist': album.get('artist'),
-                      'distance': float(np.sqrt(max(0.0, 2 - 2 * s)))})
+                      'distance': _distance(s)})
     return {'reviews': reviews, 'albums': self._albums(emb, k),
             'warnings': warnings,
             'descriptors': {n: float(v) for n, v in zip(self.names, raw)},
             'extractor': version}
 
-  def _album_meta(self, album_index: int) -> dict[str, Any]:
-    if not hasattr(self, '_album_rows'):
-      self._album_rows = {m['album_index']: m
-                          for m in self.bank['album_meta']}
-    return self._album_rows.get(album_index, {})
 
   def _albums(self, emb: np.ndarray, k: int) -> list[dict[str, Any]]:
     idx, scores = export.nearest(self.bank['albums'], emb, k)
     return [dict({key: self.bank['album_meta'][i].get(key) for key in (
         'album_index', 'amazon_id', 'artist', 'title', 'genre')},
-                 distance=float(np.sqrt(max(0.0, 2 - 2 * s))))
+                 distance=_distance(s))
             for i, s in zip(idx[0], scores[0])]
 
 

@@ -41,7 +41,8 @@ def _weights_sha256(path: str) -> str:
 class FrozenEncoder:
   """A Hugging Face encoder in inference mode on the CPU."""
 
-  def __init__(self, path: str, max_tokens: int, batch_size: int = 32):
+  def __init__(self, path: str, max_tokens: int, batch_size: int = 32,
+               sha256: str | None = None):
     if not os.path.isfile(os.path.join(path, 'config.json')):
       raise UserError(
           f'config.data.text_encoder_path={path!r} is not a model directory '
@@ -67,7 +68,7 @@ class FrozenEncoder:
                  'model_type': self._model.config.model_type,
                  'dim': self.dim, 'max_tokens': max_tokens,
                  'pooling': 'mean of the last hidden layer',
-                 'sha256': _weights_sha256(path)}
+                 'sha256': sha256 or _weights_sha256(path)}
 
   def encode(self, texts: list[str]) -> np.ndarray:
     """(len(texts), dim) float32 features."""

@@ -413,11 +413,26 @@ def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 def load_genres(data_dir: str, manifest: dict[str, Any]) -> np.ndarray:
   """(num_albums,) root genre of each album, from albums.jsonl."""
   genres = np.full(manifest['counts']['albums'], '', object)
-  with open(os.path.join(data_dir, manifest['albums_file'])) as f:
-    for line in f:
-      album = json.loads(line)
-      genres[album['album_index']] = album.get('genre') or ''
+  for index, album in preprocess.read_albums(data_dir, manifest).items():
+    genres[index] = album.get('genre') or ''
   return genres
+
+
+def require_checkpoints(workdir: str, directory: str = CHECKPOINT_DIR
+                        ) -> str:
+  """workdir/directory, or a UserError when it holds no checkpoint."""
+  ckpt_dir = os.path.join(workdir, directory)
+  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
+    raise UserError(f'No checkpoint in {ckpt_dir!r}: train first '
+                    '(--mode=train).')
+  return ckpt_dir
+
+
+def inference_source(workdir: str) -> str:
+  """The checkpoint directory serving uses: the best-by-recall one when a
+  run kept it, else the rolling checkpoints."""
+  return BEST_DIR if os.path.isdir(os.path.join(workdir, BEST_DIR)) else (
+      CHECKPOINT_DIR)
 
 
 def restore_trained(config: ml_collections.ConfigDict, workdir: str,
@@ -431,10 +446,7 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str,
   `reviews` (any split, `input_pipeline.load_reviews`) only shapes the
   restore target. Refuses checkpoints of other data.
   """
-  ckpt_dir = os.path.join(workdir, directory)
-  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
-    raise UserError(f'No checkpoint in {ckpt_dir!r}: train first '
-                    '(--mode=train).')
+  ckpt_dir = require_checkpoints(workdir, directory)
   check_text_features(config, manifest)
   sample = {k: reviews[k][:2] for k in ('tokens', 'lengths', 'text_features')
             if k in reviews}
@@ -469,10 +481,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   if split not in ('dev', 'test'):
     raise UserError(f"config.eval.split={split!r}: choose 'dev' or 'test'.")
   manifest = preprocess.load_manifest(data_dir)
-  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
-    raise UserError(f'No checkpoint in {workdir!r}: train first '
-                    '(--mode=train).')
+  require_checkpoints(workdir)  # Before minutes of loading.
   model = models.build(config.model, manifest['vocab']['size'])
   audio = input_pipeline.load_audio_table(data_dir, manifest)
   reviews = input_pipeline.load_reviews(data_dir, manifest, split,
