@@ -133,6 +133,18 @@ def get_config():
   config.ablate.evals = 4
   config.ablate.rows = ''  # Comma-separated row names; '' = every row.
 
+  # --- Export (--mode=export) and batch embedding (--mode=embed) -----------
+  config.export = ml_collections.ConfigDict()
+  # 'exact': brute-force top-k, right up to a few million vectors of 128
+  # floats; 'hnsw': a faiss HNSW graph per bank (approximate, sub-linear).
+  config.export.index = 'exact'
+  config.export.hnsw_m = 32  # Graph neighbours per vector.
+  config.export.hnsw_ef_construction = 200  # Candidates kept while building.
+  config.export.hnsw_ef_search = 128  # Candidates a query visits (recall).
+  config.embed = ml_collections.ConfigDict()
+  # Processes running Essentia over a folder (0: one per CPU core).
+  config.embed.workers = 0
+
   # --- Serving (--mode=serve) -----------------------------------------------
   config.serve = ml_collections.ConfigDict()
   config.serve.max_upload_mb = 50.0  # Larger uploads are answered 413.

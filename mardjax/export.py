@@ -11,9 +11,11 @@ newest rolling checkpoint when no best was kept):
   reviews.npy      (N, E) float32 unit vectors: every review of every split
   reviews.jsonl    one line per row: review_id, album_index, split, text
                    (summary and body, from the raw MARD reviews file)
+  *.hnsw.faiss     with config.export.index='hnsw': a faiss HNSW index per
+                   bank, for catalogues too large for exact search
 
-Rows of each .npy match the lines of its .jsonl. Exact top-k search over an
-export is `nearest` (cosine = dot product of unit vectors).
+Rows of each .npy match the lines of its .jsonl. `load` gives each bank a
+search index (`search_index`): exact top-k by default.
 """
 
 import collections
@@ -30,6 +32,7 @@ from mardjax import input_pipeline
 from mardjax import mard_io
 from mardjax import models
 from mardjax import preprocess
+from mardjax import search_index
 from mardjax import text_features
 from mardjax import train
 from mardjax.errors import UserError
@@ -97,24 +100,19 @@ def write(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
 
   out = os.path.join(workdir, EXPORT_DIR)
   os.makedirs(out, exist_ok=True)
-  np.save(os.path.join(out, 'albums.npy'), album_emb.astype(np.float32))
-  np.save(os.path.join(out, 'reviews.npy'), review_emb.astype(np.float32))
+  index = search_index.settings(config.export)
   meta = preprocess.read_albums(data_dir, manifest)
-  with open(os.path.join(out, 'albums.jsonl'), 'w') as f:
-    for i in albums:
-      a = meta[int(i)]
-      f.write(json.dumps({k: a.get(k) for k in (
-          'album_index', 'amazon_id', 'artist', 'title', 'genre',
-          'split')}) + '\n')
+  write_bank(out, 'albums', album_emb, [
+      {k: meta[int(i)].get(k) for k in ('album_index', 'amazon_id', 'artist',
+                                        'title', 'genre', 'split')}
+      for i in albums], index)
   texts = _review_texts(mard_dir, set(reviews['review_id'].tolist()))
-  missing = 0
-  with open(os.path.join(out, 'reviews.jsonl'), 'w') as f:
-    for rid, album, split in zip(reviews['review_id'], reviews['album'],
-                                 reviews['split']):
-      text = texts.get(rid)
-      missing += text is None
-      f.write(json.dumps({'review_id': rid, 'album_index': int(album),
-                          'split': str(split), 'text': text}) + '\n')
+  rows = [{'review_id': rid, 'album_index': int(album), 'split': str(split),
+           'text': texts.get(rid)}
+          for rid, album, split in zip(reviews['review_id'], reviews['album'],
+                                       reviews['split'])]
+  missing = sum(r['text'] is None for r in rows)
+  write_bank(out, 'reviews', review_emb, rows, index)
   info = {
       'format_version': FORMAT_VERSION, 'checkpoint': source,
       'step': int(step),
@@ -122,7 +120,7 @@ def write(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
       'manifest_hash': preprocess.manifest_hash(data_dir),
       'embed_dim': int(album_emb.shape[1]),
       'albums': int(len(albums)), 'reviews': int(len(review_emb)),
-      'reviews_without_text': int(missing),
+      'reviews_without_text': int(missing), 'index': index,
       'config': json.loads(config.to_json_best_effort()),
   }
   with open(os.path.join(out, 'export.json'), 'w') as f:
@@ -134,36 +132,58 @@ def write(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
               directory=out, seconds=round(time.time() - start, 1))
 
 
-def load(directory: str) -> dict[str, Any]:
-  """An export back: {'info', 'albums', 'album_meta', 'reviews',
-  'review_meta'}; checks the files agree."""
+def write_bank(directory: str, name: str, emb: np.ndarray,
+               rows: list[dict[str, Any]], index: dict[str, Any]) -> None:
+  """`name`.npy, `name`.jsonl (one line per row) and its search index."""
+  if len(rows) != emb.shape[0]:
+    raise ValueError(f'{name}: {emb.shape[0]} vectors, {len(rows)} rows')
+  np.save(os.path.join(directory, f'{name}.npy'), emb.astype(np.float32))
+  with open(os.path.join(directory, f'{name}.jsonl'), 'w') as f:
+    for row in rows:
+      f.write(json.dumps(row) + '\n')
+  if len(rows):
+    search_index.write(directory, name, emb, index)
+
+
+def read_bank(directory: str, name: str, index: dict[str, Any] | None,
+              ef_search: int) -> tuple[np.ndarray, list[dict[str, Any]],
+                                       search_index.Index]:
+  """(vectors (N, E), rows, search index) of `write_bank`; checks they agree."""
+  try:
+    emb = np.load(os.path.join(directory, f'{name}.npy'))
+    with open(os.path.join(directory, f'{name}.jsonl')) as f:
+      rows = [json.loads(line) for line in f]
+  except (OSError, ValueError) as e:
+    raise UserError(f'{directory}: {name} is unreadable ({e}); export '
+                    'again.') from None
+  if len(rows) != emb.shape[0]:
+    raise UserError(f'{directory}: {name}.npy has {emb.shape[0]} rows but '
+                    f'{name}.jsonl {len(rows)} lines.')
+  return emb, rows, search_index.load(directory, name, emb, index, ef_search)
+
+
+def load(directory: str, ef_search: int = 128) -> dict[str, Any]:
+  """An export back: {'info', 'albums', 'album_meta', 'album_index',
+  'reviews', 'review_meta', 'review_index'}; checks the files agree.
+
+  Args:
+    ef_search: candidates an HNSW search visits (ignored by exact search).
+  """
   path = os.path.join(directory, 'export.json')
   if not os.path.isfile(path):
     raise UserError(f'No export in {directory!r}: run --mode=export first.')
-  with open(path) as f:
-    info = json.load(f)
+  try:
+    with open(path) as f:
+      info = json.load(f)
+  except ValueError as e:
+    raise UserError(f'{path} is not valid JSON ({e}); export again.') from None
   if info.get('format_version') != FORMAT_VERSION:
     raise UserError(f'{path}: export format {info.get("format_version")}, '
                     f'this code reads {FORMAT_VERSION}; export again.')
   out = {'info': info}
   for name in ('albums', 'reviews'):
-    emb = np.load(os.path.join(directory, f'{name}.npy'))
-    with open(os.path.join(directory, f'{name}.jsonl')) as f:
-      meta = [json.loads(line) for line in f]
-    if len(meta) != emb.shape[0]:
-      raise UserError(f'{directory}: {name}.npy has {emb.shape[0]} rows but '
-                      f'{name}.jsonl {len(meta)} lines.')
-    out[name], out[f'{name[:-1]}_meta'] = emb, meta
+    emb, rows, index = read_bank(directory, name, info.get('index'),
+                                 ef_search)
+    out[name], out[f'{name[:-1]}_meta'] = emb, rows
+    out[f'{name[:-1]}_index'] = index
   return out
-
-
-def nearest(bank: np.ndarray, queries: np.ndarray, k: int
-            ) -> tuple[np.ndarray, np.ndarray]:
-  """Exact top-k by cosine: (indices (Q, k), scores (Q, k)), best first."""
-  k = min(k, bank.shape[0])
-  scores = np.asarray(queries, np.float32) @ bank.T
-  top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-  top_scores = np.take_along_axis(scores, top, 1)
-  order = np.argsort(-top_scores, axis=1, kind='stable')
-  return (np.take_along_axis(top, order, 1),
-          np.take_along_axis(top_scores, order, 1))

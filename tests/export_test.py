@@ -29,16 +29,29 @@ def test_export_round_trip(tiny_corpus_master, tmp_path):
   assert all(m['text'] for m in bank['review_meta'])
   assert {'artist', 'title', 'genre'} <= set(bank['album_meta'][0])
   # Exact search: every review finds itself first.
-  idx, scores = export.nearest(bank['reviews'], bank['reviews'][:5], k=3)
+  assert bank['info']['index'] == {'kind': 'exact'}
+  idx, scores = bank['review_index'].search(bank['reviews'][:5], k=3)
   np.testing.assert_array_equal(idx[:, 0], np.arange(5))
   assert np.all(np.diff(scores, axis=1) <= 1e-6)
   # The same embeddings the evaluator ranks: the dev recall follows.
   dev = [i for i, m in enumerate(bank['review_meta']) if m['split'] == 'dev']
   row_of = {m['album_index']: i for i, m in enumerate(bank['album_meta'])}
-  top, _ = export.nearest(bank['albums'], bank['reviews'][dev], k=10)
+  top, _ = bank['album_index'].search(bank['reviews'][dev], k=10)
   hit = [row_of[bank['review_meta'][i]['album_index']] in t
          for i, t in zip(dev, top)]
   assert np.mean(hit) == pytest.approx(trained['recall@10'], abs=0.02)
+
+  # The approximate index: written beside the banks, read back, and on a
+  # bank this small it finds what exact search finds.
+  config.export.index = 'hnsw'
+  info = app.run_mode('export', config, workdir, show_progress=False)
+  assert info['index']['kind'] == 'hnsw'
+  approx = export.load(info['directory'], ef_search=64)
+  assert approx['album_index'].kind == 'hnsw'
+  approx_top, _ = approx['album_index'].search(bank['reviews'][dev], k=10)
+  overlap = np.mean([len(set(a) & set(b)) / 10
+                     for a, b in zip(top, approx_top)])
+  assert overlap > 0.95
 
 
 def test_export_without_training_is_a_clear_error(tiny_corpus_master,

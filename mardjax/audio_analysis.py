@@ -1,0 +1,100 @@
+"""Recordings and AcousticBrainz documents -> low-level descriptor documents.
+
+Recordings go through Essentia's MusicExtractor, the extractor AcousticBrainz
+ran, with every statistic AcousticBrainz stored, so the result has the same
+layout as the training documents. Only numpy and Essentia are imported here,
+so worker processes of the batch embedder start quickly.
+"""
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+AUDIO_TYPES = ('.wav', '.mp3', '.flac', '.ogg')
+DOCUMENT_TYPES = ('.json',)
+MIN_SECONDS = 1.0
+# The statistics AcousticBrainz documents hold for every frame descriptor.
+_STATS = ['mean', 'var', 'median', 'min', 'max', 'dmean', 'dmean2', 'dvar',
+          'dvar2']
+
+
+class BadAudio(ValueError):
+  """An upload that is not a usable recording (the message says why)."""
+
+
+def analyse_audio(path: str) -> dict[str, Any]:
+  """A recording -> an AcousticBrainz-style low-level document (nested dict).
+
+  A file that is not a wav is decoded into a wav beside it first, so the
+  caller's directory must be writable and private.
+
+  Raises:
+    BadAudio: not decodable, or shorter than MIN_SECONDS.
+    ImportError: Essentia is not installed.
+  """
+  import essentia  # pylint: disable=g-import-not-at-top
+  import essentia.standard as es  # pylint: disable=g-import-not-at-top
+  essentia.log.infoActive = False
+  essentia.log.warningActive = False
+  try:
+    if not path.endswith('.wav'):
+      # Essentia's FFmpeg loader decodes; the extractor's own metadata
+      # reader knows only wav/aiff in the PyPI build (no taglib), and
+      # decoding first treats every format alike.
+      samples = es.MonoLoader(filename=path, sampleRate=44100)()
+      path = os.path.splitext(path)[0] + '.wav'
+      es.MonoWriter(filename=path, format='wav', sampleRate=44100)(samples)
+    pool, _ = es.MusicExtractor(lowlevelStats=_STATS, rhythmStats=_STATS,
+                                tonalStats=_STATS)(path)
+  except RuntimeError as e:
+    raise BadAudio(f'not a readable recording ({str(e)[:200]})') from None
+  length = float(pool['metadata.audio_properties.length'])
+  if length < MIN_SECONDS:
+    raise BadAudio(f'the recording lasts {length:.2f} s; at least '
+                   f'{MIN_SECONDS:g} s is needed')
+  doc: dict[str, Any] = {}
+  for name in pool.descriptorNames():
+    node = doc
+    *parents, leaf = name.split('.')
+    for p in parents:
+      node = node.setdefault(p, {})
+    value = pool[name]
+    node[leaf] = (value.tolist() if isinstance(value, np.ndarray) else
+                  float(value) if isinstance(value, (int, float, np.number))
+                  else value)
+  return doc
+
+
+def read_file(path: str, scratch_dir: str) -> dict[str, Any]:
+  """A recording or an AcousticBrainz .json file -> a low-level document.
+
+  Args:
+    path: the file; its extension says which it is.
+    scratch_dir: a private directory for the decoded copy of a recording.
+
+  Raises:
+    BadAudio: an unreadable recording or an invalid JSON file (the message
+      says why); the caller counts it and goes on.
+  """
+  ext = os.path.splitext(path)[1].lower()
+  if ext in DOCUMENT_TYPES:
+    try:
+      with open(path, 'rb') as f:
+        return json.loads(f.read())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise BadAudio(f'not valid JSON: {e}') from None
+  if ext not in AUDIO_TYPES:
+    raise BadAudio(f'unsupported file type {ext or "(none)"}')
+  if os.path.getsize(path) == 0:
+    raise BadAudio('the file is empty')
+  # The extractor writes a decoded wav; keep it out of the user's folder.
+  local = os.path.join(scratch_dir, 'track' + ext)
+  with open(path, 'rb') as src, open(local, 'wb') as dst:
+    dst.write(src.read())
+  try:
+    return analyse_audio(local)
+  finally:
+    for name in os.listdir(scratch_dir):
+      os.remove(os.path.join(scratch_dir, name))
