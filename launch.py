@@ -1,6 +1,7 @@
 """mardjax entry point: `python launch.py --config configs/default.py --workdir DIR`.
 
-Modes (`--mode`): train (default), eval, synth, preprocess, benchmark. Every
+Modes (`--mode`): train (default), eval, baselines, ablate, export, serve,
+embed, synth, preprocess, benchmark. Every
 mode prints one JSON object as the last line of stdout and writes the same
 object to DIR/<mode>.json. Config fields are overridden with
 `--config.data.vocab_size=30000` and the like; unknown fields are an error.
@@ -38,6 +39,10 @@ flags.DEFINE_integer('num_processes', 1, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', 0, 'Multi-host: this process (0-based).')
 flags.DEFINE_string('host', '127.0.0.1', '--mode=serve: address to listen on.')
 flags.DEFINE_integer('port', 8000, '--mode=serve: port to listen on.')
+flags.DEFINE_string('input_dir', None, '--mode=embed: folder of recordings '
+                    '(wav, mp3, flac, ogg) and AcousticBrainz .json files.')
+flags.DEFINE_string('output_dir', None,
+                    '--mode=embed: where to write (default DIR/embedded).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -81,7 +86,9 @@ def main(argv):
     result = mardjax_app.run_mode(FLAGS.mode, FLAGS.config, workdir,
                                   force=FLAGS.force,
                                   show_progress=FLAGS.progress,
-                                  host=FLAGS.host, port=FLAGS.port)
+                                  host=FLAGS.host, port=FLAGS.port,
+                                  input_dir=FLAGS.input_dir,
+                                  output_dir=FLAGS.output_dir)
   except UserError as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)

@@ -13,8 +13,8 @@ from mardjax import preprocess
 from mardjax import synth
 from mardjax.errors import UserError
 
-MODES = ('train', 'eval', 'baselines', 'ablate', 'export', 'serve', 'synth',
-         'preprocess', 'benchmark')
+MODES = ('train', 'eval', 'baselines', 'ablate', 'export', 'serve', 'embed',
+         'synth', 'preprocess', 'benchmark')
 SYNTH_SUBDIR = 'synthetic_mard'
 
 
@@ -109,7 +109,8 @@ def init_distributed(coordinator_address: str | None, num_processes: int,
 
 def run_mode(mode: str, config, workdir: str, force: bool = False,
              show_progress: bool = True, host: str = '127.0.0.1',
-             port: int = 8000) -> dict[str, Any]:
+             port: int = 8000, input_dir: str | None = None,
+             output_dir: str | None = None) -> dict[str, Any]:
   """Runs one mode; returns its result (the JSON line launch.py prints)."""
   if mode == 'train':
     return run_train(config, workdir, force, show_progress)
@@ -125,6 +126,11 @@ def run_mode(mode: str, config, workdir: str, force: bool = False,
     from mardjax import serve  # pylint: disable=g-import-not-at-top
     return serve.run(config, workdir, preprocess.output_dir(config, workdir),
                      mard_dir(config, workdir), host, port)
+  if mode == 'embed':
+    from mardjax import batch_embed  # pylint: disable=g-import-not-at-top
+    return batch_embed.run(config, workdir,
+                           preprocess.output_dir(config, workdir), input_dir,
+                           output_dir, show_progress)
   if mode == 'ablate':
     from mardjax import ablation  # pylint: disable=g-import-not-at-top
     return ablation.run(config, workdir, run_mode, show_progress)

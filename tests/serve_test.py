@@ -14,7 +14,8 @@ from tests.conftest import REAL_AB_DIR, REAL_DOCS
 
 
 @pytest.fixture(scope='module')
-def client(tiny_corpus_master, tmp_path_factory):
+def trained(tiny_corpus_master, tmp_path_factory):
+  """(config, workdir, room) of a few training steps on the tiny corpus."""
   config = test_config.get_config()
   config.data.mard_dir = tiny_corpus_master
   config.train.update(num_steps=6, eval_every=6, checkpoint_every=6)
@@ -22,7 +23,12 @@ def client(tiny_corpus_master, tmp_path_factory):
   app.run_mode('train', config, workdir, show_progress=False)
   room = serve.Room(config, workdir, app.preprocess.output_dir(
       config, workdir), tiny_corpus_master)
-  return TestClient(serve.create_app(room, max_upload_bytes=2_000_000))
+  return config, workdir, room
+
+
+@pytest.fixture(scope='module')
+def client(trained):
+  return TestClient(serve.create_app(trained[2], max_upload_bytes=2_000_000))
 
 
 def _upload(client, data, name='track.json', k=5):
@@ -78,12 +84,12 @@ def test_bad_uploads_get_a_clear_4xx(client, data, name, status, message):
   assert client.get('/healthz').status_code == 200  # Still serving.
 
 
-def _tone(path, seconds, fmt):
+def _tone(path, seconds, fmt, freq=440.0):
   import essentia.standard as es  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   sr = 44100
   t = np.arange(int(sr * seconds)) / sr
-  x = 0.3 * np.sin(2 * np.pi * 440 * t) * (1 + 0.5 * np.sin(2 * np.pi * t))
+  x = 0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * t))
   x = x + 0.02 * np.random.default_rng(0).normal(size=t.shape)
   es.MonoWriter(filename=str(path), format=fmt, sampleRate=sr)(
       x.astype(np.float32))
@@ -118,3 +124,65 @@ def test_uploads_leave_no_files_behind(client, tmp_path, monkeypatch):
   assert _upload(client, data, 'tone.wav').status_code == 200
   assert _upload(client, b'garbage', 'x.ogg').status_code == 422
   assert os.listdir(tmp_path / 'tmp') == []
+
+
+def test_the_page_and_its_assets_are_served(client):
+  page = client.get('/')
+  assert page.status_code == 200 and 'text/html' in page.headers[
+      'content-type']
+  for asset in ('/static/room.js', '/static/room.css'):
+    assert asset in page.text and client.get(asset).status_code == 200
+  for element in ('id="file-input"', 'id="reviews"', 'id="text-input"',
+                  'id="descriptors"', 'id="progress"'):
+    assert element in page.text
+
+
+def test_batch_embedding_of_a_folder(trained, tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mardjax import batch_embed  # pylint: disable=g-import-not-at-top
+  config, workdir, room = trained
+  folder = tmp_path / 'music'
+  (folder / 'live').mkdir(parents=True)
+  _tone(folder / 'a tone.wav', 2.0, 'wav')
+  _tone(folder / 'live' / 'b.flac', 2.0, 'flac', freq=97.0)
+  with open(os.path.join(REAL_AB_DIR, REAL_DOCS[0]), 'rb') as f:
+    doc = f.read()
+  (folder / 'ab.json').write_bytes(doc)
+  (folder / 'broken.mp3').write_bytes(b'ID3 not really an mp3')
+  (folder / 'other.json').write_text('{"metadata": {}}')
+  (folder / 'notes.txt').write_text('not music')
+  config.embed.workers = 2
+  out = app.run_mode('embed', config, workdir, show_progress=False,
+                     input_dir=str(folder))
+  assert (out['tracks'], out['skipped'], out['ignored']) == (3, 2, 1), out
+  bank = batch_embed.load(out['directory'])
+  files = [m['file'] for m in bank['track_meta']]
+  assert files == ['a tone.wav', 'ab.json', os.path.join('live', 'b.flac')]
+  assert [m['source'] for m in bank['track_meta']] == [
+      'recording', 'acousticbrainz', 'recording']
+  reasons = {s['file']: s['reason'] for s in bank['info']['skipped_files']}
+  assert 'not a readable recording' in reasons['broken.mp3']
+  assert 'not an AcousticBrainz' in reasons['other.json']
+  np.testing.assert_allclose(np.linalg.norm(bank['tracks'], axis=1), 1,
+                             rtol=1e-5)
+  # The same vector the server computes for the same document.
+  _, z, _, _ = room.embedder.read_document(json.loads(doc))
+  np.testing.assert_allclose(bank['tracks'][1],
+                             room.embedder.embed_audio(z[None])[0], atol=1e-6)
+  # Different sounds, different vectors: each finds itself first.
+  idx, _ = bank['track_index'].search(bank['tracks'], 1)
+  np.testing.assert_array_equal(idx[:, 0], [0, 1, 2])
+  assert sorted(os.listdir(folder / 'live')) == ['b.flac']  # Untouched.
+
+
+def test_batch_embedding_errors(trained, tmp_path):
+  config, workdir, _ = trained
+  with pytest.raises(app.UserError, match='needs --input_dir'):
+    app.run_mode('embed', config, workdir, show_progress=False)
+  with pytest.raises(app.UserError, match='is not a folder'):
+    app.run_mode('embed', config, workdir, show_progress=False,
+                 input_dir=str(tmp_path / 'nope'))
+  (tmp_path / 'readme.md').write_text('x')
+  with pytest.raises(app.UserError, match=r'holds no .* files \(1 other'):
+    app.run_mode('embed', config, workdir, show_progress=False,
+                 input_dir=str(tmp_path))

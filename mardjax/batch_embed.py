@@ -1,0 +1,172 @@
+"""`--mode=embed`: a folder of recordings and AcousticBrainz documents into
+the trained space, in the export's format.
+
+Every .wav/.mp3/.flac/.ogg file under `--input_dir` goes through Essentia's
+MusicExtractor in `config.embed.workers` processes; every .json file is read
+as an AcousticBrainz low-level document. The audio branch embeds them all.
+`--output_dir` (default DIR/embedded) receives, as `export` writes its banks:
+
+  embed.json     format version, checkpoint step and parameter sha256, data
+                 manifest hash, embedding size, counts, index, skipped files
+  tracks.npy     (N, E) float32 unit vectors, one per file that was read
+  tracks.jsonl   one line per row: file (relative to the input folder),
+                 source ('recording' or 'acousticbrainz'), extractor,
+                 warnings (extractor mismatch, out-of-distribution values)
+  *.hnsw.faiss   with config.export.index='hnsw'
+
+Files that cannot be read are skipped, counted, and listed with the reason
+in embed.json; other files in the folder are counted as ignored.
+"""
+
+import collections
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from mardjax import audio_analysis
+from mardjax import descriptors as desc_lib
+from mardjax import export
+from mardjax import preprocess
+from mardjax import search_index
+from mardjax import train
+from mardjax.errors import UserError
+
+FORMAT_VERSION = 1
+OUTPUT_DIR = 'embedded'
+_READABLE = audio_analysis.AUDIO_TYPES + audio_analysis.DOCUMENT_TYPES
+
+
+def find_files(folder: str) -> tuple[list[str], int]:
+  """(readable files relative to `folder`, sorted; count of other files)."""
+  found, ignored = [], 0
+  for root, dirs, names in os.walk(folder):
+    dirs.sort()
+    for name in sorted(names):
+      rel = os.path.relpath(os.path.join(root, name), folder)
+      if os.path.splitext(name)[1].lower() in _READABLE:
+        found.append(rel)
+      else:
+        ignored += 1
+  return found, ignored
+
+
+def _read(path: str) -> tuple[dict[str, Any] | None, str | None]:
+  """(document, None) or (None, why not); runs in a worker process."""
+  with tempfile.TemporaryDirectory(prefix='mardjax-embed-') as scratch:
+    try:
+      return audio_analysis.read_file(path, scratch), None
+    except audio_analysis.BadAudio as e:
+      return None, str(e)
+    except ImportError:
+      return None, ('audio analysis needs Essentia (pip install essentia), '
+                    'which is not installed')
+    except Exception as e:  # pylint: disable=broad-except
+      # One odd file must not end a run over thousands: count it.
+      return None, f'{type(e).__name__}: {str(e)[:200]}'
+
+
+def _documents(paths: list[str], workers: int, show_progress: bool):
+  """Yields (document or None, error or None) per path, in order."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=len(paths), unit='file', desc='embed', file=sys.stderr,
+             disable=not show_progress, dynamic_ncols=True)
+  try:
+    if workers <= 1 or len(paths) == 1:
+      for p in paths:
+        yield _read(p)
+        bar.update()
+      return
+    # Spawned, not forked: the parent holds JAX's threads.
+    context = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(workers,
+                                                mp_context=context) as pool:
+      for result in pool.map(_read, paths):
+        yield result
+        bar.update()
+  finally:
+    bar.close()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
+        input_dir: str | None, output_dir: str | None,
+        show_progress: bool = True) -> dict[str, Any]:
+  """Embeds `input_dir`'s files into `output_dir`; returns embed.json's
+  content plus paths."""
+  from mardjax import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
+  if not input_dir:
+    raise UserError('--mode=embed needs --input_dir, a folder of recordings '
+                    '(wav, mp3, flac, ogg) or AcousticBrainz .json files.')
+  if not os.path.isdir(input_dir):
+    raise UserError(f'--input_dir={input_dir!r} is not a folder.')
+  files, ignored = find_files(input_dir)
+  if not files:
+    raise UserError(f'{input_dir!r} holds no {", ".join(_READABLE)} files '
+                    f'({ignored} other files).')
+  output_dir = output_dir or os.path.join(workdir, OUTPUT_DIR)
+  index = search_index.settings(config.export)  # Bad settings: fail early.
+  start = time.time()
+  embedder = embedder_lib.Embedder(config, workdir, data_dir)
+  workers = config.embed.workers or os.cpu_count() or 1
+  workers = min(workers, sum(not f.lower().endswith('.json') for f in files))
+
+  rows, zs, skipped = [], [], []
+  docs = _documents([os.path.join(input_dir, f) for f in files], workers,
+                    show_progress)
+  for rel, (doc, error) in zip(files, docs):
+    if doc is not None:
+      try:
+        _, z, version, warnings = embedder.read_document(doc)
+      except desc_lib.DescriptorError as e:
+        error = f'not an AcousticBrainz low-level document: {e}'
+    if error is not None:
+      skipped.append({'file': rel, 'reason': error})
+      continue
+    zs.append(z)
+    rows.append({'file': rel, 'source': (
+        'acousticbrainz' if rel.lower().endswith('.json') else 'recording'),
+                 'extractor': version, 'warnings': warnings})
+  emb = (embedder.embed_audio(np.stack(zs)) if zs else
+         np.zeros((0, embedder.model.embed_dim), np.float32))
+
+  os.makedirs(output_dir, exist_ok=True)
+  export.write_bank(output_dir, 'tracks', emb, rows, index)
+  info = {
+      'format_version': FORMAT_VERSION, 'checkpoint': embedder.source,
+      'step': int(embedder.step),
+      'params_sha256': train.params_fingerprint(embedder.state.params),
+      'manifest_hash': preprocess.manifest_hash(data_dir),
+      'embed_dim': int(emb.shape[1]), 'input_dir': os.path.abspath(input_dir),
+      'tracks': len(rows), 'skipped': len(skipped), 'ignored': ignored,
+      'with_warnings': sum(bool(r['warnings']) for r in rows),
+      'index': index, 'skipped_files': skipped,
+  }
+  with open(os.path.join(output_dir, 'embed.json'), 'w') as f:
+    json.dump(info, f, indent=1)
+  reasons = collections.Counter(s['reason'].split(' (')[0] for s in skipped)
+  summary = {k: v for k, v in info.items() if k != 'skipped_files'}
+  return dict(summary, skipped_reasons=dict(reasons), directory=output_dir,
+              workers=workers, seconds=round(time.time() - start, 1))
+
+
+def load(directory: str, ef_search: int = 128) -> dict[str, Any]:
+  """A `run` output back: {'info', 'tracks', 'track_meta', 'track_index'}."""
+  path = os.path.join(directory, 'embed.json')
+  if not os.path.isfile(path):
+    raise UserError(f'No embed.json in {directory!r}: run --mode=embed first.')
+  with open(path) as f:
+    info = json.load(f)
+  if info.get('format_version') != FORMAT_VERSION:
+    raise UserError(f'{path}: format {info.get("format_version")}, this code '
+                    f'reads {FORMAT_VERSION}; embed again.')
+  emb, rows, index = export.read_bank(directory, 'tracks', info['index'],
+                                      ef_search)
+  return {'info': info, 'tracks': emb, 'track_meta': rows,
+          'track_index': index}
