@@ -23,6 +23,20 @@ REAL_DOCS = ('0dad432b-16cc-4bf0-8961-fd31d124b01b.json',
 BULK_SAMPLE = 'bulk_lowlevel_response_sample.json'
 
 
+def write_tone(path, seconds, fmt, freq=440.0):
+  """A pulsing sine with a little noise, saved by Essentia; returns its
+  bytes. `path` is a pathlib.Path; fmt: wav, flac, ogg or mp3."""
+  import essentia.standard as es  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  sr = 44100
+  t = np.arange(int(sr * seconds)) / sr
+  x = 0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * t))
+  x = x + 0.02 * np.random.default_rng(0).normal(size=t.shape)
+  es.MonoWriter(filename=str(path), format=fmt, sampleRate=sr)(
+      x.astype(np.float32))
+  return path.read_bytes()
+
+
 @pytest.fixture(scope='session')
 def real_ab_dir():
   """The real AcousticBrainz documents in ../shared/data (CI has them)."""
@@ -62,3 +76,19 @@ def tiny_records(tiny_corpus_master, tmp_path_factory):
   preprocess.run(test_config.get_config(), tiny_corpus_master, out,
                  show_progress=False)
   return out, preprocess.load_manifest(out)
+
+
+@pytest.fixture(scope='session')
+def trained_room(tiny_corpus_master, tmp_path_factory):
+  """(config, workdir, serve.Room) of a few training steps on the tiny
+  corpus: the listening room's tests share one trained workdir."""
+  from mardjax import app  # pylint: disable=g-import-not-at-top
+  from mardjax import serve  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.data.mard_dir = tiny_corpus_master
+  config.train.update(num_steps=6, eval_every=6, checkpoint_every=6)
+  workdir = str(tmp_path_factory.mktemp('serve'))
+  app.run_mode('train', config, workdir, show_progress=False)
+  room = serve.Room(config, workdir, app.preprocess.output_dir(
+      config, workdir), tiny_corpus_master)
+  return config, workdir, room

@@ -7,28 +7,15 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
-from configs import test as test_config
 from mardjax import app
 from mardjax import serve
-from tests.conftest import REAL_AB_DIR, REAL_DOCS
+from tests.conftest import REAL_AB_DIR, REAL_DOCS, write_tone
 
 
 @pytest.fixture(scope='module')
-def trained(tiny_corpus_master, tmp_path_factory):
-  """(config, workdir, room) of a few training steps on the tiny corpus."""
-  config = test_config.get_config()
-  config.data.mard_dir = tiny_corpus_master
-  config.train.update(num_steps=6, eval_every=6, checkpoint_every=6)
-  workdir = str(tmp_path_factory.mktemp('serve'))
-  app.run_mode('train', config, workdir, show_progress=False)
-  room = serve.Room(config, workdir, app.preprocess.output_dir(
-      config, workdir), tiny_corpus_master)
-  return config, workdir, room
-
-
-@pytest.fixture(scope='module')
-def client(trained):
-  return TestClient(serve.create_app(trained[2], max_upload_bytes=2_000_000))
+def client(trained_room):
+  return TestClient(serve.create_app(trained_room[2],
+                                     max_upload_bytes=2_000_000))
 
 
 def _upload(client, data, name='track.json', k=5):
@@ -84,21 +71,9 @@ def test_bad_uploads_get_a_clear_4xx(client, data, name, status, message):
   assert client.get('/healthz').status_code == 200  # Still serving.
 
 
-def _tone(path, seconds, fmt, freq=440.0):
-  import essentia.standard as es  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  sr = 44100
-  t = np.arange(int(sr * seconds)) / sr
-  x = 0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * t))
-  x = x + 0.02 * np.random.default_rng(0).normal(size=t.shape)
-  es.MonoWriter(filename=str(path), format=fmt, sampleRate=sr)(
-      x.astype(np.float32))
-  return path.read_bytes()
-
-
 @pytest.mark.parametrize('fmt', ['wav', 'flac', 'ogg', 'mp3'])
 def test_recordings_are_analysed_by_essentia(client, tmp_path, fmt):
-  data = _tone(tmp_path / f'tone.{fmt}', 3.0, fmt)
+  data = write_tone(tmp_path / f'tone.{fmt}', 3.0, fmt)
   r = _upload(client, data, f'my song.{fmt}')
   assert r.status_code == 200, r.text
   body = r.json()
@@ -107,10 +82,10 @@ def test_recordings_are_analysed_by_essentia(client, tmp_path, fmt):
 
 
 def test_short_and_truncated_recordings_are_refused(client, tmp_path):
-  short = _tone(tmp_path / 'short.wav', 0.4, 'wav')
+  short = write_tone(tmp_path / 'short.wav', 0.4, 'wav')
   r = _upload(client, short, 'short.wav')
   assert r.status_code == 422 and 'at least 1 s' in r.text
-  mp3 = _tone(tmp_path / 'long.mp3', 3.0, 'mp3')
+  mp3 = write_tone(tmp_path / 'long.mp3', 3.0, 'mp3')
   r = _upload(client, mp3[:2000], 'cut.mp3')
   assert r.status_code == 422, r.text
   assert client.get('/healthz').status_code == 200
@@ -120,7 +95,7 @@ def test_uploads_leave_no_files_behind(client, tmp_path, monkeypatch):
   import tempfile  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
   os.makedirs(tmp_path / 'tmp')
-  data = _tone(tmp_path / 'tone.wav', 1.5, 'wav')
+  data = write_tone(tmp_path / 'tone.wav', 1.5, 'wav')
   assert _upload(client, data, 'tone.wav').status_code == 200
   assert _upload(client, b'garbage', 'x.ogg').status_code == 422
   assert os.listdir(tmp_path / 'tmp') == []
@@ -137,14 +112,14 @@ def test_the_page_and_its_assets_are_served(client):
     assert element in page.text
 
 
-def test_batch_embedding_of_a_folder(trained, tmp_path):
+def test_batch_embedding_of_a_folder(trained_room, tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mardjax import batch_embed  # pylint: disable=g-import-not-at-top
-  config, workdir, room = trained
+  config, workdir, room = trained_room
   folder = tmp_path / 'music'
   (folder / 'live').mkdir(parents=True)
-  _tone(folder / 'a tone.wav', 2.0, 'wav')
-  _tone(folder / 'live' / 'b.flac', 2.0, 'flac', freq=97.0)
+  write_tone(folder / 'a tone.wav', 2.0, 'wav')
+  write_tone(folder / 'live' / 'b.flac', 2.0, 'flac', freq=97.0)
   with open(os.path.join(REAL_AB_DIR, REAL_DOCS[0]), 'rb') as f:
     doc = f.read()
   (folder / 'ab.json').write_bytes(doc)
@@ -175,8 +150,8 @@ def test_batch_embedding_of_a_folder(trained, tmp_path):
   assert sorted(os.listdir(folder / 'live')) == ['b.flac']  # Untouched.
 
 
-def test_batch_embedding_errors(trained, tmp_path):
-  config, workdir, _ = trained
+def test_batch_embedding_errors(trained_room, tmp_path):
+  config, workdir, _ = trained_room
   with pytest.raises(app.UserError, match='needs --input_dir'):
     app.run_mode('embed', config, workdir, show_progress=False)
   with pytest.raises(app.UserError, match='is not a folder'):
