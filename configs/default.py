@@ -153,7 +153,8 @@ def get_config():
   config.benchmark = ml_collections.ConfigDict()
   # 'data': generate + preprocess the synth_preset corpus; 'train': train-step
   # examples/s of the mean and LSTM encoders at the config's sizes;
-  # 'pipeline': input-pipeline examples/s against the train step's.
+  # 'pipeline': input-pipeline examples/s against the train step's; 'eval'
+  # and 'serve' below.
   config.benchmark.kind = 'data'
   config.benchmark.train_steps = 30  # Timed steps (LSTM: a tenth).
   config.benchmark.pipeline_batches = 200  # Timed input-pipeline batches.
@@ -162,5 +163,13 @@ def get_config():
   config.benchmark.eval_albums = 65566
   config.benchmark.eval_reviews = 26397
   config.benchmark.eval_query_albums = 6557  # Test albums holding them.
+  # 'serve': the listening room over HTTP on DIR's trained model: upload
+  # latency of a synthesised recording, text-query latency, and text
+  # queries/s from `serve_concurrency` clients for `serve_seconds`.
+  config.benchmark.serve_upload_seconds = 30.0
+  config.benchmark.serve_uploads = 5  # Timed uploads per format.
+  config.benchmark.serve_text_queries = 200  # Timed one at a time.
+  config.benchmark.serve_concurrency = 16
+  config.benchmark.serve_seconds = 10.0
 
   return config

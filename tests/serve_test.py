@@ -161,3 +161,18 @@ def test_batch_embedding_errors(trained_room, tmp_path):
   with pytest.raises(app.UserError, match=r'holds no .* files \(1 other'):
     app.run_mode('embed', config, workdir, show_progress=False,
                  input_dir=str(tmp_path))
+
+
+def test_serve_benchmark_over_http(trained_room):
+  config, workdir, _ = trained_room
+  config = config.copy_and_resolve_references()
+  config.benchmark.update(kind='serve', serve_upload_seconds=2.0,
+                          serve_uploads=1, serve_text_queries=10,
+                          serve_concurrency=4, serve_seconds=1.0)
+  out = app.run_mode('benchmark', config, workdir, show_progress=False)
+  assert out['benchmark'] == 'serve' and out['reviews'] > 0
+  for fmt in ('wav', 'mp3'):
+    assert 0 < out[f'upload_{fmt}']['p50_ms'] < 60_000
+  assert 0 < out['text_query']['p50_ms'] <= out['text_query']['max_ms']
+  assert out['load']['requests'] > 0 and out['load']['errors'] == 0
+  assert out['load']['requests_per_s'] > 0

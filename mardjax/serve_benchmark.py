@@ -1,0 +1,185 @@
+"""`--mode=benchmark --config.benchmark.kind=serve`: the listening room's
+speed over real HTTP.
+
+Starts the server of `--mode=serve` on the workdir's trained model in a
+process of its own (as a user runs it), then from this process, as a client:
+
+  * uploads a synthesised 30-second recording (wav and mp3) and times each
+    answer end to end: upload, decoding, Essentia's MusicExtractor, the
+    embedding and the search (target: under 2 s);
+  * sends text queries one at a time and times each (target: p50 under
+    50 ms);
+  * runs a load generator, `benchmark.serve_concurrency` clients sending
+    text queries back to back for `benchmark.serve_seconds`, and counts the
+    answers per second. Client and server share the machine's cores.
+"""
+
+import asyncio
+import json
+import multiprocessing
+import os
+import socket
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from mardjax import train
+from mardjax.errors import UserError
+
+UPLOAD_TARGET_S = 2.0
+TEXT_P50_TARGET_MS = 50.0
+
+
+def _serve_child(config, workdir: str, data_dir: str, mard_dir: str,
+                 port: int) -> None:
+  """The server process: `--mode=serve` without the per-request log."""
+  import uvicorn  # pylint: disable=g-import-not-at-top
+  from mardjax import serve  # pylint: disable=g-import-not-at-top
+  room = serve.Room(config, workdir, data_dir, mard_dir)
+  app = serve.create_app(room, int(config.serve.max_upload_mb * 2**20))
+  uvicorn.run(app, host='127.0.0.1', port=port, log_level='warning',
+              access_log=False)
+
+
+def synth_song(path: str, seconds: float, fmt: str, seed: int = 0) -> None:
+  """A 44.1 kHz song-like signal: chords, a kick and hats; saved by Essentia."""
+  import essentia.standard as es  # pylint: disable=g-import-not-at-top
+  sr = 44100
+  rng = np.random.default_rng(seed)
+  t = np.arange(int(sr * seconds)) / sr
+  x = np.zeros_like(t)
+  roots = [220.0, 174.6, 261.6, 196.0]  # A, F, C, G: two seconds each.
+  chord = np.array(roots)[(t // 2).astype(int) % 4]
+  for ratio in (1.0, 1.26, 1.5, 2.0):
+    for harmonic in (1, 2, 3):
+      x += 0.05 / harmonic * np.sin(2 * np.pi * chord * ratio * harmonic * t)
+  beat = t % 0.5  # 120 bpm.
+  x += 0.5 * np.sin(2 * np.pi * 55 * beat) * np.exp(-beat * 18)
+  hat = (t + 0.25) % 0.5
+  x += 0.08 * rng.normal(size=t.shape) * np.exp(-hat * 60)
+  x = 0.8 * x / np.abs(x).max()
+  es.MonoWriter(filename=path, format=fmt, sampleRate=sr)(x.astype(np.float32))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+  ms = np.asarray(seconds) * 1000
+  return {'p50_ms': round(float(np.percentile(ms, 50)), 2),
+          'p95_ms': round(float(np.percentile(ms, 95)), 2),
+          'max_ms': round(float(ms.max()), 2)}
+
+
+async def _load(url: str, texts: list[str], clients: int, seconds: float
+                ) -> dict[str, Any]:
+  """`clients` concurrent clients sending text queries until time is up."""
+  import httpx  # pylint: disable=g-import-not-at-top
+  done, errors, latencies = 0, 0, []
+  deadline = time.perf_counter() + seconds
+  limits = httpx.Limits(max_connections=clients)
+  async with httpx.AsyncClient(base_url=url, limits=limits,
+                               timeout=30) as client:
+
+    async def worker(offset: int) -> None:
+      nonlocal done, errors
+      i = offset
+      while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        r = await client.post('/api/query/text',
+                              json={'text': texts[i % len(texts)], 'k': 10})
+        latencies.append(time.perf_counter() - start)
+        i += clients
+        if r.status_code == 200:
+          done += 1
+        else:
+          errors += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in range(clients)))
+    wall = time.perf_counter() - start
+  return dict({'requests_per_s': round(done / wall, 1), 'requests': done,
+               'errors': errors, 'clients': clients,
+               'seconds': round(wall, 1)}, **_percentiles(latencies))
+
+
+def run(config, workdir: str, data_dir: str, mard_dir: str
+        ) -> dict[str, Any]:
+  """Starts the server, measures, stops it; returns the figures."""
+  import httpx  # pylint: disable=g-import-not-at-top
+  b = config.benchmark
+  train.require_checkpoints(workdir, train.inference_source(workdir))
+  port = _free_port()
+  url = f'http://127.0.0.1:{port}'
+  # Spawned: a fresh interpreter, as `launch.py --mode=serve` would be.
+  server = multiprocessing.get_context('spawn').Process(
+      target=_serve_child, args=(config, workdir, data_dir, mard_dir, port),
+      daemon=True)
+  server.start()
+  try:
+    start = time.time()
+    while True:
+      if not server.is_alive():
+        raise UserError('the server stopped while loading (its error is '
+                        'above).')
+      try:
+        health = httpx.get(f'{url}/healthz', timeout=2).json()
+        break
+      except httpx.HTTPError:
+        if time.time() - start > 600:
+          raise UserError('the server did not answer within 600 s') from None
+        time.sleep(0.5)
+    startup_s = time.time() - start
+    with open(os.path.join(workdir, 'export', 'reviews.jsonl')) as f:
+      texts = [' '.join((json.loads(line)['text'] or 'good album').split()[
+          :20]) for line, _ in zip(f, range(500))]
+
+    result = {'server_startup_s': round(startup_s, 1),
+              'albums': health['albums'], 'reviews': health['reviews'],
+              'index': health['index']}
+    with tempfile.TemporaryDirectory(prefix='mardjax-bench-') as tmp, \
+        httpx.Client(base_url=url, timeout=120) as client:
+      for fmt in ('wav', 'mp3'):
+        path = os.path.join(tmp, f'song.{fmt}')
+        synth_song(path, b.serve_upload_seconds, fmt)
+        with open(path, 'rb') as f:
+          data = f.read()
+        times = []
+        for i in range(b.serve_uploads + 1):  # The first one warms up.
+          t0 = time.perf_counter()
+          r = client.post('/api/query/audio', files={
+              'file': (f'song.{fmt}', data)})
+          if r.status_code != 200:
+            raise UserError(f'upload answered {r.status_code}: {r.text}')
+          if i:
+            times.append(time.perf_counter() - t0)
+        result[f'upload_{fmt}'] = dict(_percentiles(times), mb=round(
+            len(data) / 2**20, 2))
+      times = []
+      for i, text in enumerate(texts[:b.serve_text_queries + 5]):
+        t0 = time.perf_counter()
+        r = client.post('/api/query/text', json={'text': text, 'k': 10})
+        if r.status_code != 200:
+          raise UserError(f'text query answered {r.status_code}: {r.text}')
+        if i >= 5:  # Warm-up.
+          times.append(time.perf_counter() - t0)
+      result['text_query'] = _percentiles(times)
+    result['load'] = asyncio.run(_load(url, texts, b.serve_concurrency,
+                                       b.serve_seconds))
+  finally:
+    server.terminate()
+    server.join(10)
+  upload_s = max(result[f'upload_{f}']['p50_ms'] for f in ('wav', 'mp3')
+                 ) / 1000
+  return dict(result, benchmark='serve',
+              upload_seconds_of_audio=b.serve_upload_seconds,
+              meets_upload_target=upload_s < UPLOAD_TARGET_S,
+              meets_text_target=result['text_query']['p50_ms'] <
+              TEXT_P50_TARGET_MS,
+              target_upload_s=UPLOAD_TARGET_S,
+              target_text_p50_ms=TEXT_P50_TARGET_MS)
