@@ -3,15 +3,18 @@ the trained space, in the export's format.
 
 Every .wav/.mp3/.flac/.ogg file under `--input_dir` goes through Essentia's
 MusicExtractor in `config.embed.workers` processes; every .json file is read
-as an AcousticBrainz low-level document. The audio branch embeds them all.
+as an AcousticBrainz low-level document, or a bulk API response holding
+several. The audio branch embeds them all.
 `--output_dir` (default DIR/embedded) receives, as `export` writes its banks:
 
   embed.json     format version, checkpoint step and parameter sha256, data
                  manifest hash, embedding size, counts, index, skipped files
   tracks.npy     (N, E) float32 unit vectors, one per file that was read
   tracks.jsonl   one line per row: file (relative to the input folder),
-                 source ('recording' or 'acousticbrainz'), extractor,
-                 warnings (extractor mismatch, out-of-distribution values)
+                 mbid and offset (bulk responses; else the document's
+                 recording id tag), source ('recording' or
+                 'acousticbrainz'), extractor, warnings (extractor mismatch,
+                 out-of-distribution values)
   *.hnsw.faiss   with config.export.index='hnsw'
 
 Files that cannot be read are skipped, counted, and listed with the reason
@@ -34,6 +37,7 @@ import numpy as np
 from mardjax import audio_analysis
 from mardjax import descriptors as desc_lib
 from mardjax import export
+from mardjax import mard_io
 from mardjax import preprocess
 from mardjax import search_index
 from mardjax import train
@@ -81,18 +85,42 @@ def _documents(paths: list[str], workers: int, show_progress: bool):
   try:
     if workers <= 1 or len(paths) == 1:
       for p in paths:
-        yield _read(p)
-        bar.update()
+        result = _read(p)
+        bar.update()  # Before yielding: the consumer may stop at the last.
+        yield result
       return
     # Spawned, not forked: the parent holds JAX's threads.
     context = multiprocessing.get_context('spawn')
     with concurrent.futures.ProcessPoolExecutor(workers,
                                                 mp_context=context) as pool:
       for result in pool.map(_read, paths):
-        yield result
         bar.update()
+        yield result
   finally:
     bar.close()
+
+
+def _entries(rel: str, doc: Any, skipped: list[dict[str, Any]]
+             ) -> list[tuple[str | None, int | None, Any]]:
+  """(mbid, offset, document) of each recording a file holds: one, or every
+  entry of an AcousticBrainz bulk response `{mbid: {"0": doc}}`."""
+  if isinstance(doc, dict) and 'lowlevel' not in doc and any(
+      mard_io.is_mbid(k) for k in doc):
+    docs, bad = mard_io.bulk_documents(doc)
+    for reason, n in bad.items():
+      skipped.append({'file': rel, 'reason': f'{n} bulk entries: {reason}'})
+    return docs
+  return [(None, None, doc)]
+
+
+def _recording_id(doc: Any) -> str | None:
+  """The MusicBrainz recording id a document's tags give, if any."""
+  try:
+    value = doc['metadata']['tags']['musicbrainz_recordingid']
+  except (KeyError, TypeError):
+    return None
+  value = value[0] if isinstance(value, list) and value else value
+  return value if isinstance(value, str) else None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
@@ -121,18 +149,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
   docs = _documents([os.path.join(input_dir, f) for f in files], workers,
                     show_progress)
   for rel, (doc, error) in zip(files, docs):
-    if doc is not None:
-      try:
-        _, z, version, warnings = embedder.read_document(doc)
-      except desc_lib.DescriptorError as e:
-        error = f'not an AcousticBrainz low-level document: {e}'
     if error is not None:
       skipped.append({'file': rel, 'reason': error})
       continue
-    zs.append(z)
-    rows.append({'file': rel, 'source': (
-        'acousticbrainz' if rel.lower().endswith('.json') else 'recording'),
-                 'extractor': version, 'warnings': warnings})
+    is_json = rel.lower().endswith('.json')
+    for mbid, offset, one in _entries(rel, doc, skipped):
+      try:
+        _, z, version, warnings = embedder.read_document(one)
+      except desc_lib.DescriptorError as e:
+        skipped.append({'file': rel, 'mbid': mbid, 'reason': (
+            f'not an AcousticBrainz low-level document: {e}')})
+        continue
+      zs.append(z)
+      rows.append({'file': rel, 'mbid': mbid or _recording_id(one),
+                   'offset': offset,
+                   'source': 'acousticbrainz' if is_json else 'recording',
+                   'extractor': version, 'warnings': warnings})
   emb = (embedder.embed_audio(np.stack(zs)) if zs else
          np.zeros((0, embedder.model.embed_dim), np.float32))
 

@@ -311,6 +311,18 @@ def documents_in_file(file: DescriptorFile) -> tuple[
     # A single document with no MBID in its name cannot be tied to a track.
     counts['descriptor_files/not_named_by_mbid'] += 1
     return [], counts
+  docs, counts = bulk_documents(data, counts)
+  if not docs and not counts:
+    counts['descriptor_files/empty_bulk_response'] += 1
+  return docs, counts
+
+
+def bulk_documents(data: dict[str, Any],
+                   counts: collections.Counter | None = None
+                   ) -> tuple[list[tuple[str, int, Any]], collections.Counter]:
+  """A bulk API response `{mbid: {"<offset>": doc}}` -> ((mbid, offset,
+  document) triples, counts of entries skipped)."""
+  counts = collections.Counter() if counts is None else counts
   docs = []
   for key, subs in data.items():
     if key == 'mbid_mapping':  # Bulk API bookkeeping, not a recording.
@@ -325,6 +337,4 @@ def documents_in_file(file: DescriptorFile) -> tuple[
         counts['tracks/bad_bulk_offset'] += 1
         continue
       docs.append((key.lower(), off, doc))
-  if not docs and not counts:
-    counts['descriptor_files/empty_bulk_response'] += 1
   return docs, counts

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from mardjax import app
 from mardjax import serve
-from tests.conftest import REAL_AB_DIR, REAL_DOCS, write_tone
+from tests.conftest import BULK_SAMPLE, REAL_AB_DIR, REAL_DOCS, write_tone
 
 
 @pytest.fixture(scope='module')
@@ -123,30 +123,48 @@ def test_batch_embedding_of_a_folder(trained_room, tmp_path):
   with open(os.path.join(REAL_AB_DIR, REAL_DOCS[0]), 'rb') as f:
     doc = f.read()
   (folder / 'ab.json').write_bytes(doc)
+  # Bulk API responses: two full documents and an entry that is no MBID;
+  # the real sample holds three abridged documents (no MFCC).
+  mbid = REAL_DOCS[0][:-5]
+  (folder / 'bulk.json').write_text(json.dumps({
+      mbid: {'0': json.loads(doc), '1': json.loads(doc)},
+      'not-an-mbid': {'0': {}}}))
+  with open(os.path.join(REAL_AB_DIR, BULK_SAMPLE), 'rb') as f:
+    (folder / 'sample.json').write_bytes(f.read())
   (folder / 'broken.mp3').write_bytes(b'ID3 not really an mp3')
   (folder / 'other.json').write_text('{"metadata": {}}')
   (folder / 'notes.txt').write_text('not music')
   config.embed.workers = 2
   out = app.run_mode('embed', config, workdir, show_progress=False,
                      input_dir=str(folder))
-  assert (out['tracks'], out['skipped'], out['ignored']) == (3, 2, 1), out
+  assert (out['tracks'], out['skipped'], out['ignored']) == (5, 6, 1), out
   bank = batch_embed.load(out['directory'])
   files = [m['file'] for m in bank['track_meta']]
-  assert files == ['a tone.wav', 'ab.json', os.path.join('live', 'b.flac')]
-  assert [m['source'] for m in bank['track_meta']] == [
-      'recording', 'acousticbrainz', 'recording']
+  assert files == ['a tone.wav', 'ab.json', 'bulk.json', 'bulk.json',
+                   os.path.join('live', 'b.flac')]
+  assert [m['source'] for m in bank['track_meta']] == ['recording'] + [
+      'acousticbrainz'] * 3 + ['recording']
+  assert [(m['mbid'], m['offset']) for m in bank['track_meta'][2:4]] == [
+      (mbid, 0), (mbid, 1)]
+  sample = [s for s in bank['info']['skipped_files']
+            if s['file'] == 'sample.json']
+  assert len(sample) == 3 and all('lowlevel.mfcc' in s['reason']
+                                  for s in sample)
   reasons = {s['file']: s['reason'] for s in bank['info']['skipped_files']}
+  assert 'bulk_entry_not_mbid' in reasons['bulk.json']
   assert 'not a readable recording' in reasons['broken.mp3']
   assert 'not an AcousticBrainz' in reasons['other.json']
   np.testing.assert_allclose(np.linalg.norm(bank['tracks'], axis=1), 1,
                              rtol=1e-5)
   # The same vector the server computes for the same document.
   _, z, _, _ = room.embedder.read_document(json.loads(doc))
-  np.testing.assert_allclose(bank['tracks'][1],
-                             room.embedder.embed_audio(z[None])[0], atol=1e-6)
+  for row in (1, 2, 3):
+    np.testing.assert_allclose(bank['tracks'][row], room.embedder.embed_audio(
+        z[None])[0], atol=1e-6)
   # Different sounds, different vectors: each finds itself first.
-  idx, _ = bank['track_index'].search(bank['tracks'], 1)
-  np.testing.assert_array_equal(idx[:, 0], [0, 1, 2])
+  rows = [0, 1, 4]
+  idx, _ = bank['track_index'].search(bank['tracks'][rows], 1)
+  np.testing.assert_array_equal(idx[:, 0], rows)
   assert sorted(os.listdir(folder / 'live')) == ['b.flac']  # Untouched.
 
 
