@@ -148,11 +148,14 @@ def run_mode(mode: str, config, workdir: str, force: bool = False,
       return benchmark.run(config, workdir, run_mode)
     if config.benchmark.kind == 'eval':
       return benchmark.run_eval(config)
+    if config.benchmark.kind == 'index':
+      return benchmark.run_index(config)
     if config.benchmark.kind == 'serve':
       from mardjax import serve_benchmark  # pylint: disable=g-import-not-at-top
       return serve_benchmark.run(config, workdir,
                                  preprocess.output_dir(config, workdir),
                                  mard_dir(config, workdir))
     raise UserError(f'config.benchmark.kind={config.benchmark.kind!r}: '
-                    "choose 'data', 'train', 'pipeline', 'eval' or 'serve'.")
+                    "choose 'data', 'train', 'pipeline', 'eval', 'index' or "
+                    "'serve'.")
   raise UserError(f'Unknown mode {mode!r}; choose from {MODES}.')
