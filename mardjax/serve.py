@@ -111,7 +111,6 @@ def create_app(room: Room, max_upload_bytes: int):
   """The FastAPI app over a loaded Room."""
   import fastapi  # pylint: disable=g-import-not-at-top
   import pydantic  # pylint: disable=g-import-not-at-top
-
   from fastapi import responses  # pylint: disable=g-import-not-at-top
   from fastapi import staticfiles  # pylint: disable=g-import-not-at-top
 
@@ -206,6 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
   import uvicorn  # pylint: disable=g-import-not-at-top
   room = Room(config, workdir, data_dir, mard_dir)
   app = create_app(room, int(config.serve.max_upload_mb * 2**20))
-  print(f'listening on http://{host}:{port}', flush=True)
+  print(f'The listening room: open http://{host}:{port} in a browser (JSON '
+        f'API docs at http://{host}:{port}/docs).', flush=True)
   uvicorn.run(app, host=host, port=port, log_level='info')
   return {'served': f'http://{host}:{port}'}
