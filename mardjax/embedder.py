@@ -19,6 +19,7 @@ from mardjax import input_pipeline
 from mardjax import models
 from mardjax import preprocess
 from mardjax import text as text_lib
+from mardjax import text_features
 from mardjax import train
 from mardjax.errors import UserError
 
@@ -42,9 +43,6 @@ class Embedder:
                data_dir: str):
     self.config = config
     self.manifest = preprocess.load_manifest(data_dir)
-    if config.model.text_encoder == 'pretrained':
-      raise UserError('text queries with text_encoder=pretrained need the '
-                      'frozen encoder at query time, not supported yet.')
     if config.model.audio_encoder != 'track':
       raise UserError("new recordings are single tracks: use a model with "
                       "audio_encoder='track'.")
@@ -69,17 +67,42 @@ class Embedder:
     self.extractors = self.manifest['report'].get('extractor_versions', {})
     self._embed_text = jax.jit(lambda t, l: self.model.apply(
         self.variables, tokens=t, lengths=l)['text'])
+    self.text_encoder = None
+    if config.model.text_encoder == 'pretrained':
+      self.text_encoder = self._frozen_encoder(config)
+      self._embed_features = jax.jit(lambda f: self.model.apply(
+          self.variables, text_features=f)['text'])
     self._embed_audio = jax.jit(lambda a: self.model.apply(
         self.variables, audio=a)['audio'])
 
+  def _frozen_encoder(self, config: ml_collections.ConfigDict):
+    """The pretrained text encoder the records were built with, checked."""
+    info = self.manifest['text_features']  # restore_trained checked it.
+    path = config.data.text_encoder_path or info['path']
+    encoder = text_features.FrozenEncoder(path, info['max_tokens'])
+    if encoder.info['sha256'] != info['sha256']:
+      raise UserError(
+          f'The text encoder in {path!r} is not the one the records were '
+          f'built with (sha256 {encoder.info["sha256"][:12]}…, records '
+          f'{info["sha256"][:12]}…): point config.data.text_encoder_path to '
+          'that model, or preprocess and train again.')
+    return encoder
+
   def embed_text(self, text: str) -> tuple[np.ndarray, int, int]:
-    """(embedding (1, E), words in the vocabulary, words) of a text.
+    """(embedding (1, E), words the model knows, words) of a text.
+
+    A pretrained encoder reads every word (its tokenizer splits unknown
+    ones into pieces); the word-table encoders know their vocabulary's.
 
     Raises:
       ValueError: no word of the text is in the vocabulary.
     """
     max_len = self.config.data.max_len
     words = text_lib.tokenize(text)
+    if self.text_encoder is not None:
+      features = self.text_encoder.encode([text])
+      return (np.asarray(self._embed_features(features)), len(words),
+              len(words))
     ids, _ = self.vocab.encode(words, max_len)
     known = int(np.sum(ids != text_lib.UNK_ID))
     if not known:

@@ -2,6 +2,7 @@
 training with text_encoder='pretrained'."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from configs import test as test_config
 from mardjax import input_pipeline
 from mardjax import preprocess
+from mardjax import serve
 from mardjax import text_features
 from mardjax import train
 from mardjax.errors import UserError
@@ -80,6 +82,22 @@ def test_pretrained_features_preprocess_and_train(tiny_bert,
   assert 'text_features' not in state.params  # No embedding table.
   again = train.evaluate_checkpoint(config, str(tmp_path / 'run'), data_dir)
   np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
+  # The listening room runs the same frozen encoder on a typed text: a
+  # review's own text lands on the vector exported for that review.
+  room = serve.Room(config, str(tmp_path / 'run'), data_dir,
+                    tiny_corpus_master)
+  meta = room.bank['review_meta'][0]
+  emb, _, _ = room.embedder.embed_text(meta['text'])
+  np.testing.assert_allclose(emb[0], room.bank['reviews'][0], atol=1e-4)
+  assert len(room.text_query('a quiet record', 3)['albums']) == 3
+  other = tmp_path / 'other_bert'
+  shutil.copytree(tiny_bert, other)
+  with open(other / 'config.json', 'a') as f:
+    f.write('\n')
+  config.data.text_encoder_path = str(other)
+  with pytest.raises(UserError, match='not the one the records were built'):
+    serve.Room(config, str(tmp_path / 'run'), data_dir, tiny_corpus_master)
+  config.data.text_encoder_path = tiny_bert
   # Another encoder (or none) is another data version.
   os.utime(os.path.join(tiny_bert, 'config.json'))
   config.data.text_encoder_path = ''
