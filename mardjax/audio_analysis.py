@@ -8,6 +8,7 @@ so worker processes of the batch embedder start quickly.
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -98,3 +99,20 @@ def read_file(path: str, scratch_dir: str) -> dict[str, Any]:
   finally:
     for name in os.listdir(scratch_dir):
       os.remove(os.path.join(scratch_dir, name))
+
+
+def read_file_or_reason(path: str) -> tuple[dict[str, Any] | None,
+                                             str | None]:
+  """(document, None), or (None, why it cannot be read): `read_file` with
+  its own scratch directory, for worker processes that must not stop."""
+  with tempfile.TemporaryDirectory(prefix='mardjax-read-') as scratch:
+    try:
+      return read_file(path, scratch), None
+    except BadAudio as e:
+      return None, str(e)
+    except ImportError:
+      return None, ('audio analysis needs Essentia (pip install essentia), '
+                    'which is not installed')
+    except Exception as e:  # pylint: disable=broad-except
+      # One odd file must not end a run over thousands: count it.
+      return None, f'{type(e).__name__}: {str(e)[:200]}'

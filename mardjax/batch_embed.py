@@ -27,7 +27,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -62,21 +61,6 @@ def find_files(folder: str) -> tuple[list[str], int]:
   return found, ignored
 
 
-def _read(path: str) -> tuple[dict[str, Any] | None, str | None]:
-  """(document, None) or (None, why not); runs in a worker process."""
-  with tempfile.TemporaryDirectory(prefix='mardjax-embed-') as scratch:
-    try:
-      return audio_analysis.read_file(path, scratch), None
-    except audio_analysis.BadAudio as e:
-      return None, str(e)
-    except ImportError:
-      return None, ('audio analysis needs Essentia (pip install essentia), '
-                    'which is not installed')
-    except Exception as e:  # pylint: disable=broad-except
-      # One odd file must not end a run over thousands: count it.
-      return None, f'{type(e).__name__}: {str(e)[:200]}'
-
-
 def _documents(paths: list[str], workers: int, show_progress: bool):
   """Yields (document or None, error or None) per path, in order."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -85,15 +69,16 @@ def _documents(paths: list[str], workers: int, show_progress: bool):
   try:
     if workers <= 1 or len(paths) == 1:
       for p in paths:
-        result = _read(p)
+        result = audio_analysis.read_file_or_reason(p)
         bar.update()  # Before yielding: the consumer may stop at the last.
         yield result
       return
-    # Spawned, not forked: the parent holds JAX's threads.
+    # Spawned, not forked: the parent holds JAX's threads. Workers import
+    # only audio_analysis (numpy and Essentia), not this module.
     context = multiprocessing.get_context('spawn')
     with concurrent.futures.ProcessPoolExecutor(workers,
                                                 mp_context=context) as pool:
-      for result in pool.map(_read, paths):
+      for result in pool.map(audio_analysis.read_file_or_reason, paths):
         bar.update()
         yield result
   finally:
