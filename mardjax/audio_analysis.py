@@ -16,6 +16,8 @@ import numpy as np
 AUDIO_TYPES = ('.wav', '.mp3', '.flac', '.ogg')
 DOCUMENT_TYPES = ('.json',)
 MIN_SECONDS = 1.0
+ESSENTIA_MISSING = ('audio analysis needs Essentia (pip install essentia), '
+                    'which is not installed')
 # The statistics AcousticBrainz documents hold for every frame descriptor.
 _STATS = ['mean', 'var', 'median', 'min', 'max', 'dmean', 'dmean2', 'dvar',
           'dvar2']
@@ -29,7 +31,8 @@ def analyse_audio(path: str) -> dict[str, Any]:
   """A recording -> an AcousticBrainz-style low-level document (nested dict).
 
   A file that is not a wav is decoded into a wav beside it first, so the
-  caller's directory must be writable and private.
+  file must sit in a private, writable directory (`analyse_bytes` makes
+  one).
 
   Raises:
     BadAudio: not decodable, or shorter than MIN_SECONDS.
@@ -68,51 +71,56 @@ def analyse_audio(path: str) -> dict[str, Any]:
   return doc
 
 
-def read_file(path: str, scratch_dir: str) -> dict[str, Any]:
-  """A recording or an AcousticBrainz .json file -> a low-level document.
+def analyse_bytes(data: bytes, ext: str) -> dict[str, Any]:
+  """An encoded recording (`ext`: one of AUDIO_TYPES) -> a low-level document.
 
-  Args:
-    path: the file; its extension says which it is.
-    scratch_dir: a private directory for the decoded copy of a recording.
+  The bytes are written under a name of our own in a private temporary
+  directory, deleted when done: nothing a caller or client sends decides
+  where bytes land, and the extractor's decoded copy goes with it.
+
+  Raises:
+    BadAudio, ImportError: as `analyse_audio`.
+  """
+  with tempfile.TemporaryDirectory(prefix='mardjax-audio-') as tmp:
+    path = os.path.join(tmp, 'track' + ext)
+    with open(path, 'wb') as f:
+      f.write(data)
+    return analyse_audio(path)
+
+
+def read_file(path: str) -> dict[str, Any]:
+  """A recording or an AcousticBrainz .json file -> a low-level document.
 
   Raises:
     BadAudio: an unreadable recording or an invalid JSON file (the message
-      says why); the caller counts it and goes on.
+      says why).
+    ImportError: a recording, and Essentia is not installed.
   """
   ext = os.path.splitext(path)[1].lower()
+  with open(path, 'rb') as f:
+    data = f.read()
   if ext in DOCUMENT_TYPES:
     try:
-      with open(path, 'rb') as f:
-        return json.loads(f.read())
+      return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
       raise BadAudio(f'not valid JSON: {e}') from None
   if ext not in AUDIO_TYPES:
     raise BadAudio(f'unsupported file type {ext or "(none)"}')
-  if os.path.getsize(path) == 0:
+  if not data:
     raise BadAudio('the file is empty')
-  # The extractor writes a decoded wav; keep it out of the user's folder.
-  local = os.path.join(scratch_dir, 'track' + ext)
-  with open(path, 'rb') as src, open(local, 'wb') as dst:
-    dst.write(src.read())
-  try:
-    return analyse_audio(local)
-  finally:
-    for name in os.listdir(scratch_dir):
-      os.remove(os.path.join(scratch_dir, name))
+  return analyse_bytes(data, ext)
 
 
 def read_file_or_reason(path: str) -> tuple[dict[str, Any] | None,
                                              str | None]:
-  """(document, None), or (None, why it cannot be read): `read_file` with
-  its own scratch directory, for worker processes that must not stop."""
-  with tempfile.TemporaryDirectory(prefix='mardjax-read-') as scratch:
-    try:
-      return read_file(path, scratch), None
-    except BadAudio as e:
-      return None, str(e)
-    except ImportError:
-      return None, ('audio analysis needs Essentia (pip install essentia), '
-                    'which is not installed')
-    except Exception as e:  # pylint: disable=broad-except
-      # One odd file must not end a run over thousands: count it.
-      return None, f'{type(e).__name__}: {str(e)[:200]}'
+  """(document, None), or (None, why it cannot be read): `read_file` for
+  worker processes that must not stop."""
+  try:
+    return read_file(path), None
+  except BadAudio as e:
+    return None, str(e)
+  except ImportError:
+    return None, ESSENTIA_MISSING
+  except Exception as e:  # pylint: disable=broad-except
+    # One odd file must not end a run over thousands: count it.
+    return None, f'{type(e).__name__}: {str(e)[:200]}'

@@ -175,14 +175,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
 
 def load(directory: str, ef_search: int = 128) -> dict[str, Any]:
   """A `run` output back: {'info', 'tracks', 'track_meta', 'track_index'}."""
-  path = os.path.join(directory, 'embed.json')
-  if not os.path.isfile(path):
-    raise UserError(f'No embed.json in {directory!r}: run --mode=embed first.')
-  with open(path) as f:
-    info = json.load(f)
-  if info.get('format_version') != FORMAT_VERSION:
-    raise UserError(f'{path}: format {info.get("format_version")}, this code '
-                    f'reads {FORMAT_VERSION}; embed again.')
+  info = export.read_info(os.path.join(directory, 'embed.json'),
+                          FORMAT_VERSION, 'embed')
   emb, rows, index = export.read_bank(directory, 'tracks', info['index'],
                                       ef_search)
   return {'info': info, 'tracks': emb, 'track_meta': rows,

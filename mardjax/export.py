@@ -90,6 +90,7 @@ def write(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
     reviews: `_all_reviews` when the caller has them, else loaded here.
   """
   start = time.time()
+  index = search_index.settings(config.export)  # Bad settings: fail early.
   if reviews is None:
     reviews = _all_reviews(config, data_dir, manifest)
   variables = train.inference_variables(state)
@@ -100,7 +101,6 @@ def write(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
 
   out = os.path.join(workdir, EXPORT_DIR)
   os.makedirs(out, exist_ok=True)
-  index = search_index.settings(config.export)
   meta = preprocess.read_albums(data_dir, manifest)
   write_bank(out, 'albums', album_emb, [
       {k: meta[int(i)].get(k) for k in ('album_index', 'amazon_id', 'artist',
@@ -145,7 +145,7 @@ def write_bank(directory: str, name: str, emb: np.ndarray,
     search_index.write(directory, name, emb, index)
 
 
-def read_bank(directory: str, name: str, index: dict[str, Any] | None,
+def read_bank(directory: str, name: str, index: dict[str, Any],
               ef_search: int) -> tuple[np.ndarray, list[dict[str, Any]],
                                        search_index.Index]:
   """(vectors (N, E), rows, search index) of `write_bank`; checks they agree."""
@@ -162,6 +162,26 @@ def read_bank(directory: str, name: str, index: dict[str, Any] | None,
   return emb, rows, search_index.load(directory, name, emb, index, ef_search)
 
 
+def read_info(path: str, version: int, mode: str) -> dict[str, Any]:
+  """The JSON description beside a bank (export.json, embed.json), checked:
+  present, valid, of this code's format `version`; `index` defaults to
+  exact (files written before indexes existed)."""
+  if not os.path.isfile(path):
+    raise UserError(f'No {os.path.basename(path)} in '
+                    f'{os.path.dirname(path)!r}: run --mode={mode} first.')
+  try:
+    with open(path) as f:
+      info = json.load(f)
+  except ValueError as e:
+    raise UserError(f'{path} is not valid JSON ({e}); run --mode={mode} '
+                    'again.') from None
+  if info.get('format_version') != version:
+    raise UserError(f'{path}: format {info.get("format_version")}, this code '
+                    f'reads {version}; run --mode={mode} again.')
+  info.setdefault('index', {'kind': 'exact'})
+  return info
+
+
 def load(directory: str, ef_search: int = 128) -> dict[str, Any]:
   """An export back: {'info', 'albums', 'album_meta', 'album_index',
   'reviews', 'review_meta', 'review_index'}; checks the files agree.
@@ -169,21 +189,11 @@ def load(directory: str, ef_search: int = 128) -> dict[str, Any]:
   Args:
     ef_search: candidates an HNSW search visits (ignored by exact search).
   """
-  path = os.path.join(directory, 'export.json')
-  if not os.path.isfile(path):
-    raise UserError(f'No export in {directory!r}: run --mode=export first.')
-  try:
-    with open(path) as f:
-      info = json.load(f)
-  except ValueError as e:
-    raise UserError(f'{path} is not valid JSON ({e}); export again.') from None
-  if info.get('format_version') != FORMAT_VERSION:
-    raise UserError(f'{path}: export format {info.get("format_version")}, '
-                    f'this code reads {FORMAT_VERSION}; export again.')
+  info = read_info(os.path.join(directory, 'export.json'), FORMAT_VERSION,
+                   'export')
   out = {'info': info}
   for name in ('albums', 'reviews'):
-    emb, rows, index = read_bank(directory, name, info.get('index'),
-                                 ef_search)
+    emb, rows, index = read_bank(directory, name, info['index'], ef_search)
     out[name], out[f'{name[:-1]}_meta'] = emb, rows
     out[f'{name[:-1]}_index'] = index
   return out

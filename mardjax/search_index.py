@@ -49,7 +49,7 @@ class HnswIndex:
 
   def __init__(self, index, ef_search: int):
     self.index = index
-    self.index.hnsw.efSearch = int(ef_search)
+    self.ef_search = int(ef_search)
 
   @classmethod
   def build(cls, vectors: np.ndarray, m: int, ef_construction: int,
@@ -66,7 +66,7 @@ class HnswIndex:
              ) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, self.index.ntotal)
     # A search must look at no fewer candidates than it returns.
-    self.index.hnsw.efSearch = max(self.index.hnsw.efSearch, k)
+    self.index.hnsw.efSearch = max(self.ef_search, k)
     scores, idx = self.index.search(
         np.ascontiguousarray(queries, np.float32), k)
     return idx.astype(np.int64), scores
@@ -118,9 +118,9 @@ def write(directory: str, name: str, vectors: np.ndarray,
 
 
 def load(directory: str, name: str, vectors: np.ndarray,
-         description: dict[str, Any] | None, ef_search: int) -> Index:
-  """The index `write` left; exports older than indexes are exact."""
-  kind = (description or {'kind': 'exact'})['kind']
+         description: dict[str, Any], ef_search: int) -> Index:
+  """The index `write` left, as `description` (`settings`) says."""
+  kind = description['kind']
   if kind == 'exact':
     return ExactIndex(vectors)
   if kind == 'hnsw':

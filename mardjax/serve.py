@@ -23,7 +23,6 @@ server keeps serving.
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import ml_collections
@@ -61,8 +60,8 @@ class Room:
       bank = export.load(bank_dir, ef_search)
       info = bank['info']
       stale = (info['params_sha256'] != train.params_fingerprint(
-          e.state.params) or info.get('index', {'kind': 'exact'}) !=
-               search_index.settings(config.export))
+          e.state.params) or info['index'] != search_index.settings(
+              config.export))
     except UserError:
       stale = True
     if stale:  # Export the state already in hand, not a second restore.
@@ -170,21 +169,14 @@ def create_app(room: Room, max_upload_bytes: int):
       except (ValueError, UnicodeDecodeError) as e:
         raise fastapi.HTTPException(422, f'not valid JSON: {e}') from None
     elif ext in audio_analysis.AUDIO_TYPES:
-      # Our own file name in a private directory: nothing the client sends
-      # decides where bytes land; the directory goes when done.
-      with tempfile.TemporaryDirectory(prefix='mardjax-upload-') as tmp:
-        path = os.path.join(tmp, 'upload' + ext)
-        with open(path, 'wb') as f:
-          f.write(data)
-        try:
-          doc = await fastapi.concurrency.run_in_threadpool(
-              audio_analysis.analyse_audio, path)
-        except audio_analysis.BadAudio as e:
-          raise fastapi.HTTPException(422, str(e)) from None
-        except ImportError:
-          raise fastapi.HTTPException(
-              415, 'audio analysis needs Essentia (pip install '
-              'essentia), which is not installed') from None
+      try:
+        doc = await fastapi.concurrency.run_in_threadpool(
+            audio_analysis.analyse_bytes, data, ext)
+      except audio_analysis.BadAudio as e:
+        raise fastapi.HTTPException(422, str(e)) from None
+      except ImportError:
+        raise fastapi.HTTPException(
+            415, audio_analysis.ESSENTIA_MISSING) from None
     else:
       raise fastapi.HTTPException(
           415, f'unsupported file type {ext or "(none)"}: upload '

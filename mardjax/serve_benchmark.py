@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mardjax import export
 from mardjax import train
 from mardjax.errors import UserError
 
@@ -135,7 +136,7 @@ def run(config, workdir: str, data_dir: str, mard_dir: str
           raise UserError('the server did not answer within 600 s') from None
         time.sleep(0.5)
     startup_s = time.time() - start
-    with open(os.path.join(workdir, 'export', 'reviews.jsonl')) as f:
+    with open(os.path.join(workdir, export.EXPORT_DIR, 'reviews.jsonl')) as f:
       texts = [' '.join((json.loads(line)['text'] or 'good album').split()[
           :20]) for line, _ in zip(f, range(500))]
 

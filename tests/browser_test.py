@@ -121,7 +121,7 @@ def test_upload_a_song_and_search_by_text_in_the_page(browser, trained_room,
     assert distances == sorted(distances) and 0 <= distances[0] <= 2
     # The page shows what the API answers for the same file.
     expected = room.descriptor_query(
-        serve.audio_analysis.analyse_audio(_copy(song, tmp_path)), 10)
+        serve.audio_analysis.analyse_bytes(song.read_bytes(), '.wav'), 10)
     assert excerpt == expected['reviews'][0]['excerpt'].strip()
     assert find(By.ID, 'descriptor-count').text == '369'
     statuses = browser.execute_script('return window.statuses')
@@ -147,10 +147,3 @@ def test_upload_a_song_and_search_by_text_in_the_page(browser, trained_room,
     top = room.text_query('great guitar album', 1)['albums'][0]
     assert top['artist'] in first and top['title'] in first
 
-
-def _copy(path, tmp_path):
-  """A private copy to analyse (the extractor writes beside its input)."""
-  out = tmp_path / 'analysis'
-  out.mkdir(exist_ok=True)
-  shutil.copy(path, out / 'song.wav')
-  return str(out / 'song.wav')
