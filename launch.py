@@ -23,7 +23,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mardjax import app as mardjax_app
+from mardjax import modes as mardjax_app
 from mardjax.errors import UserError
 
 FLAGS = flags.FLAGS

@@ -3,13 +3,13 @@
 import pytest
 
 from configs import test as test_config
-from mardjax import app
-from mardjax import benchmark
+from mardjax import modes
+from mardjax.experiments import benchmark
 
 
 def test_data_benchmark_measures_both_stages(tmp_path, capsys):
   config = test_config.get_config()
-  result = benchmark.run(config, str(tmp_path), app.run_mode)
+  result = benchmark.run(config, str(tmp_path), modes.run_mode)
   names = [line['benchmark'] for line in result['benchmarks']]
   assert names == ['synth', 'preprocess']
   for line in result['benchmarks']:
@@ -31,7 +31,7 @@ def test_pipeline_benchmark_compares_with_the_step(tmp_path):
   config = test_config.get_config()
   config.benchmark.pipeline_batches = 3
   config.benchmark.train_steps = 2
-  result = benchmark.run_pipeline(config, str(tmp_path), app.run_mode)
+  result = benchmark.run_pipeline(config, str(tmp_path), modes.run_mode)
   step, line = result['benchmarks']
   assert line['benchmark'] == 'input_pipeline' and line['batches'] == 3
   assert line['examples_per_s'] > 0

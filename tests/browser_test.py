@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from mardjax import serve
+from mardjax.serve import web
 from tests.conftest import write_tone
 
 CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
@@ -92,7 +92,7 @@ def test_upload_a_song_and_search_by_text_in_the_page(browser, trained_room,
                                                       tmp_path):
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
   room = trained_room[2]
-  app = serve.create_app(room, max_upload_bytes=5_000_000)
+  app = web.create_app(room, max_upload_bytes=5_000_000)
   song = tmp_path / 'my song.wav'
   write_tone(song, 4.0, 'wav', freq=330.0)
   bad = tmp_path / 'broken.ogg'
@@ -121,7 +121,7 @@ def test_upload_a_song_and_search_by_text_in_the_page(browser, trained_room,
     assert distances == sorted(distances) and 0 <= distances[0] <= 2
     # The page shows what the API answers for the same file.
     expected = room.descriptor_query(
-        serve.audio_analysis.analyse_bytes(song.read_bytes(), '.wav'), 10)
+        web.audio_analysis.analyse_bytes(song.read_bytes(), '.wav'), 10)
     assert excerpt == expected['reviews'][0]['excerpt'].strip()
     assert find(By.ID, 'descriptor-count').text == '369'
     statuses = browser.execute_script('return window.statuses')

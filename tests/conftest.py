@@ -14,7 +14,7 @@ import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import test as test_config  # pylint: disable=g-import-not-at-top
-from mardjax import synth  # pylint: disable=g-import-not-at-top
+from mardjax.data import synth  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_AB_DIR = os.path.join(ROOT, '..', 'shared', 'data', 'acousticbrainz')
@@ -71,7 +71,7 @@ def tiny_corpus(tiny_corpus_master, tmp_path):
 @pytest.fixture(scope='session')
 def tiny_records(tiny_corpus_master, tmp_path_factory):
   """(data_dir, manifest) of the tiny corpus, preprocessed with configs/test."""
-  from mardjax import preprocess  # pylint: disable=g-import-not-at-top
+  from mardjax.data import preprocess  # pylint: disable=g-import-not-at-top
   out = str(tmp_path_factory.mktemp('tiny_records') / 'data')
   preprocess.run(test_config.get_config(), tiny_corpus_master, out,
                  show_progress=False)
@@ -80,15 +80,15 @@ def tiny_records(tiny_corpus_master, tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def trained_room(tiny_corpus_master, tmp_path_factory):
-  """(config, workdir, serve.Room) of a few training steps on the tiny
+  """(config, workdir, web.Room) of a few training steps on the tiny
   corpus: the listening room's tests share one trained workdir."""
-  from mardjax import app  # pylint: disable=g-import-not-at-top
-  from mardjax import serve  # pylint: disable=g-import-not-at-top
+  from mardjax import modes  # pylint: disable=g-import-not-at-top
+  from mardjax.serve import web  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   config.data.mard_dir = tiny_corpus_master
   config.train.update(num_steps=6, eval_every=6, checkpoint_every=6)
   workdir = str(tmp_path_factory.mktemp('serve'))
-  app.run_mode('train', config, workdir, show_progress=False)
-  room = serve.Room(config, workdir, app.preprocess.output_dir(
+  modes.run_mode('train', config, workdir, show_progress=False)
+  room = web.Room(config, workdir, modes.preprocess.output_dir(
       config, workdir), tiny_corpus_master)
   return config, workdir, room

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from mardjax import descriptors as d
-from mardjax import mard_io
+from mardjax.data import descriptors as d
+from mardjax.data import mard_io
 from tests.conftest import BULK_SAMPLE, REAL_DOCS
 
 PAPER = d.parse_descriptor_list('paper')

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from mardjax import app
-from mardjax import export
+from mardjax import modes
+from mardjax.serve import export
 from mardjax.errors import UserError
 
 
@@ -16,8 +16,8 @@ def test_export_round_trip(tiny_corpus_master, tmp_path):
   config.data.mard_dir = tiny_corpus_master
   config.train.update(num_steps=4, eval_every=4, checkpoint_every=4)
   workdir = str(tmp_path)
-  trained = app.run_mode('train', config, workdir, show_progress=False)
-  info = app.run_mode('export', config, workdir, show_progress=False)
+  trained = modes.run_mode('train', config, workdir, show_progress=False)
+  info = modes.run_mode('export', config, workdir, show_progress=False)
   assert info['checkpoint'] == 'best' and info['reviews_without_text'] == 0
   assert info['params_sha256'] == trained['params_sha256']
   bank = export.load(info['directory'])
@@ -44,7 +44,7 @@ def test_export_round_trip(tiny_corpus_master, tmp_path):
   # The approximate index: written beside the banks, read back, and on a
   # bank this small it finds what exact search finds.
   config.export.index = 'hnsw'
-  info = app.run_mode('export', config, workdir, show_progress=False)
+  info = modes.run_mode('export', config, workdir, show_progress=False)
   assert info['index']['kind'] == 'hnsw'
   approx = export.load(info['directory'], ef_search=64)
   assert approx['album_index'].kind == 'hnsw'
@@ -59,10 +59,10 @@ def test_export_without_training_is_a_clear_error(tiny_corpus_master,
   config = test_config.get_config()
   config.data.mard_dir = tiny_corpus_master
   with pytest.raises(UserError, match='No manifest.json'):
-    app.run_mode('export', config, str(tmp_path), show_progress=False)
-  app.run_mode('preprocess', config, str(tmp_path), show_progress=False)
+    modes.run_mode('export', config, str(tmp_path), show_progress=False)
+  modes.run_mode('preprocess', config, str(tmp_path), show_progress=False)
   with pytest.raises(UserError, match='No checkpoint'):
-    app.run_mode('export', config, str(tmp_path), show_progress=False)
+    modes.run_mode('export', config, str(tmp_path), show_progress=False)
   with pytest.raises(UserError, match='No export'):
     export.load(str(tmp_path / 'nothing'))
 

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mardjax import input_pipeline
+from mardjax.data import input_pipeline
 
 
 @pytest.fixture(scope='module')

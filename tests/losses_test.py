@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mardjax import losses
+from mardjax.train import losses
 
 
 def _normalize(x):

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mardjax import metrics
+from mardjax.evaluation import metrics
 
 
 def _unit(v):

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from configs import default
-from mardjax import models
+from mardjax.models import two_branch
 
 
 def _model(**overrides):
   cfg = default.get_config().model
   cfg.update(dict(word_dim=8, hidden_dim=16, embed_dim=4, lstm_dim=6))
   cfg.update(overrides)
-  return models.build(cfg, vocab_size=50)
+  return two_branch.build(cfg, vocab_size=50)
 
 
 def _inputs(b=3, length=7, a=5):
@@ -59,7 +59,7 @@ def test_padding_does_not_change_the_text_embedding(encoder):
 
 
 def test_mean_encoder_is_the_masked_mean():
-  enc = models.TextEncoder('mean', vocab_size=10, word_dim=3, lstm_dim=2)
+  enc = two_branch.TextEncoder('mean', vocab_size=10, word_dim=3, lstm_dim=2)
   tokens = jnp.array([[2, 3, 0, 0]])
   v = enc.init(jax.random.PRNGKey(0), tokens, jnp.array([2]))
   table = v['params']['embed']['embedding']
@@ -96,5 +96,5 @@ def test_unknown_encoder_is_rejected():
   cfg = default.get_config().model
   cfg.text_encoder = 'transformer'
   with pytest.raises(ValueError, match='text_encoder'):
-    models.build(cfg, 10)
+    two_branch.build(cfg, 10)
   assert isinstance(cfg, ml_collections.ConfigDict)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from mardjax import lstm
-from mardjax import models
-from mardjax import packing
-from mardjax import train_step
+from mardjax.models import lstm
+from mardjax.models import two_branch
+from mardjax.train import packing
+from mardjax.train import train_step
 
 
 def _reviews(seed, b=9, length=12, vocab=30):
@@ -70,7 +70,7 @@ def test_bilstm_matches_flax_lstm_cells():
   same features: the packed, hand-differentiated BiLSTM is a standard one."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   tokens, lengths = _reviews(4, b=5, length=6)
-  enc = models.TextEncoder('lstm', vocab_size=30, word_dim=5, lstm_dim=3)
+  enc = two_branch.TextEncoder('lstm', vocab_size=30, word_dim=5, lstm_dim=3)
   params = enc.init(jax.random.PRNGKey(0), tokens, lengths)
   got = np.asarray(enc.apply(params, tokens, lengths))
   p = params['params']
@@ -96,7 +96,7 @@ def test_bilstm_matches_flax_lstm_cells():
 
 def test_packed_lstm_features_equal_padded():
   tokens, lengths = _reviews(2)
-  enc = models.TextEncoder('lstm', vocab_size=30, word_dim=5, lstm_dim=6)
+  enc = two_branch.TextEncoder('lstm', vocab_size=30, word_dim=5, lstm_dim=6)
   params = enc.init(jax.random.PRNGKey(0), tokens, lengths)
   padded = enc.apply(params, tokens, lengths)
   out = packing.pack(tokens[None], lengths[None], rows_multiple=1)
@@ -116,7 +116,7 @@ def test_packed_lazy_step_equals_padded_dense_step():
   batch = {'audio': rng.normal(size=(8, 5)).astype(np.float32),
            'tokens': tokens, 'lengths': lengths,
            'album': np.repeat(np.arange(4), 2).astype(np.int32)}
-  model = models.build(config.model, 30)
+  model = two_branch.build(config.model, 30)
   results = []
   for update, pack_rows in (('dense', 0), ('lazy', 2)):
     config.train.embedding_update = update

@@ -9,13 +9,13 @@ import shutil
 import numpy as np
 import pytest
 
-from mardjax import descriptors as d
-from mardjax import ingest
-from mardjax import mard_io
-from mardjax import preprocess
-from mardjax import records
-from mardjax import splits
-from mardjax import text
+from mardjax.data import descriptors as d
+from mardjax.data import ingest
+from mardjax.data import mard_io
+from mardjax.data import preprocess
+from mardjax.data import records
+from mardjax.data import splits
+from mardjax.data import text
 from mardjax.errors import UserError
 from tests.conftest import REAL_DOCS
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mardjax import search_index
+from mardjax.serve import search_index
 from mardjax.errors import UserError
 
 

@@ -7,14 +7,14 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
-from mardjax import app
-from mardjax import serve
+from mardjax import modes
+from mardjax.serve import web
 from tests.conftest import BULK_SAMPLE, REAL_AB_DIR, REAL_DOCS, write_tone
 
 
 @pytest.fixture(scope='module')
 def client(trained_room):
-  return TestClient(serve.create_app(trained_room[2],
+  return TestClient(web.create_app(trained_room[2],
                                      max_upload_bytes=2_000_000))
 
 
@@ -114,7 +114,7 @@ def test_the_page_and_its_assets_are_served(client):
 
 def test_batch_embedding_of_a_folder(trained_room, tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mardjax import batch_embed  # pylint: disable=g-import-not-at-top
+  from mardjax.serve import batch_embed  # pylint: disable=g-import-not-at-top
   config, workdir, room = trained_room
   folder = tmp_path / 'music'
   (folder / 'live').mkdir(parents=True)
@@ -135,7 +135,7 @@ def test_batch_embedding_of_a_folder(trained_room, tmp_path):
   (folder / 'other.json').write_text('{"metadata": {}}')
   (folder / 'notes.txt').write_text('not music')
   config.embed.workers = 2
-  out = app.run_mode('embed', config, workdir, show_progress=False,
+  out = modes.run_mode('embed', config, workdir, show_progress=False,
                      input_dir=str(folder))
   assert (out['tracks'], out['skipped'], out['ignored']) == (5, 6, 1), out
   bank = batch_embed.load(out['directory'])
@@ -170,14 +170,14 @@ def test_batch_embedding_of_a_folder(trained_room, tmp_path):
 
 def test_batch_embedding_errors(trained_room, tmp_path):
   config, workdir, _ = trained_room
-  with pytest.raises(app.UserError, match='needs --input_dir'):
-    app.run_mode('embed', config, workdir, show_progress=False)
-  with pytest.raises(app.UserError, match='is not a folder'):
-    app.run_mode('embed', config, workdir, show_progress=False,
+  with pytest.raises(modes.UserError, match='needs --input_dir'):
+    modes.run_mode('embed', config, workdir, show_progress=False)
+  with pytest.raises(modes.UserError, match='is not a folder'):
+    modes.run_mode('embed', config, workdir, show_progress=False,
                  input_dir=str(tmp_path / 'nope'))
   (tmp_path / 'readme.md').write_text('x')
-  with pytest.raises(app.UserError, match=r'holds no .* files \(1 other'):
-    app.run_mode('embed', config, workdir, show_progress=False,
+  with pytest.raises(modes.UserError, match=r'holds no .* files \(1 other'):
+    modes.run_mode('embed', config, workdir, show_progress=False,
                  input_dir=str(tmp_path))
 
 
@@ -187,7 +187,7 @@ def test_serve_benchmark_over_http(trained_room):
   config.benchmark.update(kind='serve', serve_upload_seconds=2.0,
                           serve_uploads=1, serve_text_queries=10,
                           serve_concurrency=4, serve_seconds=1.0)
-  out = app.run_mode('benchmark', config, workdir, show_progress=False)
+  out = modes.run_mode('benchmark', config, workdir, show_progress=False)
   assert out['benchmark'] == 'serve' and out['reviews'] > 0
   for fmt in ('wav', 'mp3'):
     assert 0 < out[f'upload_{fmt}']['p50_ms'] < 60_000

@@ -7,9 +7,9 @@ import optax
 import pytest
 
 from configs import test as test_config
-from mardjax import models
-from mardjax import sparse_embedding
-from mardjax import train_step
+from mardjax.models import two_branch
+from mardjax.train import sparse_embedding
+from mardjax.train import train_step
 
 
 def test_compact_batch_maps_slots_back_to_the_tokens():
@@ -85,7 +85,7 @@ def test_lazy_step_equals_dense_step(encoder):
   batch = {'audio': rng.normal(size=(b, 5)).astype(np.float32),
            'tokens': tokens, 'lengths': lengths,
            'album': np.repeat(np.arange(b // 2), 2).astype(np.int32)}
-  model = models.build(config.model, vocab)
+  model = two_branch.build(config.model, vocab)
   states = {}
   for update in ('dense', 'lazy'):
     config.train.embedding_update = update
@@ -116,7 +116,7 @@ def test_a_lazy_state_refuses_an_unprepared_batch():
            'tokens': rng.integers(2, 9, (4, 3)).astype(np.int32),
            'lengths': np.full(4, 3, np.int32),
            'album': np.array([0, 0, 1, 1], np.int32)}
-  state = train_step.create_state(models.build(config.model, 10), config,
+  state = train_step.create_state(two_branch.build(config.model, 10), config,
                                   jax.random.PRNGKey(0), batch)
   with pytest.raises(ValueError, match='prepare_batch'):
     train_step.single_device_step(config.loss)(state, batch,

@@ -2,7 +2,7 @@
 
 import random
 
-from mardjax import splits
+from mardjax.data import splits
 
 
 def test_hash_unit_is_stable_and_uniform():

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from mardjax import descriptors as d
-from mardjax import mard_io
-from mardjax import synth
-from mardjax import text
+from mardjax.data import descriptors as d
+from mardjax.data import mard_io
+from mardjax.data import synth
+from mardjax.data import text
 from tests.conftest import REAL_DOCS
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from mardjax import input_pipeline
-from mardjax import preprocess
-from mardjax import serve
-from mardjax import text_features
-from mardjax import train
+from mardjax.data import input_pipeline
+from mardjax.data import preprocess
+from mardjax.serve import web
+from mardjax.data import text_features
+from mardjax.train import trainer
 from mardjax.errors import UserError
 
 
@@ -76,15 +76,15 @@ def test_pretrained_features_preprocess_and_train(tiny_bert,
   config.model.text_encoder = 'pretrained'
   config.train.num_steps = 10
   config.train.eval_every = 10
-  state, metrics = train.train_and_evaluate(config, str(tmp_path / 'run'),
+  state, metrics = trainer.train_and_evaluate(config, str(tmp_path / 'run'),
                                             data_dir)
   assert int(state.step) == 10 and 0 <= metrics['recall@10'] <= 1
   assert 'text_features' not in state.params  # No embedding table.
-  again = train.evaluate_checkpoint(config, str(tmp_path / 'run'), data_dir)
+  again = trainer.evaluate_checkpoint(config, str(tmp_path / 'run'), data_dir)
   np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
   # The listening room runs the same frozen encoder on a typed text: a
   # review's own text lands on the vector exported for that review.
-  room = serve.Room(config, str(tmp_path / 'run'), data_dir,
+  room = web.Room(config, str(tmp_path / 'run'), data_dir,
                     tiny_corpus_master)
   meta = room.bank['review_meta'][0]
   emb, _, _ = room.embedder.embed_text(meta['text'])
@@ -96,7 +96,7 @@ def test_pretrained_features_preprocess_and_train(tiny_bert,
     f.write('\n')
   config.data.text_encoder_path = str(other)
   with pytest.raises(UserError, match='not the one the records were built'):
-    serve.Room(config, str(tmp_path / 'run'), data_dir, tiny_corpus_master)
+    web.Room(config, str(tmp_path / 'run'), data_dir, tiny_corpus_master)
   config.data.text_encoder_path = tiny_bert
   # Another encoder (or none) is another data version.
   os.utime(os.path.join(tiny_bert, 'config.json'))
@@ -110,4 +110,4 @@ def test_pretrained_without_features_is_a_clear_error(tiny_records, tmp_path):
   config = test_config.get_config()
   config.model.text_encoder = 'pretrained'
   with pytest.raises(UserError, match='text_encoder_path'):
-    train.train_and_evaluate(config, str(tmp_path), data_dir)
+    trainer.train_and_evaluate(config, str(tmp_path), data_dir)

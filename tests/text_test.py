@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from mardjax import text
+from mardjax.data import text
 
 
 @pytest.mark.parametrize('raw,words', [

@@ -4,8 +4,8 @@ import collections
 
 import tensorflow_datasets as tfds
 
-from mardjax import preprocess
-from mardjax import tfds_mard  # pylint: disable=unused-import
+from mardjax.data import preprocess
+from mardjax.data import tfds_mard  # pylint: disable=unused-import
 
 
 def test_tfds_build_matches_preprocessing(tiny_corpus_master, config,

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from mardjax import models
-from mardjax import train_step
+from mardjax.models import two_branch
+from mardjax.train import train_step
 
 
 def _setup(batch_norm, negatives='all', gather=True, kind='ranking',
@@ -32,7 +32,7 @@ def _setup(batch_norm, negatives='all', gather=True, kind='ranking',
 
 
 def _state(config, batch, axis_name):
-  model = models.build(config.model, vocab_size=40, bn_axis_name=axis_name)
+  model = two_branch.build(config.model, vocab_size=40, bn_axis_name=axis_name)
   sample = {k: v[:4] for k, v in batch.items()}
   return train_step.create_state(model, config, jax.random.PRNGKey(0),
                                  sample)

@@ -27,14 +27,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mardjax import evaluate
-from mardjax import input_pipeline
-from mardjax import mard_io
-from mardjax import models
-from mardjax import preprocess
-from mardjax import search_index
-from mardjax import text_features
-from mardjax import train
+from mardjax.evaluation import evaluate
+from mardjax.data import input_pipeline
+from mardjax.data import mard_io
+from mardjax.models import two_branch
+from mardjax.data import preprocess
+from mardjax.serve import search_index
+from mardjax.data import text_features
+from mardjax.train import trainer
 from mardjax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -57,11 +57,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
         mard_dir: str) -> dict[str, Any]:
   """Restores the workdir's serving checkpoint and writes its export."""
   manifest = preprocess.load_manifest(data_dir)
-  model = models.build(config.model, manifest['vocab']['size'])
+  model = two_branch.build(config.model, manifest['vocab']['size'])
   audio = input_pipeline.load_audio_table(data_dir, manifest)
   reviews = _all_reviews(config, data_dir, manifest)
-  source = train.inference_source(workdir)
-  step, state = train.restore_trained(config, workdir, data_dir, model,
+  source = trainer.inference_source(workdir)
+  step, state = trainer.restore_trained(config, workdir, data_dir, model,
                                       manifest, audio, reviews, source)
   return write(config, workdir, data_dir, mard_dir, model, manifest, audio,
                step, state, source, reviews)
@@ -80,7 +80,7 @@ def _all_reviews(config, data_dir: str, manifest: dict[str, Any]
 
 
 def write(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
-          mard_dir: str, model: models.TwoBranch, manifest: dict[str, Any],
+          mard_dir: str, model: two_branch.TwoBranch, manifest: dict[str, Any],
           audio: input_pipeline.AudioTable, step: int, state, source: str,
           reviews: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
   """Writes the export of a restored state (`run`, or a server that already
@@ -93,9 +93,9 @@ def write(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
   index = search_index.settings(config.export)  # Bad settings: fail early.
   if reviews is None:
     reviews = _all_reviews(config, data_dir, manifest)
-  variables = train.inference_variables(state)
+  variables = trainer.inference_variables(state)
   albums, album_emb = evaluate.embed_albums(
-      variables, model, audio, max_tracks=train.album_tracks(config))
+      variables, model, audio, max_tracks=trainer.album_tracks(config))
   review_emb = (evaluate.embed_reviews(variables, model, reviews)
                 if len(reviews['album']) else np.zeros((0, model.embed_dim)))
 
@@ -116,7 +116,7 @@ def write(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
   info = {
       'format_version': FORMAT_VERSION, 'checkpoint': source,
       'step': int(step),
-      'params_sha256': train.params_fingerprint(state.params),
+      'params_sha256': trainer.params_fingerprint(state.params),
       'manifest_hash': preprocess.manifest_hash(data_dir),
       'embed_dim': int(album_emb.shape[1]),
       'albums': int(len(albums)), 'reviews': int(len(review_emb)),

@@ -32,13 +32,13 @@ import ml_collections
 import numpy as np
 import orjson
 
-from mardjax import descriptors as desc_lib
-from mardjax import ingest
-from mardjax import mard_io
+from mardjax.data import descriptors as desc_lib
+from mardjax.data import ingest
+from mardjax.data import mard_io
 from mardjax import progress
-from mardjax import splits as splits_lib
-from mardjax import text as text_lib
-from mardjax import text_features
+from mardjax.data import splits as splits_lib
+from mardjax.data import text as text_lib
+from mardjax.data import text_features
 from mardjax.errors import UserError
 
 MANIFEST = 'manifest.json'
@@ -95,7 +95,7 @@ def _fingerprint(mard_dir: str, files: list[mard_io.DescriptorFile],
 
 
 def _schema_version() -> int:
-  from mardjax import records  # pylint: disable=g-import-not-at-top
+  from mardjax.data import records  # pylint: disable=g-import-not-at-top
   return records.SCHEMA_VERSION
 
 
@@ -224,7 +224,7 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
   with open(os.path.join(tmp, FEATURES_FILE), 'w') as f:
     f.write('\n'.join(desc_lib.feature_names(specs)) + '\n')
 
-  from mardjax import records  # pylint: disable=g-import-not-at-top
+  from mardjax.data import records  # pylint: disable=g-import-not-at-top
   files_out = {'reviews': {}, 'albums': {}}
   review_writers = {}
   for split in splits_lib.REVIEW_SPLITS:

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from mardjax import export
-from mardjax import train
+from mardjax.serve import export
+from mardjax.train import trainer
 from mardjax.errors import UserError
 
 UPLOAD_TARGET_S = 2.0
@@ -37,9 +37,9 @@ def _serve_child(config, workdir: str, data_dir: str, mard_dir: str,
                  port: int) -> None:
   """The server process: `--mode=serve` without the per-request log."""
   import uvicorn  # pylint: disable=g-import-not-at-top
-  from mardjax import serve  # pylint: disable=g-import-not-at-top
-  room = serve.Room(config, workdir, data_dir, mard_dir)
-  app = serve.create_app(room, int(config.serve.max_upload_mb * 2**20))
+  from mardjax.serve import web  # pylint: disable=g-import-not-at-top
+  room = web.Room(config, workdir, data_dir, mard_dir)
+  app = web.create_app(room, int(config.serve.max_upload_mb * 2**20))
   uvicorn.run(app, host='127.0.0.1', port=port, log_level='warning',
               access_log=False)
 
@@ -114,7 +114,7 @@ def run(config, workdir: str, data_dir: str, mard_dir: str
   """Starts the server, measures, stops it; returns the figures."""
   import httpx  # pylint: disable=g-import-not-at-top
   b = config.benchmark
-  train.require_checkpoints(workdir, train.inference_source(workdir))
+  trainer.require_checkpoints(workdir, trainer.inference_source(workdir))
   port = _free_port()
   url = f'http://127.0.0.1:{port}'
   # Spawned: a fresh interpreter, as `launch.py --mode=serve` would be.

@@ -43,8 +43,8 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow as tf
 
-from mardjax import descriptors as desc_lib
-from mardjax import records
+from mardjax.data import descriptors as desc_lib
+from mardjax.data import records
 
 
 @dataclasses.dataclass

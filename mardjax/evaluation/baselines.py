@@ -14,7 +14,7 @@ Text vectors: the mean of GloVe vectors of a review's words when
 the review's word ids followed by truncated SVD to `baselines.text_dim`
 dimensions, both fitted on training reviews only.
 
-Every row reports the evaluator's metrics (`mardjax.metrics`): review ->
+Every row reports the evaluator's metrics (`mardjax.evaluation.metrics`): review ->
 album and album -> review recall@K with their random expectation, median
 rank and MRR.
 """
@@ -31,9 +31,9 @@ import numpy as np
 import optax
 from scipy import sparse
 
-from mardjax import input_pipeline
-from mardjax import metrics
-from mardjax import preprocess
+from mardjax.data import input_pipeline
+from mardjax.evaluation import metrics
+from mardjax.data import preprocess
 from mardjax.errors import UserError
 
 

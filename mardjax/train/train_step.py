@@ -35,9 +35,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from mardjax import losses
-from mardjax import packing
-from mardjax import sparse_embedding
+from mardjax.train import losses
+from mardjax.train import packing
+from mardjax.train import sparse_embedding
 
 AXIS = 'data'
 
@@ -115,7 +115,7 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
     batch: (D, b, ...) arrays from `input_pipeline.train_batches`.
     vocab_bucket: `config.train.vocab_bucket`.
     pack_rows: > 0 packs the reviews end to end (LSTM encoder), rows
-      rounded up to a multiple of this (`mardjax.packing`).
+      rounded up to a multiple of this (`mardjax.train.packing`).
     sync: with several processes, combines their row counts and word ids.
   """
   if pack_rows:

@@ -8,9 +8,9 @@ from typing import Any
 
 import ml_collections
 
-from mardjax import mard_io
-from mardjax import preprocess
-from mardjax import synth
+from mardjax.data import mard_io
+from mardjax.data import preprocess
+from mardjax.data import synth
 from mardjax.errors import UserError
 
 MODES = ('train', 'eval', 'baselines', 'ablate', 'export', 'serve', 'embed',
@@ -62,14 +62,14 @@ def run_train(config, workdir: str, force: bool = False,
   """Preprocesses (or reuses the records), trains, evaluates on dev."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from mardjax import train  # pylint: disable=g-import-not-at-top
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
   data_dir = preprocess.output_dir(config, workdir)
   if jax.process_index() == 0:  # One process writes the data; all read it.
     run_preprocess(config, workdir, force, show_progress)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('mardjax: data ready')
   counts = preprocess.load_manifest(data_dir)['counts']
-  _, metrics = train.train_and_evaluate(config, workdir, data_dir)
+  _, metrics = trainer.train_and_evaluate(config, workdir, data_dir)
   return dict(metrics, data={'tfrecord_dir': data_dir,
                              'albums': counts['albums'],
                              'reviews': counts['reviews'],
@@ -78,15 +78,15 @@ def run_train(config, workdir: str, force: bool = False,
 
 def run_eval(config, workdir: str) -> dict[str, Any]:
   """Evaluates the workdir's newest checkpoint (split: config.eval.split)."""
-  from mardjax import train  # pylint: disable=g-import-not-at-top
-  return train.evaluate_checkpoint(config, workdir,
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  return trainer.evaluate_checkpoint(config, workdir,
                                    preprocess.output_dir(config, workdir))
 
 
 def run_baselines(config, workdir: str, show_progress: bool = True
                   ) -> dict[str, Any]:
   """CCA, WSABIE and random on config.eval.split (preprocessing reused)."""
-  from mardjax import baselines  # pylint: disable=g-import-not-at-top
+  from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
   run_preprocess(config, workdir, False, show_progress)
   return baselines.run(config, preprocess.output_dir(config, workdir))
 
@@ -119,27 +119,27 @@ def run_mode(mode: str, config, workdir: str, force: bool = False,
   if mode == 'baselines':
     return run_baselines(config, workdir, show_progress)
   if mode == 'export':
-    from mardjax import export  # pylint: disable=g-import-not-at-top
+    from mardjax.serve import export  # pylint: disable=g-import-not-at-top
     return export.run(config, workdir, preprocess.output_dir(config, workdir),
                       mard_dir(config, workdir))
   if mode == 'serve':
-    from mardjax import serve  # pylint: disable=g-import-not-at-top
-    return serve.run(config, workdir, preprocess.output_dir(config, workdir),
+    from mardjax.serve import web  # pylint: disable=g-import-not-at-top
+    return web.run(config, workdir, preprocess.output_dir(config, workdir),
                      mard_dir(config, workdir), host, port)
   if mode == 'embed':
-    from mardjax import batch_embed  # pylint: disable=g-import-not-at-top
+    from mardjax.serve import batch_embed  # pylint: disable=g-import-not-at-top
     return batch_embed.run(config, workdir,
                            preprocess.output_dir(config, workdir), input_dir,
                            output_dir, show_progress)
   if mode == 'ablate':
-    from mardjax import ablation  # pylint: disable=g-import-not-at-top
+    from mardjax.experiments import ablation  # pylint: disable=g-import-not-at-top
     return ablation.run(config, workdir, run_mode, show_progress)
   if mode == 'synth':
     return run_synth(config, workdir, show_progress)
   if mode == 'preprocess':
     return run_preprocess(config, workdir, force, show_progress)
   if mode == 'benchmark':
-    from mardjax import benchmark  # pylint: disable=g-import-not-at-top
+    from mardjax.experiments import benchmark  # pylint: disable=g-import-not-at-top
     if config.benchmark.kind == 'train':
       return benchmark.run_train(config)
     if config.benchmark.kind == 'pipeline':
@@ -151,7 +151,7 @@ def run_mode(mode: str, config, workdir: str, force: bool = False,
     if config.benchmark.kind == 'index':
       return benchmark.run_index(config)
     if config.benchmark.kind == 'serve':
-      from mardjax import serve_benchmark  # pylint: disable=g-import-not-at-top
+      from mardjax.experiments import serve_benchmark  # pylint: disable=g-import-not-at-top
       return serve_benchmark.run(config, workdir,
                                  preprocess.output_dir(config, workdir),
                                  mard_dir(config, workdir))

@@ -28,12 +28,12 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mardjax import audio_analysis
-from mardjax import descriptors as desc_lib
-from mardjax import embedder as embedder_lib
-from mardjax import export
-from mardjax import search_index
-from mardjax import train
+from mardjax.serve import audio_analysis
+from mardjax.data import descriptors as desc_lib
+from mardjax.serve import embedder as embedder_lib
+from mardjax.serve import export
+from mardjax.serve import search_index
+from mardjax.train import trainer
 from mardjax.errors import UserError
 
 MAX_K = 100
@@ -59,7 +59,7 @@ class Room:
     try:
       bank = export.load(bank_dir, ef_search)
       info = bank['info']
-      stale = (info['params_sha256'] != train.params_fingerprint(
+      stale = (info['params_sha256'] != trainer.params_fingerprint(
           e.state.params) or info['index'] != search_index.settings(
               config.export))
     except UserError:

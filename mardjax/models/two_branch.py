@@ -16,7 +16,7 @@ parameters.
   L2. Encoders: `mean` (masked mean of learned word embeddings, padding
   excluded), `lstm` (bi-directional LSTM, final states of both directions
   concatenated, each sequence's length respected; in training the reviews
-  are packed end to end so padding costs nothing, `mardjax.packing`), `pretrained` (features
+  are packed end to end so padding costs nothing, `mardjax.train.packing`), `pretrained` (features
   computed by a frozen encoder and stored beside the tokens: input
   `text_features` (B, F)).
 * `linear=True`: one Dense per branch (the WSABIE-like ablation row).
@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mardjax import lstm
+from mardjax.models import lstm
 
 TEXT_ENCODERS = ('mean', 'lstm', 'pretrained')
 AUDIO_ENCODERS = ('track', 'album_lstm')
@@ -67,9 +67,9 @@ class LSTMDirection(nn.Module):
   """One direction of an LSTM over rows of packed reviews, time-major.
 
   The input projection of every position is one matrix product before the
-  recurrence (only h @ W_h stays inside the loop, `mardjax.lstm`), and the
+  recurrence (only h @ W_h stays inside the loop, `mardjax.models.lstm`), and the
   state is reset where a review begins in the direction of travel, so rows
-  may hold several reviews end to end (`mardjax.packing`). Gates i, f, g, o;
+  may hold several reviews end to end (`mardjax.train.packing`). Gates i, f, g, o;
   kernels initialised as flax's LSTM cells (lecun normal, orthogonal
   recurrent, zero bias).
   """
@@ -94,7 +94,7 @@ def padded_layout(lengths: jax.Array, max_len: int
   """The packed layout's markers for a padded (B, L) batch.
 
   One review per row from position 0 to max(length, 1) - 1 (an empty review
-  reads one <pad>); see `mardjax.packing`.
+  reads one <pad>); see `mardjax.train.packing`.
   """
   b = lengths.shape[0]
   end = jnp.maximum(lengths, 1) - 1
@@ -111,9 +111,9 @@ class TextEncoder(nn.Module):
 
   With `table` (U, D) given, `tokens` are indices into it instead of word ids
   and the module's own embedding is not used (row-sparse training,
-  `mardjax.sparse_embedding`); the features are the same. With `packed`
+  `mardjax.train.sparse_embedding`); the features are the same. With `packed`
   (the LSTM only) `tokens` are (R, P) rows of reviews packed end to end and
-  `packed` holds their markers (`mardjax.packing`); lengths are unused.
+  `packed` holds their markers (`mardjax.train.packing`); lengths are unused.
   """
   kind: str
   vocab_size: int

@@ -7,7 +7,7 @@ readable checkpoint in `workdir/checkpoints`, evaluates dev recall@K every
 in `workdir/best`), and returns the final state and metrics.
 
 Only this Python loop holds the iterator, the writers and the checkpoint
-manager; the step itself is pure (`mardjax.train_step`).
+manager; the step itself is pure (`mardjax.train.train_step`).
 """
 
 import hashlib
@@ -26,12 +26,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mardjax import evaluate
-from mardjax import input_pipeline
-from mardjax import losses
-from mardjax import models
-from mardjax import preprocess
-from mardjax import train_step
+from mardjax.evaluation import evaluate
+from mardjax.data import input_pipeline
+from mardjax.train import losses
+from mardjax.models import two_branch
+from mardjax.data import preprocess
+from mardjax.train import train_step
 from mardjax.errors import UserError
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -52,10 +52,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   per_device = t.batch_size // (num_devices * process_count)
   need(t.parallelism in ('pmap', 'shard_map'), 'train.parallelism',
        "choose 'pmap' or 'shard_map'")
-  need(m.text_encoder in models.TEXT_ENCODERS, 'model.text_encoder',
-       f'{m.text_encoder!r} is not one of {models.TEXT_ENCODERS}')
-  need(m.audio_encoder in models.AUDIO_ENCODERS, 'model.audio_encoder',
-       f'{m.audio_encoder!r} is not one of {models.AUDIO_ENCODERS}')
+  need(m.text_encoder in two_branch.TEXT_ENCODERS, 'model.text_encoder',
+       f'{m.text_encoder!r} is not one of {two_branch.TEXT_ENCODERS}')
+  need(m.audio_encoder in two_branch.AUDIO_ENCODERS, 'model.audio_encoder',
+       f'{m.audio_encoder!r} is not one of {two_branch.AUDIO_ENCODERS}')
   need(m.max_tracks >= 1, 'model.max_tracks', 'must be at least 1')
   need(l.kind in ('ranking', 'infonce', 'sigmoid'), 'loss.kind',
        f'{l.kind!r} is not ranking, infonce or sigmoid')
@@ -251,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   steps = total_steps(config, manifest)
   local_batch = t.batch_size // process_count
   parallel = num_devices * process_count > 1
-  model = models.build(config.model, manifest['vocab']['size'],
+  model = two_branch.build(config.model, manifest['vocab']['size'],
                        bn_axis_name=train_step.AXIS if parallel else None)
 
   audio = input_pipeline.load_audio_table(data_dir, manifest)
@@ -436,7 +436,7 @@ def inference_source(workdir: str) -> str:
 
 
 def restore_trained(config: ml_collections.ConfigDict, workdir: str,
-                    data_dir: str, model: models.TwoBranch,
+                    data_dir: str, model: two_branch.TwoBranch,
                     manifest: dict[str, Any],
                     audio: input_pipeline.AudioTable,
                     reviews: dict[str, np.ndarray],
@@ -482,7 +482,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     raise UserError(f"config.eval.split={split!r}: choose 'dev' or 'test'.")
   manifest = preprocess.load_manifest(data_dir)
   require_checkpoints(workdir)  # Before minutes of loading.
-  model = models.build(config.model, manifest['vocab']['size'])
+  model = two_branch.build(config.model, manifest['vocab']['size'])
   audio = input_pipeline.load_audio_table(data_dir, manifest)
   reviews = input_pipeline.load_reviews(data_dir, manifest, split,
                                         config.data.max_len)

@@ -5,7 +5,7 @@ mean of its tracks' embeddings, or the album LSTM's); queries are the
 held-out reviews of a split (`dev`: reviews of training albums held out
 review by review; `test`: reviews of albums never seen in training). The
 ranking math (exact, chunked, tie-aware, bootstrap CIs) is
-`mardjax.metrics`.
+`mardjax.evaluation.metrics`.
 """
 
 from typing import Any, Callable
@@ -13,9 +13,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from mardjax import input_pipeline
-from mardjax import metrics
-from mardjax import models
+from mardjax.data import input_pipeline
+from mardjax.evaluation import metrics
+from mardjax.models import two_branch
 
 DEFAULT_KS = metrics.DEFAULT_KS
 
@@ -34,7 +34,7 @@ def _batched(fn: Callable[..., np.ndarray], arrays: tuple[np.ndarray, ...],
   return np.concatenate(out) if out else np.zeros((0,))
 
 
-def embed_albums(variables: dict[str, Any], model: models.TwoBranch,
+def embed_albums(variables: dict[str, Any], model: two_branch.TwoBranch,
                  audio: input_pipeline.AudioTable, batch_size: int = 1024,
                  max_tracks: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Embeds every album that has tracks.
@@ -61,7 +61,7 @@ def embed_albums(variables: dict[str, Any], model: models.TwoBranch,
       np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
 
 
-def embed_reviews(variables: dict[str, Any], model: models.TwoBranch,
+def embed_reviews(variables: dict[str, Any], model: two_branch.TwoBranch,
                   reviews: dict[str, np.ndarray], batch_size: int = 256
                   ) -> np.ndarray:
   """(N, E) embeddings of `input_pipeline.load_reviews` output."""
@@ -73,7 +73,7 @@ def embed_reviews(variables: dict[str, Any], model: models.TwoBranch,
   return _batched(embed, (reviews['tokens'], reviews['lengths']), batch_size)
 
 
-def evaluate(variables: dict[str, Any], model: models.TwoBranch,
+def evaluate(variables: dict[str, Any], model: two_branch.TwoBranch,
              audio: input_pipeline.AudioTable, reviews: dict[str, np.ndarray],
              ks: tuple[int, ...] = DEFAULT_KS, max_tracks: int = 0,
              full: bool = False, genres: np.ndarray | None = None,

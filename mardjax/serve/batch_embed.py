@@ -33,13 +33,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mardjax import audio_analysis
-from mardjax import descriptors as desc_lib
-from mardjax import export
-from mardjax import mard_io
-from mardjax import preprocess
-from mardjax import search_index
-from mardjax import train
+from mardjax.serve import audio_analysis
+from mardjax.data import descriptors as desc_lib
+from mardjax.serve import export
+from mardjax.data import mard_io
+from mardjax.data import preprocess
+from mardjax.serve import search_index
+from mardjax.train import trainer
 from mardjax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -113,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
         show_progress: bool = True) -> dict[str, Any]:
   """Embeds `input_dir`'s files into `output_dir`; returns embed.json's
   content plus paths."""
-  from mardjax import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
+  from mardjax.serve import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
   if not input_dir:
     raise UserError('--mode=embed needs --input_dir, a folder of recordings '
                     '(wav, mp3, flac, ogg) or AcousticBrainz .json files.')
@@ -158,7 +158,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
   info = {
       'format_version': FORMAT_VERSION, 'checkpoint': embedder.source,
       'step': int(embedder.step),
-      'params_sha256': train.params_fingerprint(embedder.state.params),
+      'params_sha256': trainer.params_fingerprint(embedder.state.params),
       'manifest_hash': preprocess.manifest_hash(data_dir),
       'embed_dim': int(emb.shape[1]), 'input_dir': os.path.abspath(input_dir),
       'tracks': len(rows), 'skipped': len(skipped), 'ignored': ignored,

@@ -1,7 +1,7 @@
 """A TensorFlow Datasets builder for MARD (+ AcousticBrainz), built offline.
 
 MARD is not downloadable by a script: you fetch it by hand and point TFDS at
-the directory (`manual_dir`). The builder reads it through `mardjax.ingest`,
+the directory (`manual_dir`). The builder reads it through `mardjax.data.ingest`,
 the same parser and the same splits as `launch.py --mode=preprocess`, so the
 two never disagree.
 
@@ -15,7 +15,7 @@ Two configs:
 Join them on `album_index`.
 
     import tensorflow_datasets as tfds
-    from mardjax import tfds_mard  # Registers 'mard'.
+    from mardjax.data import tfds_mard  # Registers 'mard'.
     ds = tfds.load('mard/reviews', split='train', data_dir=DATA_DIR,
                    download_and_prepare_kwargs={'download_config':
                        tfds.download.DownloadConfig(manual_dir=MARD_DIR)})
@@ -29,9 +29,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from configs import default as default_config
-from mardjax import descriptors as desc_lib
-from mardjax import ingest
-from mardjax import splits as splits_lib
+from mardjax.data import descriptors as desc_lib
+from mardjax.data import ingest
+from mardjax.data import splits as splits_lib
 
 _HOMEPAGE = 'https://www.upf.edu/web/mtg/mard'
 _CITATION = """@inproceedings{oramas2016mard,

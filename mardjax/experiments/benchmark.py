@@ -99,9 +99,9 @@ def train_step_throughput(config, encoder: str, steps: int,
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mardjax import descriptors  # pylint: disable=g-import-not-at-top
-  from mardjax import models  # pylint: disable=g-import-not-at-top
-  from mardjax import train_step  # pylint: disable=g-import-not-at-top
+  from mardjax.data import descriptors  # pylint: disable=g-import-not-at-top
+  from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
+  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.model.text_encoder = encoder
   b, length = config.train.batch_size, config.data.max_len
@@ -116,7 +116,7 @@ def train_step_throughput(config, encoder: str, steps: int,
   batch = {'audio': rng.normal(size=(b, dim)).astype(np.float32),
            'tokens': tokens, 'lengths': lengths,
            'album': np.repeat(np.arange(b // 2), 2)[:b].astype(np.int32)}
-  model = models.build(config.model, vocab_size)
+  model = two_branch.build(config.model, vocab_size)
 
   def prepare(state, batch):
     one = train_step.prepare_batch(state, {k: v[None] for k, v in
@@ -172,7 +172,7 @@ def run_eval(config) -> dict[str, Any]:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mardjax import metrics  # pylint: disable=g-import-not-at-top
+  from mardjax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   b = config.benchmark
   dim = config.model.embed_dim
   rng = np.random.default_rng(0)
@@ -226,9 +226,9 @@ def run_pipeline(config, workdir: str, run_mode: Callable) -> dict[str, Any]:
   step consumes.
   """
   import itertools  # pylint: disable=g-import-not-at-top
-  from mardjax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from mardjax import preprocess  # pylint: disable=g-import-not-at-top
-  from mardjax import sparse_embedding  # pylint: disable=g-import-not-at-top
+  from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mardjax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from mardjax.train import sparse_embedding  # pylint: disable=g-import-not-at-top
   run_mode('preprocess', config, workdir, show_progress=False)
   data_dir = preprocess.output_dir(config, workdir)
   manifest = preprocess.load_manifest(data_dir)
@@ -276,7 +276,7 @@ def run(config, workdir: str, run_mode: Callable,
   Args:
     config: the full config; `data.synth_preset` picks the size.
     workdir: where to write (about 17 GB for `full`).
-    run_mode: `mardjax.app.run_mode`.
+    run_mode: `mardjax.modes.run_mode`.
     keep: keep the generated corpus and records afterwards.
   """
   root = os.path.join(workdir, 'benchmark')
@@ -313,7 +313,7 @@ def run_index(config) -> dict[str, Any]:
   recall@10 against the exact answer, at the config's HNSW settings.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mardjax import search_index  # pylint: disable=g-import-not-at-top
+  from mardjax.serve import search_index  # pylint: disable=g-import-not-at-top
   b, e = config.benchmark, config.export
   rng = np.random.default_rng(0)
   dim = config.model.embed_dim

@@ -26,11 +26,11 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from mardjax import descriptors as desc_lib
-from mardjax import mard_io
+from mardjax.data import descriptors as desc_lib
+from mardjax.data import mard_io
 from mardjax import progress
-from mardjax import splits as splits_lib
-from mardjax import text as text_lib
+from mardjax.data import splits as splits_lib
+from mardjax.data import text as text_lib
 from mardjax.errors import UserError
 
 

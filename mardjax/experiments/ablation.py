@@ -86,9 +86,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         run_mode: Callable[..., dict[str, Any]],
         show_progress: bool = True) -> dict[str, Any]:
   """Trains and evaluates every row, runs the baselines, writes the table."""
-  from mardjax import baselines  # pylint: disable=g-import-not-at-top
-  from mardjax import preprocess  # pylint: disable=g-import-not-at-top
-  from mardjax import train  # pylint: disable=g-import-not-at-top
+  from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
+  from mardjax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
   run_mode('preprocess', config, workdir, show_progress=show_progress)
   data_dir = preprocess.output_dir(config, workdir)
   only = [r for r in config.ablate.rows.split(',') if r]
@@ -112,7 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       continue
     start = time.time()
     logging.info('ablation: training %s', name)
-    _, metrics = train.train_and_evaluate(
+    _, metrics = trainer.train_and_evaluate(
         cfg, os.path.join(workdir, 'ablation', name), data_dir)
     row.update({k: metrics[k] for k in (
         'recall@1', 'recall@5', 'recall@10', 'random_recall@10',

@@ -14,13 +14,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from mardjax import descriptors as desc_lib
-from mardjax import input_pipeline
-from mardjax import models
-from mardjax import preprocess
-from mardjax import text as text_lib
-from mardjax import text_features
-from mardjax import train
+from mardjax.data import descriptors as desc_lib
+from mardjax.data import input_pipeline
+from mardjax.models import two_branch
+from mardjax.data import preprocess
+from mardjax.data import text as text_lib
+from mardjax.data import text_features
+from mardjax.train import trainer
 from mardjax.errors import UserError
 
 # Standardised descriptor values beyond this are flagged: training data
@@ -46,18 +46,18 @@ class Embedder:
     if config.model.audio_encoder != 'track':
       raise UserError("new recordings are single tracks: use a model with "
                       "audio_encoder='track'.")
-    self.model = models.build(config.model, self.manifest['vocab']['size'])
+    self.model = two_branch.build(config.model, self.manifest['vocab']['size'])
     self.audio = input_pipeline.load_audio_table(data_dir, self.manifest)
     sample = input_pipeline.load_reviews(data_dir, self.manifest, 'dev',
                                          config.data.max_len)
     if not len(sample['album']):
       sample = input_pipeline.load_reviews(data_dir, self.manifest, 'train',
                                            config.data.max_len)
-    self.source = train.inference_source(workdir)
-    self.step, self.state = train.restore_trained(
+    self.source = trainer.inference_source(workdir)
+    self.step, self.state = trainer.restore_trained(
         config, workdir, data_dir, self.model, self.manifest, self.audio,
         sample, self.source)
-    self.variables = train.inference_variables(self.state)
+    self.variables = trainer.inference_variables(self.state)
     with open(os.path.join(data_dir, self.manifest['vocab']['file'])) as f:
       self.vocab = text_lib.Vocabulary([w.rstrip('\n') for w in f])
     d = self.manifest['descriptors']

@@ -46,8 +46,8 @@ import numpy as np
 import orjson
 from scipy import signal
 
-from mardjax import descriptors as desc_lib
-from mardjax import mard_io
+from mardjax.data import descriptors as desc_lib
+from mardjax.data import mard_io
 from mardjax import progress
 
 PRESETS = {
