@@ -23,14 +23,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mardjax import modes as mardjax_app
+from mardjax import modes
 from mardjax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/default.py.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for data, checkpoints, results.')
-flags.DEFINE_enum('mode', 'train', mardjax_app.MODES, 'What to run.')
+flags.DEFINE_enum('mode', 'train', list(modes.MODES), 'What to run.')
 flags.DEFINE_bool('force', False, 'Redo work even when outputs are up to date.')
 flags.DEFINE_bool('progress', True, 'Show progress bars on stderr.')
 flags.DEFINE_string('coordinator_address', None,
@@ -80,10 +80,10 @@ def main(argv):
   workdir = os.path.abspath(FLAGS.workdir)
   os.makedirs(workdir, exist_ok=True)
   if FLAGS.num_processes > 1:
-    mardjax_app.init_distributed(FLAGS.coordinator_address,
+    modes.init_distributed(FLAGS.coordinator_address,
                                  FLAGS.num_processes, FLAGS.process_id)
   try:
-    result = mardjax_app.run_mode(FLAGS.mode, FLAGS.config, workdir,
+    result = modes.run_mode(FLAGS.mode, FLAGS.config, workdir,
                                   force=FLAGS.force,
                                   show_progress=FLAGS.progress,
                                   host=FLAGS.host, port=FLAGS.port,

@@ -1,21 +1,34 @@
-"""What each `launch.py --mode` does, as functions that return JSON-able dicts.
+"""What each `launch.py --mode` does: one registry of functions that return
+JSON-able dicts.
 
 Kept apart from `launch.py` so tests call the same code the command runs.
+This is the top of the package: it wires the layers together (the training
+loop gets its dev evaluator here) and imports each mode's module only when
+that mode runs, so `--mode=serve` never loads TensorFlow or the optimizer.
 """
 
+import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 
-from mardjax.data import mard_io
-from mardjax.data import preprocess
-from mardjax.data import synth
+from mardjax import config_check
+from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
 
-MODES = ('train', 'eval', 'baselines', 'ablate', 'export', 'serve', 'embed',
-         'synth', 'preprocess', 'benchmark')
 SYNTH_SUBDIR = 'synthetic_mard'
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The command line's options beside the config (launch.py's flags)."""
+  force: bool = False
+  show_progress: bool = True
+  host: str = '127.0.0.1'
+  port: int = 8000
+  input_dir: str | None = None
+  output_dir: str | None = None
 
 
 def mard_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -23,9 +36,16 @@ def mard_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.data.mard_dir or os.path.join(workdir, SYNTH_SUBDIR)
 
 
-def run_synth(config, workdir: str, show_progress: bool = True
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The preprocessed records (`manifest.data_dir_of`)."""
+  return manifest_lib.data_dir_of(config, workdir)
+
+
+def run_synth(config, workdir: str, opts: Options = Options()
               ) -> dict[str, Any]:
   """Writes (or reuses) the synthetic corpus into `mard_dir(config, workdir)`."""
+  from mardjax.data import mard_io  # pylint: disable=g-import-not-at-top
+  from mardjax.data import synth  # pylint: disable=g-import-not-at-top
   try:
     sizes = synth.sizes_from_config(config.data)
   except ValueError as e:
@@ -40,55 +60,118 @@ def run_synth(config, workdir: str, show_progress: bool = True
   os.makedirs(out, exist_ok=True)
   return synth.generate(out, sizes, seed=config.data.synth_seed,
                         num_workers=config.data.num_workers,
-                        show_progress=show_progress)
+                        show_progress=opts.show_progress)
 
 
-def run_preprocess(config, workdir: str, force: bool = False,
-                   show_progress: bool = True) -> dict[str, Any]:
+def run_preprocess(config, workdir: str, opts: Options = Options()
+                   ) -> dict[str, Any]:
   """Raw MARD -> TFRecords; generates the synthetic corpus when none is given."""
-  preprocess.validate_data_config(config.data)  # Before minutes of synth.
+  from mardjax.data import preprocess  # pylint: disable=g-import-not-at-top
+  config_check.validate_data(config.data)  # Before minutes of synth.
   result = {}
   if not config.data.mard_dir:
-    result['synth'] = run_synth(config, workdir, show_progress)
+    result['synth'] = run_synth(config, workdir, opts)
   report = preprocess.run(config, mard_dir(config, workdir),
-                          preprocess.output_dir(config, workdir), force=force,
-                          show_progress=show_progress)
+                          data_dir(config, workdir), force=opts.force,
+                          show_progress=opts.show_progress)
   result.update(report)
   return result
 
 
-def run_train(config, workdir: str, force: bool = False,
-              show_progress: bool = True) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, records_dir: str
+                       ) -> tuple[Any, dict[str, Any]]:
+  """The training loop with the dev evaluator (`trainer.train_and_evaluate`),
+  after the config check."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mardjax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  config_check.validate(config, jax.local_device_count(), jax.process_count())
+  return trainer.train_and_evaluate(config, workdir, records_dir,
+                                    evaluate.dev_evaluator)
+
+
+def run_train(config, workdir: str, opts: Options = Options()
+              ) -> dict[str, Any]:
   """Preprocesses (or reuses the records), trains, evaluates on dev."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
-  data_dir = preprocess.output_dir(config, workdir)
+  config_check.validate(config, jax.local_device_count(), jax.process_count())
   if jax.process_index() == 0:  # One process writes the data; all read it.
-    run_preprocess(config, workdir, force, show_progress)
+    run_preprocess(config, workdir, opts)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('mardjax: data ready')
-  counts = preprocess.load_manifest(data_dir)['counts']
-  _, metrics = trainer.train_and_evaluate(config, workdir, data_dir)
-  return dict(metrics, data={'tfrecord_dir': data_dir,
-                             'albums': counts['albums'],
-                             'reviews': counts['reviews'],
-                             'tracks': counts['tracks']})
+  records = data_dir(config, workdir)
+  counts = manifest_lib.load(records).counts
+  _, metrics = train_and_evaluate(config, workdir, records)
+  return dict(metrics, data={'tfrecord_dir': records,
+                             'albums': counts.albums,
+                             'reviews': counts.reviews,
+                             'tracks': counts.tracks})
 
 
-def run_eval(config, workdir: str) -> dict[str, Any]:
+def run_eval(config, workdir: str, opts: Options = Options()
+             ) -> dict[str, Any]:
   """Evaluates the workdir's newest checkpoint (split: config.eval.split)."""
-  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
-  return trainer.evaluate_checkpoint(config, workdir,
-                                   preprocess.output_dir(config, workdir))
+  del opts
+  from mardjax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.evaluate_checkpoint(config, workdir)
 
 
-def run_baselines(config, workdir: str, show_progress: bool = True
+def run_baselines(config, workdir: str, opts: Options = Options()
                   ) -> dict[str, Any]:
   """CCA, WSABIE and random on config.eval.split (preprocessing reused)."""
   from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
-  run_preprocess(config, workdir, False, show_progress)
-  return baselines.run(config, preprocess.output_dir(config, workdir))
+  run_preprocess(config, workdir, dataclasses.replace(opts, force=False))
+  return baselines.run(config, data_dir(config, workdir))
+
+
+def run_ablate(config, workdir: str, opts: Options = Options()
+               ) -> dict[str, Any]:
+  """The paper's Table 1 (`experiments.ablation`)."""
+  from mardjax.experiments import ablation  # pylint: disable=g-import-not-at-top
+  return ablation.run(config, workdir, opts.show_progress)
+
+
+def run_export(config, workdir: str, opts: Options = Options()
+               ) -> dict[str, Any]:
+  """The trained space as plain files (`serve.export`)."""
+  del opts
+  from mardjax.serve import export  # pylint: disable=g-import-not-at-top
+  return export.run(config, workdir, data_dir(config, workdir),
+                    mard_dir(config, workdir))
+
+
+def run_serve(config, workdir: str, opts: Options = Options()
+              ) -> dict[str, Any]:
+  """The listening room (`serve.web`), until interrupted."""
+  from mardjax.serve import web  # pylint: disable=g-import-not-at-top
+  return web.run(config, workdir, data_dir(config, workdir),
+                 mard_dir(config, workdir), opts.host, opts.port)
+
+
+def run_embed(config, workdir: str, opts: Options = Options()
+              ) -> dict[str, Any]:
+  """A folder of recordings into the export's format (`serve.batch_embed`)."""
+  from mardjax.serve import batch_embed  # pylint: disable=g-import-not-at-top
+  return batch_embed.run(config, workdir, data_dir(config, workdir),
+                         opts.input_dir, opts.output_dir, opts.show_progress)
+
+
+def run_benchmark(config, workdir: str, opts: Options = Options()
+                  ) -> dict[str, Any]:
+  """`config.benchmark.kind` from `experiments.benchmark.KINDS`."""
+  del opts
+  from mardjax.experiments import benchmark  # pylint: disable=g-import-not-at-top
+  return benchmark.KINDS[config.benchmark.kind](config, workdir)
+
+
+# --mode name -> function(config, workdir, Options) -> JSON-able dict.
+MODES: dict[str, Callable[..., dict[str, Any]]] = {
+    'train': run_train, 'eval': run_eval, 'baselines': run_baselines,
+    'ablate': run_ablate, 'export': run_export, 'serve': run_serve,
+    'embed': run_embed, 'synth': run_synth, 'preprocess': run_preprocess,
+    'benchmark': run_benchmark,
+}
 
 
 def init_distributed(coordinator_address: str | None, num_processes: int,
@@ -107,55 +190,16 @@ def init_distributed(coordinator_address: str | None, num_processes: int,
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
-def run_mode(mode: str, config, workdir: str, force: bool = False,
-             show_progress: bool = True, host: str = '127.0.0.1',
-             port: int = 8000, input_dir: str | None = None,
-             output_dir: str | None = None) -> dict[str, Any]:
-  """Runs one mode; returns its result (the JSON line launch.py prints)."""
-  if mode == 'train':
-    return run_train(config, workdir, force, show_progress)
-  if mode == 'eval':
-    return run_eval(config, workdir)
-  if mode == 'baselines':
-    return run_baselines(config, workdir, show_progress)
-  if mode == 'export':
-    from mardjax.serve import export  # pylint: disable=g-import-not-at-top
-    return export.run(config, workdir, preprocess.output_dir(config, workdir),
-                      mard_dir(config, workdir))
-  if mode == 'serve':
-    from mardjax.serve import web  # pylint: disable=g-import-not-at-top
-    return web.run(config, workdir, preprocess.output_dir(config, workdir),
-                     mard_dir(config, workdir), host, port)
-  if mode == 'embed':
-    from mardjax.serve import batch_embed  # pylint: disable=g-import-not-at-top
-    return batch_embed.run(config, workdir,
-                           preprocess.output_dir(config, workdir), input_dir,
-                           output_dir, show_progress)
-  if mode == 'ablate':
-    from mardjax.experiments import ablation  # pylint: disable=g-import-not-at-top
-    return ablation.run(config, workdir, run_mode, show_progress)
-  if mode == 'synth':
-    return run_synth(config, workdir, show_progress)
-  if mode == 'preprocess':
-    return run_preprocess(config, workdir, force, show_progress)
-  if mode == 'benchmark':
-    from mardjax.experiments import benchmark  # pylint: disable=g-import-not-at-top
-    if config.benchmark.kind == 'train':
-      return benchmark.run_train(config)
-    if config.benchmark.kind == 'pipeline':
-      return benchmark.run_pipeline(config, workdir, run_mode)
-    if config.benchmark.kind == 'data':
-      return benchmark.run(config, workdir, run_mode)
-    if config.benchmark.kind == 'eval':
-      return benchmark.run_eval(config)
-    if config.benchmark.kind == 'index':
-      return benchmark.run_index(config)
-    if config.benchmark.kind == 'serve':
-      from mardjax.experiments import serve_benchmark  # pylint: disable=g-import-not-at-top
-      return serve_benchmark.run(config, workdir,
-                                 preprocess.output_dir(config, workdir),
-                                 mard_dir(config, workdir))
-    raise UserError(f'config.benchmark.kind={config.benchmark.kind!r}: '
-                    "choose 'data', 'train', 'pipeline', 'eval', 'index' or "
-                    "'serve'.")
-  raise UserError(f'Unknown mode {mode!r}; choose from {MODES}.')
+def run_mode(mode: str, config, workdir: str, **options) -> dict[str, Any]:
+  """Runs one mode; returns its result (the JSON line launch.py prints).
+
+  Args:
+    mode: a key of `MODES`.
+    config: the full config; checked first (`config_check.validate_choices`).
+    workdir: the run directory.
+    **options: fields of `Options` (force, show_progress, host, ...).
+  """
+  if mode not in MODES:
+    raise UserError(f'Unknown mode {mode!r}; choose from {tuple(MODES)}.')
+  config_check.validate_choices(config)
+  return MODES[mode](config, workdir, Options(**options))

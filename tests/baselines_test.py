@@ -77,7 +77,7 @@ def test_runner_reports_every_baseline(tiny_records):
   assert rows['random']['median_rank'] == pytest.approx((n_albums + 1) / 2)
   for name in ('cca-4', 'cca-8', 'wsabie'):
     r = rows[name]
-    assert r['num_queries'] == manifest['counts']['reviews']['dev']
+    assert r['num_queries'] == manifest.counts.reviews['dev']
     assert 0 <= r['recall@1'] <= r['recall@5'] <= r['recall@10'] <= 1
     assert 0 <= r['album_to_review/recall@10'] <= 1
   # On the synthetic corpus text and audio share latent traits: CCA finds

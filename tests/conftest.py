@@ -71,11 +71,12 @@ def tiny_corpus(tiny_corpus_master, tmp_path):
 @pytest.fixture(scope='session')
 def tiny_records(tiny_corpus_master, tmp_path_factory):
   """(data_dir, manifest) of the tiny corpus, preprocessed with configs/test."""
+  from mardjax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from mardjax.data import preprocess  # pylint: disable=g-import-not-at-top
   out = str(tmp_path_factory.mktemp('tiny_records') / 'data')
   preprocess.run(test_config.get_config(), tiny_corpus_master, out,
                  show_progress=False)
-  return out, preprocess.load_manifest(out)
+  return out, manifest_lib.load(out)
 
 
 @pytest.fixture(scope='session')
@@ -89,6 +90,6 @@ def trained_room(tiny_corpus_master, tmp_path_factory):
   config.train.update(num_steps=6, eval_every=6, checkpoint_every=6)
   workdir = str(tmp_path_factory.mktemp('serve'))
   modes.run_mode('train', config, workdir, show_progress=False)
-  room = web.Room(config, workdir, modes.preprocess.output_dir(
-      config, workdir), tiny_corpus_master)
+  room = web.Room(config, workdir, modes.data_dir(config,
+                                                  workdir), tiny_corpus_master)
   return config, workdir, room

@@ -11,13 +11,13 @@ from mardjax.data import input_pipeline
 @pytest.fixture(scope='module')
 def table(tiny_records):
   data_dir, manifest = tiny_records
-  return input_pipeline.load_audio_table(data_dir, manifest)
+  return input_pipeline.load_audio_table(manifest)
 
 
 @pytest.fixture(scope='module')
 def reviews(tiny_records):
   data_dir, manifest = tiny_records
-  return input_pipeline.load_review_table(data_dir, manifest, 64)
+  return input_pipeline.load_review_table(manifest, 64)
 
 
 def _batches(tiny_records, table, n, process_index=0, process_count=1,
@@ -27,7 +27,7 @@ def _batches(tiny_records, table, n, process_index=0, process_count=1,
               neighbourhood=True, reviews_per_album=2)
   args.update(kw)
   reviews = input_pipeline.load_review_table(
-      data_dir, manifest, args['max_len'], process_index=process_index,
+      manifest, args['max_len'], process_index=process_index,
       process_count=process_count)
   it = input_pipeline.train_batches(reviews, table, **args)
   return list(itertools.islice(it, n))
@@ -35,8 +35,8 @@ def _batches(tiny_records, table, n, process_index=0, process_count=1,
 
 def test_review_table_holds_every_training_review(tiny_records, reviews):
   data_dir, manifest = tiny_records
-  assert len(reviews) == manifest['counts']['reviews']['train']
-  loaded = input_pipeline.load_reviews(data_dir, manifest, 'train', 64)
+  assert len(reviews) == manifest.counts.reviews['train']
+  loaded = input_pipeline.load_reviews(manifest, 'train', 64)
   # The same reviews (files are interleaved, so compare as sorted lists).
   batch = input_pipeline.make_batch(reviews, np.arange(len(reviews)), 64)
   got = sorted(zip(batch['album'].tolist(), batch['lengths'].tolist(),
@@ -66,7 +66,7 @@ def test_an_epoch_uses_each_review_at_most_once(tiny_records, table,
 def test_audio_table_is_normalised_with_training_statistics(tiny_records,
                                                             table):
   _, manifest = tiny_records
-  assert table.counts.sum() == manifest['counts']['tracks']
+  assert table.counts.sum() == manifest.counts.tracks
   train = [i for i in range(len(table.counts))]
   rows = np.concatenate([table.album_tracks(i) for i in train])
   assert rows.shape[1] == 369
@@ -148,8 +148,8 @@ def test_too_large_a_batch_is_a_clear_error(tiny_records, table):
 
 def test_load_reviews(tiny_records):
   data_dir, manifest = tiny_records
-  dev = input_pipeline.load_reviews(data_dir, manifest, 'dev', 64)
-  n = manifest['counts']['reviews']['dev']
+  dev = input_pipeline.load_reviews(manifest, 'dev', 64)
+  n = manifest.counts.reviews['dev']
   assert dev['tokens'].shape == (n, 64) and dev['album'].shape == (n,)
   assert np.all(dev['lengths'] > 0)
 

@@ -59,7 +59,7 @@ def test_padding_does_not_change_the_text_embedding(encoder):
 
 
 def test_mean_encoder_is_the_masked_mean():
-  enc = two_branch.TextEncoder('mean', vocab_size=10, word_dim=3, lstm_dim=2)
+  enc = two_branch.MeanEncoder(vocab_size=10, word_dim=3, lstm_dim=2)
   tokens = jnp.array([[2, 3, 0, 0]])
   v = enc.init(jax.random.PRNGKey(0), tokens, jnp.array([2]))
   table = v['params']['embed']['embedding']

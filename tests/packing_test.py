@@ -70,7 +70,7 @@ def test_bilstm_matches_flax_lstm_cells():
   same features: the packed, hand-differentiated BiLSTM is a standard one."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   tokens, lengths = _reviews(4, b=5, length=6)
-  enc = two_branch.TextEncoder('lstm', vocab_size=30, word_dim=5, lstm_dim=3)
+  enc = two_branch.BiLSTMEncoder(vocab_size=30, word_dim=5, lstm_dim=3)
   params = enc.init(jax.random.PRNGKey(0), tokens, lengths)
   got = np.asarray(enc.apply(params, tokens, lengths))
   p = params['params']
@@ -96,7 +96,7 @@ def test_bilstm_matches_flax_lstm_cells():
 
 def test_packed_lstm_features_equal_padded():
   tokens, lengths = _reviews(2)
-  enc = two_branch.TextEncoder('lstm', vocab_size=30, word_dim=5, lstm_dim=6)
+  enc = two_branch.BiLSTMEncoder(vocab_size=30, word_dim=5, lstm_dim=6)
   params = enc.init(jax.random.PRNGKey(0), tokens, lengths)
   padded = enc.apply(params, tokens, lengths)
   out = packing.pack(tokens[None], lengths[None], rows_multiple=1)

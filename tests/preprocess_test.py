@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
+from mardjax.data import manifest as manifest_lib
 from mardjax.data import descriptors as d
 from mardjax.data import ingest
 from mardjax.data import mard_io
@@ -31,8 +32,9 @@ def _lines(path):
 
 
 def _records(out_dir, manifest, kind, split):
-  paths = [os.path.join(out_dir, n) for n in manifest['files'][kind][split]]
-  dim = manifest['descriptors']['dim']
+  del out_dir  # The manifest knows its directory.
+  paths = manifest.paths(kind, split)
+  dim = manifest.descriptors.dim
   return list(records.read_numpy(paths, 'review' if kind == 'reviews' else
                                  'album', dim))
 
@@ -43,7 +45,7 @@ def processed(tmp_path_factory, tiny_corpus_master):
   config = test_config.get_config()
   out = str(tmp_path_factory.mktemp('processed') / 'data')
   report = _run(config, tiny_corpus_master, out)
-  return config, out, report, preprocess.load_manifest(out)
+  return config, out, report, manifest_lib.load(out)
 
 
 def test_report_counts_reconcile(processed, tiny_corpus_master):
@@ -55,14 +57,14 @@ def test_report_counts_reconcile(processed, tiny_corpus_master):
   # The original first-track files repeat tracks of the expanded set.
   assert report['skipped'] == {
       'tracks': {'duplicate_track': report['input']['track_documents'] - 180}}
-  assert manifest['counts']['reviews'] == report['reviews']
-  assert manifest['descriptors']['dim'] == 369
-  assert manifest['schema_version'] == records.SCHEMA_VERSION
+  assert manifest.counts.reviews == report['reviews']
+  assert manifest.descriptors.dim == 369
+  assert manifest.schema_version == records.SCHEMA_VERSION
 
 
 def test_review_records_round_trip(processed, tiny_corpus_master):
   config, out, _, manifest = processed
-  vocab = text.Vocabulary.load(os.path.join(out, manifest['vocab']['file']))
+  vocab = text.Vocabulary.load(os.path.join(out, manifest.vocab.file))
   albums = _lines(os.path.join(out, preprocess.ALBUMS_FILE))
   raw = {f'{r["amazon-id"]}/{r["reviewerID"]}': r for r in _lines(
       os.path.join(tiny_corpus_master, mard_io.REVIEWS_FILE))}
@@ -137,15 +139,15 @@ def test_vocab_and_statistics_come_from_training_data_only(processed,
   got = text.Vocabulary.load(os.path.join(out, preprocess.VOCAB_FILE))
   assert got.words == expected.words
   with open(os.path.join(out, preprocess.VOCAB_FILE), 'rb') as f:
-    assert hashlib.sha256(f.read()).hexdigest() == manifest['vocab']['sha256']
+    assert hashlib.sha256(f.read()).hexdigest() == manifest.vocab.sha256
   train_vecs = np.concatenate([ex['descriptors'] for ex in _records(
       out, manifest, 'albums', 'train')])
   t = d.transform(train_vecs.astype(np.float64), 'signed_log')
-  np.testing.assert_allclose(manifest['descriptors']['mean'], t.mean(0),
+  np.testing.assert_allclose(manifest.descriptors.mean, t.mean(0),
                              rtol=1e-9, atol=1e-9)
-  np.testing.assert_allclose(manifest['descriptors']['std'], t.std(0),
+  np.testing.assert_allclose(manifest.descriptors.std, t.std(0),
                              rtol=1e-6)
-  assert manifest['descriptors']['fitted_on_tracks'] == len(train_vecs)
+  assert manifest.descriptors.fitted_on_tracks == len(train_vecs)
 
 
 def test_reruns_are_identical_and_reused(processed, tiny_corpus_master,
@@ -176,8 +178,8 @@ def test_changing_the_config_rebuilds(processed, tiny_corpus_master, tmp_path):
   config.data.max_len = 8
   report = _run(config, tiny_corpus_master, out)
   assert not report['reused']
-  m = preprocess.load_manifest(str(out))
-  assert m['vocab']['max_len'] == 8
+  m = manifest_lib.load(str(out))
+  assert m.vocab.max_len == 8
   assert all(ex['length'] <= 8 for ex in _records(str(out), m, 'reviews',
                                                   'train'))
 
@@ -202,7 +204,7 @@ def test_interrupted_run_leaves_the_previous_output_intact(
     _run(config, tiny_corpus_master, out, force=True)
   monkeypatch.setattr(records, 'album_example', original)
   assert sorted(os.listdir(out)) == before
-  assert preprocess.load_manifest(str(out))
+  assert manifest_lib.load(str(out))
   leftovers = [n for n in os.listdir(tmp_path) if n.startswith('.data.tmp-')]
   assert leftovers  # The half-written set is hidden, never read ...
   _run(config, tiny_corpus_master, out, force=True)
@@ -329,9 +331,12 @@ def test_nothing_usable_is_a_clear_error(config, tiny_corpus, tmp_path, damage,
     ('test_album_fraction', -0.1), ('transform', 'log'),
     ('descriptors', 'a..b'), ('num_workers', 0)])
 def test_bad_data_config_fails_before_reading(config, tmp_path, field, value):
+  from mardjax import modes  # pylint: disable=g-import-not-at-top
   config.data[field] = value
+  config.data.mard_dir = str(tmp_path / 'nowhere')
   with pytest.raises(UserError, match=field):
-    _run(config, tmp_path / 'nowhere', tmp_path / 'out')
+    modes.run_mode('preprocess', config, str(tmp_path / 'w'),
+                   show_progress=False)
 
 
 def test_extra_descriptor_dirs_and_missing_dir(config, tiny_corpus, tmp_path):
@@ -349,4 +354,4 @@ def test_extra_descriptor_dirs_and_missing_dir(config, tiny_corpus, tmp_path):
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
   with pytest.raises(UserError, match='run --mode=preprocess'):
-    preprocess.load_manifest(str(tmp_path))
+    manifest_lib.load(str(tmp_path))

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from mardjax import modes
+from mardjax.data import manifest as manifest_lib
+from mardjax.evaluation import evaluate
 from mardjax.data import input_pipeline
 from mardjax.data import preprocess
 from mardjax.serve import web
 from mardjax.data import text_features
-from mardjax.train import trainer
 from mardjax.errors import UserError
 
 
@@ -67,20 +69,20 @@ def test_pretrained_features_preprocess_and_train(tiny_bert,
   config.data.text_encoder_max_tokens = 32
   data_dir = str(tmp_path / 'data')
   preprocess.run(config, tiny_corpus_master, data_dir, show_progress=False)
-  manifest = preprocess.load_manifest(data_dir)
-  assert manifest['text_features']['dim'] == 12
-  dev = input_pipeline.load_reviews(data_dir, manifest, 'dev', 64)
+  manifest = manifest_lib.load(data_dir)
+  assert manifest.feature_dim == 12
+  dev = input_pipeline.load_reviews(manifest, 'dev', 64)
   assert dev['text_features'].shape == (len(dev['album']), 12)
   assert np.all(np.isfinite(dev['text_features']))
   assert np.std(dev['text_features'][:, 0]) > 0  # Not one vector for all.
   config.model.text_encoder = 'pretrained'
   config.train.num_steps = 10
   config.train.eval_every = 10
-  state, metrics = trainer.train_and_evaluate(config, str(tmp_path / 'run'),
+  state, metrics = modes.train_and_evaluate(config, str(tmp_path / 'run'),
                                             data_dir)
   assert int(state.step) == 10 and 0 <= metrics['recall@10'] <= 1
   assert 'text_features' not in state.params  # No embedding table.
-  again = trainer.evaluate_checkpoint(config, str(tmp_path / 'run'), data_dir)
+  again = evaluate.evaluate_checkpoint(config, str(tmp_path / 'run'), data_dir)
   np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
   # The listening room runs the same frozen encoder on a typed text: a
   # review's own text lands on the vector exported for that review.
@@ -110,4 +112,4 @@ def test_pretrained_without_features_is_a_clear_error(tiny_records, tmp_path):
   config = test_config.get_config()
   config.model.text_encoder = 'pretrained'
   with pytest.raises(UserError, match='text_encoder_path'):
-    trainer.train_and_evaluate(config, str(tmp_path), data_dir)
+    modes.train_and_evaluate(config, str(tmp_path), data_dir)

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from mardjax.train import trainer
+from mardjax import config_check
+from mardjax import modes
+from mardjax.evaluation import evaluate
+from mardjax.train import checkpoints
 from mardjax.errors import UserError
 from tests.conftest import ROOT
 
@@ -35,7 +38,7 @@ def test_training_learns_and_reports_recall(tiny_records, tmp_path):
   data_dir, _ = tiny_records
   config = _config(num_steps=60, eval_every=30, log_every=30,
                    checkpoint_every=30)
-  state, metrics = trainer.train_and_evaluate(config, str(tmp_path), data_dir)
+  state, metrics = modes.train_and_evaluate(config, str(tmp_path), data_dir)
   assert int(state.step) == 60
   for k in ('recall@1', 'recall@5', 'recall@10'):
     assert 0.0 <= metrics[k] <= 1.0
@@ -44,11 +47,11 @@ def test_training_learns_and_reports_recall(tiny_records, tmp_path):
   # Trained beats both chance and the untrained model on the dev split.
   assert metrics['recall@10'] > metrics['random_recall@10']
   assert metrics['mrr'] > 0
-  assert os.listdir(tmp_path / trainer.CHECKPOINT_DIR)
-  assert os.listdir(tmp_path / trainer.BEST_DIR)
+  assert os.listdir(tmp_path / checkpoints.CHECKPOINT_DIR)
+  assert os.listdir(tmp_path / checkpoints.BEST_DIR)
   assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
   # --mode=eval reads the newest checkpoint and gets the same numbers.
-  again = trainer.evaluate_checkpoint(config, str(tmp_path), data_dir)
+  again = evaluate.evaluate_checkpoint(config, str(tmp_path), data_dir)
   assert again['step'] == 60
   np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
   # The full evaluation: both directions, CIs, chance beside, per genre.
@@ -60,7 +63,7 @@ def test_training_learns_and_reports_recall(tiny_records, tmp_path):
       again['num_queries'])
   assert glob.glob(str(tmp_path / 'eval' / 'events.out.tfevents.*'))
   config.eval.split = 'test'
-  test = trainer.evaluate_checkpoint(config, str(tmp_path), data_dir)
+  test = evaluate.evaluate_checkpoint(config, str(tmp_path), data_dir)
   assert test['split'] == 'test' and test['num_queries'] > 0
 
 
@@ -71,12 +74,12 @@ def test_eval_of_a_split_without_reviews_is_a_clear_error(tiny_corpus_master,
   config.data.test_album_fraction = 0.0
   data_dir = str(tmp_path / 'data')
   preprocess.run(config, tiny_corpus_master, data_dir, show_progress=False)
-  trainer.train_and_evaluate(config, str(tmp_path / 'w'), data_dir)
+  modes.train_and_evaluate(config, str(tmp_path / 'w'), data_dir)
   config.eval.split = 'test'
   with pytest.raises(UserError, match='holds no held-out reviews'):
-    trainer.evaluate_checkpoint(config, str(tmp_path / 'w'), data_dir)
+    evaluate.evaluate_checkpoint(config, str(tmp_path / 'w'), data_dir)
   with pytest.raises(UserError, match='No checkpoint'):
-    trainer.evaluate_checkpoint(config, str(tmp_path / 'empty'), data_dir)
+    evaluate.evaluate_checkpoint(config, str(tmp_path / 'empty'), data_dir)
 
 
 def test_album_lstm_trains_and_evaluates(tiny_records, tmp_path):
@@ -84,9 +87,9 @@ def test_album_lstm_trains_and_evaluates(tiny_records, tmp_path):
   config = _config(num_steps=4, eval_every=4, log_every=2, checkpoint_every=4)
   config.model.audio_encoder = 'album_lstm'
   config.model.max_tracks = 6
-  state, metrics = trainer.train_and_evaluate(config, str(tmp_path), data_dir)
+  state, metrics = modes.train_and_evaluate(config, str(tmp_path), data_dir)
   assert int(state.step) == 4 and 'album_rnn' in state.params
-  again = trainer.evaluate_checkpoint(config, str(tmp_path), data_dir)
+  again = evaluate.evaluate_checkpoint(config, str(tmp_path), data_dir)
   np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
 
 
@@ -96,11 +99,11 @@ def test_resumed_run_ends_with_the_same_parameters(tiny_records, tmp_path,
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=7, eval_every=1000, log_every=1000,
             parallelism=parallelism)
-  straight, _ = trainer.train_and_evaluate(_config(num_steps=25, **kw),
+  straight, _ = modes.train_and_evaluate(_config(num_steps=25, **kw),
                                          str(tmp_path / 'a'), data_dir)
-  trainer.train_and_evaluate(_config(num_steps=14, **kw), str(tmp_path / 'b'),
+  modes.train_and_evaluate(_config(num_steps=14, **kw), str(tmp_path / 'b'),
                            data_dir)
-  resumed, metrics = trainer.train_and_evaluate(_config(num_steps=25, **kw),
+  resumed, metrics = modes.train_and_evaluate(_config(num_steps=25, **kw),
                                               str(tmp_path / 'b'), data_dir)
   assert metrics['resumed_from'] == 14
   _params_close(straight.params, resumed.params)
@@ -111,14 +114,14 @@ def test_unreadable_newest_checkpoint_falls_back(tiny_records, tmp_path,
                                                  caplog):
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
-  trainer.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
+  modes.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
                            data_dir)
-  newest = tmp_path / trainer.CHECKPOINT_DIR / '10'
+  newest = tmp_path / checkpoints.CHECKPOINT_DIR / '10'
   for path in glob.glob(str(newest / 'state' / '**' / '*'), recursive=True):
     if os.path.isfile(path):
       with open(path, 'wb') as f:
         f.write(b'garbage')
-  _, metrics = trainer.train_and_evaluate(_config(num_steps=12, **kw),
+  _, metrics = modes.train_and_evaluate(_config(num_steps=12, **kw),
                                         str(tmp_path), data_dir)
   assert metrics['resumed_from'] == 5
   assert any('unreadable' in r.getMessage() for r in caplog.records)
@@ -127,7 +130,7 @@ def test_unreadable_newest_checkpoint_falls_back(tiny_records, tmp_path,
 def test_a_different_manifest_is_refused(tiny_records, tmp_path):
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
-  trainer.train_and_evaluate(_config(num_steps=5, **kw), str(tmp_path / 'w'),
+  modes.train_and_evaluate(_config(num_steps=5, **kw), str(tmp_path / 'w'),
                            data_dir)
   other = tmp_path / 'other'
   shutil.copytree(data_dir, other)
@@ -138,12 +141,12 @@ def test_a_different_manifest_is_refused(tiny_records, tmp_path):
   with open(other / 'manifest.json', 'w') as f:
     json.dump(manifest, f)
   with pytest.raises(UserError, match='different data'):
-    trainer.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path / 'w'),
+    modes.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path / 'w'),
                              str(other))
   with pytest.raises(UserError, match='different data'):
-    trainer.evaluate_checkpoint(_config(), str(tmp_path / 'w'), str(other))
+    evaluate.evaluate_checkpoint(_config(), str(tmp_path / 'w'), str(other))
   # The refused checkpoints were left where they were.
-  assert '5' in os.listdir(tmp_path / 'w' / trainer.CHECKPOINT_DIR)
+  assert '5' in os.listdir(tmp_path / 'w' / checkpoints.CHECKPOINT_DIR)
   assert not (tmp_path / 'w' / 'unreadable_checkpoints').exists()
 
 
@@ -151,14 +154,14 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(tiny_records,
                                                           tmp_path):
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=5, eval_every=1000, log_every=5)
-  trainer.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
+  modes.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
                            data_dir)
   # Resume with an absurd learning rate: the loss goes NaN after step 10.
   config = _config(num_steps=40, learning_rate=1e30, **kw)
   with pytest.raises(UserError, match=r'loss became nan at step 15\. The last '
                      r'good checkpoint is step 10'):
-    trainer.train_and_evaluate(config, str(tmp_path), data_dir)
-  steps = sorted(int(d) for d in os.listdir(tmp_path / trainer.CHECKPOINT_DIR)
+    modes.train_and_evaluate(config, str(tmp_path), data_dir)
+  steps = sorted(int(d) for d in os.listdir(tmp_path / checkpoints.CHECKPOINT_DIR)
                  if d.isdigit())
   assert steps[-1] == 10  # The NaN state was not saved.
 
@@ -177,7 +180,7 @@ def test_bad_configs_fail_before_compiling(field, value, message):
   section, name = field.split('.')
   config[section][name] = value
   with pytest.raises(UserError, match=message):
-    trainer.validate_config(config, num_devices=4)
+    config_check.validate(config, num_devices=4)
 
 
 def _launch_train(workdir, num_steps, corpus, data_dir):
@@ -195,7 +198,7 @@ def _launch_train(workdir, num_steps, corpus, data_dir):
 
 def _final_params(workdir, data_dir, num_steps):
   config = _config(num_steps=num_steps, checkpoint_every=3)
-  state, _ = trainer.train_and_evaluate(config, str(workdir), data_dir)
+  state, _ = modes.train_and_evaluate(config, str(workdir), data_dir)
   return state
 
 
@@ -208,7 +211,7 @@ def test_sigkill_mid_training_then_restart_matches_uninterrupted(
   out, err = straight.communicate(timeout=600)
   assert straight.returncode == 0, err
   killed = launch(tmp_path / 'b')
-  ckpts = tmp_path / 'b' / trainer.CHECKPOINT_DIR
+  ckpts = tmp_path / 'b' / checkpoints.CHECKPOINT_DIR
   deadline = time.time() + 600
   while time.time() < deadline:
     done = [d for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() \

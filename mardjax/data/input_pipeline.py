@@ -4,9 +4,9 @@ Training examples are (review, one track of that review's album).
 
 * Reading: tf.data reads this process's review records once per run
   (interleaved TFRecord files, vectorized parsing in blocks, prefetch) into
-  an in-memory `ReviewTable`: every review's tokens end to end (4 bytes a
+  an in-memory `tables.ReviewTable`: every review's tokens end to end (4 bytes a
   token: about 100 MB at MARD scale) with offsets, lengths and albums.
-  Tracks live in an `AudioTable` (every track's normalised descriptors).
+  Tracks live in an `tables.AudioTable` (every track's normalised descriptors).
 * Each epoch is then an index computation in numpy (`epoch_order`): a seeded
   permutation of the reviews, grouped and batched, and each batch is a
   gather from the tables (`make_batch`), with a fresh track per review.
@@ -36,102 +36,41 @@ Batches: {'tokens': (D, b, L) int32, 'lengths': (D, b) int32,
 per-device batch.
 """
 
-import dataclasses
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 
 from mardjax.data import descriptors as desc_lib
+from mardjax.data import manifest as manifest_lib
 from mardjax.data import records
+from mardjax.data import tables
 
 
-@dataclasses.dataclass
-class AudioTable:
-  """Every album's tracks, normalised, in one array.
-
-  Attributes:
-    descriptors: (num_tracks, A) float32, normalised with the manifest's
-      training statistics.
-    offsets: (num_albums,) first row of each album (by album_index).
-    counts: (num_albums,) tracks per album (0 for albums not loaded).
-  """
-  descriptors: np.ndarray
-  offsets: np.ndarray
-  counts: np.ndarray
-
-  @property
-  def dim(self) -> int:
-    return self.descriptors.shape[1]
-
-  def album_tracks(self, album: int) -> np.ndarray:
-    start = self.offsets[album]
-    return self.descriptors[start:start + self.counts[album]]
-
-  def album_means(self, per_track: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over each album's tracks of per-track rows.
-
-    Args:
-      per_track: (num_tracks, F) values in table order (e.g. descriptors,
-        or track embeddings).
-
-    Returns:
-      (albums with tracks (C,), their means (C, F)).
-    """
-    albums = np.flatnonzero(self.counts > 0)
-    sums = np.add.reduceat(per_track, self.offsets[albums], axis=0)
-    return albums, sums / self.counts[albums][:, None]
-
-  def sequences(self, albums: np.ndarray, max_tracks: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Albums' tracks in album order for the album LSTM.
-
-    Args:
-      albums: (n,) album indices.
-      max_tracks: T; an album's tracks beyond its first T are left out.
-
-    Returns:
-      ((n, T, A) descriptors, zero past each album's tracks; (n,) counts).
-    """
-    counts = np.minimum(self.counts[albums], max_tracks)
-    slot = np.arange(max_tracks)[None, :]
-    valid = slot < counts[:, None]
-    rows = np.where(valid, self.offsets[albums][:, None] + slot, 0)
-    seq = self.descriptors[rows] * valid[..., None]
-    return seq.astype(np.float32), counts.astype(np.int32)
-
-
-def _paths(data_dir: str, manifest: dict[str, Any], kind: str,
-           split: str) -> list[str]:
-  return [os.path.join(data_dir, n) for n in manifest['files'][kind][split]]
-
-
-def load_audio_table(data_dir: str, manifest: dict[str, Any],
+def load_audio_table(manifest: manifest_lib.Manifest,
                      splits: tuple[str, ...] = ('train', 'test')
-                     ) -> AudioTable:
+                     ) -> tables.AudioTable:
   """Reads the album records of `splits` into one normalised table."""
-  num_albums = manifest['counts']['albums']
-  dim = manifest['descriptors']['dim']
-  d = manifest['descriptors']
-  mean, std = np.asarray(d['mean']), np.asarray(d['std'])
+  num_albums = manifest.counts.albums
+  d = manifest.descriptors
+  dim = d.dim
   counts = np.zeros(num_albums, np.int64)
   chunks = {}
-  paths = [p for s in splits for p in _paths(data_dir, manifest, 'albums', s)]
+  paths = [p for s in splits for p in manifest.paths('albums', s)]
   for ex in records.read_numpy(paths, 'album', dim):
     idx = int(ex['album_index'])
-    chunks[idx] = desc_lib.normalize(ex['descriptors'], d['transform'], mean,
-                                     std)
+    chunks[idx] = desc_lib.normalize(ex['descriptors'], d.transform, d.mean,
+                                     d.std)
     counts[idx] = ex['descriptors'].shape[0]
   offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
   table = np.zeros((int(counts.sum()), dim), np.float32)
   for idx, rows in chunks.items():
     table[offsets[idx]:offsets[idx] + counts[idx]] = rows
-  return AudioTable(table, offsets, counts)
+  return tables.AudioTable(table, offsets, counts)
 
 
-def load_reviews(data_dir: str, manifest: dict[str, Any], split: str,
+def load_reviews(manifest: manifest_lib.Manifest, split: str,
                  max_len: int) -> dict[str, np.ndarray]:
   """All reviews of a split as padded numpy arrays (evaluation, tests).
 
@@ -140,9 +79,9 @@ def load_reviews(data_dir: str, manifest: dict[str, Any], split: str,
      'album': (N,) int32, 'review_id': (N,) object}, in file order, and
     'text_features' (N, F) float32 when the records hold them.
   """
-  feature_dim = feature_dim_of(manifest)
+  feature_dim = manifest.feature_dim
   tokens, lengths, albums, ids, features = [], [], [], [], []
-  for ex in records.read_numpy(_paths(data_dir, manifest, 'reviews', split),
+  for ex in records.read_numpy(manifest.paths('reviews', split),
                                'review'):
     t = ex['tokens'][:max_len].astype(np.int32)
     tokens.append(np.pad(t, (0, max_len - len(t))))
@@ -161,34 +100,12 @@ def load_reviews(data_dir: str, manifest: dict[str, Any], split: str,
   return out
 
 
-@dataclasses.dataclass
-class ReviewTable:
-  """Training reviews in memory, tokens end to end.
-
-  Attributes:
-    tokens: (total tokens,) int32, review i at tokens[offsets[i]:][:lengths[i]].
-    offsets: (N,) int64.
-    lengths: (N,) int32, at most max_len.
-    album: (N,) int32 album_index of each review.
-    features: (N, F) float32 pretrained text features, when the records
-      hold them (manifest['text_features']), else None.
-  """
-  tokens: np.ndarray
-  offsets: np.ndarray
-  lengths: np.ndarray
-  album: np.ndarray
-  features: np.ndarray | None = None
-
-  def __len__(self) -> int:
-    return self.lengths.shape[0]
-
-
-def load_review_table(data_dir: str, manifest: dict[str, Any], max_len: int,
+def load_review_table(manifest: manifest_lib.Manifest, max_len: int,
                       split: str = 'train', process_index: int = 0,
-                      process_count: int = 1) -> ReviewTable:
+                      process_count: int = 1) -> tables.ReviewTable:
   """Reads a split's reviews of this process's albums through tf.data."""
-  files = _paths(data_dir, manifest, 'reviews', split)
-  feature_dim = feature_dim_of(manifest)
+  files = manifest.paths('reviews', split)
+  feature_dim = manifest.feature_dim
   ds = tf.data.Dataset.from_tensor_slices(files)
   ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -207,7 +124,7 @@ def load_review_table(data_dir: str, manifest: dict[str, Any], max_len: int,
       features.append(block['text_features'][keep])
   lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
   offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
-  return ReviewTable(
+  return tables.ReviewTable(
       tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
       offsets=offsets.astype(np.int64), lengths=lengths,
       album=np.concatenate(album) if album else np.zeros(0, np.int32),
@@ -216,14 +133,8 @@ def load_review_table(data_dir: str, manifest: dict[str, Any], max_len: int,
       else None)
 
 
-def feature_dim_of(manifest: dict[str, Any]) -> int:
-  """Dimension of the records' pretrained text features (0: none)."""
-  info = manifest.get('text_features')
-  return int(info['dim']) if info else 0
-
-
-def epoch_order(reviews: ReviewTable, audio: 'AudioTable', *, batch_size: int,
-                seed: int, epoch: int, neighbourhood: bool,
+def epoch_order(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
+                batch_size: int, seed: int, epoch: int, neighbourhood: bool,
                 reviews_per_album: int) -> np.ndarray:
   """The review indices of every batch of one epoch, (num_batches, batch_size).
 
@@ -251,7 +162,7 @@ def epoch_order(reviews: ReviewTable, audio: 'AudioTable', *, batch_size: int,
   return groups[:n * per_batch].reshape(n, batch_size)
 
 
-def make_batch(reviews: ReviewTable, rows: np.ndarray, max_len: int
+def make_batch(reviews: tables.ReviewTable, rows: np.ndarray, max_len: int
                ) -> dict[str, np.ndarray]:
   """Padded tokens (b, max_len), lengths (b,), album (b,) of review `rows`."""
   lengths = reviews.lengths[rows]
@@ -266,8 +177,8 @@ def make_batch(reviews: ReviewTable, rows: np.ndarray, max_len: int
   return batch
 
 
-def pair_audio(album: np.ndarray, audio: AudioTable, seed: int, epoch: int,
-               step: int) -> np.ndarray:
+def pair_audio(album: np.ndarray, audio: tables.AudioTable, seed: int,
+               epoch: int, step: int) -> np.ndarray:
   """Draws the tracks for a batch of review groups.
 
   Args:
@@ -287,7 +198,7 @@ def pair_audio(album: np.ndarray, audio: AudioTable, seed: int, epoch: int,
   return audio.descriptors[rows]
 
 
-def train_batches(reviews: ReviewTable, audio: AudioTable, *,
+def train_batches(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
                   batch_size: int, num_devices: int, max_len: int, seed: int,
                   neighbourhood: bool, reviews_per_album: int,
                   start_epoch: int = 0, start_batch: int = 0,

@@ -34,6 +34,7 @@ import orjson
 
 from mardjax.data import descriptors as desc_lib
 from mardjax.data import ingest
+from mardjax.data import manifest as manifest_lib
 from mardjax.data import mard_io
 from mardjax import progress
 from mardjax.data import splits as splits_lib
@@ -41,39 +42,16 @@ from mardjax.data import text as text_lib
 from mardjax.data import text_features
 from mardjax.errors import UserError
 
-MANIFEST = 'manifest.json'
-VOCAB_FILE = 'vocab.txt'
-ALBUMS_FILE = 'albums.jsonl'
-FEATURES_FILE = 'descriptor_names.txt'
+MANIFEST = manifest_lib.FILE
+VOCAB_FILE = manifest_lib.VOCAB_FILE
+ALBUMS_FILE = manifest_lib.ALBUMS_FILE
+FEATURES_FILE = manifest_lib.FEATURES_FILE
 # Config fields that change what preprocessing writes.
 _DATA_FIELDS = ('descriptors', 'transform', 'vocab_size', 'min_word_count',
                 'max_len', 'dev_fraction', 'test_album_fraction', 'split_salt',
                 'examples_per_shard', 'albums_per_shard', 'text_encoder_path',
                 'text_encoder_max_tokens')
 
-
-def validate_data_config(data: ml_collections.ConfigDict) -> None:
-  """Fails fast, with the field's name, on values that cannot work."""
-  def need(ok, field, why):
-    if not ok:
-      raise UserError(f'config.data.{field}={data[field]!r}: {why}')
-  need(data.vocab_size >= 1, 'vocab_size', 'must be at least 1')
-  need(data.min_word_count >= 1, 'min_word_count', 'must be at least 1')
-  need(data.max_len >= 1, 'max_len', 'must be at least 1')
-  need(0 <= data.dev_fraction < 1, 'dev_fraction', 'must be in [0, 1)')
-  need(0 <= data.test_album_fraction < 1, 'test_album_fraction',
-       'must be in [0, 1)')
-  need(data.examples_per_shard >= 1, 'examples_per_shard', 'must be >= 1')
-  need(data.albums_per_shard >= 1, 'albums_per_shard', 'must be >= 1')
-  need(data.num_workers >= 1, 'num_workers', 'must be >= 1')
-  need(data.text_encoder_max_tokens >= 2, 'text_encoder_max_tokens',
-       'must be at least 2')
-  need(data.transform in desc_lib.TRANSFORMS, 'transform',
-       f'choose from {desc_lib.TRANSFORMS}')
-  try:
-    desc_lib.parse_descriptor_list(data.descriptors)
-  except ValueError as e:
-    raise UserError(f'config.data.descriptors: {e}') from None
 
 
 def _fingerprint(mard_dir: str, files: list[mard_io.DescriptorFile],
@@ -90,13 +68,9 @@ def _fingerprint(mard_dir: str, files: list[mard_io.DescriptorFile],
   config = {k: data[k] for k in _DATA_FIELDS}
   config['text_encoder'] = encoder_id
   h.update(json.dumps(config, sort_keys=True).encode())
-  h.update(f'schema{_schema_version()}'.encode())
+  h.update(f'schema{manifest_lib.SCHEMA_VERSION}'.encode())
   return h.hexdigest()
 
-
-def _schema_version() -> int:
-  from mardjax.data import records  # pylint: disable=g-import-not-at-top
-  return records.SCHEMA_VERSION
 
 
 class _ShardedWriter:
@@ -128,23 +102,6 @@ def _peak_rss_mb() -> float:
   return round(max(own, children) / 1024, 1)
 
 
-def output_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  return config.data.tfrecord_dir or os.path.join(workdir, 'data')
-
-
-def load_manifest(data_dir: str) -> dict[str, Any]:
-  """Reads a finished preprocessing output; clear error when there is none."""
-  path = os.path.join(data_dir, MANIFEST)
-  if not os.path.isfile(path):
-    raise UserError(f'No {MANIFEST} in {data_dir!r}: run --mode=preprocess '
-                    'first (or point config.data.tfrecord_dir at its output).')
-  with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get('schema_version') != _schema_version():
-    raise UserError(f'{path} has schema version '
-                    f'{manifest.get("schema_version")}, this code reads '
-                    f'{_schema_version()}: run --mode=preprocess again.')
-  return manifest
 
 
 def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
@@ -166,7 +123,6 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
   """
   t0 = time.time()
   data = config.data
-  validate_data_config(data)
   specs = desc_lib.parse_descriptor_list(data.descriptors)
   dim = desc_lib.dim(specs)
   sources = ingest.find_sources(data, mard_dir)
@@ -338,7 +294,7 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
                           f'{dict(corpus.extractors)}: their values may not be '
                           'comparable']
   manifest = {
-      'schema_version': records.SCHEMA_VERSION,
+      'schema_version': manifest_lib.SCHEMA_VERSION,
       'source': {'mard_dir': os.path.abspath(mard_dir),
                  'descriptor_dirs': [os.path.abspath(d) for d in dirs],
                  'fingerprint': fingerprint},
@@ -373,18 +329,4 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
   return dict(report, reused=False, manifest=os.path.join(
       os.path.abspath(out_dir), MANIFEST), seconds=round(time.time() - t0, 2),
               peak_rss_mb=_peak_rss_mb())
-
-
-def read_albums(data_dir: str, manifest: dict[str, Any]
-                ) -> dict[int, dict[str, Any]]:
-  """albums.jsonl as {album_index: record} (artist, title, genre, split...)."""
-  with open(os.path.join(data_dir, manifest['albums_file'])) as f:
-    return {a['album_index']: a for a in map(json.loads, f)}
-
-
-def manifest_hash(data_dir: str) -> str:
-  """sha256 of a preprocessing output's manifest (checkpoints refer to it)."""
-  with open(os.path.join(data_dir, MANIFEST), 'rb') as f:
-    return hashlib.sha256(f.read()).hexdigest()
-
 

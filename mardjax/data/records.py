@@ -20,7 +20,7 @@ Two kinds of `tf.train.Example`, in sharded files:
     descriptors  float[] num_tracks * dim, raw values, track-major; the
                  manifest holds the transform and training statistics.
 
-Bump `SCHEMA_VERSION` on any change; readers refuse other versions.
+Bump `manifest.SCHEMA_VERSION` on any change; readers refuse other versions.
 """
 
 from typing import Any, Iterator
@@ -28,7 +28,9 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow as tf
 
-SCHEMA_VERSION = 2
+from mardjax.data import manifest as manifest_lib
+
+SCHEMA_VERSION = manifest_lib.SCHEMA_VERSION
 
 
 def _int64(values) -> tf.train.Feature:

@@ -33,7 +33,7 @@ from scipy import sparse
 
 from mardjax.data import input_pipeline
 from mardjax.evaluation import metrics
-from mardjax.data import preprocess
+from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
 
 
@@ -290,16 +290,15 @@ def run(config: ml_collections.ConfigDict, data_dir: str) -> dict[str, Any]:
   """Every baseline on config.eval.split; returns {'baselines': [rows]}."""
   cfg = config.baselines
   split = config.eval.split
-  manifest = preprocess.load_manifest(data_dir)
-  audio = input_pipeline.load_audio_table(data_dir, manifest)
-  train = input_pipeline.load_reviews(data_dir, manifest, 'train',
-                                      config.data.max_len)
-  held_out = input_pipeline.load_reviews(data_dir, manifest, split,
+  manifest = manifest_lib.load(data_dir)
+  audio = input_pipeline.load_audio_table(manifest)
+  train = input_pipeline.load_reviews(manifest, 'train', config.data.max_len)
+  held_out = input_pipeline.load_reviews(manifest, split,
                                          config.data.max_len)
   if not len(held_out['album']):
     raise UserError(f'The {split!r} split holds no held-out reviews.')
   albums, album_audio = _album_audio(audio)
-  row_of = np.full(manifest['counts']['albums'], -1)
+  row_of = np.full(manifest.counts.albums, -1)
   row_of[albums] = np.arange(len(albums))
   keep = row_of[train['album']] >= 0
   train = {k: v[keep] for k, v in train.items()}
@@ -307,11 +306,10 @@ def run(config: ml_collections.ConfigDict, data_dir: str) -> dict[str, Any]:
 
   start = time.time()
   if cfg.glove_path:
-    with open(os.path.join(data_dir, manifest['vocab']['file'])) as f:
-      words = [w.rstrip('\n') for w in f]
+    words = manifest_lib.read_vocabulary(manifest).words
     texter = GloveMean(cfg.glove_path, cfg.glove_dim, words)
   else:
-    texter = TfidfSvd(manifest['vocab']['size'], cfg.text_dim, config.seed)
+    texter = TfidfSvd(manifest.vocab.size, cfg.text_dim, config.seed)
   texter.fit(train)
   train_text, held_text = texter(train), texter(held_out)
   rows = [{'baseline': 'text features', 'name': texter.name,

@@ -8,73 +8,29 @@ ranking math (exact, chunked, tie-aware, bootstrap CIs) is
 `mardjax.evaluation.metrics`.
 """
 
+import os
+import time
 from typing import Any, Callable
 
+from clu import metric_writers
 import jax
+import ml_collections
 import numpy as np
 
 from mardjax.data import input_pipeline
+from mardjax.data import manifest as manifest_lib
+from mardjax.data import tables
+from mardjax.errors import UserError
 from mardjax.evaluation import metrics
+from mardjax.models import embed
 from mardjax.models import two_branch
+from mardjax.train import checkpoints
 
 DEFAULT_KS = metrics.DEFAULT_KS
 
 
-def _batched(fn: Callable[..., np.ndarray], arrays: tuple[np.ndarray, ...],
-             batch_size: int) -> np.ndarray:
-  """fn over row batches; the last batch is padded to keep one shape."""
-  n = arrays[0].shape[0]
-  out = []
-  for start in range(0, n, batch_size):
-    part = [a[start:start + batch_size] for a in arrays]
-    short = batch_size - part[0].shape[0]
-    if short:
-      part = [np.concatenate([p, np.repeat(p[-1:], short, 0)]) for p in part]
-    out.append(np.asarray(fn(*part))[:batch_size - short])
-  return np.concatenate(out) if out else np.zeros((0,))
-
-
-def embed_albums(variables: dict[str, Any], model: two_branch.TwoBranch,
-                 audio: input_pipeline.AudioTable, batch_size: int = 1024,
-                 max_tracks: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Embeds every album that has tracks.
-
-  Track models: the normalised mean of the album's track embeddings. The
-  album LSTM: the model's embedding of the album's first `max_tracks`
-  tracks (required then).
-
-  Returns:
-    (album indices (C,), embeddings (C, E)).
-  """
-  albums = np.flatnonzero(audio.counts > 0)
-  if model.audio_encoder == 'album_lstm':
-    if max_tracks < 1:
-      raise ValueError('embed_albums: the album LSTM needs max_tracks.')
-    embed_seq = jax.jit(lambda s, n: model.apply(variables, audio=s,
-                                                 num_tracks=n)['audio'])
-    return albums, _batched(
-        lambda a: embed_seq(*audio.sequences(a, max_tracks)), (albums,), 256)
-  embed = jax.jit(lambda a: model.apply(variables, audio=a)['audio'])
-  tracks = _batched(embed, (audio.descriptors,), batch_size)
-  albums, means = audio.album_means(tracks)
-  return albums, means / np.maximum(
-      np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
-
-
-def embed_reviews(variables: dict[str, Any], model: two_branch.TwoBranch,
-                  reviews: dict[str, np.ndarray], batch_size: int = 256
-                  ) -> np.ndarray:
-  """(N, E) embeddings of `input_pipeline.load_reviews` output."""
-  if model.text_encoder == 'pretrained':
-    embed = jax.jit(lambda f: model.apply(variables, text_features=f)['text'])
-    return _batched(embed, (reviews['text_features'],), batch_size)
-  embed = jax.jit(lambda t, l: model.apply(variables, tokens=t,
-                                           lengths=l)['text'])
-  return _batched(embed, (reviews['tokens'], reviews['lengths']), batch_size)
-
-
 def evaluate(variables: dict[str, Any], model: two_branch.TwoBranch,
-             audio: input_pipeline.AudioTable, reviews: dict[str, np.ndarray],
+             audio: tables.AudioTable, reviews: dict[str, np.ndarray],
              ks: tuple[int, ...] = DEFAULT_KS, max_tracks: int = 0,
              full: bool = False, genres: np.ndarray | None = None,
              bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -100,9 +56,9 @@ def evaluate(variables: dict[str, Any], model: two_branch.TwoBranch,
   """
   if not len(reviews['album']):
     raise ValueError('No held-out reviews to evaluate.')
-  albums, album_emb = embed_albums(variables, model, audio,
+  albums, album_emb = embed.albums(variables, model, audio,
                                    max_tracks=max_tracks)
-  review_emb = embed_reviews(variables, model, reviews)
+  review_emb = embed.reviews(variables, model, reviews)
   out, counts = metrics.report(albums, album_emb, review_emb,
                                reviews['album'], ks, both_directions=full,
                                bootstrap=bootstrap if full else 0, seed=seed)
@@ -122,3 +78,65 @@ def per_genre(counts: tuple[np.ndarray, ...], query_genres: np.ndarray,
         **{f'recall@{k}': float(metrics.success_probability(
             *(c[sel] for c in counts), k).mean()) for k in ks}}
   return out
+
+
+def dev_evaluator(config: ml_collections.ConfigDict,
+                  model: two_branch.TwoBranch,
+                  manifest: manifest_lib.Manifest, audio: tables.AudioTable
+                  ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+  """The training loop's periodic check: variables -> review -> album
+  metrics on the dev split (reads the dev reviews once, here)."""
+  dev = input_pipeline.load_reviews(manifest, 'dev', config.data.max_len)
+  max_tracks = two_branch.album_tracks(config)
+  return lambda variables: evaluate(variables, model, audio, dev,
+                                    max_tracks=max_tracks)
+
+
+def load_genres(manifest: manifest_lib.Manifest) -> np.ndarray:
+  """(num_albums,) root genre of each album, from albums.jsonl."""
+  genres = np.full(manifest.counts.albums, '', object)
+  for index, album in manifest_lib.read_albums(manifest).items():
+    genres[index] = album.get('genre') or ''
+  return genres
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        data_dir: str | None = None) -> dict[str, Any]:
+  """Full evaluation of the newest readable checkpoint of `workdir`.
+
+  Split `config.eval.split`: both directions, bootstrap CIs, per-genre
+  recall (`evaluate(full=True)`); the numbers also go to TensorBoard under
+  `workdir/eval`. The records: `data_dir`, else the run's
+  (`manifest.data_dir_of`).
+  """
+  split = config.eval.split
+  if split not in ('dev', 'test'):
+    raise UserError(f"config.eval.split={split!r}: choose 'dev' or 'test'.")
+  manifest = manifest_lib.load(data_dir or
+                               manifest_lib.data_dir_of(config, workdir))
+  checkpoints.require_checkpoints(workdir)  # Before minutes of loading.
+  reviews = input_pipeline.load_reviews(manifest, split, config.data.max_len)
+  if not len(reviews['album']):
+    raise UserError(f'The {split!r} split holds no held-out reviews '
+                    f'(manifest counts: {manifest.counts.reviews}); '
+                    'choose another config.eval.split or preprocess with a '
+                    'larger config.data.dev_fraction / test_album_fraction.')
+  trained = checkpoints.load_for_inference(config, workdir, manifest,
+                                           checkpoints.CHECKPOINT_DIR)
+  audio = input_pipeline.load_audio_table(manifest)
+  start = time.time()
+  result = evaluate(
+      trained.variables, trained.model, audio, reviews,
+      max_tracks=two_branch.album_tracks(config), full=True,
+      genres=load_genres(manifest), bootstrap=config.eval.bootstrap,
+      seed=config.seed)
+  result = dict(result, step=trained.step, split=split,
+                eval_seconds=round(time.time() - start, 2))
+  if jax.process_index() == 0:
+    writer = metric_writers.create_default_writer(
+        os.path.join(workdir, 'eval'))
+    writer.write_scalars(trained.step, {
+        f'{split}/{k}': v for k, v in result.items()
+        if isinstance(v, (int, float))})
+    writer.flush()
+  return result

@@ -15,11 +15,12 @@ import importlib
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import ml_collections
 
+from mardjax import modes
 from mardjax.errors import UserError
 
 # (row, config module, Table 1 columns, paper's dev R@1 / R@5 / R@10).
@@ -83,14 +84,11 @@ def _fmt(x) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        run_mode: Callable[..., dict[str, Any]],
         show_progress: bool = True) -> dict[str, Any]:
   """Trains and evaluates every row, runs the baselines, writes the table."""
   from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
-  from mardjax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
-  run_mode('preprocess', config, workdir, show_progress=show_progress)
-  data_dir = preprocess.output_dir(config, workdir)
+  modes.run_mode('preprocess', config, workdir, show_progress=show_progress)
+  data_dir = modes.data_dir(config, workdir)
   only = [r for r in config.ablate.rows.split(',') if r]
   unknown = set(only) - {r[0] for r in ROWS}
   if unknown:
@@ -112,7 +110,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       continue
     start = time.time()
     logging.info('ablation: training %s', name)
-    _, metrics = trainer.train_and_evaluate(
+    _, metrics = modes.train_and_evaluate(
         cfg, os.path.join(workdir, 'ablation', name), data_dir)
     row.update({k: metrics[k] for k in (
         'recall@1', 'recall@5', 'recall@10', 'random_recall@10',

@@ -24,6 +24,9 @@ from typing import Any, Callable
 
 import psutil
 
+from mardjax import modes
+from mardjax.data import manifest as manifest_lib
+
 # Targets from the issues, on a 2-core machine: the `full` preset for the data
 # stages, paper sizes for the train step (examples/s, higher is better).
 TARGETS = {'synth': {'wall_s': 600},
@@ -149,8 +152,9 @@ def train_step_throughput(config, encoder: str, steps: int,
           'meets_target': rate >= TRAIN_TARGETS.get(encoder, 0.0)}
 
 
-def run_train(config) -> dict[str, Any]:
+def run_train(config, workdir: str) -> dict[str, Any]:
   """Train-step throughput of the mean and LSTM text encoders."""
+  del workdir
   lines = []
   for encoder, steps in (('mean', config.benchmark.train_steps),
                          ('lstm', max(2, config.benchmark.train_steps // 10))):
@@ -161,7 +165,7 @@ def run_train(config) -> dict[str, Any]:
   return {'benchmarks': lines}
 
 
-def run_eval(config) -> dict[str, Any]:
+def run_eval(config, workdir: str) -> dict[str, Any]:
   """Evaluation time after embedding, at full MARD scale by default.
 
   Random unit embeddings for `benchmark.eval_albums` candidate albums and
@@ -170,6 +174,7 @@ def run_eval(config) -> dict[str, Any]:
   times both directions of `evaluate`'s metrics with bootstrap CIs.
   Target: under 10 s.
   """
+  del workdir
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mardjax.evaluation import metrics  # pylint: disable=g-import-not-at-top
@@ -214,7 +219,7 @@ def run_eval(config) -> dict[str, Any]:
   return {'benchmarks': [line]}
 
 
-def run_pipeline(config, workdir: str, run_mode: Callable) -> dict[str, Any]:
+def run_pipeline(config, workdir: str) -> dict[str, Any]:
   """Input-pipeline examples/s against what the train step consumes.
 
   Preprocesses the configured data (or reuses it), then times
@@ -227,16 +232,13 @@ def run_pipeline(config, workdir: str, run_mode: Callable) -> dict[str, Any]:
   """
   import itertools  # pylint: disable=g-import-not-at-top
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from mardjax.data import preprocess  # pylint: disable=g-import-not-at-top
   from mardjax.train import sparse_embedding  # pylint: disable=g-import-not-at-top
-  run_mode('preprocess', config, workdir, show_progress=False)
-  data_dir = preprocess.output_dir(config, workdir)
-  manifest = preprocess.load_manifest(data_dir)
-  audio = input_pipeline.load_audio_table(data_dir, manifest)
+  modes.run_mode('preprocess', config, workdir, show_progress=False)
+  manifest = manifest_lib.load(modes.data_dir(config, workdir))
+  audio = input_pipeline.load_audio_table(manifest)
   t = config.train
   start = time.time()
-  reviews = input_pipeline.load_review_table(data_dir, manifest,
-                                             config.data.max_len)
+  reviews = input_pipeline.load_review_table(manifest, config.data.max_len)
   load_s = time.time() - start
   it = input_pipeline.train_batches(
       reviews, audio, batch_size=t.batch_size, num_devices=1,
@@ -250,7 +252,7 @@ def run_pipeline(config, workdir: str, run_mode: Callable) -> dict[str, Any]:
           and config.model.text_encoder != 'pretrained')
   for _, batch in itertools.islice(it, n):
     if lazy:
-      sparse_embedding.compact_batch(batch, manifest['vocab']['size'],
+      sparse_embedding.compact_batch(batch, manifest.vocab.size,
                                      t.vocab_bucket)
   rate = n * t.batch_size / (time.time() - start)
   step = train_step_throughput(config, config.model.text_encoder,
@@ -269,14 +271,12 @@ def run_pipeline(config, workdir: str, run_mode: Callable) -> dict[str, Any]:
   return {'benchmarks': [step, line]}
 
 
-def run(config, workdir: str, run_mode: Callable,
-        keep: bool = False) -> dict[str, Any]:
+def run_data(config, workdir: str, keep: bool = False) -> dict[str, Any]:
   """Benchmarks synth then preprocess into `workdir/benchmark`.
 
   Args:
     config: the full config; `data.synth_preset` picks the size.
     workdir: where to write (about 17 GB for `full`).
-    run_mode: `mardjax.modes.run_mode`.
     keep: keep the generated corpus and records afterwards.
   """
   root = os.path.join(workdir, 'benchmark')
@@ -289,7 +289,8 @@ def run(config, workdir: str, run_mode: Callable,
   os.makedirs(config.data.mard_dir)
   lines = []
   for name in ('synth', 'preprocess'):
-    fn = functools.partial(run_mode, name, force=True, show_progress=False)
+    fn = functools.partial(modes.run_mode, name, force=True,
+                           show_progress=False)
     line = measure(name, fn, (config, root))
     line.update(preset=config.data.synth_preset, cpus=os.cpu_count(),
                 num_workers=config.data.num_workers)
@@ -303,9 +304,10 @@ def run(config, workdir: str, run_mode: Callable,
   return {'benchmarks': lines}
 
 
-def run_index(config) -> dict[str, Any]:
+def run_index(config, workdir: str) -> dict[str, Any]:
   """Exact against HNSW top-10 search on a catalogue of
-  `benchmark.index_vectors` unit vectors of `model.embed_dim` floats.
+  `benchmark.index_vectors` unit vectors of `model.embed_dim` floats
+  (`workdir` unused).
 
   The vectors are drawn around 1,000 centres, as trained embeddings cluster
   by genre and artist; queries are drawn the same way. Reports build time,
@@ -357,3 +359,15 @@ def run_index(config) -> dict[str, Any]:
           'hnsw_ef_search': e.hnsw_ef_search}
   print(json.dumps(line, sort_keys=True), flush=True)
   return {'benchmarks': [line]}
+
+
+def run_serve(config, workdir: str) -> dict[str, Any]:
+  """The listening room over HTTP (`serve_benchmark`)."""
+  from mardjax.experiments import serve_benchmark  # pylint: disable=g-import-not-at-top
+  return serve_benchmark.run(config, workdir, modes.data_dir(config, workdir),
+                             modes.mard_dir(config, workdir))
+
+
+# config.benchmark.kind -> fn(config, workdir) -> {'benchmarks': [lines]}.
+KINDS = {'data': run_data, 'train': run_train, 'pipeline': run_pipeline,
+         'eval': run_eval, 'index': run_index, 'serve': run_serve}

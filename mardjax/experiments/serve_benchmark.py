@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mardjax.serve import export
-from mardjax.train import trainer
+from mardjax.train import checkpoints
 from mardjax.errors import UserError
 
 UPLOAD_TARGET_S = 2.0
@@ -114,7 +114,8 @@ def run(config, workdir: str, data_dir: str, mard_dir: str
   """Starts the server, measures, stops it; returns the figures."""
   import httpx  # pylint: disable=g-import-not-at-top
   b = config.benchmark
-  trainer.require_checkpoints(workdir, trainer.inference_source(workdir))
+  checkpoints.require_checkpoints(workdir,
+                                  checkpoints.inference_source(workdir))
   port = _free_port()
   url = f'http://127.0.0.1:{port}'
   # Spawned: a fresh interpreter, as `launch.py --mode=serve` would be.

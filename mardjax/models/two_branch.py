@@ -30,10 +30,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
+from mardjax.data import manifest as manifest_lib
+from mardjax.errors import UserError
 from mardjax.models import lstm
 
-TEXT_ENCODERS = ('mean', 'lstm', 'pretrained')
 AUDIO_ENCODERS = ('track', 'album_lstm')
 
 
@@ -106,16 +109,45 @@ def padded_layout(lengths: jax.Array, max_len: int
           'last': jnp.stack([rows, end], 1)}
 
 
-class TextEncoder(nn.Module):
-  """tokens (B, L) + lengths (B,) -> features (B, F).
+class MeanEncoder(nn.Module):
+  """tokens (B, L) + lengths (B,) -> (B, word_dim): the masked mean of the
+  words' learned embeddings (padding excluded).
 
   With `table` (U, D) given, `tokens` are indices into it instead of word ids
   and the module's own embedding is not used (row-sparse training,
-  `mardjax.train.sparse_embedding`); the features are the same. With `packed`
-  (the LSTM only) `tokens` are (R, P) rows of reviews packed end to end and
-  `packed` holds their markers (`mardjax.train.packing`); lengths are unused.
+  `mardjax.train.sparse_embedding`): a (B, U) bag-of-words product that
+  builds no (B, L, D) array, forward or backward. The features are the same.
   """
-  kind: str
+  vocab_size: int
+  word_dim: int
+  lstm_dim: int = 0  # Unused: every encoder takes the same fields.
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, lengths: jax.Array | None,
+               table: jax.Array | None = None,
+               packed: dict[str, jax.Array] | None = None) -> jax.Array:
+    if packed is not None:
+      raise ValueError('Only the lstm text encoder reads packed reviews.')
+    mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
+    if table is not None:
+      weights = mask / jnp.maximum(lengths, 1)[:, None]
+      bag = jnp.zeros((tokens.shape[0], table.shape[0]), table.dtype)
+      bag = bag.at[jnp.arange(tokens.shape[0])[:, None], tokens].add(
+          weights.astype(table.dtype))
+      return bag @ table
+    emb = nn.Embed(self.vocab_size, self.word_dim, name='embed')(tokens)
+    total = jnp.einsum('bld,bl->bd', emb, mask.astype(emb.dtype))
+    return total / jnp.maximum(lengths, 1)[:, None].astype(emb.dtype)
+
+
+class BiLSTMEncoder(nn.Module):
+  """tokens (B, L) + lengths (B,) -> (B, 2 * lstm_dim): the final states of a
+  forward and a backward LSTM, each sequence's length respected.
+
+  `table` as for `MeanEncoder`. With `packed`, `tokens` are (R, P) rows of
+  reviews packed end to end and `packed` holds their markers
+  (`mardjax.train.packing`); lengths are unused.
+  """
   vocab_size: int
   word_dim: int
   lstm_dim: int
@@ -124,30 +156,11 @@ class TextEncoder(nn.Module):
   def __call__(self, tokens: jax.Array, lengths: jax.Array | None,
                table: jax.Array | None = None,
                packed: dict[str, jax.Array] | None = None) -> jax.Array:
-    if self.kind not in ('mean', 'lstm'):
-      raise ValueError(f'Unknown text encoder {self.kind!r}; choose from '
-                       f'{TEXT_ENCODERS}.')
-    if packed is not None and self.kind != 'lstm':
-      raise ValueError('Only the lstm text encoder reads packed reviews.')
-    if self.kind == 'mean':
-      mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
-    if self.kind == 'mean' and table is not None:
-      # Bag of words: (B, U) weights, 1/length per occurrence, times the rows.
-      # No (B, L, D) array, forward or backward.
-      weights = mask / jnp.maximum(lengths, 1)[:, None]
-      bag = jnp.zeros((tokens.shape[0], table.shape[0]), table.dtype)
-      bag = bag.at[jnp.arange(tokens.shape[0])[:, None], tokens].add(
-          weights.astype(table.dtype))
-      return bag @ table
-    if self.kind == 'lstm':
-      tokens = tokens.T  # The LSTM runs time-major: (P, R).
+    tokens = tokens.T  # The LSTM runs time-major: (P, R).
     if table is None:
       emb = nn.Embed(self.vocab_size, self.word_dim, name='embed')(tokens)
     else:
       emb = jnp.take(table, tokens, axis=0)
-    if self.kind == 'mean':
-      total = jnp.einsum('bld,bl->bd', emb, mask.astype(emb.dtype))
-      return total / jnp.maximum(lengths, 1)[:, None].astype(emb.dtype)
     if packed is None:
       packed = padded_layout(lengths, tokens.shape[0])
     fwd = LSTMDirection(self.lstm_dim, reverse=False, name='fwd')(
@@ -157,6 +170,14 @@ class TextEncoder(nn.Module):
     last, first = packed['last'], packed['first']  # (row, position)
     return jnp.concatenate([fwd[last[:, 1], last[:, 0]],
                             bwd[first[:, 1], first[:, 0]]], -1)
+
+
+# config.model.text_encoder -> the module that turns tokens into features;
+# None: features were computed at preprocessing by a frozen pretrained
+# encoder and the model reads `text_features` (B, F) directly. A new encoder
+# is a module with the fields and call of the two above, and an entry here.
+TEXT_ENCODERS: dict[str, type[nn.Module] | None] = {
+    'mean': MeanEncoder, 'lstm': BiLSTMEncoder, 'pretrained': None}
 
 
 class TwoBranch(nn.Module):
@@ -178,9 +199,11 @@ class TwoBranch(nn.Module):
                 bn_axis_name=self.bn_axis_name)
     self.audio_head = Head(**head)
     self.text_head = Head(**head)
-    if self.text_encoder != 'pretrained':
-      self.text_features = TextEncoder(self.text_encoder, self.vocab_size,
-                                       self.word_dim, self.lstm_dim)
+    encoder = TEXT_ENCODERS[self.text_encoder]
+    if encoder is not None:
+      self.text_features = encoder(vocab_size=self.vocab_size,
+                                   word_dim=self.word_dim,
+                                   lstm_dim=self.lstm_dim)
     if self.audio_encoder == 'album_lstm':
       self.album_rnn = nn.RNN(nn.OptimizedLSTMCell(self.lstm_dim),
                               return_carry=True)
@@ -206,7 +229,7 @@ class TwoBranch(nn.Module):
     `table` (U, D): tokens index these rows instead of the embedding table;
     `packed`: tokens are packed rows (see TextEncoder).
     """
-    if self.text_encoder == 'pretrained':
+    if TEXT_ENCODERS[self.text_encoder] is None:
       if text_features is None:
         raise ValueError('text_encoder=pretrained embeds text_features.')
       return self.text_head(text_features, train)
@@ -235,7 +258,7 @@ def build(model_config, vocab_size: int, bn_axis_name: str | None = None
   """The model a config describes (fields: see configs/default.py)."""
   if model_config.text_encoder not in TEXT_ENCODERS:
     raise ValueError(f'config.model.text_encoder={model_config.text_encoder!r}'
-                     f': choose from {TEXT_ENCODERS}.')
+                     f': choose from {tuple(TEXT_ENCODERS)}.')
   if model_config.audio_encoder not in AUDIO_ENCODERS:
     raise ValueError(f'config.model.audio_encoder='
                      f'{model_config.audio_encoder!r}: choose from '
@@ -250,3 +273,44 @@ def build(model_config, vocab_size: int, bn_axis_name: str | None = None
                    linear=model_config.linear,
                    batch_norm=model_config.batch_norm,
                    bn_axis_name=bn_axis_name)
+
+
+def album_tracks(config: ml_collections.ConfigDict) -> int:
+  """Tracks per album the album LSTM reads (0: a track model, one track)."""
+  return (config.model.max_tracks
+          if config.model.audio_encoder == 'album_lstm' else 0)
+
+
+def from_manifest(config: ml_collections.ConfigDict,
+                  manifest: manifest_lib.Manifest,
+                  bn_axis_name: str | None = None) -> TwoBranch:
+  """The configured model for the data of `manifest` (its vocabulary size).
+
+  Raises:
+    UserError: the pretrained text encoder on records without its features.
+  """
+  if (TEXT_ENCODERS.get(config.model.text_encoder, 0) is None
+      and not manifest.feature_dim):
+    raise UserError(
+        "config.model.text_encoder='pretrained' reads precomputed text "
+        'features, and these records hold none: set '
+        'config.data.text_encoder_path to a local Hugging Face model '
+        'directory (preprocessing then computes them).')
+  return build(config.model, manifest.vocab.size, bn_axis_name)
+
+
+def dummy_inputs(config: ml_collections.ConfigDict,
+                 manifest: manifest_lib.Manifest, rows: int = 2
+                 ) -> dict[str, Any]:
+  """Zero inputs of the shapes the model takes, for `init` under
+  `jax.eval_shape` (restore targets without reading data)."""
+  dim, tracks = manifest.descriptors.dim, album_tracks(config)
+  out = {'tokens': np.zeros((rows, config.data.max_len), np.int32),
+         'lengths': np.ones((rows,), np.int32), 'train': False,
+         'audio': np.zeros((rows, tracks, dim) if tracks else (rows, dim),
+                           np.float32)}
+  if tracks:
+    out['num_tracks'] = np.ones((rows,), np.int32)
+  if manifest.feature_dim:
+    out['text_features'] = np.zeros((rows, manifest.feature_dim), np.float32)
+  return out

@@ -37,9 +37,8 @@ from mardjax.serve import audio_analysis
 from mardjax.data import descriptors as desc_lib
 from mardjax.serve import export
 from mardjax.data import mard_io
-from mardjax.data import preprocess
 from mardjax.serve import search_index
-from mardjax.train import trainer
+from mardjax.train import checkpoints
 from mardjax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -158,8 +157,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
   info = {
       'format_version': FORMAT_VERSION, 'checkpoint': embedder.source,
       'step': int(embedder.step),
-      'params_sha256': trainer.params_fingerprint(embedder.state.params),
-      'manifest_hash': preprocess.manifest_hash(data_dir),
+      'params_sha256': checkpoints.params_fingerprint(embedder.variables['params']),
+      'manifest_hash': embedder.manifest.sha256,
       'embed_dim': int(emb.shape[1]), 'input_dir': os.path.abspath(input_dir),
       'tracks': len(rows), 'skipped': len(skipped), 'ignored': ignored,
       'with_warnings': sum(bool(r['warnings']) for r in rows),

@@ -27,15 +27,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mardjax.evaluation import evaluate
-from mardjax.data import input_pipeline
+from mardjax.data import manifest as manifest_lib
 from mardjax.data import mard_io
-from mardjax.models import two_branch
-from mardjax.data import preprocess
-from mardjax.serve import search_index
 from mardjax.data import text_features
-from mardjax.train import trainer
 from mardjax.errors import UserError
+from mardjax.models import embed
+from mardjax.models import two_branch
+from mardjax.serve import search_index
+from mardjax.train import checkpoints
 
 FORMAT_VERSION = 1
 EXPORT_DIR = 'export'
@@ -56,22 +55,16 @@ def _review_texts(mard_dir: str, wanted: set[str]) -> dict[str, str]:
 def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
         mard_dir: str) -> dict[str, Any]:
   """Restores the workdir's serving checkpoint and writes its export."""
-  manifest = preprocess.load_manifest(data_dir)
-  model = two_branch.build(config.model, manifest['vocab']['size'])
-  audio = input_pipeline.load_audio_table(data_dir, manifest)
-  reviews = _all_reviews(config, data_dir, manifest)
-  source = trainer.inference_source(workdir)
-  step, state = trainer.restore_trained(config, workdir, data_dir, model,
-                                      manifest, audio, reviews, source)
-  return write(config, workdir, data_dir, mard_dir, model, manifest, audio,
-               step, state, source, reviews)
+  manifest = manifest_lib.load(data_dir)
+  trained = checkpoints.load_for_inference(config, workdir, manifest)
+  return write(config, workdir, mard_dir, trained)
 
 
-def _all_reviews(config, data_dir: str, manifest: dict[str, Any]
+def _all_reviews(config, manifest: manifest_lib.Manifest
                  ) -> dict[str, np.ndarray]:
   """Every split's reviews in one `load_reviews` dict, plus 'split'."""
-  parts = [input_pipeline.load_reviews(data_dir, manifest, s,
-                                       config.data.max_len)
+  from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  parts = [input_pipeline.load_reviews(manifest, s, config.data.max_len)
            for s in _SPLITS]
   merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   merged['split'] = np.concatenate([np.full(len(p['album']), s)
@@ -79,29 +72,29 @@ def _all_reviews(config, data_dir: str, manifest: dict[str, Any]
   return merged
 
 
-def write(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
-          mard_dir: str, model: two_branch.TwoBranch, manifest: dict[str, Any],
-          audio: input_pipeline.AudioTable, step: int, state, source: str,
-          reviews: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-  """Writes the export of a restored state (`run`, or a server that already
+def write(config: ml_collections.ConfigDict, workdir: str, mard_dir: str,
+          trained: checkpoints.Inference) -> dict[str, Any]:
+  """Writes the export of a restored model (`run`, or a server that already
   holds one); returns export.json's content plus paths.
 
-  Args:
-    reviews: `_all_reviews` when the caller has them, else loaded here.
+  Reads the records (every track and every review) through the input
+  pipeline, imported here: a server whose export is up to date never loads
+  it.
   """
+  from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   start = time.time()
   index = search_index.settings(config.export)  # Bad settings: fail early.
-  if reviews is None:
-    reviews = _all_reviews(config, data_dir, manifest)
-  variables = trainer.inference_variables(state)
-  albums, album_emb = evaluate.embed_albums(
-      variables, model, audio, max_tracks=trainer.album_tracks(config))
-  review_emb = (evaluate.embed_reviews(variables, model, reviews)
-                if len(reviews['album']) else np.zeros((0, model.embed_dim)))
+  manifest, model, variables = (trained.manifest, trained.model,
+                                trained.variables)
+  reviews = _all_reviews(config, manifest)
+  albums, album_emb = embed.albums(
+      variables, model, input_pipeline.load_audio_table(manifest),
+      max_tracks=two_branch.album_tracks(config))
+  review_emb = embed.reviews(variables, model, reviews)
 
   out = os.path.join(workdir, EXPORT_DIR)
   os.makedirs(out, exist_ok=True)
-  meta = preprocess.read_albums(data_dir, manifest)
+  meta = manifest_lib.read_albums(manifest)
   write_bank(out, 'albums', album_emb, [
       {k: meta[int(i)].get(k) for k in ('album_index', 'amazon_id', 'artist',
                                         'title', 'genre', 'split')}
@@ -114,10 +107,10 @@ def write(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
   missing = sum(r['text'] is None for r in rows)
   write_bank(out, 'reviews', review_emb, rows, index)
   info = {
-      'format_version': FORMAT_VERSION, 'checkpoint': source,
-      'step': int(step),
-      'params_sha256': trainer.params_fingerprint(state.params),
-      'manifest_hash': preprocess.manifest_hash(data_dir),
+      'format_version': FORMAT_VERSION, 'checkpoint': trained.source,
+      'step': int(trained.step),
+      'params_sha256': checkpoints.params_fingerprint(variables['params']),
+      'manifest_hash': manifest.sha256,
       'embed_dim': int(album_emb.shape[1]),
       'albums': int(len(albums)), 'reviews': int(len(review_emb)),
       'reviews_without_text': int(missing), 'index': index,

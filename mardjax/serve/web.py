@@ -33,7 +33,7 @@ from mardjax.data import descriptors as desc_lib
 from mardjax.serve import embedder as embedder_lib
 from mardjax.serve import export
 from mardjax.serve import search_index
-from mardjax.train import trainer
+from mardjax.train import checkpoints
 from mardjax.errors import UserError
 
 MAX_K = 100
@@ -59,14 +59,13 @@ class Room:
     try:
       bank = export.load(bank_dir, ef_search)
       info = bank['info']
-      stale = (info['params_sha256'] != trainer.params_fingerprint(
-          e.state.params) or info['index'] != search_index.settings(
+      stale = (info['params_sha256'] != checkpoints.params_fingerprint(
+          e.variables['params']) or info['index'] != search_index.settings(
               config.export))
     except UserError:
       stale = True
     if stale:  # Export the state already in hand, not a second restore.
-      export.write(config, workdir, data_dir, mard_dir, e.model, e.manifest,
-                   e.audio, e.step, e.state, e.source)
+      export.write(config, workdir, mard_dir, e.trained)
       bank = export.load(bank_dir, ef_search)
     self.bank = bank
     self._album_rows = {m['album_index']: m for m in bank['album_meta']}

@@ -282,3 +282,33 @@ def sigmoid_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
   z = jnp.where(pos, 1.0, -1.0)
   per = -jax.nn.log_sigmoid(z * logits) * real
   return _global_mean(jnp.sum(per), jnp.sum(real), axis_name)
+
+
+def _ranking_from_config(audio, text, album_ids, *, config, key, axis_name,
+                         gather):
+  return ranking_loss(audio, text, album_ids, margin=config.margin,
+                      weights=tuple(config.weights),
+                      negatives=config.negatives, key=key,
+                      axis_name=axis_name, gather_across_devices=gather)
+
+
+def _infonce_from_config(audio, text, album_ids, *, config, key, axis_name,
+                         gather):
+  del key
+  return infonce_loss(audio, text, album_ids, temperature=config.temperature,
+                      axis_name=axis_name, gather_across_devices=gather), {}
+
+
+def _sigmoid_from_config(audio, text, album_ids, *, config, key, axis_name,
+                         gather):
+  del key
+  return sigmoid_loss(audio, text, album_ids, temperature=config.temperature,
+                      bias=config.sigmoid_bias, axis_name=axis_name,
+                      gather_across_devices=gather), {}
+
+
+# config.loss.kind -> fn(audio, text, album_ids, *, config (config.loss), key,
+# axis_name, gather) -> (loss, {term: value}). A new loss is one entry here.
+LOSSES = {'ranking': _ranking_from_config,
+          'infonce': _infonce_from_config,
+          'sigmoid': _sigmoid_from_config}

@@ -140,26 +140,9 @@ def compute_loss(audio: jax.Array, text: jax.Array, album: jax.Array,
                  axis_name: str | None) -> tuple[jax.Array, dict[str, Any]]:
   """The configured loss of one device's embeddings; (loss, terms)."""
   gather = loss_config.gather_across_devices and axis_name is not None
-  if loss_config.kind == 'ranking':
-    return losses.ranking_loss(
-        audio, text, album, margin=loss_config.margin,
-        weights=tuple(loss_config.weights), negatives=loss_config.negatives,
-        key=key, axis_name=axis_name, gather_across_devices=gather)
-  if loss_config.kind == 'infonce':
-    loss = losses.infonce_loss(audio, text, album,
-                               temperature=loss_config.temperature,
-                               axis_name=axis_name,
-                               gather_across_devices=gather)
-    return loss, {}
-  if loss_config.kind == 'sigmoid':
-    loss = losses.sigmoid_loss(audio, text, album,
-                               temperature=loss_config.temperature,
-                               bias=loss_config.sigmoid_bias,
-                               axis_name=axis_name,
-                               gather_across_devices=gather)
-    return loss, {}
-  raise ValueError(f'config.loss.kind={loss_config.kind!r}: choose from '
-                   "'ranking', 'infonce', 'sigmoid'.")
+  return losses.LOSSES[loss_config.kind](
+      audio, text, album, config=loss_config, key=key, axis_name=axis_name,
+      gather=gather)
 
 
 def per_device_step(state: TrainState, batch: dict[str, jax.Array],

@@ -1,0 +1,117 @@
+"""The one config validator: every field that cannot work fails here, before
+any data is read or any program compiled, with one line naming the field.
+
+Choices are checked against the registries of the layers that implement
+them, so a new text encoder, loss or benchmark is valid as soon as it is
+registered: `models.two_branch.TEXT_ENCODERS` / `AUDIO_ENCODERS`,
+`train.losses.LOSSES`, `serve.search_index.KINDS`,
+`experiments.benchmark.KINDS` (modes: `mardjax.modes.MODES`, checked there).
+
+  validate_choices(config)    every named choice (all modes)
+  validate_data(config.data)  preprocessing fields (before minutes of work)
+  validate(config, devices)   training: the above plus batch arithmetic
+"""
+
+from typing import Any
+
+import ml_collections
+
+from mardjax.data import descriptors as desc_lib
+from mardjax.errors import UserError
+from mardjax.models import two_branch
+from mardjax.serve import search_index
+from mardjax.train import losses
+
+PARALLELISM = ('pmap', 'shard_map')
+EMBEDDING_UPDATES = ('lazy', 'dense')
+EVAL_SPLITS = ('dev', 'test')
+
+
+def need(ok: bool, field: str, value: Any, why: str) -> None:
+  """Raises the one-line error for `config.<field>` when not `ok`."""
+  if not ok:
+    raise UserError(f'config.{field}={value!r}: {why}')
+
+
+def _choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
+  section, name = field.split('.')
+  value = config[section][name]
+  need(value in choices, field, value, f'choose from {tuple(choices)}')
+
+
+def validate_choices(config: ml_collections.ConfigDict) -> None:
+  """Every field that names one of several implementations."""
+  _choice(config, 'model.text_encoder', two_branch.TEXT_ENCODERS)
+  _choice(config, 'model.audio_encoder', two_branch.AUDIO_ENCODERS)
+  _choice(config, 'loss.kind', losses.LOSSES)
+  _choice(config, 'train.parallelism', PARALLELISM)
+  _choice(config, 'train.embedding_update', EMBEDDING_UPDATES)
+  _choice(config, 'eval.split', EVAL_SPLITS)
+  _choice(config, 'export.index', search_index.KINDS)
+  # Imported here: the benchmarks import the modes, which import this module.
+  from mardjax.experiments import benchmark  # pylint: disable=g-import-not-at-top
+  _choice(config, 'benchmark.kind', benchmark.KINDS)
+  _choice(config, 'data.transform', desc_lib.TRANSFORMS)
+  try:
+    losses.NegativeMode.parse(config.loss.negatives)
+  except ValueError as e:
+    raise UserError(f'config.loss.{e}') from None
+
+
+def validate_data(data: ml_collections.ConfigDict) -> None:
+  """The preprocessing fields (`config.data`)."""
+  def check(ok, name, why):
+    need(ok, f'data.{name}', data[name], why)
+  check(data.vocab_size >= 1, 'vocab_size', 'must be at least 1')
+  check(data.min_word_count >= 1, 'min_word_count', 'must be at least 1')
+  check(data.max_len >= 1, 'max_len', 'must be at least 1')
+  check(0 <= data.dev_fraction < 1, 'dev_fraction', 'must be in [0, 1)')
+  check(0 <= data.test_album_fraction < 1, 'test_album_fraction',
+        'must be in [0, 1)')
+  check(data.examples_per_shard >= 1, 'examples_per_shard', 'must be >= 1')
+  check(data.albums_per_shard >= 1, 'albums_per_shard', 'must be >= 1')
+  check(data.num_workers >= 1, 'num_workers', 'must be >= 1')
+  check(data.text_encoder_max_tokens >= 2, 'text_encoder_max_tokens',
+        'must be at least 2')
+  check(data.transform in desc_lib.TRANSFORMS, 'transform',
+        f'choose from {desc_lib.TRANSFORMS}')
+  try:
+    desc_lib.parse_descriptor_list(data.descriptors)
+  except ValueError as e:
+    raise UserError(f'config.data.descriptors: {e}') from None
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int,
+             process_count: int = 1) -> None:
+  """Everything training needs, for `num_devices` local devices on each of
+  `process_count` processes."""
+  validate_choices(config)
+  t, m, l = config.train, config.model, config.loss
+  devices = num_devices * process_count
+  need(t.batch_size > 0, 'train.batch_size', t.batch_size, 'must be positive')
+  need(t.batch_size % devices == 0, 'train.batch_size', t.batch_size,
+       f'not divisible by the {devices} devices')
+  per_device = t.batch_size // devices
+  need(m.max_tracks >= 1, 'model.max_tracks', m.max_tracks,
+       'must be at least 1')
+  mode = losses.NegativeMode.parse(l.negatives)
+  candidates = t.batch_size if l.gather_across_devices else per_device
+  need(mode.k <= candidates, 'loss.negatives', l.negatives,
+       f'K={mode.k} is larger than the {candidates} rows a device ranks '
+       'against')
+  need(len(l.weights) == 4, 'loss.weights', tuple(l.weights),
+       'needs four weights (l1..l4)')
+  if t.neighbourhood_sampling:
+    need(t.reviews_per_album >= 2, 'train.reviews_per_album',
+         t.reviews_per_album, 'must be >= 2')
+    need(per_device % t.reviews_per_album == 0, 'train.batch_size',
+         t.batch_size, f'the per-device batch {per_device} is not a '
+         f'multiple of reviews_per_album={t.reviews_per_album}')
+  need(t.num_steps > 0 or t.num_epochs > 0, 'train.num_steps', t.num_steps,
+       'set num_steps or num_epochs')
+  need(t.learning_rate > 0, 'train.learning_rate', t.learning_rate,
+       'must be positive')
+  need(t.vocab_bucket > 0, 'train.vocab_bucket', t.vocab_bucket,
+       'must be positive')
+  need(t.lstm_pack_rows >= 0, 'train.lstm_pack_rows', t.lstm_pack_rows,
+       'must be >= 0')

@@ -1,0 +1,89 @@
+"""In-memory tables of the training data: every track, every review.
+
+Plain numpy (no TensorFlow, no JAX), so that evaluation and serving can hold
+and pass them without the input pipeline; `mardjax.data.input_pipeline`
+fills them from the TFRecords.
+"""
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class AudioTable:
+  """Every album's tracks, normalised, in one array.
+
+  Attributes:
+    descriptors: (num_tracks, A) float32, normalised with the manifest's
+      training statistics.
+    offsets: (num_albums,) first row of each album (by album_index).
+    counts: (num_albums,) tracks per album (0 for albums not loaded).
+  """
+  descriptors: np.ndarray
+  offsets: np.ndarray
+  counts: np.ndarray
+
+  @property
+  def dim(self) -> int:
+    return self.descriptors.shape[1]
+
+  def album_tracks(self, album: int) -> np.ndarray:
+    start = self.offsets[album]
+    return self.descriptors[start:start + self.counts[album]]
+
+  def album_means(self, per_track: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over each album's tracks of per-track rows.
+
+    Args:
+      per_track: (num_tracks, F) values in table order (e.g. descriptors,
+        or track embeddings).
+
+    Returns:
+      (albums with tracks (C,), their means (C, F)).
+    """
+    albums = np.flatnonzero(self.counts > 0)
+    sums = np.add.reduceat(per_track, self.offsets[albums], axis=0)
+    return albums, sums / self.counts[albums][:, None]
+
+  def sequences(self, albums: np.ndarray, max_tracks: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Albums' tracks in album order for the album LSTM.
+
+    Args:
+      albums: (n,) album indices.
+      max_tracks: T; an album's tracks beyond its first T are left out.
+
+    Returns:
+      ((n, T, A) descriptors, zero past each album's tracks; (n,) counts).
+    """
+    counts = np.minimum(self.counts[albums], max_tracks)
+    slot = np.arange(max_tracks)[None, :]
+    valid = slot < counts[:, None]
+    rows = np.where(valid, self.offsets[albums][:, None] + slot, 0)
+    seq = self.descriptors[rows] * valid[..., None]
+    return seq.astype(np.float32), counts.astype(np.int32)
+
+
+
+@dataclasses.dataclass
+class ReviewTable:
+  """Training reviews in memory, tokens end to end.
+
+  Attributes:
+    tokens: (total tokens,) int32, review i at tokens[offsets[i]:][:lengths[i]].
+    offsets: (N,) int64.
+    lengths: (N,) int32, at most max_len.
+    album: (N,) int32 album_index of each review.
+    features: (N, F) float32 pretrained text features, when the records
+      hold them (manifest['text_features']), else None.
+  """
+  tokens: np.ndarray
+  offsets: np.ndarray
+  lengths: np.ndarray
+  album: np.ndarray
+  features: np.ndarray | None = None
+
+  def __len__(self) -> int:
+    return self.lengths.shape[0]

@@ -1,0 +1,106 @@
+"""Embedding with trained variables: albums, tracks, reviews, texts.
+
+Shared by evaluation (the training loop's periodic dev check and
+--mode=eval), the export and the listening room. Each jitted function takes
+the variables as an argument and the model as a static one, so it compiles
+once per model and input shape, and repeated calls with new variables (an
+evaluation every `eval_every` steps) reuse the program. A jitted lambda that
+closed over the variables would bake them in as constants and compile again
+at every call.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from mardjax.data import tables
+from mardjax.models import two_branch
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def audio(model: two_branch.TwoBranch, variables: dict[str, Any],
+          descriptors: jax.Array) -> jax.Array:
+  """(B, A) standardised descriptors -> (B, E) unit track embeddings."""
+  return model.apply(variables, audio=descriptors)['audio']
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def album_sequences(model: two_branch.TwoBranch, variables: dict[str, Any],
+                    tracks: jax.Array, num_tracks: jax.Array) -> jax.Array:
+  """(B, T, A) albums' tracks + (B,) counts -> (B, E) (the album LSTM)."""
+  return model.apply(variables, audio=tracks, num_tracks=num_tracks)['audio']
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def text(model: two_branch.TwoBranch, variables: dict[str, Any],
+         tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+  """(B, L) token ids + (B,) lengths -> (B, E) unit text embeddings."""
+  return model.apply(variables, tokens=tokens, lengths=lengths)['text']
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def text_features(model: two_branch.TwoBranch, variables: dict[str, Any],
+                  features: jax.Array) -> jax.Array:
+  """(B, F) pretrained-encoder features -> (B, E) unit text embeddings."""
+  return model.apply(variables, text_features=features)['text']
+
+
+def batched(fn: Callable[..., jax.Array], arrays: tuple[np.ndarray, ...],
+            batch_size: int, out_dim: int = 0) -> np.ndarray:
+  """fn over row batches of `arrays`; the last batch is padded so that one
+  compiled shape serves every batch.
+
+  Returns:
+    (N, ...) the rows of fn's outputs; (0, out_dim) when N is 0.
+  """
+  n = arrays[0].shape[0]
+  out = []
+  for start in range(0, n, batch_size):
+    part = [a[start:start + batch_size] for a in arrays]
+    short = batch_size - part[0].shape[0]
+    if short:
+      part = [np.concatenate([p, np.repeat(p[-1:], short, 0)]) for p in part]
+    out.append(np.asarray(fn(*part))[:batch_size - short])
+  return (np.concatenate(out) if out else
+          np.zeros((0, out_dim), np.float32))
+
+
+def albums(variables: dict[str, Any], model: two_branch.TwoBranch,
+           audio_table: tables.AudioTable, batch_size: int = 1024,
+           max_tracks: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Embeds every album that has tracks.
+
+  Track models: the normalised mean of the album's track embeddings. The
+  album LSTM: the model's embedding of the album's first `max_tracks`
+  tracks (required then).
+
+  Returns:
+    (album indices (C,), embeddings (C, E)).
+  """
+  album_ids = np.flatnonzero(audio_table.counts > 0)
+  if model.audio_encoder == 'album_lstm':
+    if max_tracks < 1:
+      raise ValueError('embed.albums: the album LSTM needs max_tracks.')
+    return album_ids, batched(
+        lambda a: album_sequences(model, variables,
+                                  *audio_table.sequences(a, max_tracks)),
+        (album_ids,), 256, model.embed_dim)
+  per_track = batched(functools.partial(audio, model, variables),
+                      (audio_table.descriptors,), batch_size, model.embed_dim)
+  album_ids, means = audio_table.album_means(per_track)
+  return album_ids, means / np.maximum(
+      np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+
+
+def reviews(variables: dict[str, Any], model: two_branch.TwoBranch,
+            rows: dict[str, np.ndarray], batch_size: int = 256
+            ) -> np.ndarray:
+  """(N, E) embeddings of `input_pipeline.load_reviews` output."""
+  if model.text_encoder == 'pretrained':
+    return batched(functools.partial(text_features, model, variables),
+                   (rows['text_features'],), batch_size, model.embed_dim)
+  return batched(functools.partial(text, model, variables),
+                 (rows['tokens'], rows['lengths']), batch_size,
+                 model.embed_dim)
