@@ -87,7 +87,6 @@ def test_runner_reports_every_baseline(tiny_records):
 
 def test_ablation_writes_the_table(tiny_corpus_master, tmp_path):
   from mardjax.experiments import ablation  # pylint: disable=g-import-not-at-top
-  from mardjax import modes  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   config.data.mard_dir = tiny_corpus_master
   config.ablate.num_steps = 4
@@ -96,8 +95,7 @@ def test_ablation_writes_the_table(tiny_corpus_master, tmp_path):
   config.baselines.text_dim = 16
   config.baselines.cca_dims = (4,)
   config.baselines.wsabie_steps = 5
-  out = ablation.run(config, str(tmp_path), modes.run_mode,
-                     show_progress=False)
+  out = ablation.run(config, str(tmp_path), show_progress=False)
   rows = {r['row']: r for r in out['rows']}
   assert 'text_encoder_path' in rows['bert_bi_nonlinear']['skipped']
   assert rows['uni_nonlinear']['steps'] == 4
@@ -112,9 +110,8 @@ def test_ablation_writes_the_table(tiny_corpus_master, tmp_path):
 
 def test_unknown_ablation_rows_are_named(tiny_corpus_master, tmp_path):
   from mardjax.experiments import ablation  # pylint: disable=g-import-not-at-top
-  from mardjax import modes  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   config.data.mard_dir = tiny_corpus_master
   config.ablate.rows = 'bi_nonlinear,best_row'
   with pytest.raises(UserError, match="unknown rows \\['best_row'\\]"):
-    ablation.run(config, str(tmp_path), modes.run_mode, show_progress=False)
+    ablation.run(config, str(tmp_path), show_progress=False)

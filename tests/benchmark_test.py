@@ -9,7 +9,7 @@ from mardjax.experiments import benchmark
 
 def test_data_benchmark_measures_both_stages(tmp_path, capsys):
   config = test_config.get_config()
-  result = benchmark.run(config, str(tmp_path), modes.run_mode)
+  result = benchmark.run_data(config, str(tmp_path))
   names = [line['benchmark'] for line in result['benchmarks']]
   assert names == ['synth', 'preprocess']
   for line in result['benchmarks']:
@@ -31,7 +31,7 @@ def test_pipeline_benchmark_compares_with_the_step(tmp_path):
   config = test_config.get_config()
   config.benchmark.pipeline_batches = 3
   config.benchmark.train_steps = 2
-  result = benchmark.run_pipeline(config, str(tmp_path), modes.run_mode)
+  result = benchmark.run_pipeline(config, str(tmp_path))
   step, line = result['benchmarks']
   assert line['benchmark'] == 'input_pipeline' and line['batches'] == 3
   assert line['examples_per_s'] > 0

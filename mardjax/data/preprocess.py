@@ -20,6 +20,7 @@ reason (`report['skipped']`), and `report['reconcile']` checks the sums.
 """
 
 import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -102,117 +103,103 @@ def _peak_rss_mb() -> float:
   return round(max(own, children) / 1024, 1)
 
 
+@dataclasses.dataclass
+class _Pass1:
+  """What the first pass over the reviews learns."""
+  split_counts: collections.Counter
+  word_counts: collections.Counter
+  reviews_per_album: dict[int, collections.Counter]
 
 
-def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
-        force: bool = False, show_progress: bool = True) -> dict[str, Any]:
-  """Preprocesses `mard_dir` into `out_dir`. See the module docstring.
-
-  Args:
-    config: the full config (uses `config.data`).
-    mard_dir: raw MARD directory.
-    out_dir: output directory; replaced atomically when done.
-    force: rebuild even when `out_dir` is up to date.
-    show_progress: progress bars on stderr.
-
-  Returns:
-    The report: counts per split, skips by reason, paths, timings.
-
-  Raises:
-    UserError: bad config, missing files, or nothing usable in the input.
-  """
-  t0 = time.time()
-  data = config.data
-  specs = desc_lib.parse_descriptor_list(data.descriptors)
-  dim = desc_lib.dim(specs)
-  sources = ingest.find_sources(data, mard_dir)
-  # The encoder's weights are hashed once: they may be hundreds of MB.
-  encoder_id = text_features.encoder_fingerprint(data.text_encoder_path)
-  fingerprint = _fingerprint(mard_dir, sources.files, data, encoder_id)
+def _reused(out_dir: str, fingerprint: str) -> dict[str, Any] | None:
+  """The old report when `out_dir` was built from these very inputs."""
   existing = os.path.join(out_dir, MANIFEST)
-  if not force and os.path.isfile(existing):
-    with open(existing) as f:
-      old = json.load(f)
-    if old.get('source', {}).get('fingerprint') == fingerprint:
-      return dict(old['report'], reused=True,
-                  seconds=round(time.time() - t0, 2))
-  corpus = ingest.load(data, mard_dir, sources, show_progress)
-  counts = corpus.counts
-  kept, album_split = corpus.albums, corpus.album_split
-  dirs = sources.dirs
+  if not os.path.isfile(existing):
+    return None
+  with open(existing) as f:
+    old = json.load(f)
+  if old.get('source', {}).get('fingerprint') != fingerprint:
+    return None
+  return old['report']
 
-  # Reviews, pass 1: split sizes and training words.
-  word_counts = collections.Counter()
-  split_counts = collections.Counter()
-  reviews_per_album = collections.defaultdict(collections.Counter)
+
+def _count_reviews(corpus: ingest.Corpus, show_progress: bool) -> _Pass1:
+  """Pass 1 over the reviews: split sizes, reviews per album, and the
+  training split's words."""
+  out = _Pass1(collections.Counter(), collections.Counter(),
+               collections.defaultdict(collections.Counter))
   bar = progress.bar(None, 'reviews pass 1/2', 'review', show_progress)
-  for _, words, idx, split in corpus.usable_reviews(counts):
+  for _, words, idx, split in corpus.usable_reviews(corpus.counts):
     bar.update(1)
-    split_counts[split] += 1
-    reviews_per_album[idx][split] += 1
+    out.split_counts[split] += 1
+    out.reviews_per_album[idx][split] += 1
     if split == splits_lib.TRAIN:
-      word_counts.update(words)
+      out.word_counts.update(words)
   bar.close()
-  if not split_counts[splits_lib.TRAIN]:
+  if not out.split_counts[splits_lib.TRAIN]:
     raise UserError('No training review is left after validation: '
-                    f'{ingest.describe_skips(counts, "reviews")}')
+                    f'{ingest.describe_skips(corpus.counts, "reviews")}')
+  return out
 
-  # 5. Vocabulary and feature statistics from the training split only.
-  vocab = text_lib.Vocabulary.from_counts(word_counts, data.vocab_size,
-                                          data.min_word_count)
+
+def _descriptor_moments(corpus: ingest.Corpus, data, dim: int
+                        ) -> desc_lib.RunningMoments:
+  """Feature statistics after the transform, from training albums only."""
   moments = desc_lib.RunningMoments(dim)
-  for k in kept:
+  for k in corpus.albums:
     if k.split == splits_lib.TRAIN:
       moments.update(desc_lib.transform(k.descriptors.astype(np.float64),
                                         data.transform))
+  return moments
 
-  # 6. Write everything into a fresh temporary directory.
+
+def _fresh_tmp(out_dir: str) -> str:
+  """A new temporary directory beside `out_dir`, after clearing what
+  interrupted runs left there."""
   parent = os.path.dirname(os.path.abspath(out_dir)) or '.'
   os.makedirs(parent, exist_ok=True)
   base = os.path.basename(os.path.abspath(out_dir))
-  for leftover in os.listdir(parent):  # From interrupted runs.
+  for leftover in os.listdir(parent):
     if leftover.startswith(f'.{base}.tmp-') or leftover.startswith(
         f'.{base}.old-'):
       shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
   tmp = os.path.join(parent, f'.{base}.tmp-{os.getpid()}')
   os.makedirs(tmp)
-  vocab_sha = vocab.save(os.path.join(tmp, VOCAB_FILE))
-  with open(os.path.join(tmp, FEATURES_FILE), 'w') as f:
-    f.write('\n'.join(desc_lib.feature_names(specs)) + '\n')
+  return tmp
 
+
+def _write_reviews(tmp: str, corpus: ingest.Corpus, vocab, data,
+                   split_counts: collections.Counter, encoder,
+                   show_progress: bool) -> tuple[dict[str, list[str]], int]:
+  """Pass 2 over the reviews: tokenize (and encode, with a frozen encoder)
+  and write them; returns ({split: files}, reviews truncated to max_len)."""
   from mardjax.data import records  # pylint: disable=g-import-not-at-top
-  files_out = {'reviews': {}, 'albums': {}}
-  review_writers = {}
-  for split in splits_lib.REVIEW_SPLITS:
-    n = _num_shards(split_counts[split], data.examples_per_shard)
-    review_writers[split] = _ShardedWriter(tmp, f'reviews-{split}', n)
-    files_out['reviews'][split] = review_writers[split].names
-  pass2 = collections.Counter()
-  truncated = 0
+  writers = {split: _ShardedWriter(
+      tmp, f'reviews-{split}',
+      _num_shards(split_counts[split], data.examples_per_shard))
+             for split in splits_lib.REVIEW_SPLITS}
   written = collections.Counter()
-  encoder = (text_features.FrozenEncoder(data.text_encoder_path,
-                                         data.text_encoder_max_tokens,
-                                         sha256=encoder_id['sha256'])
-             if data.text_encoder_path else None)
+  truncated = 0
   pending = []  # Reviews waiting for their encoder features, in order.
 
   def flush():
     feats = (encoder.encode([p[-1] for p in pending]) if encoder else
              [None] * len(pending))
     for (split, shard, args, _), f in zip(pending, feats):
-      review_writers[split].write(shard, records.review_example(
+      writers[split].write(shard, records.review_example(
           *args, text_features=f))
       written[split] += 1
     pending.clear()
 
   bar = progress.bar(sum(split_counts.values()), 'reviews pass 2/2', 'review',
                      show_progress)
-  for review, words, idx, split in corpus.usable_reviews(pass2):
+  for review, words, idx, split in corpus.usable_reviews(
+      collections.Counter()):
     bar.update(1)
     ids, full_len = vocab.encode(words, data.max_len)
     truncated += full_len > data.max_len
     shard = int(splits_lib.hash_unit(review.review_id, 'shard') *
-                len(review_writers[split].names))
+                len(writers[split].names))
     pending.append((split, shard, (review.review_id, idx, ids, full_len,
                                    review.rating),
                     text_features.review_text(review.summary, review.text)
@@ -221,19 +208,28 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
       flush()
   flush()
   bar.close()
-  for w in review_writers.values():
+  for w in writers.values():
     w.close()
   if written != split_counts:  # The input changed under us.
     shutil.rmtree(tmp, ignore_errors=True)
     raise UserError(f'{mard_io.REVIEWS_FILE} changed while it was read '
                     f'({dict(split_counts)} then {dict(written)}); run again.')
+  return {s: w.names for s, w in writers.items()}, int(truncated)
 
-  tracks_written = 0
+
+def _write_albums(tmp: str, corpus: ingest.Corpus, data,
+                  reviews_per_album: dict[int, collections.Counter]
+                  ) -> tuple[dict[str, list[str]], int]:
+  """Album records (tracks' descriptors) and albums.jsonl; returns
+  ({split: files}, tracks written)."""
+  from mardjax.data import records  # pylint: disable=g-import-not-at-top
+  kept, album_split = corpus.albums, corpus.album_split
+  files, tracks_written = {}, 0
   for split in (splits_lib.TRAIN, splits_lib.TEST):
     members = [i for i, s in enumerate(album_split) if s == split]
     n = _num_shards(len(members), data.albums_per_shard)
     writer = _ShardedWriter(tmp, f'albums-{split}', n)
-    files_out['albums'][split] = writer.names
+    files[split] = writer.names
     for pos, i in enumerate(members):
       album, mbids, vecs = kept[i].album, kept[i].mbids, kept[i].descriptors
       writer.write(pos * n // max(1, len(members)),
@@ -242,16 +238,24 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
     writer.close()
   with open(os.path.join(tmp, ALBUMS_FILE), 'wb') as f:
     for i, k in enumerate(kept):
-      album, mbids = k.album, k.mbids
+      album = k.album
       f.write(orjson.dumps({
           'album_index': i, 'amazon_id': album.amazon_id,
           'artist': album.artist, 'title': album.title,
           'genre': album.genre, 'year': album.year, 'split': album_split[i],
-          'num_tracks': len(mbids),
+          'num_tracks': len(k.mbids),
           'num_reviews': {s: reviews_per_album[i][s]
                           for s in splits_lib.REVIEW_SPLITS}}) + b'\n')
+  return files, tracks_written
 
-  album_counts = collections.Counter(album_split)
+
+def _report(corpus: ingest.Corpus, out_dir: str, mard_dir: str,
+            pass1: _Pass1, vocab_size: int, dim: int, truncated: int,
+            tracks_written: int) -> dict[str, Any]:
+  """Counts per split, skips by reason, and the check that every input
+  record is either written or counted as skipped."""
+  counts, kept = corpus.counts, corpus.albums
+  split_counts = pass1.split_counts
   skipped = {}
   for key, value in sorted(counts.items()):
     group, _, reason = key.partition('/')
@@ -268,6 +272,7 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
                           counts['input/descriptor_files_read'] + sum(
                               skipped.get('descriptor_files', {}).values()),
   }
+  album_counts = collections.Counter(corpus.album_split)
   report = {
       'tfrecord_dir': os.path.abspath(out_dir),
       'mard_dir': os.path.abspath(mard_dir),
@@ -275,12 +280,12 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
       'albums_by_split': {s: album_counts[s] for s in (splits_lib.TRAIN,
                                                        splits_lib.TEST)},
       'albums_without_reviews': sum(
-          1 for i in range(len(kept)) if not reviews_per_album[i]),
+          1 for i in range(len(kept)) if not pass1.reviews_per_album[i]),
       'reviews': {s: split_counts[s] for s in splits_lib.REVIEW_SPLITS},
       'tracks': tracks_written,
-      'vocab_size': len(vocab),
+      'vocab_size': vocab_size,
       'descriptor_dim': dim,
-      'reviews_truncated': int(truncated),
+      'reviews_truncated': truncated,
       'extractor_versions': dict(corpus.extractors),
       'input': {k.partition('/')[2]: v for k, v in sorted(counts.items())
                 if k.startswith('input/')},
@@ -293,13 +298,75 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
     report['warnings'] = [f'descriptor documents come from several extractors '
                           f'{dict(corpus.extractors)}: their values may not be '
                           'comparable']
+  return report
+
+
+def _swap_in(tmp: str, out_dir: str) -> None:
+  """Readers see the old set or the new, never half."""
+  parent = os.path.dirname(os.path.abspath(out_dir)) or '.'
+  base = os.path.basename(os.path.abspath(out_dir))
+  old = os.path.join(parent, f'.{base}.old-{os.getpid()}')
+  if os.path.exists(out_dir):
+    os.rename(out_dir, old)
+  os.rename(tmp, out_dir)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
+        force: bool = False, show_progress: bool = True) -> dict[str, Any]:
+  """Preprocesses `mard_dir` into `out_dir`, in the module docstring's
+  stages. The config is checked first by `mardjax.config_check`.
+
+  Args:
+    config: the full config (uses `config.data`).
+    mard_dir: raw MARD directory.
+    out_dir: output directory; replaced atomically when done.
+    force: rebuild even when `out_dir` is up to date.
+    show_progress: progress bars on stderr.
+
+  Returns:
+    The report: counts per split, skips by reason, paths, timings.
+
+  Raises:
+    UserError: missing files, or nothing usable in the input.
+  """
+  t0 = time.time()
+  data = config.data
+  specs = desc_lib.parse_descriptor_list(data.descriptors)
+  dim = desc_lib.dim(specs)
+  sources = ingest.find_sources(data, mard_dir)
+  # The encoder's weights are hashed once: they may be hundreds of MB.
+  encoder_id = text_features.encoder_fingerprint(data.text_encoder_path)
+  fingerprint = _fingerprint(mard_dir, sources.files, data, encoder_id)
+  old = None if force else _reused(out_dir, fingerprint)
+  if old is not None:
+    return dict(old, reused=True, seconds=round(time.time() - t0, 2))
+  corpus = ingest.load(data, mard_dir, sources, show_progress)  # 1-3.
+  pass1 = _count_reviews(corpus, show_progress)  # 4.
+  vocab = text_lib.Vocabulary.from_counts(pass1.word_counts, data.vocab_size,
+                                          data.min_word_count)  # 5.
+  moments = _descriptor_moments(corpus, data, dim)
+  tmp = _fresh_tmp(out_dir)  # 6.
+  vocab_sha = vocab.save(os.path.join(tmp, VOCAB_FILE))
+  with open(os.path.join(tmp, FEATURES_FILE), 'w') as f:
+    f.write('\n'.join(desc_lib.feature_names(specs)) + '\n')
+  encoder = (text_features.FrozenEncoder(data.text_encoder_path,
+                                         data.text_encoder_max_tokens,
+                                         sha256=encoder_id['sha256'])
+             if data.text_encoder_path else None)
+  review_files, truncated = _write_reviews(
+      tmp, corpus, vocab, data, pass1.split_counts, encoder, show_progress)
+  album_files, tracks_written = _write_albums(tmp, corpus, data,
+                                              pass1.reviews_per_album)
+  report = _report(corpus, out_dir, mard_dir, pass1, len(vocab), dim,
+                   truncated, tracks_written)
   manifest = {
       'schema_version': manifest_lib.SCHEMA_VERSION,
       'source': {'mard_dir': os.path.abspath(mard_dir),
-                 'descriptor_dirs': [os.path.abspath(d) for d in dirs],
+                 'descriptor_dirs': [os.path.abspath(d) for d in sources.dirs],
                  'fingerprint': fingerprint},
       'config': {k: data[k] for k in _DATA_FIELDS},
-      'files': files_out,
+      'files': {'reviews': review_files, 'albums': album_files},
       'albums_file': ALBUMS_FILE,
       'vocab': {'file': VOCAB_FILE, 'size': len(vocab), 'sha256': vocab_sha,
                 'pad_id': text_lib.PAD_ID, 'unk_id': text_lib.UNK_ID,
@@ -317,16 +384,9 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
                  'reviews': report['reviews'], 'tracks': tracks_written},
       'report': report,
   }
-  with open(os.path.join(tmp, MANIFEST), 'w') as f:
+  with open(os.path.join(tmp, MANIFEST), 'w') as f:  # 7: manifest last.
     json.dump(manifest, f, indent=1, sort_keys=True)
-
-  # 7. Swap in atomically: readers see the old set or the new, never half.
-  old = os.path.join(parent, f'.{base}.old-{os.getpid()}')
-  if os.path.exists(out_dir):
-    os.rename(out_dir, old)
-  os.rename(tmp, out_dir)
-  shutil.rmtree(old, ignore_errors=True)
+  _swap_in(tmp, out_dir)
   return dict(report, reused=False, manifest=os.path.join(
       os.path.abspath(out_dir), MANIFEST), seconds=round(time.time() - t0, 2),
               peak_rss_mb=_peak_rss_mb())
-

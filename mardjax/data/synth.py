@@ -40,7 +40,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -577,109 +577,161 @@ def _ids_for_albums(seed: int, start: int, count: int):
   return [np.random.default_rng([seed, start + i]) for i in range(count)]
 
 
-def _generate_chunk(job) -> tuple[bytes, bytes, collections.Counter]:
+class _Chunk(NamedTuple):
+  """One worker's share of the corpus: albums start .. start + len(genres)."""
+  seed: int
+  start: int
+  genres: np.ndarray  # (n,) genre index of each album.
+  n_reviews: np.ndarray  # (n,) reviews of each album.
+  n_tracks: np.ndarray  # (n,) tracks of each album.
+  out_dir: str
+  chunk_id: int
+  reviewer_pool: np.ndarray  # Reviewer ids to draw from.
+
+
+class _Files(NamedTuple):
+  """Where a chunk's descriptor documents go, and what it wrote."""
+  out_dir: str
+  bulk: dict  # mbid -> {'0': doc}, written as one bulk file per chunk.
+  made_dirs: set
+  counts: collections.Counter
+
+
+def _album(rng, genre: str) -> tuple[dict[str, Any], np.ndarray]:
+  """(MARD metadata record with its songs, latent traits (len(LATENT),))."""
+  z_album = np.asarray(GENRES[genre][0]) + rng.normal(0, 0.7, len(LATENT))
+  amazon_id = _code(rng, 'B', 9)
+  artist = _name(rng, int(rng.integers(1, 3)))
+  title = ' '.join(_pick(rng, _TITLE_WORDS).title()
+                   for _ in range(int(rng.integers(1, 4))))
+  year = int(rng.integers(1960, 2015))
+  return {'amazon-id': amazon_id, 'artist': artist, 'title': title,
+          'root-genre': genre, 'first-release-year': year}, z_album
+
+
+def _songs(rng, album: dict[str, Any], num_tracks: int) -> None:
+  """Adds the songs and the remaining metadata fields to `album`."""
+  genre = album['root-genre']
+  album['songs'] = [{'title': ' '.join(_pick(rng, _TITLE_WORDS).title()
+                                       for _ in range(int(rng.integers(1, 4)))),
+                     'mbid': _uuid(rng)} for _ in range(num_tracks)]
+  album['categories'] = [['CDs & Vinyl', genre],
+                         ['CDs & Vinyl', genre, _pick(
+                             rng, _GENRE_LISTS[genre]).title()]]
+  album['release-group-mbid'] = _uuid(rng)
+  album['artist-mbid'] = _uuid(rng)
+  album['label'] = _name(rng, 1) + ' Records'
+
+
+def _metadata_line(album: dict[str, Any]) -> bytes:
+  # MARD's field order.
+  keys = ('amazon-id', 'artist', 'title', 'root-genre', 'categories',
+          'first-release-year', 'release-group-mbid', 'artist-mbid', 'label',
+          'songs')
+  return orjson.dumps({k: album[k] for k in keys})
+
+
+def _track_documents(rng, physics, album: dict[str, Any],
+                     z_album: np.ndarray, files: _Files) -> None:
+  """Each song's AcousticBrainz document, in one of the expanded set's forms
+  (dump file, bulk response, amazonid_mbid file) and sometimes MARD's
+  original first-track file."""
+  songs, nt = album['songs'], len(album['songs'])
+  z_tracks = z_album + rng.normal(0, 0.35, (nt, len(LATENT)))
+  album_mbid = _uuid(rng)
+  tags = [{'album': [album['title']], 'artist': [album['artist']],
+           'albumartist': [album['artist']],
+           'title': [s['title']], 'date': [str(album['first-release-year'])],
+           'musicbrainz_recordingid': [s['mbid']],
+           'musicbrainz_albumid': [album_mbid],
+           'musicbrainz_releasegroupid': [album['release-group-mbid']],
+           'tracknumber': [f'{k + 1}/{nt}'],
+           'file_name': f'{k + 1:02d} {s["title"]}.mp3'}
+          for k, s in enumerate(songs)]
+  docs = physics.documents(z_tracks, rng, tags)
+  form = rng.random()
+  expanded = os.path.join(files.out_dir, mard_io.EXPANDED_DESCRIPTOR_DIR)
+  for k, (song, doc) in enumerate(zip(songs, docs)):
+    data = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    mbid = song['mbid']
+    if form < 0.8:
+      sub = os.path.join(expanded, 'lowlevel', mbid[:2], mbid[2])
+      if sub not in files.made_dirs:
+        os.makedirs(sub, exist_ok=True)
+        files.made_dirs.add(sub)
+      _write(os.path.join(sub, f'{mbid}-0.json'), data)
+    elif form < 0.9:
+      files.bulk[mbid] = {'0': doc}
+    else:
+      _write(os.path.join(expanded, 'by_album',
+                          f'{album["amazon-id"]}_{mbid}.json'), data)
+    files.counts['tracks'] += 1
+    if k == 0 and rng.random() < 0.433:  # MARD's original first-track file.
+      _write(os.path.join(files.out_dir, mard_io.ORIGINAL_DESCRIPTOR_DIR,
+                          f'{album["amazon-id"]}_{mbid}.json'), data)
+      files.counts['original_descriptor_files'] += 1
+
+
+def _reviews(rng, album: dict[str, Any], z_album: np.ndarray,
+             num_reviews: int, reviewer_pool: np.ndarray) -> list[bytes]:
+  """The album's review lines: distinct reviewers, ratings around a hidden
+  quality, texts from each reviewer's noisy impression of the album."""
+  reviewers = rng.choice(reviewer_pool, size=num_reviews, replace=False)
+  nr = len(reviewers)
+  quality = rng.normal(0, 1)
+  ratings = np.clip(np.round(4.2 + 0.6 * quality + rng.normal(0, 1, nr)),
+                    1, 5).astype(int).tolist()
+  times = rng.integers(946684800, 1404172800, nr).tolist()  # 2000..2014.
+  impressions = z_album + rng.normal(0, 0.6, (nr, len(LATENT)))
+  # Log-normal sentence counts: median ~11 sentences (~90 words); about 2%
+  # of reviews run past 400 words, as long Amazon reviews do.
+  n_sents = np.maximum(1, np.round(np.exp(rng.normal(2.4, 0.7, nr)))
+                       ).astype(int).tolist()
+  helpful = rng.poisson(2, nr).tolist()
+  draws = _Draws(rng)
+  lines = []
+  for j, reviewer in enumerate(reviewers.tolist()):
+    tm = time.gmtime(times[j])
+    lines.append(orjson.dumps({
+        'amazon-id': album['amazon-id'],
+        'reviewerID': f'A{reviewer:013d}',
+        'reviewerName': draws.pick(_SYLLABLES).title() + draws.pick(
+            _SYLLABLES),
+        'helpful': [int(draws.unit() * (helpful[j] + 1)), helpful[j]],
+        'reviewText': _review_text(draws, album, impressions[j],
+                                   ratings[j], n_sents[j]),
+        'overall': float(ratings[j]),
+        'summary': draws.pick(_OPINION[ratings[j]]),
+        'unixReviewTime': times[j],
+        'reviewTime': f'{tm.tm_mon:02d} {tm.tm_mday}, {tm.tm_year}',
+    }))
+  return lines
+
+
+def _generate_chunk(job: _Chunk) -> tuple[bytes, bytes, collections.Counter]:
   """Writes one chunk's descriptor files; returns its metadata/review lines."""
-  (seed, start, genres, n_reviews, n_tracks, out_dir, chunk_id,
-   reviewer_pool) = job
   physics = _physics()
   meta_lines, review_lines = [], []
-  counts = collections.Counter()
-  bulk = {}
-  made_dirs = set()
+  files = _Files(job.out_dir, {}, set(), collections.Counter())
   genre_names = list(GENRES)
-  for i, rng in enumerate(_ids_for_albums(seed, start, len(genres))):
-    genre = genre_names[genres[i]]
-    z_album = np.asarray(GENRES[genre][0]) + rng.normal(0, 0.7, len(LATENT))
-    amazon_id = _code(rng, 'B', 9)
-    artist = _name(rng, int(rng.integers(1, 3)))
-    title = ' '.join(_pick(rng, _TITLE_WORDS).title()
-                     for _ in range(int(rng.integers(1, 4))))
-    year = int(rng.integers(1960, 2015))
-    nt = int(n_tracks[i])
-    songs = [{'title': ' '.join(_pick(rng, _TITLE_WORDS).title()
-                                for _ in range(int(rng.integers(1, 4)))),
-              'mbid': _uuid(rng)} for _ in range(nt)]
-    album = {'amazon-id': amazon_id, 'artist': artist, 'title': title,
-             'root-genre': genre,
-             'categories': [['CDs & Vinyl', genre],
-                            ['CDs & Vinyl', genre, _pick(
-                                rng, _GENRE_LISTS[genre]).title()]],
-             'first-release-year': year,
-             'release-group-mbid': _uuid(rng), 'artist-mbid': _uuid(rng),
-             'label': _name(rng, 1) + ' Records', 'songs': songs}
-    meta_lines.append(orjson.dumps(album))
-    # Tracks and their documents.
-    z_tracks = z_album + rng.normal(0, 0.35, (nt, len(LATENT)))
-    album_mbid = _uuid(rng)
-    tags = [{'album': [title], 'artist': [artist], 'albumartist': [artist],
-             'title': [s['title']], 'date': [str(year)],
-             'musicbrainz_recordingid': [s['mbid']],
-             'musicbrainz_albumid': [album_mbid],
-             'musicbrainz_releasegroupid': [album['release-group-mbid']],
-             'tracknumber': [f'{k + 1}/{nt}'],
-             'file_name': f'{k + 1:02d} {s["title"]}.mp3'}
-            for k, s in enumerate(songs)]
-    docs = physics.documents(z_tracks, rng, tags)
-    form = rng.random()
-    for k, (song, doc) in enumerate(zip(songs, docs)):
-      data = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-      mbid = song['mbid']
-      if form < 0.8:
-        sub = os.path.join(out_dir, mard_io.EXPANDED_DESCRIPTOR_DIR,
-                           'lowlevel', mbid[:2], mbid[2])
-        if sub not in made_dirs:
-          os.makedirs(sub, exist_ok=True)
-          made_dirs.add(sub)
-        _write(os.path.join(sub, f'{mbid}-0.json'), data)
-      elif form < 0.9:
-        bulk[mbid] = {'0': doc}
-      else:
-        _write(os.path.join(out_dir, mard_io.EXPANDED_DESCRIPTOR_DIR,
-                            'by_album', f'{amazon_id}_{mbid}.json'), data)
-      counts['tracks'] += 1
-      if k == 0 and rng.random() < 0.433:  # MARD's original first-track file.
-        _write(os.path.join(out_dir, mard_io.ORIGINAL_DESCRIPTOR_DIR,
-                            f'{amazon_id}_{mbid}.json'), data)
-        counts['original_descriptor_files'] += 1
-    # Reviews.
-    reviewers = rng.choice(reviewer_pool, size=int(n_reviews[i]),
-                           replace=False)
-    nr = len(reviewers)
-    quality = rng.normal(0, 1)
-    ratings = np.clip(np.round(4.2 + 0.6 * quality + rng.normal(0, 1, nr)),
-                      1, 5).astype(int).tolist()
-    times = rng.integers(946684800, 1404172800, nr).tolist()  # 2000..2014.
-    impressions = z_album + rng.normal(0, 0.6, (nr, len(LATENT)))
-    # Log-normal sentence counts: median ~11 sentences (~90 words); about 2%
-    # of reviews run past 400 words, as long Amazon reviews do.
-    n_sents = np.maximum(1, np.round(np.exp(rng.normal(2.4, 0.7, nr)))
-                         ).astype(int).tolist()
-    helpful = rng.poisson(2, nr).tolist()
-    draws = _Draws(rng)
-    for j, reviewer in enumerate(reviewers.tolist()):
-      tm = time.gmtime(times[j])
-      review = {
-          'amazon-id': amazon_id,
-          'reviewerID': f'A{reviewer:013d}',
-          'reviewerName': draws.pick(_SYLLABLES).title() + draws.pick(
-              _SYLLABLES),
-          'helpful': [int(draws.unit() * (helpful[j] + 1)), helpful[j]],
-          'reviewText': _review_text(draws, album, impressions[j],
-                                     ratings[j], n_sents[j]),
-          'overall': float(ratings[j]),
-          'summary': draws.pick(_OPINION[ratings[j]]),
-          'unixReviewTime': times[j],
-          'reviewTime': f'{tm.tm_mon:02d} {tm.tm_mday}, {tm.tm_year}',
-      }
-      review_lines.append(orjson.dumps(review))
-    counts['albums'] += 1
-    counts['reviews'] += nr
-  if bulk:
-    _write(os.path.join(out_dir, mard_io.EXPANDED_DESCRIPTOR_DIR, 'bulk',
-                        f'bulk-{chunk_id:05d}.json'),
-           orjson.dumps(bulk, option=orjson.OPT_SERIALIZE_NUMPY))
-    counts['bulk_files'] += 1
-  return b'\n'.join(meta_lines) + b'\n', b'\n'.join(review_lines) + b'\n', counts
+  for i, rng in enumerate(_ids_for_albums(job.seed, job.start,
+                                          len(job.genres))):
+    album, z_album = _album(rng, genre_names[job.genres[i]])
+    _songs(rng, album, int(job.n_tracks[i]))
+    meta_lines.append(_metadata_line(album))
+    _track_documents(rng, physics, album, z_album, files)
+    lines = _reviews(rng, album, z_album, int(job.n_reviews[i]),
+                     job.reviewer_pool)
+    review_lines.extend(lines)
+    files.counts['albums'] += 1
+    files.counts['reviews'] += len(lines)
+  if files.bulk:
+    _write(os.path.join(job.out_dir, mard_io.EXPANDED_DESCRIPTOR_DIR, 'bulk',
+                        f'bulk-{job.chunk_id:05d}.json'),
+           orjson.dumps(files.bulk, option=orjson.OPT_SERIALIZE_NUMPY))
+    files.counts['bulk_files'] += 1
+  return (b'\n'.join(meta_lines) + b'\n', b'\n'.join(review_lines) + b'\n',
+          files.counts)
 
 
 def _write(path: str, data: bytes) -> None:
@@ -738,8 +790,8 @@ def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
   jobs = []
   for chunk_id, lo in enumerate(range(0, sizes.num_albums, _ALBUMS_PER_CHUNK)):
     hi = min(lo + _ALBUMS_PER_CHUNK, sizes.num_albums)
-    jobs.append((seed, lo, genres[lo:hi], n_reviews[lo:hi], n_tracks[lo:hi],
-                 out_dir, chunk_id, reviewer_pool))
+    jobs.append(_Chunk(seed, lo, genres[lo:hi], n_reviews[lo:hi],
+                       n_tracks[lo:hi], out_dir, chunk_id, reviewer_pool))
 
   totals = collections.Counter()
   meta_path = os.path.join(out_dir, mard_io.METADATA_FILE)

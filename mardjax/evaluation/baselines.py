@@ -34,6 +34,7 @@ from scipy import sparse
 from mardjax.data import input_pipeline
 from mardjax.evaluation import metrics
 from mardjax.data import manifest as manifest_lib
+from mardjax.data import tables
 from mardjax.errors import UserError
 
 
@@ -257,7 +258,7 @@ def train_wsabie(text: np.ndarray, pair_album: np.ndarray,
 # --- Runner ------------------------------------------------------------------
 
 
-def _album_audio(audio: input_pipeline.AudioTable
+def _album_audio(audio: tables.AudioTable
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(albums with tracks (C,), their mean normalised descriptors (C, A))."""
   albums, means = audio.album_means(audio.descriptors)

@@ -105,6 +105,47 @@ class Room:
             for i, s in zip(idx[0], scores[0])]
 
 
+async def _read_upload(file, max_upload_bytes: int) -> tuple[bytes, str]:
+  """(bytes, lower-case extension) of an upload, or the 4xx that refuses it:
+  a name with path components, too large, or empty."""
+  import fastapi  # pylint: disable=g-import-not-at-top
+  name = file.filename or ''
+  if name != os.path.basename(name.replace('\\', '/')) or name in ('.', '..'):
+    raise fastapi.HTTPException(400, f'bad file name {name!r}: no path '
+                                'components')
+  data = await file.read(max_upload_bytes + 1)
+  if len(data) > max_upload_bytes:
+    raise fastapi.HTTPException(
+        413, f'the upload is larger than {max_upload_bytes} bytes')
+  if not data.strip():
+    raise fastapi.HTTPException(400, 'the file is empty')
+  return data, os.path.splitext(name)[1].lower()
+
+
+async def _document(data: bytes, ext: str) -> Any:
+  """The low-level document of an upload: parsed JSON, or Essentia's
+  analysis of a recording (in a worker thread); 4xx for anything else."""
+  import fastapi  # pylint: disable=g-import-not-at-top
+  if data.lstrip().startswith(b'{') or ext == '.json':
+    try:
+      return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+      raise fastapi.HTTPException(422, f'not valid JSON: {e}') from None
+  if ext in audio_analysis.AUDIO_TYPES:
+    try:
+      return await fastapi.concurrency.run_in_threadpool(
+          audio_analysis.analyse_bytes, data, ext)
+    except audio_analysis.BadAudio as e:
+      raise fastapi.HTTPException(422, str(e)) from None
+    except ImportError:
+      raise fastapi.HTTPException(
+          415, audio_analysis.ESSENTIA_MISSING) from None
+  raise fastapi.HTTPException(
+      415, f'unsupported file type {ext or "(none)"}: upload '
+      f'{", ".join(audio_analysis.AUDIO_TYPES)} audio or an '
+      'AcousticBrainz low-level .json document')
+
+
 def create_app(room: Room, max_upload_bytes: int):
   """The FastAPI app over a loaded Room."""
   import fastapi  # pylint: disable=g-import-not-at-top
@@ -150,37 +191,8 @@ def create_app(room: Room, max_upload_bytes: int):
   @app.post('/api/query/audio')
   async def query_audio(file: fastapi.UploadFile, k: int = 10):
     k = check_k(k)
-    name = file.filename or ''
-    if name != os.path.basename(name.replace('\\', '/')) or name in (
-        '.', '..'):
-      raise fastapi.HTTPException(400, f'bad file name {name!r}: no path '
-                                  'components')
-    data = await file.read(max_upload_bytes + 1)
-    if len(data) > max_upload_bytes:
-      raise fastapi.HTTPException(
-          413, f'the upload is larger than {max_upload_bytes} bytes')
-    if not data.strip():
-      raise fastapi.HTTPException(400, 'the file is empty')
-    ext = os.path.splitext(name)[1].lower()
-    if data.lstrip().startswith(b'{') or ext == '.json':
-      try:
-        doc = json.loads(data)
-      except (ValueError, UnicodeDecodeError) as e:
-        raise fastapi.HTTPException(422, f'not valid JSON: {e}') from None
-    elif ext in audio_analysis.AUDIO_TYPES:
-      try:
-        doc = await fastapi.concurrency.run_in_threadpool(
-            audio_analysis.analyse_bytes, data, ext)
-      except audio_analysis.BadAudio as e:
-        raise fastapi.HTTPException(422, str(e)) from None
-      except ImportError:
-        raise fastapi.HTTPException(
-            415, audio_analysis.ESSENTIA_MISSING) from None
-    else:
-      raise fastapi.HTTPException(
-          415, f'unsupported file type {ext or "(none)"}: upload '
-          f'{", ".join(audio_analysis.AUDIO_TYPES)} audio or an '
-          'AcousticBrainz low-level .json document')
+    data, ext = await _read_upload(file, max_upload_bytes)
+    doc = await _document(data, ext)
     try:
       return room.descriptor_query(doc, k)
     except desc_lib.DescriptorError as e:
