@@ -1,4 +1,4 @@
-"""Readers for the raw MARD layout (DESIGN 2.1). Streaming; never `eval`.
+"""Readers for the raw MARD release's layout. Streaming; never `eval`.
 
 * `mard_metadata.json`: one album per line.
 * `mard_reviews.json`: one review per line.

@@ -1,15 +1,21 @@
 """Raw MARD directory -> validated, split, tokenized TFRecords + manifest.
 
-The path (DESIGN 2):
+The stages of `run`, each a function of its own:
 
-  1. metadata: albums, their songs' MBIDs (`mard_io.read_albums`);
+  0. reuse: unchanged inputs and config give the old output (`_reused`);
+  1. metadata: albums, their songs' MBIDs (`ingest.load`);
   2. descriptor documents from the original and expanded directories, parsed
      in worker processes, tied to albums, flattened (`descriptors.extract`);
   3. splits: albums held out by hash (test), then reviews by hash (dev/train);
-  4. pass 1 over reviews: validate, de-duplicate, count training words;
-  5. vocabulary and feature statistics, fitted on the training split only;
-  6. pass 2 over reviews: tokenize and write; albums written with their tracks;
-  7. manifest.json last; the whole directory appears atomically.
+  4. pass 1 over reviews: validate, de-duplicate, count training words
+     (`_count_reviews`);
+  5. vocabulary and feature statistics, fitted on the training split only
+     (`_descriptor_moments`);
+  6. into a fresh temporary directory (`_fresh_tmp`): pass 2 over reviews,
+     tokenized and written (`_write_reviews`); albums with their tracks
+     (`_write_albums`); the report with its reconciliation (`_report`);
+  7. manifest.json last, then the directory swapped in atomically
+     (`_swap_in`).
 
 Memory stays bounded: reviews are streamed twice rather than held; what is
 held is one float32 vector per track (~0.5 GB at MARD's 343,882 tracks), the

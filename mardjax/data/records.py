@@ -10,7 +10,7 @@ Two kinds of `tf.train.Example`, in sharded files:
     full_length  int64   number of words before truncation
     rating       float   Amazon star rating (0 when absent)
     text_features float[] only with a pretrained text encoder configured:
-                 its features of the review (manifest['text_features'])
+                 its features of the review (`Manifest.text_features`)
 * albums (`albums-<split>-<i>-of-<n>.tfrecord`, splits train/test; train
   albums also hold the dev reviews' albums):
     album_index  int64

@@ -1,4 +1,4 @@
-"""Deterministic splits by hashing ids (DESIGN 2.3).
+"""Deterministic splits by hashing ids: the same split on every run.
 
 Two splits, nested:
   * album level: a fraction of albums is `test`; none of their reviews or

@@ -1,4 +1,4 @@
-"""A synthetic corpus in exactly the raw MARD layout (DESIGN 2.1 and 3).
+"""A synthetic corpus in exactly the raw MARD layout (`mardjax.data.mard_io`).
 
 MARD cannot be downloaded on every machine, so this generator writes one:
 

@@ -77,7 +77,7 @@ class ReviewTable:
     lengths: (N,) int32, at most max_len.
     album: (N,) int32 album_index of each review.
     features: (N, F) float32 pretrained text features, when the records
-      hold them (manifest['text_features']), else None.
+      hold them (`Manifest.text_features`), else None.
   """
   tokens: np.ndarray
   offsets: np.ndarray

@@ -1,0 +1,78 @@
+"""Restoring for inference: variables only, no data read, old formats."""
+
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from mardjax.data import manifest as manifest_lib
+from mardjax.errors import UserError
+from mardjax.train import checkpoints
+
+
+def _copy_run(trained_room, tmp_path):
+  """A private copy of the shared trained workdir (tests may damage it)."""
+  config, workdir, room = trained_room
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('export'))
+  config = config.copy_and_resolve_references()
+  config.data.tfrecord_dir = os.path.join(copy, 'data')
+  return config, copy, room
+
+
+def _meta_files(workdir):
+  return glob.glob(os.path.join(workdir, '*', '*', 'meta', 'metadata'))
+
+
+def test_inference_restore_reads_variables_without_the_records(
+    trained_room, tmp_path):
+  config, workdir, room = _copy_run(trained_room, tmp_path)
+  # Nothing but the manifest and the vocabulary is needed: remove the records.
+  for path in glob.glob(os.path.join(workdir, 'data', '*.tfrecord')):
+    os.remove(path)
+  trained = checkpoints.load_for_inference(config, workdir)
+  assert trained.source == checkpoints.BEST_DIR
+  assert set(trained.variables) <= set(checkpoints.VARIABLE_FIELDS)
+  assert 'opt_state' not in trained.variables
+  assert trained.step == room.step
+  # The same parameters the server restored, bit for bit.
+  assert (checkpoints.params_fingerprint(trained.variables['params'])
+          == checkpoints.params_fingerprint(room.embedder.variables['params']))
+  assert isinstance(trained.manifest, manifest_lib.Manifest)
+
+
+def test_checkpoints_of_the_first_format_still_load(trained_room, tmp_path):
+  config, workdir, room = _copy_run(trained_room, tmp_path)
+  metas = _meta_files(workdir)
+  assert metas
+  for path in metas:  # Format 1 wrote no format_version.
+    with open(path) as f:
+      meta = json.load(f)
+    assert meta.pop('format_version') == checkpoints.FORMAT_VERSION
+    with open(path, 'w') as f:
+      json.dump(meta, f)
+  trained = checkpoints.load_for_inference(config, workdir)
+  np.testing.assert_array_equal(
+      *(np.asarray(v['params']['audio_head']['out']['kernel'])
+        for v in (trained.variables, room.embedder.variables)))
+
+
+def test_a_newer_format_is_a_clear_error(trained_room, tmp_path):
+  config, workdir, _ = _copy_run(trained_room, tmp_path)
+  for path in _meta_files(workdir):
+    with open(path) as f:
+      meta = json.load(f)
+    meta['format_version'] = checkpoints.FORMAT_VERSION + 1
+    with open(path, 'w') as f:
+      json.dump(meta, f)
+  with pytest.raises(UserError, match='newer mardjax'):
+    checkpoints.load_for_inference(config, workdir)
+
+
+def test_no_checkpoint_is_a_clear_error(trained_room, tmp_path):
+  config, _, _ = trained_room
+  with pytest.raises(UserError, match='No checkpoint'):
+    checkpoints.load_for_inference(config, str(tmp_path))
