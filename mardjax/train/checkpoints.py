@@ -84,8 +84,9 @@ def _abstract(tree):
     return tree
   sharding = NamedSharding(_all_devices_mesh(), P())
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.dtype(x.dtype),
-                                     sharding=sharding), tree)
+      lambda x: jax.ShapeDtypeStruct(
+          np.shape(x), x.dtype if hasattr(x, 'dtype') else np.asarray(x).dtype,
+          sharding=sharding), tree)
 
 
 class Checkpoints:
