@@ -148,6 +148,9 @@ def get_config():
   # --- Serving (--mode=serve) -----------------------------------------------
   config.serve = ml_collections.ConfigDict()
   config.serve.max_upload_mb = 50.0  # Larger uploads are answered 413.
+  config.serve.max_query_kb = 64  # Larger text queries are answered 413.
+  # Processes analysing uploaded recordings (0: one per CPU core).
+  config.serve.analysis_workers = 0
 
   # --- Benchmarks (--mode=benchmark) -----------------------------------------
   config.benchmark = ml_collections.ConfigDict()

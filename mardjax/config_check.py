@@ -7,12 +7,13 @@ registered: `models.two_branch.TEXT_ENCODERS` / `AUDIO_ENCODERS`,
 `train.losses.LOSSES`, `serve.search_index.KINDS`,
 `experiments.benchmark.KINDS` (modes: `mardjax.modes.MODES`, checked there).
 
-  validate_choices(config)    every named choice (all modes)
+  validate_common(config)    every named choice (all modes)
   validate_data(config.data)  preprocessing fields (before minutes of work)
   validate(config, devices)   training: the above plus batch arithmetic
 """
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import ml_collections
 
@@ -39,8 +40,65 @@ def _choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
   need(value in choices, field, value, f'choose from {tuple(choices)}')
 
 
-def validate_choices(config: ml_collections.ConfigDict) -> None:
-  """Every field that names one of several implementations."""
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and (
+      math.isfinite(x))
+
+
+def _positive(x) -> bool:
+  return _finite(x) and x > 0
+
+
+def _at_least(low) -> Callable[[Any], bool]:
+  return lambda x: _finite(x) and x >= low
+
+
+# Numeric fields every mode relies on: (field, test, what it must be).
+_RANGES = (
+    ('model.word_dim', _at_least(1), 'at least 1'),
+    ('model.hidden_dim', _at_least(1), 'at least 1'),
+    ('model.embed_dim', _at_least(1), 'at least 1'),
+    ('model.lstm_dim', _at_least(1), 'at least 1'),
+    ('model.max_tracks', _at_least(1), 'at least 1'),
+    ('loss.margin', _at_least(0), 'a finite number >= 0'),
+    ('loss.temperature', _positive, 'a finite number > 0'),
+    ('loss.sigmoid_bias', _finite, 'a finite number'),
+    ('train.batch_size', _at_least(1), 'at least 1'),
+    ('train.learning_rate', _positive, 'a finite number > 0'),
+    ('train.num_steps', _at_least(0), 'a whole number >= 0'),
+    ('train.num_epochs', _at_least(0), 'a finite number >= 0'),
+    ('train.log_every', _at_least(1), 'at least 1 (steps)'),
+    ('train.checkpoint_every', _at_least(1), 'at least 1 (steps)'),
+    ('train.eval_every', _at_least(1), 'at least 1 (steps)'),
+    ('train.keep_checkpoints', _at_least(1),
+     'at least 1 (a run keeps a checkpoint to resume from)'),
+    ('train.vocab_bucket', _at_least(1), 'at least 1'),
+    ('train.lstm_pack_rows', _at_least(0), 'at least 0'),
+    ('eval.bootstrap', _at_least(0), 'at least 0'),
+    ('export.hnsw_m', _at_least(2), 'at least 2'),
+    ('export.hnsw_ef_construction', _at_least(1), 'at least 1'),
+    ('export.hnsw_ef_search', _at_least(1), 'at least 1'),
+    ('serve.max_upload_mb', _positive, 'a finite number of MB > 0'),
+    ('serve.max_query_kb', _positive, 'a finite number of KB > 0'),
+    ('serve.analysis_workers', _at_least(0), 'at least 0 (0: one per core)'),
+)
+
+
+def validate_values(config: ml_collections.ConfigDict) -> None:
+  """Numbers that are non-finite or out of range, one line each."""
+  for field, ok, what in _RANGES:
+    section, name = field.split('.')
+    value = config[section][name]
+    need(ok(value), field, value, f'must be {what}')
+  weights = tuple(config.loss.weights)
+  need(len(weights) == 4 and all(_at_least(0)(w) for w in weights) and
+       any(weights), 'loss.weights', weights,
+       'needs four finite weights (l1..l4) >= 0, not all zero')
+
+
+def validate_common(config: ml_collections.ConfigDict) -> None:
+  """Every field that names one of several implementations, and every
+  number (`validate_values`)."""
   _choice(config, 'model.text_encoder', two_branch.TEXT_ENCODERS)
   _choice(config, 'model.audio_encoder', two_branch.AUDIO_ENCODERS)
   _choice(config, 'loss.kind', losses.LOSSES)
@@ -56,6 +114,7 @@ def validate_choices(config: ml_collections.ConfigDict) -> None:
     losses.NegativeMode.parse(config.loss.negatives)
   except ValueError as e:
     raise UserError(f'config.loss.{e}') from None
+  validate_values(config)
 
 
 def validate_data(data: ml_collections.ConfigDict) -> None:
@@ -85,22 +144,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
              process_count: int = 1) -> None:
   """Everything training needs, for `num_devices` local devices on each of
   `process_count` processes."""
-  validate_choices(config)
-  t, m, l = config.train, config.model, config.loss
+  validate_common(config)
+  t, l = config.train, config.loss
   devices = num_devices * process_count
-  need(t.batch_size > 0, 'train.batch_size', t.batch_size, 'must be positive')
   need(t.batch_size % devices == 0, 'train.batch_size', t.batch_size,
        f'not divisible by the {devices} devices')
   per_device = t.batch_size // devices
-  need(m.max_tracks >= 1, 'model.max_tracks', m.max_tracks,
-       'must be at least 1')
   mode = losses.NegativeMode.parse(l.negatives)
   candidates = t.batch_size if l.gather_across_devices else per_device
   need(mode.k <= candidates, 'loss.negatives', l.negatives,
        f'K={mode.k} is larger than the {candidates} rows a device ranks '
        'against')
-  need(len(l.weights) == 4, 'loss.weights', tuple(l.weights),
-       'needs four weights (l1..l4)')
   if t.neighbourhood_sampling:
     need(t.reviews_per_album >= 2, 'train.reviews_per_album',
          t.reviews_per_album, 'must be >= 2')
@@ -109,9 +163,3 @@ def validate(config: ml_collections.ConfigDict, num_devices: int,
          f'multiple of reviews_per_album={t.reviews_per_album}')
   need(t.num_steps > 0 or t.num_epochs > 0, 'train.num_steps', t.num_steps,
        'set num_steps or num_epochs')
-  need(t.learning_rate > 0, 'train.learning_rate', t.learning_rate,
-       'must be positive')
-  need(t.vocab_bucket > 0, 'train.vocab_bucket', t.vocab_bucket,
-       'must be positive')
-  need(t.lstm_pack_rows >= 0, 'train.lstm_pack_rows', t.lstm_pack_rows,
-       'must be >= 0')

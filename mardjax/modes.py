@@ -195,11 +195,11 @@ def run_mode(mode: str, config, workdir: str, **options) -> dict[str, Any]:
 
   Args:
     mode: a key of `MODES`.
-    config: the full config; checked first (`config_check.validate_choices`).
+    config: the full config; checked first (`config_check.validate_common`).
     workdir: the run directory.
     **options: fields of `Options` (force, show_progress, host, ...).
   """
   if mode not in MODES:
     raise UserError(f'Unknown mode {mode!r}; choose from {tuple(MODES)}.')
-  config_check.validate_choices(config)
+  config_check.validate_common(config)
   return MODES[mode](config, workdir, Options(**options))

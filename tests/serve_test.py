@@ -91,14 +91,100 @@ def test_short_and_truncated_recordings_are_refused(client, tmp_path):
   assert client.get('/healthz').status_code == 200
 
 
-def test_uploads_leave_no_files_behind(client, tmp_path, monkeypatch):
-  import tempfile  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+def test_uploads_leave_no_files_behind(trained_room, tmp_path, monkeypatch):
+  # The analysis runs in spawned processes: they take TMPDIR from the
+  # environment when the pool starts them (at this app's first upload).
+  monkeypatch.setenv('TMPDIR', str(tmp_path / 'tmp'))
   os.makedirs(tmp_path / 'tmp')
-  data = write_tone(tmp_path / 'tone.wav', 1.5, 'wav')
-  assert _upload(client, data, 'tone.wav').status_code == 200
-  assert _upload(client, b'garbage', 'x.ogg').status_code == 422
+  with TestClient(web.create_app(trained_room[2], max_upload_bytes=2_000_000,
+                                 analysis_workers=1)) as own:
+    data = write_tone(tmp_path / 'tone.wav', 1.5, 'wav')
+    assert _upload(own, data, 'tone.wav').status_code == 200
+    r = _upload(own, b'garbage', 'x.ogg')
+    assert r.status_code == 422
+    # The reason names the upload, never the server's temporary path.
+    assert 'mardjax-audio-' not in r.text and str(tmp_path) not in r.text
   assert os.listdir(tmp_path / 'tmp') == []
+
+
+def test_health_answers_while_recordings_are_analysed(trained_room, tmp_path):
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  data = write_tone(tmp_path / 'long.wav', 20.0, 'wav')
+  with TestClient(web.create_app(trained_room[2], max_upload_bytes=9_000_000,
+                                 analysis_workers=2)) as own:
+    assert _upload(own, data, 'warm.wav').status_code == 200  # Workers up.
+    statuses = []
+    uploads = [threading.Thread(target=lambda: statuses.append(
+        _upload(own, data, 'song.wav').status_code)) for _ in range(2)]
+    for u in uploads:
+      u.start()
+    answered = []
+    while any(u.is_alive() for u in uploads):
+      start = time.perf_counter()
+      assert own.get('/healthz').status_code == 200
+      answered.append(time.perf_counter() - start)
+    for u in uploads:
+      u.join()
+  assert statuses == [200, 200]
+  # Analysed in the server's own process, MusicExtractor holds the GIL for
+  # the whole of each analysis and the health checks queue behind it; in the
+  # pool they keep answering throughout.
+  assert len(answered) >= 10, answered
+
+
+@pytest.mark.parametrize('payload,status,message', [
+    (b'[' * 100_000 + b']' * 100_000, 422, 'not valid JSON'),
+    (b'{"lowlevel": {"mfcc": {"mean": [' + b'9' * 400 + b']}}}', 422,
+     'too large'),
+])
+def test_hostile_documents_are_refused(client, payload, status, message):
+  r = _upload(client, payload, 'hostile.json')
+  assert r.status_code == status, r.text
+  assert message in r.text
+
+
+def test_text_queries_are_capped(client):
+  r = client.post('/api/query/text', json={'text': 'rock ' * 20_000, 'k': 3})
+  assert r.status_code == 413 and 'larger than' in r.text
+  assert client.get('/healthz').status_code == 200
+
+
+def _asgi_call(app, headers, chunks):
+  """Runs an ASGI app on one request; returns (status, chunks read)."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  read, sent = [], []
+
+  async def receive():
+    chunk = chunks[len(read)]
+    read.append(chunk)
+    return {'type': 'http.request', 'body': chunk,
+            'more_body': len(read) < len(chunks)}
+
+  async def send(message):
+    sent.append(message)
+
+  scope = {'type': 'http', 'path': '/api/query/text', 'method': 'POST',
+           'headers': headers}
+  asyncio.run(app(scope, receive, send))
+  return sent[0]['status'], len(read)
+
+
+def test_oversized_bodies_are_refused_as_they_stream_in():
+  async def reader(scope, receive, send):  # An app that reads everything.
+    more = True
+    while more:
+      more = (await receive()).get('more_body', False)
+    await send({'type': 'http.response.start', 'status': 200, 'headers': []})
+    await send({'type': 'http.response.body', 'body': b''})
+
+  limited = web.BodyLimit(reader, {'/api/query/text': 1000}, default=10)
+  # Declared too large: refused before one byte of the body is read.
+  assert _asgi_call(limited, [(b'content-length', b'5000')],
+                    [b'x' * 500] * 10) == (413, 0)
+  # Undeclared (chunked): refused at the chunk that passes the limit.
+  assert _asgi_call(limited, [], [b'x' * 400] * 10) == (413, 3)
+  assert _asgi_call(limited, [], [b'x' * 400] * 2) == (200, 2)
 
 
 def test_the_page_and_its_assets_are_served(client):

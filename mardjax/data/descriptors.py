@@ -162,7 +162,11 @@ def _put(out: np.ndarray, pos: int, value: Any, shape: tuple[int, ...],
   if not shape:
     # Exact type test: bool is an int subclass but not a descriptor value.
     if type(value) is float or type(value) is int:  # pylint: disable=unidiomatic-typecheck
-      out[pos] = value
+      try:
+        out[pos] = value
+      except OverflowError:  # An integer of hundreds of digits is valid JSON.
+        raise DescriptorError('non_finite', f'{where} is too large for a '
+                              'float') from None
       return
     if isinstance(value, (list, dict)):
       raise DescriptorError('wrong_shape',
@@ -174,6 +178,9 @@ def _put(out: np.ndarray, pos: int, value: Any, shape: tuple[int, ...],
     raise DescriptorError(kind, f'{where} is not an array of shape {shape}')
   try:
     arr = np.asarray(value, dtype=np.float64)
+  except OverflowError:
+    raise DescriptorError('non_finite', f'{where} holds a number too large '
+                          'for a float') from None
   except (TypeError, ValueError):
     # Ragged nested lists and strings inside arrays land here.
     raise DescriptorError('wrong_shape',

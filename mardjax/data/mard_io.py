@@ -296,15 +296,10 @@ def documents_in_file(file: DescriptorFile) -> tuple[
     counts['descriptor_files/unreadable'] += 1
     return [], counts
   try:
-    data = orjson.loads(raw)
-  except orjson.JSONDecodeError:
-    # Python's json writes NaN and Infinity, which orjson rejects: read such
-    # files with the stdlib so their values are reported as non-finite.
-    try:
-      data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-      counts['descriptor_files/not_json'] += 1
-      return [], counts
+    data = loads_document(raw)
+  except ValueError:
+    counts['descriptor_files/not_json'] += 1
+    return [], counts
   if file.mbid is not None:
     return [(file.mbid, file.offset, data)], counts
   if not isinstance(data, dict) or 'lowlevel' in data:
@@ -315,6 +310,27 @@ def documents_in_file(file: DescriptorFile) -> tuple[
   if not docs and not counts:
     counts['descriptor_files/empty_bulk_response'] += 1
   return docs, counts
+
+
+def loads_document(raw: bytes) -> Any:
+  """A JSON document from bytes, refusing what would crash a parser.
+
+  orjson first (fast, and it refuses nesting deeper than 1,024 levels);
+  Python's json for the NaN and Infinity that Python writes and orjson
+  rejects, so such values reach the checks that report them as non-finite.
+
+  Raises:
+    ValueError: not JSON, not UTF-8, or nested too deeply to parse.
+  """
+  try:
+    return orjson.loads(raw)
+  except orjson.JSONDecodeError as first:
+    try:
+      return json.loads(raw)
+    except RecursionError:
+      raise ValueError('nested too deeply to parse') from None
+    except (ValueError, UnicodeDecodeError):
+      raise ValueError(str(first)) from None
 
 
 def bulk_documents(data: dict[str, Any],

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
+from mardjax.errors import UserError
+
 DEFAULT_KS = (1, 5, 10)
 
 
@@ -114,6 +116,22 @@ def count_wrong_above(queries: np.ndarray, thresholds: np.ndarray,
   return greater.astype(np.int64), tied.astype(np.int64)
 
 
+def require_finite(name: str, emb: np.ndarray) -> None:
+  """Refuses embeddings with NaN or infinite values: they would compare as
+  neither greater nor tied and score as hits."""
+  bad = int(np.count_nonzero(~np.all(np.isfinite(emb), axis=-1)))
+  if bad:
+    raise UserError(f'{bad} of {len(emb)} {name} embeddings are not finite '
+                    '(NaN or inf): the model diverged or its checkpoint is '
+                    'damaged; no score is computed.')
+
+
+def _require_distinct(name: str, ids: np.ndarray) -> None:
+  if len(np.unique(ids)) != len(ids):
+    raise ValueError(f'{name}: {len(ids) - len(np.unique(ids))} repeated '
+                     'album ids among the candidates.')
+
+
 def review_to_album_counts(queries: np.ndarray, query_albums: np.ndarray,
                            cand_albums: np.ndarray, candidates: np.ndarray,
                            chunk: int = 1024) -> tuple[np.ndarray, ...]:
@@ -121,9 +139,17 @@ def review_to_album_counts(queries: np.ndarray, query_albums: np.ndarray,
 
   Args:
     queries: (Q, E) review embeddings; query_albums: (Q,) album index.
-    cand_albums: (C,) album index of each candidate; candidates: (C, E).
+    cand_albums: (C,) album index of each candidate, each once;
+      candidates: (C, E).
     chunk: queries per device call.
+
+  Raises:
+    UserError: non-finite embeddings.
+    ValueError: repeated candidate albums, or query albums without audio.
   """
+  require_finite('review', queries)
+  require_finite('album', candidates)
+  _require_distinct('review_to_album_counts', cand_albums)
   row_of = {int(a): i for i, a in enumerate(cand_albums)}
   missing = sorted({int(a) for a in query_albums if int(a) not in row_of})
   if missing:
@@ -147,6 +173,8 @@ def album_to_review_counts(album_emb: np.ndarray, albums: np.ndarray,
       indices, sorted, each with at least one review among the candidates.
     review_emb: (N, E) candidate reviews; review_albums: (N,) their albums.
   """
+  require_finite('album', album_emb)
+  require_finite('review', review_emb)
   if np.any(np.diff(albums) <= 0):
     raise ValueError('album_to_review_counts: albums must be sorted, '
                      'without repeats.')

@@ -39,7 +39,7 @@ def _serve_child(config, workdir: str, data_dir: str, mard_dir: str,
   import uvicorn  # pylint: disable=g-import-not-at-top
   from mardjax.serve import web  # pylint: disable=g-import-not-at-top
   room = web.Room(config, workdir, data_dir, mard_dir)
-  app = web.create_app(room, int(config.serve.max_upload_mb * 2**20))
+  app = web.app_for(room, config)
   uvicorn.run(app, host='127.0.0.1', port=port, log_level='warning',
               access_log=False)
 
@@ -118,10 +118,10 @@ def run(config, workdir: str, data_dir: str, mard_dir: str
                                   checkpoints.inference_source(workdir))
   port = _free_port()
   url = f'http://127.0.0.1:{port}'
-  # Spawned: a fresh interpreter, as `launch.py --mode=serve` would be.
+  # Spawned: a fresh interpreter, as `launch.py --mode=serve` would be. Not
+  # a daemon: the server starts its own analysis processes.
   server = multiprocessing.get_context('spawn').Process(
-      target=_serve_child, args=(config, workdir, data_dir, mard_dir, port),
-      daemon=True)
+      target=_serve_child, args=(config, workdir, data_dir, mard_dir, port))
   server.start()
   try:
     start = time.time()
@@ -174,8 +174,10 @@ def run(config, workdir: str, data_dir: str, mard_dir: str
     result['load'] = asyncio.run(_load(url, texts, b.serve_concurrency,
                                        b.serve_seconds))
   finally:
-    server.terminate()
+    server.terminate()  # uvicorn shuts down, and with it the analysis pool.
     server.join(10)
+    if server.is_alive():
+      server.kill()
   upload_s = max(result[f'upload_{f}']['p50_ms'] for f in ('wav', 'mp3')
                  ) / 1000
   return dict(result, benchmark='serve',

@@ -2,16 +2,18 @@
 
 Recordings go through Essentia's MusicExtractor, the extractor AcousticBrainz
 ran, with every statistic AcousticBrainz stored, so the result has the same
-layout as the training documents. Only numpy and Essentia are imported here,
-so worker processes of the batch embedder start quickly.
+layout as the training documents. Only numpy, Essentia and the JSON reader
+(`mard_io`) are imported here, so worker processes (the batch embedder's,
+the server's analysis pool) start quickly.
 """
 
-import json
 import os
 import tempfile
 from typing import Any
 
 import numpy as np
+
+from mardjax.data import mard_io
 
 AUDIO_TYPES = ('.wav', '.mp3', '.flac', '.ogg')
 DOCUMENT_TYPES = ('.json',)
@@ -25,6 +27,20 @@ _STATS = ['mean', 'var', 'median', 'min', 'max', 'dmean', 'dmean2', 'dvar',
 
 class BadAudio(ValueError):
   """An upload that is not a usable recording (the message says why)."""
+
+
+def watch_parent(parent_pid: int, interval_s: float = 1.0) -> None:
+  """Worker-process initializer: exit when the process that started this one
+  is gone (a server killed outright cannot shut its pool down)."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(interval_s)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True, name='watch-parent').start()
 
 
 def analyse_audio(path: str) -> dict[str, Any]:
@@ -85,7 +101,13 @@ def analyse_bytes(data: bytes, ext: str) -> dict[str, Any]:
     path = os.path.join(tmp, 'track' + ext)
     with open(path, 'wb') as f:
       f.write(data)
-    return analyse_audio(path)
+    try:
+      return analyse_audio(path)
+    except BadAudio as e:
+      # Essentia names the file it read: a client is told of its upload,
+      # never of the server's directories.
+      raise BadAudio(str(e).replace(os.path.splitext(path)[0],
+                                    'the upload')) from None
 
 
 def read_file(path: str) -> dict[str, Any]:
@@ -101,8 +123,8 @@ def read_file(path: str) -> dict[str, Any]:
     data = f.read()
   if ext in DOCUMENT_TYPES:
     try:
-      return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+      return mard_io.loads_document(data)
+    except ValueError as e:
       raise BadAudio(f'not valid JSON: {e}') from None
   if ext not in AUDIO_TYPES:
     raise BadAudio(f'unsupported file type {ext or "(none)"}')

@@ -21,7 +21,8 @@ deleted after use. Bad requests get a 4xx with {"detail": ...} and the
 server keeps serving.
 """
 
-import json
+import concurrent.futures
+import multiprocessing
 import os
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from mardjax.serve import audio_analysis
 from mardjax.data import descriptors as desc_lib
+from mardjax.data import mard_io
 from mardjax.serve import embedder as embedder_lib
 from mardjax.serve import export
 from mardjax.serve import search_index
@@ -39,6 +41,8 @@ from mardjax.errors import UserError
 MAX_K = 100
 EXCERPT_CHARS = 300
 STATIC_DIR = os.path.join(os.path.dirname(__file__), 'static')
+# Analyses before a worker process is replaced (Essentia's memory back).
+_TASKS_PER_WORKER = 20
 
 
 def _distance(cosine: float) -> float:
@@ -105,6 +109,81 @@ class Room:
             for i, s in zip(idx[0], scores[0])]
 
 
+class _TooLarge(Exception):
+  """A request body that passed its limit while it streamed in."""
+
+
+class BodyLimit:
+  """ASGI middleware: refuses a request body over its route's limit with a
+  413 as soon as the declared size (Content-Length) or the bytes received so
+  far pass it, before the body is read whole.
+
+  Args:
+    app: the ASGI app inside.
+    limits: path -> bytes; other paths get `default`.
+  """
+
+  def __init__(self, app, limits: dict[str, int], default: int):
+    self.app, self.limits, self.default = app, limits, default
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] != 'http':
+      return await self.app(scope, receive, send)
+    limit = self.limits.get(scope['path'], self.default)
+    declared = dict(scope.get('headers') or []).get(b'content-length')
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+      return await _refuse(send, limit)
+    received = 0
+    started = False
+
+    async def limited_receive():
+      nonlocal received
+      message = await receive()
+      if message['type'] == 'http.request':
+        received += len(message.get('body', b''))
+        if received > limit:
+          raise _TooLarge()
+      return message
+
+    async def watched_send(message):
+      nonlocal started
+      started = started or message['type'] == 'http.response.start'
+      await send(message)
+
+    try:
+      await self.app(scope, limited_receive, watched_send)
+    except _TooLarge:
+      if not started:
+        await _refuse(send, limit)
+
+
+async def _refuse(send, limit: int) -> None:
+  body = ('{"detail": "the request is larger than %d bytes"}' % limit
+          ).encode()
+  await send({'type': 'http.response.start', 'status': 413,
+              'headers': [(b'content-type', b'application/json'),
+                          (b'content-length', str(len(body)).encode()),
+                          (b'connection', b'close')]})
+  await send({'type': 'http.response.body', 'body': body})
+
+
+def analysis_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+  """Processes that run Essentia's MusicExtractor, which holds the GIL for
+  the whole analysis: in the server's own process it would stall every
+  other request. Spawned (no copy of the server's memory), started on
+  demand, and each replaced after `_TASKS_PER_WORKER` analyses so that the
+  extractor's memory is returned.
+
+  Args:
+    workers: processes; 0 for one per CPU core.
+  """
+  return concurrent.futures.ProcessPoolExecutor(
+      max_workers=workers or os.cpu_count() or 1,
+      mp_context=multiprocessing.get_context('spawn'),
+      max_tasks_per_child=_TASKS_PER_WORKER,
+      initializer=audio_analysis.watch_parent, initargs=(os.getpid(),))
+
+
 async def _read_upload(file, max_upload_bytes: int) -> tuple[bytes, str]:
   """(bytes, lower-case extension) of an upload, or the 4xx that refuses it:
   a name with path components, too large, or empty."""
@@ -122,19 +201,20 @@ async def _read_upload(file, max_upload_bytes: int) -> tuple[bytes, str]:
   return data, os.path.splitext(name)[1].lower()
 
 
-async def _document(data: bytes, ext: str) -> Any:
+async def _document(data: bytes, ext: str, pool) -> Any:
   """The low-level document of an upload: parsed JSON, or Essentia's
-  analysis of a recording (in a worker thread); 4xx for anything else."""
+  analysis of a recording in `pool`; 4xx for anything else."""
+  import asyncio  # pylint: disable=g-import-not-at-top
   import fastapi  # pylint: disable=g-import-not-at-top
   if data.lstrip().startswith(b'{') or ext == '.json':
     try:
-      return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+      return mard_io.loads_document(data)
+    except ValueError as e:
       raise fastapi.HTTPException(422, f'not valid JSON: {e}') from None
   if ext in audio_analysis.AUDIO_TYPES:
     try:
-      return await fastapi.concurrency.run_in_threadpool(
-          audio_analysis.analyse_bytes, data, ext)
+      return await asyncio.get_running_loop().run_in_executor(
+          pool, audio_analysis.analyse_bytes, data, ext)
     except audio_analysis.BadAudio as e:
       raise fastapi.HTTPException(422, str(e)) from None
     except ImportError:
@@ -146,14 +226,35 @@ async def _document(data: bytes, ext: str) -> Any:
       'AcousticBrainz low-level .json document')
 
 
-def create_app(room: Room, max_upload_bytes: int):
-  """The FastAPI app over a loaded Room."""
+def create_app(room: Room, max_upload_bytes: int,
+               max_query_bytes: int = 64 * 1024, analysis_workers: int = 0):
+  """The FastAPI app over a loaded Room.
+
+  Args:
+    room: the model and its bank.
+    max_upload_bytes: an audio upload's limit (413 beyond it).
+    max_query_bytes: a text query's limit (413 beyond it).
+    analysis_workers: processes analysing recordings (0: one per core).
+  """
+  import contextlib  # pylint: disable=g-import-not-at-top
   import fastapi  # pylint: disable=g-import-not-at-top
   import pydantic  # pylint: disable=g-import-not-at-top
   from fastapi import responses  # pylint: disable=g-import-not-at-top
   from fastapi import staticfiles  # pylint: disable=g-import-not-at-top
 
-  app = fastapi.FastAPI(title='mardjax listening room')
+  pool = analysis_pool(analysis_workers)
+
+  @contextlib.asynccontextmanager
+  async def lifespan(_):
+    yield
+    pool.shutdown(wait=False, cancel_futures=True)
+
+  app = fastapi.FastAPI(title='mardjax listening room', lifespan=lifespan)
+  app.state.analysis_pool = pool
+  # Multipart framing on top of the file itself.
+  app.add_middleware(BodyLimit, limits={
+      '/api/query/text': max_query_bytes,
+      '/api/query/audio': max_upload_bytes + 64 * 1024}, default=64 * 1024)
   app.mount('/static', staticfiles.StaticFiles(directory=STATIC_DIR),
             name='static')
 
@@ -192,7 +293,7 @@ def create_app(room: Room, max_upload_bytes: int):
   async def query_audio(file: fastapi.UploadFile, k: int = 10):
     k = check_k(k)
     data, ext = await _read_upload(file, max_upload_bytes)
-    doc = await _document(data, ext)
+    doc = await _document(data, ext, pool)
     try:
       return room.descriptor_query(doc, k)
     except desc_lib.DescriptorError as e:
@@ -202,12 +303,19 @@ def create_app(room: Room, max_upload_bytes: int):
   return app
 
 
+def app_for(room: Room, config: ml_collections.ConfigDict):
+  """`create_app` with the config's limits and workers."""
+  s = config.serve
+  return create_app(room, int(s.max_upload_mb * 2**20),
+                    int(s.max_query_kb * 1024), int(s.analysis_workers))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
         mard_dir: str, host: str, port: int) -> dict[str, Any]:
   """Serves until interrupted."""
   import uvicorn  # pylint: disable=g-import-not-at-top
   room = Room(config, workdir, data_dir, mard_dir)
-  app = create_app(room, int(config.serve.max_upload_mb * 2**20))
+  app = app_for(room, config)
   print(f'The listening room: open http://{host}:{port} in a browser (JSON '
         f'API docs at http://{host}:{port}/docs).', flush=True)
   uvicorn.run(app, host=host, port=port, log_level='info')

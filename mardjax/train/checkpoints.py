@@ -89,6 +89,23 @@ def _abstract(tree):
           sharding=sharding), tree)
 
 
+class NonFiniteCheckpoint(ValueError):
+  """A checkpoint that reads back, but holds NaN or infinite values."""
+
+
+def _require_finite(tree) -> None:
+  """Raises NonFiniteCheckpoint when a floating array of `tree` holds a
+  non-finite value (a damaged file can restore without an error)."""
+  bad = total = 0
+  for leaf in jax.tree_util.tree_leaves(tree):
+    x = np.asarray(leaf)
+    if np.issubdtype(x.dtype, np.floating):
+      bad += int(x.size - np.count_nonzero(np.isfinite(x)))
+      total += x.size
+  if bad:
+    raise NonFiniteCheckpoint(f'{bad} of {total} values are not finite')
+
+
 class Checkpoints:
   """orbax CheckpointManager for the state plus a JSON record of the run."""
 
@@ -122,8 +139,9 @@ class Checkpoints:
         raise (e.g. for another data manifest), which stops the restore.
       partial: read only the fields of `abstract_state` (inference).
 
-    An unreadable newest checkpoint (a crash mid-write, a damaged disk) gets a
-    warning, is moved aside, and the previous one is tried.
+    An unreadable newest checkpoint (a crash mid-write, a damaged disk), or
+    one that reads back with NaN or infinite values, gets a warning, is
+    moved aside, and the previous one is tried.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -145,7 +163,9 @@ class Checkpoints:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=args))
-        return step, _replicated_local(restored['state']), meta
+        state = _replicated_local(restored['state'])
+        _require_finite(state)
+        return step, state, meta
       except Exception as e:  # pylint: disable=broad-except
         self._set_aside(step, e)
     return None

@@ -145,6 +145,12 @@ def compute_loss(audio: jax.Array, text: jax.Array, album: jax.Array,
       gather=gather)
 
 
+def all_finite(tree) -> jax.Array:
+  """() bool: every element of every array of `tree` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def per_device_step(state: TrainState, batch: dict[str, jax.Array],
                     key: jax.Array, *, loss_config: ml_collections.ConfigDict,
                     axis_name: str | None
@@ -162,7 +168,9 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
     axis_name: device axis name, or None on one device.
 
   Returns:
-    (new state, metrics averaged over devices).
+    (new state, metrics averaged over devices); metrics['finite'] is 1.0
+    when the loss, the gradient norm and every parameter the step changed
+    are finite on every device, else below 1.
   """
   if axis_name is not None:
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
@@ -214,12 +222,21 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
         params=sparse_embedding.merge_table(table, params))
     grad_norm = jnp.sqrt(optax.global_norm(grads) ** 2
                          + jnp.sum(row_grads ** 2))
+    # Only the batch's rows of the table changed: check those, not all 60k.
+    changed = (params, sparse_embedding.gather_rows(table,
+                                                    batch['vocab_ids']))
   else:
     new_state = state.apply_gradients(grads=grads)
     grad_norm = optax.global_norm(grads)
+    changed = new_state.params
   if has_bn:
     new_state = new_state.replace(batch_stats=updates['batch_stats'])
-  metrics = {'loss': loss, **terms, 'grad_norm': grad_norm}
+    changed = (changed, updates['batch_stats'])
+  # A hinge of NaN distances clamps to 0, so a diverged run can show a loss
+  # of exactly 0: finiteness is checked on what the step wrote, not the loss.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(changed)
+  metrics = {'loss': loss, **terms, 'grad_norm': grad_norm,
+             'finite': finite.astype(jnp.float32)}
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
   return new_state, metrics

@@ -172,14 +172,19 @@ def _evaluate(run: _Run, step: int) -> dict[str, Any]:
   return result
 
 
-def _check_finite(run: _Run, step: int, loss: float) -> None:
-  """Stops the run at a non-finite loss, naming the last good checkpoint."""
-  if np.isfinite(loss):
+def _check_finite(run: _Run, step: int, m: dict[str, Any]) -> None:
+  """Stops the run when step `step` left a non-finite loss, gradient or
+  parameter, naming the last good checkpoint; nothing non-finite is ever
+  saved or promoted, since saves and evaluations come after this check."""
+  m = jax.device_get(m)
+  if float(m['finite']) >= 1:
     return
   run.ckpt.wait()
   latest = run.ckpt.manager.latest_step()
   raise UserError(
-      f'The loss became {loss} at step {step}. The last good checkpoint'
+      f'The loss became {float(m["loss"])} at step {step} (gradient norm '
+      f'{float(m["grad_norm"])}; the state is no longer finite). The last '
+      'good checkpoint'
       + (f' is step {latest} in '
          f'{os.path.join(run.workdir, checkpoints.CHECKPOINT_DIR)}'
          if latest is not None else ' does not exist (none saved yet)')
@@ -196,19 +201,25 @@ def _loop(run: _Run) -> None:
   last_time, last_step = time.time(), run.start_step
   step = run.start_step
   it = run.batches(*run.position)
+  previous = None  # The last step's (step, metrics), checked one step late.
   while step < run.steps:
     (epoch, batch_no), batch = next(it)
     key = jax.random.fold_in(base_key, step)
     batch = train_step.prepare_batch(run.state, batch, t.vocab_bucket,
                                      pack_rows, sync=sync)
     run.state, m = run.step_fn(run.state, run.put(batch), key)
+    # Checked while this step runs, so the device never waits for the host.
+    if previous is not None:
+      _check_finite(run, *previous)
     step += 1
+    previous = (step, m)
     run.position = (epoch, batch_no + 1)
     log_now = step % t.log_every == 0 or step == run.steps
     save_now = step % t.checkpoint_every == 0 or step == run.steps
-    if log_now or save_now:  # Never checkpoint a state that went NaN.
+    eval_now = step % t.eval_every == 0 and step != run.steps
+    if log_now or save_now or eval_now:
       m = jax.device_get(m)
-      _check_finite(run, step, float(m['loss']))
+      _check_finite(run, step, m)
     if log_now:
       now = time.time()
       rate = (step - last_step) / max(now - last_time, 1e-9)
@@ -220,7 +231,7 @@ def _loop(run: _Run) -> None:
       last_time, last_step = now, step
     if save_now:
       run.ckpt.save(step, run.state, run.meta(step))
-    if step % t.eval_every == 0 and step != run.steps:
+    if eval_now:
       _evaluate(run, step)
 
 
