@@ -78,22 +78,24 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   workdir = os.path.abspath(FLAGS.workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if FLAGS.num_processes > 1:
-    modes.init_distributed(FLAGS.coordinator_address,
-                                 FLAGS.num_processes, FLAGS.process_id)
   try:
+    if FLAGS.num_processes > 1:
+      modes.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                             FLAGS.process_id)
+    overridden = frozenset(
+        a[len('--config.'):].split('=')[0] for a in sys.argv[1:]
+        if a.startswith('--config.'))
     result = modes.run_mode(FLAGS.mode, FLAGS.config, workdir,
-                                  force=FLAGS.force,
-                                  show_progress=FLAGS.progress,
-                                  host=FLAGS.host, port=FLAGS.port,
-                                  input_dir=FLAGS.input_dir,
-                                  output_dir=FLAGS.output_dir)
+                            force=FLAGS.force, show_progress=FLAGS.progress,
+                            host=FLAGS.host, port=FLAGS.port,
+                            input_dir=FLAGS.input_dir,
+                            output_dir=FLAGS.output_dir,
+                            overridden=overridden)
   except UserError as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  result = dict(mode=FLAGS.mode, **result)
+  result = dict(mode=FLAGS.mode, **result)  # The workdir exists by now.
   line = json.dumps(result, sort_keys=True)
   if FLAGS.process_id == 0:  # One writer per workdir.
     with open(os.path.join(workdir, f'{FLAGS.mode}.json'), 'w') as f:

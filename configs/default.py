@@ -95,7 +95,7 @@ def get_config():
   config.train.num_steps = 0
   config.train.num_epochs = 200
   config.train.parallelism = 'pmap'  # 'pmap' or 'shard_map'.
-  config.train.neighbourhood_sampling = True  # Albums with 2+ reviews/tracks.
+  config.train.neighbourhood_sampling = True  # 2+ reviews per album a batch.
   config.train.reviews_per_album = 2  # Group size under neighbourhood sampling.
   config.train.log_every = 50  # Steps between progress lines / metrics.
   config.train.checkpoint_every = 1000  # Steps between checkpoints.

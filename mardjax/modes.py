@@ -11,6 +11,7 @@ import dataclasses
 import os
 from typing import Any, Callable
 
+from absl import logging
 import ml_collections
 
 from mardjax import config_check
@@ -29,6 +30,8 @@ class Options:
   port: int = 8000
   input_dir: str | None = None
   output_dir: str | None = None
+  # Dotted config fields set on the command line (`data.mard_dir`, ...).
+  overridden: frozenset[str] = frozenset()
 
 
 def mard_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -109,11 +112,48 @@ def run_train(config, workdir: str, opts: Options = Options()
                              'tracks': counts.tracks})
 
 
+# Sections a trained run fixes: the data it read and the model it built.
+RUN_SECTIONS = ('data', 'model')
+
+
+def adopt_run_config(config, workdir: str, overridden: frozenset[str] = (
+    frozenset())):
+  """`config` with the data and model fields of the run in `workdir` (from
+  its checkpoint), except those set on the command line: evaluating or
+  serving a run needs no flag it was trained with.
+
+  Returns:
+    (config, {field: value taken from the run}).
+  """
+  from mardjax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  stored = checkpoints.run_config(workdir)
+  if stored is None:
+    return config, {}
+  config = config.copy_and_resolve_references()
+  taken = {}
+  for section in RUN_SECTIONS:
+    for name, value in stored.get(section, {}).items():
+      field = f'{section}.{name}'
+      if field in overridden or name not in config[section]:
+        continue
+      current = config[section][name]
+      if isinstance(current, tuple):
+        value = tuple(value)
+      if value != current:
+        with config[section].ignore_type():
+          config[section][name] = value
+        taken[field] = value
+  if taken:
+    logging.info('From the run in %s: %s', workdir, ', '.join(
+        f'{k}={v!r}' for k, v in sorted(taken.items())))
+  return config, taken
+
+
 def run_eval(config, workdir: str, opts: Options = Options()
              ) -> dict[str, Any]:
   """Evaluates the workdir's newest checkpoint (split: config.eval.split)."""
-  del opts
   from mardjax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  config, _ = adopt_run_config(config, workdir, opts.overridden)
   return evaluate.evaluate_checkpoint(config, workdir)
 
 
@@ -135,8 +175,8 @@ def run_ablate(config, workdir: str, opts: Options = Options()
 def run_export(config, workdir: str, opts: Options = Options()
                ) -> dict[str, Any]:
   """The trained space as plain files (`serve.export`)."""
-  del opts
   from mardjax.serve import export  # pylint: disable=g-import-not-at-top
+  config, _ = adopt_run_config(config, workdir, opts.overridden)
   return export.run(config, workdir, data_dir(config, workdir),
                     mard_dir(config, workdir))
 
@@ -145,6 +185,7 @@ def run_serve(config, workdir: str, opts: Options = Options()
               ) -> dict[str, Any]:
   """The listening room (`serve.web`), until interrupted."""
   from mardjax.serve import web  # pylint: disable=g-import-not-at-top
+  config, _ = adopt_run_config(config, workdir, opts.overridden)
   return web.run(config, workdir, data_dir(config, workdir),
                  mard_dir(config, workdir), opts.host, opts.port)
 
@@ -153,6 +194,7 @@ def run_embed(config, workdir: str, opts: Options = Options()
               ) -> dict[str, Any]:
   """A folder of recordings into the export's format (`serve.batch_embed`)."""
   from mardjax.serve import batch_embed  # pylint: disable=g-import-not-at-top
+  config, _ = adopt_run_config(config, workdir, opts.overridden)
   return batch_embed.run(config, workdir, data_dir(config, workdir),
                          opts.input_dir, opts.output_dir, opts.show_progress)
 
@@ -190,6 +232,47 @@ def init_distributed(coordinator_address: str | None, num_processes: int,
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
+def _dirs_written(mode: str, config, workdir: str) -> list[str]:
+  """The directories `mode` writes into (or creates)."""
+  from mardjax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  dirs = [workdir]
+  if mode in ('train', 'preprocess', 'baselines', 'ablate', 'synth'):
+    dirs.append(data_dir(config, workdir))
+    if not config.data.mard_dir:
+      dirs.append(mard_dir(config, workdir))
+  if mode == 'train':
+    dirs += [os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
+             os.path.join(workdir, checkpoints.BEST_DIR)]
+  if mode == 'eval':
+    dirs.append(os.path.join(workdir, 'eval'))
+  if mode in ('export', 'serve'):
+    dirs.append(os.path.join(workdir, 'export'))
+  return dirs
+
+
+def check_writable_dirs(paths: list[str]) -> None:
+  """Fails with one line naming the path when one of `paths` is a file, or
+  cannot be created or written: before any work, not at the first save."""
+  for path in paths:
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise UserError(f'{path} is a file, and a directory is needed there: '
+                      'move it away or choose another --workdir.')
+    existing = path
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise UserError(f'{existing} is a file, so {path} cannot be created.')
+    try:  # A real write: permissions, read-only disks, even as root.
+      probe = os.path.join(existing, f'.mardjax-write-probe-{os.getpid()}')
+      with open(probe, 'w'):
+        pass
+      os.remove(probe)
+    except OSError as e:
+      raise UserError(f'{existing} is not writable ({e.strerror}): '
+                      f'{path} is needed for this run.') from None
+
+
 def run_mode(mode: str, config, workdir: str, **options) -> dict[str, Any]:
   """Runs one mode; returns its result (the JSON line launch.py prints).
 
@@ -202,4 +285,6 @@ def run_mode(mode: str, config, workdir: str, **options) -> dict[str, Any]:
   if mode not in MODES:
     raise UserError(f'Unknown mode {mode!r}; choose from {tuple(MODES)}.')
   config_check.validate_common(config)
+  check_writable_dirs(_dirs_written(mode, config, workdir))
+  os.makedirs(workdir, exist_ok=True)
   return MODES[mode](config, workdir, Options(**options))

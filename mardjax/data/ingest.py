@@ -125,6 +125,10 @@ def descriptor_dirs(mard_dir: str, extra: str) -> list[str]:
       raise UserError(f'config.data.extra_descriptor_dirs: {path!r} is not a '
                       'directory.')
     dirs.append(path)
+  for d in dirs:
+    if os.path.exists(d) and not os.path.isdir(d):
+      raise UserError(f'{d!r} is a file: AcousticBrainz descriptors are read '
+                      'from a directory of documents.')
   return [d for d in dirs if os.path.isdir(d)]
 
 

@@ -19,11 +19,13 @@ Training examples are (review, one track of that review's album).
 Neighbourhood sampling (`neighbourhood=True`): each album's reviews are
 split, in random order, into groups of `reviews_per_album`; groups are
 shuffled and batched, and each group gets that many distinct tracks of its
-album. Every album in a batch then has at least two reviews and two tracks,
-so the neighbourhood terms of the loss have in-batch positives. Only albums
-with at least two tracks and two training reviews take part; an album's
-reviews beyond a multiple of the group size sit out that epoch (a different
-random subset each epoch).
+album where it has them (an album with fewer tracks repeats them: MARD's
+original release has one track per album). Every album in a batch then has
+at least two reviews, and two tracks where it has two, so the
+neighbourhood terms of the loss have in-batch positives. Albums with a track
+and at least two training reviews take part; an album's reviews beyond a
+multiple of the group size sit out that epoch (a different random subset
+each epoch).
 
 Determinism: epoch e of seed s is always the same sequence of batches (its
 order and track draws are seeded by (s, e) and the batch number), so a
@@ -110,7 +112,8 @@ def load_review_table(manifest: manifest_lib.Manifest, max_len: int,
   ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(1024).map(
-      lambda s: records.parse_reviews_batch(s, max_len, feature_dim),
+      records.no_autograph(
+          lambda s: records.parse_reviews_batch(s, max_len, feature_dim)),
       num_parallel_calls=tf.data.AUTOTUNE,
       deterministic=True).prefetch(tf.data.AUTOTUNE)
   tokens, lengths, album, features = [], [], [], []
@@ -147,7 +150,7 @@ def epoch_order(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
     n = len(perm) // batch_size
     return perm[:n * batch_size].reshape(n, batch_size)
   r = reviews_per_album
-  perm = perm[audio.counts[reviews.album[perm]] >= 2]
+  perm = perm[audio.counts[reviews.album[perm]] >= 1]
   # Stable sort by album keeps the random order within each album.
   order = perm[np.argsort(reviews.album[perm], kind='stable')]
   albums = reviews.album[order]
@@ -237,8 +240,8 @@ def train_batches(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
       raise ValueError(
           'An epoch produced no batch: fewer training reviews than '
           f'batch_size={batch_size}' + (
-              ' among albums with 2+ tracks and 2+ reviews (neighbourhood '
-              'sampling)' if neighbourhood else '') + '.')
+              ' in groups of reviews_per_album reviews of one album '
+              '(neighbourhood sampling)' if neighbourhood else '') + '.')
     for step in range(skip, len(order)):
       batch = make_batch(reviews, order[step], max_len)
       if album_tracks:

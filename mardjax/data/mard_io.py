@@ -17,6 +17,7 @@ input against output.
 import ast
 import collections
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
@@ -74,9 +75,32 @@ def parse_record(raw: bytes, counts: collections.Counter,
   return record
 
 
+# Magic numbers of compressed files someone may hand us for a .json.
+_COMPRESSED = {b'BZh': 'bzip2', b'\xfd7zXZ': 'xz', b'\x28\xb5\x2f\xfd': 'zstd',
+               b'PK\x03\x04': 'zip'}
+
+
+def open_text_file(path: str):
+  """A binary file object over `path`'s lines: gzip-compressed files (as
+  MARD files are often shipped) are read through gzip.
+
+  Raises:
+    UserError: another compression, which must be undone first.
+  """
+  with open(path, 'rb') as f:
+    head = f.read(6)
+  if head.startswith(b'\x1f\x8b'):
+    return gzip.open(path, 'rb')
+  for magic, name in _COMPRESSED.items():
+    if head.startswith(magic):
+      raise UserError(f'{path} is {name}-compressed: decompress it first '
+                      '(gzip-compressed files are read as they are).')
+  return open(path, 'rb')
+
+
 def iter_lines(path: str) -> Iterator[bytes]:
   """Yields the non-blank lines of a file as bytes (decoding is per line)."""
-  with open(path, 'rb') as f:
+  with open_text_file(path) as f:
     for line in f:
       if line.strip():
         yield line

@@ -140,5 +140,12 @@ def read_numpy(paths: list[str], kind: str, dim: int = 0
   ds = tf.data.TFRecordDataset(paths)
   parse = parse_review if kind == 'review' else (
       lambda s: parse_album(s, dim))
-  for ex in ds.map(parse).as_numpy_iterator():
+  for ex in ds.map(no_autograph(parse)).as_numpy_iterator():
     yield ex
+
+
+def no_autograph(fn):
+  """`fn` for tf.data's map, traced as written. The parsers have no Python
+  control flow on tensors, and autograph's conversion writes a module per
+  function into the temp directory, which a killed run leaves behind."""
+  return tf.autograph.experimental.do_not_convert(fn)

@@ -19,6 +19,7 @@ items and are read the same way.
 """
 
 import hashlib
+import json
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -232,6 +233,27 @@ def inference_source(workdir: str) -> str:
   run kept it, else the rolling checkpoints."""
   return BEST_DIR if os.path.isdir(os.path.join(workdir, BEST_DIR)) else (
       CHECKPOINT_DIR)
+
+
+def run_config(workdir: str) -> dict[str, Any] | None:
+  """The config a run was trained with (as JSON), from the newest readable
+  record of its serving checkpoints; None when there is none."""
+  source = os.path.join(workdir, inference_source(workdir))
+  if not os.path.isdir(source):
+    return None
+  manager = ocp.CheckpointManager(
+      source, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        meta = manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
+        return json.loads(meta['config'])
+      except Exception:  # pylint: disable=broad-except
+        continue  # restore_latest sets unreadable ones aside, not this.
+  finally:
+    manager.close()
+  return None
 
 
 class Inference(NamedTuple):

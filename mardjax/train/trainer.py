@@ -72,12 +72,13 @@ class _Run:
   position: tuple[int, int] = (0, 0)
   best_recall: float = -1.0
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  last_eval: dict[str, Any] | None = None
 
   def meta(self, step: int) -> dict[str, Any]:
     return {'step': step, 'position': list(self.position),
             'manifest_hash': self.manifest.sha256,
             'config': self.config.to_json_best_effort(sort_keys=True),
-            'best_recall': self.best_recall}
+            'best_recall': self.best_recall, 'history': self.history}
 
 
 def _parallel(config: ml_collections.ConfigDict, state, parallel: bool):
@@ -153,6 +154,9 @@ def _restore(run: _Run) -> None:
   run.start_step, run.state, meta = restored
   run.position = tuple(meta['position'])
   run.best_recall = meta.get('best_recall', -1.0)
+  # Evaluations up to the restored step (checkpoints before the field: none).
+  run.history = [h for h in meta.get('history', [])
+                 if h['step'] <= run.start_step]
   logging.info('Resumed from step %d at input position %s.', run.start_step,
                run.position)
 
@@ -216,7 +220,7 @@ def _loop(run: _Run) -> None:
     run.position = (epoch, batch_no + 1)
     log_now = step % t.log_every == 0 or step == run.steps
     save_now = step % t.checkpoint_every == 0 or step == run.steps
-    eval_now = step % t.eval_every == 0 and step != run.steps
+    eval_now = step % t.eval_every == 0 or step == run.steps
     if log_now or save_now or eval_now:
       m = jax.device_get(m)
       _check_finite(run, step, m)
@@ -229,10 +233,10 @@ def _loop(run: _Run) -> None:
                    'ETA %.0fs', step, run.steps, float(m['loss']), rate,
                    rate * t.batch_size, (run.steps - step) / max(rate, 1e-9))
       last_time, last_step = now, step
+    if eval_now:  # Before the save, whose record then holds its result.
+      run.last_eval = _evaluate(run, step)
     if save_now:
       run.ckpt.save(step, run.state, run.meta(step))
-    if eval_now:
-      _evaluate(run, step)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -252,7 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _evaluate(run, 0)
   _loop(run)
   if run.steps > run.start_step:
-    metrics = _evaluate(run, run.steps)
+    metrics = run.last_eval  # The loop's evaluation of the last step.
   else:  # Already trained: report, save nothing.
     metrics = run.evaluator(checkpoints.inference_variables(run.state))
   run.ckpt.close()
