@@ -173,6 +173,11 @@ def get_config():
   config.benchmark.serve_uploads = 5  # Timed uploads per format.
   config.benchmark.serve_text_queries = 200  # Timed one at a time.
   config.benchmark.serve_concurrency = 16
+  # Rounds of concurrent uploads with health checks and text queries timed
+  # meanwhile (0: skip).
+  config.benchmark.serve_rounds = 3
+  config.benchmark.serve_concurrent_uploads = 8
+  config.benchmark.serve_round_upload_seconds = 10.0
   config.benchmark.serve_seconds = 10.0
   # 'index': exact vs HNSW top-10 latency and recall on this many vectors.
   config.benchmark.index_vectors = 1_000_000

@@ -66,19 +66,25 @@ def test_a_damaged_checkpoint_that_restores_is_set_aside(tiny_records,
                                                           tmp_path):
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
-  modes.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
-                           data_dir)
-  files = glob.glob(str(tmp_path / checkpoints.CHECKPOINT_DIR / '10' /
-                        'state' / '**' / '*'), recursive=True)
-  largest = max((f for f in files if os.path.isfile(f)), key=os.path.getsize)
-  with open(largest, 'r+b') as f:  # 0xff bytes read as NaN at any offset.
-    f.seek(os.path.getsize(largest) // 2)
-    f.write(b'\xff' * 64)
-  state, metrics_ = modes.train_and_evaluate(_config(num_steps=12, **kw),
+  state, _ = modes.train_and_evaluate(_config(num_steps=10, **kw),
+                                      str(tmp_path), data_dir)
+  # What a damaged file that still decodes gives back: a NaN and an absurd
+  # value in the parameters of the newest checkpoint.
+  ckpt = checkpoints.Checkpoints(str(tmp_path / checkpoints.CHECKPOINT_DIR),
+                                 keep=3, async_save=False)
+  step, good, meta = ckpt.restore_latest(state)
+  assert step == 10
+  kernel = np.array(good.params['audio_head']['out']['kernel'])
+  kernel.flat[0], kernel.flat[1] = np.nan, 4.9e35
+  params = jax.tree_util.tree_map(np.asarray, good.params)
+  params['audio_head']['out']['kernel'] = kernel
+  ckpt.save(step, good.replace(params=params), meta)
+  ckpt.close()
+  resumed, result = modes.train_and_evaluate(_config(num_steps=12, **kw),
                                              str(tmp_path), data_dir)
-  assert metrics_['resumed_from'] == 5
+  assert result['resumed_from'] == 5
   assert os.listdir(tmp_path / 'unreadable_checkpoints')
-  assert _all_finite(state.params)
+  assert _all_finite(resumed.params)
 
 
 # 3. Metrics never score non-finite embeddings.

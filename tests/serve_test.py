@@ -272,7 +272,9 @@ def test_serve_benchmark_over_http(trained_room):
   config = config.copy_and_resolve_references()
   config.benchmark.update(kind='serve', serve_upload_seconds=2.0,
                           serve_uploads=1, serve_text_queries=10,
-                          serve_concurrency=4, serve_seconds=1.0)
+                          serve_concurrency=4, serve_seconds=1.0,
+                          serve_rounds=2, serve_concurrent_uploads=2,
+                          serve_round_upload_seconds=2.0)
   out = modes.run_mode('benchmark', config, workdir, show_progress=False)
   assert out['benchmark'] == 'serve' and out['reviews'] > 0
   for fmt in ('wav', 'mp3'):
@@ -280,3 +282,6 @@ def test_serve_benchmark_over_http(trained_room):
   assert 0 < out['text_query']['p50_ms'] <= out['text_query']['max_ms']
   assert out['load']['requests'] > 0 and out['load']['errors'] == 0
   assert out['load']['requests_per_s'] > 0
+  during = out['during_uploads']
+  assert during['rounds'] == 2 and len(during['server_rss_mb']) == 2
+  assert during['healthz']['p50_ms'] > 0 and during['text_query']['p50_ms'] > 0

@@ -9,6 +9,11 @@ process of its own (as a user runs it), then from this process, as a client:
     embedding and the search (target: under 2 s);
   * sends text queries one at a time and times each (target: p50 under
     50 ms);
+  * uploads `benchmark.serve_concurrent_uploads` recordings at once, for
+    `benchmark.serve_rounds` rounds, while one client sends health checks
+    and text queries: their p95 while the server analyses (target: under
+    50 ms) and the server's memory, analysis workers included, after each
+    round (it should stay flat);
   * runs a load generator, `benchmark.serve_concurrency` clients sending
     text queries back to back for `benchmark.serve_seconds`, and counts the
     answers per second. Client and server share the machine's cores.
@@ -31,6 +36,8 @@ from mardjax.errors import UserError
 
 UPLOAD_TARGET_S = 2.0
 TEXT_P50_TARGET_MS = 50.0
+# Health checks and text queries while recordings are analysed.
+RESPONSIVE_P95_TARGET_MS = 50.0
 
 
 def _serve_child(config, workdir: str, data_dir: str, mard_dir: str,
@@ -109,10 +116,112 @@ async def _load(url: str, texts: list[str], clients: int, seconds: float
                'seconds': round(wall, 1)}, **_percentiles(latencies))
 
 
+def _tree_rss_mb(pid: int) -> float:
+  """Resident memory of a process and all its children (the analysis pool)."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  proc = psutil.Process(pid)
+  total = 0
+  for p in [proc] + proc.children(recursive=True):
+    try:
+      total += p.memory_info().rss
+    except psutil.Error:  # Gone between listing and reading.
+      pass
+  return round(total / 2**20, 1)
+
+
+async def _under_uploads(url: str, data: bytes, texts: list[str],
+                         uploads: int, rounds: int, server_pid: int
+                         ) -> dict[str, Any]:
+  """`rounds` rounds of `uploads` concurrent uploads of one recording, while
+  one client sends health checks and text queries back to back: their
+  latency while the server analyses, and the server's memory after each
+  round."""
+  import httpx  # pylint: disable=g-import-not-at-top
+  health, text, round_s, rss = [], [], [], []
+  async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+    async def upload():
+      r = await client.post('/api/query/audio',
+                            files={'file': ('song.wav', data)})
+      if r.status_code != 200:
+        raise UserError(f'upload answered {r.status_code}: {r.text}')
+
+    for _ in range(rounds):
+      start = time.perf_counter()
+      pending = asyncio.gather(*(upload() for _ in range(uploads)))
+      i = 0
+      while not pending.done():
+        t0 = time.perf_counter()
+        await client.get('/healthz')
+        health.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await client.post('/api/query/text',
+                          json={'text': texts[i % len(texts)], 'k': 10})
+        text.append(time.perf_counter() - t0)
+        i += 1
+      await pending
+      round_s.append(round(time.perf_counter() - start, 2))
+      rss.append(_tree_rss_mb(server_pid))
+  return {'concurrent_uploads': uploads, 'rounds': rounds,
+          'round_s': round_s, 'healthz': _percentiles(health),
+          'text_query': _percentiles(text), 'server_rss_mb': rss}
+
+
+def _wait_until_up(url: str, server) -> tuple[dict[str, Any], float]:
+  """(/healthz's answer, seconds until it came) of a starting server."""
+  import httpx  # pylint: disable=g-import-not-at-top
+  start = time.time()
+  while True:
+    if not server.is_alive():
+      raise UserError('the server stopped while loading (its error is '
+                      'above).')
+    try:
+      return httpx.get(f'{url}/healthz', timeout=2).json(), (
+          time.time() - start)
+    except httpx.HTTPError:
+      if time.time() - start > 600:
+        raise UserError('the server did not answer within 600 s') from None
+      time.sleep(0.5)
+
+
+def _one_at_a_time(url: str, b, texts: list[str], tmp: str
+                   ) -> dict[str, Any]:
+  """Upload latency of a synthesised song (wav, mp3) and text-query
+  latency, one request at a time."""
+  import httpx  # pylint: disable=g-import-not-at-top
+  result = {}
+  with httpx.Client(base_url=url, timeout=120) as client:
+    for fmt in ('wav', 'mp3'):
+      path = os.path.join(tmp, f'song.{fmt}')
+      synth_song(path, b.serve_upload_seconds, fmt)
+      with open(path, 'rb') as f:
+        data = f.read()
+      times = []
+      for i in range(b.serve_uploads + 1):  # The first one warms up.
+        t0 = time.perf_counter()
+        r = client.post('/api/query/audio', files={
+            'file': (f'song.{fmt}', data)})
+        if r.status_code != 200:
+          raise UserError(f'upload answered {r.status_code}: {r.text}')
+        if i:
+          times.append(time.perf_counter() - t0)
+      result[f'upload_{fmt}'] = dict(_percentiles(times), mb=round(
+          len(data) / 2**20, 2))
+    times = []
+    for i, text in enumerate(texts[:b.serve_text_queries + 5]):
+      t0 = time.perf_counter()
+      r = client.post('/api/query/text', json={'text': text, 'k': 10})
+      if r.status_code != 200:
+        raise UserError(f'text query answered {r.status_code}: {r.text}')
+      if i >= 5:  # Warm-up.
+        times.append(time.perf_counter() - t0)
+    result['text_query'] = _percentiles(times)
+  return result
+
+
 def run(config, workdir: str, data_dir: str, mard_dir: str
         ) -> dict[str, Any]:
   """Starts the server, measures, stops it; returns the figures."""
-  import httpx  # pylint: disable=g-import-not-at-top
   b = config.benchmark
   checkpoints.require_checkpoints(workdir,
                                   checkpoints.inference_source(workdir))
@@ -124,53 +233,23 @@ def run(config, workdir: str, data_dir: str, mard_dir: str
       target=_serve_child, args=(config, workdir, data_dir, mard_dir, port))
   server.start()
   try:
-    start = time.time()
-    while True:
-      if not server.is_alive():
-        raise UserError('the server stopped while loading (its error is '
-                        'above).')
-      try:
-        health = httpx.get(f'{url}/healthz', timeout=2).json()
-        break
-      except httpx.HTTPError:
-        if time.time() - start > 600:
-          raise UserError('the server did not answer within 600 s') from None
-        time.sleep(0.5)
-    startup_s = time.time() - start
+    health, startup_s = _wait_until_up(url, server)
     with open(os.path.join(workdir, export.EXPORT_DIR, 'reviews.jsonl')) as f:
       texts = [' '.join((json.loads(line)['text'] or 'good album').split()[
           :20]) for line, _ in zip(f, range(500))]
-
     result = {'server_startup_s': round(startup_s, 1),
               'albums': health['albums'], 'reviews': health['reviews'],
               'index': health['index']}
-    with tempfile.TemporaryDirectory(prefix='mardjax-bench-') as tmp, \
-        httpx.Client(base_url=url, timeout=120) as client:
-      for fmt in ('wav', 'mp3'):
-        path = os.path.join(tmp, f'song.{fmt}')
-        synth_song(path, b.serve_upload_seconds, fmt)
+    with tempfile.TemporaryDirectory(prefix='mardjax-bench-') as tmp:
+      result.update(_one_at_a_time(url, b, texts, tmp))
+      if b.serve_rounds:
+        path = os.path.join(tmp, 'short.wav')
+        synth_song(path, b.serve_round_upload_seconds, 'wav', seed=1)
         with open(path, 'rb') as f:
           data = f.read()
-        times = []
-        for i in range(b.serve_uploads + 1):  # The first one warms up.
-          t0 = time.perf_counter()
-          r = client.post('/api/query/audio', files={
-              'file': (f'song.{fmt}', data)})
-          if r.status_code != 200:
-            raise UserError(f'upload answered {r.status_code}: {r.text}')
-          if i:
-            times.append(time.perf_counter() - t0)
-        result[f'upload_{fmt}'] = dict(_percentiles(times), mb=round(
-            len(data) / 2**20, 2))
-      times = []
-      for i, text in enumerate(texts[:b.serve_text_queries + 5]):
-        t0 = time.perf_counter()
-        r = client.post('/api/query/text', json={'text': text, 'k': 10})
-        if r.status_code != 200:
-          raise UserError(f'text query answered {r.status_code}: {r.text}')
-        if i >= 5:  # Warm-up.
-          times.append(time.perf_counter() - t0)
-      result['text_query'] = _percentiles(times)
+        result['during_uploads'] = asyncio.run(_under_uploads(
+            url, data, texts, b.serve_concurrent_uploads, b.serve_rounds,
+            server.pid))
     result['load'] = asyncio.run(_load(url, texts, b.serve_concurrency,
                                        b.serve_seconds))
   finally:
@@ -185,5 +264,10 @@ def run(config, workdir: str, data_dir: str, mard_dir: str
               meets_upload_target=upload_s < UPLOAD_TARGET_S,
               meets_text_target=result['text_query']['p50_ms'] <
               TEXT_P50_TARGET_MS,
+              meets_responsive_target=(
+                  'during_uploads' not in result or max(
+                      result['during_uploads'][k]['p95_ms']
+                      for k in ('healthz', 'text_query')) <
+                  RESPONSIVE_P95_TARGET_MS),
               target_upload_s=UPLOAD_TARGET_S,
               target_text_p50_ms=TEXT_P50_TARGET_MS)

@@ -151,6 +151,33 @@ def all_finite(tree) -> jax.Array:
                             for x in jax.tree_util.tree_leaves(tree)]))
 
 
+def _update(state: TrainState, params, grads, row_grads,
+            vocab_ids: jax.Array | None):
+  """The optimizer update; returns (new state, gradient norm, what changed).
+
+  Under lazy updates `params` are all but the embedding table, whose rows
+  `vocab_ids` get `row_grads`; otherwise `params` are all of them.
+  """
+  if vocab_ids is None:
+    new_state = state.apply_gradients(grads=grads)
+    return new_state, optax.global_norm(grads), new_state.params
+  # Every device holds the same vocab_ids, so the averaged row gradients
+  # are the rows of the averaged dense gradient.
+  table, _ = sparse_embedding.split_table(state.params)
+  opt_updates, opt_state = state.tx.update(grads, state.opt_state, params)
+  params = optax.apply_updates(params, opt_updates)
+  table, embed_opt = state.embed_tx(table, state.embed_opt, vocab_ids,
+                                    row_grads, state.step + 1)
+  new_state = state.replace(
+      step=state.step + 1, opt_state=opt_state, embed_opt=embed_opt,
+      params=sparse_embedding.merge_table(table, params))
+  grad_norm = jnp.sqrt(optax.global_norm(grads) ** 2
+                       + jnp.sum(row_grads ** 2))
+  # Only the batch's rows of the table changed: check those, not all 60k.
+  return new_state, grad_norm, (params, sparse_embedding.gather_rows(
+      table, vocab_ids))
+
+
 def per_device_step(state: TrainState, batch: dict[str, jax.Array],
                     key: jax.Array, *, loss_config: ml_collections.ConfigDict,
                     axis_name: str | None
@@ -209,26 +236,8 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
       loss_fn, argnums=(0, 1), has_aux=True)(params, rows)
   if axis_name is not None:
     grads, row_grads = jax.lax.pmean((grads, row_grads), axis_name)
-  if lazy:
-    # Every device holds the same vocab_ids, so the averaged row gradients
-    # are the rows of the averaged dense gradient.
-    opt_updates, opt_state = state.tx.update(grads, state.opt_state, params)
-    params = optax.apply_updates(params, opt_updates)
-    table, embed_opt = state.embed_tx(table, state.embed_opt,
-                                      batch['vocab_ids'], row_grads,
-                                      state.step + 1)
-    new_state = state.replace(
-        step=state.step + 1, opt_state=opt_state, embed_opt=embed_opt,
-        params=sparse_embedding.merge_table(table, params))
-    grad_norm = jnp.sqrt(optax.global_norm(grads) ** 2
-                         + jnp.sum(row_grads ** 2))
-    # Only the batch's rows of the table changed: check those, not all 60k.
-    changed = (params, sparse_embedding.gather_rows(table,
-                                                    batch['vocab_ids']))
-  else:
-    new_state = state.apply_gradients(grads=grads)
-    grad_norm = optax.global_norm(grads)
-    changed = new_state.params
+  new_state, grad_norm, changed = _update(state, params, grads, row_grads,
+                                          batch.get('vocab_ids'))
   if has_bn:
     new_state = new_state.replace(batch_stats=updates['batch_stats'])
     changed = (changed, updates['batch_stats'])

@@ -195,6 +195,16 @@ def _check_finite(run: _Run, step: int, m: dict[str, Any]) -> None:
       + '; lower config.train.learning_rate or check the data.')
 
 
+def _log(run: _Run, step: int, m: dict[str, Any], rate: float) -> None:
+  """Train metrics to the writers, and a progress line with the ETA."""
+  run.writer.write_scalars(step, {f'train/{k}': float(v) for k, v in
+                                  m.items()} | {'steps_per_sec': rate})
+  logging.info('step %d/%d loss %.4f  %.1f steps/s  %.0f examples/s  '
+               'ETA %.0fs', step, run.steps, float(m['loss']), rate,
+               rate * run.config.train.batch_size,
+               (run.steps - step) / max(rate, 1e-9))
+
+
 def _loop(run: _Run) -> None:
   """Steps from the restored position to `run.steps`, with logging,
   checkpoints and periodic evaluation."""
@@ -225,14 +235,9 @@ def _loop(run: _Run) -> None:
       m = jax.device_get(m)
       _check_finite(run, step, m)
     if log_now:
-      now = time.time()
-      rate = (step - last_step) / max(now - last_time, 1e-9)
-      run.writer.write_scalars(step, {f'train/{k}': float(v) for k, v in
-                                      m.items()} | {'steps_per_sec': rate})
-      logging.info('step %d/%d loss %.4f  %.1f steps/s  %.0f examples/s  '
-                   'ETA %.0fs', step, run.steps, float(m['loss']), rate,
-                   rate * t.batch_size, (run.steps - step) / max(rate, 1e-9))
-      last_time, last_step = now, step
+      _log(run, step, m, (step - last_step) / max(time.time() - last_time,
+                                                  1e-9))
+      last_time, last_step = time.time(), step
     if eval_now:  # Before the save, whose record then holds its result.
       run.last_eval = _evaluate(run, step)
     if save_now:
