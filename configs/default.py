@@ -84,8 +84,9 @@ def get_config():
   config.train.batch_size = 128  # Global batch (all devices, all hosts).
   config.train.learning_rate = 1e-3  # optax Adam.
   # Word-embedding table: 'lazy' updates only the rows a batch uses (lazy
-  # Adam, several times faster at 60k words); 'dense' is plain Adam on all.
-  config.train.embedding_update = 'lazy'
+  # Adam, several times faster at 60k words on CPUs); 'dense' is plain Adam
+  # on all (faster on GPUs); 'auto' picks by backend (README: Training).
+  config.train.embedding_update = 'auto'
   config.train.vocab_bucket = 1024  # Lazy: distinct ids padded to a multiple.
   # LSTM encoder: reviews packed end to end into rows of max_len, so the
   # LSTM skips padding; rows rounded up to a multiple of this (0: padded).
@@ -160,6 +161,11 @@ def get_config():
   # and 'serve' below.
   config.benchmark.kind = 'data'
   config.benchmark.train_steps = 30  # Timed steps (LSTM: a tenth).
+  # kind=train: one line per encoder x batch size x embedding update ('':
+  # the config's train.embedding_update).
+  config.benchmark.encoders = 'mean,lstm'
+  config.benchmark.batch_sizes = '128,1024,8192'
+  config.benchmark.embedding_updates = ''
   config.benchmark.pipeline_batches = 200  # Timed input-pipeline batches.
   # 'eval': metrics time after embedding at this scale (MARD: 65,566 albums,
   # ~26,400 held-out test reviews).

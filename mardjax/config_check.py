@@ -24,7 +24,7 @@ from mardjax.serve import search_index
 from mardjax.train import losses
 
 PARALLELISM = ('pmap', 'shard_map')
-EMBEDDING_UPDATES = ('lazy', 'dense')
+EMBEDDING_UPDATES = ('auto', 'lazy', 'dense')
 EVAL_SPLITS = ('dev', 'test')
 
 

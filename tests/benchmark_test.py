@@ -1,5 +1,6 @@
 """The benchmark mode prints well-formed JSON lines (figures not asserted)."""
 
+import jax
 import pytest
 
 from configs import test as test_config
@@ -25,6 +26,31 @@ def test_train_step_benchmark_line():
                                          vocab_size=100)
   assert line['benchmark'] == 'train_step_mean'
   assert line['examples_per_s'] > 0 and line['target_examples_per_s'] == 3000
+
+
+def test_train_benchmark_lines_per_encoder_batch_and_update(tmp_path,
+                                                           capsys):
+  config = test_config.get_config()
+  config.benchmark.update(kind='train', encoders='mean,lstm',
+                          batch_sizes='8,16', embedding_updates='lazy,dense',
+                          train_steps=2)
+  result = modes.run_mode('benchmark', config, str(tmp_path))
+  got = [(l['benchmark'], l['batch_size'], l['embedding_update'])
+         for l in result['benchmarks']]
+  assert got == [(f'train_step_{e}', b, u) for e in ('mean', 'lstm')
+                 for b in (8, 16) for u in ('lazy', 'dense')]
+  assert capsys.readouterr().out.count('"benchmark"') == 8
+
+
+def test_auto_embedding_update_picks_per_backend(monkeypatch):
+  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  assert config.train.embedding_update == 'auto'
+  assert train_step.embedding_update(config) == 'lazy'  # This CPU.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert train_step.embedding_update(config) == 'dense'
+  config.train.embedding_update = 'lazy'  # An explicit choice wins.
+  assert train_step.embedding_update(config) == 'lazy'
 
 
 def test_pipeline_benchmark_compares_with_the_step(tmp_path):

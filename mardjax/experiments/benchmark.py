@@ -145,23 +145,36 @@ def train_step_throughput(config, encoder: str, steps: int,
   return {'benchmark': f'train_step_{encoder}', 'examples_per_s': round(rate, 1),
           'steps_per_s': round(steps / wall, 2), 'compile_s': round(compile_s, 1),
           'batch_size': b, 'max_len': length, 'vocab_size': vocab_size,
-          'embedding_update': config.train.embedding_update,
+          'embedding_update': train_step.embedding_update(config),
           'distinct_words_per_batch': int(np.unique(tokens[tokens > 0]).size),
           'device': str(jax.devices()[0].platform),
           'target_examples_per_s': TRAIN_TARGETS.get(encoder),
           'meets_target': rate >= TRAIN_TARGETS.get(encoder, 0.0)}
 
 
+def _names(text: str) -> list[str]:
+  return [x.strip() for x in text.split(',') if x.strip()]
+
+
 def run_train(config, workdir: str) -> dict[str, Any]:
-  """Train-step throughput of the mean and LSTM text encoders."""
+  """Train-step throughput: one line per text encoder
+  (`benchmark.encoders`), batch size (`benchmark.batch_sizes`) and
+  embedding update (`benchmark.embedding_updates`; empty: the config's).
+  The LSTM runs a tenth of `benchmark.train_steps` (at least 2)."""
   del workdir
+  b = config.benchmark
   lines = []
-  for encoder, steps in (('mean', config.benchmark.train_steps),
-                         ('lstm', max(2, config.benchmark.train_steps // 10))):
-    line = train_step_throughput(config, encoder, steps,
-                                 config.data.vocab_size + 2)
-    print(json.dumps(line, sort_keys=True), flush=True)
-    lines.append(line)
+  for encoder in _names(b.encoders):
+    steps = b.train_steps if encoder != 'lstm' else max(2, b.train_steps // 10)
+    for batch_size in (int(x) for x in _names(b.batch_sizes)):
+      for update in (_names(b.embedding_updates) or
+                     [config.train.embedding_update]):
+        one = config.copy_and_resolve_references()
+        one.train.batch_size, one.train.embedding_update = batch_size, update
+        line = train_step_throughput(one, encoder, steps,
+                                     config.data.vocab_size + 2)
+        print(json.dumps(line, sort_keys=True), flush=True)
+        lines.append(line)
   return {'benchmarks': lines}
 
 
@@ -248,7 +261,8 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
   next(it)
   n = config.benchmark.pipeline_batches
   start = time.time()
-  lazy = (t.embedding_update == 'lazy'
+  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
+  lazy = (train_step.embedding_update(config) == 'lazy'
           and config.model.text_encoder != 'pretrained')
   for _, batch in itertools.islice(it, n):
     if lazy:

@@ -14,8 +14,9 @@ Gradients and metrics are averaged over the device axis with `lax.pmean`;
 BatchNorm computes its statistics over the same axis, so the running averages
 agree on every device.
 
-With `config.train.embedding_update='lazy'` (the default) the word-embedding
-table is trained row-sparse: batches carry 'slots' and 'vocab_ids' instead
+With `config.train.embedding_update='lazy'` (what 'auto', the default,
+picks on CPUs; `embedding_update`) the word-embedding table is trained
+row-sparse: batches carry 'slots' and 'vocab_ids' instead
 of 'tokens' (`sparse_embedding.compact_batch`), the step differentiates only
 the rows in the batch and updates them with lazy Adam; everything else goes
 through optax as before. 'dense' trains the table like any other parameter.
@@ -83,9 +84,28 @@ def create_state(model: nn.Module, config: ml_collections.ConfigDict,
                                  learning_rate=config.train.learning_rate))
 
 
+# The update 'auto' picks per backend, from the train-step benchmark
+# (README: Training): lazy Adam wins on CPUs, where the dense update's pass
+# over the whole table dominates a step; on GPUs the dense update is one
+# fused pass at memory speed and the lazy one's gathers and scatters cost
+# more (one H200: dense 185k / 350k / 276k examples/s against lazy 70-97k /
+# 222-261k / 218-239k at batch 128 / 1,024 / 8,192).
+AUTO_EMBEDDING_UPDATE = {'cpu': 'lazy', 'gpu': 'dense', 'cuda': 'dense',
+                         'rocm': 'dense', 'tpu': 'dense'}
+
+
+def embedding_update(config: ml_collections.ConfigDict) -> str:
+  """'lazy' or 'dense': `config.train.embedding_update`, with 'auto'
+  resolved for the default backend."""
+  update = config.train.embedding_update
+  if update != 'auto':
+    return update
+  return AUTO_EMBEDDING_UPDATE.get(jax.default_backend(), 'dense')
+
+
 def lazy_embedding(config: ml_collections.ConfigDict, params) -> bool:
   """Whether the embedding table of `params` is trained row-sparse."""
-  return (config.train.embedding_update == 'lazy'
+  return (embedding_update(config) == 'lazy'
           and sparse_embedding.has_table(params))
 
 
