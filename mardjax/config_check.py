@@ -7,7 +7,8 @@ registered: `models.two_branch.TEXT_ENCODERS` / `AUDIO_ENCODERS`,
 `train.losses.LOSSES`, `serve.search_index.KINDS`,
 `experiments.benchmark.KINDS` (modes: `mardjax.modes.MODES`, checked there).
 
-  validate_common(config)    every named choice (all modes)
+  validate_common(config)     every named choice and every number's range
+                              (all modes, `modes.run_mode`)
   validate_data(config.data)  preprocessing fields (before minutes of work)
   validate(config, devices)   training: the above plus batch arithmetic
 """

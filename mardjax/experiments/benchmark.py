@@ -41,7 +41,8 @@ def _stage_main(fn: Callable[..., dict[str, Any]], args: tuple, queue) -> None:
     queue.put(('error', f'{type(e).__name__}: {e}'))
 
 
-def _tree_rss(proc: psutil.Process) -> int:
+def tree_rss(proc: psutil.Process) -> int:
+  """Resident bytes of a process and all its children."""
   total = 0
   for p in [proc] + proc.children(recursive=True):
     try:
@@ -64,7 +65,7 @@ def measure(name: str, fn: Callable[..., dict[str, Any]], args: tuple,
   result = None
   while result is None:
     try:
-      peak = max(peak, _tree_rss(watched))
+      peak = max(peak, tree_rss(watched))
     except psutil.Error:
       pass
     try:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from mardjax.experiments import benchmark
 from mardjax.serve import export
 from mardjax.train import checkpoints
 from mardjax.errors import UserError
@@ -116,19 +117,6 @@ async def _load(url: str, texts: list[str], clients: int, seconds: float
                'seconds': round(wall, 1)}, **_percentiles(latencies))
 
 
-def _tree_rss_mb(pid: int) -> float:
-  """Resident memory of a process and all its children (the analysis pool)."""
-  import psutil  # pylint: disable=g-import-not-at-top
-  proc = psutil.Process(pid)
-  total = 0
-  for p in [proc] + proc.children(recursive=True):
-    try:
-      total += p.memory_info().rss
-    except psutil.Error:  # Gone between listing and reading.
-      pass
-  return round(total / 2**20, 1)
-
-
 async def _under_uploads(url: str, data: bytes, texts: list[str],
                          uploads: int, rounds: int, server_pid: int
                          ) -> dict[str, Any]:
@@ -137,6 +125,7 @@ async def _under_uploads(url: str, data: bytes, texts: list[str],
   latency while the server analyses, and the server's memory after each
   round."""
   import httpx  # pylint: disable=g-import-not-at-top
+  import psutil  # pylint: disable=g-import-not-at-top
   health, text, round_s, rss = [], [], [], []
   async with httpx.AsyncClient(base_url=url, timeout=600) as client:
 
@@ -161,7 +150,8 @@ async def _under_uploads(url: str, data: bytes, texts: list[str],
         i += 1
       await pending
       round_s.append(round(time.perf_counter() - start, 2))
-      rss.append(_tree_rss_mb(server_pid))
+      rss.append(round(benchmark.tree_rss(psutil.Process(server_pid)) /
+                       2**20, 1))
   return {'concurrent_uploads': uploads, 'rounds': rounds,
           'round_s': round_s, 'healthz': _percentiles(health),
           'text_query': _percentiles(text), 'server_rss_mb': rss}
