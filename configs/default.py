@@ -187,6 +187,12 @@ def get_config():
   config.benchmark.serve_seconds = 10.0
   # 'index': exact vs HNSW top-10 latency and recall on this many vectors.
   config.benchmark.index_vectors = 1_000_000
+  # kind=train_loop: the training loop on generated tables of MARD's shape.
+  config.benchmark.train_loop_steps = 2000
+  config.benchmark.loop_albums = 65566
+  config.benchmark.loop_tracks = 343882
+  config.benchmark.loop_reviews = 237000
+  config.benchmark.loop_dev_reviews = 5000
   config.benchmark.index_queries = 200
 
   return config

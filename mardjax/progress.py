@@ -1,10 +1,12 @@
-"""Progress bars and an ordered process pool for long data jobs."""
+"""Progress bars, metric writers, and an ordered process pool for long data
+jobs."""
 
 import contextlib
 import multiprocessing
 import sys
 from typing import Any, Callable, Iterable, Iterator
 
+from absl import logging
 import tqdm
 
 
@@ -32,3 +34,31 @@ def pool_map(num_workers: int, chunksize: int = 1) -> Iterator[Callable[[Callabl
   ctx = multiprocessing.get_context('spawn')
   with ctx.Pool(num_workers) as pool:
     yield lambda fn, items: pool.imap(fn, items, chunksize=chunksize)
+
+
+class _LoggingWriter:
+  """Metrics to the log only: where TensorFlow (TensorBoard's event writer
+  in clu) is not installed, as on GPU machines without it."""
+
+  def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+    logging.info('[%d] %s', step, ', '.join(
+        f'{k}={v:.6g}' if isinstance(v, (int, float)) else f'{k}={v}'
+        for k, v in sorted(scalars.items())))
+
+  def write_hparams(self, hparams: dict[str, Any]) -> None:
+    del hparams
+
+  def flush(self) -> None:
+    pass
+
+
+def metric_writer(workdir: str, just_logging: bool = False):
+  """clu's TensorBoard + log writer, or the log alone without TensorFlow."""
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning('TensorBoard events need TensorFlow, which is not '
+                    'installed: metrics go to the log only.')
+    return _LoggingWriter()
+  return metric_writers.create_default_writer(workdir,
+                                              just_logging=just_logging)

@@ -1,11 +1,14 @@
 """The benchmark mode prints well-formed JSON lines (figures not asserted)."""
 
+import json
+
 import jax
 import pytest
 
 from configs import test as test_config
 from mardjax import modes
 from mardjax.experiments import benchmark
+from tests.conftest import ROOT
 
 
 def test_data_benchmark_measures_both_stages(tmp_path, capsys):
@@ -63,3 +66,34 @@ def test_pipeline_benchmark_compares_with_the_step(tmp_path):
   assert line['examples_per_s'] > 0
   assert line['ratio'] == pytest.approx(
       line['examples_per_s'] / step['examples_per_s'], rel=0.01)
+
+
+def test_train_loop_benchmark_runs_the_real_loop_without_tensorflow(tmp_path):
+  code = (
+      'import sys, json\n'
+      'sys.modules["tensorflow"] = None  # As on GPU machines without it.\n'
+      'from configs import test as test_config\n'
+      'from mardjax import modes\n'
+      'config = test_config.get_config()\n'
+      'config.benchmark.update(kind="train_loop", loop_albums=40,\n'
+      '    loop_tracks=90, loop_reviews=300, loop_dev_reviews=30,\n'
+      '    train_loop_steps=6, train_steps=2)\n'
+      'config.train.update(eval_every=3, checkpoint_every=3)\n'
+      f'out = modes.run_mode("benchmark", config, {str(tmp_path)!r},\n'
+      '                      show_progress=False)\n'
+      'print(json.dumps(out["benchmarks"][0]))\n'
+      'print(any(m.startswith("tensorflow") and sys.modules[m] is not None\n'
+      '          for m in sys.modules))\n')
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
+                       capture_output=True, text=True).stdout.splitlines()
+  line, tensorflow_loaded = json.loads(out[-2]), out[-1]
+  assert tensorflow_loaded == 'False'
+  assert line['benchmark'] == 'train_loop' and line['steps'] == 6
+  assert line['evaluations'] == 3  # Steps 0, 3 and 6.
+  assert line['end_to_end_examples_per_s'] > 0
+  assert line['step_examples_per_s'] > 0
+  assert 0 < line['eval_share'] < 1 and 0 < line['checkpoint_share'] < 1
+  assert line['projected_200_epochs_s'] == pytest.approx(
+      200 * 300 / line['end_to_end_examples_per_s'], rel=0.01)

@@ -42,12 +42,17 @@ import os
 from typing import Iterator
 
 import numpy as np
-import tensorflow as tf
 
 from mardjax.data import descriptors as desc_lib
 from mardjax.data import manifest as manifest_lib
-from mardjax.data import records
 from mardjax.data import tables
+
+
+def _records():
+  """The TFRecord readers, imported when records are read: batching and the
+  epoch order need no TensorFlow (a GPU machine may not have it)."""
+  from mardjax.data import records  # pylint: disable=g-import-not-at-top
+  return records
 
 
 def load_audio_table(manifest: manifest_lib.Manifest,
@@ -60,7 +65,7 @@ def load_audio_table(manifest: manifest_lib.Manifest,
   counts = np.zeros(num_albums, np.int64)
   chunks = {}
   paths = [p for s in splits for p in manifest.paths('albums', s)]
-  for ex in records.read_numpy(paths, 'album', dim):
+  for ex in _records().read_numpy(paths, 'album', dim):
     idx = int(ex['album_index'])
     chunks[idx] = desc_lib.normalize(ex['descriptors'], d.transform, d.mean,
                                      d.std)
@@ -83,7 +88,7 @@ def load_reviews(manifest: manifest_lib.Manifest, split: str,
   """
   feature_dim = manifest.feature_dim
   tokens, lengths, albums, ids, features = [], [], [], [], []
-  for ex in records.read_numpy(manifest.paths('reviews', split),
+  for ex in _records().read_numpy(manifest.paths('reviews', split),
                                'review'):
     t = ex['tokens'][:max_len].astype(np.int32)
     tokens.append(np.pad(t, (0, max_len - len(t))))
@@ -106,6 +111,8 @@ def load_review_table(manifest: manifest_lib.Manifest, max_len: int,
                       split: str = 'train', process_index: int = 0,
                       process_count: int = 1) -> tables.ReviewTable:
   """Reads a split's reviews of this process's albums through tf.data."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  records = _records()
   files = manifest.paths('reviews', split)
   feature_dim = manifest.feature_dim
   ds = tf.data.Dataset.from_tensor_slices(files)

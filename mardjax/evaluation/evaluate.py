@@ -12,11 +12,11 @@ import os
 import time
 from typing import Any, Callable
 
-from clu import metric_writers
 import jax
 import ml_collections
 import numpy as np
 
+from mardjax import progress
 from mardjax.data import input_pipeline
 from mardjax.data import manifest as manifest_lib
 from mardjax.data import tables
@@ -133,8 +133,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   result = dict(result, step=trained.step, split=split,
                 eval_seconds=round(time.time() - start, 2))
   if jax.process_index() == 0:
-    writer = metric_writers.create_default_writer(
-        os.path.join(workdir, 'eval'))
+    writer = progress.metric_writer(os.path.join(workdir, 'eval'))
     writer.write_scalars(trained.step, {
         f'{split}/{k}': v for k, v in result.items()
         if isinstance(v, (int, float))})

@@ -383,6 +383,13 @@ def run_serve(config, workdir: str) -> dict[str, Any]:
                              modes.mard_dir(config, workdir))
 
 
+def run_train_loop(config, workdir: str) -> dict[str, Any]:
+  """The training loop end to end without TensorFlow (`train_loop`)."""
+  from mardjax.experiments import train_loop  # pylint: disable=g-import-not-at-top
+  return train_loop.run(config, workdir)
+
+
 # config.benchmark.kind -> fn(config, workdir) -> {'benchmarks': [lines]}.
 KINDS = {'data': run_data, 'train': run_train, 'pipeline': run_pipeline,
-         'eval': run_eval, 'index': run_index, 'serve': run_serve}
+         'eval': run_eval, 'index': run_index, 'serve': run_serve,
+         'train_loop': run_train_loop}

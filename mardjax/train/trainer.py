@@ -13,20 +13,21 @@ imports evaluation. Only this Python loop holds the iterator, the writers and
 the checkpoint managers; the step itself is pure (`mardjax.train.train_step`).
 """
 
+import collections
 import dataclasses
 import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from absl import logging
-from clu import metric_writers
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
+from mardjax import progress
 from mardjax.data import input_pipeline
 from mardjax.data import manifest as manifest_lib
 from mardjax.data import tables
@@ -34,6 +35,24 @@ from mardjax.errors import UserError
 from mardjax.models import two_branch
 from mardjax.train import checkpoints
 from mardjax.train import train_step
+
+class TrainingData(NamedTuple):
+  """What the loop trains on: the manifest and this process's tables."""
+  manifest: manifest_lib.Manifest
+  audio: tables.AudioTable
+  reviews: tables.ReviewTable
+
+
+def load_training_data(config: ml_collections.ConfigDict, data_dir: str
+                       ) -> TrainingData:
+  """The records of `data_dir`, read once through tf.data into tables."""
+  manifest = manifest_lib.load(data_dir)
+  return TrainingData(manifest, input_pipeline.load_audio_table(manifest),
+                      input_pipeline.load_review_table(
+                          manifest, config.data.max_len,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count()))
+
 
 # variables -> metrics with 'recall@1', 'recall@5', 'recall@10'.
 Evaluator = Callable[[dict[str, Any]], dict[str, Any]]
@@ -73,6 +92,9 @@ class _Run:
   best_recall: float = -1.0
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   last_eval: dict[str, Any] | None = None
+  # Wall seconds by part of the loop ('eval', 'checkpoint', 'loop').
+  seconds: collections.Counter = dataclasses.field(
+      default_factory=collections.Counter)
 
   def meta(self, step: int) -> dict[str, Any]:
     return {'step': step, 'position': list(self.position),
@@ -97,20 +119,16 @@ def _parallel(config: ml_collections.ConfigDict, state, parallel: bool):
       lambda b: train_step.shard_batch(b, mesh))
 
 
-def _setup(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
-           make_evaluator: EvaluatorFactory) -> _Run:
-  """Reads the data, builds the model and state, restores, compiles."""
-  manifest = manifest_lib.load(data_dir)
+def _setup(config: ml_collections.ConfigDict, workdir: str,
+           data: TrainingData, make_evaluator: EvaluatorFactory) -> _Run:
+  """Builds the model and state from the data, restores, compiles."""
+  manifest, audio, reviews = data
   num_devices = jax.local_device_count()
   process_count = jax.process_count()
   t = config.train
   parallel = num_devices * process_count > 1
   model = two_branch.from_manifest(
       config, manifest, bn_axis_name=train_step.AXIS if parallel else None)
-  audio = input_pipeline.load_audio_table(manifest)
-  reviews = input_pipeline.load_review_table(
-      manifest, config.data.max_len, process_index=jax.process_index(),
-      process_count=process_count)
 
   def batches(epoch, batch):
     return input_pipeline.train_batches(
@@ -136,8 +154,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
           t.keep_checkpoints),
       best=checkpoints.Checkpoints(
           os.path.join(workdir, checkpoints.BEST_DIR), 1, async_save=False),
-      writer=metric_writers.create_default_writer(
-          workdir, just_logging=jax.process_index() > 0),
+      writer=progress.metric_writer(workdir,
+                                    just_logging=jax.process_index() > 0),
       steps=total_steps(config, manifest))
   _restore(run)
   run.state, run.step_fn, run.put = _parallel(config, run.state, parallel)
@@ -164,15 +182,19 @@ def _restore(run: _Run) -> None:
 def _evaluate(run: _Run, step: int) -> dict[str, Any]:
   """Dev metrics of the current state, logged; keeps the best-by-recall
   checkpoint."""
+  start = time.perf_counter()
   result = run.evaluator(checkpoints.inference_variables(run.state))
+  run.seconds['eval'] += time.perf_counter() - start
   run.writer.write_scalars(step, {f'dev/{k}': v for k, v in result.items()})
   run.history.append({'step': step, **{k: result[k] for k in (
       'recall@1', 'recall@5', 'recall@10')}})
   logging.info('step %d dev %s', step, json.dumps(result))
   if result['recall@10'] > run.best_recall:
     run.best_recall = result['recall@10']
+    start = time.perf_counter()
     run.best.save(step, run.state, run.meta(step))
     run.best.wait()
+    run.seconds['checkpoint'] += time.perf_counter() - start
   return result
 
 
@@ -241,36 +263,53 @@ def _loop(run: _Run) -> None:
     if eval_now:  # Before the save, whose record then holds its result.
       run.last_eval = _evaluate(run, step)
     if save_now:
+      start = time.perf_counter()
       run.ckpt.save(step, run.state, run.meta(step))
+      run.seconds['checkpoint'] += time.perf_counter() - start
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       data_dir: str, make_evaluator: EvaluatorFactory
+                       data: str | TrainingData,
+                       make_evaluator: EvaluatorFactory
                        ) -> tuple[Any, dict[str, Any]]:
   """Trains, checkpoints and evaluates; returns (final state, final metrics).
 
   Args:
     config: a validated config (`mardjax.config_check.validate`).
     workdir: checkpoints, best checkpoint and TensorBoard events go here.
-    data_dir: the preprocessed records.
+    data: the preprocessed records' directory, or tables already in memory
+      (the train-loop benchmark's, which needs no TensorFlow).
     make_evaluator: builds the dev evaluator once per run.
+
+  Returns:
+    (state, metrics): the last evaluation's metrics plus 'steps',
+    'resumed_from', 'best_dev_recall_at_10', 'history', 'params_sha256' and
+    'seconds' (wall time of the loop, and of evaluation and checkpointing
+    within it and at step 0).
   """
-  run = _setup(config, workdir, data_dir, make_evaluator)
+  if isinstance(data, str):
+    data = load_training_data(config, data)
+  run = _setup(config, workdir, data, make_evaluator)
   if run.start_step == 0:
     run.writer.write_hparams(_flatten(config.to_dict()))
     _evaluate(run, 0)
+  start = time.perf_counter()
   _loop(run)
   if run.steps > run.start_step:
     metrics = run.last_eval  # The loop's evaluation of the last step.
   else:  # Already trained: report, save nothing.
     metrics = run.evaluator(checkpoints.inference_variables(run.state))
-  run.ckpt.close()
+  closing = time.perf_counter()
+  run.ckpt.close()  # Waits for the last asynchronous save.
   run.best.close()
+  run.seconds['checkpoint'] += time.perf_counter() - closing
+  run.seconds['loop'] = time.perf_counter() - start
   run.writer.flush()
   metrics = dict(metrics, steps=run.steps, resumed_from=run.start_step,
                  best_dev_recall_at_10=run.best_recall, history=run.history,
                  params_sha256=checkpoints.params_fingerprint(
-                     run.state.params))
+                     run.state.params),
+                 seconds={k: round(v, 3) for k, v in run.seconds.items()})
   return run.state, metrics
 
 

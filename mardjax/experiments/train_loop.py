@@ -1,0 +1,142 @@
+"""`--mode=benchmark --config.benchmark.kind=train_loop`: the real training
+loop end to end, at full MARD shape, without TensorFlow.
+
+The tables the loop trains on are generated in this process with MARD's
+shape (`benchmark.loop_albums` albums, `loop_tracks` tracks of 369 values,
+`loop_reviews` training reviews with MARD-like lengths and Zipf words over
+the config's vocabulary, `loop_dev_reviews` held-out ones), in place of the
+records tf.data would read, so the benchmark runs where TensorFlow is not
+installed (the GPU machines). Everything else is `--mode=train`'s own code:
+`trainer.train_and_evaluate` with its batching, step, logging, periodic
+dev evaluation (every `train.eval_every` steps) and checkpoints (every
+`train.checkpoint_every`, into a temporary directory), for
+`benchmark.train_loop_steps` steps. The same step is then timed alone, in
+the same run, for comparison.
+"""
+
+import json
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from mardjax.data import manifest as manifest_lib
+from mardjax.data import tables
+from mardjax.evaluation import evaluate
+from mardjax.experiments import benchmark
+from mardjax.models import two_branch
+from mardjax.train import trainer
+
+
+def _zipf_tokens(rng, count: int, vocab_size: int) -> np.ndarray:
+  """(count,) word ids 2.. by Zipf's law (inverse CDF: no per-draw search
+  over 60k probabilities)."""
+  weights = 1.0 / np.arange(1, vocab_size - 1)
+  cdf = np.cumsum(weights / weights.sum())
+  return (np.searchsorted(cdf, rng.random(count)) + 2).astype(np.int32)
+
+
+def _lengths(rng, count: int, max_len: int) -> np.ndarray:
+  """MARD-like review lengths: log-normal, median ~90 words."""
+  return np.clip(rng.lognormal(4.5, 0.7, count), 1, max_len).astype(np.int32)
+
+
+def synthetic_data(config, seed: int = 0
+                   ) -> tuple[trainer.TrainingData, dict[str, np.ndarray]]:
+  """(training data, dev reviews as `input_pipeline.load_reviews` gives
+  them) of the benchmark's shape."""
+  b = config.benchmark
+  rng = np.random.default_rng(seed)
+  albums, tracks = b.loop_albums, b.loop_tracks
+  dim, max_len = 369, config.data.max_len
+  vocab_size = config.data.vocab_size + 2
+  counts = np.bincount(rng.integers(0, albums, tracks - albums),
+                       minlength=albums) + 1  # Every album has a track.
+  offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  audio = tables.AudioTable(
+      rng.standard_normal((tracks, dim), dtype=np.float32), offsets, counts)
+  popularity = rng.lognormal(0, 1.2, albums)  # Heavy-tailed, as MARD's.
+  popularity /= popularity.sum()
+  album = rng.choice(albums, b.loop_reviews, p=popularity).astype(np.int32)
+  lengths = _lengths(rng, b.loop_reviews, max_len)
+  reviews = tables.ReviewTable(
+      tokens=_zipf_tokens(rng, int(lengths.sum()), vocab_size),
+      offsets=np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]]),
+      lengths=lengths, album=album)
+  dev_lengths = _lengths(rng, b.loop_dev_reviews, max_len)
+  dev_tokens = _zipf_tokens(rng, b.loop_dev_reviews * max_len,
+                            vocab_size).reshape(-1, max_len)
+  dev_tokens[np.arange(max_len)[None, :] >= dev_lengths[:, None]] = 0
+  dev = {'tokens': dev_tokens, 'lengths': dev_lengths,
+         'album': rng.choice(albums, b.loop_dev_reviews,
+                             p=popularity).astype(np.int32),
+         'review_id': np.asarray([f'dev{i}' for i in
+                                  range(b.loop_dev_reviews)], object)}
+  manifest = manifest_lib.from_dict({
+      'schema_version': manifest_lib.SCHEMA_VERSION,
+      'vocab': {'file': '', 'size': vocab_size, 'sha256': '', 'pad_id': 0,
+                'unk_id': 1, 'max_len': max_len},
+      'descriptors': {'list': [], 'dim': dim, 'transform': 'none',
+                      'mean': [0.0] * dim, 'std': [1.0] * dim,
+                      'fitted_on_tracks': tracks},
+      'counts': {'albums': albums, 'albums_by_split': {'train': albums},
+                 'reviews': {'train': b.loop_reviews,
+                             'dev': b.loop_dev_reviews, 'test': 0},
+                 'tracks': tracks},
+      'files': {}, 'albums_file': ''}, data_dir='(in memory)',
+      sha256=f'synthetic-train-loop-{seed}')
+  return trainer.TrainingData(manifest, audio, reviews), dev
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """The training loop end to end, then the step alone; one JSON line."""
+  import jax  # pylint: disable=g-import-not-at-top
+  del workdir  # Checkpoints go to a temporary directory, deleted after.
+  b = config.benchmark
+  config = config.copy_and_resolve_references()
+  config.train.num_steps = b.train_loop_steps
+  start = time.perf_counter()
+  data, dev = synthetic_data(config, config.seed)
+  generate_s = time.perf_counter() - start
+
+  def make_evaluator(cfg, model, manifest, audio):
+    del manifest
+    max_tracks = two_branch.album_tracks(cfg)
+    return lambda variables: evaluate.evaluate(variables, model, audio, dev,
+                                               max_tracks=max_tracks)
+
+  with tempfile.TemporaryDirectory(prefix='mardjax-train-loop-') as tmp:
+    start = time.perf_counter()
+    _, metrics = trainer.train_and_evaluate(config, tmp, data, make_evaluator)
+    total_s = time.perf_counter() - start
+  seconds = metrics['seconds']
+  examples = b.train_loop_steps * config.train.batch_size
+  end_to_end = examples / seconds['loop']
+  step = benchmark.train_step_throughput(config, config.model.text_encoder,
+                                         b.train_steps,
+                                         config.data.vocab_size + 2)
+  epoch_s = len(data.reviews) / end_to_end
+  line = {
+      'benchmark': 'train_loop', 'device': str(jax.devices()[0].platform),
+      'device_kind': jax.devices()[0].device_kind,
+      'text_encoder': config.model.text_encoder,
+      'embedding_update': step['embedding_update'],
+      'batch_size': config.train.batch_size, 'steps': b.train_loop_steps,
+      'reviews': len(data.reviews), 'albums': b.loop_albums,
+      'tracks': b.loop_tracks,
+      'end_to_end_examples_per_s': round(end_to_end, 1),
+      'step_examples_per_s': step['examples_per_s'],
+      'end_to_end_share_of_step': round(end_to_end / step['examples_per_s'],
+                                        3),
+      'epoch_s': round(epoch_s, 1),
+      'projected_200_epochs_s': round(200 * epoch_s, 1),
+      'loop_s': seconds['loop'],
+      'eval_share': round(seconds.get('eval', 0.0) / seconds['loop'], 3),
+      'checkpoint_share': round(
+          seconds.get('checkpoint', 0.0) / seconds['loop'], 3),
+      'evaluations': len(metrics['history']),
+      'setup_s': round(total_s - seconds['loop'], 1),
+      'generate_s': round(generate_s, 1)}
+  print(json.dumps(line, sort_keys=True), flush=True)
+  return {'benchmarks': [line]}
