@@ -88,6 +88,10 @@ def get_config():
   # on all (faster on GPUs); 'auto' picks by backend (README: Training).
   config.train.embedding_update = 'auto'
   config.train.vocab_bucket = 1024  # Lazy: distinct ids padded to a multiple.
+  # Where each step's batch is built: 'device' (the data copied to the device
+  # once, indices sent per step; dense mean encoder on one device), 'host',
+  # or 'auto' (device where it serves, else host).
+  config.train.batch_assembly = 'auto'
   # LSTM encoder: reviews packed end to end into rows of max_len, so the
   # LSTM skips padding; rows rounded up to a multiple of this (0: padded).
   config.train.lstm_pack_rows = 8

@@ -27,6 +27,7 @@ from mardjax.train import losses
 PARALLELISM = ('pmap', 'shard_map')
 EMBEDDING_UPDATES = ('auto', 'lazy', 'dense')
 EVAL_SPLITS = ('dev', 'test')
+BATCH_ASSEMBLY = ('auto', 'host', 'device')
 
 
 def need(ok: bool, field: str, value: Any, why: str) -> None:
@@ -105,6 +106,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'loss.kind', losses.LOSSES)
   _choice(config, 'train.parallelism', PARALLELISM)
   _choice(config, 'train.embedding_update', EMBEDDING_UPDATES)
+  _choice(config, 'train.batch_assembly', BATCH_ASSEMBLY)
   _choice(config, 'eval.split', EVAL_SPLITS)
   _choice(config, 'export.index', search_index.KINDS)
   # Imported here: the benchmarks import the modes, which import this module.

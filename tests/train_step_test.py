@@ -119,3 +119,73 @@ def test_a_step_reduces_the_loss_and_keeps_it_finite():
     assert np.isfinite(float(m['loss'])) and np.isfinite(float(m['grad_norm']))
     first = first if first is not None else float(m['loss'])
   assert float(m['loss']) < first
+
+
+def _tables(tiny_records):
+  from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  _, manifest = tiny_records
+  return (manifest, input_pipeline.load_audio_table(manifest),
+          input_pipeline.load_review_table(manifest, 64))
+
+
+def test_device_assembly_matches_the_host_batches(tiny_records):
+  from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  _, audio, reviews = _tables(tiny_records)
+  kw = dict(batch_size=16, num_devices=1, seed=3, neighbourhood=True,
+            reviews_per_album=2)
+  tables = train_step.device_tables(reviews, audio, 64)
+  host = input_pipeline.train_batches(reviews, audio, max_len=64, **kw)
+  index = input_pipeline.train_indices(reviews, audio, **kw)
+  for _ in range(3):
+    (pos_a, batch), (pos_b, idx) = next(host), next(index)
+    assert pos_a == pos_b
+    got = train_step.assemble(tables, idx['rows'][0], idx['tracks'][0], 64)
+    for k in ('tokens', 'lengths', 'album', 'audio'):
+      np.testing.assert_array_equal(np.asarray(got[k]), batch[k][0])
+
+
+def test_index_step_equals_the_host_step(tiny_records):
+  from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  manifest, audio, reviews = _tables(tiny_records)
+  config = test_config.get_config()
+  config.train.embedding_update = 'dense'
+  kw = dict(batch_size=16, num_devices=1, seed=0, neighbourhood=True,
+            reviews_per_album=2)
+  (_, first), = [next(input_pipeline.train_batches(reviews, audio,
+                                                   max_len=64, **kw))]
+  model = two_branch.from_manifest(config, manifest)
+
+  def fresh():
+    return train_step.create_state(model, config, jax.random.PRNGKey(0),
+                                   {k: v[0] for k, v in first.items()})
+  host_step = train_step.single_device_step(config.loss)
+  index_step = train_step.index_step(config.loss, 64)
+  tables = train_step.device_tables(reviews, audio, 64)
+  a, b = fresh(), fresh()
+  key = jax.random.PRNGKey(5)
+  for (_, batch), (_, idx) in zip(
+      input_pipeline.train_batches(reviews, audio, max_len=64, **kw),
+      input_pipeline.train_indices(reviews, audio, **kw)):
+    a, ma = host_step(a, {k: v[0] for k, v in batch.items()}, key)
+    b, mb = index_step(b, tables, idx['rows'][0], idx['tracks'][0], key)
+    if int(a.step) == 4:
+      break
+  assert float(ma['loss']) == float(mb['loss'])
+  for x, y in zip(jax.tree_util.tree_leaves(a.params),
+                  jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_batch_assembly_choice(tiny_records):
+  from mardjax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  data = trainer.TrainingData(*_tables(tiny_records))
+  config = test_config.get_config()
+  assert trainer.batch_assembly(config, False, data) == 'host'  # Lazy (CPU).
+  config.train.embedding_update = 'dense'
+  assert trainer.batch_assembly(config, False, data) == 'device'
+  assert trainer.batch_assembly(config, True, data) == 'host'
+  config.train.batch_assembly = 'device'
+  config.model.text_encoder = 'lstm'
+  with pytest.raises(UserError, match='lstm text encoder'):
+    trainer.batch_assembly(config, False, data)

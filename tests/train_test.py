@@ -233,3 +233,33 @@ def test_sigkill_mid_training_then_restart_matches_uninterrupted(
   b = _final_params(tmp_path / 'b', data_dir, steps)
   assert int(a.step) == int(b.step) == steps
   _params_close(a.params, b.params)
+
+
+def test_device_assembled_training_equals_host_assembled(tiny_records,
+                                                         tmp_path):
+  """On one device, the dense mean model trains on batches built on the
+  device from indices; the run is the host-assembled run, bit for bit."""
+  data_dir, _ = tiny_records
+  code = (
+      'import json, sys\n'
+      'from configs import test as test_config\n'
+      'from mardjax import modes\n'
+      'config = test_config.get_config()\n'
+      'config.train.update(num_steps=8, eval_every=4, checkpoint_every=4,\n'
+      '    embedding_update="dense", batch_assembly=sys.argv[1])\n'
+      f'_, m = modes.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
+      'from mardjax.train import trainer\n'
+      f'data = trainer.load_training_data(config, {data_dir!r})\n'
+      'm["assembly"] = trainer.batch_assembly(config, False, data)\n'
+      'print(json.dumps({k: m[k] for k in ("params_sha256", "recall@10",\n'
+      '                                    "assembly")}))\n')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             TF_CPP_MIN_LOG_LEVEL='3')
+  out = {}
+  for assembly in ('host', 'device'):
+    proc = subprocess.run(
+        [sys.executable, '-c', code, assembly, str(tmp_path / assembly)],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    out[assembly] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out[assembly].pop('assembly') == assembly
+  assert out['host'] == out['device']

@@ -187,8 +187,8 @@ def make_batch(reviews: tables.ReviewTable, rows: np.ndarray, max_len: int
   return batch
 
 
-def pair_audio(album: np.ndarray, audio: tables.AudioTable, seed: int,
-               epoch: int, step: int) -> np.ndarray:
+def pair_tracks(album: np.ndarray, audio: tables.AudioTable, seed: int,
+                epoch: int, step: int) -> np.ndarray:
   """Draws the tracks for a batch of review groups.
 
   Args:
@@ -197,15 +197,57 @@ def pair_audio(album: np.ndarray, audio: tables.AudioTable, seed: int,
     seed, epoch, step: seed the draw, so a resumed run draws the same tracks.
 
   Returns:
-    (G, r, A) descriptors: each group's r rows get distinct tracks of its
-    album when it has at least r tracks (consecutive from a random start).
+    (G, r) rows of `audio.descriptors`: each group's r rows get distinct
+    tracks of its album when it has at least r tracks (consecutive from a
+    random start).
   """
   rng = np.random.default_rng([seed, epoch, step, 7])
   n = audio.counts[album]  # (G, r)
   start = (rng.random(album.shape[0]) * n[:, 0]).astype(np.int64)
   slot = np.arange(album.shape[1])[None, :]
-  rows = audio.offsets[album] + (start[:, None] + slot) % np.maximum(n, 1)
-  return audio.descriptors[rows]
+  return audio.offsets[album] + (start[:, None] + slot) % np.maximum(n, 1)
+
+
+def pair_audio(album: np.ndarray, audio: tables.AudioTable, seed: int,
+               epoch: int, step: int) -> np.ndarray:
+  """(G, r, A) descriptors of `pair_tracks`' draw."""
+  return audio.descriptors[pair_tracks(album, audio, seed, epoch, step)]
+
+
+def train_indices(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
+                  batch_size: int, num_devices: int, seed: int,
+                  neighbourhood: bool, reviews_per_album: int,
+                  start_epoch: int = 0, start_batch: int = 0
+                  ) -> Iterator[tuple[tuple[int, int], dict[str, np.ndarray]]]:
+  """The batches of `train_batches` as indices into the tables: what a
+  step that assembles its batch on the device needs from the host.
+
+  Yields:
+    ((epoch, batch number), {'rows': (D, b) review rows of `reviews`,
+    'tracks': (D, b) rows of `audio.descriptors`}).
+
+  Raises:
+    ValueError: an epoch would hold no batch.
+  """
+  r = reviews_per_album if neighbourhood else 1
+  epoch, skip = start_epoch, start_batch
+  while True:
+    order = epoch_order(reviews, audio, batch_size=batch_size, seed=seed,
+                        epoch=epoch, neighbourhood=neighbourhood,
+                        reviews_per_album=r)
+    if not len(order):
+      raise ValueError(
+          'An epoch produced no batch: fewer training reviews than '
+          f'batch_size={batch_size}' + (
+              ' in groups of reviews_per_album reviews of one album '
+              '(neighbourhood sampling)' if neighbourhood else '') + '.')
+    for step in range(skip, len(order)):
+      rows = order[step]
+      tracks = pair_tracks(reviews.album[rows].reshape(-1, r), audio, seed,
+                           epoch, step).reshape(-1)
+      yield (epoch, step), {'rows': rows.reshape(num_devices, -1),
+                            'tracks': tracks.reshape(num_devices, -1)}
+    epoch, skip = epoch + 1, 0
 
 
 def train_batches(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
@@ -232,32 +274,22 @@ def train_batches(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
 
   Yields:
     ((epoch, batch number within the epoch), batch) with arrays shaped
-    (num_devices, batch_size // num_devices, ...).
+    (num_devices, batch_size // num_devices, ...): the host-side gather of
+    `train_indices`' rows and tracks.
 
   Raises:
     ValueError: an epoch would hold no batch.
   """
-  r = reviews_per_album if neighbourhood else 1
-  epoch, skip = start_epoch, start_batch
-  while True:
-    order = epoch_order(reviews, audio, batch_size=batch_size, seed=seed,
-                        epoch=epoch, neighbourhood=neighbourhood,
-                        reviews_per_album=r)
-    if not len(order):
-      raise ValueError(
-          'An epoch produced no batch: fewer training reviews than '
-          f'batch_size={batch_size}' + (
-              ' in groups of reviews_per_album reviews of one album '
-              '(neighbourhood sampling)' if neighbourhood else '') + '.')
-    for step in range(skip, len(order)):
-      batch = make_batch(reviews, order[step], max_len)
-      if album_tracks:
-        batch['audio'], batch['num_tracks'] = audio.sequences(
-            batch['album'], album_tracks)
-      else:
-        groups = batch['album'].reshape(-1, r)
-        batch['audio'] = pair_audio(groups, audio, seed, epoch,
-                                    step).reshape(batch_size, audio.dim)
-      yield (epoch, step), {k: v.reshape(num_devices, -1, *v.shape[1:])
-                            for k, v in batch.items()}
-    epoch, skip = epoch + 1, 0
+  for position, index in train_indices(
+      reviews, audio, batch_size=batch_size, num_devices=num_devices,
+      seed=seed, neighbourhood=neighbourhood,
+      reviews_per_album=reviews_per_album, start_epoch=start_epoch,
+      start_batch=start_batch):
+    batch = make_batch(reviews, index['rows'].reshape(-1), max_len)
+    if album_tracks:
+      batch['audio'], batch['num_tracks'] = audio.sequences(
+          batch['album'], album_tracks)
+    else:
+      batch['audio'] = audio.descriptors[index['tracks'].reshape(-1)]
+    yield position, {k: v.reshape(num_devices, -1, *v.shape[1:])
+                     for k, v in batch.items()}

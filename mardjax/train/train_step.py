@@ -23,7 +23,7 @@ through optax as before. 'dense' trains the table like any other parameter.
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 from flax import struct
@@ -290,6 +290,61 @@ def pmap_step(loss_config) -> Callable:
   return jax.pmap(functools.partial(per_device_step, loss_config=loss_config,
                                     axis_name=AXIS),
                   axis_name=AXIS, in_axes=(None, 0, None), out_axes=None)
+
+
+class DeviceTables(NamedTuple):
+  """The training data on the device, for steps that assemble their batch
+  there from indices (`index_step`): no token array crosses to the device
+  per step.
+
+  Attributes:
+    tokens: (total tokens + max_len,) int32, every review end to end, then
+      zeros (so a gather of max_len past the last review stays in bounds).
+    offsets, lengths, album: (N,) int32 per review.
+    descriptors: (tracks, A) float32 normalised track descriptors.
+  """
+  tokens: jax.Array
+  offsets: jax.Array
+  lengths: jax.Array
+  album: jax.Array
+  descriptors: jax.Array
+
+
+def device_tables(reviews, audio, max_len: int) -> DeviceTables:
+  """Copies a `tables.ReviewTable` and `tables.AudioTable` to the default
+  device, once per run."""
+  if len(reviews.tokens) + max_len >= 2**31:
+    raise ValueError('device_tables: more than 2**31 tokens.')
+  tokens = np.concatenate([reviews.tokens.astype(np.int32),
+                           np.zeros(max_len, np.int32)])
+  return DeviceTables(*(jax.device_put(x) for x in (
+      tokens, reviews.offsets.astype(np.int32),
+      reviews.lengths.astype(np.int32), reviews.album.astype(np.int32),
+      audio.descriptors.astype(np.float32))))
+
+
+def assemble(tables: DeviceTables, rows: jax.Array, tracks: jax.Array,
+             max_len: int) -> dict[str, jax.Array]:
+  """The batch of `input_pipeline.make_batch` plus its audio, gathered on
+  the device: rows (b,) review rows, tracks (b,) descriptor rows ->
+  'tokens' (b, max_len), 'lengths' (b,), 'album' (b,), 'audio' (b, A)."""
+  lengths = tables.lengths[rows]
+  pos = jnp.arange(max_len)
+  valid = pos[None, :] < lengths[:, None]
+  tokens = jnp.where(valid, tables.tokens[tables.offsets[rows][:, None] +
+                                          pos[None, :]], 0)
+  return {'tokens': tokens, 'lengths': lengths, 'album': tables.album[rows],
+          'audio': tables.descriptors[tracks]}
+
+
+def index_step(loss_config, max_len: int) -> Callable:
+  """jit of the body on one device, fed indices instead of a batch:
+  fn(state, tables, rows (b,), tracks (b,), key) -> (state, metrics).
+  The tables are an argument, not a constant of the program."""
+  def step(state, tables, rows, tracks, key):
+    return per_device_step(state, assemble(tables, rows, tracks, max_len),
+                           key, loss_config=loss_config, axis_name=None)
+  return jax.jit(step, donate_argnums=0)
 
 
 def make_mesh(devices=None) -> Mesh:

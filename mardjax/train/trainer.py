@@ -79,9 +79,8 @@ class _Run:
   manifest: manifest_lib.Manifest
   model: two_branch.TwoBranch
   state: Any
-  batches: Callable[[int, int], Iterator]
-  step_fn: Callable
-  put: Callable
+  batches: Callable[[int, int], Iterator]  # Batches, or their indices.
+  step_fn: Callable  # (state, batches' item, key) -> (state, metrics).
   evaluator: Evaluator
   ckpt: checkpoints.Checkpoints
   best: checkpoints.Checkpoints
@@ -103,20 +102,66 @@ class _Run:
             'best_recall': self.best_recall, 'history': self.history}
 
 
-def _parallel(config: ml_collections.ConfigDict, state, parallel: bool):
-  """(state, step function, batch placement) for the configured parallelism:
-  one device, pmap, or jit(shard_map) over a mesh."""
-  if config.train.parallelism == 'pmap' or not parallel:
-    step_fn = (train_step.pmap_step(config.loss) if parallel else
-               train_step.single_device_step(config.loss))
-    def put(b):
-      return b if parallel else {k: v[0] for k, v in b.items()}
-    return state, step_fn, put
+def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
+                   data: TrainingData) -> str:
+  """'device' or 'host': where each step's batch is assembled.
+
+  On the device (`train_step.index_step`) the tables are copied to the
+  device once and the host sends only row indices per step; this serves the
+  dense embedding update of the mean encoder on one device (what 'auto'
+  picks on a single accelerator). The host path serves everything: the
+  lazy update's word-id compaction, LSTM packing, the album LSTM, features
+  of a pretrained encoder, and several devices.
+  """
+  wanted = config.train.batch_assembly
+  reasons = [why for bad, why in (
+      (parallel, 'several devices'),
+      (train_step.embedding_update(config) != 'dense',
+       'the lazy embedding update'),
+      (config.model.text_encoder != 'mean', 'the '
+       f'{config.model.text_encoder} text encoder'),
+      (two_branch.album_tracks(config) > 0, 'the album LSTM'),
+      (data.reviews.features is not None, 'pretrained text features'))
+             if bad]
+  if wanted == 'device' and reasons:
+    raise UserError("config.train.batch_assembly='device' does not serve "
+                    f'{", ".join(reasons)} yet: use \'host\' or \'auto\'.')
+  if wanted == 'host' or reasons:
+    return 'host'
+  return 'device'
+
+
+def _step(config: ml_collections.ConfigDict, state, parallel: bool,
+          assembly: str, data: TrainingData):
+  """(state, fn(state, batch or indices, key) -> (state, metrics)) for the
+  configured parallelism (one device, pmap, or jit(shard_map) over a mesh)
+  and batch assembly."""
+  t = config.train
+  if assembly == 'device':
+    tables_ = train_step.device_tables(data.reviews, data.audio,
+                                       config.data.max_len)
+    fn = train_step.index_step(config.loss, config.data.max_len)
+    return state, lambda s, index, key: fn(s, tables_, index['rows'][0],
+                                           index['tracks'][0], key)
+  sync = train_step.ProcessSync() if jax.process_count() > 1 else None
+  pack_rows = train_step.lstm_pack_rows(config)
+
+  def prepare(s, batch):
+    return train_step.prepare_batch(s, batch, t.vocab_bucket, pack_rows,
+                                    sync=sync)
+  if t.parallelism == 'pmap' or not parallel:
+    if parallel:
+      fn = train_step.pmap_step(config.loss)
+      return state, lambda s, b, key: fn(s, prepare(s, b), key)
+    fn = train_step.single_device_step(config.loss)
+    return state, lambda s, b, key: fn(
+        s, {k: v[0] for k, v in prepare(s, b).items()}, key)
   mesh = train_step.make_mesh()
   # A restored state lives on one device; replicate it over the mesh.
   state = jax.device_put(state, NamedSharding(mesh, P()))
-  return state, train_step.shard_map_step(config.loss, mesh), (
-      lambda b: train_step.shard_batch(b, mesh))
+  fn = train_step.shard_map_step(config.loss, mesh)
+  return state, lambda s, b, key: fn(
+      s, train_step.shard_batch(prepare(s, b), mesh), key)
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str,
@@ -130,13 +175,21 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
   model = two_branch.from_manifest(
       config, manifest, bn_axis_name=train_step.AXIS if parallel else None)
 
+  assembly = batch_assembly(config, parallel, data)
+  order = dict(batch_size=t.batch_size // process_count,
+               num_devices=num_devices, seed=config.seed,
+               neighbourhood=t.neighbourhood_sampling,
+               reviews_per_album=t.reviews_per_album)
+
   def batches(epoch, batch):
     return input_pipeline.train_batches(
-        reviews, audio, batch_size=t.batch_size // process_count,
-        num_devices=num_devices, max_len=config.data.max_len,
-        seed=config.seed, neighbourhood=t.neighbourhood_sampling,
-        reviews_per_album=t.reviews_per_album, start_epoch=epoch,
-        start_batch=batch, album_tracks=two_branch.album_tracks(config))
+        reviews, audio, max_len=config.data.max_len, start_epoch=epoch,
+        start_batch=batch, album_tracks=two_branch.album_tracks(config),
+        **order)
+
+  def indices(epoch, batch):
+    return input_pipeline.train_indices(reviews, audio, start_epoch=epoch,
+                                        start_batch=batch, **order)
 
   try:
     (_, first) = next(batches(0, 0))
@@ -147,7 +200,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
                                   {k: v[0] for k, v in first.items()})
   run = _Run(
       config=config, workdir=workdir, manifest=manifest, model=model,
-      state=state, batches=batches, step_fn=None, put=None,
+      state=state, batches=indices if assembly == 'device' else batches,
+      step_fn=None,
       evaluator=make_evaluator(config, model, manifest, audio),
       ckpt=checkpoints.Checkpoints(
           os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
@@ -158,7 +212,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
                                     just_logging=jax.process_index() > 0),
       steps=total_steps(config, manifest))
   _restore(run)
-  run.state, run.step_fn, run.put = _parallel(config, run.state, parallel)
+  run.state, run.step_fn = _step(config, run.state, parallel, assembly, data)
+  logging.info('Batches assembled on the %s.', assembly)
   return run
 
 
@@ -231,8 +286,6 @@ def _loop(run: _Run) -> None:
   """Steps from the restored position to `run.steps`, with logging,
   checkpoints and periodic evaluation."""
   t = run.config.train
-  sync = train_step.ProcessSync() if jax.process_count() > 1 else None
-  pack_rows = train_step.lstm_pack_rows(run.config)
   base_key = jax.random.PRNGKey(run.config.seed + 1)
   last_time, last_step = time.time(), run.start_step
   step = run.start_step
@@ -241,9 +294,7 @@ def _loop(run: _Run) -> None:
   while step < run.steps:
     (epoch, batch_no), batch = next(it)
     key = jax.random.fold_in(base_key, step)
-    batch = train_step.prepare_batch(run.state, batch, t.vocab_bucket,
-                                     pack_rows, sync=sync)
-    run.state, m = run.step_fn(run.state, run.put(batch), key)
+    run.state, m = run.step_fn(run.state, batch, key)
     # Checked while this step runs, so the device never waits for the host.
     if previous is not None:
       _check_finite(run, *previous)
