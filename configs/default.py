@@ -92,6 +92,9 @@ def get_config():
   # once, indices sent per step; dense mean encoder on one device), 'host',
   # or 'auto' (device where it serves, else host).
   config.train.batch_assembly = 'auto'
+  # Steps per dispatch (a lax.scan in one program) with batches assembled on
+  # the device; 0: auto (1 on CPUs, 16 on accelerators).
+  config.train.steps_per_dispatch = 0
   # LSTM encoder: reviews packed end to end into rows of max_len, so the
   # LSTM skips padding; rows rounded up to a multiple of this (0: padded).
   config.train.lstm_pack_rows = 8

@@ -185,6 +185,11 @@ def test_batch_assembly_choice(tiny_records):
   config.train.embedding_update = 'dense'
   assert trainer.batch_assembly(config, False, data) == 'device'
   assert trainer.batch_assembly(config, True, data) == 'host'
+  assert trainer.steps_per_dispatch(config, 'device') == 1  # CPU: auto 1.
+  config.train.steps_per_dispatch = 8
+  assert trainer.steps_per_dispatch(config, 'device') == 8
+  with pytest.raises(UserError, match='steps_per_dispatch=8 needs batches'):
+    trainer.steps_per_dispatch(config, 'host')
   config.train.batch_assembly = 'device'
   config.model.text_encoder = 'lstm'
   with pytest.raises(UserError, match='lstm text encoder'):

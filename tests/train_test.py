@@ -238,15 +238,17 @@ def test_sigkill_mid_training_then_restart_matches_uninterrupted(
 def test_device_assembled_training_equals_host_assembled(tiny_records,
                                                          tmp_path):
   """On one device, the dense mean model trains on batches built on the
-  device from indices; the run is the host-assembled run, bit for bit."""
+  device from indices, one or several steps per dispatch; the run is the
+  host-assembled run, bit for bit."""
   data_dir, _ = tiny_records
   code = (
       'import json, sys\n'
       'from configs import test as test_config\n'
       'from mardjax import modes\n'
       'config = test_config.get_config()\n'
-      'config.train.update(num_steps=8, eval_every=4, checkpoint_every=4,\n'
-      '    embedding_update="dense", batch_assembly=sys.argv[1])\n'
+      'config.train.update(num_steps=14, eval_every=7, checkpoint_every=7,\n'
+      '    log_every=7, embedding_update="dense", batch_assembly=sys.argv[1],\n'
+      '    steps_per_dispatch=int(sys.argv[3]))\n'
       f'_, m = modes.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
       'from mardjax.train import trainer\n'
       f'data = trainer.load_training_data(config, {data_dir!r})\n'
@@ -256,10 +258,14 @@ def test_device_assembled_training_equals_host_assembled(tiny_records,
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              TF_CPP_MIN_LOG_LEVEL='3')
   out = {}
-  for assembly in ('host', 'device'):
+  # Device assembly one step per dispatch, and three per dispatch (a scan;
+  # single steps where a log, checkpoint or evaluation falls sooner).
+  for assembly, per_dispatch in (('host', 1), ('device', 1), ('device', 3)):
+    name = f'{assembly}{per_dispatch}'
     proc = subprocess.run(
-        [sys.executable, '-c', code, assembly, str(tmp_path / assembly)],
+        [sys.executable, '-c', code, assembly, str(tmp_path / name),
+         str(per_dispatch)],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    out[assembly] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out[assembly].pop('assembly') == assembly
-  assert out['host'] == out['device']
+    out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out[name].pop('assembly') == assembly
+  assert out['host1'] == out['device1'] == out['device3']

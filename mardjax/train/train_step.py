@@ -347,6 +347,25 @@ def index_step(loss_config, max_len: int) -> Callable:
   return jax.jit(step, donate_argnums=0)
 
 
+def index_steps(loss_config, max_len: int) -> Callable:
+  """Several steps of `index_step` in one dispatch (a `lax.scan`):
+  fn(state, tables, rows (n, b), tracks (n, b), base_key, step0) ->
+  (state, metrics of the last step, with 'finite' the least over the n).
+  Step i's key is fold_in(base_key, step0 + i), as the loop gives one step.
+  """
+  def steps(state, tables, rows, tracks, base_key, step0):
+    def body(state, xs):
+      i, r, t = xs
+      key = jax.random.fold_in(base_key, step0 + i)
+      return per_device_step(state, assemble(tables, r, t, max_len), key,
+                             loss_config=loss_config, axis_name=None)
+    state, metrics = jax.lax.scan(
+        body, state, (jnp.arange(rows.shape[0]), rows, tracks))
+    last = jax.tree_util.tree_map(lambda x: x[-1], metrics)
+    return state, dict(last, finite=jnp.min(metrics['finite']))
+  return jax.jit(steps, donate_argnums=0)
+
+
 def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices or jax.local_devices()), (AXIS,))
 

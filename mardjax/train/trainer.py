@@ -80,7 +80,8 @@ class _Run:
   model: two_branch.TwoBranch
   state: Any
   batches: Callable[[int, int], Iterator]  # Batches, or their indices.
-  step_fn: Callable  # (state, batches' item, key) -> (state, metrics).
+  # (state, batches' items, first step, base key) -> (state, metrics).
+  step_fn: Callable
   evaluator: Evaluator
   ckpt: checkpoints.Checkpoints
   best: checkpoints.Checkpoints
@@ -91,6 +92,7 @@ class _Run:
   best_recall: float = -1.0
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   last_eval: dict[str, Any] | None = None
+  steps_per_dispatch: int = 1
   # Wall seconds by part of the loop ('eval', 'checkpoint', 'loop').
   seconds: collections.Counter = dataclasses.field(
       default_factory=collections.Counter)
@@ -131,18 +133,49 @@ def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
   return 'device'
 
 
+# Steps per dispatch that 'auto' gives an accelerator (train_loop benchmark).
+AUTO_STEPS_PER_DISPATCH = 16
+
+
+def steps_per_dispatch(config: ml_collections.ConfigDict, assembly: str
+                       ) -> int:
+  """Steps in one dispatch: `train.steps_per_dispatch`, or with 0 (auto)
+  `AUTO_STEPS_PER_DISPATCH` on accelerators and 1 on CPUs, where a step is
+  long enough that Python's dispatch does not show. Several steps need
+  batches assembled on the device."""
+  n = config.train.steps_per_dispatch
+  if assembly != 'device':
+    if n > 1:
+      raise UserError(f'config.train.steps_per_dispatch={n} needs batches '
+                      "assembled on the device (train.batch_assembly; "
+                      'see batch_assembly for when they can be).')
+    return 1
+  if n:
+    return int(n)
+  return 1 if jax.default_backend() == 'cpu' else AUTO_STEPS_PER_DISPATCH
+
+
 def _step(config: ml_collections.ConfigDict, state, parallel: bool,
           assembly: str, data: TrainingData):
-  """(state, fn(state, batch or indices, key) -> (state, metrics)) for the
+  """(state, fn(state, items, step0, base_key) -> (state, metrics)) for the
   configured parallelism (one device, pmap, or jit(shard_map) over a mesh)
-  and batch assembly."""
+  and batch assembly: `items` are the iterator's batches (or indices) for
+  steps step0, step0 + 1, ...; one on the host path."""
   t = config.train
   if assembly == 'device':
     tables_ = train_step.device_tables(data.reviews, data.audio,
                                        config.data.max_len)
-    fn = train_step.index_step(config.loss, config.data.max_len)
-    return state, lambda s, index, key: fn(s, tables_, index['rows'][0],
-                                           index['tracks'][0], key)
+    one = train_step.index_step(config.loss, config.data.max_len)
+    many = train_step.index_steps(config.loss, config.data.max_len)
+
+    def device_fn(s, items, step0, base_key):
+      if len(items) == 1:
+        return one(s, tables_, items[0]['rows'][0], items[0]['tracks'][0],
+                   jax.random.fold_in(base_key, step0))
+      return many(s, tables_, np.stack([x['rows'][0] for x in items]),
+                  np.stack([x['tracks'][0] for x in items]), base_key,
+                  np.int32(step0))
+    return state, device_fn
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
   pack_rows = train_step.lstm_pack_rows(config)
 
@@ -152,16 +185,18 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
   if t.parallelism == 'pmap' or not parallel:
     if parallel:
       fn = train_step.pmap_step(config.loss)
-      return state, lambda s, b, key: fn(s, prepare(s, b), key)
-    fn = train_step.single_device_step(config.loss)
-    return state, lambda s, b, key: fn(
-        s, {k: v[0] for k, v in prepare(s, b).items()}, key)
-  mesh = train_step.make_mesh()
-  # A restored state lives on one device; replicate it over the mesh.
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  fn = train_step.shard_map_step(config.loss, mesh)
-  return state, lambda s, b, key: fn(
-      s, train_step.shard_batch(prepare(s, b), mesh), key)
+      place = lambda b: b  # pylint: disable=unnecessary-lambda-assignment
+    else:
+      fn = train_step.single_device_step(config.loss)
+      place = lambda b: {k: v[0] for k, v in b.items()}  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    mesh = train_step.make_mesh()
+    # A restored state lives on one device; replicate it over the mesh.
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    fn = train_step.shard_map_step(config.loss, mesh)
+    place = lambda b: train_step.shard_batch(b, mesh)  # pylint: disable=unnecessary-lambda-assignment
+  return state, lambda s, items, step0, base_key: fn(
+      s, place(prepare(s, items[0])), jax.random.fold_in(base_key, step0))
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str,
@@ -213,7 +248,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
       steps=total_steps(config, manifest))
   _restore(run)
   run.state, run.step_fn = _step(config, run.state, parallel, assembly, data)
-  logging.info('Batches assembled on the %s.', assembly)
+  run.steps_per_dispatch = steps_per_dispatch(config, assembly)
+  logging.info('Batches assembled on the %s, %d step(s) per dispatch.',
+               assembly, run.steps_per_dispatch)
   return run
 
 
@@ -282,6 +319,18 @@ def _log(run: _Run, step: int, m: dict[str, Any], rate: float) -> None:
                (run.steps - step) / max(rate, 1e-9))
 
 
+def _dispatch_size(run: _Run, step: int) -> int:
+  """Steps in the next dispatch: `run.steps_per_dispatch`, or 1 when a log,
+  checkpoint, evaluation or the end falls sooner (two compiled sizes)."""
+  n = run.steps_per_dispatch
+  if n == 1:
+    return 1
+  t = run.config.train
+  boundary = min([run.steps] + [(step // every + 1) * every for every in (
+      t.log_every, t.checkpoint_every, t.eval_every)])
+  return n if boundary - step >= n else 1
+
+
 def _loop(run: _Run) -> None:
   """Steps from the restored position to `run.steps`, with logging,
   checkpoints and periodic evaluation."""
@@ -290,16 +339,18 @@ def _loop(run: _Run) -> None:
   last_time, last_step = time.time(), run.start_step
   step = run.start_step
   it = run.batches(*run.position)
-  previous = None  # The last step's (step, metrics), checked one step late.
+  previous = None  # The last dispatch's (step, metrics), checked one late.
   while step < run.steps:
-    (epoch, batch_no), batch = next(it)
-    key = jax.random.fold_in(base_key, step)
-    run.state, m = run.step_fn(run.state, batch, key)
-    # Checked while this step runs, so the device never waits for the host.
+    n = _dispatch_size(run, step)
+    items = [next(it) for _ in range(n)]
+    run.state, m = run.step_fn(run.state, [b for _, b in items], step,
+                               base_key)
+    # Checked while this dispatch runs, so the device never waits.
     if previous is not None:
       _check_finite(run, *previous)
-    step += 1
+    step += n
     previous = (step, m)
+    epoch, batch_no = items[-1][0]
     run.position = (epoch, batch_no + 1)
     log_now = step % t.log_every == 0 or step == run.steps
     save_now = step % t.checkpoint_every == 0 or step == run.steps
