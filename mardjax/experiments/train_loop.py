@@ -129,6 +129,10 @@ def run(config, workdir: str) -> dict[str, Any]:
       'step_examples_per_s': step['examples_per_s'],
       'end_to_end_share_of_step': round(end_to_end / step['examples_per_s'],
                                         3),
+      # The loop's log windows after the first: no compilation in them.
+      'steady_examples_per_s': round(
+          metrics['steady_steps_per_s'] * config.train.batch_size, 1)
+      if metrics['steady_steps_per_s'] else None,
       'epoch_s': round(epoch_s, 1),
       'projected_200_epochs_s': round(200 * epoch_s, 1),
       'loop_s': seconds['loop'],

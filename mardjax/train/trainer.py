@@ -93,6 +93,8 @@ class _Run:
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   last_eval: dict[str, Any] | None = None
   steps_per_dispatch: int = 1
+  # steps/s of each log window after the first (which holds compilation).
+  window_rates: list[float] = dataclasses.field(default_factory=list)
   # Wall seconds by part of the loop ('eval', 'checkpoint', 'loop').
   seconds: collections.Counter = dataclasses.field(
       default_factory=collections.Counter)
@@ -359,8 +361,10 @@ def _loop(run: _Run) -> None:
       m = jax.device_get(m)
       _check_finite(run, step, m)
     if log_now:
-      _log(run, step, m, (step - last_step) / max(time.time() - last_time,
-                                                  1e-9))
+      rate = (step - last_step) / max(time.time() - last_time, 1e-9)
+      _log(run, step, m, rate)
+      if last_step > run.start_step:
+        run.window_rates.append(rate)
       last_time, last_step = time.time(), step
     if eval_now:  # Before the save, whose record then holds its result.
       run.last_eval = _evaluate(run, step)
@@ -385,9 +389,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Returns:
     (state, metrics): the last evaluation's metrics plus 'steps',
-    'resumed_from', 'best_dev_recall_at_10', 'history', 'params_sha256' and
+    'resumed_from', 'best_dev_recall_at_10', 'history', 'params_sha256',
     'seconds' (wall time of the loop, and of evaluation and checkpointing
-    within it and at step 0).
+    within it and at step 0) and 'steady_steps_per_s' (the median rate of
+    the log windows after the first, which holds compilation; windows with
+    an evaluation or a save count as they are).
   """
   if isinstance(data, str):
     data = load_training_data(config, data)
@@ -411,7 +417,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  best_dev_recall_at_10=run.best_recall, history=run.history,
                  params_sha256=checkpoints.params_fingerprint(
                      run.state.params),
-                 seconds={k: round(v, 3) for k, v in run.seconds.items()})
+                 seconds={k: round(v, 3) for k, v in run.seconds.items()},
+                 steady_steps_per_s=round(float(np.median(run.window_rates)),
+                                          2) if run.window_rates else None)
   return run.state, metrics
 
 
