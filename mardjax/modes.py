@@ -39,10 +39,6 @@ def mard_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.data.mard_dir or os.path.join(workdir, SYNTH_SUBDIR)
 
 
-def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The preprocessed records (`manifest.data_dir_of`)."""
-  return manifest_lib.data_dir_of(config, workdir)
-
 
 def run_synth(config, workdir: str, opts: Options = Options()
               ) -> dict[str, Any]:
@@ -75,7 +71,8 @@ def run_preprocess(config, workdir: str, opts: Options = Options()
   if not config.data.mard_dir:
     result['synth'] = run_synth(config, workdir, opts)
   report = preprocess.run(config, mard_dir(config, workdir),
-                          data_dir(config, workdir), force=opts.force,
+                          manifest_lib.data_dir_of(config, workdir),
+                          force=opts.force,
                           show_progress=opts.show_progress)
   result.update(report)
   return result
@@ -103,7 +100,7 @@ def run_train(config, workdir: str, opts: Options = Options()
     run_preprocess(config, workdir, opts)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('mardjax: data ready')
-  records = data_dir(config, workdir)
+  records = manifest_lib.data_dir_of(config, workdir)
   counts = manifest_lib.load(records).counts
   _, metrics = train_and_evaluate(config, workdir, records)
   return dict(metrics, data={'tfrecord_dir': records,
@@ -162,7 +159,7 @@ def run_baselines(config, workdir: str, opts: Options = Options()
   """CCA, WSABIE and random on config.eval.split (preprocessing reused)."""
   from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
   run_preprocess(config, workdir, dataclasses.replace(opts, force=False))
-  return baselines.run(config, data_dir(config, workdir))
+  return baselines.run(config, manifest_lib.data_dir_of(config, workdir))
 
 
 def run_ablate(config, workdir: str, opts: Options = Options()
@@ -177,7 +174,7 @@ def run_export(config, workdir: str, opts: Options = Options()
   """The trained space as plain files (`serve.export`)."""
   from mardjax.serve import export  # pylint: disable=g-import-not-at-top
   config, _ = adopt_run_config(config, workdir, opts.overridden)
-  return export.run(config, workdir, data_dir(config, workdir),
+  return export.run(config, workdir, manifest_lib.data_dir_of(config, workdir),
                     mard_dir(config, workdir))
 
 
@@ -186,7 +183,7 @@ def run_serve(config, workdir: str, opts: Options = Options()
   """The listening room (`serve.web`), until interrupted."""
   from mardjax.serve import web  # pylint: disable=g-import-not-at-top
   config, _ = adopt_run_config(config, workdir, opts.overridden)
-  return web.run(config, workdir, data_dir(config, workdir),
+  return web.run(config, workdir, manifest_lib.data_dir_of(config, workdir),
                  mard_dir(config, workdir), opts.host, opts.port)
 
 
@@ -195,7 +192,7 @@ def run_embed(config, workdir: str, opts: Options = Options()
   """A folder of recordings into the export's format (`serve.batch_embed`)."""
   from mardjax.serve import batch_embed  # pylint: disable=g-import-not-at-top
   config, _ = adopt_run_config(config, workdir, opts.overridden)
-  return batch_embed.run(config, workdir, data_dir(config, workdir),
+  return batch_embed.run(config, workdir, manifest_lib.data_dir_of(config, workdir),
                          opts.input_dir, opts.output_dir, opts.show_progress)
 
 
@@ -237,7 +234,7 @@ def _dirs_written(mode: str, config, workdir: str) -> list[str]:
   from mardjax.train import checkpoints  # pylint: disable=g-import-not-at-top
   dirs = [workdir]
   if mode in ('train', 'preprocess', 'baselines', 'ablate', 'synth'):
-    dirs.append(data_dir(config, workdir))
+    dirs.append(manifest_lib.data_dir_of(config, workdir))
     if not config.data.mard_dir:
       dirs.append(mard_dir(config, workdir))
   if mode == 'train':

@@ -84,12 +84,13 @@ def trained_room(tiny_corpus_master, tmp_path_factory):
   """(config, workdir, web.Room) of a few training steps on the tiny
   corpus: the listening room's tests share one trained workdir."""
   from mardjax import modes  # pylint: disable=g-import-not-at-top
+  from mardjax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from mardjax.serve import web  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()
   config.data.mard_dir = tiny_corpus_master
   config.train.update(num_steps=6, eval_every=6, checkpoint_every=6)
   workdir = str(tmp_path_factory.mktemp('serve'))
   modes.run_mode('train', config, workdir, show_progress=False)
-  room = web.Room(config, workdir, modes.data_dir(config,
-                                                  workdir), tiny_corpus_master)
+  room = web.Room(config, workdir, manifest_lib.data_dir_of(
+      config, workdir), tiny_corpus_master)
   return config, workdir, room

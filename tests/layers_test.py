@@ -8,7 +8,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from tests.conftest import ROOT
 
@@ -83,7 +82,7 @@ def test_imports_follow_the_layers():
   assert layer_violations() == []
 
 
-def test_the_rule_catches_a_bad_import(tmp_path, monkeypatch):
+def test_the_rule_catches_a_bad_import():
   # The checker itself: an import against the rule is named with its file.
   bad = os.path.join(PACKAGE, 'data', '_layers_probe.py')
   with open(bad, 'w') as f:

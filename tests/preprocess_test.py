@@ -65,7 +65,7 @@ def test_report_counts_reconcile(processed, tiny_corpus_master):
 def test_review_records_round_trip(processed, tiny_corpus_master):
   config, out, _, manifest = processed
   vocab = text.Vocabulary.load(os.path.join(out, manifest.vocab.file))
-  albums = _lines(os.path.join(out, preprocess.ALBUMS_FILE))
+  albums = _lines(os.path.join(out, manifest_lib.ALBUMS_FILE))
   raw = {f'{r["amazon-id"]}/{r["reviewerID"]}': r for r in _lines(
       os.path.join(tiny_corpus_master, mard_io.REVIEWS_FILE))}
   seen = 0
@@ -110,7 +110,7 @@ def test_album_records_hold_each_tracks_descriptors(processed,
 
 def test_no_leakage_across_splits(processed):
   _, out, _, manifest = processed
-  table = _lines(os.path.join(out, preprocess.ALBUMS_FILE))
+  table = _lines(os.path.join(out, manifest_lib.ALBUMS_FILE))
   test_albums = {a['album_index'] for a in table if a['split'] == 'test'}
   assert test_albums and len(test_albums) < len(table)
   for split in ('train', 'dev'):
@@ -136,9 +136,9 @@ def test_vocab_and_statistics_come_from_training_data_only(processed,
     train_words.update(text.tokenize(raw[ex['review_id'].decode()][
         'reviewText']))
   expected = text.Vocabulary.from_counts(train_words, config.data.vocab_size)
-  got = text.Vocabulary.load(os.path.join(out, preprocess.VOCAB_FILE))
+  got = text.Vocabulary.load(os.path.join(out, manifest_lib.VOCAB_FILE))
   assert got.words == expected.words
-  with open(os.path.join(out, preprocess.VOCAB_FILE), 'rb') as f:
+  with open(os.path.join(out, manifest_lib.VOCAB_FILE), 'rb') as f:
     assert hashlib.sha256(f.read()).hexdigest() == manifest.vocab.sha256
   train_vecs = np.concatenate([ex['descriptors'] for ex in _records(
       out, manifest, 'albums', 'train')])
@@ -157,7 +157,7 @@ def test_reruns_are_identical_and_reused(processed, tiny_corpus_master,
   _run(config, tiny_corpus_master, out2)
   for name in sorted(os.listdir(out)):
     with open(os.path.join(out, name), 'rb') as a, open(out2 / name, 'rb') as b:
-      if name == preprocess.MANIFEST:
+      if name == manifest_lib.FILE:
         ma, mb = json.load(a), json.load(b)
         for m in (ma, mb):
           m['report'].pop('tfrecord_dir')

@@ -38,7 +38,6 @@ Batches: {'tokens': (D, b, L) int32, 'lengths': (D, b) int32,
 per-device batch.
 """
 
-import os
 from typing import Iterator
 
 import numpy as np

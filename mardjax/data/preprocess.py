@@ -49,10 +49,6 @@ from mardjax.data import text as text_lib
 from mardjax.data import text_features
 from mardjax.errors import UserError
 
-MANIFEST = manifest_lib.FILE
-VOCAB_FILE = manifest_lib.VOCAB_FILE
-ALBUMS_FILE = manifest_lib.ALBUMS_FILE
-FEATURES_FILE = manifest_lib.FEATURES_FILE
 # Config fields that change what preprocessing writes.
 _DATA_FIELDS = ('descriptors', 'transform', 'vocab_size', 'min_word_count',
                 'max_len', 'dev_fraction', 'test_album_fraction', 'split_salt',
@@ -119,7 +115,7 @@ class _Pass1:
 
 def _reused(out_dir: str, fingerprint: str) -> dict[str, Any] | None:
   """The old report when `out_dir` was built from these very inputs."""
-  existing = os.path.join(out_dir, MANIFEST)
+  existing = os.path.join(out_dir, manifest_lib.FILE)
   if not os.path.isfile(existing):
     return None
   with open(existing) as f:
@@ -242,7 +238,7 @@ def _write_albums(tmp: str, corpus: ingest.Corpus, data,
                    records.album_example(i, album.amazon_id, mbids, vecs))
       tracks_written += len(mbids)
     writer.close()
-  with open(os.path.join(tmp, ALBUMS_FILE), 'wb') as f:
+  with open(os.path.join(tmp, manifest_lib.ALBUMS_FILE), 'wb') as f:
     for i, k in enumerate(kept):
       album = k.album
       f.write(orjson.dumps({
@@ -353,8 +349,8 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
                                           data.min_word_count)  # 5.
   moments = _descriptor_moments(corpus, data, dim)
   tmp = _fresh_tmp(out_dir)  # 6.
-  vocab_sha = vocab.save(os.path.join(tmp, VOCAB_FILE))
-  with open(os.path.join(tmp, FEATURES_FILE), 'w') as f:
+  vocab_sha = vocab.save(os.path.join(tmp, manifest_lib.VOCAB_FILE))
+  with open(os.path.join(tmp, manifest_lib.FEATURES_FILE), 'w') as f:
     f.write('\n'.join(desc_lib.feature_names(specs)) + '\n')
   encoder = (text_features.FrozenEncoder(data.text_encoder_path,
                                          data.text_encoder_max_tokens,
@@ -373,13 +369,14 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
                  'fingerprint': fingerprint},
       'config': {k: data[k] for k in _DATA_FIELDS},
       'files': {'reviews': review_files, 'albums': album_files},
-      'albums_file': ALBUMS_FILE,
-      'vocab': {'file': VOCAB_FILE, 'size': len(vocab), 'sha256': vocab_sha,
+      'albums_file': manifest_lib.ALBUMS_FILE,
+      'vocab': {'file': manifest_lib.VOCAB_FILE, 'size': len(vocab),
+                'sha256': vocab_sha,
                 'pad_id': text_lib.PAD_ID, 'unk_id': text_lib.UNK_ID,
                 'max_len': data.max_len},
       'text_features': encoder.info if encoder else None,
       'descriptors': {'list': [str(s) for s in specs], 'dim': dim,
-                      'names_file': FEATURES_FILE,
+                      'names_file': manifest_lib.FEATURES_FILE,
                       'transform': data.transform,
                       'mean': moments.mean.tolist(),
                       'std': moments.std().tolist(),
@@ -390,9 +387,10 @@ def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
                  'reviews': report['reviews'], 'tracks': tracks_written},
       'report': report,
   }
-  with open(os.path.join(tmp, MANIFEST), 'w') as f:  # 7: manifest last.
+  with open(os.path.join(tmp, manifest_lib.FILE), 'w') as f:  # 7: last.
     json.dump(manifest, f, indent=1, sort_keys=True)
   _swap_in(tmp, out_dir)
   return dict(report, reused=False, manifest=os.path.join(
-      os.path.abspath(out_dir), MANIFEST), seconds=round(time.time() - t0, 2),
+      os.path.abspath(out_dir), manifest_lib.FILE),
+              seconds=round(time.time() - t0, 2),
               peak_rss_mb=_peak_rss_mb())

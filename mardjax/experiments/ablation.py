@@ -21,6 +21,7 @@ from absl import logging
 import ml_collections
 
 from mardjax import modes
+from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
 
 # (row, config module, Table 1 columns, paper's dev R@1 / R@5 / R@10).
@@ -88,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   """Trains and evaluates every row, runs the baselines, writes the table."""
   from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
   modes.run_mode('preprocess', config, workdir, show_progress=show_progress)
-  data_dir = modes.data_dir(config, workdir)
+  data_dir = manifest_lib.data_dir_of(config, workdir)
   only = [r for r in config.ablate.rows.split(',') if r]
   unknown = set(only) - {r[0] for r in ROWS}
   if unknown:

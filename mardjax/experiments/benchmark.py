@@ -248,7 +248,7 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from mardjax.train import sparse_embedding  # pylint: disable=g-import-not-at-top
   modes.run_mode('preprocess', config, workdir, show_progress=False)
-  manifest = manifest_lib.load(modes.data_dir(config, workdir))
+  manifest = manifest_lib.load(manifest_lib.data_dir_of(config, workdir))
   audio = input_pipeline.load_audio_table(manifest)
   t = config.train
   start = time.time()
@@ -379,7 +379,8 @@ def run_index(config, workdir: str) -> dict[str, Any]:
 def run_serve(config, workdir: str) -> dict[str, Any]:
   """The listening room over HTTP (`serve_benchmark`)."""
   from mardjax.experiments import serve_benchmark  # pylint: disable=g-import-not-at-top
-  return serve_benchmark.run(config, workdir, modes.data_dir(config, workdir),
+  return serve_benchmark.run(config, workdir,
+                             manifest_lib.data_dir_of(config, workdir),
                              modes.mard_dir(config, workdir))
 
 

@@ -36,6 +36,7 @@ from mardjax.models import two_branch
 from mardjax.train import checkpoints
 from mardjax.train import train_step
 
+
 class TrainingData(NamedTuple):
   """What the loop trains on: the manifest and this process's tables."""
   manifest: manifest_lib.Manifest
@@ -187,16 +188,22 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
   if t.parallelism == 'pmap' or not parallel:
     if parallel:
       fn = train_step.pmap_step(config.loss)
-      place = lambda b: b  # pylint: disable=unnecessary-lambda-assignment
+
+      def place(b):
+        return b
     else:
       fn = train_step.single_device_step(config.loss)
-      place = lambda b: {k: v[0] for k, v in b.items()}  # pylint: disable=unnecessary-lambda-assignment
+
+      def place(b):
+        return {k: v[0] for k, v in b.items()}
   else:
     mesh = train_step.make_mesh()
     # A restored state lives on one device; replicate it over the mesh.
     state = jax.device_put(state, NamedSharding(mesh, P()))
     fn = train_step.shard_map_step(config.loss, mesh)
-    place = lambda b: train_step.shard_batch(b, mesh)  # pylint: disable=unnecessary-lambda-assignment
+
+    def place(b):
+      return train_step.shard_batch(b, mesh)
   return state, lambda s, items, step0, base_key: fn(
       s, place(prepare(s, items[0])), jax.random.fold_in(base_key, step0))
 
@@ -360,6 +367,7 @@ def _loop(run: _Run) -> None:
     if log_now or save_now or eval_now:
       m = jax.device_get(m)
       _check_finite(run, step, m)
+      previous = None  # Checked now, before the save or evaluation.
     if log_now:
       rate = (step - last_step) / max(time.time() - last_time, 1e-9)
       _log(run, step, m, rate)
