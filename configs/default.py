@@ -60,6 +60,9 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   config.model.text_encoder = 'mean'  # 'mean', 'lstm' or 'pretrained'.
   config.model.audio_encoder = 'track'  # 'track' or 'album_lstm'.
+  # Mean encoder: 'mean' (the paper's plain mean) or 'idf' (a learned
+  # weight per word, initialised to its inverse document frequency).
+  config.model.pooling = 'mean'
   config.model.max_tracks = 32  # album_lstm: an album's first tracks read.
   config.model.word_dim = 256  # Word embedding size (text embedding).
   config.model.hidden_dim = 256  # Hidden layer of each branch's head.
@@ -82,7 +85,16 @@ def get_config():
   # --- Training -------------------------------------------------------------
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # Global batch (all devices, all hosts).
-  config.train.learning_rate = 1e-3  # optax Adam.
+  config.train.learning_rate = 1e-3  # optax Adam (peak, after warmup).
+  # Learning rate against the batch size: 'none', 'linear' or 'sqrt'
+  # (x (batch_size / lr_base_batch) or its square root).
+  config.train.lr_scaling = 'none'
+  config.train.lr_base_batch = 128
+  config.train.warmup_steps = 0  # Linear warmup from 0 to the peak.
+  # After warmup: 'constant' (the paper) or 'cosine' (decays to
+  # lr_final_fraction of the peak at the last step).
+  config.train.lr_schedule = 'constant'
+  config.train.lr_final_fraction = 0.0
   # Word-embedding table: 'lazy' updates only the rows a batch uses (lazy
   # Adam, several times faster at 60k words on CPUs); 'dense' is plain Adam
   # on all (faster on GPUs); 'auto' picks by backend (README: Training).
@@ -109,6 +121,9 @@ def get_config():
   config.train.checkpoint_every = 1000  # Steps between checkpoints.
   config.train.keep_checkpoints = 3
   config.train.eval_every = 1000  # Steps between dev recall evaluations.
+  # Stop after this many evaluations without a better dev recall@10 (0:
+  # never); the best checkpoint is the run's model either way.
+  config.train.early_stop_patience = 0
 
   # --- Evaluation (--mode=eval) ---------------------------------------------
   config.eval = ml_collections.ConfigDict()
@@ -116,6 +131,9 @@ def get_config():
   # never seen in training.
   config.eval.split = 'dev'
   config.eval.bootstrap = 1000  # Resamples for the 95% CIs of recall@K.
+  # Training's periodic evaluations also measure recall on this many
+  # training reviews ('train_recall@K'; 0: off): memorising vs learning.
+  config.eval.train_sample = 0
 
   # --- Baselines (--mode=baselines) -----------------------------------------
   config.baselines = ml_collections.ConfigDict()
@@ -139,7 +157,11 @@ def get_config():
   # epochs); dev recall is also measured `evals` times along the way.
   config.ablate.num_steps = 600
   config.ablate.evals = 4
-  config.ablate.rows = ''  # Comma-separated row names; '' = every row.
+  # Comma-separated paper rows; '' = every row, 'none' = no paper row.
+  config.ablate.rows = ''
+  # Rows of your own: 'name: field=value field=value; name2: ...', each the
+  # given config with those fields changed (README: Table 1).
+  config.ablate.variants = ''
 
   # --- Export (--mode=export) and batch embedding (--mode=embed) -----------
   config.export = ml_collections.ConfigDict()

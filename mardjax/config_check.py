@@ -28,6 +28,8 @@ PARALLELISM = ('pmap', 'shard_map')
 EMBEDDING_UPDATES = ('auto', 'lazy', 'dense')
 EVAL_SPLITS = ('dev', 'test')
 BATCH_ASSEMBLY = ('auto', 'host', 'device')
+LR_SCALING = ('none', 'linear', 'sqrt')
+LR_SCHEDULES = ('constant', 'cosine')
 
 
 def need(ok: bool, field: str, value: Any, why: str) -> None:
@@ -67,6 +69,12 @@ _RANGES = (
     ('loss.sigmoid_bias', _finite, 'a finite number'),
     ('train.batch_size', _at_least(1), 'at least 1'),
     ('train.learning_rate', _positive, 'a finite number > 0'),
+    ('train.lr_base_batch', _at_least(1), 'at least 1'),
+    ('train.warmup_steps', _at_least(0), 'a whole number >= 0'),
+    ('train.lr_final_fraction', lambda x: _finite(x) and 0 <= x <= 1,
+     'a number in [0, 1]'),
+    ('train.early_stop_patience', _at_least(0),
+     'a whole number >= 0 (0: never stop early)'),
     ('train.num_steps', _at_least(0), 'a whole number >= 0'),
     ('train.num_epochs', _at_least(0), 'a finite number >= 0'),
     ('train.log_every', _at_least(1), 'at least 1 (steps)'),
@@ -78,6 +86,7 @@ _RANGES = (
     ('train.lstm_pack_rows', _at_least(0), 'at least 0'),
     ('train.steps_per_dispatch', _at_least(0), 'at least 0 (0: auto)'),
     ('eval.bootstrap', _at_least(0), 'at least 0'),
+    ('eval.train_sample', _at_least(0), 'at least 0 (0: off)'),
     ('export.hnsw_m', _at_least(2), 'at least 2'),
     ('export.hnsw_ef_construction', _at_least(1), 'at least 1'),
     ('export.hnsw_ef_search', _at_least(1), 'at least 1'),
@@ -104,10 +113,16 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   number (`validate_values`)."""
   _choice(config, 'model.text_encoder', two_branch.TEXT_ENCODERS)
   _choice(config, 'model.audio_encoder', two_branch.AUDIO_ENCODERS)
+  _choice(config, 'model.pooling', two_branch.POOLINGS)
+  need(config.model.pooling == 'mean' or config.model.text_encoder == 'mean',
+       'model.pooling', config.model.pooling,
+       "weighted pooling is the mean encoder's (model.text_encoder='mean')")
   _choice(config, 'loss.kind', losses.LOSSES)
   _choice(config, 'train.parallelism', PARALLELISM)
   _choice(config, 'train.embedding_update', EMBEDDING_UPDATES)
   _choice(config, 'train.batch_assembly', BATCH_ASSEMBLY)
+  _choice(config, 'train.lr_scaling', LR_SCALING)
+  _choice(config, 'train.lr_schedule', LR_SCHEDULES)
   _choice(config, 'eval.split', EVAL_SPLITS)
   _choice(config, 'export.index', search_index.KINDS)
   # Imported here: the benchmarks import the modes, which import this module.

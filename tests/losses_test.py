@@ -66,7 +66,8 @@ def test_all_negatives_matches_reference(seed, weights):
   want = _reference(x, y, ids, margin, weights)
   np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
   assert set(terms) == {'audio_to_text', 'text_to_audio',
-                        'audio_neighbourhood', 'text_neighbourhood'}
+                        'audio_neighbourhood', 'text_neighbourhood',
+                        'active_hinges'}
 
 
 @pytest.mark.parametrize('seed', range(3))
@@ -244,3 +245,39 @@ def test_gathered_loss_on_four_devices_equals_the_global_loss(kind):
   # values is still exactly the loss of the whole batch on one device.
   np.testing.assert_allclose(float(per.mean()), float(fn(x, y, ids)),
                              rtol=1e-5)
+
+
+def _reference_active(anchors, cands, ids, margin, hardest_k=None):
+  """(active hinges, hinges) of one cross-modal term, by plain loops."""
+  active = total = 0
+  for i, j in itertools.product(range(len(anchors)), range(len(cands))):
+    if ids[i] != ids[j]:
+      continue
+    negs = [k for k in range(len(cands)) if ids[k] != ids[i]]
+    if hardest_k is not None:
+      negs = sorted(negs, key=lambda k: _dist(anchors[i], cands[k]))[
+          :hardest_k]
+    for k in negs:
+      total += 1
+      active += (margin + _dist(anchors[i], cands[j]) -
+                 _dist(anchors[i], cands[k])) > 0
+  return active, total
+
+
+@pytest.mark.parametrize('negatives,hardest_k', [('all', None),
+                                                 ('hardest:3', 3)])
+def test_active_hinges_is_the_fraction_of_active_cross_modal_hinges(
+    negatives, hardest_k):
+  x, y, ids = _batch(7)
+  _, terms = losses.ranking_loss(x, y, ids, margin=0.3, weights=(1, 1, 1, 1),
+                                 negatives=negatives)
+  a1, n1 = _reference_active(x, y, ids, 0.3, hardest_k)
+  a2, n2 = _reference_active(y, x, ids, 0.3, hardest_k)
+  want = (a1 / n1 + a2 / n2) / 2
+  assert 0 < want < 1
+  np.testing.assert_allclose(float(terms['active_hinges']), want, rtol=1e-6)
+  # The uni-directional loss reports its one term's fraction.
+  _, terms = losses.ranking_loss(x, y, ids, margin=0.3, weights=(1, 0, 0, 0),
+                                 negatives=negatives)
+  np.testing.assert_allclose(float(terms['active_hinges']), a1 / n1,
+                             rtol=1e-6)

@@ -69,13 +69,18 @@ def test_lazy_adam_leaves_other_rows_alone():
                              -0.1 * np.sign(g[:2]), rtol=1e-4)
 
 
-@pytest.mark.parametrize('encoder', ['mean', 'lstm'])
-def test_lazy_step_equals_dense_step(encoder):
+@pytest.mark.parametrize('encoder,pooling,warmup', [
+    ('mean', 'mean', 0), ('lstm', 'mean', 0), ('mean', 'idf', 3)])
+def test_lazy_step_equals_dense_step(encoder, pooling, warmup):
   """From the same state, one lazy step = one dense Adam step (rows unused by
   the batch have zero gradient and zero moments, so dense Adam leaves them
-  alone too); a second step on the same rows agrees as well."""
+  alone too); a second step on the same rows agrees as well, also with
+  the IDF-weighted mean (its word scores are the table's last column) and
+  a warmup schedule (both updates read the same step's learning rate)."""
   config = test_config.get_config()
   config.model.text_encoder = encoder
+  config.model.pooling = pooling
+  config.train.warmup_steps = warmup
   config.loss.negatives = 'all'
   rng = np.random.default_rng(3)
   b, length, vocab = 8, 9, 30

@@ -50,9 +50,12 @@ def test_training_learns_and_reports_recall(tiny_records, tmp_path):
   assert os.listdir(tmp_path / checkpoints.CHECKPOINT_DIR)
   assert os.listdir(tmp_path / checkpoints.BEST_DIR)
   assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
-  # --mode=eval reads the newest checkpoint and gets the same numbers.
+  # --mode=eval reads the run's model (its best evaluation) and gets the
+  # numbers training reported for it.
   again = evaluate.evaluate_checkpoint(config, str(tmp_path), data_dir)
-  assert again['step'] == 60
+  assert again['step'] == metrics['model_step']
+  assert again['checkpoint'] == checkpoints.BEST_DIR
+  assert metrics['last']['step'] == 60
   np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
   # The full evaluation: both directions, CIs, chance beside, per genre.
   lo, hi = again['recall@10_ci95']
@@ -65,6 +68,56 @@ def test_training_learns_and_reports_recall(tiny_records, tmp_path):
   config.eval.split = 'test'
   test = evaluate.evaluate_checkpoint(config, str(tmp_path), data_dir)
   assert test['split'] == 'test' and test['num_queries'] > 0
+
+
+def _scripted_evaluator(recalls):
+  """An evaluator factory whose recall@10 follows `recalls` (then repeats
+  the last), the rest of its metrics real."""
+  def make(config, model, manifest, audio):
+    real = evaluate.dev_evaluator(config, model, manifest, audio)
+    script = list(recalls)
+
+    def evaluator(variables):
+      out = real(variables)
+      out['recall@10'] = script.pop(0) if len(script) > 1 else script[0]
+      return out
+    return evaluator
+  return make
+
+
+def test_early_stopping_reports_the_best_model_and_stays_stopped(
+    tiny_records, tmp_path):
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  data_dir, _ = tiny_records
+  config = _config(num_steps=40, eval_every=5, log_every=5,
+                   checkpoint_every=5, early_stop_patience=2)
+  workdir = str(tmp_path)
+  # Evaluations at steps 0, 5, 10, 15: best at 5, then two without gain.
+  state, metrics = trainer.train_and_evaluate(
+      config, workdir, data_dir, _scripted_evaluator([0.1, 0.3, 0.2, 0.2]))
+  assert int(state.step) == 15 and metrics['steps'] == 15
+  assert metrics['stopped_early'] is True
+  assert metrics['model_step'] == 5 and metrics['recall@10'] == 0.3
+  assert metrics['last'] == {'step': 15, **{
+      k: metrics['history'][-1][k] for k in ('recall@1', 'recall@5',
+                                              'recall@10')}}
+  assert [h['step'] for h in metrics['history']] == [0, 5, 10, 15]
+  # Run again: nothing more is trained and the same model is reported.
+  state, again = trainer.train_and_evaluate(
+      config, workdir, data_dir, _scripted_evaluator([0.9]))
+  assert int(state.step) == 15 and again['resumed_from'] == 15
+  assert again['model_step'] == 5 and again['recall@10'] == 0.3
+  assert again['stopped_early'] is True
+  # Evaluation and serving read the step-5 model.
+  assert evaluate.evaluate_checkpoint(config, workdir, data_dir)[
+      'step'] == 5
+  # Patience 0 never stops: the same scripted run trains to the end.
+  config.train.early_stop_patience = 0
+  state, metrics = trainer.train_and_evaluate(
+      config, str(tmp_path / 'full'), data_dir,
+      _scripted_evaluator([0.1, 0.3, 0.2, 0.2]))
+  assert int(state.step) == 40 and metrics['stopped_early'] is False
+  assert metrics['model_step'] == 5
 
 
 def test_eval_of_a_split_without_reviews_is_a_clear_error(tiny_corpus_master,

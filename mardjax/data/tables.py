@@ -87,3 +87,13 @@ class ReviewTable:
 
   def __len__(self) -> int:
     return self.lengths.shape[0]
+
+  def document_frequency(self, vocab_size: int) -> np.ndarray:
+    """(vocab_size,) int64: how many reviews hold each word."""
+    review = np.repeat(np.arange(len(self), dtype=np.int64), self.lengths)
+    # Each token's index in `tokens`: its review's offset plus its position.
+    starts = np.cumsum(self.lengths, dtype=np.int64) - self.lengths
+    at = np.arange(review.shape[0]) + np.repeat(self.offsets - starts,
+                                                self.lengths)
+    pairs = np.unique(review * vocab_size + self.tokens[at])
+    return np.bincount(pairs % vocab_size, minlength=vocab_size)

@@ -267,9 +267,11 @@ def _album_audio(audio: tables.AudioTable
 
 def _score(name: str, album_emb: np.ndarray, albums: np.ndarray,
            review_emb: np.ndarray, held_out: dict[str, np.ndarray],
-           ks=metrics.DEFAULT_KS) -> dict[str, Any]:
+           bootstrap: int = 0, ks=metrics.DEFAULT_KS) -> dict[str, Any]:
+  """The evaluator's metrics, with 95% bootstrap CIs of recall@K (the
+  evaluator's resampling and seed, so intervals compare row to row)."""
   out, _ = metrics.report(albums, album_emb, review_emb, held_out['album'],
-                          ks)
+                          ks, bootstrap=bootstrap)
   return {'baseline': name, **out}
 
 
@@ -321,14 +323,15 @@ def run(config: ml_collections.ConfigDict, data_dir: str) -> dict[str, Any]:
     cca = CCA(dim, cfg.cca_reg).fit(album_audio[pair_album], train_text)
     fit_s = time.time() - start
     rows.append(dict(_score(f'cca-{dim}', cca.audio(album_audio), albums,
-                            cca.text(held_text), held_out),
+                            cca.text(held_text), held_out,
+                            config.eval.bootstrap),
                      fit_seconds=round(fit_s, 2), text=texter.name))
   start = time.time()
   params = train_wsabie(train_text, pair_album, album_audio, cfg, config.seed)
   fit_s = time.time() - start
   rows.append(dict(_score('wsabie', _unit(album_audio @ params['audio']),
                           albums, _unit(held_text @ params['text']),
-                          held_out),
+                          held_out, config.eval.bootstrap),
                    fit_seconds=round(fit_s, 2), text=texter.name))
   rows.append(random_row(len(albums), held_out))
   return {'split': split, 'baselines': rows}

@@ -85,11 +85,28 @@ def dev_evaluator(config: ml_collections.ConfigDict,
                   manifest: manifest_lib.Manifest, audio: tables.AudioTable
                   ) -> Callable[[dict[str, Any]], dict[str, Any]]:
   """The training loop's periodic check: variables -> review -> album
-  metrics on the dev split (reads the dev reviews once, here)."""
+  metrics on the dev split (reads the dev reviews once, here); with
+  `config.eval.train_sample` > 0 also 'train_recall@K' on that many
+  training reviews (a seeded sample), to tell learning from memorising."""
   dev = input_pipeline.load_reviews(manifest, 'dev', config.data.max_len)
   max_tracks = two_branch.album_tracks(config)
-  return lambda variables: evaluate(variables, model, audio, dev,
-                                    max_tracks=max_tracks)
+  sample = None
+  if config.eval.train_sample:
+    train = input_pipeline.load_reviews(manifest, 'train',
+                                        config.data.max_len)
+    pick = np.sort(np.random.default_rng(config.seed).permutation(
+        len(train['album']))[:config.eval.train_sample])
+    sample = {k: v[pick] for k, v in train.items()}
+
+  def evaluator(variables):
+    out = evaluate(variables, model, audio, dev, max_tracks=max_tracks)
+    if sample is not None:
+      seen = evaluate(variables, model, audio, sample, max_tracks=max_tracks)
+      out.update({f'train_{k}': v for k, v in seen.items()
+                  if k.startswith('recall@')})
+    return out
+
+  return evaluator
 
 
 def load_genres(manifest: manifest_lib.Manifest) -> np.ndarray:
@@ -102,7 +119,9 @@ def load_genres(manifest: manifest_lib.Manifest) -> np.ndarray:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         data_dir: str | None = None) -> dict[str, Any]:
-  """Full evaluation of the newest readable checkpoint of `workdir`.
+  """Full evaluation of the run's model: its best-by-dev-recall checkpoint
+  when it kept one (what training reports, export and serving use), else
+  its newest readable checkpoint.
 
   Split `config.eval.split`: both directions, bootstrap CIs, per-genre
   recall (`evaluate(full=True)`); the numbers also go to TensorBoard under
@@ -121,8 +140,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                     f'(manifest counts: {manifest.counts.reviews}); '
                     'choose another config.eval.split or preprocess with a '
                     'larger config.data.dev_fraction / test_album_fraction.')
-  trained = checkpoints.load_for_inference(config, workdir, manifest,
-                                           checkpoints.CHECKPOINT_DIR)
+  trained = checkpoints.load_for_inference(config, workdir, manifest)
   audio = input_pipeline.load_audio_table(manifest)
   start = time.time()
   result = evaluate(
@@ -131,6 +149,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       genres=load_genres(manifest), bootstrap=config.eval.bootstrap,
       seed=config.seed)
   result = dict(result, step=trained.step, split=split,
+                checkpoint=trained.source,
                 eval_seconds=round(time.time() - start, 2))
   if jax.process_index() == 0:
     writer = progress.metric_writer(os.path.join(workdir, 'eval'))

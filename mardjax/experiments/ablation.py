@@ -6,11 +6,23 @@ what differs changed. Every row trains on the same data (the `data` section
 and seed of the config given to launch.py) for `config.ablate.num_steps`
 steps (a budget: small on a CPU, the paper's 200 epochs on a GPU with
 `--config.ablate.num_steps=0`, which keeps each row's own epoch count), and
-reports dev recall of the final parameters. Outputs in the workdir:
-`ablation.md`, `ablation.csv`, `ablation.png`, one sub-directory per row.
+reports dev recall of its model (the best of its evaluations, `model_step`).
+Outputs in the workdir: `ablation.md`, `ablation.csv`, `ablation.png`, one
+sub-directory per row.
+
+`config.ablate.variants` adds rows of your own: the config given to
+launch.py with some fields changed, e.g.
+
+  --config.ablate.variants='margin_0.2: loss.margin=0.2; hard10:
+      loss.negatives=hardest:10 train.learning_rate=3e-3'
+
+(rows separated by ';', a name, ':', then space-separated field=value).
+`config.ablate.rows='none'` runs no paper row (only the variants).
 """
 
+import ast
 import csv
+import difflib
 import importlib
 import json
 import os
@@ -80,22 +92,89 @@ def row_config(base: ml_collections.ConfigDict, module: str
   return config
 
 
+def _parse_value(field: str, text: str, current: Any) -> Any:
+  """`text` as a value of the type of the field's current value."""
+  try:
+    if isinstance(current, bool):
+      if text.lower() not in ('true', 'false'):
+        raise ValueError(text)
+      return text.lower() == 'true'
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, (tuple, list)):
+      return tuple(ast.literal_eval(text))
+  except (ValueError, SyntaxError, TypeError):
+    raise UserError(f'config.ablate.variants: {field}={text!r} is not a '
+                    f'{type(current).__name__}.') from None
+  return text
+
+
+def parse_variants(text: str, base: ml_collections.ConfigDict
+                   ) -> list[tuple[str, dict[str, Any]]]:
+  """`config.ablate.variants` -> [(row name, {field: value})], every field
+  checked against `base` (module docstring for the syntax)."""
+  rows = []
+  for entry in filter(None, (e.strip() for e in text.split(';'))):
+    name, colon, rest = entry.partition(':')
+    name = name.strip()
+    if not colon or not name or ' ' in name:
+      raise UserError(f'config.ablate.variants: {entry!r} is not '
+                      '"name: field=value ...".')
+    changes = {}
+    for item in rest.split():
+      field, eq, value = item.partition('=')
+      section, dot, key = field.partition('.')
+      if not eq or not dot or section not in base or (
+          not isinstance(base[section], ml_collections.ConfigDict)) or (
+              key not in base[section]):
+        known = [f'{s}.{k}' for s in base if isinstance(
+            base[s], ml_collections.ConfigDict) for k in base[s]]
+        close = difflib.get_close_matches(field, known, 1)
+        raise UserError(
+            f'config.ablate.variants: row {name!r}: {item!r} does not set '
+            'a config field' + (f' (did you mean {close[0]!r}?)'
+                                if close else ''))
+      changes[field] = _parse_value(field, value, base[section][key])
+    rows.append((name, changes))
+  names = [n for n, _ in rows]
+  if len(set(names)) != len(names) or set(names) & {r[0] for r in ROWS}:
+    raise UserError('config.ablate.variants: row names must be distinct '
+                    'and differ from the paper rows.')
+  return rows
+
+
+def variant_config(base: ml_collections.ConfigDict, changes: dict[str, Any]
+                   ) -> ml_collections.ConfigDict:
+  """The base config with `changes` ({'section.field': value}) applied, and
+  the ablation's step budget."""
+  config = base.copy_and_resolve_references()
+  for field, value in changes.items():
+    section, key = field.split('.')
+    config[section][key] = value
+  if base.ablate.num_steps:
+    config.train.num_steps = base.ablate.num_steps
+    config.train.eval_every = max(1, base.ablate.num_steps //
+                                  max(1, base.ablate.evals))
+  return config
+
+
 def _fmt(x) -> str:
   return '' if x is None else f'{x:.2f}'
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
-        show_progress: bool = True) -> dict[str, Any]:
-  """Trains and evaluates every row, runs the baselines, writes the table."""
-  from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
-  modes.run_mode('preprocess', config, workdir, show_progress=show_progress)
-  data_dir = manifest_lib.data_dir_of(config, workdir)
+def _plan(config: ml_collections.ConfigDict
+          ) -> list[tuple[dict[str, Any], ml_collections.ConfigDict | None]]:
+  """[(row record, its config or None when skipped)]: the chosen paper
+  rows, then the variants, every config validated before any training."""
+  from mardjax import config_check  # pylint: disable=g-import-not-at-top
   only = [r for r in config.ablate.rows.split(',') if r]
-  unknown = set(only) - {r[0] for r in ROWS}
+  unknown = set(only) - {r[0] for r in ROWS} - {'none'}
   if unknown:
     raise UserError(f'config.ablate.rows: unknown rows {sorted(unknown)}; '
-                    f'choose from {[r[0] for r in ROWS]}.')
-  results = []
+                    f'choose from {[r[0] for r in ROWS]} or none.')
+  plan = []
   for name, module, columns, paper in ROWS:
     if only and name not in only:
       continue
@@ -106,26 +185,48 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       row['skipped'] = ('needs config.data.text_encoder_path (a local '
                         'Hugging Face model directory, e.g. bert-base-'
                         'uncased)')
-      results.append(row)
-      logging.warning('ablation: %s skipped: %s', name, row['skipped'])
+      cfg = None
+    plan.append((row, cfg))
+  for name, changes in parse_variants(config.ablate.variants, config):
+    cfg = variant_config(config, changes)
+    config_check.validate_common(cfg)
+    plan.append(({'row': name, 'variant': ' '.join(
+        f'{k}={v}' for k, v in changes.items()), 'paper': None}, cfg))
+  return plan
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        show_progress: bool = True) -> dict[str, Any]:
+  """Trains and evaluates every row, runs the baselines, writes the table."""
+  from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
+  from mardjax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  plan = _plan(config)
+  modes.run_mode('preprocess', config, workdir, show_progress=show_progress)
+  data_dir = manifest_lib.data_dir_of(config, workdir)
+  results = []
+  for row, cfg in plan:
+    results.append(row)
+    if cfg is None:
+      logging.warning('ablation: %s skipped: %s', row['row'], row['skipped'])
       continue
     start = time.time()
-    logging.info('ablation: training %s', name)
-    _, metrics = modes.train_and_evaluate(
-        cfg, os.path.join(workdir, 'ablation', name), data_dir)
-    row.update({k: metrics[k] for k in (
-        'recall@1', 'recall@5', 'recall@10', 'random_recall@10',
-        'median_rank', 'mrr', 'steps', 'history')})
+    logging.info('ablation: training %s', row['row'])
+    row_dir = os.path.join(workdir, 'ablation', row['row'])
+    _, metrics = modes.train_and_evaluate(cfg, row_dir, data_dir)
+    row.update({k: metrics[k] for k in ('steps', 'model_step', 'history')})
+    # The row's model on config.eval.split, with the baselines' CIs.
+    full = evaluate.evaluate_checkpoint(cfg, row_dir, data_dir)
+    row.update({k: v for k, v in full.items() if k.startswith((
+        'recall@', 'random_recall@')) or k in ('median_rank', 'mrr')})
     row['seconds'] = round(time.time() - start, 1)
-    results.append(row)
   logging.info('ablation: baselines')
   base = baselines.run(config, data_dir)
   for b in base['baselines']:
     if b['baseline'].startswith(('cca', 'wsabie', 'random')):
       results.append({'row': b['baseline'], 'baseline': True,
                       'paper': PAPER_CCA.get(b['baseline']),
-                      **{k: b[k] for k in ('recall@1', 'recall@5',
-                                           'recall@10', 'median_rank')}})
+                      **{k: v for k, v in b.items() if k.startswith(
+                          'recall@') or k == 'median_rank'}})
   _write(results, workdir, config)
   best = max((r for r in results if 'recall@10' in r and
               not r.get('baseline')), key=lambda r: r['recall@10'],
@@ -137,34 +238,45 @@ def run(config: ml_collections.ConfigDict, workdir: str,
               'ablation.md', 'ablation.csv', 'ablation.png')]}
 
 
+def _ci(r: dict[str, Any], k: int = 10) -> str:
+  ci = r.get(f'recall@{k}_ci95')
+  return f'{100 * ci[0]:.1f}-{100 * ci[1]:.1f}' if ci else ''
+
+
 def _write(results: list[dict[str, Any]], workdir: str,
            config: ml_collections.ConfigDict) -> None:
   """ablation.md (the paper's layout, ours beside theirs), .csv, .png."""
   mark = lambda v: '✓' if v else '-'
+  split = config.eval.split
   lines = [
       f'# Table 1 on {"synthetic" if not config.data.mard_dir else "MARD"} '
-      f'data: dev review -> album recall (%)',
+      f'data: {split} review -> album recall (%)',
       '',
       f'Budget: {config.ablate.num_steps or "each row’s own"} steps per row, '
-      f'batch {config.train.batch_size}; ours are the final parameters on '
-      'the dev split; paper figures from its Table 1 (real MARD, 200 '
-      'epochs).',
+      f'batch {config.train.batch_size}; each row\'s model is its best dev '
+      f'evaluation (step in `model step`), measured on the {split} split '
+      'with a 95% bootstrap interval of R@10; paper figures from its '
+      'Table 1 (real MARD, 200 epochs).',
       '',
       '| row | BERT | LSTM | non-linear | bi-directional | neighb. sampling '
-      '| R@1 | R@5 | R@10 | paper R@1 | paper R@5 | paper R@10 |',
+      '| R@1 | R@5 | R@10 | R@10 95% CI | model step | paper R@1 | '
+      'paper R@5 | paper R@10 |',
       '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | '
-      '--- |']
+      '--- | --- | --- |']
   for r in results:
     paper = r.get('paper') or (None, None, None)
     ours = [100 * r[k] if k in r else None
             for k in ('recall@1', 'recall@5', 'recall@10')]
-    flags = (['', '', '', '', ''] if r.get('baseline') else
-             [mark(r.get(c)) for c in COLUMNS])
+    flags = (['', '', '', '', ''] if r.get('baseline') or 'variant' in r
+             else [mark(r.get(c)) for c in COLUMNS])
     name = r['row'] + (' (skipped*)' if 'skipped' in r else '')
-    lines.append('| ' + ' | '.join([name, *flags, *map(_fmt, ours),
-                                    *map(_fmt, paper)]) + ' |')
+    lines.append('| ' + ' | '.join([
+        name, *flags, *map(_fmt, ours), _ci(r),
+        str(r.get('model_step', '')), *map(_fmt, paper)]) + ' |')
   lines += [f'\n\\* {r["row"]}: {r["skipped"]}.' for r in results
             if 'skipped' in r]
+  lines += [f'\n`{r["row"]}`: the base config with {r["variant"]}.'
+            for r in results if 'variant' in r]
   chance = next((r['random_recall@10'] for r in results
                  if 'random_recall@10' in r), None)
   if chance is not None:
@@ -174,15 +286,18 @@ def _write(results: list[dict[str, Any]], workdir: str,
   with open(os.path.join(workdir, 'ablation.csv'), 'w', newline='') as f:
     w = csv.writer(f)
     w.writerow(['row', *COLUMNS, 'recall@1', 'recall@5', 'recall@10',
+                'recall@10_ci_low', 'recall@10_ci_high',
                 'paper_recall@1', 'paper_recall@5', 'paper_recall@10',
-                'steps', 'skipped'])
+                'steps', 'model_step', 'variant', 'skipped'])
     for r in results:
       paper = r.get('paper') or ('', '', '')
+      ci = r.get('recall@10_ci95') or ('', '')
       w.writerow([r['row'], *[r.get(c, '') for c in COLUMNS],
                   *[r.get(k, '') for k in ('recall@1', 'recall@5',
-                                           'recall@10')],
+                                           'recall@10')], *ci,
                   *[p / 100 if p != '' else '' for p in paper],
-                  r.get('steps', ''), r.get('skipped', '')])
+                  *[r.get(k, '') for k in ('steps', 'model_step', 'variant',
+                                           'skipped')]])
   with open(os.path.join(workdir, 'ablation.json'), 'w') as f:
     json.dump(results, f, indent=1)
   _plot(results, os.path.join(workdir, 'ablation.png'))

@@ -38,6 +38,8 @@ from mardjax.errors import UserError
 from mardjax.models import lstm
 
 AUDIO_ENCODERS = ('track', 'album_lstm')
+# Mean encoder's pooling: plain mean (the paper) or IDF-weighted (learned).
+POOLINGS = ('mean', 'idf')
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -113,6 +115,14 @@ class MeanEncoder(nn.Module):
   """tokens (B, L) + lengths (B,) -> (B, word_dim): the masked mean of the
   words' learned embeddings (padding excluded).
 
+  With `weighted`, the mean is weighted: each word has a learned score (an
+  extra last column of the embedding table, so that row-sparse training
+  updates it with the word's row) and a review's words are weighted by the
+  softmax of their scores over the review. Scores initialised to the log of
+  the words' inverse document frequency (`idf_scores`) make the pooling a
+  TF-IDF-weighted mean: rare, telling words (an artist's name) then count
+  for far more than 'the' (README: What limits the paper's recipe).
+
   With `table` (U, D) given, `tokens` are indices into it instead of word ids
   and the module's own embedding is not used (row-sparse training,
   `mardjax.train.sparse_embedding`): a (B, U) bag-of-words product that
@@ -121,6 +131,7 @@ class MeanEncoder(nn.Module):
   vocab_size: int
   word_dim: int
   lstm_dim: int = 0  # Unused: every encoder takes the same fields.
+  weighted: bool = False
 
   @nn.compact
   def __call__(self, tokens: jax.Array, lengths: jax.Array | None,
@@ -129,15 +140,43 @@ class MeanEncoder(nn.Module):
     if packed is not None:
       raise ValueError('Only the lstm text encoder reads packed reviews.')
     mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
-    if table is not None:
+    lookup = table is None
+    if lookup:
+      table = nn.Embed(self.vocab_size, self.word_dim + self.weighted,
+                       name='embed').embedding
+    if self.weighted:
+      weights = _softmax_weights(jnp.take(table[:, -1], tokens, axis=0),
+                                 mask)
+      vectors = table[:, :-1]
+    else:
       weights = mask / jnp.maximum(lengths, 1)[:, None]
-      bag = jnp.zeros((tokens.shape[0], table.shape[0]), table.dtype)
-      bag = bag.at[jnp.arange(tokens.shape[0])[:, None], tokens].add(
-          weights.astype(table.dtype))
-      return bag @ table
-    emb = nn.Embed(self.vocab_size, self.word_dim, name='embed')(tokens)
-    total = jnp.einsum('bld,bl->bd', emb, mask.astype(emb.dtype))
-    return total / jnp.maximum(lengths, 1)[:, None].astype(emb.dtype)
+      vectors = table
+    if lookup:
+      emb = jnp.take(vectors, tokens, axis=0)
+      return jnp.einsum('bld,bl->bd', emb, weights.astype(emb.dtype))
+    bag = jnp.zeros((tokens.shape[0], table.shape[0]), table.dtype)
+    bag = bag.at[jnp.arange(tokens.shape[0])[:, None], tokens].add(
+        weights.astype(table.dtype))
+    return bag @ vectors
+
+
+def _softmax_weights(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """(B, L) scores and mask -> (B, L) weights: the softmax of each row's
+  scores over its real tokens, zero on padding (and on empty rows)."""
+  scores = jnp.where(mask, scores, -jnp.inf)
+  top = jnp.max(scores, axis=1, keepdims=True)
+  e = jnp.where(mask, jnp.exp(scores - jnp.where(mask.any(1, keepdims=True),
+                                                 top, 0.0)), 0.0)
+  return e / jnp.maximum(e.sum(1, keepdims=True), 1e-30)
+
+
+def idf_scores(document_frequency: np.ndarray, num_documents: int
+               ) -> np.ndarray:
+  """(V,) word scores of the weighted mean: the log of each word's inverse
+  document frequency, smoothed as scikit-learn's TF-IDF, so that the
+  softmax weights are proportional to log((1 + N) / (1 + df)) + 1."""
+  idf = np.log((1.0 + num_documents) / (1.0 + document_frequency)) + 1.0
+  return np.log(idf).astype(np.float32)
 
 
 class BiLSTMEncoder(nn.Module):
@@ -192,6 +231,7 @@ class TwoBranch(nn.Module):
   linear: bool = False
   batch_norm: bool = False
   bn_axis_name: str | None = None
+  pooling: str = 'mean'  # Mean encoder: 'mean' or 'idf' (weighted).
 
   def setup(self):
     head = dict(hidden_dim=self.hidden_dim, embed_dim=self.embed_dim,
@@ -201,9 +241,10 @@ class TwoBranch(nn.Module):
     self.text_head = Head(**head)
     encoder = TEXT_ENCODERS[self.text_encoder]
     if encoder is not None:
+      weighted = {'weighted': True} if self.pooling == 'idf' else {}
       self.text_features = encoder(vocab_size=self.vocab_size,
                                    word_dim=self.word_dim,
-                                   lstm_dim=self.lstm_dim)
+                                   lstm_dim=self.lstm_dim, **weighted)
     if self.audio_encoder == 'album_lstm':
       self.album_rnn = nn.RNN(nn.OptimizedLSTMCell(self.lstm_dim),
                               return_carry=True)
@@ -272,7 +313,8 @@ def build(model_config, vocab_size: int, bn_axis_name: str | None = None
                    lstm_dim=model_config.lstm_dim,
                    linear=model_config.linear,
                    batch_norm=model_config.batch_norm,
-                   bn_axis_name=bn_axis_name)
+                   bn_axis_name=bn_axis_name,
+                   pooling=model_config.get('pooling', 'mean'))
 
 
 def album_tracks(config: ml_collections.ConfigDict) -> int:

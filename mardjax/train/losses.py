@@ -72,7 +72,8 @@ def pairwise_distances(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
                    margin: float, mode: NegativeMode,
-                   key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+                   key: jax.Array | None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Hinge sum of one anchor over its (positive, negative) pairs.
 
   Args:
@@ -83,21 +84,27 @@ def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
     key: PRNG key (sampled mode only).
 
   Returns:
-    (sum over positives of the summed hinges, number of positives).
+    (sum over positives of the summed hinges, number of positives, number
+    of (positive, negative) hinges that are active (> 0), number of them).
   """
   num_pos = jnp.sum(pos)
+
+  def result(h, slots):  # h, slots: (M, K) hinges and which ones count.
+    h = h * slots
+    return (jnp.sum(h), num_pos, jnp.sum((h > 0) & slots),
+            jnp.sum(slots))
+
   if mode.kind == 'all':
     # (M_pos, M_neg): hinge of positive j against negative k.
     h = jax.nn.relu(margin + dist_row[:, None] - dist_row[None, :])
-    h = h * pos[:, None] * neg[None, :]
-    return jnp.sum(h), num_pos
+    return result(h, pos[:, None] & neg[None, :])
   if mode.kind == 'hardest':
     # The K negatives closest to the anchor (same for every positive).
     masked = jnp.where(neg, -dist_row, -_BIG)
     top, _ = jax.lax.top_k(masked, min(mode.k, masked.shape[0]))
     neg_d, valid = -top, top > -_BIG / 2
-    h = jax.nn.relu(margin + dist_row[:, None] - neg_d[None, :]) * valid
-    return jnp.sum(h * pos[:, None]), num_pos
+    h = jax.nn.relu(margin + dist_row[:, None] - neg_d[None, :])
+    return result(h, pos[:, None] & valid[None, :])
   # Sampled: K negatives uniform with replacement, the r-th negative (in
   # index order) for r uniform in [0, count): a gather from the compacted
   # negative indices. Drawn once per anchor and used for each of its
@@ -109,8 +116,8 @@ def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
   order = jnp.nonzero(neg, size=m, fill_value=0)[0]
   r = (jax.random.uniform(key, (mode.k,)) * count).astype(jnp.int32)
   neg_d = dist_row[order[jnp.clip(r, 0, jnp.maximum(count - 1, 0))]]
-  h = jax.nn.relu(margin + dist_row[:, None] - neg_d[None, :]) * (count > 0)
-  return jnp.sum(h * pos[:, None]), num_pos
+  h = jax.nn.relu(margin + dist_row[:, None] - neg_d[None, :])
+  return result(h, jnp.broadcast_to(pos[:, None] & (count > 0), h.shape))
 
 
 def ranking_term(anchors: jax.Array, candidates: jax.Array,
@@ -118,7 +125,8 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
                  margin: float, mode: NegativeMode,
                  key: jax.Array | None = None,
                  self_index: jax.Array | None = None,
-                 axis_name: str | None = None) -> jax.Array:
+                 axis_name: str | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
   """One hinge term, averaged over valid (anchor, positive) pairs.
 
   Args:
@@ -134,7 +142,8 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
     axis_name: device axis; the mean is then over the global batch's pairs.
 
   Returns:
-    Scalar loss; 0 when no anchor has a positive.
+    (scalar loss, 0 when no anchor has a positive; the fraction of its
+    (anchor, positive, negative) hinges that are active, a diagnostic).
   """
   dist = pairwise_distances(anchors, candidates)
   same = anchor_ids[:, None] == candidate_ids[None, :]
@@ -148,8 +157,11 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
   per_anchor = jax.vmap(
       lambda d, p, n, k: _anchor_hinges(d, p, n, margin, mode,
                                         k if mode.kind == 'sampled' else None))
-  sums, counts = per_anchor(dist, pos, neg, keys)
-  return _global_mean(jnp.sum(sums), jnp.sum(counts), axis_name)
+  sums, counts, active, slots = per_anchor(dist, pos, neg, keys)
+  return (_global_mean(jnp.sum(sums), jnp.sum(counts), axis_name),
+          jax.lax.stop_gradient(_global_mean(
+              jnp.sum(active).astype(sums.dtype), jnp.sum(slots),
+              axis_name)))
 
 
 def _global_mean(total: jax.Array, count: jax.Array,
@@ -196,7 +208,8 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
     gather_across_devices: take positives and negatives from the global batch.
 
   Returns:
-    (loss, {term name: value}).
+    (loss, {term name: value, and 'active_hinges': the fraction of the
+    cross-modal terms' hinges that are active, a diagnostic}).
   """
   mode = NegativeMode.parse(negatives)
   if mode.kind == 'sampled' and key is None:
@@ -211,7 +224,7 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
   term = functools.partial(ranking_term, margin=margin, mode=mode,
                            axis_name=axis_name)
   l1, l2, l3, l4 = weights
-  zero = jnp.zeros((), audio.dtype)
+  zero = (jnp.zeros((), audio.dtype),) * 2
   terms = {
       'audio_to_text': term(audio, cand_text, album_ids, cand_ids,
                             key=keys[0]) if l1 else zero,
@@ -224,6 +237,10 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
                                  key=keys[3], self_index=self_index)
                             if l4 else zero,
   }
+  cross = [terms[k][1] for k, w in (('audio_to_text', l1),
+                                     ('text_to_audio', l2)) if w]
+  terms = {k: v[0] for k, v in terms.items()}
+  terms['active_hinges'] = sum(cross) / max(len(cross), 1)
   loss = (l1 * terms['audio_to_text'] + l2 * terms['text_to_audio'] +
           l3 * terms['audio_neighbourhood'] + l4 * terms['text_neighbourhood'])
   return loss, terms

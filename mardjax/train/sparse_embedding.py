@@ -125,7 +125,8 @@ def gather_rows(table: jax.Array, vocab_ids: jax.Array) -> jax.Array:
 
 
 def lazy_adam(table: jax.Array, state: LazyAdamState, vocab_ids: jax.Array,
-              row_grads: jax.Array, count: jax.Array, *, learning_rate: float,
+              row_grads: jax.Array, count: jax.Array, *,
+              learning_rate: float | Callable[[jax.Array], jax.Array],
               b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
               ) -> tuple[jax.Array, LazyAdamState]:
   """Adam on the rows `vocab_ids` only (optax.adam's formula and defaults).
@@ -137,7 +138,8 @@ def lazy_adam(table: jax.Array, state: LazyAdamState, vocab_ids: jax.Array,
     row_grads: (U, D) gradient of the loss with respect to those rows.
     count: the step number after this update (1 for the first), for Adam's
       bias correction, as optax counts.
-    learning_rate, b1, b2, eps: optax.adam's.
+    learning_rate, b1, b2, eps: optax.adam's; a schedule is called with
+      the number of earlier updates, as optax calls it.
 
   Returns:
     (new table, new moments).
@@ -148,6 +150,8 @@ def lazy_adam(table: jax.Array, state: LazyAdamState, vocab_ids: jax.Array,
   count = count.astype(row_grads.dtype)
   mu_hat = mu / (1 - b1 ** count)
   nu_hat = nu / (1 - b2 ** count)
+  if callable(learning_rate):
+    learning_rate = learning_rate(count - 1)
   step = -learning_rate * (mu_hat / (jnp.sqrt(nu_hat) + eps))
   # The ids are distinct, so `add` and `set` touch each row once.
   table = table.at[vocab_ids].add(step, mode='drop', unique_indices=True)

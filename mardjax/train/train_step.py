@@ -56,22 +56,55 @@ class TrainState(train_state.TrainState):
   embed_tx: Callable | None = struct.field(pytree_node=False, default=None)
 
 
-def make_optimizer(config: ml_collections.ConfigDict
+def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+  """`train.learning_rate`, scaled with the batch by `train.lr_scaling`:
+  'none', 'linear' (x batch / lr_base_batch) or 'sqrt' (x its square
+  root, Adam's usual rule: the update's noise falls with the root of the
+  batch)."""
+  t = config.train
+  ratio = t.batch_size / t.lr_base_batch
+  return t.learning_rate * {'none': 1.0, 'linear': ratio,
+                            'sqrt': ratio ** 0.5}[t.lr_scaling]
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           num_steps: int | None = None) -> optax.Schedule:
+  """step -> learning rate: a linear warmup over `train.warmup_steps` to
+  `peak_learning_rate`, then constant or (`train.lr_schedule='cosine'`) a
+  cosine decay to `train.lr_final_fraction` of it at `num_steps`."""
+  t = config.train
+  peak = peak_learning_rate(config)
+  warmup = int(t.warmup_steps)
+  if t.lr_schedule == 'cosine':
+    if not num_steps:
+      raise ValueError('A cosine schedule needs the run\'s number of steps.')
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup, max(num_steps, warmup + 1),
+        end_value=peak * t.lr_final_fraction)
+  if warmup:
+    return optax.linear_schedule(0.0, peak, warmup)
+  return optax.constant_schedule(peak)
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   num_steps: int | None = None
                    ) -> optax.GradientTransformation:
-  """optax Adam with the config's learning rate (paper: 1e-3)."""
-  return optax.adam(config.train.learning_rate)
+  """optax Adam on `learning_rate_schedule` (paper: constant 1e-3)."""
+  return optax.adam(learning_rate_schedule(config, num_steps))
 
 
 def create_state(model: nn.Module, config: ml_collections.ConfigDict,
-                 rng: jax.Array, sample: dict[str, np.ndarray]) -> TrainState:
-  """Initialises parameters from one (per-device) sample batch."""
+                 rng: jax.Array, sample: dict[str, np.ndarray],
+                 num_steps: int | None = None) -> TrainState:
+  """Initialises parameters from one (per-device) sample batch; `num_steps`
+  (the run's length) is needed by decaying learning-rate schedules."""
   variables = model.init(rng, audio=sample['audio'], tokens=sample['tokens'],
                          lengths=sample['lengths'],
                          text_features=sample.get('text_features'),
                          num_tracks=sample.get('num_tracks'), train=False)
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
-  tx = make_optimizer(config)
+  tx = make_optimizer(config, num_steps)
   if not lazy_embedding(config, params):
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                              batch_stats=batch_stats)
@@ -80,8 +113,18 @@ def create_state(model: nn.Module, config: ml_collections.ConfigDict,
       step=0, apply_fn=model.apply, params=params, tx=tx,
       opt_state=tx.init(rest), batch_stats=batch_stats,
       embed_opt=sparse_embedding.init(table),
-      embed_tx=functools.partial(sparse_embedding.lazy_adam,
-                                 learning_rate=config.train.learning_rate))
+      embed_tx=functools.partial(
+          sparse_embedding.lazy_adam,
+          learning_rate=learning_rate_schedule(config, num_steps)))
+
+
+def set_word_scores(state: TrainState, scores: np.ndarray) -> TrainState:
+  """The state with the word scores of the weighted mean encoder (the
+  embedding table's last column, `two_branch.MeanEncoder`) set to
+  `scores` (V,)."""
+  table, rest = sparse_embedding.split_table(state.params)
+  table = table.at[:, -1].set(jnp.asarray(scores, table.dtype))
+  return state.replace(params=sparse_embedding.merge_table(table, rest))
 
 
 # The update 'auto' picks per backend, from the train-step benchmark

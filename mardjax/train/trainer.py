@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -91,6 +92,8 @@ class _Run:
   start_step: int = 0
   position: tuple[int, int] = (0, 0)
   best_recall: float = -1.0
+  best_eval: dict[str, Any] | None = None  # The best evaluation, whole.
+  stopped_early: bool = False
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   last_eval: dict[str, Any] | None = None
   steps_per_dispatch: int = 1
@@ -104,7 +107,14 @@ class _Run:
     return {'step': step, 'position': list(self.position),
             'manifest_hash': self.manifest.sha256,
             'config': self.config.to_json_best_effort(sort_keys=True),
-            'best_recall': self.best_recall, 'history': self.history}
+            'best_recall': self.best_recall, 'best_eval': self.best_eval,
+            'stopped_early': self.stopped_early, 'history': self.history}
+
+  def evals_since_best(self) -> int:
+    """Evaluations after the best one (the best is the first to reach the
+    best recall, as `_evaluate` keeps it)."""
+    recalls = [h['recall@10'] for h in self.history]
+    return len(recalls) - 1 - recalls.index(max(recalls)) if recalls else 0
 
 
 def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
@@ -241,7 +251,10 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
     raise UserError(str(e)) from None
   state = train_step.create_state(model, config,
                                   jax.random.PRNGKey(config.seed),
-                                  {k: v[0] for k, v in first.items()})
+                                  {k: v[0] for k, v in first.items()},
+                                  num_steps=total_steps(config, manifest))
+  if config.model.pooling == 'idf':
+    state = train_step.set_word_scores(state, _idf(reviews, manifest))
   run = _Run(
       config=config, workdir=workdir, manifest=manifest, model=model,
       state=state, batches=indices if assembly == 'device' else batches,
@@ -263,6 +276,18 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
   return run
 
 
+def _idf(reviews: tables.ReviewTable, manifest: manifest_lib.Manifest
+         ) -> np.ndarray:
+  """Word scores from the document frequencies of the training reviews of
+  every process (each holds a share), so that all start alike."""
+  df = reviews.document_frequency(manifest.vocab.size)
+  n = np.int64(len(reviews))
+  if jax.process_count() > 1:
+    df = np.asarray(multihost_utils.process_allgather(df)).sum(0)
+    n = np.asarray(multihost_utils.process_allgather(n)).sum()
+  return two_branch.idf_scores(df, int(n))
+
+
 def _restore(run: _Run) -> None:
   """Continues from the newest readable checkpoint, when there is one."""
   restored = run.ckpt.restore_latest(
@@ -273,6 +298,8 @@ def _restore(run: _Run) -> None:
   run.start_step, run.state, meta = restored
   run.position = tuple(meta['position'])
   run.best_recall = meta.get('best_recall', -1.0)
+  run.best_eval = meta.get('best_eval')
+  run.stopped_early = meta.get('stopped_early', False)
   # Evaluations up to the restored step (checkpoints before the field: none).
   run.history = [h for h in meta.get('history', [])
                  if h['step'] <= run.start_step]
@@ -288,10 +315,12 @@ def _evaluate(run: _Run, step: int) -> dict[str, Any]:
   run.seconds['eval'] += time.perf_counter() - start
   run.writer.write_scalars(step, {f'dev/{k}': v for k, v in result.items()})
   run.history.append({'step': step, **{k: result[k] for k in (
-      'recall@1', 'recall@5', 'recall@10')}})
+      'recall@1', 'recall@5', 'recall@10', 'train_recall@10')
+                                        if k in result}})
   logging.info('step %d dev %s', step, json.dumps(result))
   if result['recall@10'] > run.best_recall:
     run.best_recall = result['recall@10']
+    run.best_eval = {'step': step, **result}
     start = time.perf_counter()
     run.best.save(step, run.state, run.meta(step))
     run.best.wait()
@@ -376,10 +405,19 @@ def _loop(run: _Run) -> None:
       last_time, last_step = time.time(), step
     if eval_now:  # Before the save, whose record then holds its result.
       run.last_eval = _evaluate(run, step)
-    if save_now:
+      patience = t.early_stop_patience
+      run.stopped_early = bool(patience) and step < run.steps and (
+          run.evals_since_best() >= patience)
+    if save_now or run.stopped_early:
       start = time.perf_counter()
       run.ckpt.save(step, run.state, run.meta(step))
       run.seconds['checkpoint'] += time.perf_counter() - start
+    if run.stopped_early:
+      logging.info('Stopping early at step %d: dev recall@10 has not '
+                   'improved for %d evaluations (best %.4f at step %d).',
+                   step, run.evals_since_best(), run.best_recall,
+                   run.best_eval['step'])
+      run.steps = step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -396,7 +434,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     make_evaluator: builds the dev evaluator once per run.
 
   Returns:
-    (state, metrics): the last evaluation's metrics plus 'steps',
+    (state, metrics): the dev metrics of the run's model, the best
+    evaluation's (kept in `best/`, which eval, export and serve read), with
+    'model_step' (the step it is from), 'last' (the last evaluation's step
+    and recall@K), 'stopped_early', 'steps' (the last step trained),
     'resumed_from', 'best_dev_recall_at_10', 'history', 'params_sha256',
     'seconds' (wall time of the loop, and of evaluation and checkpointing
     within it and at step 0) and 'steady_steps_per_s' (the median rate of
@@ -406,22 +447,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if isinstance(data, str):
     data = load_training_data(config, data)
   run = _setup(config, workdir, data, make_evaluator)
+  if run.stopped_early:  # A finished run: report it, train no further.
+    run.steps = run.start_step
   if run.start_step == 0:
     run.writer.write_hparams(_flatten(config.to_dict()))
     _evaluate(run, 0)
   start = time.perf_counter()
   _loop(run)
   if run.steps > run.start_step:
-    metrics = run.last_eval  # The loop's evaluation of the last step.
+    last = run.last_eval  # The loop's evaluation of the last step.
   else:  # Already trained: report, save nothing.
-    metrics = run.evaluator(checkpoints.inference_variables(run.state))
+    last = run.evaluator(checkpoints.inference_variables(run.state))
+  # Checkpoints from before the best evaluation was recorded: the last.
+  best = run.best_eval or {'step': run.steps, **last}
+  metrics = {k: v for k, v in best.items() if k != 'step'}
   closing = time.perf_counter()
   run.ckpt.close()  # Waits for the last asynchronous save.
   run.best.close()
   run.seconds['checkpoint'] += time.perf_counter() - closing
   run.seconds['loop'] = time.perf_counter() - start
   run.writer.flush()
-  metrics = dict(metrics, steps=run.steps, resumed_from=run.start_step,
+  metrics = dict(metrics, model_step=best['step'],
+                 last={'step': run.steps, **{k: last[k] for k in (
+                     'recall@1', 'recall@5', 'recall@10')}},
+                 stopped_early=run.stopped_early,
+                 steps=run.steps, resumed_from=run.start_step,
                  best_dev_recall_at_10=run.best_recall, history=run.history,
                  params_sha256=checkpoints.params_fingerprint(
                      run.state.params),
