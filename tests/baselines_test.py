@@ -92,6 +92,9 @@ def test_ablation_writes_the_table(tiny_corpus_master, tmp_path):
   config.ablate.num_steps = 4
   config.ablate.evals = 2
   config.ablate.rows = 'uni_nonlinear,bert_bi_nonlinear,bi_nonlinear_ns'
+  config.ablate.variants = ('hard: loss.negatives=hardest:3 '
+                            'train.learning_rate=3e-3; idf: model.pooling=idf')
+  config.eval.bootstrap = 50
   config.baselines.text_dim = 16
   config.baselines.cca_dims = (4,)
   config.baselines.wsabie_steps = 5
@@ -100,12 +103,43 @@ def test_ablation_writes_the_table(tiny_corpus_master, tmp_path):
   assert 'text_encoder_path' in rows['bert_bi_nonlinear']['skipped']
   assert rows['uni_nonlinear']['steps'] == 4
   assert {'cca-4', 'wsabie', 'random'} <= set(rows)
+  # Variant rows trained as asked, after the paper rows.
+  assert list(rows)[3:5] == ['hard', 'idf']
+  assert rows['hard']['variant'] == (
+      'loss.negatives=hardest:3 train.learning_rate=0.003')
+  assert rows['hard']['steps'] == 4 and rows['idf']['steps'] == 4
+  # Every trained row and baseline has a 95% interval around its R@10,
+  # and names the step of its model.
+  for name in ('uni_nonlinear', 'hard', 'idf', 'cca-4', 'wsabie'):
+    lo, hi = rows[name]['recall@10_ci95']
+    assert lo <= rows[name]['recall@10'] <= hi
+  assert rows['idf']['model_step'] in (0, 2, 4)
   table = (tmp_path / 'ablation.md').read_text()
   assert '| bi_nonlinear_ns | - | - | ✓ | ✓ | ✓ |' in table
+  assert '`hard`: the base config with loss.negatives=hardest:3' in table
   assert '19.95' in table and '39.20' in table  # The paper's figures.
   assert (tmp_path / 'ablation.png').stat().st_size > 10000
   lines = (tmp_path / 'ablation.csv').read_text().splitlines()
   assert lines[0].startswith('row,bert,lstm') and len(lines) == 1 + len(rows)
+
+
+@pytest.mark.parametrize('variants,message', [
+    ('a: loss.margn=0.1', "does not set a config field \\(did you mean "
+                          "'loss.margin'\\?\\)"),
+    ('a: train.num_steps=ten', "train.num_steps='ten' is not a int"),
+    ('a loss.margin=0.1', 'is not "name: field=value'),
+    ('a: loss.margin=0.1; a: loss.margin=0.2', 'must be distinct'),
+    ('a: loss.kind=magic', 'loss.kind'),
+])
+def test_bad_ablation_variants_fail_before_training(tmp_path, variants,
+                                                    message):
+  from mardjax.experiments import ablation  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.data.mard_dir = str(tmp_path / 'not_read')
+  config.ablate.variants = variants
+  with pytest.raises(UserError, match=message):
+    ablation.run(config, str(tmp_path), show_progress=False)
+  assert not (tmp_path / 'data').exists()  # Nothing was preprocessed.
 
 
 def test_unknown_ablation_rows_are_named(tiny_corpus_master, tmp_path):

@@ -67,6 +67,46 @@ def test_mean_encoder_is_the_masked_mean():
   np.testing.assert_allclose(got[0], (table[2] + table[3]) / 2, rtol=1e-6)
 
 
+def test_idf_pooling_is_the_softmax_weighted_mean_of_its_scores():
+  """Weights: softmax of the words' scores (the table's last column) over
+  the review's real tokens; repeated words count twice; empty reviews give
+  zeros; the row-sparse path (a compacted table) agrees."""
+  enc = two_branch.MeanEncoder(vocab_size=10, word_dim=3, weighted=True)
+  tokens = jnp.array([[2, 3, 3, 0], [0, 0, 0, 0]])
+  lengths = jnp.array([3, 0])
+  v = enc.init(jax.random.PRNGKey(0), tokens, lengths)
+  table = np.asarray(v['params']['embed']['embedding'])
+  assert table.shape == (10, 4)
+  w = np.exp(table[[2, 3, 3], 3])
+  want = (w[:, None] * table[[2, 3, 3], :3]).sum(0) / w.sum()
+  got = enc.apply(v, tokens, lengths)
+  np.testing.assert_allclose(got[0], want, rtol=1e-5)
+  np.testing.assert_array_equal(got[1], 0)
+  compact = jnp.asarray(table[[0, 2, 3]])  # Rows 0, 2, 3 -> slots 0, 1, 2.
+  slots = jnp.array([[1, 2, 2, 0], [0, 0, 0, 0]])
+  np.testing.assert_allclose(enc.apply({}, slots, lengths, table=compact),
+                             got, rtol=1e-5, atol=1e-7)
+  # Gradients stay finite with an empty review in the batch.
+  grads = jax.grad(lambda p: enc.apply({'params': p}, tokens, lengths).sum())(
+      v['params'])
+  assert np.isfinite(np.asarray(grads['embed']['embedding'])).all()
+
+
+def test_idf_scores_weight_rare_words_up():
+  from mardjax.data import tables  # pylint: disable=g-import-not-at-top
+  # Reviews [2, 2, 3], [3], [4, 3] end to end, with a gap after the first.
+  reviews = tables.ReviewTable(
+      tokens=np.array([2, 2, 3, 9, 3, 4, 3], np.int32),
+      offsets=np.array([0, 4, 5]), lengths=np.array([3, 1, 2], np.int32),
+      album=np.zeros(3, np.int32))
+  df = reviews.document_frequency(6)
+  np.testing.assert_array_equal(df, [0, 0, 1, 3, 1, 0])
+  scores = two_branch.idf_scores(df, 3)
+  np.testing.assert_allclose(np.exp(scores[3]), np.log(4 / 4) + 1)
+  np.testing.assert_allclose(np.exp(scores[2]), np.log(4 / 2) + 1, rtol=1e-6)
+  assert scores[0] > scores[2] > scores[3]
+
+
 def test_audio_only_and_album_lstm():
   model = _model(batch_norm=False)
   audio, tokens, lengths = _inputs()

@@ -194,3 +194,24 @@ def test_batch_assembly_choice(tiny_records):
   config.model.text_encoder = 'lstm'
   with pytest.raises(UserError, match='lstm text encoder'):
     trainer.batch_assembly(config, False, data)
+
+
+def test_learning_rate_schedule_warmup_scaling_and_cosine():
+  config = test_config.get_config()
+  config.train.update(learning_rate=1e-3, batch_size=512, lr_base_batch=128,
+                      lr_scaling='sqrt', warmup_steps=10)
+  assert train_step.peak_learning_rate(config) == pytest.approx(2e-3)
+  sched = train_step.learning_rate_schedule(config)
+  assert [float(sched(s)) for s in (0, 5, 10, 1000)] == pytest.approx(
+      [0.0, 1e-3, 2e-3, 2e-3])
+  config.train.update(lr_scaling='linear', lr_schedule='cosine',
+                      lr_final_fraction=0.1)
+  sched = train_step.learning_rate_schedule(config, num_steps=110)
+  assert float(sched(10)) == pytest.approx(4e-3)
+  assert float(sched(60)) == pytest.approx(4e-3 * (0.1 + 0.9 * 0.5))
+  assert float(sched(110)) == pytest.approx(4e-4)
+  with pytest.raises(ValueError, match='number of steps'):
+    train_step.learning_rate_schedule(config)
+  # The default is the paper's constant rate.
+  plain = train_step.learning_rate_schedule(test_config.get_config())
+  assert float(plain(0)) == float(plain(10 ** 6)) == pytest.approx(1e-3)
