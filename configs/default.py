@@ -63,6 +63,11 @@ def get_config():
   # Mean encoder: 'mean' (the paper's plain mean) or 'idf' (a learned
   # weight per word, initialised to its inverse document frequency).
   config.model.pooling = 'mean'
+  # Regularisation in training (0: off, the paper): dropout on both heads'
+  # hidden layers, and the fraction of a review's words the mean encoder
+  # skips (word dropout).
+  config.model.dropout = 0.0
+  config.model.word_dropout = 0.0
   config.model.max_tracks = 32  # album_lstm: an album's first tracks read.
   config.model.word_dim = 256  # Word embedding size (text embedding).
   config.model.hidden_dim = 256  # Hidden layer of each branch's head.
@@ -157,6 +162,9 @@ def get_config():
   # epochs); dev recall is also measured `evals` times along the way.
   config.ablate.num_steps = 600
   config.ablate.evals = 4
+  # Per-row budgets overriding num_steps: 'row:steps,row:steps' (e.g. the
+  # LSTM row, slow on CPUs).
+  config.ablate.row_steps = ''
   # Comma-separated paper rows; '' = every row, 'none' = no paper row.
   config.ablate.rows = ''
   # Rows of your own: 'name: field=value field=value; name2: ...', each the

@@ -64,6 +64,9 @@ _RANGES = (
     ('model.embed_dim', _at_least(1), 'at least 1'),
     ('model.lstm_dim', _at_least(1), 'at least 1'),
     ('model.max_tracks', _at_least(1), 'at least 1'),
+    ('model.dropout', lambda x: _finite(x) and 0 <= x < 1, 'in [0, 1)'),
+    ('model.word_dropout', lambda x: _finite(x) and 0 <= x < 1,
+     'in [0, 1)'),
     ('loss.margin', _at_least(0), 'a finite number >= 0'),
     ('loss.temperature', _positive, 'a finite number > 0'),
     ('loss.sigmoid_bias', _finite, 'a finite number'),
@@ -117,6 +120,9 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   need(config.model.pooling == 'mean' or config.model.text_encoder == 'mean',
        'model.pooling', config.model.pooling,
        "weighted pooling is the mean encoder's (model.text_encoder='mean')")
+  need(not config.model.word_dropout or config.model.text_encoder == 'mean',
+       'model.word_dropout', config.model.word_dropout,
+       "word dropout is the mean encoder's (model.text_encoder='mean')")
   _choice(config, 'loss.kind', losses.LOSSES)
   _choice(config, 'train.parallelism', PARALLELISM)
   _choice(config, 'train.embedding_update', EMBEDDING_UPDATES)

@@ -66,11 +66,30 @@ ROWS = (
 # The paper's CCA figures (its own training data, 10,000 albums).
 PAPER_CCA = {'cca-50': (1.77, 5.74, 8.87), 'cca-100': (2.54, 6.90, 9.74)}
 COLUMNS = ('bert', 'lstm', 'nonlinear', 'bidirectional', 'sampling')
+# Rows that keep their own optimiser, schedule and loss (`row_config`).
+OWN_RECIPE = frozenset({'best'})
 
 
-def row_config(base: ml_collections.ConfigDict, module: str
+def row_budgets(base: ml_collections.ConfigDict) -> dict[str, int]:
+  """`config.ablate.row_steps` ('row:steps,row:steps') as {row: steps}."""
+  out = {}
+  for item in filter(None, base.ablate.row_steps.split(',')):
+    name, _, steps = item.partition(':')
+    if not steps.isdigit() or int(steps) < 1:
+      raise UserError(f'config.ablate.row_steps: {item!r} is not '
+                      '"row:steps" with steps >= 1.')
+    out[name.strip()] = int(steps)
+  return out
+
+
+def row_config(base: ml_collections.ConfigDict, name: str, module: str
                ) -> ml_collections.ConfigDict:
-  """A row's config, with the base config's data, seed, budget and sizes."""
+  """A row's config, with the base config's data, seed, budget and sizes.
+
+  Paper rows also take the base's learning rate and negatives (the paper
+  used one setting for every row); rows in `OWN_RECIPE` keep their own
+  optimiser, schedule and loss.
+  """
   config = importlib.import_module(module).get_config()
   config.data = base.data
   config.seed = base.seed
@@ -80,15 +99,19 @@ def row_config(base: ml_collections.ConfigDict, module: str
   for field in ('word_dim', 'hidden_dim', 'embed_dim', 'lstm_dim',
                 'max_tracks', 'batch_norm'):
     config.model[field] = base.model[field]
-  for field in ('batch_size', 'learning_rate', 'log_every',
-                'checkpoint_every', 'keep_checkpoints', 'vocab_bucket',
-                'lstm_pack_rows', 'embedding_update', 'parallelism'):
+  own = name in OWN_RECIPE
+  for field in ('batch_size', 'log_every', 'checkpoint_every',
+                'keep_checkpoints', 'vocab_bucket', 'lstm_pack_rows',
+                'embedding_update', 'parallelism', 'eval_every',
+                'early_stop_patience') + (() if own else ('learning_rate',)):
     config.train[field] = base.train[field]
-  config.loss.negatives = base.loss.negatives
+  if not own:
+    config.loss.negatives = base.loss.negatives
   a = base.ablate
-  if a.num_steps:
-    config.train.num_steps = a.num_steps
-    config.train.eval_every = max(1, a.num_steps // max(1, a.evals))
+  steps = row_budgets(base).get(name, a.num_steps)
+  if steps:
+    config.train.num_steps = steps
+    config.train.eval_every = max(1, steps // max(1, a.evals))
   return config
 
 
@@ -145,18 +168,18 @@ def parse_variants(text: str, base: ml_collections.ConfigDict
   return rows
 
 
-def variant_config(base: ml_collections.ConfigDict, changes: dict[str, Any]
-                   ) -> ml_collections.ConfigDict:
+def variant_config(base: ml_collections.ConfigDict, name: str,
+                   changes: dict[str, Any]) -> ml_collections.ConfigDict:
   """The base config with `changes` ({'section.field': value}) applied, and
-  the ablation's step budget."""
+  the ablation's step budget for row `name`."""
   config = base.copy_and_resolve_references()
   for field, value in changes.items():
     section, key = field.split('.')
     config[section][key] = value
-  if base.ablate.num_steps:
-    config.train.num_steps = base.ablate.num_steps
-    config.train.eval_every = max(1, base.ablate.num_steps //
-                                  max(1, base.ablate.evals))
+  steps = row_budgets(base).get(name, base.ablate.num_steps)
+  if steps:
+    config.train.num_steps = steps
+    config.train.eval_every = max(1, steps // max(1, base.ablate.evals))
   return config
 
 
@@ -179,7 +202,7 @@ def _plan(config: ml_collections.ConfigDict
     if only and name not in only:
       continue
     row = {'row': name, **columns, 'paper': paper}
-    cfg = row_config(config, module)
+    cfg = row_config(config, name, module)
     if cfg.model.text_encoder == 'pretrained' and not (
         cfg.data.text_encoder_path):
       row['skipped'] = ('needs config.data.text_encoder_path (a local '
@@ -187,8 +210,14 @@ def _plan(config: ml_collections.ConfigDict
                         'uncased)')
       cfg = None
     plan.append((row, cfg))
-  for name, changes in parse_variants(config.ablate.variants, config):
-    cfg = variant_config(config, changes)
+  variants = parse_variants(config.ablate.variants, config)
+  unknown = set(row_budgets(config)) - {r[0] for r in ROWS} - {
+      n for n, _ in variants}
+  if unknown:
+    raise UserError(f'config.ablate.row_steps: unknown rows '
+                    f'{sorted(unknown)}.')
+  for name, changes in variants:
+    cfg = variant_config(config, name, changes)
     config_check.validate_common(cfg)
     plan.append(({'row': name, 'variant': ' '.join(
         f'{k}={v}' for k, v in changes.items()), 'paper': None}, cfg))

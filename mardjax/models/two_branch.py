@@ -53,11 +53,14 @@ class Head(nn.Module):
   linear: bool = False
   batch_norm: bool = False
   bn_axis_name: str | None = None
+  dropout: float = 0.0  # On the hidden layer, in training.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if not self.linear:
       x = nn.relu(nn.Dense(self.hidden_dim, name='hidden')(x))
+      if self.dropout:
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
     # BatchNorm subtracts the mean, so a bias before it would only collect
     # round-off (which Adam then amplifies into real updates).
     x = nn.Dense(self.embed_dim, use_bias=not self.batch_norm, name='out')(x)
@@ -136,10 +139,14 @@ class MeanEncoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, lengths: jax.Array | None,
                table: jax.Array | None = None,
-               packed: dict[str, jax.Array] | None = None) -> jax.Array:
+               packed: dict[str, jax.Array] | None = None,
+               keep: jax.Array | None = None) -> jax.Array:
+    """`keep` (B, L) bool: the words read (word dropout); None: all."""
     if packed is not None:
       raise ValueError('Only the lstm text encoder reads packed reviews.')
     mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])
+    if keep is not None:
+      mask = mask & keep
     lookup = table is None
     if lookup:
       table = nn.Embed(self.vocab_size, self.word_dim + self.weighted,
@@ -149,7 +156,7 @@ class MeanEncoder(nn.Module):
                                  mask)
       vectors = table[:, :-1]
     else:
-      weights = mask / jnp.maximum(lengths, 1)[:, None]
+      weights = mask / jnp.maximum(mask.sum(1, keepdims=True), 1)
       vectors = table
     if lookup:
       emb = jnp.take(vectors, tokens, axis=0)
@@ -232,11 +239,13 @@ class TwoBranch(nn.Module):
   batch_norm: bool = False
   bn_axis_name: str | None = None
   pooling: str = 'mean'  # Mean encoder: 'mean' or 'idf' (weighted).
+  dropout: float = 0.0  # Heads' hidden layers, in training.
+  word_dropout: float = 0.0  # Mean encoder: words dropped in training.
 
   def setup(self):
     head = dict(hidden_dim=self.hidden_dim, embed_dim=self.embed_dim,
                 linear=self.linear, batch_norm=self.batch_norm,
-                bn_axis_name=self.bn_axis_name)
+                bn_axis_name=self.bn_axis_name, dropout=self.dropout)
     self.audio_head = Head(**head)
     self.text_head = Head(**head)
     encoder = TEXT_ENCODERS[self.text_encoder]
@@ -274,6 +283,15 @@ class TwoBranch(nn.Module):
       if text_features is None:
         raise ValueError('text_encoder=pretrained embeds text_features.')
       return self.text_head(text_features, train)
+    if train and self.word_dropout:
+      # Each word of each review read with probability 1 - word_dropout:
+      # the mean of the rest (Iyyer et al. 2015) keeps the model from
+      # tying an album to one review's exact words.
+      keep = jax.random.bernoulli(self.make_rng('dropout'),
+                                  1.0 - self.word_dropout, tokens.shape)
+      return self.text_head(
+          self.text_features(tokens, lengths, table, packed, keep=keep),
+          train)
     return self.text_head(
         self.text_features(tokens, lengths, table, packed), train)
 
@@ -314,7 +332,9 @@ def build(model_config, vocab_size: int, bn_axis_name: str | None = None
                    linear=model_config.linear,
                    batch_norm=model_config.batch_norm,
                    bn_axis_name=bn_axis_name,
-                   pooling=model_config.get('pooling', 'mean'))
+                   pooling=model_config.get('pooling', 'mean'),
+                   dropout=model_config.get('dropout', 0.0),
+                   word_dropout=model_config.get('word_dropout', 0.0))
 
 
 def album_tracks(config: ml_collections.ConfigDict) -> int:

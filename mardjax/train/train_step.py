@@ -208,6 +208,10 @@ def compute_loss(audio: jax.Array, text: jax.Array, album: jax.Array,
       gather=gather)
 
 
+# Dropout's keys: the step key folded with this, apart from the loss's draws.
+_DROPOUT_STREAM = 0x5D
+
+
 def all_finite(tree) -> jax.Array:
   """() bool: every element of every array of `tree` is finite."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
@@ -290,7 +294,8 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
       variables['batch_stats'] = state.batch_stats
     out, updates = state.apply_fn(
         variables, audio=batch['audio'], lengths=batch['lengths'], train=True,
-        text_table=rows, mutable=['batch_stats'] if has_bn else [], **text)
+        text_table=rows, mutable=['batch_stats'] if has_bn else [],
+        rngs={'dropout': jax.random.fold_in(key, _DROPOUT_STREAM)}, **text)
     loss, terms = compute_loss(out['audio'], out['text'], batch['album'], key,
                                loss_config, axis_name)
     return loss, (terms, updates)
