@@ -2,7 +2,8 @@
 the baselines, write the table beside the paper's.
 
 Rows are the configs in `configs/table1/`, each the default config with only
-what differs changed. Every row trains on the same data (the `data` section
+what differs changed, then `configs/best.py` (the project's recipe, which
+keeps its own optimiser, schedule and loss). Every row trains on the same data (the `data` section
 and seed of the config given to launch.py) for `config.ablate.num_steps`
 steps (a budget: small on a CPU, the paper's 200 epochs on a GPU with
 `--config.ablate.num_steps=0`, which keeps each row's own epoch count), and
@@ -62,6 +63,10 @@ ROWS = (
     ('infonce', 'configs.table1.infonce',
      dict(bert=False, lstm=False, nonlinear=True, bidirectional=True,
           sampling=True, loss='infonce'), None),
+    # The project's recipe (configs/best.py), beyond the paper.
+    ('best', 'configs.best',
+     dict(bert=False, lstm=False, nonlinear=True, bidirectional=True,
+          sampling=True), None),
 )
 # The paper's CCA figures (its own training data, 10,000 albums).
 PAPER_CCA = {'cca-50': (1.77, 5.74, 8.87), 'cca-100': (2.54, 6.90, 9.74)}
