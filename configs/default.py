@@ -104,6 +104,9 @@ def get_config():
   # Adam, several times faster at 60k words on CPUs); 'dense' is plain Adam
   # on all (faster on GPUs); 'auto' picks by backend (README: Training).
   config.train.embedding_update = 'auto'
+  # Products and activations: 'float32' or 'bfloat16' (parameters,
+  # optimizer state and the loss's distances stay float32).
+  config.train.compute_dtype = 'float32'
   config.train.vocab_bucket = 1024  # Lazy: distinct ids padded to a multiple.
   # Where each step's batch is built: 'device' (the data copied to the device
   # once, indices sent per step; dense mean encoder on one device), 'host',

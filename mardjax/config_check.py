@@ -128,6 +128,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'train.embedding_update', EMBEDDING_UPDATES)
   _choice(config, 'train.batch_assembly', BATCH_ASSEMBLY)
   _choice(config, 'train.lr_scaling', LR_SCALING)
+  _choice(config, 'train.compute_dtype', ('float32', 'bfloat16'))
   _choice(config, 'train.lr_schedule', LR_SCHEDULES)
   _choice(config, 'eval.split', EVAL_SPLITS)
   _choice(config, 'export.index', search_index.KINDS)

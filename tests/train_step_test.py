@@ -215,3 +215,47 @@ def test_learning_rate_schedule_warmup_scaling_and_cosine():
   # The default is the paper's constant rate.
   plain = train_step.learning_rate_schedule(test_config.get_config())
   assert float(plain(0)) == float(plain(10 ** 6)) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize('encoder,embedding_update', [
+    ('mean', 'dense'), ('mean', 'lazy'), ('lstm', 'lazy')])
+def test_bfloat16_compute_trains_with_float32_state(encoder,
+                                                    embedding_update):
+  """bfloat16 products: parameters and optimizer moments stay float32, the
+  embeddings are float32 and close to the float32 model's, and the loss
+  falls as in float32."""
+  config, batch = _setup(True, 'all', gather=False,
+                         embedding_update=embedding_update)
+  config.model.text_encoder = encoder
+  config.train.learning_rate = 1e-2
+  losses = {}
+  for name in ('float32', 'bfloat16'):
+    config.train.compute_dtype = name
+    model = two_branch.build(config.model, vocab_size=40,
+                             dtype=train_step.compute_dtype(config))
+    state = train_step.create_state(model, config, jax.random.PRNGKey(0),
+                                    {k: v[:4] for k, v in batch.items()})
+    if name == 'bfloat16':
+      plain = model.clone(dtype=np.float32)
+      variables = {'params': state.params, 'batch_stats': state.batch_stats}
+      inputs = dict(audio=batch['audio'], tokens=batch['tokens'],
+                    lengths=batch['lengths'])
+      low, high = model.apply(variables, **inputs), plain.apply(
+          variables, **inputs)
+      for k in ('audio', 'text'):
+        assert low[k].dtype == np.float32
+        np.testing.assert_allclose(low[k], high[k], atol=0.05)
+    step = train_step.single_device_step(config.loss)
+    prepared = _prepare(state, batch, 1)
+    history = []
+    for _ in range(15):
+      state, m = step(state, prepared, jax.random.PRNGKey(0))
+      history.append(float(m['loss']))
+    assert all(np.isfinite(history)) and history[-1] < history[0]
+    for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state,
+                                          state.embed_opt)):
+      if hasattr(leaf, 'dtype') and np.issubdtype(leaf.dtype, np.floating):
+        assert leaf.dtype == np.float32
+    losses[name] = history
+  np.testing.assert_allclose(losses['bfloat16'][-1], losses['float32'][-1],
+                             rtol=0.2)

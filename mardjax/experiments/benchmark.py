@@ -120,7 +120,8 @@ def train_step_throughput(config, encoder: str, steps: int,
   batch = {'audio': rng.normal(size=(b, dim)).astype(np.float32),
            'tokens': tokens, 'lengths': lengths,
            'album': np.repeat(np.arange(b // 2), 2)[:b].astype(np.int32)}
-  model = two_branch.build(config.model, vocab_size)
+  model = two_branch.build(config.model, vocab_size,
+                           dtype=train_step.compute_dtype(config))
 
   def prepare(state, batch):
     one = train_step.prepare_batch(state, {k: v[None] for k, v in

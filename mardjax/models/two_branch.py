@@ -54,21 +54,26 @@ class Head(nn.Module):
   batch_norm: bool = False
   bn_axis_name: str | None = None
   dropout: float = 0.0  # On the hidden layer, in training.
+  dtype: Any = jnp.float32  # Of the products and activations.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if not self.linear:
-      x = nn.relu(nn.Dense(self.hidden_dim, name='hidden')(x))
+      x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype,
+                           name='hidden')(x))
       if self.dropout:
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
     # BatchNorm subtracts the mean, so a bias before it would only collect
     # round-off (which Adam then amplifies into real updates).
-    x = nn.Dense(self.embed_dim, use_bias=not self.batch_norm, name='out')(x)
+    x = nn.Dense(self.embed_dim, use_bias=not self.batch_norm,
+                 dtype=self.dtype, name='out')(x)
     if self.batch_norm:
+      # Statistics in float32 whatever the dtype (flax promotes them).
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                        axis_name=self.bn_axis_name if train else None,
-                       name='bn')(x)
-    return l2_normalize(x)
+                       dtype=self.dtype, name='bn')(x)
+    # The loss's distances are float32 whatever the compute dtype.
+    return l2_normalize(x.astype(jnp.float32))
 
 
 class LSTMDirection(nn.Module):
@@ -83,6 +88,7 @@ class LSTMDirection(nn.Module):
   """
   hidden: int
   reverse: bool
+  dtype: Any = jnp.float32  # Of the products and the recurrence.
 
   @nn.compact
   def __call__(self, x: jax.Array, resets: jax.Array) -> jax.Array:
@@ -92,9 +98,10 @@ class LSTMDirection(nn.Module):
                     (x.shape[-1], 4 * h_dim))
     wh = self.param('wh', nn.initializers.orthogonal(), (h_dim, 4 * h_dim))
     bias = self.param('bias', nn.initializers.zeros, (4 * h_dim,))
-    proj = x @ wi + bias
-    keep = 1.0 - resets.astype(x.dtype)[..., None]
-    return lstm.recurrence(proj, keep, wh, self.reverse)
+    dt = self.dtype
+    proj = x.astype(dt) @ wi.astype(dt) + bias.astype(dt)
+    keep = 1.0 - resets.astype(dt)[..., None]
+    return lstm.recurrence(proj, keep, wh.astype(dt), self.reverse)
 
 
 def padded_layout(lengths: jax.Array, max_len: int
@@ -135,6 +142,7 @@ class MeanEncoder(nn.Module):
   word_dim: int
   lstm_dim: int = 0  # Unused: every encoder takes the same fields.
   weighted: bool = False
+  dtype: Any = jnp.float32  # Of the pooling product.
 
   @nn.compact
   def __call__(self, tokens: jax.Array, lengths: jax.Array | None,
@@ -158,12 +166,13 @@ class MeanEncoder(nn.Module):
     else:
       weights = mask / jnp.maximum(mask.sum(1, keepdims=True), 1)
       vectors = table
+    vectors = vectors.astype(self.dtype)
     if lookup:
       emb = jnp.take(vectors, tokens, axis=0)
       return jnp.einsum('bld,bl->bd', emb, weights.astype(emb.dtype))
-    bag = jnp.zeros((tokens.shape[0], table.shape[0]), table.dtype)
+    bag = jnp.zeros((tokens.shape[0], table.shape[0]), self.dtype)
     bag = bag.at[jnp.arange(tokens.shape[0])[:, None], tokens].add(
-        weights.astype(table.dtype))
+        weights.astype(self.dtype))
     return bag @ vectors
 
 
@@ -197,6 +206,7 @@ class BiLSTMEncoder(nn.Module):
   vocab_size: int
   word_dim: int
   lstm_dim: int
+  dtype: Any = jnp.float32  # Of the products and the recurrence.
 
   @nn.compact
   def __call__(self, tokens: jax.Array, lengths: jax.Array | None,
@@ -209,10 +219,10 @@ class BiLSTMEncoder(nn.Module):
       emb = jnp.take(table, tokens, axis=0)
     if packed is None:
       packed = padded_layout(lengths, tokens.shape[0])
-    fwd = LSTMDirection(self.lstm_dim, reverse=False, name='fwd')(
-        emb, packed['starts'].T)
-    bwd = LSTMDirection(self.lstm_dim, reverse=True, name='bwd')(
-        emb, packed['ends'].T)
+    fwd = LSTMDirection(self.lstm_dim, reverse=False, dtype=self.dtype,
+                        name='fwd')(emb, packed['starts'].T)
+    bwd = LSTMDirection(self.lstm_dim, reverse=True, dtype=self.dtype,
+                        name='bwd')(emb, packed['ends'].T)
     last, first = packed['last'], packed['first']  # (row, position)
     return jnp.concatenate([fwd[last[:, 1], last[:, 0]],
                             bwd[first[:, 1], first[:, 0]]], -1)
@@ -241,11 +251,15 @@ class TwoBranch(nn.Module):
   pooling: str = 'mean'  # Mean encoder: 'mean' or 'idf' (weighted).
   dropout: float = 0.0  # Heads' hidden layers, in training.
   word_dropout: float = 0.0  # Mean encoder: words dropped in training.
+  # Products and activations (`train.compute_dtype`); parameters, their
+  # optimizer state and the embeddings the loss reads stay float32.
+  dtype: Any = jnp.float32
 
   def setup(self):
     head = dict(hidden_dim=self.hidden_dim, embed_dim=self.embed_dim,
                 linear=self.linear, batch_norm=self.batch_norm,
-                bn_axis_name=self.bn_axis_name, dropout=self.dropout)
+                bn_axis_name=self.bn_axis_name, dropout=self.dropout,
+                dtype=self.dtype)
     self.audio_head = Head(**head)
     self.text_head = Head(**head)
     encoder = TEXT_ENCODERS[self.text_encoder]
@@ -253,9 +267,11 @@ class TwoBranch(nn.Module):
       weighted = {'weighted': True} if self.pooling == 'idf' else {}
       self.text_features = encoder(vocab_size=self.vocab_size,
                                    word_dim=self.word_dim,
-                                   lstm_dim=self.lstm_dim, **weighted)
+                                   lstm_dim=self.lstm_dim, dtype=self.dtype,
+                                   **weighted)
     if self.audio_encoder == 'album_lstm':
-      self.album_rnn = nn.RNN(nn.OptimizedLSTMCell(self.lstm_dim),
+      self.album_rnn = nn.RNN(nn.OptimizedLSTMCell(self.lstm_dim,
+                                                   dtype=self.dtype),
                               return_carry=True)
 
   def embed_audio(self, audio: jax.Array, train: bool = False,
@@ -312,9 +328,11 @@ class TwoBranch(nn.Module):
     return out
 
 
-def build(model_config, vocab_size: int, bn_axis_name: str | None = None
-          ) -> TwoBranch:
-  """The model a config describes (fields: see configs/default.py)."""
+def build(model_config, vocab_size: int, bn_axis_name: str | None = None,
+          dtype: Any = jnp.float32) -> TwoBranch:
+  """The model a config describes (fields: see configs/default.py),
+  computing in `dtype` (training's `train.compute_dtype`; inference
+  computes in float32)."""
   if model_config.text_encoder not in TEXT_ENCODERS:
     raise ValueError(f'config.model.text_encoder={model_config.text_encoder!r}'
                      f': choose from {tuple(TEXT_ENCODERS)}.')
@@ -334,7 +352,8 @@ def build(model_config, vocab_size: int, bn_axis_name: str | None = None
                    bn_axis_name=bn_axis_name,
                    pooling=model_config.get('pooling', 'mean'),
                    dropout=model_config.get('dropout', 0.0),
-                   word_dropout=model_config.get('word_dropout', 0.0))
+                   word_dropout=model_config.get('word_dropout', 0.0),
+                   dtype=dtype)
 
 
 def album_tracks(config: ml_collections.ConfigDict) -> int:
@@ -345,7 +364,8 @@ def album_tracks(config: ml_collections.ConfigDict) -> int:
 
 def from_manifest(config: ml_collections.ConfigDict,
                   manifest: manifest_lib.Manifest,
-                  bn_axis_name: str | None = None) -> TwoBranch:
+                  bn_axis_name: str | None = None,
+                  dtype: Any = jnp.float32) -> TwoBranch:
   """The configured model for the data of `manifest` (its vocabulary size).
 
   Raises:
@@ -358,7 +378,7 @@ def from_manifest(config: ml_collections.ConfigDict,
         'features, and these records hold none: set '
         'config.data.text_encoder_path to a local Hugging Face model '
         'directory (preprocessing then computes them).')
-  return build(config.model, manifest.vocab.size, bn_axis_name)
+  return build(config.model, manifest.vocab.size, bn_axis_name, dtype)
 
 
 def dummy_inputs(config: ml_collections.ConfigDict,

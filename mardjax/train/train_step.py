@@ -146,6 +146,15 @@ def embedding_update(config: ml_collections.ConfigDict) -> str:
   return AUTO_EMBEDDING_UPDATE.get(jax.default_backend(), 'dense')
 
 
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  """The dtype of training's products and activations
+  (`train.compute_dtype`); parameters and optimizer state stay float32."""
+  return COMPUTE_DTYPES[config.train.compute_dtype]
+
+
 def lazy_embedding(config: ml_collections.ConfigDict, params) -> bool:
   """Whether the embedding table of `params` is trained row-sparse."""
   return (embedding_update(config) == 'lazy'

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -227,7 +228,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
   t = config.train
   parallel = num_devices * process_count > 1
   model = two_branch.from_manifest(
-      config, manifest, bn_axis_name=train_step.AXIS if parallel else None)
+      config, manifest, bn_axis_name=train_step.AXIS if parallel else None,
+      dtype=train_step.compute_dtype(config))
 
   assembly = batch_assembly(config, parallel, data)
   order = dict(batch_size=t.batch_size // process_count,
@@ -259,7 +261,10 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
       config=config, workdir=workdir, manifest=manifest, model=model,
       state=state, batches=indices if assembly == 'device' else batches,
       step_fn=None,
-      evaluator=make_evaluator(config, model, manifest, audio),
+      # Evaluated in float32 whatever the training dtype, so that dev
+      # figures compare across runs.
+      evaluator=make_evaluator(config, model.clone(dtype=jnp.float32),
+                               manifest, audio),
       ckpt=checkpoints.Checkpoints(
           os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
           t.keep_checkpoints),
