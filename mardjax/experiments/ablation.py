@@ -286,9 +286,13 @@ def _write(results: list[dict[str, Any]], workdir: str,
       f'# Table 1 on {"synthetic" if not config.data.mard_dir else "MARD"} '
       f'data: {split} review -> album recall (%)',
       '',
-      f'Budget: {config.ablate.num_steps or "each row’s own"} steps per row, '
-      f'batch {config.train.batch_size}; each row\'s model is its best dev '
-      f'evaluation (step in `model step`), measured on the {split} split '
+      f'Budget: {config.ablate.num_steps or "each row’s own"} steps per row'
+      + (f' ({config.ablate.row_steps})' if config.ablate.row_steps else '')
+      + (f', stopping after {config.train.early_stop_patience} evaluations '
+         f'without a better dev R@10' if config.train.early_stop_patience
+         else '')
+      + f', batch {config.train.batch_size}; each row\'s model is its best '
+      f'dev evaluation (step in `model step`), measured on the {split} split '
       'with a 95% bootstrap interval of R@10; paper figures from its '
       'Table 1 (real MARD, 200 epochs).',
       '',
