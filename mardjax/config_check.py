@@ -57,6 +57,12 @@ def _at_least(low) -> Callable[[Any], bool]:
   return lambda x: _finite(x) and x >= low
 
 
+def _fraction(top_included: bool) -> Callable[[Any], bool]:
+  """0 <= x <= 1, or 0 <= x < 1."""
+  return lambda x: _finite(x) and 0 <= x and (x <= 1 if top_included
+                                              else x < 1)
+
+
 # Numeric fields every mode relies on: (field, test, what it must be).
 _RANGES = (
     ('model.word_dim', _at_least(1), 'at least 1'),
@@ -64,9 +70,8 @@ _RANGES = (
     ('model.embed_dim', _at_least(1), 'at least 1'),
     ('model.lstm_dim', _at_least(1), 'at least 1'),
     ('model.max_tracks', _at_least(1), 'at least 1'),
-    ('model.dropout', lambda x: _finite(x) and 0 <= x < 1, 'in [0, 1)'),
-    ('model.word_dropout', lambda x: _finite(x) and 0 <= x < 1,
-     'in [0, 1)'),
+    ('model.dropout', _fraction(False), 'in [0, 1)'),
+    ('model.word_dropout', _fraction(False), 'in [0, 1)'),
     ('loss.margin', _at_least(0), 'a finite number >= 0'),
     ('loss.temperature', _positive, 'a finite number > 0'),
     ('loss.sigmoid_bias', _finite, 'a finite number'),
@@ -74,8 +79,7 @@ _RANGES = (
     ('train.learning_rate', _positive, 'a finite number > 0'),
     ('train.lr_base_batch', _at_least(1), 'at least 1'),
     ('train.warmup_steps', _at_least(0), 'a whole number >= 0'),
-    ('train.lr_final_fraction', lambda x: _finite(x) and 0 <= x <= 1,
-     'a number in [0, 1]'),
+    ('train.lr_final_fraction', _fraction(True), 'a number in [0, 1]'),
     ('train.early_stop_patience', _at_least(0),
      'a whole number >= 0 (0: never stop early)'),
     ('train.num_steps', _at_least(0), 'a whole number >= 0'),

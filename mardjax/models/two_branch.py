@@ -350,9 +350,9 @@ def build(model_config, vocab_size: int, bn_axis_name: str | None = None,
                    linear=model_config.linear,
                    batch_norm=model_config.batch_norm,
                    bn_axis_name=bn_axis_name,
-                   pooling=model_config.get('pooling', 'mean'),
-                   dropout=model_config.get('dropout', 0.0),
-                   word_dropout=model_config.get('word_dropout', 0.0),
+                   pooling=model_config.pooling,
+                   dropout=model_config.dropout,
+                   word_dropout=model_config.word_dropout,
                    dtype=dtype)
 
 

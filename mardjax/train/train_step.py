@@ -86,25 +86,21 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   return optax.constant_schedule(peak)
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   num_steps: int | None = None
-                   ) -> optax.GradientTransformation:
-  """optax Adam on `learning_rate_schedule` (paper: constant 1e-3)."""
-  return optax.adam(learning_rate_schedule(config, num_steps))
-
-
 def create_state(model: nn.Module, config: ml_collections.ConfigDict,
                  rng: jax.Array, sample: dict[str, np.ndarray],
                  num_steps: int | None = None) -> TrainState:
-  """Initialises parameters from one (per-device) sample batch; `num_steps`
-  (the run's length) is needed by decaying learning-rate schedules."""
+  """Initialises parameters from one (per-device) sample batch; optax Adam
+  on `learning_rate_schedule` (paper: constant 1e-3), whose decaying forms
+  need `num_steps` (the run's length). Lazy embedding updates read the same
+  schedule."""
   variables = model.init(rng, audio=sample['audio'], tokens=sample['tokens'],
                          lengths=sample['lengths'],
                          text_features=sample.get('text_features'),
                          num_tracks=sample.get('num_tracks'), train=False)
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
-  tx = make_optimizer(config, num_steps)
+  schedule = learning_rate_schedule(config, num_steps)
+  tx = optax.adam(schedule)
   if not lazy_embedding(config, params):
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                              batch_stats=batch_stats)
@@ -113,9 +109,8 @@ def create_state(model: nn.Module, config: ml_collections.ConfigDict,
       step=0, apply_fn=model.apply, params=params, tx=tx,
       opt_state=tx.init(rest), batch_stats=batch_stats,
       embed_opt=sparse_embedding.init(table),
-      embed_tx=functools.partial(
-          sparse_embedding.lazy_adam,
-          learning_rate=learning_rate_schedule(config, num_steps)))
+      embed_tx=functools.partial(sparse_embedding.lazy_adam,
+                                 learning_rate=schedule))
 
 
 def set_word_scores(state: TrainState, scores: np.ndarray) -> TrainState:
