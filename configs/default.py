@@ -118,6 +118,11 @@ def get_config():
   # LSTM encoder: reviews packed end to end into rows of max_len, so the
   # LSTM skips padding; rows rounded up to a multiple of this (0: padded).
   config.train.lstm_pack_rows = 8
+  # Mean encoder, dense update: training reads only the batch's real tokens,
+  # end to end (no padding); their count is rounded up to a multiple of this
+  # (few sizes to compile: at batch 128 nearly every batch is 16,384), 0:
+  # the padded (batch, max_len) layout.
+  config.train.token_bucket = 4096
   # Length of training: num_steps when > 0, else num_epochs over the
   # training reviews (paper: 200 epochs).
   config.train.num_steps = 0

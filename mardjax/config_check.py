@@ -91,6 +91,7 @@ _RANGES = (
      'at least 1 (a run keeps a checkpoint to resume from)'),
     ('train.vocab_bucket', _at_least(1), 'at least 1'),
     ('train.lstm_pack_rows', _at_least(0), 'at least 0'),
+    ('train.token_bucket', _at_least(0), 'at least 0'),
     ('train.steps_per_dispatch', _at_least(0), 'at least 0 (0: auto)'),
     ('eval.bootstrap', _at_least(0), 'at least 0'),
     ('eval.train_sample', _at_least(0), 'at least 0 (0: off)'),

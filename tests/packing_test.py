@@ -136,3 +136,38 @@ def test_packed_lazy_step_equals_padded_dense_step():
   for x, y in zip(jax.tree_util.tree_leaves(lazy.params),
                   jax.tree_util.tree_leaves(dense.params)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_flat_review_layout_by_hand():
+  lengths = np.asarray([[2, 0, 3], [1, 1, 0]], np.int32)
+  out = packing.flat_review(lengths, bucket=4)
+  # Device 0 has 5 real tokens, device 1 two: T = 8 for both; 3 = padding.
+  np.testing.assert_array_equal(out, [[0, 0, 2, 2, 2, 3, 3, 3],
+                                      [0, 1, 3, 3, 3, 3, 3, 3]])
+  assert packing.flat_size(0, 4) == 4 and packing.flat_size(9, 4) == 12
+
+
+@pytest.mark.parametrize('weighted,dropout,lazy', [
+    (False, False, False), (False, True, True), (True, True, False),
+    (True, False, True)])
+def test_flat_mean_features_equal_padded(weighted, dropout, lazy):
+  """The flat layout's segment sum over real tokens = the padded layout's
+  masked mean (gather, or bag-of-words product over table rows), with IDF
+  weights and a word-dropout mask too."""
+  tokens, lengths = _reviews(4)
+  enc = two_branch.MeanEncoder(vocab_size=30, word_dim=5, weighted=weighted)
+  params = enc.init(jax.random.PRNGKey(0), tokens, lengths)
+  keep = (np.random.default_rng(1).random(tokens.shape) < 0.6
+          if dropout else None)
+  table = None
+  if lazy:
+    ids, slots = np.unique(tokens, return_inverse=True)
+    table = params['params']['embed']['embedding'][ids]
+    tokens = slots.reshape(tokens.shape).astype(np.int32)
+  flat = packing.flat_review(lengths[None], bucket=16)[0]
+  assert flat.shape[0] > lengths.sum()  # Padding positions are ignored.
+  padded = enc.apply(params, tokens, lengths, table, keep=keep)
+  got = enc.apply(params, tokens, lengths, table, keep=keep,
+                  flat_review=flat)
+  np.testing.assert_allclose(got, padded, rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(got[1])).max() == 0  # The empty review.

@@ -69,14 +69,16 @@ def test_lazy_adam_leaves_other_rows_alone():
                              -0.1 * np.sign(g[:2]), rtol=1e-4)
 
 
-@pytest.mark.parametrize('encoder,pooling,warmup', [
-    ('mean', 'mean', 0), ('lstm', 'mean', 0), ('mean', 'idf', 3)])
-def test_lazy_step_equals_dense_step(encoder, pooling, warmup):
+@pytest.mark.parametrize('encoder,pooling,warmup,token_bucket', [
+    ('mean', 'mean', 0, 0), ('mean', 'mean', 0, 16), ('lstm', 'mean', 0, 0),
+    ('mean', 'idf', 3, 16)])
+def test_lazy_step_equals_dense_step(encoder, pooling, warmup, token_bucket):
   """From the same state, one lazy step = one dense Adam step (rows unused by
   the batch have zero gradient and zero moments, so dense Adam leaves them
   alone too); a second step on the same rows agrees as well, also with
   the IDF-weighted mean (its word scores are the table's last column) and
-  a warmup schedule (both updates read the same step's learning rate)."""
+  a warmup schedule (both updates read the same step's learning rate), and
+  on the mean encoder's flat layout (token_bucket > 0) as on the padded."""
   config = test_config.get_config()
   config.model.text_encoder = encoder
   config.model.pooling = pooling
@@ -97,7 +99,9 @@ def test_lazy_step_equals_dense_step(encoder, pooling, warmup):
     state = train_step.create_state(model, config, jax.random.PRNGKey(0),
                                     batch)
     prepared = train_step.prepare_batch(
-        state, {k: v[None] for k, v in batch.items()}, vocab_bucket=4)
+        state, {k: v[None] for k, v in batch.items()}, vocab_bucket=4,
+        token_bucket=token_bucket)
+    assert ('flat_review' in prepared) == bool(token_bucket)
     prepared = {k: v[0] for k, v in prepared.items()}
     step = train_step.single_device_step(config.loss)
     key = jax.random.PRNGKey(1)

@@ -144,11 +144,15 @@ def test_device_assembly_matches_the_host_batches(tiny_records):
       np.testing.assert_array_equal(np.asarray(got[k]), batch[k][0])
 
 
-def test_index_step_equals_the_host_step(tiny_records):
+@pytest.mark.parametrize('token_bucket', [0, 64])
+def test_index_step_equals_the_host_step(tiny_records, token_bucket):
+  """Batches assembled on the device train exactly as the host's, on the
+  padded and on the flat layout (whose size the host sends, static)."""
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   manifest, audio, reviews = _tables(tiny_records)
   config = test_config.get_config()
   config.train.embedding_update = 'dense'
+  config.train.token_bucket = token_bucket
   kw = dict(batch_size=16, num_devices=1, seed=0, neighbourhood=True,
             reviews_per_album=2)
   (_, first), = [next(input_pipeline.train_batches(reviews, audio,
@@ -166,8 +170,17 @@ def test_index_step_equals_the_host_step(tiny_records):
   for (_, batch), (_, idx) in zip(
       input_pipeline.train_batches(reviews, audio, max_len=64, **kw),
       input_pipeline.train_indices(reviews, audio, **kw)):
-    a, ma = host_step(a, {k: v[0] for k, v in batch.items()}, key)
-    b, mb = index_step(b, tables, idx['rows'][0], idx['tracks'][0], key)
+    prepared = train_step.prepare_batch(
+        a, batch, 4, token_bucket=train_step.mean_token_bucket(config))
+    a, ma = host_step(a, {k: v[0] for k, v in prepared.items()}, key)
+    size = (prepared['flat_review'].shape[1] if token_bucket else 0)
+    assembled = train_step.assemble(tables, idx['rows'][0],
+                                    idx['tracks'][0], 64, size)
+    if token_bucket:
+      np.testing.assert_array_equal(np.asarray(assembled['flat_review']),
+                                    prepared['flat_review'][0])
+    b, mb = index_step(b, tables, idx['rows'][0], idx['tracks'][0], key,
+                       size)
     if int(a.step) == 4:
       break
   assert float(ma['loss']) == float(mb['loss'])

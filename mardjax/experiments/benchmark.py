@@ -127,7 +127,9 @@ def train_step_throughput(config, encoder: str, steps: int,
     one = train_step.prepare_batch(state, {k: v[None] for k, v in
                                            batch.items()},
                                    config.train.vocab_bucket,
-                                   train_step.lstm_pack_rows(config))
+                                   train_step.lstm_pack_rows(config),
+                                   token_bucket=train_step.mean_token_bucket(
+                                       config))
     return {k: v[0] for k, v in one.items()}
 
   state = train_step.create_state(model, config, jax.random.PRNGKey(0), batch)

@@ -136,9 +136,10 @@ def run(config, workdir: str) -> dict[str, Any]:
       'epoch_s': round(epoch_s, 1),
       'projected_200_epochs_s': round(200 * epoch_s, 1),
       'loop_s': seconds['loop'],
-      'eval_share': round(seconds.get('eval', 0.0) / seconds['loop'], 3),
+      # Within the loop (step 0's evaluation comes before it).
+      'eval_share': round(seconds['loop_eval'] / seconds['loop'], 3),
       'checkpoint_share': round(
-          seconds.get('checkpoint', 0.0) / seconds['loop'], 3),
+          seconds['loop_checkpoint'] / seconds['loop'], 3),
       'evaluations': len(metrics['history']),
       'setup_s': round(total_s - seconds['loop'], 1),
       'generate_s': round(generate_s, 1)}

@@ -135,8 +135,11 @@ class MeanEncoder(nn.Module):
 
   With `table` (U, D) given, `tokens` are indices into it instead of word ids
   and the module's own embedding is not used (row-sparse training,
-  `mardjax.train.sparse_embedding`): a (B, U) bag-of-words product that
-  builds no (B, L, D) array, forward or backward. The features are the same.
+  `mardjax.train.sparse_embedding`). With `flat_review` (T,) (training,
+  `mardjax.train.packing.flat_review`) only the real tokens are gathered
+  and summed per review (a segment sum over T positions); otherwise a
+  padded batch is a (B, L, D) gather, or with `table` a (B, U)
+  bag-of-words product. The features are the same.
   """
   vocab_size: int
   word_dim: int
@@ -148,7 +151,8 @@ class MeanEncoder(nn.Module):
   def __call__(self, tokens: jax.Array, lengths: jax.Array | None,
                table: jax.Array | None = None,
                packed: dict[str, jax.Array] | None = None,
-               keep: jax.Array | None = None) -> jax.Array:
+               keep: jax.Array | None = None,
+               flat_review: jax.Array | None = None) -> jax.Array:
     """`keep` (B, L) bool: the words read (word dropout); None: all."""
     if packed is not None:
       raise ValueError('Only the lstm text encoder reads packed reviews.')
@@ -167,6 +171,8 @@ class MeanEncoder(nn.Module):
       weights = mask / jnp.maximum(mask.sum(1, keepdims=True), 1)
       vectors = table
     vectors = vectors.astype(self.dtype)
+    if flat_review is not None:
+      return _flat_sum(vectors, tokens, lengths, weights, flat_review)
     if lookup:
       emb = jnp.take(vectors, tokens, axis=0)
       return jnp.einsum('bld,bl->bd', emb, weights.astype(emb.dtype))
@@ -174,6 +180,28 @@ class MeanEncoder(nn.Module):
     bag = bag.at[jnp.arange(tokens.shape[0])[:, None], tokens].add(
         weights.astype(self.dtype))
     return bag @ vectors
+
+
+def _flat_sum(vectors: jax.Array, tokens: jax.Array, lengths: jax.Array,
+              weights: jax.Array, flat_review: jax.Array) -> jax.Array:
+  """(B, D): sum over each review's real tokens of weight * vector.
+
+  Args:
+    vectors: (V or U, D) rows the tokens index.
+    tokens, weights: (B, L) padded tokens and their weights.
+    lengths: (B,) true lengths, the ones `flat_review` was made from.
+    flat_review: (T,) the review of each flat position, B past the end.
+  """
+  b, length = tokens.shape
+  review = jnp.minimum(flat_review, b - 1)
+  lengths = jnp.minimum(lengths, length)
+  starts = jnp.cumsum(lengths) - lengths
+  pos = jnp.clip(jnp.arange(flat_review.shape[0]) - starts[review], 0,
+                 length - 1)
+  w = jnp.where(flat_review < b, weights[review, pos], 0.0)
+  rows = jnp.take(vectors, tokens[review, pos], axis=0)
+  return jax.ops.segment_sum(rows * w[:, None].astype(rows.dtype), review,
+                             num_segments=b, indices_are_sorted=True)
 
 
 def _softmax_weights(scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -289,27 +317,32 @@ class TwoBranch(nn.Module):
                  text_features: jax.Array | None = None,
                  train: bool = False,
                  table: jax.Array | None = None,
-                 packed: dict[str, jax.Array] | None = None) -> jax.Array:
+                 packed: dict[str, jax.Array] | None = None,
+                 flat_review: jax.Array | None = None) -> jax.Array:
     """tokens (B, L) + lengths (B,), or text_features (B, F) -> (B, E).
 
     `table` (U, D): tokens index these rows instead of the embedding table;
-    `packed`: tokens are packed rows (see TextEncoder).
+    `packed`: tokens are packed rows (BiLSTMEncoder); `flat_review` (T,):
+    the mean encoder reads only the real tokens (MeanEncoder).
     """
     if TEXT_ENCODERS[self.text_encoder] is None:
       if text_features is None:
         raise ValueError('text_encoder=pretrained embeds text_features.')
       return self.text_head(text_features, train)
+    extra = {}
+    if flat_review is not None:
+      if self.text_encoder != 'mean':
+        raise ValueError('Only the mean text encoder reads the flat layout.')
+      extra['flat_review'] = flat_review
     if train and self.word_dropout:
       # Each word of each review read with probability 1 - word_dropout:
       # the mean of the rest (Iyyer et al. 2015) keeps the model from
       # tying an album to one review's exact words.
-      keep = jax.random.bernoulli(self.make_rng('dropout'),
-                                  1.0 - self.word_dropout, tokens.shape)
-      return self.text_head(
-          self.text_features(tokens, lengths, table, packed, keep=keep),
-          train)
+      extra['keep'] = jax.random.bernoulli(self.make_rng('dropout'),
+                                           1.0 - self.word_dropout,
+                                           tokens.shape)
     return self.text_head(
-        self.text_features(tokens, lengths, table, packed), train)
+        self.text_features(tokens, lengths, table, packed, **extra), train)
 
   def __call__(self, audio: jax.Array | None = None,
                tokens: jax.Array | None = None,
@@ -318,13 +351,14 @@ class TwoBranch(nn.Module):
                num_tracks: jax.Array | None = None,
                train: bool = False,
                text_table: jax.Array | None = None,
-               packed: dict[str, jax.Array] | None = None) -> dict[str, Any]:
+               packed: dict[str, jax.Array] | None = None,
+               flat_review: jax.Array | None = None) -> dict[str, Any]:
     out = {}
     if audio is not None:
       out['audio'] = self.embed_audio(audio, train, num_tracks)
     if tokens is not None or text_features is not None:
       out['text'] = self.embed_text(tokens, lengths, text_features, train,
-                                    text_table, packed)
+                                    text_table, packed, flat_review)
     return out
 
 

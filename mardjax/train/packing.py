@@ -86,3 +86,43 @@ def pack(tokens: np.ndarray, lengths: np.ndarray, rows_multiple: int,
     out['first'][i] = np.stack([row, start], 1)
     out['last'][i] = np.stack([row, start + n - 1], 1)
   return out
+
+
+def flat_review(lengths: np.ndarray, bucket: int,
+                size_max: Callable[[int], int] | None = None) -> np.ndarray:
+  """The flat layout of the mean encoder: every real token of a batch end
+  to end, no padding.
+
+  Review i's tokens are flat positions [sum(lengths[:i]), sum(lengths[:i+1]));
+  the layout is the review of each position, so the encoder gathers and
+  sums only real tokens (`two_branch.MeanEncoder`) where the padded
+  (B, max_len) layout, mostly padding at MARD's lengths, would cost for
+  every position.
+
+  Args:
+    lengths: (D, B) true lengths (0 allowed), D devices.
+    bucket: the flat size T (the same on every device) is rounded up to a
+      multiple of this, so that only a few shapes are compiled.
+    size_max: with several processes, maps this process's size to the
+      largest of any process.
+
+  Returns:
+    (D, T) int32: the review (0..B-1) of each flat position; B past the
+    last real token.
+  """
+  d, b = lengths.shape
+  size = int(lengths.sum(1).max()) if d else 0
+  if size_max is not None:
+    size = size_max(size)
+  size = flat_size(size, bucket)
+  out = np.full((d, size), b, np.int32)
+  for i in range(d):
+    owner = np.repeat(np.arange(b, dtype=np.int32), lengths[i])
+    out[i, :owner.shape[0]] = owner
+  return out
+
+
+def flat_size(tokens: int, bucket: int) -> int:
+  """T of the flat layout of `tokens` real tokens: rounded up to a multiple
+  of `bucket`, at least one bucket."""
+  return max(-(-int(tokens) // bucket) * bucket, bucket)

@@ -36,6 +36,7 @@ from mardjax.data import tables
 from mardjax.errors import UserError
 from mardjax.models import two_branch
 from mardjax.train import checkpoints
+from mardjax.train import packing
 from mardjax.train import train_step
 
 
@@ -181,21 +182,29 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
                                        config.data.max_len)
     one = train_step.index_step(config.loss, config.data.max_len)
     many = train_step.index_steps(config.loss, config.data.max_len)
+    token_bucket = train_step.mean_token_bucket(config)
+    lengths = np.minimum(data.reviews.lengths, config.data.max_len)
+
+    def num_tokens(rows):  # The flat layout's size (static), 0: padded.
+      return packing.flat_size(max(lengths[r].sum() for r in rows),
+                               token_bucket) if token_bucket else 0
 
     def device_fn(s, items, step0, base_key):
+      rows = [x['rows'][0] for x in items]
       if len(items) == 1:
-        return one(s, tables_, items[0]['rows'][0], items[0]['tracks'][0],
-                   jax.random.fold_in(base_key, step0))
-      return many(s, tables_, np.stack([x['rows'][0] for x in items]),
+        return one(s, tables_, rows[0], items[0]['tracks'][0],
+                   jax.random.fold_in(base_key, step0), num_tokens(rows))
+      return many(s, tables_, np.stack(rows),
                   np.stack([x['tracks'][0] for x in items]), base_key,
-                  np.int32(step0))
+                  np.int32(step0), num_tokens(rows))
     return state, device_fn
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
   pack_rows = train_step.lstm_pack_rows(config)
+  token_bucket = train_step.mean_token_bucket(config)
 
   def prepare(s, batch):
     return train_step.prepare_batch(s, batch, t.vocab_bucket, pack_rows,
-                                    sync=sync)
+                                    sync=sync, token_bucket=token_bucket)
   if t.parallelism == 'pmap' or not parallel:
     if parallel:
       fn = train_step.pmap_step(config.loss)
@@ -444,8 +453,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     'model_step' (the step it is from), 'last' (the last evaluation's step
     and recall@K), 'stopped_early', 'steps' (the last step trained),
     'resumed_from', 'best_dev_recall_at_10', 'history', 'params_sha256',
-    'seconds' (wall time of the loop, and of evaluation and checkpointing
-    within it and at step 0) and 'steady_steps_per_s' (the median rate of
+    'seconds' (wall time of the loop; of evaluation and checkpointing in
+    the whole run, step 0's included; 'loop_eval' and 'loop_checkpoint':
+    theirs within the loop) and 'steady_steps_per_s' (the median rate of
     the log windows after the first, which holds compilation; windows with
     an evaluation or a save count as they are).
   """
@@ -457,6 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if run.start_step == 0:
     run.writer.write_hparams(_flatten(config.to_dict()))
     _evaluate(run, 0)
+  before_loop = collections.Counter(run.seconds)
   start = time.perf_counter()
   _loop(run)
   if run.steps > run.start_step:
@@ -471,6 +482,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run.best.close()
   run.seconds['checkpoint'] += time.perf_counter() - closing
   run.seconds['loop'] = time.perf_counter() - start
+  for part in ('eval', 'checkpoint'):  # Their shares of the loop's time.
+    run.seconds[f'loop_{part}'] = run.seconds[part] - before_loop[part]
   run.writer.flush()
   metrics = dict(metrics, model_step=best['step'],
                  last={'step': run.steps, **{k: last[k] for k in (
