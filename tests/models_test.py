@@ -138,3 +138,37 @@ def test_unknown_encoder_is_rejected():
   with pytest.raises(ValueError, match='text_encoder'):
     two_branch.build(cfg, 10)
   assert isinstance(cfg, ml_collections.ConfigDict)
+
+
+def test_batched_embedding_equals_the_model_applied_directly():
+  """embed.reviews (flat layout, fixed size, padded last batch) and
+  embed.albums (per-track embeddings summed per album on the device) give
+  what the model and a numpy mean give on the whole input at once."""
+  from mardjax.data import tables  # pylint: disable=g-import-not-at-top
+  from mardjax.models import embed  # pylint: disable=g-import-not-at-top
+  model = _model(batch_norm=True)
+  rng = np.random.default_rng(5)
+  n, length = 11, 7
+  tokens = rng.integers(2, 50, (n, length)).astype(np.int32)
+  lengths = rng.integers(0, length + 1, n).astype(np.int32)
+  lengths[3] = 0  # An empty review.
+  tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+  counts = np.array([2, 0, 1, 3, 1])  # Album 1 has no tracks.
+  audio = tables.AudioTable(rng.normal(size=(7, 5)).astype(np.float32),
+                            np.concatenate([[0], np.cumsum(counts)[:-1]]),
+                            counts)
+  variables = model.init(jax.random.PRNGKey(0), audio=audio.descriptors,
+                         tokens=tokens, lengths=lengths)
+  want = model.apply(variables, tokens=tokens, lengths=lengths)['text']
+  got = embed.reviews(variables, model, {'tokens': tokens,
+                                         'lengths': lengths}, batch_size=4)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  per_track = np.asarray(model.apply(variables, audio=audio.descriptors)[
+      'audio'])
+  ids, means = audio.album_means(per_track)
+  ids_got, got = embed.albums(variables, model, audio, batch_size=3)
+  np.testing.assert_array_equal(ids_got, [0, 2, 3, 4])
+  np.testing.assert_array_equal(ids, ids_got)
+  np.testing.assert_allclose(
+      got, means / np.linalg.norm(means, axis=1, keepdims=True),
+      rtol=1e-5, atol=1e-6)

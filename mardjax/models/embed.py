@@ -13,10 +13,15 @@ import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mardjax.data import tables
 from mardjax.models import two_branch
+from mardjax.train import packing
+
+# Review embedding's flat size is rounded up to a multiple of this.
+FLAT_BUCKET = 1024
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -38,6 +43,16 @@ def text(model: two_branch.TwoBranch, variables: dict[str, Any],
          tokens: jax.Array, lengths: jax.Array) -> jax.Array:
   """(B, L) token ids + (B,) lengths -> (B, E) unit text embeddings."""
   return model.apply(variables, tokens=tokens, lengths=lengths)['text']
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def text_flat(model: two_branch.TwoBranch, variables: dict[str, Any],
+              tokens: jax.Array, lengths: jax.Array,
+              flat_review: jax.Array) -> jax.Array:
+  """`text` of the mean encoder, reading only the real tokens: the flat
+  layout's (T,) review of each position (`packing.flat_review`)."""
+  return model.apply(variables, tokens=tokens, lengths=lengths,
+                     flat_review=flat_review)['text']
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -67,14 +82,27 @@ def batched(fn: Callable[..., jax.Array], arrays: tuple[np.ndarray, ...],
           np.zeros((0, out_dim), np.float32))
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _album_directions(per_track: jax.Array, album_of_track: jax.Array,
+                      num_albums: int) -> jax.Array:
+  """(N, E) track embeddings, (N,) their albums (sorted) -> (num_albums, E)
+  unit vectors along each album's mean track embedding (the sum's
+  direction is the mean's; an album without tracks gets zeros)."""
+  sums = jax.ops.segment_sum(per_track, album_of_track,
+                             num_segments=num_albums, indices_are_sorted=True)
+  return two_branch.l2_normalize(sums)
+
+
 def albums(variables: dict[str, Any], model: two_branch.TwoBranch,
-           audio_table: tables.AudioTable, batch_size: int = 1024,
+           audio_table: tables.AudioTable, batch_size: int = 4096,
            max_tracks: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Embeds every album that has tracks.
 
-  Track models: the normalised mean of the album's track embeddings. The
-  album LSTM: the model's embedding of the album's first `max_tracks`
-  tracks (required then).
+  Track models: the normalised mean of the album's track embeddings,
+  computed where the tracks were embedded (an evaluation then copies C x E
+  album embeddings to the host, not every track's). The album LSTM: the
+  model's embedding of the album's first `max_tracks` tracks (required
+  then).
 
   Returns:
     (album indices (C,), embeddings (C, E)).
@@ -87,11 +115,22 @@ def albums(variables: dict[str, Any], model: two_branch.TwoBranch,
         lambda a: album_sequences(model, variables,
                                   *audio_table.sequences(a, max_tracks)),
         (album_ids,), 256, model.embed_dim)
-  per_track = batched(functools.partial(audio, model, variables),
-                      (audio_table.descriptors,), batch_size, model.embed_dim)
-  album_ids, means = audio_table.album_means(per_track)
-  return album_ids, means / np.maximum(
-      np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+  descriptors = audio_table.descriptors
+  n = descriptors.shape[0]
+  if not n:
+    return album_ids, np.zeros((0, model.embed_dim), np.float32)
+  parts = []
+  for start in range(0, n, batch_size):
+    part = descriptors[start:start + batch_size]
+    short = batch_size - part.shape[0]
+    if short:  # One compiled shape for every batch.
+      part = np.concatenate([part, np.repeat(part[-1:], short, 0)])
+    parts.append(audio(model, variables, part)[:batch_size - short])
+  album_of_track = np.repeat(np.arange(len(audio_table.counts)),
+                             audio_table.counts).astype(np.int32)
+  directions = _album_directions(jnp.concatenate(parts), album_of_track,
+                                 len(audio_table.counts))
+  return album_ids, np.asarray(directions)[album_ids]
 
 
 def reviews(variables: dict[str, Any], model: two_branch.TwoBranch,
@@ -101,6 +140,19 @@ def reviews(variables: dict[str, Any], model: two_branch.TwoBranch,
   if model.text_encoder == 'pretrained':
     return batched(functools.partial(text_features, model, variables),
                    (rows['text_features'],), batch_size, model.embed_dim)
-  return batched(functools.partial(text, model, variables),
-                 (rows['tokens'], rows['lengths']), batch_size,
-                 model.embed_dim)
+  if model.text_encoder != 'mean':
+    return batched(functools.partial(text, model, variables),
+                   (rows['tokens'], rows['lengths']), batch_size,
+                   model.embed_dim)
+  # The mean encoder reads only real tokens, in one flat size for every
+  # batch (one program): the largest batch's token count.
+  lengths = np.minimum(rows['lengths'], rows['tokens'].shape[1])
+  size = packing.flat_size(max([lengths[i:i + batch_size].sum() for i in
+                                range(0, len(lengths), batch_size)] or [0]),
+                           FLAT_BUCKET)
+  return batched(
+      lambda tokens, lengths: text_flat(
+          model, variables, tokens, lengths,
+          packing.flat_review(np.minimum(lengths, tokens.shape[1])[None],
+                              size)[0]),
+      (rows['tokens'], rows['lengths']), batch_size, model.embed_dim)

@@ -31,6 +31,7 @@ import numpy as np
 
 from mardjax import progress
 from mardjax.data import input_pipeline
+from mardjax.data import prefetch
 from mardjax.data import manifest as manifest_lib
 from mardjax.data import tables
 from mardjax.errors import UserError
@@ -386,11 +387,22 @@ def _dispatch_size(run: _Run, step: int) -> int:
 def _loop(run: _Run) -> None:
   """Steps from the restored position to `run.steps`, with logging,
   checkpoints and periodic evaluation."""
+  # Built in a thread, prefetch_batches ahead, while the step computes.
+  it = prefetch.prefetch(run.batches(*run.position),
+                         run.config.train.prefetch_batches)
+  try:
+    _steps(run, it)
+  finally:
+    it.close()
+
+
+def _steps(run: _Run, it: Iterator) -> None:
+  """The body of `_loop`: dispatches from the restored step on, their
+  batches (or indices) from `it`."""
   t = run.config.train
   base_key = jax.random.PRNGKey(run.config.seed + 1)
   last_time, last_step = time.time(), run.start_step
   step = run.start_step
-  it = run.batches(*run.position)
   previous = None  # The last dispatch's (step, metrics), checked one late.
   while step < run.steps:
     n = _dispatch_size(run, step)
