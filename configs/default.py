@@ -111,8 +111,9 @@ def get_config():
   # words: one size to compile).
   config.train.vocab_bucket = 2048
   # Where each step's batch is built: 'device' (the data copied to the device
-  # once, indices sent per step; dense mean encoder on one device), 'host',
-  # or 'auto' (device where it serves, else host).
+  # once, indices sent per step; dense mean encoder, one process, one device
+  # or a shard_map mesh), 'host', or 'auto' (device where it serves, else
+  # host).
   config.train.batch_assembly = 'auto'
   # Steps per dispatch (a lax.scan in one program) with batches assembled on
   # the device; 0: auto (1 on CPUs, 16 on accelerators).

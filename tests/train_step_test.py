@@ -197,7 +197,10 @@ def test_batch_assembly_choice(tiny_records):
   assert trainer.batch_assembly(config, False, data) == 'host'  # Lazy (CPU).
   config.train.embedding_update = 'dense'
   assert trainer.batch_assembly(config, False, data) == 'device'
-  assert trainer.batch_assembly(config, True, data) == 'host'
+  assert trainer.batch_assembly(config, True, data) == 'host'  # pmap.
+  config.train.parallelism = 'shard_map'
+  assert trainer.batch_assembly(config, True, data) == 'device'
+  config.train.parallelism = 'pmap'
   assert trainer.steps_per_dispatch(config, 'device') == 1  # CPU: auto 1.
   config.train.steps_per_dispatch = 8
   assert trainer.steps_per_dispatch(config, 'device') == 8

@@ -324,6 +324,43 @@ def test_device_assembled_training_equals_host_assembled(tiny_records,
   assert out['host1'] == out['device1'] == out['device3']
 
 
+def test_device_assembly_on_a_shard_map_mesh_equals_the_host(tiny_records,
+                                                             tmp_path):
+  """On 4 devices under shard_map the tables are replicated on the mesh and
+  each device assembles its share of the batch from indices (one or three
+  steps per dispatch): the run is the host-assembled run, bit for bit."""
+  data_dir, _ = tiny_records
+  code = (
+      'import json, sys\n'
+      'import jax\n'
+      'from configs import test as test_config\n'
+      'from mardjax import modes\n'
+      'config = test_config.get_config()\n'
+      'config.train.update(num_steps=14, eval_every=7, checkpoint_every=7,\n'
+      '    log_every=7, embedding_update="dense", batch_assembly=sys.argv[1],\n'
+      '    steps_per_dispatch=int(sys.argv[3]), parallelism="shard_map")\n'
+      f'_, m = modes.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
+      'from mardjax.train import trainer\n'
+      f'data = trainer.load_training_data(config, {data_dir!r})\n'
+      'm["assembly"] = trainer.batch_assembly(config, True, data)\n'
+      'm["devices"] = jax.local_device_count()\n'
+      'print(json.dumps({k: m[k] for k in ("params_sha256", "recall@10",\n'
+      '                                    "assembly", "devices")}))\n')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             TF_CPP_MIN_LOG_LEVEL='3')
+  out = {}
+  for assembly, per_dispatch in (('host', 1), ('device', 1), ('device', 3)):
+    name = f'{assembly}{per_dispatch}'
+    proc = subprocess.run(
+        [sys.executable, '-c', code, assembly, str(tmp_path / name),
+         str(per_dispatch)],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out[name].pop('assembly') == assembly
+    assert out[name].pop('devices') == 4
+  assert out['host1'] == out['device1'] == out['device3']
+
+
 def test_the_best_config_trains_and_beats_chance(tiny_records, tmp_path):
   from configs import best  # pylint: disable=g-import-not-at-top
   data_dir, _ = tiny_records

@@ -388,14 +388,16 @@ class DeviceTables(NamedTuple):
   descriptors: jax.Array
 
 
-def device_tables(reviews, audio, max_len: int) -> DeviceTables:
+def device_tables(reviews, audio, max_len: int, sharding=None
+                  ) -> DeviceTables:
   """Copies a `tables.ReviewTable` and `tables.AudioTable` to the default
-  device, once per run."""
+  device (or to `sharding`'s devices, e.g. replicated over a mesh), once
+  per run."""
   if len(reviews.tokens) + max_len >= 2**31:
     raise ValueError('device_tables: more than 2**31 tokens.')
   tokens = np.concatenate([reviews.tokens.astype(np.int32),
                            np.zeros(max_len, np.int32)])
-  return DeviceTables(*(jax.device_put(x) for x in (
+  return DeviceTables(*(jax.device_put(x, sharding) for x in (
       tokens, reviews.offsets.astype(np.int32),
       reviews.lengths.astype(np.int32), reviews.album.astype(np.int32),
       audio.descriptors.astype(np.float32))))
@@ -423,36 +425,60 @@ def assemble(tables: DeviceTables, rows: jax.Array, tracks: jax.Array,
   return batch
 
 
-def index_step(loss_config, max_len: int) -> Callable:
-  """jit of the body on one device, fed indices instead of a batch:
-  fn(state, tables, rows (b,), tracks (b,), key, num_tokens) ->
-  (state, metrics); `num_tokens` (static, 0: padded) as for `assemble`.
-  The tables are an argument, not a constant of the program."""
+def index_step(loss_config, max_len: int, mesh: Mesh | None = None
+               ) -> Callable:
+  """jit of the body fed indices instead of a batch:
+  fn(state, tables, rows, tracks, key, num_tokens) -> (state, metrics);
+  `num_tokens` (static, 0: padded) as for `assemble`. The tables are an
+  argument, not a constant of the program.
+
+  On one device rows and tracks are (b,). With `mesh`, the body runs under
+  `shard_map` over its devices as `shard_map_step` does: the state and
+  tables replicated on the mesh, rows and tracks (D * b,) with device d's
+  share at [d * b:(d + 1) * b], and `num_tokens` every device's size.
+  """
   def step(state, tables, rows, tracks, key, num_tokens=0):
-    return per_device_step(
-        state, assemble(tables, rows, tracks, max_len, num_tokens), key,
-        loss_config=loss_config, axis_name=None)
+    def body(state, tables, rows, tracks, key):
+      return per_device_step(
+          state, assemble(tables, rows, tracks, max_len, num_tokens), key,
+          loss_config=loss_config, axis_name=AXIS if mesh else None)
+    if mesh is None:
+      return body(state, tables, rows, tracks, key)
+    return jax.shard_map(body, mesh=mesh,
+                         in_specs=(P(), P(), P(AXIS), P(AXIS), P()),
+                         out_specs=(P(), P()), check_vma=False)(
+                             state, tables, rows, tracks, key)
   return jax.jit(step, donate_argnums=0, static_argnums=5)
 
 
-def index_steps(loss_config, max_len: int) -> Callable:
+def index_steps(loss_config, max_len: int, mesh: Mesh | None = None
+                ) -> Callable:
   """Several steps of `index_step` in one dispatch (a `lax.scan`):
-  fn(state, tables, rows (n, b), tracks (n, b), base_key, step0,
+  fn(state, tables, rows (n, ...), tracks (n, ...), base_key, step0,
   num_tokens) -> (state, metrics of the last step, with 'finite' the least
-  over the n); `num_tokens` (static) serves all n steps.
+  over the n); `num_tokens` (static) serves all n steps, and `mesh` is
+  `index_step`'s (each step's rows on axis 1).
   Step i's key is fold_in(base_key, step0 + i), as the loop gives one step.
   """
   def steps(state, tables, rows, tracks, base_key, step0, num_tokens=0):
-    def body(state, xs):
-      i, r, t = xs
-      key = jax.random.fold_in(base_key, step0 + i)
-      return per_device_step(
-          state, assemble(tables, r, t, max_len, num_tokens), key,
-          loss_config=loss_config, axis_name=None)
-    state, metrics = jax.lax.scan(
-        body, state, (jnp.arange(rows.shape[0]), rows, tracks))
-    last = jax.tree_util.tree_map(lambda x: x[-1], metrics)
-    return state, dict(last, finite=jnp.min(metrics['finite']))
+    def run(state, tables, rows, tracks, base_key, step0):
+      def body(state, xs):
+        i, r, t = xs
+        key = jax.random.fold_in(base_key, step0 + i)
+        return per_device_step(
+            state, assemble(tables, r, t, max_len, num_tokens), key,
+            loss_config=loss_config, axis_name=AXIS if mesh else None)
+      state, metrics = jax.lax.scan(
+          body, state, (jnp.arange(rows.shape[0]), rows, tracks))
+      last = jax.tree_util.tree_map(lambda x: x[-1], metrics)
+      return state, dict(last, finite=jnp.min(metrics['finite']))
+    if mesh is None:
+      return run(state, tables, rows, tracks, base_key, step0)
+    return jax.shard_map(
+        run, mesh=mesh,
+        in_specs=(P(), P(), P(None, AXIS), P(None, AXIS), P(), P()),
+        out_specs=(P(), P()), check_vma=False)(
+            state, tables, rows, tracks, base_key, step0)
   return jax.jit(steps, donate_argnums=0, static_argnums=6)
 
 

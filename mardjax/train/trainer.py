@@ -125,15 +125,19 @@ def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
   """'device' or 'host': where each step's batch is assembled.
 
   On the device (`train_step.index_step`) the tables are copied to the
-  device once and the host sends only row indices per step; this serves the
-  dense embedding update of the mean encoder on one device (what 'auto'
-  picks on a single accelerator). The host path serves everything: the
-  lazy update's word-id compaction, LSTM packing, the album LSTM, features
-  of a pretrained encoder, and several devices.
+  device once (replicated on every device of a `shard_map` mesh) and the
+  host sends only row indices per step; this serves the dense embedding
+  update of the mean encoder (what 'auto' picks on accelerators) in one
+  process, on one device or several under shard_map. The host path serves
+  everything: the lazy update's word-id compaction, LSTM packing, the album
+  LSTM, features of a pretrained encoder, pmap, and several processes
+  (each holds other albums, so the tables are not the same everywhere).
   """
   wanted = config.train.batch_assembly
   reasons = [why for bad, why in (
-      (parallel, 'several devices'),
+      (parallel and config.train.parallelism != 'shard_map',
+       'several devices under pmap'),
+      (jax.process_count() > 1, 'several processes'),
       (train_step.embedding_update(config) != 'dense',
        'the lazy embedding update'),
       (config.model.text_encoder != 'mean', 'the '
@@ -179,25 +183,32 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
   steps step0, step0 + 1, ...; one on the host path."""
   t = config.train
   if assembly == 'device':
+    mesh = train_step.make_mesh() if parallel else None
+    sharding = NamedSharding(mesh, P()) if mesh else None
+    if mesh:  # A restored state lives on one device; replicate it.
+      state = jax.device_put(state, sharding)
     tables_ = train_step.device_tables(data.reviews, data.audio,
-                                       config.data.max_len)
-    one = train_step.index_step(config.loss, config.data.max_len)
-    many = train_step.index_steps(config.loss, config.data.max_len)
+                                       config.data.max_len, sharding)
+    one = train_step.index_step(config.loss, config.data.max_len, mesh)
+    many = train_step.index_steps(config.loss, config.data.max_len, mesh)
     token_bucket = train_step.mean_token_bucket(config)
     lengths = np.minimum(data.reviews.lengths, config.data.max_len)
 
     def num_tokens(rows):  # The flat layout's size (static), 0: padded.
-      return packing.flat_size(max(lengths[r].sum() for r in rows),
+      # rows (n, D, b): the largest of any step's and device's count.
+      return packing.flat_size(lengths[rows].sum(-1).max(),
                                token_bucket) if token_bucket else 0
 
     def device_fn(s, items, step0, base_key):
-      rows = [x['rows'][0] for x in items]
+      # (n, D, b) indices; on one device (n, b), on a mesh (n, D * b).
+      rows = np.stack([x['rows'] for x in items])
+      tracks = np.stack([x['tracks'] for x in items])
+      size = num_tokens(rows)
+      rows, tracks = (x.reshape(len(items), -1) for x in (rows, tracks))
       if len(items) == 1:
-        return one(s, tables_, rows[0], items[0]['tracks'][0],
-                   jax.random.fold_in(base_key, step0), num_tokens(rows))
-      return many(s, tables_, np.stack(rows),
-                  np.stack([x['tracks'][0] for x in items]), base_key,
-                  np.int32(step0), num_tokens(rows))
+        return one(s, tables_, rows[0], tracks[0],
+                   jax.random.fold_in(base_key, step0), size)
+      return many(s, tables_, rows, tracks, base_key, np.int32(step0), size)
     return state, device_fn
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
   pack_rows = train_step.lstm_pack_rows(config)
