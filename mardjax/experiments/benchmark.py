@@ -150,6 +150,10 @@ def train_step_throughput(config, encoder: str, steps: int,
           'steps_per_s': round(steps / wall, 2), 'compile_s': round(compile_s, 1),
           'batch_size': b, 'max_len': length, 'vocab_size': vocab_size,
           'embedding_update': train_step.embedding_update(config),
+          # The mean encoder's layout: real tokens only, or padded.
+          'text_layout': ('flat' if train_step.mean_token_bucket(config)
+                          else 'packed' if train_step.lstm_pack_rows(config)
+                          else 'padded'),
           'distinct_words_per_batch': int(np.unique(tokens[tokens > 0]).size),
           'device': str(jax.devices()[0].platform),
           'target_examples_per_s': TRAIN_TARGETS.get(encoder),
@@ -249,6 +253,8 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
   """
   import itertools  # pylint: disable=g-import-not-at-top
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mardjax.train import packing  # pylint: disable=g-import-not-at-top
   from mardjax.train import sparse_embedding  # pylint: disable=g-import-not-at-top
   modes.run_mode('preprocess', config, workdir, show_progress=False)
   manifest = manifest_lib.load(manifest_lib.data_dir_of(config, workdir))
@@ -268,10 +274,14 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
   from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
   lazy = (train_step.embedding_update(config) == 'lazy'
           and config.model.text_encoder != 'pretrained')
+  token_bucket = train_step.mean_token_bucket(config)
   for _, batch in itertools.islice(it, n):
     if lazy:
       sparse_embedding.compact_batch(batch, manifest.vocab.size,
                                      t.vocab_bucket)
+    if token_bucket:
+      packing.flat_review(np.minimum(batch['lengths'],
+                                     batch['tokens'].shape[-1]), token_bucket)
   rate = n * t.batch_size / (time.time() - start)
   step = train_step_throughput(config, config.model.text_encoder,
                                config.benchmark.train_steps,
