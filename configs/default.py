@@ -110,10 +110,9 @@ def get_config():
   # Lazy: distinct ids padded to a multiple (at batch 128, 4,097-6,144 distinct
   # words: one size to compile).
   config.train.vocab_bucket = 2048
-  # Where each step's batch is built: 'device' (the data copied to the device
-  # once, indices sent per step; dense mean encoder, one process, one device
-  # or a shard_map mesh), 'host', or 'auto' (device where it serves, else
-  # host).
+  # Where each step's batch is built: 'device' (the data copied to the
+  # devices once, indices sent per step; dense mean encoder; not shard_map
+  # across processes), 'host', or 'auto' (device where it serves, else host).
   config.train.batch_assembly = 'auto'
   # Steps per dispatch (a lax.scan in one program) with batches assembled on
   # the device; 0: auto (1 on CPUs, 16 on accelerators).

@@ -197,7 +197,7 @@ def test_batch_assembly_choice(tiny_records):
   assert trainer.batch_assembly(config, False, data) == 'host'  # Lazy (CPU).
   config.train.embedding_update = 'dense'
   assert trainer.batch_assembly(config, False, data) == 'device'
-  assert trainer.batch_assembly(config, True, data) == 'host'  # pmap.
+  assert trainer.batch_assembly(config, True, data) == 'device'  # pmap.
   config.train.parallelism = 'shard_map'
   assert trainer.batch_assembly(config, True, data) == 'device'
   config.train.parallelism = 'pmap'

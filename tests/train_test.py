@@ -324,11 +324,13 @@ def test_device_assembled_training_equals_host_assembled(tiny_records,
   assert out['host1'] == out['device1'] == out['device3']
 
 
-def test_device_assembly_on_a_shard_map_mesh_equals_the_host(tiny_records,
-                                                             tmp_path):
-  """On 4 devices under shard_map the tables are replicated on the mesh and
-  each device assembles its share of the batch from indices (one or three
-  steps per dispatch): the run is the host-assembled run, bit for bit."""
+@pytest.mark.parametrize('parallelism', ['shard_map', 'pmap'])
+def test_device_assembly_on_several_devices_equals_the_host(
+    tiny_records, tmp_path, parallelism):
+  """On 4 devices (a shard_map mesh with the tables replicated on it, or
+  pmap with a copy per device) each device assembles its share of the
+  batch from indices, one or three steps per dispatch: the run is the
+  host-assembled run, bit for bit."""
   data_dir, _ = tiny_records
   code = (
       'import json, sys\n'
@@ -338,7 +340,7 @@ def test_device_assembly_on_a_shard_map_mesh_equals_the_host(tiny_records,
       'config = test_config.get_config()\n'
       'config.train.update(num_steps=14, eval_every=7, checkpoint_every=7,\n'
       '    log_every=7, embedding_update="dense", batch_assembly=sys.argv[1],\n'
-      '    steps_per_dispatch=int(sys.argv[3]), parallelism="shard_map")\n'
+      '    steps_per_dispatch=int(sys.argv[3]), parallelism=sys.argv[4])\n'
       f'_, m = modes.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
       'from mardjax.train import trainer\n'
       f'data = trainer.load_training_data(config, {data_dir!r})\n'
@@ -353,7 +355,7 @@ def test_device_assembly_on_a_shard_map_mesh_equals_the_host(tiny_records,
     name = f'{assembly}{per_dispatch}'
     proc = subprocess.run(
         [sys.executable, '-c', code, assembly, str(tmp_path / name),
-         str(per_dispatch)],
+         str(per_dispatch), parallelism],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out[name].pop('assembly') == assembly

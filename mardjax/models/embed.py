@@ -18,7 +18,6 @@ import numpy as np
 
 from mardjax.data import tables
 from mardjax.models import two_branch
-from mardjax.train import packing
 
 # Review embedding's flat size is rounded up to a multiple of this.
 FLAT_BUCKET = 1024
@@ -50,7 +49,7 @@ def text_flat(model: two_branch.TwoBranch, variables: dict[str, Any],
               tokens: jax.Array, lengths: jax.Array,
               flat_review: jax.Array) -> jax.Array:
   """`text` of the mean encoder, reading only the real tokens: the flat
-  layout's (T,) review of each position (`packing.flat_review`)."""
+  layout's (T,) review of each position (`two_branch.flat_review`)."""
   return model.apply(variables, tokens=tokens, lengths=lengths,
                      flat_review=flat_review)['text']
 
@@ -147,12 +146,12 @@ def reviews(variables: dict[str, Any], model: two_branch.TwoBranch,
   # The mean encoder reads only real tokens, in one flat size for every
   # batch (one program): the largest batch's token count.
   lengths = np.minimum(rows['lengths'], rows['tokens'].shape[1])
-  size = packing.flat_size(max([lengths[i:i + batch_size].sum() for i in
+  size = two_branch.flat_size(max([lengths[i:i + batch_size].sum() for i in
                                 range(0, len(lengths), batch_size)] or [0]),
                            FLAT_BUCKET)
   return batched(
       lambda tokens, lengths: text_flat(
           model, variables, tokens, lengths,
-          packing.flat_review(np.minimum(lengths, tokens.shape[1])[None],
+          two_branch.flat_review(np.minimum(lengths, tokens.shape[1])[None],
                               size)[0]),
       (rows['tokens'], rows['lengths']), batch_size, model.embed_dim)

@@ -25,7 +25,7 @@ BatchNorm follows Wang et al. (after the last linear layer); its statistics
 are averaged over `bn_axis_name` when training data-parallel.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -104,6 +104,46 @@ class LSTMDirection(nn.Module):
     return lstm.recurrence(proj, keep, wh.astype(dt), self.reverse)
 
 
+def flat_review(lengths: np.ndarray, bucket: int,
+                size_max: Callable[[int], int] | None = None) -> np.ndarray:
+  """The flat layout of the mean encoder: every real token of a batch end
+  to end, no padding.
+
+  Review i's tokens are flat positions [sum(lengths[:i]), sum(lengths[:i+1]));
+  the layout is the review of each position, so the encoder gathers and
+  sums only real tokens (`MeanEncoder`) where the padded
+  (B, max_len) layout, mostly padding at MARD's lengths, would cost for
+  every position.
+
+  Args:
+    lengths: (D, B) true lengths (0 allowed), D devices.
+    bucket: the flat size T (the same on every device) is rounded up to a
+      multiple of this, so that only a few shapes are compiled.
+    size_max: with several processes, maps this process's size to the
+      largest of any process.
+
+  Returns:
+    (D, T) int32: the review (0..B-1) of each flat position; B past the
+    last real token.
+  """
+  d, b = lengths.shape
+  size = int(lengths.sum(1).max()) if d else 0
+  if size_max is not None:
+    size = size_max(size)
+  size = flat_size(size, bucket)
+  out = np.full((d, size), b, np.int32)
+  for i in range(d):
+    owner = np.repeat(np.arange(b, dtype=np.int32), lengths[i])
+    out[i, :owner.shape[0]] = owner
+  return out
+
+
+def flat_size(tokens: int, bucket: int) -> int:
+  """T of the flat layout of `tokens` real tokens: rounded up to a multiple
+  of `bucket`, at least one bucket."""
+  return max(-(-int(tokens) // bucket) * bucket, bucket)
+
+
 def padded_layout(lengths: jax.Array, max_len: int
                   ) -> dict[str, jax.Array]:
   """The packed layout's markers for a padded (B, L) batch.
@@ -136,7 +176,7 @@ class MeanEncoder(nn.Module):
   With `table` (U, D) given, `tokens` are indices into it instead of word ids
   and the module's own embedding is not used (row-sparse training,
   `mardjax.train.sparse_embedding`). With `flat_review` (T,) (training,
-  `mardjax.train.packing.flat_review`) only the real tokens are gathered
+  `flat_review`) only the real tokens are gathered
   and summed per review (a segment sum over T positions); otherwise a
   padded batch is a (B, L, D) gather, or with `table` a (B, U)
   bag-of-words product. The features are the same.

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mardjax.models import two_branch
 from mardjax.train import losses
 from mardjax.train import packing
 from mardjax.train import sparse_embedding
@@ -187,7 +188,7 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
     sync: with several processes, combines their row counts and word ids.
     token_bucket: > 0 adds the flat layout of the mean encoder,
       'flat_review' (D, T), T rounded up to a multiple of this
-      (`packing.flat_review`).
+      (`two_branch.flat_review`).
   """
   if pack_rows or token_bucket:
     batch = dict(batch)
@@ -195,7 +196,7 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
     batch.update(packing.pack(batch['tokens'], batch['lengths'], pack_rows,
                               sync.max if sync else None))
   if token_bucket:
-    batch['flat_review'] = packing.flat_review(
+    batch['flat_review'] = two_branch.flat_review(
         np.minimum(batch['lengths'], batch['tokens'].shape[-1]),
         token_bucket, sync.max if sync else None)
   if state.embed_tx is None:
@@ -409,7 +410,7 @@ def assemble(tables: DeviceTables, rows: jax.Array, tracks: jax.Array,
   the device: rows (b,) review rows, tracks (b,) descriptor rows ->
   'tokens' (b, max_len), 'lengths' (b,), 'album' (b,), 'audio' (b, A);
   with `num_tokens` (static) > 0 also the flat layout of the mean encoder,
-  'flat_review' (num_tokens,), as `packing.flat_review` builds it."""
+  'flat_review' (num_tokens,), as `two_branch.flat_review` builds it."""
   lengths = tables.lengths[rows]
   pos = jnp.arange(max_len)
   valid = pos[None, :] < lengths[:, None]
@@ -425,6 +426,27 @@ def assemble(tables: DeviceTables, rows: jax.Array, tracks: jax.Array,
   return batch
 
 
+def _index_bodies(loss_config, max_len: int, axis_name: str | None
+                  ) -> tuple[Callable, Callable]:
+  """The step bodies fed indices, one step and several (a `lax.scan`), for
+  `index_step(s)` and `index_pmap_step(s)` to wrap."""
+  def one(state, tables, rows, tracks, key, num_tokens):
+    return per_device_step(
+        state, assemble(tables, rows, tracks, max_len, num_tokens), key,
+        loss_config=loss_config, axis_name=axis_name)
+
+  def many(state, tables, rows, tracks, base_key, step0, num_tokens):
+    def body(state, xs):
+      i, r, t = xs
+      return one(state, tables, r, t, jax.random.fold_in(base_key, step0 + i),
+                 num_tokens)
+    state, metrics = jax.lax.scan(
+        body, state, (jnp.arange(rows.shape[0]), rows, tracks))
+    last = jax.tree_util.tree_map(lambda x: x[-1], metrics)
+    return state, dict(last, finite=jnp.min(metrics['finite']))
+  return one, many
+
+
 def index_step(loss_config, max_len: int, mesh: Mesh | None = None
                ) -> Callable:
   """jit of the body fed indices instead of a batch:
@@ -437,11 +459,10 @@ def index_step(loss_config, max_len: int, mesh: Mesh | None = None
   tables replicated on the mesh, rows and tracks (D * b,) with device d's
   share at [d * b:(d + 1) * b], and `num_tokens` every device's size.
   """
+  one, _ = _index_bodies(loss_config, max_len, AXIS if mesh else None)
+
   def step(state, tables, rows, tracks, key, num_tokens=0):
-    def body(state, tables, rows, tracks, key):
-      return per_device_step(
-          state, assemble(tables, rows, tracks, max_len, num_tokens), key,
-          loss_config=loss_config, axis_name=AXIS if mesh else None)
+    body = functools.partial(one, num_tokens=num_tokens)
     if mesh is None:
       return body(state, tables, rows, tracks, key)
     return jax.shard_map(body, mesh=mesh,
@@ -460,26 +481,51 @@ def index_steps(loss_config, max_len: int, mesh: Mesh | None = None
   `index_step`'s (each step's rows on axis 1).
   Step i's key is fold_in(base_key, step0 + i), as the loop gives one step.
   """
+  _, many = _index_bodies(loss_config, max_len, AXIS if mesh else None)
+
   def steps(state, tables, rows, tracks, base_key, step0, num_tokens=0):
-    def run(state, tables, rows, tracks, base_key, step0):
-      def body(state, xs):
-        i, r, t = xs
-        key = jax.random.fold_in(base_key, step0 + i)
-        return per_device_step(
-            state, assemble(tables, r, t, max_len, num_tokens), key,
-            loss_config=loss_config, axis_name=AXIS if mesh else None)
-      state, metrics = jax.lax.scan(
-          body, state, (jnp.arange(rows.shape[0]), rows, tracks))
-      last = jax.tree_util.tree_map(lambda x: x[-1], metrics)
-      return state, dict(last, finite=jnp.min(metrics['finite']))
+    body = functools.partial(many, num_tokens=num_tokens)
     if mesh is None:
-      return run(state, tables, rows, tracks, base_key, step0)
+      return body(state, tables, rows, tracks, base_key, step0)
     return jax.shard_map(
-        run, mesh=mesh,
+        body, mesh=mesh,
         in_specs=(P(), P(), P(None, AXIS), P(None, AXIS), P(), P()),
         out_specs=(P(), P()), check_vma=False)(
             state, tables, rows, tracks, base_key, step0)
   return jax.jit(steps, donate_argnums=0, static_argnums=6)
+
+
+def index_pmap_step(loss_config, max_len: int) -> Callable:
+  """pmap of the body fed indices: fn(state, tables, rows (D, b),
+  tracks (D, b), key, num_tokens) -> (state, metrics); tables with a
+  leading device axis (`replicate_tables`), state unreplicated as for
+  `pmap_step`. Each process passes its own devices' tables and indices, so
+  in a multi-host run every process keeps only its albums."""
+  one, _ = _index_bodies(loss_config, max_len, AXIS)
+  return jax.pmap(one, axis_name=AXIS, in_axes=(None, 0, 0, 0, None),
+                  out_axes=None, static_broadcasted_argnums=5)
+
+
+def index_pmap_steps(loss_config, max_len: int) -> Callable:
+  """Several steps of `index_pmap_step` in one dispatch: fn(state, tables,
+  rows (D, n, b), tracks (D, n, b), base_key, step0, num_tokens)."""
+  _, many = _index_bodies(loss_config, max_len, AXIS)
+  return jax.pmap(many, axis_name=AXIS, in_axes=(None, 0, 0, 0, None, None),
+                  out_axes=None, static_broadcasted_argnums=6)
+
+
+def replicate_tables(tables: DeviceTables, devices=None) -> DeviceTables:
+  """One copy of the tables per local device, stacked on a leading axis
+  (what `index_pmap_step` maps over)."""
+  devices = list(devices or jax.local_devices())
+  sharding = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), P(AXIS))
+
+  def stacked(x):
+    # Each device's copy goes there directly: no (D, ...) array on the host.
+    return jax.make_array_from_single_device_arrays(
+        (len(devices), *x.shape), sharding,
+        [jax.device_put(x[None], d) for d in devices])
+  return DeviceTables(*(stacked(x) for x in tables))
 
 
 def make_mesh(devices=None) -> Mesh:

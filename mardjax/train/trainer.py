@@ -31,13 +31,12 @@ import numpy as np
 
 from mardjax import progress
 from mardjax.data import input_pipeline
-from mardjax.data import prefetch
 from mardjax.data import manifest as manifest_lib
+from mardjax.data import prefetch
 from mardjax.data import tables
 from mardjax.errors import UserError
 from mardjax.models import two_branch
 from mardjax.train import checkpoints
-from mardjax.train import packing
 from mardjax.train import train_step
 
 
@@ -125,19 +124,19 @@ def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
   """'device' or 'host': where each step's batch is assembled.
 
   On the device (`train_step.index_step`) the tables are copied to the
-  device once (replicated on every device of a `shard_map` mesh) and the
-  host sends only row indices per step; this serves the dense embedding
-  update of the mean encoder (what 'auto' picks on accelerators) in one
-  process, on one device or several under shard_map. The host path serves
+  device once (one copy per device under pmap, replicated on a shard_map
+  mesh) and the host sends only row indices per step; this serves the
+  dense embedding update of the mean encoder (what 'auto' picks on
+  accelerators) on one device or several, and under pmap across processes
+  too (each process's devices hold its own albums). The host path serves
   everything: the lazy update's word-id compaction, LSTM packing, the album
-  LSTM, features of a pretrained encoder, pmap, and several processes
-  (each holds other albums, so the tables are not the same everywhere).
+  LSTM, features of a pretrained encoder, and shard_map across processes
+  (a replicated table would have to be the same in every process).
   """
   wanted = config.train.batch_assembly
   reasons = [why for bad, why in (
-      (parallel and config.train.parallelism != 'shard_map',
-       'several devices under pmap'),
-      (jax.process_count() > 1, 'several processes'),
+      (parallel and config.train.parallelism == 'shard_map'
+       and jax.process_count() > 1, 'shard_map across processes'),
       (train_step.embedding_update(config) != 'dense',
        'the lazy embedding update'),
       (config.model.text_encoder != 'mean', 'the '
@@ -183,33 +182,7 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
   steps step0, step0 + 1, ...; one on the host path."""
   t = config.train
   if assembly == 'device':
-    mesh = train_step.make_mesh() if parallel else None
-    sharding = NamedSharding(mesh, P()) if mesh else None
-    if mesh:  # A restored state lives on one device; replicate it.
-      state = jax.device_put(state, sharding)
-    tables_ = train_step.device_tables(data.reviews, data.audio,
-                                       config.data.max_len, sharding)
-    one = train_step.index_step(config.loss, config.data.max_len, mesh)
-    many = train_step.index_steps(config.loss, config.data.max_len, mesh)
-    token_bucket = train_step.mean_token_bucket(config)
-    lengths = np.minimum(data.reviews.lengths, config.data.max_len)
-
-    def num_tokens(rows):  # The flat layout's size (static), 0: padded.
-      # rows (n, D, b): the largest of any step's and device's count.
-      return packing.flat_size(lengths[rows].sum(-1).max(),
-                               token_bucket) if token_bucket else 0
-
-    def device_fn(s, items, step0, base_key):
-      # (n, D, b) indices; on one device (n, b), on a mesh (n, D * b).
-      rows = np.stack([x['rows'] for x in items])
-      tracks = np.stack([x['tracks'] for x in items])
-      size = num_tokens(rows)
-      rows, tracks = (x.reshape(len(items), -1) for x in (rows, tracks))
-      if len(items) == 1:
-        return one(s, tables_, rows[0], tracks[0],
-                   jax.random.fold_in(base_key, step0), size)
-      return many(s, tables_, rows, tracks, base_key, np.int32(step0), size)
-    return state, device_fn
+    return _index_step(config, state, parallel, data)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
   pack_rows = train_step.lstm_pack_rows(config)
   token_bucket = train_step.mean_token_bucket(config)
@@ -238,6 +211,53 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
       return train_step.shard_batch(b, mesh)
   return state, lambda s, items, step0, base_key: fn(
       s, place(prepare(s, items[0])), jax.random.fold_in(base_key, step0))
+
+
+def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
+                data: TrainingData):
+  """`_step` for batches assembled on the device: the tables copied there
+  once, the step fed each batch's row and track indices."""
+  max_len = config.data.max_len
+  tables_ = train_step.device_tables(data.reviews, data.audio, max_len)
+  pmap = parallel and config.train.parallelism == 'pmap'
+  if pmap:
+    tables_ = train_step.replicate_tables(tables_)
+    one = train_step.index_pmap_step(config.loss, max_len)
+    many = train_step.index_pmap_steps(config.loss, max_len)
+  else:
+    mesh = train_step.make_mesh() if parallel else None
+    if mesh:  # A restored state lives on one device; replicate it.
+      state = jax.device_put(state, NamedSharding(mesh, P()))
+      tables_ = jax.device_put(tables_, NamedSharding(mesh, P()))
+    one = train_step.index_step(config.loss, max_len, mesh)
+    many = train_step.index_steps(config.loss, max_len, mesh)
+  token_bucket = train_step.mean_token_bucket(config)
+  lengths = np.minimum(data.reviews.lengths, max_len)
+  sync = train_step.ProcessSync() if jax.process_count() > 1 else None
+
+  def num_tokens(rows):  # The flat layout's size (static), 0: padded.
+    if not token_bucket:
+      return 0
+    # rows (n, D, b): the largest count of any step, device and process.
+    size = int(lengths[rows].sum(-1).max())
+    return two_branch.flat_size(sync.max(size) if sync else size, token_bucket)
+
+  def device_fn(s, items, step0, base_key):
+    # (n, D, b) indices: under pmap (D, b) or (D, n, b); on one device (b,)
+    # or (n, b); on a mesh (D * b,) or (n, D * b).
+    rows = np.stack([x['rows'] for x in items])
+    tracks = np.stack([x['tracks'] for x in items])
+    size = num_tokens(rows)
+    if pmap:
+      rows, tracks = (np.swapaxes(x, 0, 1) for x in (rows, tracks))
+    else:
+      rows, tracks = (x.reshape(len(items), -1) for x in (rows, tracks))
+    if len(items) == 1:
+      pick = (lambda x: x[:, 0]) if pmap else (lambda x: x[0])
+      return one(s, tables_, pick(rows), pick(tracks),
+                 jax.random.fold_in(base_key, step0), size)
+    return many(s, tables_, rows, tracks, base_key, np.int32(step0), size)
+  return state, device_fn
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str,
