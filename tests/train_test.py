@@ -288,49 +288,15 @@ def test_sigkill_mid_training_then_restart_matches_uninterrupted(
   _params_close(a.params, b.params)
 
 
-def test_device_assembled_training_equals_host_assembled(tiny_records,
-                                                         tmp_path):
-  """On one device, the dense mean model trains on batches built on the
-  device from indices, one or several steps per dispatch; the run is the
-  host-assembled run, bit for bit."""
-  data_dir, _ = tiny_records
-  code = (
-      'import json, sys\n'
-      'from configs import test as test_config\n'
-      'from mardjax import modes\n'
-      'config = test_config.get_config()\n'
-      'config.train.update(num_steps=14, eval_every=7, checkpoint_every=7,\n'
-      '    log_every=7, embedding_update="dense", batch_assembly=sys.argv[1],\n'
-      '    steps_per_dispatch=int(sys.argv[3]))\n'
-      f'_, m = modes.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
-      'from mardjax.train import trainer\n'
-      f'data = trainer.load_training_data(config, {data_dir!r})\n'
-      'm["assembly"] = trainer.batch_assembly(config, False, data)\n'
-      'print(json.dumps({k: m[k] for k in ("params_sha256", "recall@10",\n'
-      '                                    "assembly")}))\n')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             TF_CPP_MIN_LOG_LEVEL='3')
-  out = {}
-  # Device assembly one step per dispatch, and three per dispatch (a scan;
-  # single steps where a log, checkpoint or evaluation falls sooner).
-  for assembly, per_dispatch in (('host', 1), ('device', 1), ('device', 3)):
-    name = f'{assembly}{per_dispatch}'
-    proc = subprocess.run(
-        [sys.executable, '-c', code, assembly, str(tmp_path / name),
-         str(per_dispatch)],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out[name].pop('assembly') == assembly
-  assert out['host1'] == out['device1'] == out['device3']
-
-
-@pytest.mark.parametrize('parallelism', ['shard_map', 'pmap'])
-def test_device_assembly_on_several_devices_equals_the_host(
-    tiny_records, tmp_path, parallelism):
-  """On 4 devices (a shard_map mesh with the tables replicated on it, or
-  pmap with a copy per device) each device assembles its share of the
-  batch from indices, one or three steps per dispatch: the run is the
-  host-assembled run, bit for bit."""
+@pytest.mark.parametrize('devices,parallelism', [
+    (1, 'pmap'), (4, 'shard_map'), (4, 'pmap')])
+def test_device_assembled_training_equals_host_assembled(
+    tiny_records, tmp_path, devices, parallelism):
+  """The dense mean model trains on batches built on the device from
+  indices, one or several steps per dispatch, on one device or on 4 (a
+  shard_map mesh with the tables replicated on it, or pmap with a copy per
+  device, each assembling its share): the run is the host-assembled run,
+  bit for bit."""
   data_dir, _ = tiny_records
   code = (
       'import json, sys\n'
@@ -344,13 +310,16 @@ def test_device_assembly_on_several_devices_equals_the_host(
       f'_, m = modes.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
       'from mardjax.train import trainer\n'
       f'data = trainer.load_training_data(config, {data_dir!r})\n'
-      'm["assembly"] = trainer.batch_assembly(config, True, data)\n'
+      'm["assembly"] = trainer.batch_assembly(\n'
+      '    config, jax.local_device_count() > 1, data)\n'
       'm["devices"] = jax.local_device_count()\n'
       'print(json.dumps({k: m[k] for k in ("params_sha256", "recall@10",\n'
       '                                    "assembly", "devices")}))\n')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             TF_CPP_MIN_LOG_LEVEL='3')
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   out = {}
+  # Device assembly one step per dispatch, and three per dispatch (a scan;
+  # single steps where a log, checkpoint or evaluation falls sooner).
   for assembly, per_dispatch in (('host', 1), ('device', 1), ('device', 3)):
     name = f'{assembly}{per_dispatch}'
     proc = subprocess.run(
@@ -359,7 +328,7 @@ def test_device_assembly_on_several_devices_equals_the_host(
         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out[name].pop('assembly') == assembly
-    assert out[name].pop('devices') == 4
+    assert out[name].pop('devices') == devices
   assert out['host1'] == out['device1'] == out['device3']
 
 
