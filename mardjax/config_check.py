@@ -23,6 +23,7 @@ from mardjax.errors import UserError
 from mardjax.models import two_branch
 from mardjax.serve import search_index
 from mardjax.train import losses
+from mardjax.train import train_step
 
 PARALLELISM = ('pmap', 'shard_map')
 EMBEDDING_UPDATES = ('auto', 'lazy', 'dense')
@@ -134,7 +135,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'train.embedding_update', EMBEDDING_UPDATES)
   _choice(config, 'train.batch_assembly', BATCH_ASSEMBLY)
   _choice(config, 'train.lr_scaling', LR_SCALING)
-  _choice(config, 'train.compute_dtype', ('float32', 'bfloat16'))
+  _choice(config, 'train.compute_dtype', tuple(train_step.COMPUTE_DTYPES))
   _choice(config, 'train.lr_schedule', LR_SCHEDULES)
   _choice(config, 'eval.split', EVAL_SPLITS)
   _choice(config, 'export.index', search_index.KINDS)

@@ -61,24 +61,34 @@ def text_features(model: two_branch.TwoBranch, variables: dict[str, Any],
   return model.apply(variables, text_features=features)['text']
 
 
+def _padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int):
+  """(row batches of `arrays`, rows of each that are real): the last batch
+  repeats its last row up to `batch_size`, so that one compiled shape
+  serves every batch."""
+  for start in range(0, arrays[0].shape[0], batch_size):
+    part = [a[start:start + batch_size] for a in arrays]
+    real = part[0].shape[0]
+    if real < batch_size:
+      part = [np.concatenate([p, np.repeat(p[-1:], batch_size - real, 0)])
+              for p in part]
+    yield part, real
+
+
 def batched(fn: Callable[..., jax.Array], arrays: tuple[np.ndarray, ...],
-            batch_size: int, out_dim: int = 0) -> np.ndarray:
-  """fn over row batches of `arrays`; the last batch is padded so that one
-  compiled shape serves every batch.
+            batch_size: int, out_dim: int = 0, to_host: bool = True
+            ) -> np.ndarray | jax.Array:
+  """fn over row batches of `arrays` (`_padded_batches`).
 
   Returns:
-    (N, ...) the rows of fn's outputs; (0, out_dim) when N is 0.
+    (N, ...) the rows of fn's outputs, numpy, or left where fn computed
+    them with `to_host=False`; (0, out_dim) when N is 0.
   """
-  n = arrays[0].shape[0]
-  out = []
-  for start in range(0, n, batch_size):
-    part = [a[start:start + batch_size] for a in arrays]
-    short = batch_size - part[0].shape[0]
-    if short:
-      part = [np.concatenate([p, np.repeat(p[-1:], short, 0)]) for p in part]
-    out.append(np.asarray(fn(*part))[:batch_size - short])
-  return (np.concatenate(out) if out else
-          np.zeros((0, out_dim), np.float32))
+  out = [fn(*part)[:real] for part, real in _padded_batches(arrays,
+                                                             batch_size)]
+  if not out:
+    return np.zeros((0, out_dim), np.float32)
+  return np.concatenate([np.asarray(x) for x in out]) if to_host else (
+      jnp.concatenate(out))
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -114,20 +124,13 @@ def albums(variables: dict[str, Any], model: two_branch.TwoBranch,
         lambda a: album_sequences(model, variables,
                                   *audio_table.sequences(a, max_tracks)),
         (album_ids,), 256, model.embed_dim)
-  descriptors = audio_table.descriptors
-  n = descriptors.shape[0]
-  if not n:
+  if not audio_table.descriptors.shape[0]:
     return album_ids, np.zeros((0, model.embed_dim), np.float32)
-  parts = []
-  for start in range(0, n, batch_size):
-    part = descriptors[start:start + batch_size]
-    short = batch_size - part.shape[0]
-    if short:  # One compiled shape for every batch.
-      part = np.concatenate([part, np.repeat(part[-1:], short, 0)])
-    parts.append(audio(model, variables, part)[:batch_size - short])
+  per_track = batched(functools.partial(audio, model, variables),
+                      (audio_table.descriptors,), batch_size, to_host=False)
   album_of_track = np.repeat(np.arange(len(audio_table.counts)),
                              audio_table.counts).astype(np.int32)
-  directions = _album_directions(jnp.concatenate(parts), album_of_track,
+  directions = _album_directions(per_track, album_of_track,
                                  len(audio_table.counts))
   return album_ids, np.asarray(directions)[album_ids]
 
@@ -144,14 +147,15 @@ def reviews(variables: dict[str, Any], model: two_branch.TwoBranch,
                    (rows['tokens'], rows['lengths']), batch_size,
                    model.embed_dim)
   # The mean encoder reads only real tokens, in one flat size for every
-  # batch (one program): the largest batch's token count.
+  # batch (one program): the largest token count of the batches `batched`
+  # makes, its padded last batch included.
   lengths = np.minimum(rows['lengths'], rows['tokens'].shape[1])
-  size = two_branch.flat_size(max([lengths[i:i + batch_size].sum() for i in
-                                range(0, len(lengths), batch_size)] or [0]),
-                           FLAT_BUCKET)
+  size = two_branch.flat_size(
+      max([part[0].sum() for part, _ in _padded_batches((lengths,),
+                                                        batch_size)] or [0]),
+      FLAT_BUCKET)
   return batched(
       lambda tokens, lengths: text_flat(
           model, variables, tokens, lengths,
-          two_branch.flat_review(np.minimum(lengths, tokens.shape[1])[None],
-                              size)[0]),
-      (rows['tokens'], rows['lengths']), batch_size, model.embed_dim)
+          two_branch.flat_review(lengths[None], size)[0]),
+      (rows['tokens'], lengths), batch_size, model.embed_dim)

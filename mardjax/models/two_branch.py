@@ -126,16 +126,21 @@ def flat_review(lengths: np.ndarray, bucket: int,
     (D, T) int32: the review (0..B-1) of each flat position; B past the
     last real token.
   """
-  d, b = lengths.shape
-  size = int(lengths.sum(1).max()) if d else 0
+  size = int(lengths.sum(1).max()) if lengths.shape[0] else 0
   if size_max is not None:
     size = size_max(size)
   size = flat_size(size, bucket)
-  out = np.full((d, size), b, np.int32)
-  for i in range(d):
-    owner = np.repeat(np.arange(b, dtype=np.int32), lengths[i])
-    out[i, :owner.shape[0]] = owner
-  return out
+  return np.asarray([flat_owner(x, size, np) for x in lengths],
+                    np.int32).reshape(-1, size)
+
+
+def flat_owner(lengths, size: int, xp=jnp):
+  """(B,) true lengths -> (size,) int32 review of each flat position, B past
+  the last real token: the one formula of the flat layout, on the host
+  (`xp=np`, `flat_review`) and in a jitted step (`xp=jnp`): position p
+  belongs to the review whose running end is the first above p."""
+  return xp.searchsorted(xp.cumsum(lengths), xp.arange(size),
+                         side='right').astype(xp.int32)
 
 
 def flat_size(tokens: int, bucket: int) -> int:

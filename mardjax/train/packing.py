@@ -86,4 +86,3 @@ def pack(tokens: np.ndarray, lengths: np.ndarray, rows_multiple: int,
     out['first'][i] = np.stack([row, start], 1)
     out['last'][i] = np.stack([row, start + n - 1], 1)
   return out
-
