@@ -6,6 +6,7 @@ import pytest
 
 from configs import test as test_config
 from mardjax.models import two_branch
+from mardjax.train import packing
 from mardjax.train import train_step
 
 
@@ -139,20 +140,24 @@ def test_device_assembly_matches_the_host_batches(tiny_records):
   for _ in range(3):
     (pos_a, batch), (pos_b, idx) = next(host), next(index)
     assert pos_a == pos_b
-    got = train_step.assemble(tables, idx['rows'][0], idx['tracks'][0], 64)
+    got = train_step.assemble(tables, {k: v[0] for k, v in idx.items()}, 64)
     for k in ('tokens', 'lengths', 'album', 'audio'):
       np.testing.assert_array_equal(np.asarray(got[k]), batch[k][0])
 
 
-@pytest.mark.parametrize('token_bucket', [0, 64])
-def test_index_step_equals_the_host_step(tiny_records, token_bucket):
+@pytest.mark.parametrize('encoder,bucket', [
+    ('mean', 0), ('mean', 64), ('lstm', 0), ('lstm', 2)])
+def test_index_step_equals_the_host_step(tiny_records, encoder, bucket):
   """Batches assembled on the device train exactly as the host's, on the
-  padded and on the flat layout (whose size the host sends, static)."""
+  padded layout, the mean encoder's flat layout (whose size the host
+  sends, static) and the LSTM's packed rows (from the host's plan)."""
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   manifest, audio, reviews = _tables(tiny_records)
   config = test_config.get_config()
+  config.model.text_encoder = encoder
   config.train.embedding_update = 'dense'
-  config.train.token_bucket = token_bucket
+  config.train.token_bucket = bucket
+  config.train.lstm_pack_rows = bucket
   kw = dict(batch_size=16, num_devices=1, seed=0, neighbourhood=True,
             reviews_per_album=2)
   (_, first), = [next(input_pipeline.train_batches(reviews, audio,
@@ -167,22 +172,32 @@ def test_index_step_equals_the_host_step(tiny_records, token_bucket):
   tables = train_step.device_tables(reviews, audio, 64)
   a, b = fresh(), fresh()
   key = jax.random.PRNGKey(5)
+  layouts = set()
   for (_, batch), (_, idx) in zip(
       input_pipeline.train_batches(reviews, audio, max_len=64, **kw),
       input_pipeline.train_indices(reviews, audio, **kw)):
     prepared = train_step.prepare_batch(
-        a, batch, 4, token_bucket=train_step.mean_token_bucket(config))
-    a, ma = host_step(a, {k: v[0] for k, v in prepared.items()}, key)
-    size = (prepared['flat_review'].shape[1] if token_bucket else 0)
-    assembled = train_step.assemble(tables, idx['rows'][0],
-                                    idx['tracks'][0], 64, size)
-    if token_bucket:
-      np.testing.assert_array_equal(np.asarray(assembled['flat_review']),
-                                    prepared['flat_review'][0])
-    b, mb = index_step(b, tables, idx['rows'][0], idx['tracks'][0], key,
-                       size)
+        a, batch, 4, pack_rows=train_step.lstm_pack_rows(config),
+        token_bucket=train_step.mean_token_bucket(config))
+    prepared = {k: v[0] for k, v in prepared.items()}
+    a, ma = host_step(a, prepared, key)
+    idx = {k: v[0] for k, v in idx.items()}
+    layout = train_step.Layout(
+        prepared['flat_review'].shape[0] if 'flat_review' in prepared else 0)
+    if 'starts' in prepared:
+      place, rows = packing.plan(batch['lengths'], 64, bucket)
+      idx['place'] = place[0]
+      layout = layout._replace(packed_rows=rows)
+    layouts.add(layout)
+    assembled = train_step.assemble(tables, idx, 64, layout)
+    assert set(assembled) == set(prepared)
+    for k, v in prepared.items():
+      np.testing.assert_array_equal(np.asarray(assembled[k]), v, err_msg=k)
+    b, mb = index_step(b, tables, idx, key, layout)
     if int(a.step) == 4:
       break
+  # The layout asked for was used (0: padded).
+  assert all(max(x) > 0 for x in layouts) == bool(bucket)
   assert float(ma['loss']) == float(mb['loss'])
   for x, y in zip(jax.tree_util.tree_leaves(a.params),
                   jax.tree_util.tree_leaves(b.params)):
@@ -207,8 +222,10 @@ def test_batch_assembly_choice(tiny_records):
   with pytest.raises(UserError, match='steps_per_dispatch=8 needs batches'):
     trainer.steps_per_dispatch(config, 'host')
   config.train.batch_assembly = 'device'
-  config.model.text_encoder = 'lstm'
-  with pytest.raises(UserError, match='lstm text encoder'):
+  config.model.text_encoder = 'lstm'  # Packed on the device.
+  assert trainer.batch_assembly(config, True, data) == 'device'
+  config.model.audio_encoder = 'album_lstm'
+  with pytest.raises(UserError, match='album LSTM'):
     trainer.batch_assembly(config, False, data)
 
 

@@ -18,10 +18,17 @@ Layout of one device's packed batch:
     last token.
 An empty review takes one position holding the padding token, as in the
 padded layout.
+
+Where each review goes (`plan`: first-fit decreasing over the lengths) is
+decided on the host, from lengths alone; the layout is then built there
+(`pack`, host-assembled batches) or inside the step from the reviews
+gathered on the device (`pack_on_device`), and the two are equal.
 """
 
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 KEYS = ('tokens', 'starts', 'ends', 'first', 'last')
@@ -46,35 +53,54 @@ def assign_rows(lengths: np.ndarray, capacity: int
   return row, start, used
 
 
-def pack(tokens: np.ndarray, lengths: np.ndarray, rows_multiple: int,
+def plan(lengths: np.ndarray, capacity: int, rows_multiple: int,
          rows_max: Callable[[int], int] | None = None
-         ) -> dict[str, np.ndarray]:
-  """Packs each device's reviews.
+         ) -> tuple[np.ndarray, int]:
+  """Where each device's reviews go, from their lengths alone.
 
   Args:
-    tokens: (D, B, P) padded tokens (or slots), D devices.
-    lengths: (D, B) true lengths (0 allowed).
+    lengths: (D, B) true lengths (0 allowed), D devices.
+    capacity: P, positions per row (max_len).
     rows_multiple: the row count R (the same on every device) is rounded up
       to a multiple of this, so that only a few shapes are compiled.
     rows_max: with several processes, maps this process's row count to the
       largest of any process (every device needs the same shape).
 
   Returns:
-    The packed arrays (module docstring), each with a leading D axis.
+    (place (D, B, 2) int32: (row, first position) of each review, R).
   """
-  d, b, p = tokens.shape
-  plans = [assign_rows(lengths[i], p) for i in range(d)]
+  plans = [assign_rows(x, capacity) for x in lengths]
   rows = max(used for _, _, used in plans)
   if rows_max is not None:
     rows = rows_max(rows)
-  rows = min(-(-rows // rows_multiple) * rows_multiple, b)
+  rows = min(-(-rows // rows_multiple) * rows_multiple, lengths.shape[1])
+  place = np.stack([np.stack([row, start], -1) for row, start, _ in plans])
+  return place.astype(np.int32), rows
+
+
+def pack(tokens: np.ndarray, lengths: np.ndarray, rows_multiple: int,
+         rows_max: Callable[[int], int] | None = None
+         ) -> dict[str, np.ndarray]:
+  """Packs each device's reviews on the host (numpy).
+
+  Args:
+    tokens: (D, B, P) padded tokens (or slots), D devices.
+    lengths: (D, B) true lengths (0 allowed).
+    rows_multiple, rows_max: as for `plan`.
+
+  Returns:
+    The packed arrays (module docstring), each with a leading D axis.
+  """
+  d, b, p = tokens.shape
+  place, rows = plan(lengths, p, rows_multiple, rows_max)
   out = {'tokens': np.zeros((d, rows, p), tokens.dtype),
          'starts': np.zeros((d, rows, p), bool),
          'ends': np.zeros((d, rows, p), bool),
          'first': np.zeros((d, b, 2), np.int32),
          'last': np.zeros((d, b, 2), np.int32)}
   pos = np.arange(p)
-  for i, (row, start, _) in enumerate(plans):
+  for i in range(d):
+    row, start = place[i, :, 0], place[i, :, 1]
     n = np.maximum(lengths[i], 1)
     # Scatter every review's tokens (its padding token if empty) at once.
     valid = pos[None, :] < n[:, None]
@@ -83,6 +109,36 @@ def pack(tokens: np.ndarray, lengths: np.ndarray, rows_multiple: int,
     out['tokens'][i, dest_row, dest_pos] = tokens[i][valid]
     out['starts'][i, row, start] = True
     out['ends'][i, row, start + n - 1] = True
-    out['first'][i] = np.stack([row, start], 1)
+    out['first'][i] = place[i]
     out['last'][i] = np.stack([row, start + n - 1], 1)
   return out
+
+
+def pack_on_device(tokens: jax.Array, lengths: jax.Array, place: jax.Array,
+                   rows: int) -> dict[str, jax.Array]:
+  """`pack` of one device's reviews inside a jitted step, from the host's
+  `plan`: the same arrays, without the leading D axis.
+
+  Args:
+    tokens: (B, P) padded tokens, 0 after each review's length.
+    lengths: (B,) true lengths (0 allowed), at most P.
+    place: (B, 2) int32 (row, first position) of each review (`plan`).
+    rows: R (static).
+  """
+  p = tokens.shape[1]
+  row, start = place[:, 0], place[:, 1]
+  n = jnp.maximum(lengths, 1)
+  pos = jnp.arange(p)
+  valid = pos[None, :] < n[:, None]
+  # Positions past a review's end go to row R, out of bounds, and are
+  # dropped; an empty review writes its padding token at its one position.
+  dest_row = jnp.where(valid, row[:, None], rows)
+  dest_pos = jnp.where(valid, start[:, None] + pos[None, :], 0)
+  last = start + n - 1
+  return {
+      'tokens': jnp.zeros((rows, p), tokens.dtype).at[dest_row, dest_pos].set(
+          tokens, mode='drop'),
+      'starts': jnp.zeros((rows, p), bool).at[row, start].set(True),
+      'ends': jnp.zeros((rows, p), bool).at[row, last].set(True),
+      'first': place,
+      'last': jnp.stack([row, last], 1)}

@@ -405,23 +405,43 @@ def device_tables(reviews, audio, max_len: int, sharding=None
       audio.descriptors.astype(np.float32))))
 
 
-def assemble(tables: DeviceTables, rows: jax.Array, tracks: jax.Array,
-             max_len: int, num_tokens: int = 0) -> dict[str, jax.Array]:
+class Layout(NamedTuple):
+  """The static sizes of a device-assembled batch's text layout, which the
+  host picks per dispatch from the batch's lengths (bucketed, so that few
+  programs compile).
+
+  Attributes:
+    num_tokens: > 0: the mean encoder's flat layout, 'flat_review'
+      (num_tokens,), as `two_branch.flat_review` builds it.
+    packed_rows: > 0: the LSTM encoder's packed layout of that many rows,
+      built from the host's plan, idx['place'] (`packing.plan`).
+  """
+  num_tokens: int = 0
+  packed_rows: int = 0
+
+
+def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
+             layout: Layout = Layout()) -> dict[str, jax.Array]:
   """The batch of `input_pipeline.make_batch` plus its audio, gathered on
-  the device: rows (b,) review rows, tracks (b,) descriptor rows ->
-  'tokens' (b, max_len), 'lengths' (b,), 'album' (b,), 'audio' (b, A);
-  with `num_tokens` (static) > 0 also the flat layout of the mean encoder,
-  'flat_review' (num_tokens,), as `two_branch.flat_review` builds it."""
+  the device from idx 'rows' (b,) review rows and 'tracks' (b,) descriptor
+  rows: 'tokens' (b, max_len), 'lengths' (b,), 'album' (b,), 'audio'
+  (b, A); with `layout`, the text in the layout `prepare_batch` would give
+  on the host: 'flat_review', or packed rows and their markers (replacing
+  'tokens'; `packing.pack_on_device`, from idx 'place' (b, 2))."""
+  rows = idx['rows']
   lengths = tables.lengths[rows]
   pos = jnp.arange(max_len)
   valid = pos[None, :] < lengths[:, None]
   tokens = jnp.where(valid, tables.tokens[tables.offsets[rows][:, None] +
                                           pos[None, :]], 0)
   batch = {'tokens': tokens, 'lengths': lengths, 'album': tables.album[rows],
-           'audio': tables.descriptors[tracks]}
-  if num_tokens:
+           'audio': tables.descriptors[idx['tracks']]}
+  if layout.num_tokens:
     batch['flat_review'] = two_branch.flat_owner(
-        jnp.minimum(lengths, max_len), num_tokens)
+        jnp.minimum(lengths, max_len), layout.num_tokens)
+  if layout.packed_rows:
+    batch.update(packing.pack_on_device(tokens, jnp.minimum(lengths, max_len),
+                                        idx['place'], layout.packed_rows))
   return batch
 
 
@@ -429,18 +449,18 @@ def _index_bodies(loss_config, max_len: int, axis_name: str | None
                   ) -> tuple[Callable, Callable]:
   """The step bodies fed indices, one step and several (a `lax.scan`), for
   `index_step(s)` and `index_pmap_step(s)` to wrap."""
-  def one(state, tables, rows, tracks, key, num_tokens):
+  def one(state, tables, idx, key, layout):
     return per_device_step(
-        state, assemble(tables, rows, tracks, max_len, num_tokens), key,
+        state, assemble(tables, idx, max_len, layout), key,
         loss_config=loss_config, axis_name=axis_name)
 
-  def many(state, tables, rows, tracks, base_key, step0, num_tokens):
+  def many(state, tables, idx, base_key, step0, layout):
     def body(state, xs):
-      i, r, t = xs
-      return one(state, tables, r, t, jax.random.fold_in(base_key, step0 + i),
-                 num_tokens)
-    state, metrics = jax.lax.scan(
-        body, state, (jnp.arange(rows.shape[0]), rows, tracks))
+      i, step_idx = xs
+      return one(state, tables, step_idx,
+                 jax.random.fold_in(base_key, step0 + i), layout)
+    n = idx['rows'].shape[0]
+    state, metrics = jax.lax.scan(body, state, (jnp.arange(n), idx))
     last = jax.tree_util.tree_map(lambda x: x[-1], metrics)
     return state, dict(last, finite=jnp.min(metrics['finite']))
   return one, many
@@ -449,68 +469,68 @@ def _index_bodies(loss_config, max_len: int, axis_name: str | None
 def index_step(loss_config, max_len: int, mesh: Mesh | None = None
                ) -> Callable:
   """jit of the body fed indices instead of a batch:
-  fn(state, tables, rows, tracks, key, num_tokens) -> (state, metrics);
-  `num_tokens` (static, 0: padded) as for `assemble`. The tables are an
-  argument, not a constant of the program.
+  fn(state, tables, idx, key, layout) -> (state, metrics), with `idx` and
+  `layout` (static) as for `assemble`. The tables are an argument, not a
+  constant of the program.
 
-  On one device rows and tracks are (b,). With `mesh`, the body runs under
+  On one device idx's arrays are (b, ...). With `mesh`, the body runs under
   `shard_map` over its devices as `shard_map_step` does: the state and
-  tables replicated on the mesh, rows and tracks (D * b,) with device d's
-  share at [d * b:(d + 1) * b], and `num_tokens` every device's size.
+  tables replicated on the mesh, idx's arrays (D * b, ...) with device d's
+  share at [d * b:(d + 1) * b], and `layout` every device's sizes.
   """
   one, _ = _index_bodies(loss_config, max_len, AXIS if mesh else None)
 
-  def step(state, tables, rows, tracks, key, num_tokens=0):
-    body = functools.partial(one, num_tokens=num_tokens)
+  def step(state, tables, idx, key, layout=Layout()):
+    body = functools.partial(one, layout=layout)
     if mesh is None:
-      return body(state, tables, rows, tracks, key)
+      return body(state, tables, idx, key)
     return jax.shard_map(body, mesh=mesh,
-                         in_specs=(P(), P(), P(AXIS), P(AXIS), P()),
+                         in_specs=(P(), P(), P(AXIS), P()),
                          out_specs=(P(), P()), check_vma=False)(
-                             state, tables, rows, tracks, key)
-  return jax.jit(step, donate_argnums=0, static_argnums=5)
+                             state, tables, idx, key)
+  return jax.jit(step, donate_argnums=0, static_argnums=4)
 
 
 def index_steps(loss_config, max_len: int, mesh: Mesh | None = None
                 ) -> Callable:
   """Several steps of `index_step` in one dispatch (a `lax.scan`):
-  fn(state, tables, rows (n, ...), tracks (n, ...), base_key, step0,
-  num_tokens) -> (state, metrics of the last step, with 'finite' the least
-  over the n); `num_tokens` (static) serves all n steps, and `mesh` is
-  `index_step`'s (each step's rows on axis 1).
+  fn(state, tables, idx (arrays (n, ...)), base_key, step0, layout) ->
+  (state, metrics of the last step, with 'finite' the least over the n);
+  `layout` (static) serves all n steps, and `mesh` is `index_step`'s (each
+  step's share on axis 1).
   Step i's key is fold_in(base_key, step0 + i), as the loop gives one step.
   """
   _, many = _index_bodies(loss_config, max_len, AXIS if mesh else None)
 
-  def steps(state, tables, rows, tracks, base_key, step0, num_tokens=0):
-    body = functools.partial(many, num_tokens=num_tokens)
+  def steps(state, tables, idx, base_key, step0, layout=Layout()):
+    body = functools.partial(many, layout=layout)
     if mesh is None:
-      return body(state, tables, rows, tracks, base_key, step0)
+      return body(state, tables, idx, base_key, step0)
     return jax.shard_map(
         body, mesh=mesh,
-        in_specs=(P(), P(), P(None, AXIS), P(None, AXIS), P(), P()),
+        in_specs=(P(), P(), P(None, AXIS), P(), P()),
         out_specs=(P(), P()), check_vma=False)(
-            state, tables, rows, tracks, base_key, step0)
-  return jax.jit(steps, donate_argnums=0, static_argnums=6)
+            state, tables, idx, base_key, step0)
+  return jax.jit(steps, donate_argnums=0, static_argnums=5)
 
 
 def index_pmap_step(loss_config, max_len: int) -> Callable:
-  """pmap of the body fed indices: fn(state, tables, rows (D, b),
-  tracks (D, b), key, num_tokens) -> (state, metrics); tables with a
-  leading device axis (`replicate_tables`), state unreplicated as for
-  `pmap_step`. Each process passes its own devices' tables and indices, so
-  in a multi-host run every process keeps only its albums."""
+  """pmap of the body fed indices: fn(state, tables, idx (arrays
+  (D, b, ...)), key, layout) -> (state, metrics); tables with a leading
+  device axis (`replicate_tables`), state unreplicated as for `pmap_step`.
+  Each process passes its own devices' tables and indices, so in a
+  multi-host run every process keeps only its albums."""
   one, _ = _index_bodies(loss_config, max_len, AXIS)
-  return jax.pmap(one, axis_name=AXIS, in_axes=(None, 0, 0, 0, None),
-                  out_axes=None, static_broadcasted_argnums=5)
+  return jax.pmap(one, axis_name=AXIS, in_axes=(None, 0, 0, None),
+                  out_axes=None, static_broadcasted_argnums=4)
 
 
 def index_pmap_steps(loss_config, max_len: int) -> Callable:
   """Several steps of `index_pmap_step` in one dispatch: fn(state, tables,
-  rows (D, n, b), tracks (D, n, b), base_key, step0, num_tokens)."""
+  idx (arrays (D, n, b, ...)), base_key, step0, layout)."""
   _, many = _index_bodies(loss_config, max_len, AXIS)
-  return jax.pmap(many, axis_name=AXIS, in_axes=(None, 0, 0, 0, None, None),
-                  out_axes=None, static_broadcasted_argnums=6)
+  return jax.pmap(many, axis_name=AXIS, in_axes=(None, 0, 0, None, None),
+                  out_axes=None, static_broadcasted_argnums=5)
 
 
 def replicate_tables(tables: DeviceTables, devices=None) -> DeviceTables:

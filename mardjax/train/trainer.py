@@ -37,6 +37,7 @@ from mardjax.data import tables
 from mardjax.errors import UserError
 from mardjax.models import two_branch
 from mardjax.train import checkpoints
+from mardjax.train import packing
 from mardjax.train import train_step
 
 
@@ -125,13 +126,15 @@ def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
 
   On the device (`train_step.index_step`) the tables are copied to the
   device once (one copy per device under pmap, replicated on a shard_map
-  mesh) and the host sends only row indices per step; this serves the
-  dense embedding update of the mean encoder (what 'auto' picks on
-  accelerators) on one device or several, and under pmap across processes
-  too (each process's devices hold its own albums). The host path serves
-  everything: the lazy update's word-id compaction, LSTM packing, the album
-  LSTM, features of a pretrained encoder, and shard_map across processes
-  (a replicated table would have to be the same in every process).
+  mesh) and the host sends only row indices per step (and, for the packed
+  LSTM, where each review goes: `packing.plan`, from lengths alone); this
+  serves the dense embedding update (what 'auto' picks on accelerators) of
+  the mean and the LSTM encoders, on one device or several, and under pmap
+  across processes too (each process's devices hold its own albums). The
+  host path serves everything: also the lazy update's word-id compaction,
+  the album LSTM, features of a pretrained encoder, and shard_map across
+  processes (a replicated table would have to be the same in every
+  process).
   """
   wanted = config.train.batch_assembly
   reasons = [why for bad, why in (
@@ -139,8 +142,6 @@ def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
        and jax.process_count() > 1, 'shard_map across processes'),
       (train_step.embedding_update(config) != 'dense',
        'the lazy embedding update'),
-      (config.model.text_encoder != 'mean', 'the '
-       f'{config.model.text_encoder} text encoder'),
       (two_branch.album_tracks(config) > 0, 'the album LSTM'),
       (data.reviews.features is not None, 'pretrained text features'))
              if bad]
@@ -232,31 +233,45 @@ def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
     one = train_step.index_step(config.loss, max_len, mesh)
     many = train_step.index_steps(config.loss, max_len, mesh)
   token_bucket = train_step.mean_token_bucket(config)
+  pack_rows = train_step.lstm_pack_rows(config)
   lengths = np.minimum(data.reviews.lengths, max_len)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
 
-  def num_tokens(rows):  # The flat layout's size (static), 0: padded.
-    if not token_bucket:
-      return 0
-    # rows (n, D, b): the largest count of any step, device and process.
-    size = int(lengths[rows].sum(-1).max())
-    return two_branch.flat_size(sync.max(size) if sync else size, token_bucket)
+  def layout(rows):
+    """The text layout's static sizes for the steps' rows (n, D, b), the
+    largest of any step, device and process, and the LSTM's packing plan
+    (n, D, b, 2) (or None)."""
+    step_lengths = lengths[rows]
+    num_tokens = packed_rows = 0
+    place = None
+    if token_bucket:
+      size = int(step_lengths.sum(-1).max())
+      num_tokens = two_branch.flat_size(sync.max(size) if sync else size,
+                                        token_bucket)
+    if pack_rows:
+      place, packed_rows = packing.plan(
+          step_lengths.reshape(-1, rows.shape[-1]), max_len, pack_rows,
+          sync.max if sync else None)
+      place = place.reshape(*rows.shape, 2)
+    return place, train_step.Layout(num_tokens, packed_rows)
 
   def device_fn(s, items, step0, base_key):
-    # (n, D, b) indices: under pmap (D, b) or (D, n, b); on one device (b,)
-    # or (n, b); on a mesh (D * b,) or (n, D * b).
-    rows = np.stack([x['rows'] for x in items])
-    tracks = np.stack([x['tracks'] for x in items])
-    size = num_tokens(rows)
+    # (n, D, b, ...) indices: under pmap (D, b, ...) or (D, n, b, ...); on
+    # one device (b, ...) or (n, b, ...); on a mesh (D * b, ...) or
+    # (n, D * b, ...).
+    idx = {k: np.stack([x[k] for x in items]) for k in ('rows', 'tracks')}
+    place, sizes = layout(idx['rows'])
+    if place is not None:
+      idx['place'] = place
     if pmap:
-      rows, tracks = (np.swapaxes(x, 0, 1) for x in (rows, tracks))
+      idx = {k: np.swapaxes(x, 0, 1) for k, x in idx.items()}
     else:
-      rows, tracks = (x.reshape(len(items), -1) for x in (rows, tracks))
+      idx = {k: x.reshape(len(items), -1, *x.shape[3:])
+             for k, x in idx.items()}
     if len(items) == 1:
-      pick = (lambda x: x[:, 0]) if pmap else (lambda x: x[0])
-      return one(s, tables_, pick(rows), pick(tracks),
-                 jax.random.fold_in(base_key, step0), size)
-    return many(s, tables_, rows, tracks, base_key, np.int32(step0), size)
+      idx = {k: x[:, 0] if pmap else x[0] for k, x in idx.items()}
+      return one(s, tables_, idx, jax.random.fold_in(base_key, step0), sizes)
+    return many(s, tables_, idx, base_key, np.int32(step0), sizes)
   return state, device_fn
 
 
