@@ -185,9 +185,10 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket):
     layout = train_step.Layout(
         prepared['flat_review'].shape[0] if 'flat_review' in prepared else 0)
     if 'starts' in prepared:
-      place, rows = packing.plan(batch['lengths'], 64, bucket)
+      place, used = packing.plan(batch['lengths'], 64)
       idx['place'] = place[0]
-      layout = layout._replace(packed_rows=rows)
+      layout = layout._replace(
+          packed_rows=packing.row_count(used, bucket, len(place[0])))
     layouts.add(layout)
     assembled = train_step.assemble(tables, idx, 64, layout)
     assert set(assembled) == set(prepared)

@@ -217,7 +217,8 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
 def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
                 data: TrainingData):
   """`_step` for batches assembled on the device: the tables copied there
-  once, the step fed each batch's row and track indices."""
+  once, the step fed each batch's row and track indices (and the LSTM's
+  packing plan, `_with_packing_plan`) and the layout's static sizes."""
   max_len = config.data.max_len
   tables_ = train_step.device_tables(data.reviews, data.audio, max_len)
   pmap = parallel and config.train.parallelism == 'pmap'
@@ -237,32 +238,28 @@ def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
   lengths = np.minimum(data.reviews.lengths, max_len)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
 
-  def layout(rows):
-    """The text layout's static sizes for the steps' rows (n, D, b), the
-    largest of any step, device and process, and the LSTM's packing plan
-    (n, D, b, 2) (or None)."""
-    step_lengths = lengths[rows]
+  def layout(items):
+    """The text layout's static sizes for the steps' indices, the largest
+    of any step, device and process."""
     num_tokens = packed_rows = 0
-    place = None
     if token_bucket:
-      size = int(step_lengths.sum(-1).max())
+      # rows (n, D, b): the most real tokens of any step and device.
+      size = int(max(lengths[x['rows']].sum(-1).max() for x in items))
       num_tokens = two_branch.flat_size(sync.max(size) if sync else size,
                                         token_bucket)
     if pack_rows:
-      place, packed_rows = packing.plan(
-          step_lengths.reshape(-1, rows.shape[-1]), max_len, pack_rows,
-          sync.max if sync else None)
-      place = place.reshape(*rows.shape, 2)
-    return place, train_step.Layout(num_tokens, packed_rows)
+      used = max(int(x['packed_rows']) for x in items)
+      packed_rows = packing.row_count(sync.max(used) if sync else used,
+                                      pack_rows, items[0]['rows'].shape[-1])
+    return train_step.Layout(num_tokens, packed_rows)
 
   def device_fn(s, items, step0, base_key):
     # (n, D, b, ...) indices: under pmap (D, b, ...) or (D, n, b, ...); on
     # one device (b, ...) or (n, b, ...); on a mesh (D * b, ...) or
     # (n, D * b, ...).
-    idx = {k: np.stack([x[k] for x in items]) for k in ('rows', 'tracks')}
-    place, sizes = layout(idx['rows'])
-    if place is not None:
-      idx['place'] = place
+    idx = {k: np.stack([x[k] for x in items])
+           for k in ('rows', 'tracks', 'place') if k in items[0]}
+    sizes = layout(items)
     if pmap:
       idx = {k: np.swapaxes(x, 0, 1) for k, x in idx.items()}
     else:
@@ -273,6 +270,19 @@ def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
       return one(s, tables_, idx, jax.random.fold_in(base_key, step0), sizes)
     return many(s, tables_, idx, base_key, np.int32(step0), sizes)
   return state, device_fn
+
+
+def _with_packing_plan(it: Iterator, lengths: np.ndarray, max_len: int
+                       ) -> Iterator:
+  """`train_indices` batches plus where the packed LSTM layout puts each
+  review, 'place' (D, b, 2), and the rows the fullest device uses,
+  'packed_rows' (`packing.plan`). The plan is made here, in the prefetch
+  thread, off the step's path: first-fit decreasing is a Python loop over
+  the batch (about 3 ms at 1,024 reviews, 30 ms at 8,192, on one core)."""
+  lengths = np.minimum(lengths, max_len)
+  for position, idx in it:
+    place, used = packing.plan(lengths[idx['rows']], max_len)
+    yield position, dict(idx, place=place, packed_rows=np.int64(used))
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str,
@@ -300,8 +310,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
         **order)
 
   def indices(epoch, batch):
-    return input_pipeline.train_indices(reviews, audio, start_epoch=epoch,
-                                        start_batch=batch, **order)
+    it = input_pipeline.train_indices(reviews, audio, start_epoch=epoch,
+                                      start_batch=batch, **order)
+    if not train_step.lstm_pack_rows(config):
+      return it
+    return _with_packing_plan(it, reviews.lengths, config.data.max_len)
 
   try:
     (_, first) = next(batches(0, 0))
