@@ -145,17 +145,20 @@ def test_device_assembly_matches_the_host_batches(tiny_records):
       np.testing.assert_array_equal(np.asarray(got[k]), batch[k][0])
 
 
-@pytest.mark.parametrize('encoder,bucket', [
-    ('mean', 0), ('mean', 64), ('lstm', 0), ('lstm', 2)])
-def test_index_step_equals_the_host_step(tiny_records, encoder, bucket):
+@pytest.mark.parametrize('encoder,bucket,update', [
+    ('mean', 0, 'dense'), ('mean', 64, 'dense'), ('lstm', 0, 'dense'),
+    ('lstm', 2, 'dense'), ('mean', 0, 'lazy'), ('lstm', 2, 'lazy')])
+def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
+                                         update):
   """Batches assembled on the device train exactly as the host's, on the
   padded layout, the mean encoder's flat layout (whose size the host
-  sends, static) and the LSTM's packed rows (from the host's plan)."""
+  sends, static) and the LSTM's packed rows (from the host's plan), with
+  the dense update and the lazy one (slots from the host's word list)."""
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   manifest, audio, reviews = _tables(tiny_records)
   config = test_config.get_config()
   config.model.text_encoder = encoder
-  config.train.embedding_update = 'dense'
+  config.train.embedding_update = update
   config.train.token_bucket = bucket
   config.train.lstm_pack_rows = bucket
   kw = dict(batch_size=16, num_devices=1, seed=0, neighbourhood=True,
@@ -189,8 +192,11 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket):
       idx['place'] = place[0]
       layout = layout._replace(
           packed_rows=packing.row_count(used, bucket, len(place[0])))
+    if update == 'lazy':
+      idx['vocab_ids'] = prepared['vocab_ids']
     layouts.add(layout)
-    assembled = train_step.assemble(tables, idx, 64, layout)
+    assembled = train_step.assemble(tables, idx, 64, layout,
+                                    model.vocab_size)
     assert set(assembled) == set(prepared)
     for k, v in prepared.items():
       np.testing.assert_array_equal(np.asarray(assembled[k]), v, err_msg=k)

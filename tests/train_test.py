@@ -288,16 +288,19 @@ def test_sigkill_mid_training_then_restart_matches_uninterrupted(
   _params_close(a.params, b.params)
 
 
-@pytest.mark.parametrize('encoder,devices,parallelism', [
-    ('mean', 1, 'pmap'), ('mean', 4, 'shard_map'), ('mean', 4, 'pmap'),
-    ('lstm', 4, 'shard_map'), ('lstm', 4, 'pmap')])
+@pytest.mark.parametrize('encoder,update,devices,parallelism', [
+    ('mean', 'dense', 1, 'pmap'), ('mean', 'dense', 4, 'shard_map'),
+    ('mean', 'dense', 4, 'pmap'), ('lstm', 'dense', 4, 'pmap'),
+    ('lstm', 'lazy', 4, 'shard_map'), ('mean', 'lazy', 1, 'pmap')])
 def test_device_assembled_training_equals_host_assembled(
-    tiny_records, tmp_path, encoder, devices, parallelism):
-  """The dense mean model (flat layout) and the dense LSTM model (packed
-  rows) train on batches built on the device from indices, one or several
-  steps per dispatch, on one device or on 4 (a shard_map mesh with the
-  tables replicated on it, or pmap with a copy per device, each assembling
-  its share): the run is the host-assembled run, bit for bit."""
+    tiny_records, tmp_path, encoder, update, devices, parallelism):
+  """The mean model (flat layout under the dense update) and the LSTM
+  model (packed rows), with the dense or the lazy update (the batch's word
+  list from the host, slots made in the step), train on batches built on
+  the device from indices, one or several steps per dispatch, on one
+  device or on 4 (a shard_map mesh with the tables replicated on it, or
+  pmap with a copy per device, each assembling its share): the run is the
+  host-assembled run, bit for bit."""
   data_dir, _ = tiny_records
   code = (
       'import json, sys\n'
@@ -306,7 +309,8 @@ def test_device_assembled_training_equals_host_assembled(
       'from mardjax import modes\n'
       'config = test_config.get_config()\n'
       'config.train.update(num_steps=14, eval_every=7, checkpoint_every=7,\n'
-      '    log_every=7, embedding_update="dense", batch_assembly=sys.argv[1],\n'
+      '    log_every=7, embedding_update=sys.argv[6],\n'
+      '    batch_assembly=sys.argv[1],\n'
       '    steps_per_dispatch=int(sys.argv[3]), parallelism=sys.argv[4])\n'
       'config.model.text_encoder = sys.argv[5]\n'
       f'_, m = modes.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
@@ -326,7 +330,7 @@ def test_device_assembled_training_equals_host_assembled(
     name = f'{assembly}{per_dispatch}'
     proc = subprocess.run(
         [sys.executable, '-c', code, assembly, str(tmp_path / name),
-         str(per_dispatch), parallelism, encoder],
+         str(per_dispatch), parallelism, encoder, update],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out[name].pop('assembly') == assembly

@@ -88,12 +88,18 @@ class ReviewTable:
   def __len__(self) -> int:
     return self.lengths.shape[0]
 
+  def token_index(self, rows: np.ndarray) -> np.ndarray:
+    """(sum of lengths[rows],) int64: where the real tokens of reviews
+    `rows` lie in `tokens`, review after review."""
+    lengths = self.lengths[rows]
+    # A token's index: its review's offset plus its position in the review.
+    starts = np.cumsum(lengths, dtype=np.int64) - lengths
+    return (np.arange(starts[-1] + lengths[-1] if len(rows) else 0)
+            + np.repeat(self.offsets[rows] - starts, lengths))
+
   def document_frequency(self, vocab_size: int) -> np.ndarray:
     """(vocab_size,) int64: how many reviews hold each word."""
     review = np.repeat(np.arange(len(self), dtype=np.int64), self.lengths)
-    # Each token's index in `tokens`: its review's offset plus its position.
-    starts = np.cumsum(self.lengths, dtype=np.int64) - self.lengths
-    at = np.arange(review.shape[0]) + np.repeat(self.offsets - starts,
-                                                self.lengths)
+    at = self.token_index(np.arange(len(self)))
     pairs = np.unique(review * vocab_size + self.tokens[at])
     return np.bincount(pairs % vocab_size, minlength=vocab_size)

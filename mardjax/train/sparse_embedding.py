@@ -103,15 +103,36 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
   ids = np.flatnonzero(present).astype(np.int32)
   lookup = np.zeros(vocab_size, np.int32)
   lookup[ids] = np.arange(ids.shape[0], dtype=np.int32)
-  size = -(-ids.shape[0] // bucket) * bucket
-  # Padding ids V, V+1, ...: out of range, and distinct like the real ones.
-  padded = np.arange(vocab_size - ids.shape[0], vocab_size - ids.shape[0]
-                     + size, dtype=np.int32)
-  padded[:ids.shape[0]] = ids
+  padded = padded_ids(ids, vocab_size, bucket_size(ids.shape[0], bucket))
   out = {k: v for k, v in batch.items() if k != 'tokens'}
   out['slots'] = lookup[tokens]
-  out['vocab_ids'] = np.broadcast_to(padded, (tokens.shape[0], size))
+  out['vocab_ids'] = np.broadcast_to(padded, (tokens.shape[0], len(padded)))
   return out
+
+
+def bucket_size(count: int, bucket: int) -> int:
+  """U for `count` distinct ids: rounded up to a multiple of `bucket`."""
+  return -(-count // bucket) * bucket
+
+
+def padded_ids(ids: np.ndarray, vocab_size: int, size: int) -> np.ndarray:
+  """(size,) int32: the sorted distinct `ids` (k,), then padding ids V,
+  V+1, ...: out of range, and distinct like the real ones."""
+  padded = np.arange(vocab_size - ids.shape[0],
+                     vocab_size - ids.shape[0] + size, dtype=np.int32)
+  padded[:ids.shape[0]] = ids
+  return padded
+
+
+def slots_on_device(tokens: jax.Array, vocab_ids: jax.Array,
+                    vocab_size: int) -> jax.Array:
+  """`compact_batch`'s 'slots' inside a jitted step: each token's index in
+  `vocab_ids` (U,) (`padded_ids`, holding every id of `tokens`), through a
+  (V,) lookup as the host builds it."""
+  lookup = jnp.zeros(vocab_size, jnp.int32).at[vocab_ids].set(
+      jnp.arange(vocab_ids.shape[0], dtype=jnp.int32), mode='drop',
+      unique_indices=True)
+  return lookup[tokens]
 
 
 def gather_rows(table: jax.Array, vocab_ids: jax.Array) -> jax.Array:

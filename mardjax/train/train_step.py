@@ -421,13 +421,17 @@ class Layout(NamedTuple):
 
 
 def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
-             layout: Layout = Layout()) -> dict[str, jax.Array]:
+             layout: Layout = Layout(), vocab_size: int = 0
+             ) -> dict[str, jax.Array]:
   """The batch of `input_pipeline.make_batch` plus its audio, gathered on
   the device from idx 'rows' (b,) review rows and 'tracks' (b,) descriptor
   rows: 'tokens' (b, max_len), 'lengths' (b,), 'album' (b,), 'audio'
-  (b, A); with `layout`, the text in the layout `prepare_batch` would give
-  on the host: 'flat_review', or packed rows and their markers (replacing
-  'tokens'; `packing.pack_on_device`, from idx 'place' (b, 2))."""
+  (b, A); then, as `prepare_batch` would give it on the host, the text in
+  `layout`: 'flat_review', or packed rows and their markers (replacing
+  'tokens'; `packing.pack_on_device`, from idx 'place' (b, 2)); and for
+  the lazy update, given idx 'vocab_ids' (U,) (the batch's distinct words,
+  `sparse_embedding.padded_ids`) and the table's `vocab_size`, 'slots'
+  in place of the tokens."""
   rows = idx['rows']
   lengths = tables.lengths[rows]
   pos = jnp.arange(max_len)
@@ -442,6 +446,10 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
   if layout.packed_rows:
     batch.update(packing.pack_on_device(tokens, jnp.minimum(lengths, max_len),
                                         idx['place'], layout.packed_rows))
+  if 'vocab_ids' in idx:
+    batch['slots'] = sparse_embedding.slots_on_device(
+        batch.pop('tokens'), idx['vocab_ids'], vocab_size)
+    batch['vocab_ids'] = idx['vocab_ids']
   return batch
 
 
@@ -450,8 +458,10 @@ def _index_bodies(loss_config, max_len: int, axis_name: str | None
   """The step bodies fed indices, one step and several (a `lax.scan`), for
   `index_step(s)` and `index_pmap_step(s)` to wrap."""
   def one(state, tables, idx, key, layout):
+    vocab_size = (sparse_embedding.split_table(state.params)[0].shape[0]
+                  if state.embed_tx is not None else 0)
     return per_device_step(
-        state, assemble(tables, idx, max_len, layout), key,
+        state, assemble(tables, idx, max_len, layout, vocab_size), key,
         loss_config=loss_config, axis_name=axis_name)
 
   def many(state, tables, idx, base_key, step0, layout):

@@ -38,6 +38,7 @@ from mardjax.errors import UserError
 from mardjax.models import two_branch
 from mardjax.train import checkpoints
 from mardjax.train import packing
+from mardjax.train import sparse_embedding
 from mardjax.train import train_step
 
 
@@ -140,8 +141,6 @@ def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
   reasons = [why for bad, why in (
       (parallel and config.train.parallelism == 'shard_map'
        and jax.process_count() > 1, 'shard_map across processes'),
-      (train_step.embedding_update(config) != 'dense',
-       'the lazy embedding update'),
       (two_branch.album_tracks(config) > 0, 'the album LSTM'),
       (data.reviews.features is not None, 'pretrained text features'))
              if bad]
@@ -218,7 +217,8 @@ def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
                 data: TrainingData):
   """`_step` for batches assembled on the device: the tables copied there
   once, the step fed each batch's row and track indices (and the LSTM's
-  packing plan, `_with_packing_plan`) and the layout's static sizes."""
+  packing plan and the lazy update's word list, `_with_plans`) and the
+  layout's static sizes."""
   max_len = config.data.max_len
   tables_ = train_step.device_tables(data.reviews, data.audio, max_len)
   pmap = parallel and config.train.parallelism == 'pmap'
@@ -237,6 +237,7 @@ def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
   pack_rows = train_step.lstm_pack_rows(config)
   lengths = np.minimum(data.reviews.lengths, max_len)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
+  vocab_size = sparse_embedding.split_table(state.params)[0].shape[0]
 
   def layout(items):
     """The text layout's static sizes for the steps' indices, the largest
@@ -253,6 +254,31 @@ def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
                                       pack_rows, items[0]['rows'].shape[-1])
     return train_step.Layout(num_tokens, packed_rows)
 
+  def vocab_ids(items, sizes):
+    """(n, D, U) each step's distinct words (`sparse_embedding.padded_ids`),
+    the same list on every device, as `prepare_batch` compacts them."""
+    words = []
+    for x in items:
+      lens = lengths[x['rows']]  # (D, b)
+      # The host compacts the token array of the layout, padding included:
+      # the padding word is in the list when that array holds one.
+      if sizes.packed_rows:
+        padding = ((lens == 0).any() or (sizes.packed_rows * max_len
+                                         > np.maximum(lens, 1).sum(-1)).any())
+      else:
+        padding = (lens < max_len).any()
+      w = np.union1d(x['words'], [0]) if padding else x['words']
+      if sync:
+        present = np.zeros(vocab_size, bool)
+        present[w] = True
+        w = np.flatnonzero(sync.any(present))
+      words.append(w)
+    size = sparse_embedding.bucket_size(max(len(w) for w in words),
+                                        config.train.vocab_bucket)
+    d = items[0]['rows'].shape[0]
+    return np.stack([np.broadcast_to(sparse_embedding.padded_ids(
+        w, vocab_size, size), (d, size)) for w in words])
+
   def device_fn(s, items, step0, base_key):
     # (n, D, b, ...) indices: under pmap (D, b, ...) or (D, n, b, ...); on
     # one device (b, ...) or (n, b, ...); on a mesh (D * b, ...) or
@@ -260,6 +286,8 @@ def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
     idx = {k: np.stack([x[k] for x in items])
            for k in ('rows', 'tracks', 'place') if k in items[0]}
     sizes = layout(items)
+    if s.embed_tx is not None:
+      idx['vocab_ids'] = vocab_ids(items, sizes)
     if pmap:
       idx = {k: np.swapaxes(x, 0, 1) for k, x in idx.items()}
     else:
@@ -272,17 +300,28 @@ def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
   return state, device_fn
 
 
-def _with_packing_plan(it: Iterator, lengths: np.ndarray, max_len: int
-                       ) -> Iterator:
-  """`train_indices` batches plus where the packed LSTM layout puts each
-  review, 'place' (D, b, 2), and the rows the fullest device uses,
-  'packed_rows' (`packing.plan`). The plan is made here, in the prefetch
-  thread, off the step's path: first-fit decreasing is a Python loop over
-  the batch (about 3 ms at 1,024 reviews, 30 ms at 8,192, on one core)."""
-  lengths = np.minimum(lengths, max_len)
+def _with_plans(it: Iterator, reviews: tables.ReviewTable, max_len: int,
+                pack: bool, words: bool) -> Iterator:
+  """`train_indices` batches plus what the host decides for the step from
+  the indices, made here, in the prefetch thread, off the step's path.
+
+  With `pack`, where the packed LSTM layout puts each review, 'place'
+  (D, b, 2), and the rows the fullest device uses, 'packed_rows'
+  (`packing.plan`; first-fit decreasing is a Python loop over the batch:
+  about 3 ms at 1,024 reviews, 30 ms at 8,192, on one core). With `words`
+  (the lazy update), the sorted distinct words of the batch's reviews on
+  all local devices, 'words' (k,), which the step's word list is made of.
+  """
+  lengths = np.minimum(reviews.lengths, max_len)
   for position, idx in it:
-    place, used = packing.plan(lengths[idx['rows']], max_len)
-    yield position, dict(idx, place=place, packed_rows=np.int64(used))
+    idx = dict(idx)
+    if pack:
+      idx['place'], used = packing.plan(lengths[idx['rows']], max_len)
+      idx['packed_rows'] = np.int64(used)
+    if words:
+      idx['words'] = np.unique(
+          reviews.tokens[reviews.token_index(idx['rows'].ravel())])
+    yield position, idx
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str,
@@ -312,9 +351,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
   def indices(epoch, batch):
     it = input_pipeline.train_indices(reviews, audio, start_epoch=epoch,
                                       start_batch=batch, **order)
-    if not train_step.lstm_pack_rows(config):
+    pack = train_step.lstm_pack_rows(config) > 0
+    words = train_step.embedding_update(config) == 'lazy'
+    if not pack and not words:
       return it
-    return _with_packing_plan(it, reviews.lengths, config.data.max_len)
+    return _with_plans(it, reviews, config.data.max_len, pack, words)
 
   try:
     (_, first) = next(batches(0, 0))
