@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -52,16 +54,22 @@ def test_two_processes_train_in_lock_step_and_resume(tmp_path,
   assert second[0]['params_sha256'] != first[0]['params_sha256']
 
 
+@pytest.mark.parametrize('encoder,update', [('mean', 'dense'),
+                                            ('lstm', 'lazy')])
 def test_two_processes_assemble_batches_on_their_own_devices(
-    tmp_path, tiny_corpus_master, tiny_records):
+    tmp_path, tiny_corpus_master, tiny_records, encoder, update):
   """Under pmap each process copies its own albums' tables to its devices
-  and sends indices: the same run as host-assembled batches, bit for bit."""
+  and sends indices (and, for the lazy update, the word list of the union
+  over processes; for the packed LSTM, the row count of the fullest
+  device of any process): the same run as host-assembled batches, bit for
+  bit."""
   data_dir, _ = tiny_records
   runs = {}
   for assembly in ('host', 'device'):
     runs[assembly] = _run_pair(
         tmp_path / assembly, tiny_corpus_master, data_dir, 8,
-        ('--config.train.embedding_update=dense',
+        (f'--config.model.text_encoder={encoder}',
+         f'--config.train.embedding_update={update}',
          f'--config.train.batch_assembly={assembly}'))
   shas = {r['params_sha256'] for rs in runs.values() for r in rs}
   assert len(shas) == 1

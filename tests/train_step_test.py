@@ -231,6 +231,8 @@ def test_batch_assembly_choice(tiny_records):
   config.train.batch_assembly = 'device'
   config.model.text_encoder = 'lstm'  # Packed on the device.
   assert trainer.batch_assembly(config, True, data) == 'device'
+  config.train.embedding_update = 'lazy'  # Asked for: served.
+  assert trainer.batch_assembly(config, True, data) == 'device'
   config.model.audio_encoder = 'album_lstm'
   with pytest.raises(UserError, match='album LSTM'):
     trainer.batch_assembly(config, False, data)
