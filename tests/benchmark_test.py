@@ -92,6 +92,8 @@ def test_train_loop_benchmark_runs_the_real_loop_without_tensorflow(tmp_path):
   assert tensorflow_loaded == 'False'
   assert line['benchmark'] == 'train_loop' and line['steps'] == 6
   assert line['evaluations'] == 3  # Steps 0, 3 and 6.
+  # The test config's lazy update on a CPU: 'auto' assembles on the host.
+  assert (line['batch_assembly'], line['steps_per_dispatch']) == ('host', 1)
   assert line['end_to_end_examples_per_s'] > 0
   assert line['step_examples_per_s'] > 0
   assert 0 < line['eval_share'] < 1 and 0 < line['checkpoint_share'] < 1

@@ -314,13 +314,9 @@ def test_device_assembled_training_equals_host_assembled(
       '    steps_per_dispatch=int(sys.argv[3]), parallelism=sys.argv[4])\n'
       'config.model.text_encoder = sys.argv[5]\n'
       f'_, m = modes.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
-      'from mardjax.train import trainer\n'
-      f'data = trainer.load_training_data(config, {data_dir!r})\n'
-      'm["assembly"] = trainer.batch_assembly(\n'
-      '    config, jax.local_device_count() > 1, data)\n'
       'm["devices"] = jax.local_device_count()\n'
       'print(json.dumps({k: m[k] for k in ("params_sha256", "recall@10",\n'
-      '                                    "assembly", "devices")}))\n')
+      '                                    "batch_assembly", "devices")}))\n')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   out = {}
@@ -333,7 +329,7 @@ def test_device_assembled_training_equals_host_assembled(
          str(per_dispatch), parallelism, encoder, update],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out[name].pop('assembly') == assembly
+    assert out[name].pop('batch_assembly') == assembly
     assert out[name].pop('devices') == devices
   assert out['host1'] == out['device1'] == out['device3']
 

@@ -123,6 +123,8 @@ def run(config, workdir: str) -> dict[str, Any]:
       'text_encoder': config.model.text_encoder,
       'embedding_update': step['embedding_update'],
       'batch_size': config.train.batch_size, 'steps': b.train_loop_steps,
+      'batch_assembly': metrics['batch_assembly'],
+      'steps_per_dispatch': metrics['steps_per_dispatch'],
       'reviews': len(data.reviews), 'albums': b.loop_albums,
       'tracks': b.loop_tracks,
       'end_to_end_examples_per_s': round(end_to_end, 1),

@@ -101,6 +101,7 @@ class _Run:
   history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
   last_eval: dict[str, Any] | None = None
   steps_per_dispatch: int = 1
+  batch_assembly: str = 'host'
   # steps/s of each log window after the first (which holds compilation).
   window_rates: list[float] = dataclasses.field(default_factory=list)
   # Wall seconds by part of the loop ('eval', 'checkpoint', 'loop').
@@ -394,6 +395,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
   _restore(run)
   run.state, run.step_fn = _step(config, run.state, parallel, assembly, data)
   run.steps_per_dispatch = steps_per_dispatch(config, assembly)
+  run.batch_assembly = assembly
   logging.info('Batches assembled on the %s, %d step(s) per dispatch.',
                assembly, run.steps_per_dispatch)
   return run
@@ -577,7 +579,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     the whole run, step 0's included; 'loop_eval' and 'loop_checkpoint':
     theirs within the loop) and 'steady_steps_per_s' (the median rate of
     the log windows after the first, which holds compilation; windows with
-    an evaluation or a save count as they are).
+    an evaluation or a save count as they are), 'batch_assembly' and
+    'steps_per_dispatch' (as `batch_assembly` and `steps_per_dispatch`
+    chose them).
   """
   if isinstance(data, str):
     data = load_training_data(config, data)
@@ -614,6 +618,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  params_sha256=checkpoints.params_fingerprint(
                      run.state.params),
                  seconds={k: round(v, 3) for k, v in run.seconds.items()},
+                 batch_assembly=run.batch_assembly,
+                 steps_per_dispatch=run.steps_per_dispatch,
                  steady_steps_per_s=round(float(np.median(run.window_rates)),
                                           2) if run.window_rates else None)
   return run.state, metrics
