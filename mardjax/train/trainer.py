@@ -37,7 +37,7 @@ from mardjax.data import tables
 from mardjax.errors import UserError
 from mardjax.models import two_branch
 from mardjax.train import checkpoints
-from mardjax.train import packing
+from mardjax.train import index_batches
 from mardjax.train import sparse_embedding
 from mardjax.train import train_step
 
@@ -129,7 +129,7 @@ def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
   On the device (`train_step.index_step`) the tables are copied to the
   device once (one copy per device under pmap, replicated on a shard_map
   mesh) and the host sends per step the row indices and what it decides
-  from them in the prefetch thread (`_with_plans`: for the packed LSTM
+  from them in the prefetch thread (`index_batches`: for the packed LSTM
   where each review goes, from lengths alone; for the lazy update the
   batch's word list); this serves the mean and the LSTM encoders with
   either embedding update, on one device or several, and under pmap across
@@ -225,9 +225,8 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
 def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
                 data: TrainingData):
   """`_step` for batches assembled on the device: the tables copied there
-  once, the step fed each batch's row and track indices (and the LSTM's
-  packing plan and the lazy update's word list, `_with_plans`) and the
-  layout's static sizes."""
+  once, the step fed each batch's row and track indices and what the host
+  decides from them (`index_batches`)."""
   max_len = config.data.max_len
   tables_ = train_step.device_tables(data.reviews, data.audio, max_len)
   pmap = parallel and config.train.parallelism == 'pmap'
@@ -242,95 +241,17 @@ def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
       tables_ = jax.device_put(tables_, NamedSharding(mesh, P()))
     one = train_step.index_step(config.loss, max_len, mesh)
     many = train_step.index_steps(config.loss, max_len, mesh)
-  token_bucket = train_step.mean_token_bucket(config)
-  pack_rows = train_step.lstm_pack_rows(config)
-  lengths = np.minimum(data.reviews.lengths, max_len)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
-  vocab_size = sparse_embedding.split_table(state.params)[0].shape[0]
-
-  def layout(items):
-    """The text layout's static sizes for the steps' indices, the largest
-    of any step, device and process."""
-    num_tokens = packed_rows = 0
-    if token_bucket:
-      # rows (n, D, b): the most real tokens of any step and device.
-      size = int(max(lengths[x['rows']].sum(-1).max() for x in items))
-      num_tokens = two_branch.flat_size(sync.max(size) if sync else size,
-                                        token_bucket)
-    if pack_rows:
-      used = max(int(x['packed_rows']) for x in items)
-      packed_rows = packing.row_count(sync.max(used) if sync else used,
-                                      pack_rows, items[0]['rows'].shape[-1])
-    return train_step.Layout(num_tokens, packed_rows)
-
-  def vocab_ids(items, sizes):
-    """(n, D, U) each step's distinct words (`sparse_embedding.padded_ids`),
-    the same list on every device, as `prepare_batch` compacts them."""
-    words = []
-    for x in items:
-      lens = lengths[x['rows']]  # (D, b)
-      # The host compacts the token array of the layout, padding included:
-      # the padding word is in the list when that array holds one.
-      if sizes.packed_rows:
-        padding = ((lens == 0).any() or (sizes.packed_rows * max_len
-                                         > np.maximum(lens, 1).sum(-1)).any())
-      else:
-        padding = (lens < max_len).any()
-      w = np.union1d(x['words'], [0]) if padding else x['words']
-      if sync:
-        present = np.zeros(vocab_size, bool)
-        present[w] = True
-        w = np.flatnonzero(sync.any(present))
-      words.append(w)
-    size = sparse_embedding.bucket_size(max(len(w) for w in words),
-                                        config.train.vocab_bucket)
-    d = items[0]['rows'].shape[0]
-    return np.stack([np.broadcast_to(sparse_embedding.padded_ids(
-        w, vocab_size, size), (d, size)) for w in words])
+  planner = index_batches.Planner(
+      config, data.reviews,
+      sparse_embedding.split_table(state.params)[0].shape[0], sync)
 
   def device_fn(s, items, step0, base_key):
-    # (n, D, b, ...) indices: under pmap (D, b, ...) or (D, n, b, ...); on
-    # one device (b, ...) or (n, b, ...); on a mesh (D * b, ...) or
-    # (n, D * b, ...).
-    idx = {k: np.stack([x[k] for x in items])
-           for k in ('rows', 'tracks', 'place') if k in items[0]}
-    sizes = layout(items)
-    if s.embed_tx is not None:
-      idx['vocab_ids'] = vocab_ids(items, sizes)
-    if pmap:
-      idx = {k: np.swapaxes(x, 0, 1) for k, x in idx.items()}
-    else:
-      idx = {k: x.reshape(len(items), -1, *x.shape[3:])
-             for k, x in idx.items()}
+    idx, sizes = planner(items, pmap, lazy=s.embed_tx is not None)
     if len(items) == 1:
-      idx = {k: x[:, 0] if pmap else x[0] for k, x in idx.items()}
       return one(s, tables_, idx, jax.random.fold_in(base_key, step0), sizes)
     return many(s, tables_, idx, base_key, np.int32(step0), sizes)
   return state, device_fn
-
-
-def _with_plans(it: Iterator, reviews: tables.ReviewTable, max_len: int,
-                pack: bool, words: bool) -> Iterator:
-  """`train_indices` batches plus what the host decides for the step from
-  the indices, made here, in the prefetch thread, off the step's path.
-
-  With `pack`, where the packed LSTM layout puts each review, 'place'
-  (D, b, 2), and the rows the fullest device uses, 'packed_rows'
-  (`packing.plan`; first-fit decreasing is a Python loop over the batch:
-  about 3 ms at 1,024 reviews, 30 ms at 8,192, on one core). With `words`
-  (the lazy update), the sorted distinct words of the batch's reviews on
-  all local devices, 'words' (k,), which the step's word list is made of.
-  """
-  lengths = np.minimum(reviews.lengths, max_len)
-  for position, idx in it:
-    idx = dict(idx)
-    if pack:
-      idx['place'], used = packing.plan(lengths[idx['rows']], max_len)
-      idx['packed_rows'] = np.int64(used)
-    if words:
-      idx['words'] = np.unique(
-          reviews.tokens[reviews.token_index(idx['rows'].ravel())])
-    yield position, idx
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str,
@@ -364,7 +285,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
     words = train_step.embedding_update(config) == 'lazy'
     if not pack and not words:
       return it
-    return _with_plans(it, reviews, config.data.max_len, pack, words)
+    return index_batches.with_plans(it, reviews, config.data.max_len, pack,
+                                    words)
 
   try:
     (_, first) = next(batches(0, 0))
