@@ -23,11 +23,15 @@ def test_data_benchmark_measures_both_stages(tmp_path, capsys):
   assert capsys.readouterr().out.count('"benchmark"') == 2
 
 
-def test_train_step_benchmark_line():
+@pytest.mark.parametrize('assembly', ['host', 'device'])
+def test_train_step_benchmark_line(assembly):
   config = test_config.get_config()
+  config.train.batch_assembly = assembly
   line = benchmark.train_step_throughput(config, 'mean', steps=2,
                                          vocab_size=100)
   assert line['benchmark'] == 'train_step_mean'
+  assert (line['embedding_update'], line['batch_assembly']) == (
+      'lazy', assembly)
   assert line['examples_per_s'] > 0 and line['target_examples_per_s'] == 3000
 
 
@@ -38,10 +42,12 @@ def test_train_benchmark_lines_per_encoder_batch_and_update(tmp_path,
                           batch_sizes='8,16', embedding_updates='lazy,dense',
                           train_steps=2)
   result = modes.run_mode('benchmark', config, str(tmp_path))
-  got = [(l['benchmark'], l['batch_size'], l['embedding_update'])
-         for l in result['benchmarks']]
-  assert got == [(f'train_step_{e}', b, u) for e in ('mean', 'lstm')
-                 for b in (8, 16) for u in ('lazy', 'dense')]
+  got = [(l['benchmark'], l['batch_size'], l['embedding_update'],
+          l['batch_assembly']) for l in result['benchmarks']]
+  # Assembled where training would: 'auto' keeps lazy on this CPU's host.
+  assert got == [(f'train_step_{e}', b, u, a) for e in ('mean', 'lstm')
+                 for b in (8, 16)
+                 for u, a in (('lazy', 'host'), ('dense', 'device'))]
   assert capsys.readouterr().out.count('"benchmark"') == 8
 
 

@@ -100,12 +100,23 @@ def train_step_throughput(config, encoder: str, steps: int,
   vocabulary (frequency ~ 1 / rank: about 5,500 distinct words per batch of
   128 at 60k words, as many as natural text of that length has or more) and
   two rows per album.
+
+  The batch is assembled where training would assemble it
+  (`trainer.batch_assembly` of the config): on the host, prepared again
+  every step (`train_step.prepare_batch`) and copied to the device; or on
+  the device from its indices into tables copied there once, each step
+  paying the dispatch's host work (`index_batches.Planner`) but not the
+  prefetch thread's (its plans are made once), as the PyTorch peer's
+  batch is on its device before it is timed.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mardjax.data import descriptors  # pylint: disable=g-import-not-at-top
   from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
+  from mardjax.data import tables  # pylint: disable=g-import-not-at-top
+  from mardjax.train import index_batches  # pylint: disable=g-import-not-at-top
   from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.model.text_encoder = encoder
   b, length = config.train.batch_size, config.data.max_len
@@ -133,16 +144,41 @@ def train_step_throughput(config, encoder: str, steps: int,
     return {k: v[0] for k, v in one.items()}
 
   state = train_step.create_state(model, config, jax.random.PRNGKey(0), batch)
-  step = train_step.single_device_step(config.loss)
   key = jax.random.PRNGKey(1)
+  valid = np.arange(length)[None, :] < lengths[:, None]
+  reviews = tables.ReviewTable(
+      tokens=tokens[valid], offsets=np.cumsum(lengths) - lengths,
+      lengths=lengths, album=batch['album'])
+  audio = tables.AudioTable(descriptors=batch['audio'], offsets=np.arange(b),
+                            counts=np.ones(b, np.int64))
+  assembly = trainer.batch_assembly(
+      config, False, trainer.TrainingData(None, audio, reviews))
+  if assembly == 'device':
+    device_tables = train_step.device_tables(reviews, audio, length)
+    index_step = train_step.index_step(config.loss, length)
+    lazy = state.embed_tx is not None
+    (_, item), = index_batches.with_plans(
+        iter([((0, 0), {'rows': np.arange(b)[None],
+                        'tracks': np.arange(b)[None]})]),
+        reviews, length, train_step.lstm_pack_rows(config) > 0, lazy)
+    planner = index_batches.Planner(config, reviews, vocab_size)
+
+    def step(state):
+      idx, layout = planner([item], pmap=False, lazy=lazy)
+      return index_step(state, device_tables, idx, key, layout)
+  else:
+    host_step = train_step.single_device_step(config.loss)
+
+    def step(state):
+      # Host-side preparation is part of each step's cost.
+      return host_step(state, prepare(state, batch), key)
   start = time.time()
-  # Host-side preparation is part of each step's cost (timed in the loop).
-  state, metrics = step(state, prepare(state, batch), key)
+  state, metrics = step(state)
   jax.block_until_ready(metrics)
   compile_s = time.time() - start
   start = time.time()
   for _ in range(steps):
-    state, metrics = step(state, prepare(state, batch), key)
+    state, metrics = step(state)
   jax.block_until_ready(metrics)
   wall = time.time() - start
   rate = steps * b / wall
@@ -150,6 +186,7 @@ def train_step_throughput(config, encoder: str, steps: int,
           'steps_per_s': round(steps / wall, 2), 'compile_s': round(compile_s, 1),
           'batch_size': b, 'max_len': length, 'vocab_size': vocab_size,
           'embedding_update': train_step.embedding_update(config),
+          'batch_assembly': assembly,
           # The mean encoder's layout: real tokens only, or padded.
           'text_layout': ('flat' if train_step.mean_token_bucket(config)
                           else 'packed' if train_step.lstm_pack_rows(config)
