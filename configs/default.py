@@ -113,9 +113,9 @@ def get_config():
   # slower).
   config.train.vocab_bucket = 1024
   # Where each step's batch is built: 'device' (the data copied to the
-  # devices once, indices sent per step; mean and LSTM encoders; not
-  # shard_map across processes), 'host', or 'auto' (device where it serves,
-  # but host for the lazy update on CPUs, measured faster there).
+  # devices once, indices sent per step; every model, but not shard_map
+  # across processes), 'host', or 'auto' (device where it serves, but host
+  # for the lazy update on CPUs, measured faster there).
   config.train.batch_assembly = 'auto'
   # Steps per dispatch (a lax.scan in one program) with batches assembled on
   # the device; 0: auto (1 on CPUs, 16 on accelerators).

@@ -129,31 +129,45 @@ def _tables(tiny_records):
           input_pipeline.load_review_table(manifest, 64))
 
 
-def test_device_assembly_matches_the_host_batches(tiny_records):
+@pytest.mark.parametrize('album_tracks', [0, 3])
+def test_device_assembly_matches_the_host_batches(tiny_records,
+                                                  album_tracks):
+  """Tokens, lengths, albums, track or album-LSTM audio and pretrained
+  features gathered on the device are the host's batch."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   _, audio, reviews = _tables(tiny_records)
+  reviews = dataclasses.replace(reviews, features=np.random.default_rng(
+      0).normal(size=(len(reviews), 5)).astype(np.float32))
   kw = dict(batch_size=16, num_devices=1, seed=3, neighbourhood=True,
             reviews_per_album=2)
   tables = train_step.device_tables(reviews, audio, 64)
-  host = input_pipeline.train_batches(reviews, audio, max_len=64, **kw)
+  host = input_pipeline.train_batches(reviews, audio, max_len=64,
+                                      album_tracks=album_tracks, **kw)
   index = input_pipeline.train_indices(reviews, audio, **kw)
+  layout = train_step.Layout(album_tracks=album_tracks)
   for _ in range(3):
     (pos_a, batch), (pos_b, idx) = next(host), next(index)
     assert pos_a == pos_b
-    got = train_step.assemble(tables, {k: v[0] for k, v in idx.items()}, 64)
-    for k in ('tokens', 'lengths', 'album', 'audio'):
-      np.testing.assert_array_equal(np.asarray(got[k]), batch[k][0])
+    got = train_step.assemble(tables, {k: v[0] for k, v in idx.items()}, 64,
+                              layout)
+    assert set(got) == set(batch)
+    for k, v in batch.items():
+      np.testing.assert_array_equal(np.asarray(got[k]), v[0], err_msg=k)
 
 
-@pytest.mark.parametrize('encoder,bucket,update', [
-    ('mean', 0, 'dense'), ('mean', 64, 'dense'), ('lstm', 0, 'dense'),
-    ('lstm', 2, 'dense'), ('mean', 0, 'lazy'), ('lstm', 2, 'lazy')])
+@pytest.mark.parametrize('encoder,bucket,update,audio_encoder', [
+    ('mean', 0, 'dense', 'track'), ('mean', 64, 'dense', 'track'),
+    ('lstm', 0, 'dense', 'track'), ('lstm', 2, 'dense', 'track'),
+    ('mean', 0, 'lazy', 'track'), ('lstm', 2, 'lazy', 'track'),
+    ('mean', 64, 'dense', 'album_lstm')])
 def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
-                                         update):
+                                         update, audio_encoder):
   """Batches assembled on the device train exactly as the host's, on the
   padded layout, the mean encoder's flat layout (whose size the host
   sends, static) and the LSTM's packed rows (from the host's plan), with
-  the dense update and the lazy one (slots from the host's word list)."""
+  the dense update and the lazy one (slots from the host's word list),
+  and with the album LSTM's audio."""
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   manifest, audio, reviews = _tables(tiny_records)
   config = test_config.get_config()
@@ -161,10 +175,12 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
   config.train.embedding_update = update
   config.train.token_bucket = bucket
   config.train.lstm_pack_rows = bucket
+  config.model.audio_encoder = audio_encoder
+  tracks = two_branch.album_tracks(config)
   kw = dict(batch_size=16, num_devices=1, seed=0, neighbourhood=True,
             reviews_per_album=2)
-  (_, first), = [next(input_pipeline.train_batches(reviews, audio,
-                                                   max_len=64, **kw))]
+  (_, first), = [next(input_pipeline.train_batches(
+      reviews, audio, max_len=64, album_tracks=tracks, **kw))]
   model = two_branch.from_manifest(config, manifest)
 
   def fresh():
@@ -177,7 +193,8 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
   key = jax.random.PRNGKey(5)
   layouts = set()
   for (_, batch), (_, idx) in zip(
-      input_pipeline.train_batches(reviews, audio, max_len=64, **kw),
+      input_pipeline.train_batches(reviews, audio, max_len=64,
+                                   album_tracks=tracks, **kw),
       input_pipeline.train_indices(reviews, audio, **kw)):
     prepared = train_step.prepare_batch(
         a, batch, 4, pack_rows=train_step.lstm_pack_rows(config),
@@ -186,7 +203,8 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
     a, ma = host_step(a, prepared, key)
     idx = {k: v[0] for k, v in idx.items()}
     layout = train_step.Layout(
-        prepared['flat_review'].shape[0] if 'flat_review' in prepared else 0)
+        prepared['flat_review'].shape[0] if 'flat_review' in prepared else 0,
+        album_tracks=tracks)
     if 'starts' in prepared:
       place, used = packing.plan(batch['lengths'], 64)
       idx['place'] = place[0]
@@ -211,7 +229,7 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_batch_assembly_choice(tiny_records):
+def test_batch_assembly_choice(tiny_records, monkeypatch):
   from mardjax.errors import UserError  # pylint: disable=g-import-not-at-top
   from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
   data = trainer.TrainingData(*_tables(tiny_records))
@@ -232,10 +250,12 @@ def test_batch_assembly_choice(tiny_records):
   config.model.text_encoder = 'lstm'  # Packed on the device.
   assert trainer.batch_assembly(config, True, data) == 'device'
   config.train.embedding_update = 'lazy'  # Asked for: served.
-  assert trainer.batch_assembly(config, True, data) == 'device'
   config.model.audio_encoder = 'album_lstm'
-  with pytest.raises(UserError, match='album LSTM'):
-    trainer.batch_assembly(config, False, data)
+  assert trainer.batch_assembly(config, True, data) == 'device'
+  config.train.parallelism = 'shard_map'
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(UserError, match='shard_map across processes'):
+    trainer.batch_assembly(config, True, data)
 
 
 def test_learning_rate_schedule_warmup_scaling_and_cosine():

@@ -91,6 +91,34 @@ def measure(name: str, fn: Callable[..., dict[str, Any]], args: tuple,
   return line
 
 
+def _step_batch(config, vocab_size: int):
+  """The train benchmark's batch (`train_step_throughput`), as a host
+  batch and as the tables a device-assembled step reads:
+  (batch, reviews, audio)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mardjax.data import descriptors  # pylint: disable=g-import-not-at-top
+  from mardjax.data import tables  # pylint: disable=g-import-not-at-top
+  b, length = config.train.batch_size, config.data.max_len
+  dim = descriptors.dim(descriptors.parse_descriptor_list(
+      config.data.descriptors))
+  rng = np.random.default_rng(0)
+  lengths = np.clip(rng.lognormal(4.5, 0.7, b), 1, length).astype(np.int32)
+  zipf = 1.0 / np.arange(1, vocab_size - 1)
+  tokens = (rng.choice(vocab_size - 2, (b, length), p=zipf / zipf.sum())
+            + 2).astype(np.int32)
+  valid = np.arange(length)[None, :] < lengths[:, None]
+  tokens[~valid] = 0
+  batch = {'audio': rng.normal(size=(b, dim)).astype(np.float32),
+           'tokens': tokens, 'lengths': lengths,
+           'album': np.repeat(np.arange(b // 2), 2)[:b].astype(np.int32)}
+  reviews = tables.ReviewTable(
+      tokens=tokens[valid], offsets=np.cumsum(lengths) - lengths,
+      lengths=lengths, album=batch['album'])
+  audio = tables.AudioTable(descriptors=batch['audio'], offsets=np.arange(b),
+                            counts=np.ones(b, np.int64))
+  return batch, reviews, audio
+
+
 def train_step_throughput(config, encoder: str, steps: int,
                           vocab_size: int) -> dict[str, Any]:
   """Examples/s of the jitted train step at the config's sizes, one device.
@@ -101,56 +129,26 @@ def train_step_throughput(config, encoder: str, steps: int,
   128 at 60k words, as many as natural text of that length has or more) and
   two rows per album.
 
-  The batch is assembled where training would assemble it
-  (`trainer.batch_assembly` of the config): on the host, prepared again
-  every step (`train_step.prepare_batch`) and copied to the device; or on
-  the device from its indices into tables copied there once, each step
-  paying the dispatch's host work (`index_batches.Planner`) but not the
-  prefetch thread's (its plans are made once), as the PyTorch peer's
-  batch is on its device before it is timed.
+  The batch is assembled where training would (`trainer.batch_assembly`):
+  on the host, prepared every step and copied over; or on the device from
+  indices into tables put there once, each step paying the dispatch's host
+  work (`index_batches.Planner`; the prefetch thread's plans are made
+  once), as the PyTorch peer's batch is on its device when timed.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mardjax.data import descriptors  # pylint: disable=g-import-not-at-top
   from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
-  from mardjax.data import tables  # pylint: disable=g-import-not-at-top
   from mardjax.train import index_batches  # pylint: disable=g-import-not-at-top
   from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
   from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.model.text_encoder = encoder
   b, length = config.train.batch_size, config.data.max_len
-  dim = descriptors.dim(descriptors.parse_descriptor_list(
-      config.data.descriptors))
-  rng = np.random.default_rng(0)
-  lengths = np.clip(rng.lognormal(4.5, 0.7, b), 1, length).astype(np.int32)
-  zipf = 1.0 / np.arange(1, vocab_size - 1)
-  tokens = (rng.choice(vocab_size - 2, (b, length), p=zipf / zipf.sum())
-            + 2).astype(np.int32)
-  tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
-  batch = {'audio': rng.normal(size=(b, dim)).astype(np.float32),
-           'tokens': tokens, 'lengths': lengths,
-           'album': np.repeat(np.arange(b // 2), 2)[:b].astype(np.int32)}
+  batch, reviews, audio = _step_batch(config, vocab_size)
   model = two_branch.build(config.model, vocab_size,
                            dtype=train_step.compute_dtype(config))
-
-  def prepare(state, batch):
-    one = train_step.prepare_batch(state, {k: v[None] for k, v in
-                                           batch.items()},
-                                   config.train.vocab_bucket,
-                                   train_step.lstm_pack_rows(config),
-                                   token_bucket=train_step.mean_token_bucket(
-                                       config))
-    return {k: v[0] for k, v in one.items()}
-
   state = train_step.create_state(model, config, jax.random.PRNGKey(0), batch)
   key = jax.random.PRNGKey(1)
-  valid = np.arange(length)[None, :] < lengths[:, None]
-  reviews = tables.ReviewTable(
-      tokens=tokens[valid], offsets=np.cumsum(lengths) - lengths,
-      lengths=lengths, album=batch['album'])
-  audio = tables.AudioTable(descriptors=batch['audio'], offsets=np.arange(b),
-                            counts=np.ones(b, np.int64))
   assembly = trainer.batch_assembly(
       config, False, trainer.TrainingData(None, audio, reviews))
   if assembly == 'device':
@@ -161,17 +159,22 @@ def train_step_throughput(config, encoder: str, steps: int,
         iter([((0, 0), {'rows': np.arange(b)[None],
                         'tracks': np.arange(b)[None]})]),
         reviews, length, train_step.lstm_pack_rows(config) > 0, lazy)
-    planner = index_batches.Planner(config, reviews, vocab_size)
+    planner = index_batches.Planner(config, reviews,
+                                    vocab_size if lazy else 0)
 
     def step(state):
-      idx, layout = planner([item], pmap=False, lazy=lazy)
+      idx, layout = planner([item], pmap=False)
       return index_step(state, device_tables, idx, key, layout)
   else:
     host_step = train_step.single_device_step(config.loss)
 
     def step(state):
       # Host-side preparation is part of each step's cost.
-      return host_step(state, prepare(state, batch), key)
+      one = train_step.prepare_batch(
+          state, {k: v[None] for k, v in batch.items()},
+          config.train.vocab_bucket, train_step.lstm_pack_rows(config),
+          token_bucket=train_step.mean_token_bucket(config))
+      return host_step(state, {k: v[0] for k, v in one.items()}, key)
   start = time.time()
   state, metrics = step(state)
   jax.block_until_ready(metrics)
@@ -191,7 +194,7 @@ def train_step_throughput(config, encoder: str, steps: int,
           'text_layout': ('flat' if train_step.mean_token_bucket(config)
                           else 'packed' if train_step.lstm_pack_rows(config)
                           else 'padded'),
-          'distinct_words_per_batch': int(np.unique(tokens[tokens > 0]).size),
+          'distinct_words_per_batch': int(np.unique(reviews.tokens).size),
           'device': str(jax.devices()[0].platform),
           'target_examples_per_s': TRAIN_TARGETS.get(encoder),
           'meets_target': rate >= TRAIN_TARGETS.get(encoder, 0.0)}

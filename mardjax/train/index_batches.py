@@ -59,7 +59,8 @@ class Planner:
   Args:
     config: the run's config.
     reviews: this process's training reviews (the device tables' rows).
-    vocab_size: V, rows of the embedding table.
+    vocab_size: V, rows of the embedding table trained with the lazy
+      update; 0 when the update is dense (no word lists).
     sync: with several processes, how they agree on sizes and word lists.
   """
 
@@ -70,6 +71,7 @@ class Planner:
     self.token_bucket = train_step.mean_token_bucket(config)
     self.pack_rows = train_step.lstm_pack_rows(config)
     self.vocab_bucket = config.train.vocab_bucket
+    self.album_tracks = two_branch.album_tracks(config)
     self.lengths = np.minimum(reviews.lengths, self.max_len)
     self.vocab_size = vocab_size
     self.sync = sync
@@ -89,7 +91,7 @@ class Planner:
       used = max(int(x['packed_rows']) for x in items)
       packed_rows = packing.row_count(self._max(used), self.pack_rows,
                                       items[0]['rows'].shape[-1])
-    return train_step.Layout(num_tokens, packed_rows)
+    return train_step.Layout(num_tokens, packed_rows, self.album_tracks)
 
   def vocab_ids(self, items: list[dict[str, np.ndarray]],
                 sizes: train_step.Layout) -> np.ndarray:
@@ -117,8 +119,8 @@ class Planner:
     return np.stack([np.broadcast_to(sparse_embedding.padded_ids(
         w, self.vocab_size, size), (d, size)) for w in words])
 
-  def __call__(self, items: list[dict[str, np.ndarray]], pmap: bool,
-               lazy: bool) -> tuple[dict[str, np.ndarray], train_step.Layout]:
+  def __call__(self, items: list[dict[str, np.ndarray]], pmap: bool
+               ) -> tuple[dict[str, np.ndarray], train_step.Layout]:
     """(idx, layout) for the n = len(items) steps of one dispatch.
 
     idx's arrays are (D, b, ...) per step, stacked as the wrappers take
@@ -128,7 +130,7 @@ class Planner:
     idx = {k: np.stack([x[k] for x in items])
            for k in ('rows', 'tracks', 'place') if k in items[0]}
     sizes = self.layout(items)
-    if lazy:
+    if self.vocab_size:
       idx['vocab_ids'] = self.vocab_ids(items, sizes)
     if pmap:
       idx = {k: np.swapaxes(x, 0, 1) for k, x in idx.items()}

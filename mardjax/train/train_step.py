@@ -382,12 +382,18 @@ class DeviceTables(NamedTuple):
       zeros (so a gather of max_len past the last review stays in bounds).
     offsets, lengths, album: (N,) int32 per review.
     descriptors: (tracks, A) float32 normalised track descriptors.
+    track_offsets, track_counts: (albums,) int32, each album's first row
+      of `descriptors` and its number of tracks (the album LSTM's).
+    features: (N, F) float32 pretrained text features, or None.
   """
   tokens: jax.Array
   offsets: jax.Array
   lengths: jax.Array
   album: jax.Array
   descriptors: jax.Array
+  track_offsets: jax.Array
+  track_counts: jax.Array
+  features: jax.Array | None
 
 
 def device_tables(reviews, audio, max_len: int, sharding=None
@@ -399,10 +405,14 @@ def device_tables(reviews, audio, max_len: int, sharding=None
     raise ValueError('device_tables: more than 2**31 tokens.')
   tokens = np.concatenate([reviews.tokens.astype(np.int32),
                            np.zeros(max_len, np.int32)])
+  features = (None if reviews.features is None
+              else reviews.features.astype(np.float32))
   return DeviceTables(*(jax.device_put(x, sharding) for x in (
       tokens, reviews.offsets.astype(np.int32),
       reviews.lengths.astype(np.int32), reviews.album.astype(np.int32),
-      audio.descriptors.astype(np.float32))))
+      audio.descriptors.astype(np.float32),
+      audio.offsets.astype(np.int32), audio.counts.astype(np.int32),
+      features)))
 
 
 class Layout(NamedTuple):
@@ -415,9 +425,12 @@ class Layout(NamedTuple):
       (num_tokens,), as `two_branch.flat_review` builds it.
     packed_rows: > 0: the LSTM encoder's packed layout of that many rows,
       built from the host's plan, idx['place'] (`packing.plan`).
+    album_tracks: > 0: the album LSTM's audio, each review's album's first
+      `album_tracks` tracks (`tables.AudioTable.sequences`).
   """
   num_tokens: int = 0
   packed_rows: int = 0
+  album_tracks: int = 0
 
 
 def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
@@ -426,7 +439,9 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
   """The batch of `input_pipeline.make_batch` plus its audio, gathered on
   the device from idx 'rows' (b,) review rows and 'tracks' (b,) descriptor
   rows: 'tokens' (b, max_len), 'lengths' (b,), 'album' (b,), 'audio'
-  (b, A); then, as `prepare_batch` would give it on the host, the text in
+  (b, A) (the album LSTM's (b, T, A) and 'num_tracks' (b,) with
+  `layout.album_tracks`), 'text_features' (b, F) when the tables hold
+  them; then, as `prepare_batch` would give it on the host, the text in
   `layout`: 'flat_review', or packed rows and their markers (replacing
   'tokens'; `packing.pack_on_device`, from idx 'place' (b, 2)); and for
   the lazy update, given idx 'vocab_ids' (U,) (the batch's distinct words,
@@ -438,8 +453,15 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
   valid = pos[None, :] < lengths[:, None]
   tokens = jnp.where(valid, tables.tokens[tables.offsets[rows][:, None] +
                                           pos[None, :]], 0)
-  batch = {'tokens': tokens, 'lengths': lengths, 'album': tables.album[rows],
-           'audio': tables.descriptors[idx['tracks']]}
+  album = tables.album[rows]
+  batch = {'tokens': tokens, 'lengths': lengths, 'album': album}
+  if layout.album_tracks:
+    batch['audio'], batch['num_tracks'] = album_sequences(
+        tables, album, layout.album_tracks)
+  else:
+    batch['audio'] = tables.descriptors[idx['tracks']]
+  if tables.features is not None:
+    batch['text_features'] = tables.features[rows]
   if layout.num_tokens:
     batch['flat_review'] = two_branch.flat_owner(
         jnp.minimum(lengths, max_len), layout.num_tokens)
@@ -451,6 +473,17 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
         batch.pop('tokens'), idx['vocab_ids'], vocab_size)
     batch['vocab_ids'] = idx['vocab_ids']
   return batch
+
+
+def album_sequences(tables: DeviceTables, album: jax.Array, max_tracks: int
+                    ) -> tuple[jax.Array, jax.Array]:
+  """`tables.AudioTable.sequences` on the device: album (b,) ->
+  ((b, T, A) descriptors, zero past each album's tracks; (b,) counts)."""
+  counts = jnp.minimum(tables.track_counts[album], max_tracks)
+  slot = jnp.arange(max_tracks)[None, :]
+  valid = slot < counts[:, None]
+  rows = jnp.where(valid, tables.track_offsets[album][:, None] + slot, 0)
+  return tables.descriptors[rows] * valid[..., None], counts
 
 
 def _index_bodies(loss_config, max_len: int, axis_name: str | None
@@ -554,7 +587,7 @@ def replicate_tables(tables: DeviceTables, devices=None) -> DeviceTables:
     return jax.make_array_from_single_device_arrays(
         (len(devices), *x.shape), sharding,
         [jax.device_put(x[None], d) for d in devices])
-  return DeviceTables(*(stacked(x) for x in tables))
+  return DeviceTables(*(None if x is None else stacked(x) for x in tables))
 
 
 def make_mesh(devices=None) -> Mesh:

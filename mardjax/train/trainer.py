@@ -133,18 +133,16 @@ def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
   where each review goes, from lengths alone; for the lazy update the
   batch's word list); this serves the mean and the LSTM encoders with
   either embedding update, on one device or several, and under pmap across
-  processes too (each process's devices hold its own albums). 'auto'
-  picks it, but for the lazy update on CPUs (measured slower there). The
-  host path serves everything: also the album LSTM, features of a
-  pretrained encoder, and shard_map across processes (a replicated table
+  processes too (each process's devices hold its own albums); also the
+  album LSTM's audio and a pretrained encoder's features. 'auto' picks it,
+  but for the lazy update on CPUs (measured slower there). The host path
+  serves everything, also shard_map across processes (a replicated table
   would have to be the same in every process).
   """
   wanted = config.train.batch_assembly
   reasons = [why for bad, why in (
       (parallel and config.train.parallelism == 'shard_map'
-       and jax.process_count() > 1, 'shard_map across processes'),
-      (two_branch.album_tracks(config) > 0, 'the album LSTM'),
-      (data.reviews.features is not None, 'pretrained text features'))
+       and jax.process_count() > 1, 'shard_map across processes'),)
              if bad]
   if wanted == 'device' and reasons:
     raise UserError("config.train.batch_assembly='device' does not serve "
@@ -154,9 +152,10 @@ def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
   if (wanted == 'auto' and jax.default_backend() == 'cpu'
       and train_step.embedding_update(config) == 'lazy'):
     # Measured (train_loop benchmark, 2-core CPU, batch 128, 2,000 steps):
-    # the host's word-id compaction runs in the prefetch thread beside the
-    # step, the device's gathers and lookup run in it; log windows ran at
-    # 7,037 examples/s with host assembly against 6,245 with device.
+    # log windows ran at 7,037 examples/s with host assembly against 6,245
+    # with device assembly. On a CPU the device is the same two cores: the
+    # token gather and word lookup moved into the step lengthen it, where
+    # on the host they overlapped with the step before.
     return 'host'
   return 'device'
 
@@ -242,12 +241,14 @@ def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
     one = train_step.index_step(config.loss, max_len, mesh)
     many = train_step.index_steps(config.loss, max_len, mesh)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
+  lazy = train_step.lazy_embedding(config, state.params)
   planner = index_batches.Planner(
       config, data.reviews,
-      sparse_embedding.split_table(state.params)[0].shape[0], sync)
+      sparse_embedding.split_table(state.params)[0].shape[0] if lazy else 0,
+      sync)
 
   def device_fn(s, items, step0, base_key):
-    idx, sizes = planner(items, pmap, lazy=s.embed_tx is not None)
+    idx, sizes = planner(items, pmap)
     if len(items) == 1:
       return one(s, tables_, idx, jax.random.fold_in(base_key, step0), sizes)
     return many(s, tables_, idx, base_key, np.int32(step0), sizes)
@@ -282,7 +283,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
     it = input_pipeline.train_indices(reviews, audio, start_epoch=epoch,
                                       start_batch=batch, **order)
     pack = train_step.lstm_pack_rows(config) > 0
-    words = train_step.embedding_update(config) == 'lazy'
+    # The lazy update's word lists; a pretrained encoder has no table.
+    words = (train_step.embedding_update(config) == 'lazy' and
+             two_branch.TEXT_ENCODERS[config.model.text_encoder] is not None)
     if not pack and not words:
       return it
     return index_batches.with_plans(it, reviews, config.data.max_len, pack,
