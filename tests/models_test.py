@@ -101,6 +101,10 @@ def test_idf_scores_weight_rare_words_up():
       album=np.zeros(3, np.int32))
   df = reviews.document_frequency(6)
   np.testing.assert_array_equal(df, [0, 0, 1, 3, 1, 0])
+  # The real tokens of chosen reviews, in their order, skipping the gap.
+  np.testing.assert_array_equal(
+      reviews.tokens[reviews.token_index(np.array([2, 0]))], [4, 3, 2, 2, 3])
+  assert reviews.token_index(np.array([], np.int64)).shape == (0,)
   scores = two_branch.idf_scores(df, 3)
   np.testing.assert_allclose(np.exp(scores[3]), np.log(4 / 4) + 1)
   np.testing.assert_allclose(np.exp(scores[2]), np.log(4 / 2) + 1, rtol=1e-6)

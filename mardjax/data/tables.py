@@ -94,7 +94,7 @@ class ReviewTable:
     lengths = self.lengths[rows]
     # A token's index: its review's offset plus its position in the review.
     starts = np.cumsum(lengths, dtype=np.int64) - lengths
-    return (np.arange(starts[-1] + lengths[-1] if len(rows) else 0)
+    return (np.arange(lengths.sum(dtype=np.int64))
             + np.repeat(self.offsets[rows] - starts, lengths))
 
   def document_frequency(self, vocab_size: int) -> np.ndarray:

@@ -416,9 +416,9 @@ def device_tables(reviews, audio, max_len: int, sharding=None
 
 
 class Layout(NamedTuple):
-  """The static sizes of a device-assembled batch's text layout, which the
-  host picks per dispatch from the batch's lengths (bucketed, so that few
-  programs compile).
+  """The static sizes of a device-assembled batch, which the host picks per
+  dispatch (the text layout's from the batch's lengths, bucketed so that
+  few programs compile).
 
   Attributes:
     num_tokens: > 0: the mean encoder's flat layout, 'flat_review'
