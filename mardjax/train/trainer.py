@@ -151,9 +151,10 @@ def batch_assembly(config: ml_collections.ConfigDict, parallel: bool,
     return 'host'
   if (wanted == 'auto' and jax.default_backend() == 'cpu'
       and train_step.embedding_update(config) == 'lazy'):
-    # Measured (train_loop benchmark, 2-core CPU, batch 128, 2,000 steps):
-    # log windows ran at 7,037 examples/s with host assembly against 6,245
-    # with device assembly. On a CPU the device is the same two cores, so
+    # Measured (train_loop benchmark, 2-core CPU, batch 128, 2,000 steps,
+    # two pairs of runs, in either order): log windows ran at 7,037 and
+    # 7,781 examples/s with host assembly, 6,245 and 7,521 with device
+    # assembly. On a CPU the device is the same two cores, so
     # the token gather and word lookup moved into the step lengthen it
     # (the likely cause: the step alone ran as fast either way; the loop
     # was not profiled).
