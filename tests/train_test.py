@@ -146,18 +146,28 @@ def test_album_lstm_trains_and_evaluates(tiny_records, tmp_path):
   np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
 
 
-@pytest.mark.parametrize('parallelism', ['pmap', 'shard_map'])
+@pytest.mark.parametrize('parallelism,assembly', [
+    ('pmap', 'host'), ('shard_map', 'host'), ('pmap', 'device')])
 def test_resumed_run_ends_with_the_same_parameters(tiny_records, tmp_path,
-                                                   parallelism):
+                                                   parallelism, assembly):
+  """Also with batches assembled on the device (the lazy LSTM: packing
+  plans and word lists made again from the resumed position)."""
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=7, eval_every=1000, log_every=1000,
-            parallelism=parallelism)
-  straight, _ = modes.train_and_evaluate(_config(num_steps=25, **kw),
-                                         str(tmp_path / 'a'), data_dir)
-  modes.train_and_evaluate(_config(num_steps=14, **kw), str(tmp_path / 'b'),
-                           data_dir)
-  resumed, metrics = modes.train_and_evaluate(_config(num_steps=25, **kw),
+            parallelism=parallelism, batch_assembly=assembly)
+
+  def config(steps):
+    c = _config(num_steps=steps, **kw)
+    if assembly == 'device':
+      c.model.text_encoder = 'lstm'
+      c.train.embedding_update = 'lazy'
+    return c
+  straight, _ = modes.train_and_evaluate(config(25), str(tmp_path / 'a'),
+                                         data_dir)
+  modes.train_and_evaluate(config(14), str(tmp_path / 'b'), data_dir)
+  resumed, metrics = modes.train_and_evaluate(config(25),
                                               str(tmp_path / 'b'), data_dir)
+  assert metrics['batch_assembly'] == assembly
   assert metrics['resumed_from'] == 14
   _params_close(straight.params, resumed.params)
   _params_close(straight.opt_state, resumed.opt_state)
