@@ -58,13 +58,21 @@ class AudioTable:
     Returns:
       ((n, T, A) descriptors, zero past each album's tracks; (n,) counts).
     """
-    counts = np.minimum(self.counts[albums], max_tracks)
-    slot = np.arange(max_tracks)[None, :]
-    valid = slot < counts[:, None]
-    rows = np.where(valid, self.offsets[albums][:, None] + slot, 0)
-    seq = self.descriptors[rows] * valid[..., None]
+    seq, counts = album_sequences(self.descriptors, self.offsets,
+                                  self.counts, albums, max_tracks, np)
     return seq.astype(np.float32), counts.astype(np.int32)
 
+
+def album_sequences(descriptors, offsets, counts, albums, max_tracks: int,
+                    xp=np):
+  """The one formula of `AudioTable.sequences`, on the host (`xp=np`) and
+  in a jitted step (`xp=jax.numpy`, `train_step.assemble`): albums (n,) ->
+  ((n, T, A) descriptors, zero past each album's tracks; (n,) counts)."""
+  counts = xp.minimum(counts[albums], max_tracks)
+  slot = xp.arange(max_tracks)[None, :]
+  valid = slot < counts[:, None]
+  rows = xp.where(valid, offsets[albums][:, None] + slot, 0)
+  return descriptors[rows] * valid[..., None], counts
 
 
 @dataclasses.dataclass

@@ -132,13 +132,12 @@ def train_step_throughput(config, encoder: str, steps: int,
   The batch is assembled where training would (`trainer.batch_assembly`):
   on the host, prepared every step and copied over; or on the device from
   indices into tables put there once, each step paying the dispatch's host
-  work (`index_batches.Planner`; the prefetch thread's plans are made
+  work (`trainer.index_step_fn`; the prefetch thread's plans are made
   once), as the PyTorch peer's batch is on its device when timed.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
-  from mardjax.train import index_batches  # pylint: disable=g-import-not-at-top
   from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
   from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
@@ -149,22 +148,18 @@ def train_step_throughput(config, encoder: str, steps: int,
                            dtype=train_step.compute_dtype(config))
   state = train_step.create_state(model, config, jax.random.PRNGKey(0), batch)
   key = jax.random.PRNGKey(1)
-  assembly = trainer.batch_assembly(
-      config, False, trainer.TrainingData(None, audio, reviews))
+  data = trainer.TrainingData(None, audio, reviews)
+  assembly = trainer.batch_assembly(config, False, data)
   if assembly == 'device':
-    device_tables = train_step.device_tables(reviews, audio, length)
-    index_step = train_step.index_step(config.loss, length)
-    lazy = state.embed_tx is not None
-    (_, item), = index_batches.with_plans(
-        iter([((0, 0), {'rows': np.arange(b)[None],
-                        'tracks': np.arange(b)[None]})]),
-        reviews, length, train_step.lstm_pack_rows(config) > 0, lazy)
-    planner = index_batches.Planner(config, reviews,
-                                    vocab_size if lazy else 0)
+    # Training's own step and planner.
+    planner = trainer.make_planner(config, state, data)
+    state, device_fn = trainer.index_step_fn(config, state, False, data,
+                                             planner)
+    (_, item), = planner.with_plans(iter([((0, 0), {
+        'rows': np.arange(b)[None], 'tracks': np.arange(b)[None]})]))
 
     def step(state):
-      idx, layout = planner([item], pmap=False)
-      return index_step(state, device_tables, idx, key, layout)
+      return device_fn(state, [item], 0, key)
   else:
     host_step = train_step.single_device_step(config.loss)
 

@@ -4,11 +4,11 @@ Such a step (`train_step.index_step` and its pmap form) is sent a batch's
 review rows and track rows; the rest of what it needs that depends on the
 batch is decided here, on the host, from those indices alone:
 
-  * `with_plans`, in the prefetch thread, per batch: where the packed LSTM
-    layout puts each review (`packing.plan`) and the lazy update's
-    distinct words;
-  * `Planner`, at dispatch, where the processes of a run can agree: the
-    text layout's static sizes (`train_step.Layout`) over the dispatch's
+  * `Planner.with_plans`, in the prefetch thread, per batch: where the
+    packed LSTM layout puts each review (`packing.plan`) and the lazy
+    update's distinct words;
+  * `Planner.__call__`, at dispatch, where the processes of a run can
+    agree: the static sizes (`train_step.Layout`) over the dispatch's
     steps, devices and processes, the lazy update's padded word list, and
     the arrays shaped as the step's wrapper takes them.
 
@@ -26,31 +26,6 @@ from mardjax.models import two_branch
 from mardjax.train import packing
 from mardjax.train import sparse_embedding
 from mardjax.train import train_step
-
-
-def with_plans(it: Iterator, reviews: tables.ReviewTable, max_len: int,
-               pack: bool, words: bool) -> Iterator:
-  """`input_pipeline.train_indices` batches plus what the host decides for
-  each from its indices, made in the iterator (the prefetch thread), off
-  the step's path.
-
-  With `pack`, where the packed LSTM layout puts each review, 'place'
-  (D, b, 2), and the rows the fullest device uses, 'packed_rows'
-  (`packing.plan`; best-fit decreasing, a Python loop over the batch:
-  about 0.6 ms at 1,024 reviews, 5 ms at 8,192, on one core). With `words`
-  (the lazy update), the sorted distinct words of the batch's reviews on
-  all local devices, 'words' (k,).
-  """
-  lengths = np.minimum(reviews.lengths, max_len)
-  for position, idx in it:
-    idx = dict(idx)
-    if pack:
-      idx['place'], used = packing.plan(lengths[idx['rows']], max_len)
-      idx['packed_rows'] = np.int64(used)
-    if words:
-      idx['words'] = np.unique(
-          reviews.tokens[reviews.token_index(idx['rows'].ravel())])
-    yield position, idx
 
 
 class Planner:
@@ -72,9 +47,33 @@ class Planner:
     self.pack_rows = train_step.lstm_pack_rows(config)
     self.vocab_bucket = config.train.vocab_bucket
     self.album_tracks = two_branch.album_tracks(config)
+    self.reviews = reviews
     self.lengths = np.minimum(reviews.lengths, self.max_len)
     self.vocab_size = vocab_size
     self.sync = sync
+
+  def with_plans(self, it: Iterator) -> Iterator:
+    """`input_pipeline.train_indices` batches plus what the host decides
+    for each from its indices, made in the iterator (the prefetch thread),
+    off the step's path.
+
+    For the packed LSTM, where the layout puts each review, 'place'
+    (D, b, 2), and the rows the fullest device uses, 'packed_rows'
+    (`packing.plan`; best-fit decreasing, a Python loop over the batch:
+    about 0.6 ms at 1,024 reviews, 5 ms at 8,192, on one core). For the
+    lazy update, the sorted distinct words of the batch's reviews on all
+    local devices, 'words' (k,).
+    """
+    for position, idx in it:
+      idx = dict(idx)
+      if self.pack_rows:
+        idx['place'], used = packing.plan(self.lengths[idx['rows']],
+                                          self.max_len)
+        idx['packed_rows'] = np.int64(used)
+      if self.vocab_size:
+        idx['words'] = np.unique(self.reviews.tokens[
+            self.reviews.token_index(idx['rows'].ravel())])
+      yield position, idx
 
   def _max(self, value: int) -> int:
     return self.sync.max(value) if self.sync else value

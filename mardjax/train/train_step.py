@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mardjax.data import tables as data_tables
 from mardjax.models import two_branch
 from mardjax.train import losses
 from mardjax.train import packing
@@ -456,8 +457,9 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
   album = tables.album[rows]
   batch = {'tokens': tokens, 'lengths': lengths, 'album': album}
   if layout.album_tracks:
-    batch['audio'], batch['num_tracks'] = album_sequences(
-        tables, album, layout.album_tracks)
+    batch['audio'], batch['num_tracks'] = data_tables.album_sequences(
+        tables.descriptors, tables.track_offsets, tables.track_counts, album,
+        layout.album_tracks, jnp)
   else:
     batch['audio'] = tables.descriptors[idx['tracks']]
   if tables.features is not None:
@@ -473,17 +475,6 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
         batch.pop('tokens'), idx['vocab_ids'], vocab_size)
     batch['vocab_ids'] = idx['vocab_ids']
   return batch
-
-
-def album_sequences(tables: DeviceTables, album: jax.Array, max_tracks: int
-                    ) -> tuple[jax.Array, jax.Array]:
-  """`tables.AudioTable.sequences` on the device: album (b,) ->
-  ((b, T, A) descriptors, zero past each album's tracks; (b,) counts)."""
-  counts = jnp.minimum(tables.track_counts[album], max_tracks)
-  slot = jnp.arange(max_tracks)[None, :]
-  valid = slot < counts[:, None]
-  rows = jnp.where(valid, tables.track_offsets[album][:, None] + slot, 0)
-  return tables.descriptors[rows] * valid[..., None], counts
 
 
 def _index_bodies(loss_config, max_len: int, axis_name: str | None

@@ -185,14 +185,16 @@ def steps_per_dispatch(config: ml_collections.ConfigDict, assembly: str
 
 
 def _step(config: ml_collections.ConfigDict, state, parallel: bool,
-          assembly: str, data: TrainingData):
+          assembly: str, data: TrainingData,
+          planner: index_batches.Planner | None):
   """(state, fn(state, items, step0, base_key) -> (state, metrics)) for the
   configured parallelism (one device, pmap, or jit(shard_map) over a mesh)
   and batch assembly: `items` are the iterator's batches (or indices) for
-  steps step0, step0 + 1, ...; one on the host path."""
+  steps step0, step0 + 1, ...; one on the host path. Device assembly takes
+  `planner` (`make_planner`)."""
   t = config.train
   if assembly == 'device':
-    return _index_step(config, state, parallel, data)
+    return index_step_fn(config, state, parallel, data, planner)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
   pack_rows = train_step.lstm_pack_rows(config)
   token_bucket = train_step.mean_token_bucket(config)
@@ -223,11 +225,22 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
       s, place(prepare(s, items[0])), jax.random.fold_in(base_key, step0))
 
 
-def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
-                data: TrainingData):
+def make_planner(config: ml_collections.ConfigDict, state,
+            data: TrainingData) -> index_batches.Planner:
+  """What the host decides for this run's device-assembled steps."""
+  lazy = train_step.lazy_embedding(config, state.params)
+  return index_batches.Planner(
+      config, data.reviews,
+      sparse_embedding.split_table(state.params)[0].shape[0] if lazy else 0,
+      train_step.ProcessSync() if jax.process_count() > 1 else None)
+
+
+def index_step_fn(config: ml_collections.ConfigDict, state, parallel: bool,
+                  data: TrainingData, planner: index_batches.Planner):
   """`_step` for batches assembled on the device: the tables copied there
-  once, the step fed each batch's row and track indices and what the host
-  decides from them (`index_batches`)."""
+  once, the step fed each batch's row and track indices and what
+  `planner` decides from them (its items come from `planner.with_plans`).
+  """
   max_len = config.data.max_len
   tables_ = train_step.device_tables(data.reviews, data.audio, max_len)
   pmap = parallel and config.train.parallelism == 'pmap'
@@ -242,12 +255,6 @@ def _index_step(config: ml_collections.ConfigDict, state, parallel: bool,
       tables_ = jax.device_put(tables_, NamedSharding(mesh, P()))
     one = train_step.index_step(config.loss, max_len, mesh)
     many = train_step.index_steps(config.loss, max_len, mesh)
-  sync = train_step.ProcessSync() if jax.process_count() > 1 else None
-  lazy = train_step.lazy_embedding(config, state.params)
-  planner = index_batches.Planner(
-      config, data.reviews,
-      sparse_embedding.split_table(state.params)[0].shape[0] if lazy else 0,
-      sync)
 
   def device_fn(s, items, step0, base_key):
     idx, sizes = planner(items, pmap)
@@ -282,16 +289,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
         **order)
 
   def indices(epoch, batch):
-    it = input_pipeline.train_indices(reviews, audio, start_epoch=epoch,
-                                      start_batch=batch, **order)
-    pack = train_step.lstm_pack_rows(config) > 0
-    # The lazy update's word lists; a pretrained encoder has no table.
-    words = (train_step.embedding_update(config) == 'lazy' and
-             two_branch.TEXT_ENCODERS[config.model.text_encoder] is not None)
-    if not pack and not words:
-      return it
-    return index_batches.with_plans(it, reviews, config.data.max_len, pack,
-                                    words)
+    return planner.with_plans(input_pipeline.train_indices(
+        reviews, audio, start_epoch=epoch, start_batch=batch, **order))
 
   try:
     (_, first) = next(batches(0, 0))
@@ -303,6 +302,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
                                   num_steps=total_steps(config, manifest))
   if config.model.pooling == 'idf':
     state = train_step.set_word_scores(state, _idf(reviews, manifest))
+  planner = (make_planner(config, state, data) if assembly == 'device'
+             else None)
   run = _Run(
       config=config, workdir=workdir, manifest=manifest, model=model,
       state=state, batches=indices if assembly == 'device' else batches,
@@ -320,7 +321,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
                                     just_logging=jax.process_index() > 0),
       steps=total_steps(config, manifest))
   _restore(run)
-  run.state, run.step_fn = _step(config, run.state, parallel, assembly, data)
+  run.state, run.step_fn = _step(config, run.state, parallel, assembly, data,
+                                 planner)
   run.steps_per_dispatch = steps_per_dispatch(config, assembly)
   run.batch_assembly = assembly
   logging.info('Batches assembled on the %s, %d step(s) per dispatch.',
