@@ -17,7 +17,8 @@ step sees only the rows its batch uses:
    leaves every other row alone (TensorFlow's LazyAdam, PyTorch's
    SparseAdam). Rows not in the batch do not keep moving on their old
    momentum as they would under dense Adam; for rows in the batch the update
-   is dense Adam's to the last bit (tests/sparse_embedding_test.py).
+   is dense Adam's up to rounding: the moments' decay and update are one
+   multiply-add, which the compiler may fuse (tests/sparse_embedding_test.py).
 
 The `mean` encoder then needs no (B, L, D) gather at all: its features are a
 (B, U) bag-of-words matrix times the (U, D) rows.
@@ -36,8 +37,8 @@ EMBED_PATH = ('text_features', 'embed', 'embedding')
 class LazyAdamState(NamedTuple):
   """Adam's moments of the embedding table: moments[:, 0] = mu, [:, 1] = nu.
 
-  One (V, 2, D) array, so a step gathers and scatters the moments of its
-  rows once, not twice.
+  One (V, 2, D) array, so a step gathers the new moments of its rows once,
+  not twice.
   """
   moments: jax.Array
 
@@ -165,16 +166,53 @@ def lazy_adam(table: jax.Array, state: LazyAdamState, vocab_ids: jax.Array,
   Returns:
     (new table, new moments).
   """
-  old = gather_rows(state.moments, vocab_ids)
-  mu = b1 * old[:, 0] + (1 - b1) * row_grads
-  nu = b2 * old[:, 1] + (1 - b2) * row_grads * row_grads
+  moments = state.moments
+  for plane, (decay, update) in enumerate(
+      ((b1, (1 - b1) * row_grads), (b2, (1 - b2) * row_grads * row_grads))):
+    moments = _decay_rows(moments, vocab_ids, plane, decay, update)
+  new = gather_rows(moments, vocab_ids)
   count = count.astype(row_grads.dtype)
-  mu_hat = mu / (1 - b1 ** count)
-  nu_hat = nu / (1 - b2 ** count)
+  mu_hat = new[:, 0] / (1 - b1 ** count)
+  nu_hat = new[:, 1] / (1 - b2 ** count)
   if callable(learning_rate):
     learning_rate = learning_rate(count - 1)
   step = -learning_rate * (mu_hat / (jnp.sqrt(nu_hat) + eps))
-  # The ids are distinct, so `add` and `set` touch each row once.
+  # The ids are distinct, so `add` touches each row once.
   table = table.at[vocab_ids].add(step, mode='drop', unique_indices=True)
-  return table, LazyAdamState(state.moments.at[vocab_ids].set(
-      jnp.stack([mu, nu], 1), mode='drop', unique_indices=True))
+  return table, LazyAdamState(moments)
+
+
+# (U, 2) indices (row, plane) of a (V, 2, D) array, each addressing a (D,)
+# window.
+_PLANE_ROWS = jax.lax.ScatterDimensionNumbers(
+    update_window_dims=(1,), inserted_window_dims=(0, 1),
+    scatter_dims_to_operand_dims=(0, 1))
+
+
+def _decay_rows(moments: jax.Array, vocab_ids: jax.Array, plane: int,
+                decay: float, update: jax.Array) -> jax.Array:
+  """moments[vocab_ids, plane] = decay * moments[vocab_ids, plane] + update.
+
+  One scatter whose combiner is the moment's own update, so each row is
+  read and written once where it lies. Gathering the old rows, computing
+  the new ones and scattering them back (`.at[].set`) took 2 ms more of a
+  13 ms `mean` step on a 2-core CPU.
+  `jax.lax.scatter_p` is the primitive behind `.at[]`, which offers only
+  fixed combiners (add, multiply, min, max, replace).
+
+  Args:
+    moments: (V, 2, D).
+    vocab_ids: (U,) distinct row ids; ids >= V are dropped.
+    plane: which of the two (V, D) planes.
+    decay: the moment's decay rate.
+    update: (U, D) what is added after the decay.
+  """
+  scalar = jax.ShapeDtypeStruct((), moments.dtype)
+  combine = jax.make_jaxpr(lambda old, new: decay * old + new)(scalar,
+                                                                scalar)
+  index = jnp.stack([vocab_ids, jnp.full_like(vocab_ids, plane)], 1)
+  return jax.lax.scatter_p.bind(
+      moments, index, update.astype(moments.dtype),
+      update_jaxpr=combine.jaxpr, update_consts=tuple(combine.consts),
+      dimension_numbers=_PLANE_ROWS, indices_are_sorted=False,
+      unique_indices=True, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
