@@ -67,6 +67,28 @@ def test_mean_encoder_is_the_masked_mean():
   np.testing.assert_allclose(got[0], (table[2] + table[3]) / 2, rtol=1e-6)
 
 
+@pytest.mark.parametrize('weighted', [False, True])
+def test_split_bag_of_words_equals_the_whole_product(weighted, monkeypatch):
+  """Rows past BAG_SLOTS summed token by token from 'rare_tokens' give the
+  (B, U) product's features, with dropped words (`keep`) and IDF weights."""
+  from mardjax.train import sparse_embedding  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(two_branch, 'BAG_SLOTS', 6)
+  rng = np.random.default_rng(4)
+  b, length, rows = 5, 9, 16
+  slots = rng.integers(0, rows, (b, length)).astype(np.int32)
+  lengths = np.array([9, 4, 0, 1, 7], np.int32)
+  keep = rng.random((b, length)) < 0.7
+  table = jnp.asarray(rng.normal(size=(rows, 3 + weighted)), jnp.float32)
+  enc = two_branch.MeanEncoder(vocab_size=rows, word_dim=3, weighted=weighted)
+  rare = sparse_embedding.rare_mask(slots, lengths, np).reshape(-1)
+  listed = sparse_embedding.rare_tokens(rare, int(rare.sum()) + 3, np)
+  whole = enc.apply({}, slots, lengths, table=table, keep=keep)
+  split = enc.apply({}, slots, lengths, table=table, keep=keep,
+                    rare_tokens=listed)
+  np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-6)
+  assert 0 < rare.sum() < (np.arange(length) < lengths[:, None]).sum()
+
+
 def test_idf_pooling_is_the_softmax_weighted_mean_of_its_scores():
   """Weights: softmax of the words' scores (the table's last column) over
   the review's real tokens; repeated words count twice; empty reviews give

@@ -27,6 +27,26 @@ def test_compact_batch_maps_slots_back_to_the_tokens():
     np.testing.assert_array_equal(ids[d][out['slots'][d]], tokens[d])
 
 
+def test_compact_batch_lists_the_tokens_outside_the_bag(monkeypatch):
+  """'rare_tokens': the flat positions of the real tokens whose slot is
+  BAG_SLOTS or beyond, in order, padded with b * L to a bucket over the
+  fullest device."""
+  monkeypatch.setattr(two_branch, 'BAG_SLOTS', 2)
+  tokens = np.array([[[5, 9, 7, 0], [9, 5, 5, 5]],
+                     [[3, 0, 0, 0], [7, 7, 7, 0]]], np.int32)
+  lengths = np.array([[3, 4], [1, 3]], np.int32)
+  out = sparse_embedding.compact_batch(
+      {'tokens': tokens, 'lengths': lengths}, 10, 4, split_bag=True)
+  # Distinct ids 0, 3, 5, 7, 9: slots >= 2 are words 5, 7 and 9. Device 0:
+  # positions 0, 1, 2 (review 0) and 4, 5, 6, 7 (review 1); device 1:
+  # 4, 5, 6 (review 1's three 7s), the padding 0s excluded.
+  np.testing.assert_array_equal(out['rare_tokens'],
+                                [[0, 1, 2, 4, 5, 6, 7, 8],
+                                 [4, 5, 6, 8, 8, 8, 8, 8]])
+  assert 'rare_tokens' not in sparse_embedding.compact_batch(
+      {'tokens': tokens, 'lengths': lengths}, 10, 4)
+
+
 def test_compact_batch_rejects_ids_outside_the_vocabulary():
   with pytest.raises(ValueError, match='outside the vocabulary'):
     sparse_embedding.compact_batch(
@@ -73,16 +93,20 @@ def test_lazy_adam_leaves_other_rows_alone():
                              -0.1 * np.sign(g[:2]), rtol=1e-4)
 
 
-@pytest.mark.parametrize('encoder,pooling,warmup,token_bucket', [
-    ('mean', 'mean', 0, 0), ('mean', 'mean', 0, 16), ('lstm', 'mean', 0, 0),
-    ('mean', 'idf', 3, 16)])
-def test_lazy_step_equals_dense_step(encoder, pooling, warmup, token_bucket):
+@pytest.mark.parametrize('encoder,pooling,warmup,token_bucket,split', [
+    ('mean', 'mean', 0, 0, False), ('mean', 'mean', 0, 16, False),
+    ('lstm', 'mean', 0, 0, False), ('mean', 'idf', 3, 16, False),
+    ('mean', 'mean', 0, 0, True), ('mean', 'idf', 0, 0, True)])
+def test_lazy_step_equals_dense_step(encoder, pooling, warmup, token_bucket,
+                                     split, monkeypatch):
   """From the same state, one lazy step = one dense Adam step (rows unused by
   the batch have zero gradient and zero moments, so dense Adam leaves them
   alone too); a second step on the same rows agrees as well, also with
   the IDF-weighted mean (its word scores are the table's last column) and
-  a warmup schedule (both updates read the same step's learning rate), and
-  on the mean encoder's flat layout (token_bucket > 0) as on the padded."""
+  a warmup schedule (both updates read the same step's learning rate), on
+  the mean encoder's flat layout (token_bucket > 0) as on the padded, and
+  with the bag-of-words product split (most tokens summed one by one)."""
+  monkeypatch.setattr(two_branch, 'BAG_SLOTS', 5)
   config = test_config.get_config()
   config.model.text_encoder = encoder
   config.model.pooling = pooling
@@ -104,8 +128,10 @@ def test_lazy_step_equals_dense_step(encoder, pooling, warmup, token_bucket):
                                     batch)
     prepared = train_step.prepare_batch(
         state, {k: v[None] for k, v in batch.items()}, vocab_bucket=4,
-        token_bucket=token_bucket)
+        token_bucket=token_bucket, split_bag=split and update == 'lazy')
     assert ('flat_review' in prepared) == bool(token_bucket)
+    if split and update == 'lazy':
+      assert prepared['rare_tokens'].shape[1] > 20
     prepared = {k: v[0] for k, v in prepared.items()}
     step = train_step.single_device_step(config.loss)
     key = jax.random.PRNGKey(1)

@@ -160,19 +160,25 @@ def test_device_assembly_matches_the_host_batches(tiny_records,
     ('mean', 0, 'dense', 'track'), ('mean', 64, 'dense', 'track'),
     ('lstm', 0, 'dense', 'track'), ('lstm', 2, 'dense', 'track'),
     ('mean', 0, 'lazy', 'track'), ('lstm', 2, 'lazy', 'track'),
-    ('mean', 64, 'dense', 'album_lstm')])
+    ('mean', 64, 'dense', 'album_lstm'), ('mean', 0, 'lazy split', 'track')])
 def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
-                                         update, audio_encoder):
+                                         update, audio_encoder, monkeypatch):
   """Batches assembled on the device train exactly as the host's, on the
   padded layout, the mean encoder's flat layout (whose size the host
   sends, static) and the LSTM's packed rows (from the host's plan), with
-  the dense update and the lazy one (slots from the host's word list),
-  and with the album LSTM's audio."""
+  the dense update and the lazy one (slots from the host's word list;
+  with the split bag-of-words, the host's planner sizes the list of
+  tokens outside it as the host's compaction does), and with the album
+  LSTM's audio."""
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mardjax.train import index_batches  # pylint: disable=g-import-not-at-top
   manifest, audio, reviews = _tables(tiny_records)
   config = test_config.get_config()
   config.model.text_encoder = encoder
-  config.train.embedding_update = update
+  config.train.embedding_update = update.split()[0]
+  config.train.split_bag = update == 'lazy split'
+  config.train.vocab_bucket = 4
+  monkeypatch.setattr(two_branch, 'BAG_SLOTS', 16)
   config.train.token_bucket = bucket
   config.train.lstm_pack_rows = bucket
   config.model.audio_encoder = audio_encoder
@@ -190,18 +196,20 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
   index_step = train_step.index_step(config.loss, 64)
   tables = train_step.device_tables(reviews, audio, 64)
   a, b = fresh(), fresh()
+  planner = index_batches.Planner(
+      config, reviews, model.vocab_size if update != 'dense' else 0)
   key = jax.random.PRNGKey(5)
   layouts = set()
   for (_, batch), (_, idx) in zip(
       input_pipeline.train_batches(reviews, audio, max_len=64,
                                    album_tracks=tracks, **kw),
-      input_pipeline.train_indices(reviews, audio, **kw)):
-    prepared = train_step.prepare_batch(
-        a, batch, 4, pack_rows=train_step.lstm_pack_rows(config),
-        token_bucket=train_step.mean_token_bucket(config))
+      planner.with_plans(input_pipeline.train_indices(reviews, audio, **kw))):
+    prepared = train_step.prepare_batch(a, batch, 4,
+                                        **train_step.batch_options(config))
     prepared = {k: v[0] for k, v in prepared.items()}
+    planned, planned_layout = planner([idx], pmap=False)
     a, ma = host_step(a, prepared, key)
-    idx = {k: v[0] for k, v in idx.items()}
+    idx = {k: idx[k][0] for k in ('rows', 'tracks')}
     layout = train_step.Layout(
         prepared['flat_review'].shape[0] if 'flat_review' in prepared else 0,
         album_tracks=tracks)
@@ -210,8 +218,13 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
       idx['place'] = place[0]
       layout = layout._replace(
           packed_rows=packing.row_count(used, bucket, len(place[0])))
-    if update == 'lazy':
+    if update != 'dense':
       idx['vocab_ids'] = prepared['vocab_ids']
+      np.testing.assert_array_equal(planned['vocab_ids'], idx['vocab_ids'])
+    if 'rare_tokens' in prepared:
+      layout = layout._replace(rare_tokens=prepared['rare_tokens'].shape[0])
+      assert layout.rare_tokens > 0
+    assert planned_layout == layout
     layouts.add(layout)
     assembled = train_step.assemble(tables, idx, 64, layout,
                                     model.vocab_size)
@@ -222,7 +235,7 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
     if int(a.step) == 4:
       break
   # The layout asked for was used (0: padded).
-  assert all(max(x) > 0 for x in layouts) == bool(bucket)
+  assert all(max(x[:3]) > 0 for x in layouts) == bool(bucket)
   assert float(ma['loss']) == float(mb['loss'])
   for x, y in zip(jax.tree_util.tree_leaves(a.params),
                   jax.tree_util.tree_leaves(b.params)):

@@ -107,7 +107,7 @@ def row_config(base: ml_collections.ConfigDict, name: str, module: str
   own = name in OWN_RECIPE
   for field in ('batch_size', 'log_every', 'checkpoint_every',
                 'keep_checkpoints', 'vocab_bucket', 'lstm_pack_rows',
-                'token_bucket',
+                'token_bucket', 'split_bag',
                 'embedding_update', 'parallelism', 'eval_every',
                 'early_stop_patience') + (() if own else ('learning_rate',)):
     config.train[field] = base.train[field]

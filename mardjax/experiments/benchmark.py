@@ -167,8 +167,7 @@ def train_step_throughput(config, encoder: str, steps: int,
       # Host-side preparation is part of each step's cost.
       one = train_step.prepare_batch(
           state, {k: v[None] for k, v in batch.items()},
-          config.train.vocab_bucket, train_step.lstm_pack_rows(config),
-          token_bucket=train_step.mean_token_bucket(config))
+          config.train.vocab_bucket, **train_step.batch_options(config))
       return host_step(state, {k: v[0] for k, v in one.items()}, key)
   start = time.time()
   state, metrics = step(state)
@@ -188,6 +187,7 @@ def train_step_throughput(config, encoder: str, steps: int,
           # The mean encoder's layout: real tokens only, or padded.
           'text_layout': ('flat' if train_step.mean_token_bucket(config)
                           else 'packed' if train_step.lstm_pack_rows(config)
+                          else 'split bag' if train_step.split_bag(config)
                           else 'padded'),
           'distinct_words_per_batch': int(np.unique(reviews.tokens).size),
           'device': str(jax.devices()[0].platform),
@@ -313,7 +313,8 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
   for _, batch in itertools.islice(it, n):
     if lazy:
       sparse_embedding.compact_batch(batch, manifest.vocab.size,
-                                     t.vocab_bucket)
+                                     t.vocab_bucket,
+                                     split_bag=train_step.split_bag(config))
     if token_bucket:
       two_branch.flat_review(np.minimum(batch['lengths'],
                                      batch['tokens'].shape[-1]), token_bucket)

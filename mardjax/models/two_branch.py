@@ -104,6 +104,16 @@ class LSTMDirection(nn.Module):
     return lstm.recurrence(proj, keep, wh.astype(dt), self.reverse)
 
 
+# Row-sparse training's bag-of-words product covers the first BAG_SLOTS
+# rows a batch uses (its most frequent words: ids are ranked by frequency);
+# the other tokens are gathered and summed one by one (`MeanEncoder`,
+# `rare_tokens`). At paper sizes and batch 128 the (B, U) x (U, D) product
+# over all ~5,500 rows is a third of a CPU step, while the batch's ~14,800
+# real tokens fill 2% of its bag; the first 1,024 rows hold two thirds of
+# the tokens. Measured on a 2-core CPU: the step 1.1 ms faster (of 11.5 ms).
+BAG_SLOTS = 1024
+
+
 def flat_review(lengths: np.ndarray, bucket: int,
                 size_max: Callable[[int], int] | None = None) -> np.ndarray:
   """The flat layout of the mean encoder: every real token of a batch end
@@ -184,7 +194,10 @@ class MeanEncoder(nn.Module):
   `flat_review`) only the real tokens are gathered
   and summed per review (a segment sum over T positions); otherwise a
   padded batch is a (B, L, D) gather, or with `table` a (B, U)
-  bag-of-words product. The features are the same.
+  bag-of-words product; with `table` and `rare_tokens` (R,) (training,
+  `mardjax.train.sparse_embedding.compact_batch`) the product covers the
+  first `BAG_SLOTS` rows only and the tokens of the other rows, listed in
+  `rare_tokens`, are summed one by one. The features are the same.
   """
   vocab_size: int
   word_dim: int
@@ -197,7 +210,8 @@ class MeanEncoder(nn.Module):
                table: jax.Array | None = None,
                packed: dict[str, jax.Array] | None = None,
                keep: jax.Array | None = None,
-               flat_review: jax.Array | None = None) -> jax.Array:
+               flat_review: jax.Array | None = None,
+               rare_tokens: jax.Array | None = None) -> jax.Array:
     """`keep` (B, L) bool: the words read (word dropout); None: all."""
     if packed is not None:
       raise ValueError('Only the lstm text encoder reads packed reviews.')
@@ -221,6 +235,8 @@ class MeanEncoder(nn.Module):
     if lookup:
       emb = jnp.take(vectors, tokens, axis=0)
       return jnp.einsum('bld,bl->bd', emb, weights.astype(emb.dtype))
+    if rare_tokens is not None:
+      return _split_bag(vectors, tokens, weights, rare_tokens)
     bag = jnp.zeros((tokens.shape[0], table.shape[0]), self.dtype)
     bag = bag.at[jnp.arange(tokens.shape[0])[:, None], tokens].add(
         weights.astype(self.dtype))
@@ -247,6 +263,34 @@ def _flat_sum(vectors: jax.Array, tokens: jax.Array, lengths: jax.Array,
   rows = jnp.take(vectors, tokens[review, pos], axis=0)
   return jax.ops.segment_sum(rows * w[:, None].astype(rows.dtype), review,
                              num_segments=b, indices_are_sorted=True)
+
+
+def _split_bag(vectors: jax.Array, slots: jax.Array, weights: jax.Array,
+               rare_tokens: jax.Array) -> jax.Array:
+  """(B, D): the bag-of-words product, split (`BAG_SLOTS`).
+
+  Args:
+    vectors: (U, D) the batch's rows.
+    slots, weights: (B, L) each token's row and weight.
+    rare_tokens: (R,) the flat positions (b * L + l) of the real tokens
+      whose row is `BAG_SLOTS` or beyond, B * L past the end.
+  """
+  b, length = slots.shape
+  head = min(BAG_SLOTS, vectors.shape[0])
+  # Tokens of the other rows land in one extra column, dropped.
+  bag = jnp.zeros((b, head + 1), vectors.dtype).at[
+      jnp.arange(b)[:, None], jnp.minimum(slots, head)].add(
+          weights.astype(vectors.dtype))
+  out = bag[:, :head] @ vectors[:head]
+  flat_slots = jnp.ravel(slots).at[rare_tokens].get(mode='fill',
+                                                   fill_value=0)
+  flat_weights = jnp.ravel(weights).at[rare_tokens].get(mode='fill',
+                                                       fill_value=0)
+  rows = jnp.take(vectors, flat_slots, axis=0)
+  # Positions past the end belong to review B: dropped by the sum.
+  return out + jax.ops.segment_sum(
+      rows * flat_weights[:, None].astype(rows.dtype), rare_tokens // length,
+      num_segments=b, indices_are_sorted=True)
 
 
 def _softmax_weights(scores: jax.Array, mask: jax.Array) -> jax.Array:
@@ -363,12 +407,14 @@ class TwoBranch(nn.Module):
                  train: bool = False,
                  table: jax.Array | None = None,
                  packed: dict[str, jax.Array] | None = None,
-                 flat_review: jax.Array | None = None) -> jax.Array:
+                 flat_review: jax.Array | None = None,
+                 rare_tokens: jax.Array | None = None) -> jax.Array:
     """tokens (B, L) + lengths (B,), or text_features (B, F) -> (B, E).
 
     `table` (U, D): tokens index these rows instead of the embedding table;
     `packed`: tokens are packed rows (BiLSTMEncoder); `flat_review` (T,):
-    the mean encoder reads only the real tokens (MeanEncoder).
+    the mean encoder reads only the real tokens; `rare_tokens` (R,): its
+    bag-of-words product is split (MeanEncoder).
     """
     if TEXT_ENCODERS[self.text_encoder] is None:
       if text_features is None:
@@ -379,6 +425,11 @@ class TwoBranch(nn.Module):
       if self.text_encoder != 'mean':
         raise ValueError('Only the mean text encoder reads the flat layout.')
       extra['flat_review'] = flat_review
+    if rare_tokens is not None:
+      if self.text_encoder != 'mean' or table is None:
+        raise ValueError('rare_tokens: only the mean text encoder reading '
+                         'a table of rows splits its bag-of-words.')
+      extra['rare_tokens'] = rare_tokens
     if train and self.word_dropout:
       # Each word of each review read with probability 1 - word_dropout:
       # the mean of the rest (Iyyer et al. 2015) keeps the model from
@@ -397,13 +448,15 @@ class TwoBranch(nn.Module):
                train: bool = False,
                text_table: jax.Array | None = None,
                packed: dict[str, jax.Array] | None = None,
-               flat_review: jax.Array | None = None) -> dict[str, Any]:
+               flat_review: jax.Array | None = None,
+               rare_tokens: jax.Array | None = None) -> dict[str, Any]:
     out = {}
     if audio is not None:
       out['audio'] = self.embed_audio(audio, train, num_tracks)
     if tokens is not None or text_features is not None:
       out['text'] = self.embed_text(tokens, lengths, text_features, train,
-                                    text_table, packed, flat_review)
+                                    text_table, packed, flat_review,
+                                    rare_tokens)
     return out
 
 

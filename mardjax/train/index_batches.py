@@ -50,6 +50,7 @@ class Planner:
     self.reviews = reviews
     self.lengths = np.minimum(reviews.lengths, self.max_len)
     self.vocab_size = vocab_size
+    self.split_bag = bool(vocab_size) and train_step.split_bag(config)
     self.sync = sync
 
   def with_plans(self, it: Iterator) -> Iterator:
@@ -62,7 +63,8 @@ class Planner:
     (`packing.plan`; best-fit decreasing, a Python loop over the batch:
     about 0.6 ms at 1,024 reviews, 5 ms at 8,192, on one core). For the
     lazy update, the sorted distinct words of the batch's reviews on all
-    local devices, 'words' (k,).
+    local devices, 'words' (k,), and with the split bag-of-words each
+    device's distinct words and their token counts, 'device_words'.
     """
     for position, idx in it:
       idx = dict(idx)
@@ -70,7 +72,13 @@ class Planner:
         idx['place'], used = packing.plan(self.lengths[idx['rows']],
                                           self.max_len)
         idx['packed_rows'] = np.int64(used)
-      if self.vocab_size:
+      if self.split_bag:
+        idx['device_words'] = [
+            np.unique(self.reviews.tokens[self.reviews.token_index(r)],
+                      return_counts=True) for r in idx['rows']]
+        idx['words'] = np.unique(np.concatenate(
+            [w for w, _ in idx['device_words']]))
+      elif self.vocab_size:
         idx['words'] = np.unique(self.reviews.tokens[
             self.reviews.token_index(idx['rows'].ravel())])
       yield position, idx
@@ -93,9 +101,11 @@ class Planner:
     return train_step.Layout(num_tokens, packed_rows, self.album_tracks)
 
   def vocab_ids(self, items: list[dict[str, np.ndarray]],
-                sizes: train_step.Layout) -> np.ndarray:
+                sizes: train_step.Layout
+                ) -> tuple[np.ndarray, train_step.Layout]:
     """(n, D, U) each step's distinct words (`sparse_embedding.padded_ids`),
-    the same list on every device, as `prepare_batch` compacts them."""
+    the same list on every device, as `prepare_batch` compacts them; and
+    `sizes` with the split bag-of-words' size."""
     words = []
     for x in items:
       lens = self.lengths[x['rows']]  # (D, b)
@@ -115,8 +125,24 @@ class Planner:
     size = sparse_embedding.bucket_size(max(len(w) for w in words),
                                         self.vocab_bucket)
     d = items[0]['rows'].shape[0]
+    if self.split_bag:
+      sizes = sizes._replace(rare_tokens=self.rare_size(items, words))
     return np.stack([np.broadcast_to(sparse_embedding.padded_ids(
-        w, self.vocab_size, size), (d, size)) for w in words])
+        w, self.vocab_size, size), (d, size)) for w in words]), sizes
+
+  def rare_size(self, items: list[dict[str, np.ndarray]],
+                words: list[np.ndarray]) -> int:
+    """R of the split bag-of-words: the most tokens of any step, device
+    and process outside the product, bucketed as `compact_batch` does. A
+    token is outside when its word is beyond the step's first
+    `two_branch.BAG_SLOTS` words (`sparse_embedding.rare_mask`)."""
+    most = 0
+    for x, w in zip(items, words):
+      if len(w) > two_branch.BAG_SLOTS:
+        last = w[two_branch.BAG_SLOTS - 1]
+        most = max([most] + [int(c[ids > last].sum())
+                             for ids, c in x['device_words']])
+    return sparse_embedding.bucket_size(self._max(most), self.vocab_bucket)
 
   def __call__(self, items: list[dict[str, np.ndarray]], pmap: bool
                ) -> tuple[dict[str, np.ndarray], train_step.Layout]:
@@ -130,7 +156,7 @@ class Planner:
            for k in ('rows', 'tracks', 'place') if k in items[0]}
     sizes = self.layout(items)
     if self.vocab_size:
-      idx['vocab_ids'] = self.vocab_ids(items, sizes)
+      idx['vocab_ids'], sizes = self.vocab_ids(items, sizes)
     if pmap:
       idx = {k: np.swapaxes(x, 0, 1) for k, x in idx.items()}
     else:

@@ -21,7 +21,9 @@ step sees only the rows its batch uses:
    multiply-add, which the compiler may fuse (tests/sparse_embedding_test.py).
 
 The `mean` encoder then needs no (B, L, D) gather at all: its features are a
-(B, U) bag-of-words matrix times the (U, D) rows.
+(B, U) bag-of-words matrix times the (U, D) rows, or with `split_bag` that
+product over the first `two_branch.BAG_SLOTS` rows plus the other rows'
+tokens one by one ('rare_tokens', `rare_mask`).
 """
 
 from typing import Any, Callable, NamedTuple
@@ -29,6 +31,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mardjax.models import two_branch
 
 # Where nn.Embed keeps the table in the model's params.
 EMBED_PATH = ('text_features', 'embed', 'embedding')
@@ -77,7 +81,9 @@ def init(table: jax.Array) -> LazyAdamState:
 
 def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
                   bucket: int, union: Callable[[np.ndarray], np.ndarray]
-                  | None = None) -> dict[str, np.ndarray]:
+                  | None = None, split_bag: bool = False,
+                  size_max: Callable[[int], int] | None = None
+                  ) -> dict[str, np.ndarray]:
   """Replaces 'tokens' (D, b, L) by 'slots' (D, b, L) and 'vocab_ids' (D, U).
 
   Args:
@@ -108,7 +114,33 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
   out = {k: v for k, v in batch.items() if k != 'tokens'}
   out['slots'] = lookup[tokens]
   out['vocab_ids'] = np.broadcast_to(padded, (tokens.shape[0], len(padded)))
+  if split_bag:
+    rare = rare_mask(out['slots'], batch['lengths'], np)
+    rare = rare.reshape(rare.shape[0], -1)
+    size = int(rare.sum(1).max()) if rare.shape[0] else 0
+    size = bucket_size(size_max(size) if size_max else size, bucket)
+    out['rare_tokens'] = np.stack([rare_tokens(x, size, np) for x in rare])
   return out
+
+
+def rare_mask(slots, lengths, xp=jnp):
+  """(..., b, L) bool: the real tokens whose row is not in the bag-of-words
+  product (`two_branch.BAG_SLOTS`), from (..., b, L) slots and (..., b)
+  lengths; the one formula of the host (`xp=np`) and the step."""
+  real = xp.arange(slots.shape[-1]) < lengths[..., None]
+  return real & (slots >= two_branch.BAG_SLOTS)
+
+
+def rare_tokens(rare, size: int, xp=jnp):
+  """(size,) int32 positions of the True entries of a flat (b * L,)
+  `rare_mask`, in order, then b * L; `size` must hold them all."""
+  if xp is np:
+    out = np.full(size, rare.shape[0], np.int32)
+    found = np.flatnonzero(rare)
+    out[:found.shape[0]] = found
+    return out
+  return jnp.nonzero(rare, size=size, fill_value=rare.shape[0])[0].astype(
+      jnp.int32)
 
 
 def bucket_size(count: int, bucket: int) -> int:

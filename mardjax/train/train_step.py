@@ -177,7 +177,8 @@ class ProcessSync:
 def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
                   vocab_bucket: int, pack_rows: int = 0,
                   sync: ProcessSync | None = None,
-                  token_bucket: int = 0) -> dict[str, np.ndarray]:
+                  token_bucket: int = 0,
+                  split_bag: bool = False) -> dict[str, np.ndarray]:
   """The host-side batch transform the state's step expects (numpy).
 
   Args:
@@ -190,6 +191,8 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
     token_bucket: > 0 adds the flat layout of the mean encoder,
       'flat_review' (D, T), T rounded up to a multiple of this
       (`two_branch.flat_review`).
+    split_bag: under the lazy update, the mean encoder's split
+      bag-of-words, 'rare_tokens' (`sparse_embedding.compact_batch`).
   """
   if pack_rows or token_bucket:
     batch = dict(batch)
@@ -204,7 +207,8 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
     return batch
   table, _ = sparse_embedding.split_table(state.params)
   return sparse_embedding.compact_batch(batch, table.shape[0], vocab_bucket,
-                                        sync.any if sync else None)
+                                        sync.any if sync else None, split_bag,
+                                        sync.max if sync else None)
 
 
 def lstm_pack_rows(config: ml_collections.ConfigDict) -> int:
@@ -224,6 +228,22 @@ def mean_token_bucket(config: ml_collections.ConfigDict) -> int:
   return (config.train.token_bucket
           if config.model.text_encoder == 'mean'
           and embedding_update(config) == 'dense' else 0)
+
+
+def batch_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`prepare_batch`'s layout arguments for this config."""
+  return {'pack_rows': lstm_pack_rows(config),
+          'token_bucket': mean_token_bucket(config),
+          'split_bag': split_bag(config)}
+
+
+def split_bag(config: ml_collections.ConfigDict) -> bool:
+  """The `split_bag` argument of `prepare_batch` for this config: the mean
+  encoder's padded layout under the lazy update (`two_branch.BAG_SLOTS`;
+  `train.split_bag`)."""
+  return bool(config.train.split_bag and config.model.text_encoder == 'mean'
+              and embedding_update(config) == 'lazy'
+              and not mean_token_bucket(config))
 
 
 def compute_loss(audio: jax.Array, text: jax.Array, album: jax.Array,
@@ -316,6 +336,8 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
     text['packed'] = {k: batch[k] for k in packing.KEYS if k != 'tokens'}
   if 'flat_review' in batch:
     text['flat_review'] = batch['flat_review']
+  if 'rare_tokens' in batch:
+    text['rare_tokens'] = batch['rare_tokens']
   if 'text_features' in batch:
     text['text_features'] = batch['text_features']
   if 'num_tracks' in batch:  # The album LSTM: (b, T, A) audio.
@@ -428,10 +450,13 @@ class Layout(NamedTuple):
       built from the host's plan, idx['place'] (`packing.plan`).
     album_tracks: > 0: the album LSTM's audio, each review's album's first
       `album_tracks` tracks (`tables.AudioTable.sequences`).
+    rare_tokens: not None: the lazy update's split bag-of-words,
+      'rare_tokens' (rare_tokens,) (`sparse_embedding.compact_batch`).
   """
   num_tokens: int = 0
   packed_rows: int = 0
   album_tracks: int = 0
+  rare_tokens: int | None = None
 
 
 def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
@@ -447,7 +472,7 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
   'tokens'; `packing.pack_on_device`, from idx 'place' (b, 2)); and for
   the lazy update, given idx 'vocab_ids' (U,) (the batch's distinct words,
   `sparse_embedding.padded_ids`) and the table's `vocab_size`, 'slots'
-  in place of the tokens."""
+  in place of the tokens (and 'rare_tokens' with `layout.rare_tokens`)."""
   rows = idx['rows']
   lengths = tables.lengths[rows]
   pos = jnp.arange(max_len)
@@ -474,6 +499,10 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
     batch['slots'] = sparse_embedding.slots_on_device(
         batch.pop('tokens'), idx['vocab_ids'], vocab_size)
     batch['vocab_ids'] = idx['vocab_ids']
+    if layout.rare_tokens is not None:
+      batch['rare_tokens'] = sparse_embedding.rare_tokens(
+          sparse_embedding.rare_mask(batch['slots'], lengths).reshape(-1),
+          layout.rare_tokens)
   return batch
 
 

@@ -196,12 +196,11 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
   if assembly == 'device':
     return index_step_fn(config, state, parallel, data, planner)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
-  pack_rows = train_step.lstm_pack_rows(config)
-  token_bucket = train_step.mean_token_bucket(config)
+  options = train_step.batch_options(config)
 
   def prepare(s, batch):
-    return train_step.prepare_batch(s, batch, t.vocab_bucket, pack_rows,
-                                    sync=sync, token_bucket=token_bucket)
+    return train_step.prepare_batch(s, batch, t.vocab_bucket, sync=sync,
+                                    **options)
   if t.parallelism == 'pmap' or not parallel:
     if parallel:
       fn = train_step.pmap_step(config.loss)
