@@ -198,13 +198,14 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
   a, b = fresh(), fresh()
   planner = index_batches.Planner(
       config, reviews, model.vocab_size if update != 'dense' else 0)
+  sizes = train_step.GrowingSizes()
   key = jax.random.PRNGKey(5)
   layouts = set()
   for (_, batch), (_, idx) in zip(
       input_pipeline.train_batches(reviews, audio, max_len=64,
                                    album_tracks=tracks, **kw),
       planner.with_plans(input_pipeline.train_indices(reviews, audio, **kw))):
-    prepared = train_step.prepare_batch(a, batch, 4,
+    prepared = train_step.prepare_batch(a, batch, 4, sizes=sizes,
                                         **train_step.batch_options(config))
     prepared = {k: v[0] for k, v in prepared.items()}
     planned, planned_layout = planner([idx], pmap=False)

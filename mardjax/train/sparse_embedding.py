@@ -82,7 +82,7 @@ def init(table: jax.Array) -> LazyAdamState:
 def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
                   bucket: int, union: Callable[[np.ndarray], np.ndarray]
                   | None = None, split_bag: bool = False,
-                  size_max: Callable[[int], int] | None = None
+                  sizes: Callable[[str, int], int] | None = None
                   ) -> dict[str, np.ndarray]:
   """Replaces 'tokens' (D, b, L) by 'slots' (D, b, L) and 'vocab_ids' (D, U).
 
@@ -110,7 +110,11 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
   ids = np.flatnonzero(present).astype(np.int32)
   lookup = np.zeros(vocab_size, np.int32)
   lookup[ids] = np.arange(ids.shape[0], dtype=np.int32)
-  padded = padded_ids(ids, vocab_size, bucket_size(ids.shape[0], bucket))
+  count = ids.shape[0]
+  if split_bag:
+    count = max(count, two_branch.BAG_SLOTS)
+    count = sizes('vocab', count) if sizes else count
+  padded = padded_ids(ids, vocab_size, bucket_size(count, bucket))
   out = {k: v for k, v in batch.items() if k != 'tokens'}
   out['slots'] = lookup[tokens]
   out['vocab_ids'] = np.broadcast_to(padded, (tokens.shape[0], len(padded)))
@@ -118,7 +122,7 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
     rare = rare_mask(out['slots'], batch['lengths'], np)
     rare = rare.reshape(rare.shape[0], -1)
     size = int(rare.sum(1).max()) if rare.shape[0] else 0
-    size = bucket_size(size_max(size) if size_max else size, bucket)
+    size = bucket_size(sizes('rare', size) if sizes else size, bucket)
     out['rare_tokens'] = np.stack([rare_tokens(x, size, np) for x in rare])
   return out
 

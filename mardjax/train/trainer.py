@@ -197,10 +197,11 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
     return index_step_fn(config, state, parallel, data, planner)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
   options = train_step.batch_options(config)
+  sizes = train_step.GrowingSizes(sync)
 
   def prepare(s, batch):
     return train_step.prepare_batch(s, batch, t.vocab_bucket, sync=sync,
-                                    **options)
+                                    sizes=sizes, **options)
   if t.parallelism == 'pmap' or not parallel:
     if parallel:
       fn = train_step.pmap_step(config.loss)
