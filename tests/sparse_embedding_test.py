@@ -148,6 +148,40 @@ def test_lazy_step_equals_dense_step(encoder, pooling, warmup, token_bucket,
   assert lazy.embed_opt is not None and dense.embed_opt is None
 
 
+def test_split_bag_padded_to_an_earlier_programs_sizes_trains_the_same(
+    monkeypatch):
+  """Longer word and token lists (`train_step.ProgramSizes` reusing a
+  larger program) leave the step's parameters unchanged to the bit."""
+  monkeypatch.setattr(two_branch, 'BAG_SLOTS', 5)
+  config = test_config.get_config()
+  config.train.embedding_update = 'lazy'
+  rng = np.random.default_rng(5)
+  b, length, vocab = 8, 9, 30
+  lengths = rng.integers(1, length + 1, b).astype(np.int32)
+  tokens = rng.integers(2, vocab, (b, length)).astype(np.int32)
+  tokens[np.arange(length)[None, :] >= lengths[:, None]] = 0
+  batch = {'audio': rng.normal(size=(1, b, 5)).astype(np.float32),
+           'tokens': tokens[None], 'lengths': lengths[None],
+           'album': np.repeat(np.arange(b // 2), 2).astype(np.int32)[None]}
+  model = two_branch.build(config.model, vocab)
+  sizes = train_step.ProgramSizes()
+  sizes.seen.append({'vocab': 64, 'rare': 96})
+  params = []
+  for padded in (None, sizes):
+    state = train_step.create_state(model, config, jax.random.PRNGKey(0),
+                                    {k: v[0] for k, v in batch.items()})
+    prepared = train_step.prepare_batch(state, batch, 4, split_bag=True,
+                                        sizes=padded)
+    assert (prepared['rare_tokens'].shape[1] == 96) == bool(padded)
+    step = train_step.single_device_step(config.loss)
+    for _ in range(2):
+      state, _ = step(state, {k: v[0] for k, v in prepared.items()},
+                      jax.random.PRNGKey(1))
+    params.append(state.params)
+  for x, y in zip(*map(jax.tree_util.tree_leaves, params)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_a_lazy_state_refuses_an_unprepared_batch():
   config = test_config.get_config()
   rng = np.random.default_rng(4)

@@ -198,7 +198,7 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
   a, b = fresh(), fresh()
   planner = index_batches.Planner(
       config, reviews, model.vocab_size if update != 'dense' else 0)
-  sizes = train_step.GrowingSizes()
+  sizes = train_step.ProgramSizes()
   key = jax.random.PRNGKey(5)
   layouts = set()
   for (_, batch), (_, idx) in zip(
@@ -270,6 +270,20 @@ def test_batch_assembly_choice(tiny_records, monkeypatch):
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   with pytest.raises(UserError, match='shard_map across processes'):
     trainer.batch_assembly(config, True, data)
+
+
+def test_program_sizes_reuse_the_smallest_pair_that_fits():
+  class Sync:  # Another process needs 30 rare tokens.
+    def max(self, value):
+      return max(value, 30)
+  sizes = train_step.ProgramSizes(Sync())
+  assert sizes({'vocab': 8, 'rare': 4}) == {'vocab': 8, 'rare': 30}
+  assert sizes({'vocab': 16, 'rare': 4}) == {'vocab': 16, 'rare': 30}
+  assert sizes({'vocab': 8, 'rare': 40}) == {'vocab': 8, 'rare': 40}
+  # Both fit (8, 40) and (16, 30) fit; the smaller pair wins.
+  assert sizes({'vocab': 8, 'rare': 10}) == {'vocab': 8, 'rare': 30}
+  assert sizes({'vocab': 12, 'rare': 1}) == {'vocab': 16, 'rare': 30}
+  assert len(sizes.seen) == 3
 
 
 def test_learning_rate_schedule_warmup_scaling_and_cosine():

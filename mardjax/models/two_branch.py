@@ -282,11 +282,13 @@ def _split_bag(vectors: jax.Array, slots: jax.Array, weights: jax.Array,
       jnp.arange(b)[:, None], jnp.minimum(slots, head)].add(
           weights.astype(vectors.dtype))
   out = bag[:, :head] @ vectors[:head]
-  flat_slots = jnp.ravel(slots).at[rare_tokens].get(mode='fill',
-                                                   fill_value=0)
+  # Padding entries (past the end) read no row, and in the backward pass
+  # add to none: their slot is out of range too.
+  flat_slots = jnp.ravel(slots).at[rare_tokens].get(
+      mode='fill', fill_value=vectors.shape[0])
   flat_weights = jnp.ravel(weights).at[rare_tokens].get(mode='fill',
                                                        fill_value=0)
-  rows = jnp.take(vectors, flat_slots, axis=0)
+  rows = jnp.take(vectors, flat_slots, axis=0, mode='fill', fill_value=0)
   # Positions past the end belong to review B: dropped by the sum.
   return out + jax.ops.segment_sum(
       rows * flat_weights[:, None].astype(rows.dtype), rare_tokens // length,

@@ -52,7 +52,7 @@ class Planner:
     self.vocab_size = vocab_size
     self.split_bag = bool(vocab_size) and train_step.split_bag(config)
     self.sync = sync
-    self.sizes = train_step.GrowingSizes(sync)
+    self.sizes = train_step.ProgramSizes(sync)
 
   def with_plans(self, it: Iterator) -> Iterator:
     """`input_pipeline.train_indices` batches plus what the host decides
@@ -124,31 +124,31 @@ class Planner:
         w = np.flatnonzero(self.sync.any(present))
       words.append(w)
     count = max(len(w) for w in words)
+    size = {'vocab': sparse_embedding.bucket_size(count, self.vocab_bucket)}
     if self.split_bag:  # As `compact_batch`.
-      count = self.sizes('vocab', max(count, two_branch.BAG_SLOTS))
-    size = sparse_embedding.bucket_size(count, self.vocab_bucket)
+      size = self.sizes({
+          'vocab': sparse_embedding.bucket_size(
+              max(count, two_branch.BAG_SLOTS), self.vocab_bucket),
+          'rare': sparse_embedding.bucket_size(self.rare_count(items, words),
+                                               self.vocab_bucket)})
+      sizes = sizes._replace(rare_tokens=size['rare'])
     d = items[0]['rows'].shape[0]
-    if self.split_bag:
-      sizes = sizes._replace(rare_tokens=self.rare_size(items, words))
     return np.stack([np.broadcast_to(sparse_embedding.padded_ids(
-        w, self.vocab_size, size), (d, size)) for w in words]), sizes
+        w, self.vocab_size, size['vocab']), (d, size['vocab']))
+                     for w in words]), sizes
 
-  def rare_size(self, items: list[dict[str, np.ndarray]],
-                words: list[np.ndarray]) -> int:
-    """R of the split bag-of-words: the most tokens of any step, device
-    and process outside the product, bucketed as `compact_batch` does, and
-    never less than an earlier dispatch's (`train_step.GrowingSizes`, as
-    training's host path). A token is outside when its word is beyond the
-    step's first `two_branch.BAG_SLOTS` words (`sparse_embedding.rare_mask`).
-    """
+  def rare_count(self, items: list[dict[str, np.ndarray]],
+                 words: list[np.ndarray]) -> int:
+    """The split bag-of-words' most tokens of any step and local device
+    outside the product: those whose word is beyond the step's first
+    `two_branch.BAG_SLOTS` words (`sparse_embedding.rare_mask`)."""
     most = 0
     for x, w in zip(items, words):
       if len(w) > two_branch.BAG_SLOTS:
         last = w[two_branch.BAG_SLOTS - 1]
         most = max([most] + [int(c[ids > last].sum())
                              for ids, c in x['device_words']])
-    return sparse_embedding.bucket_size(self.sizes('rare', most),
-                                        self.vocab_bucket)
+    return most
 
   def __call__(self, items: list[dict[str, np.ndarray]], pmap: bool
                ) -> tuple[dict[str, np.ndarray], train_step.Layout]:

@@ -82,8 +82,8 @@ def init(table: jax.Array) -> LazyAdamState:
 def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
                   bucket: int, union: Callable[[np.ndarray], np.ndarray]
                   | None = None, split_bag: bool = False,
-                  sizes: Callable[[str, int], int] | None = None
-                  ) -> dict[str, np.ndarray]:
+                  sizes: Callable[[dict[str, int]], dict[str, int]]
+                  | None = None) -> dict[str, np.ndarray]:
   """Replaces 'tokens' (D, b, L) by 'slots' (D, b, L) and 'vocab_ids' (D, U).
 
   Args:
@@ -110,20 +110,22 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
   ids = np.flatnonzero(present).astype(np.int32)
   lookup = np.zeros(vocab_size, np.int32)
   lookup[ids] = np.arange(ids.shape[0], dtype=np.int32)
-  count = ids.shape[0]
-  if split_bag:
-    count = max(count, two_branch.BAG_SLOTS)
-    count = sizes('vocab', count) if sizes else count
-  padded = padded_ids(ids, vocab_size, bucket_size(count, bucket))
   out = {k: v for k, v in batch.items() if k != 'tokens'}
   out['slots'] = lookup[tokens]
-  out['vocab_ids'] = np.broadcast_to(padded, (tokens.shape[0], len(padded)))
+  size = {'vocab': bucket_size(ids.shape[0], bucket)}
   if split_bag:
+    size['vocab'] = bucket_size(max(ids.shape[0], two_branch.BAG_SLOTS),
+                                bucket)
     rare = rare_mask(out['slots'], batch['lengths'], np)
     rare = rare.reshape(rare.shape[0], -1)
-    size = int(rare.sum(1).max()) if rare.shape[0] else 0
-    size = bucket_size(sizes('rare', size) if sizes else size, bucket)
-    out['rare_tokens'] = np.stack([rare_tokens(x, size, np) for x in rare])
+    size['rare'] = bucket_size(int(rare.sum(1).max()) if rare.shape[0]
+                               else 0, bucket)
+    if sizes:
+      size = sizes(size)
+    out['rare_tokens'] = np.stack([rare_tokens(x, size['rare'], np)
+                                   for x in rare])
+  padded = padded_ids(ids, vocab_size, size['vocab'])
+  out['vocab_ids'] = np.broadcast_to(padded, (tokens.shape[0], len(padded)))
   return out
 
 

@@ -174,28 +174,32 @@ class ProcessSync:
         np.int64(value))).max())
 
 
-class GrowingSizes:
-  """The largest of each size asked for so far in a run ('vocab': the
-  lazy update's word list, 'rare': the split bag-of-words' token list,
-  agreed between processes), for `sparse_embedding.compact_batch`.
+class ProgramSizes:
+  """Sizes of a batch's lists that reuse a program compiled before.
 
-  A size that varies from batch to batch compiles the step once per
-  combination of values (about 2.7 s each at paper sizes on a 2-core CPU:
-  7 compiles in a 2,000-step run where both sizes varied); sizes that only
-  grow compile a few times early in a run. Under the split bag-of-words
-  the padding of both lists changes no parameter.
+  The split bag-of-words' word list ('vocab', U) and token list ('rare',
+  R) vary from batch to batch, and each new pair of sizes compiles the
+  step (about 2.7 s at paper sizes on a 2-core CPU: 7 compiles in a
+  2,000-step run). A batch whose lists fit a pair met before takes the
+  smallest such pair instead (padding, which changes no parameter); only
+  a batch too large for every one of them adds its own. R is first agreed
+  between processes (the largest); every process builds the same word
+  list, so all of them pick the same pair.
   """
 
   def __init__(self, sync: ProcessSync | None = None):
     self.sync = sync
-    self.values = {}
+    self.seen: list[dict[str, int]] = []
 
-  def __call__(self, name: str, value: int) -> int:
-    # Every process builds the same word list; token counts differ.
-    if self.sync and name == 'rare':
-      value = self.sync.max(value)
-    self.values[name] = max(self.values.get(name, 0), value)
-    return self.values[name]
+  def __call__(self, want: dict[str, int]) -> dict[str, int]:
+    if self.sync and 'rare' in want:
+      want = dict(want, rare=self.sync.max(want['rare']))
+    fits = [s for s in self.seen
+            if all(s[k] >= v for k, v in want.items())]
+    if fits:
+      return min(fits, key=lambda s: sum(s.values()))
+    self.seen.append(dict(want))
+    return want
 
 
 def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
@@ -203,7 +207,7 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
                   sync: ProcessSync | None = None,
                   token_bucket: int = 0,
                   split_bag: bool = False,
-                  sizes: GrowingSizes | None = None
+                  sizes: ProgramSizes | None = None
                   ) -> dict[str, np.ndarray]:
   """The host-side batch transform the state's step expects (numpy).
 
@@ -219,8 +223,8 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
       (`two_branch.flat_review`).
     split_bag: under the lazy update, the mean encoder's split
       bag-of-words, 'rare_tokens' (`sparse_embedding.compact_batch`).
-    sizes: the sizes of the split bag-of-words' lists so far in the run;
-      None: this batch's (agreed between processes).
+    sizes: the run's `ProgramSizes` for the split bag-of-words' lists;
+      None: this batch's own (agreed between processes).
   """
   if pack_rows or token_bucket:
     batch = dict(batch)
@@ -236,7 +240,7 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
   table, _ = sparse_embedding.split_table(state.params)
   return sparse_embedding.compact_batch(
       batch, table.shape[0], vocab_bucket, sync.any if sync else None,
-      split_bag, sizes or GrowingSizes(sync))
+      split_bag, sizes or ProgramSizes(sync))
 
 
 def lstm_pack_rows(config: ml_collections.ConfigDict) -> int:

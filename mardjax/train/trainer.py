@@ -197,7 +197,7 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
     return index_step_fn(config, state, parallel, data, planner)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
   options = train_step.batch_options(config)
-  sizes = train_step.GrowingSizes(sync)
+  sizes = train_step.ProgramSizes(sync)
 
   def prepare(s, batch):
     return train_step.prepare_batch(s, batch, t.vocab_bucket, sync=sync,
