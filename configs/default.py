@@ -131,9 +131,10 @@ def get_config():
   # the padded (batch, max_len) layout.
   config.train.token_bucket = 4096
   # Mean encoder, lazy update: the bag-of-words product covers the batch's
-  # 1,024 most frequent words and the other words' tokens are summed one by
-  # one (their count rounded up to a multiple of vocab_bucket); False: the
-  # product over all of the batch's words. Same features, faster on CPUs.
+  # first 1,024 words by id (ids rank words by frequency) and the other
+  # words' tokens are summed one by one (their count rounded up to a
+  # multiple of vocab_bucket); False: the product over all of the batch's
+  # words. Same features, faster on CPUs.
   config.train.split_bag = True
   # Length of training: num_steps when > 0, else num_epochs over the
   # training reviews (paper: 200 epochs).
