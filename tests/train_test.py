@@ -120,27 +120,6 @@ def test_early_stopping_reports_the_best_model_and_stays_stopped(
   assert metrics['model_step'] == 5
 
 
-def test_one_process_prepares_host_batches_in_the_prefetch_thread(
-    tiny_records, tmp_path, monkeypatch):
-  """The host path's compaction runs ahead of the step, not in its way."""
-  import threading  # pylint: disable=g-import-not-at-top
-  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
-  threads = []
-  prepare = train_step.prepare_batch
-
-  def recording(*args, **kwargs):
-    threads.append(threading.current_thread().name)
-    return prepare(*args, **kwargs)
-  monkeypatch.setattr(train_step, 'prepare_batch', recording)
-  data_dir, _ = tiny_records
-  config = _config(num_steps=4, eval_every=1000, log_every=1000,
-                   checkpoint_every=1000, batch_assembly='host',
-                   embedding_update='lazy')
-  _, metrics = modes.train_and_evaluate(config, str(tmp_path), data_dir)
-  assert metrics['batch_assembly'] == 'host'
-  assert len(threads) >= 4 and set(threads) == {'mardjax-prefetch'}
-
-
 def test_eval_of_a_split_without_reviews_is_a_clear_error(tiny_corpus_master,
                                                          tmp_path):
   from mardjax.data import preprocess  # pylint: disable=g-import-not-at-top

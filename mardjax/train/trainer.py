@@ -184,37 +184,24 @@ def steps_per_dispatch(config: ml_collections.ConfigDict, assembly: str
   return 1 if jax.default_backend() == 'cpu' else AUTO_STEPS_PER_DISPATCH
 
 
-def host_preparation(config: ml_collections.ConfigDict, state
-                     ) -> Callable[[dict[str, np.ndarray]],
-                                   dict[str, np.ndarray]]:
-  """The host path's batch transform (`train_step.prepare_batch`: the LSTM's
-  packing, the flat layout, the lazy update's word list), for this run:
-  one `ProgramSizes` for all its batches, processes agreeing on sizes."""
-  sync = train_step.ProcessSync() if jax.process_count() > 1 else None
-  options = train_step.batch_options(config)
-  sizes = train_step.ProgramSizes(sync)
-  # Only the state's kind of update and the table's size are read (which
-  # stay readable when the state's arrays are donated).
-  return lambda batch: train_step.prepare_batch(
-      state, batch, config.train.vocab_bucket, sync=sync, sizes=sizes,
-      **options)
-
-
 def _step(config: ml_collections.ConfigDict, state, parallel: bool,
           assembly: str, data: TrainingData,
-          planner: index_batches.Planner | None,
-          prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-          | None = None):
+          planner: index_batches.Planner | None):
   """(state, fn(state, items, step0, base_key) -> (state, metrics)) for the
   configured parallelism (one device, pmap, or jit(shard_map) over a mesh)
   and batch assembly: `items` are the iterator's batches (or indices) for
-  steps step0, step0 + 1, ...; one on the host path, transformed by
-  `prepare` (None: the iterator's are prepared already). Device assembly
-  takes `planner` (`make_planner`)."""
+  steps step0, step0 + 1, ...; one on the host path. Device assembly takes
+  `planner` (`make_planner`)."""
   t = config.train
   if assembly == 'device':
     return index_step_fn(config, state, parallel, data, planner)
-  prepare = prepare or (lambda batch: batch)
+  sync = train_step.ProcessSync() if jax.process_count() > 1 else None
+  options = train_step.batch_options(config)
+  sizes = train_step.ProgramSizes(sync)
+
+  def prepare(s, batch):
+    return train_step.prepare_batch(s, batch, t.vocab_bucket, sync=sync,
+                                    sizes=sizes, **options)
   if t.parallelism == 'pmap' or not parallel:
     if parallel:
       fn = train_step.pmap_step(config.loss)
@@ -235,7 +222,7 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
     def place(b):
       return train_step.shard_batch(b, mesh)
   return state, lambda s, items, step0, base_key: fn(
-      s, place(prepare(items[0])), jax.random.fold_in(base_key, step0))
+      s, place(prepare(s, items[0])), jax.random.fold_in(base_key, step0))
 
 
 def make_planner(config: ml_collections.ConfigDict, state,
@@ -315,17 +302,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
                                   num_steps=total_steps(config, manifest))
   if config.model.pooling == 'idf':
     state = train_step.set_word_scores(state, _idf(reviews, manifest))
-  planner = prepare = None
-  if assembly == 'device':
-    planner = make_planner(config, state, data)
-  else:
-    prepare = host_preparation(config, state)
-    if process_count == 1:
-      # In the prefetch thread, off the step's path; with several
-      # processes, whose agreement on sizes and word lists is a collective,
-      # it stays in the loop's thread.
-      batches = _prepared(batches, prepare)
-      prepare = None
+  planner = (make_planner(config, state, data) if assembly == 'device'
+             else None)
   run = _Run(
       config=config, workdir=workdir, manifest=manifest, model=model,
       state=state, batches=indices if assembly == 'device' else batches,
@@ -344,24 +322,12 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
       steps=total_steps(config, manifest))
   _restore(run)
   run.state, run.step_fn = _step(config, run.state, parallel, assembly, data,
-                                 planner, prepare)
+                                 planner)
   run.steps_per_dispatch = steps_per_dispatch(config, assembly)
   run.batch_assembly = assembly
   logging.info('Batches assembled on the %s, %d step(s) per dispatch.',
                assembly, run.steps_per_dispatch)
   return run
-
-
-def _prepared(batches: Callable[[int, int], Iterator],
-              prepare: Callable[[dict[str, np.ndarray]],
-                                dict[str, np.ndarray]]
-              ) -> Callable[[int, int], Iterator]:
-  """`batches` (epoch, batch -> iterator of (position, batch)) with each
-  batch transformed by `prepare`."""
-  def prepared(epoch, batch):
-    for position, x in batches(epoch, batch):
-      yield position, prepare(x)
-  return prepared
 
 
 def _idf(reviews: tables.ReviewTable, manifest: manifest_lib.Manifest
