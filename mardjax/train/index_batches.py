@@ -124,14 +124,12 @@ class Planner:
         w = np.flatnonzero(self.sync.any(present))
       words.append(w)
     count = max(len(w) for w in words)
-    size = {'vocab': sparse_embedding.bucket_size(count, self.vocab_bucket)}
     if self.split_bag:  # As `compact_batch`.
-      size = self.sizes({
-          'vocab': sparse_embedding.bucket_size(
-              max(count, two_branch.BAG_SLOTS), self.vocab_bucket),
-          'rare': sparse_embedding.bucket_size(self.rare_count(items, words),
-                                               self.vocab_bucket)})
+      size = self.sizes(sparse_embedding.list_sizes(
+          count, self.vocab_bucket, self.rare_count(items, words)))
       sizes = sizes._replace(rare_tokens=size['rare'])
+    else:
+      size = sparse_embedding.list_sizes(count, self.vocab_bucket)
     d = items[0]['rows'].shape[0]
     return np.stack([np.broadcast_to(sparse_embedding.padded_ids(
         w, self.vocab_size, size['vocab']), (d, size['vocab']))

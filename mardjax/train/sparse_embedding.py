@@ -112,18 +112,17 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
   lookup[ids] = np.arange(ids.shape[0], dtype=np.int32)
   out = {k: v for k, v in batch.items() if k != 'tokens'}
   out['slots'] = lookup[tokens]
-  size = {'vocab': bucket_size(ids.shape[0], bucket)}
   if split_bag:
-    size['vocab'] = bucket_size(max(ids.shape[0], two_branch.BAG_SLOTS),
-                                bucket)
     rare = rare_mask(out['slots'], batch['lengths'], np)
     rare = rare.reshape(rare.shape[0], -1)
-    size['rare'] = bucket_size(int(rare.sum(1).max()) if rare.shape[0]
-                               else 0, bucket)
+    size = list_sizes(ids.shape[0], bucket, int(rare.sum(1).max())
+                      if rare.shape[0] else 0)
     if sizes:
       size = sizes(size)
     out['rare_tokens'] = np.stack([rare_tokens(x, size['rare'], np)
                                    for x in rare])
+  else:
+    size = list_sizes(ids.shape[0], bucket)
   padded = padded_ids(ids, vocab_size, size['vocab'])
   out['vocab_ids'] = np.broadcast_to(padded, (tokens.shape[0], len(padded)))
   return out
@@ -147,6 +146,18 @@ def rare_tokens(rare, size: int, xp=jnp):
     return out
   return jnp.nonzero(rare, size=size, fill_value=rare.shape[0])[0].astype(
       jnp.int32)
+
+
+def list_sizes(distinct: int, bucket: int, rare: int | None = None
+               ) -> dict[str, int]:
+  """The bucketed sizes of a batch's word list ('vocab', U: `distinct`
+  words) and, with the split bag-of-words (`rare` tokens outside its
+  product), of its token list ('rare', R). Split, U is at least
+  `two_branch.BAG_SLOTS`, so that the product's size never changes."""
+  if rare is None:
+    return {'vocab': bucket_size(distinct, bucket)}
+  return {'vocab': bucket_size(max(distinct, two_branch.BAG_SLOTS), bucket),
+          'rare': bucket_size(rare, bucket)}
 
 
 def bucket_size(count: int, bucket: int) -> int:

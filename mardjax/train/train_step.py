@@ -366,12 +366,9 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
     text = {'tokens': batch['tokens']}
   if 'starts' in batch:
     text['packed'] = {k: batch[k] for k in packing.KEYS if k != 'tokens'}
-  if 'flat_review' in batch:
-    text['flat_review'] = batch['flat_review']
-  if 'rare_tokens' in batch:
-    text['rare_tokens'] = batch['rare_tokens']
-  if 'text_features' in batch:
-    text['text_features'] = batch['text_features']
+  for name in ('flat_review', 'rare_tokens', 'text_features'):
+    if name in batch:
+      text[name] = batch[name]
   if 'num_tracks' in batch:  # The album LSTM: (b, T, A) audio.
     text['num_tracks'] = batch['num_tracks']
 

@@ -226,7 +226,7 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
 
 
 def make_planner(config: ml_collections.ConfigDict, state,
-            data: TrainingData) -> index_batches.Planner:
+                 data: TrainingData) -> index_batches.Planner:
   """What the host decides for this run's device-assembled steps."""
   lazy = train_step.lazy_embedding(config, state.params)
   return index_batches.Planner(
