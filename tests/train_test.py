@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
@@ -48,7 +49,11 @@ def test_training_learns_and_reports_recall(tiny_records, tmp_path):
   assert metrics['recall@10'] > metrics['random_recall@10']
   assert metrics['mrr'] > 0
   assert os.listdir(tmp_path / checkpoints.CHECKPOINT_DIR)
-  assert os.listdir(tmp_path / checkpoints.BEST_DIR)
+  # The best-by-recall copy holds the model's variables, not the optimizer.
+  best = tmp_path / checkpoints.BEST_DIR / str(metrics['model_step'])
+  saved = ocp.PyTreeCheckpointer().metadata(str(best / 'state'))
+  assert 'params' in saved.item_metadata.tree
+  assert set(saved.item_metadata.tree) <= set(checkpoints.VARIABLE_FIELDS)
   assert glob.glob(str(tmp_path / 'events.out.tfevents.*'))
   # --mode=eval reads the run's model (its best evaluation) and gets the
   # numbers training reported for it.

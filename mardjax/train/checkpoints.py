@@ -10,7 +10,10 @@ parameters without a trainer.
 Layout of a checkpoint step (orbax `Composite`):
 
   state   the whole train state (`train_step.TrainState`: step, params,
-          opt_state, batch_stats, embed_opt), one replicated copy
+          opt_state, batch_stats, embed_opt), one replicated copy; in the
+          best-by-recall directory (`BEST_DIR`) the model's variables only
+          (`inference_variables`: params, batch_stats), which is all that
+          `load_for_inference` reads of either
   meta    JSON: format_version, step, input position, data manifest hash,
           the config, best dev recall so far
 
