@@ -103,5 +103,11 @@ def test_train_loop_benchmark_runs_the_real_loop_without_tensorflow(tmp_path):
   assert line['end_to_end_examples_per_s'] > 0
   assert line['step_examples_per_s'] > 0
   assert 0 < line['eval_share'] < 1 and 0 < line['checkpoint_share'] < 1
+  # The step compiles in the loop; the projection counts that once.
+  assert line['compiles'] >= 1 and 0 < line['compile_share'] < 1
+  compile_s = line['compile_share'] * line['loop_s']
+  rest = line['steps'] * line['batch_size'] / (line['loop_s'] - compile_s)
+  assert line['share_of_step_excluding_compile'] == pytest.approx(
+      rest / line['step_examples_per_s'], rel=0.01)
   assert line['projected_200_epochs_s'] == pytest.approx(
-      200 * 300 / line['end_to_end_examples_per_s'], rel=0.01)
+      compile_s + 200 * 300 / rest, rel=0.01)

@@ -48,9 +48,10 @@ def test_compact_batch_lists_the_tokens_outside_the_bag(monkeypatch):
 
 
 def test_compact_batch_rejects_ids_outside_the_vocabulary():
-  with pytest.raises(ValueError, match='outside the vocabulary'):
-    sparse_embedding.compact_batch(
-        {'tokens': np.array([[[1, 60]]], np.int32)}, 50, 8)
+  for bad in (60, 50, -1):  # Above, at V, and below (no wrapping around).
+    with pytest.raises(ValueError, match=f'id {bad} is outside the vocab'):
+      sparse_embedding.compact_batch(
+          {'tokens': np.array([[[1, bad]]], np.int32)}, 50, 8)
 
 
 def test_lazy_adam_equals_optax_adam_when_every_row_is_used():

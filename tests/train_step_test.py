@@ -286,6 +286,16 @@ def test_program_sizes_reuse_the_smallest_pair_that_fits():
   assert len(sizes.seen) == 3
 
 
+def test_step_keys_are_fold_in_of_the_step():
+  base = jax.random.PRNGKey(7)
+  keys = train_step.StepKeys(base)
+  # In order, across a block boundary, then back (a resumed run).
+  for step in (0, 1, train_step.StepKeys.BLOCK - 1, train_step.StepKeys.BLOCK,
+               5000, 3):
+    np.testing.assert_array_equal(
+        keys(step), np.asarray(jax.random.fold_in(base, step)))
+
+
 def test_learning_rate_schedule_warmup_scaling_and_cosine():
   config = test_config.get_config()
   config.train.update(learning_rate=1e-3, batch_size=512, lr_base_batch=128,

@@ -157,9 +157,10 @@ def train_step_throughput(config, encoder: str, steps: int,
                                              planner)
     (_, item), = planner.with_plans(iter([((0, 0), {
         'rows': np.arange(b)[None], 'tracks': np.arange(b)[None]})]))
+    keys = train_step.StepKeys(key)
 
     def step(state):
-      return device_fn(state, [item], 0, key)
+      return device_fn(state, [item], 0, keys)
   else:
     host_step = train_step.single_device_step(config.loss)
 

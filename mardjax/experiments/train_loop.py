@@ -113,10 +113,15 @@ def run(config, workdir: str) -> dict[str, Any]:
   seconds = metrics['seconds']
   examples = b.train_loop_steps * config.train.batch_size
   end_to_end = examples / seconds['loop']
+  # Compiling is paid once per program, however long the run: the epoch
+  # and the 200-epoch projection count the rest of the loop per example
+  # and the compilation once.
+  compile_s = seconds.get('loop_compile', 0.0)
+  recurring = examples / (seconds['loop'] - compile_s)
   step = benchmark.train_step_throughput(config, config.model.text_encoder,
                                          b.train_steps,
                                          config.data.vocab_size + 2)
-  epoch_s = len(data.reviews) / end_to_end
+  epoch_s = len(data.reviews) / recurring
   line = {
       'benchmark': 'train_loop', 'device': str(jax.devices()[0].platform),
       'device_kind': jax.devices()[0].device_kind,
@@ -131,17 +136,21 @@ def run(config, workdir: str) -> dict[str, Any]:
       'step_examples_per_s': step['examples_per_s'],
       'end_to_end_share_of_step': round(end_to_end / step['examples_per_s'],
                                         3),
+      'share_of_step_excluding_compile': round(
+          recurring / step['examples_per_s'], 3),
       # The loop's log windows after the first: no compilation in them.
       'steady_examples_per_s': round(
           metrics['steady_steps_per_s'] * config.train.batch_size, 1)
       if metrics['steady_steps_per_s'] else None,
       'epoch_s': round(epoch_s, 1),
-      'projected_200_epochs_s': round(200 * epoch_s, 1),
+      'projected_200_epochs_s': round(compile_s + 200 * epoch_s, 1),
       'loop_s': seconds['loop'],
       # Within the loop (step 0's evaluation comes before it).
       'eval_share': round(seconds['loop_eval'] / seconds['loop'], 3),
       'checkpoint_share': round(
           seconds['loop_checkpoint'] / seconds['loop'], 3),
+      'compile_share': round(compile_s / seconds['loop'], 3),
+      'compiles': metrics['compiles'],
       'evaluations': len(metrics['history']),
       'setup_s': round(total_s - seconds['loop'], 1),
       'generate_s': round(generate_s, 1)}

@@ -100,11 +100,13 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
     their updates are dropped); `vocab_ids[d, slots[d, i, t]] == tokens[d, i, t]`.
   """
   tokens = batch['tokens']
-  present = np.bincount(tokens.ravel(), minlength=vocab_size)
-  if present.shape[0] > vocab_size:
-    raise ValueError(f'token id {present.shape[0] - 1} is outside the '
-                     f'vocabulary of {vocab_size}')
-  present = present > 0
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    bad = tokens.max() if tokens.max() >= vocab_size else tokens.min()
+    raise ValueError(f'token id {bad} is outside the vocabulary of '
+                     f'{vocab_size}')
+  # A scatter of True: a third of np.bincount's time at paper sizes.
+  present = np.zeros(vocab_size, bool)
+  present[tokens] = True
   if union is not None:
     present = union(present)
   ids = np.flatnonzero(present).astype(np.int32)

@@ -202,6 +202,37 @@ class ProgramSizes:
     return want
 
 
+class StepKeys:
+  """Each step's PRNG key, `fold_in(base_key, step)`, as a host array.
+
+  Folded on the device for `BLOCK` steps at a time: one dispatch per block
+  in place of an op-by-op `fold_in` per step, which cost about 0.4 ms of
+  host time a step on a 2-core CPU (a twentieth of the mean model's step).
+  The keys are the same bits either way.
+  """
+
+  BLOCK = 1024
+
+  def __init__(self, base_key: jax.Array):
+    self.base_key = base_key
+    self._start = 0
+    self._keys = np.zeros((0, 2), np.uint32)
+
+  def __call__(self, step: int) -> np.ndarray:
+    if not self._start <= step < self._start + len(self._keys):
+      self._start = step
+      self._keys = np.asarray(jax.device_get(_fold_block(
+          self.base_key, np.int32(step))))
+    return self._keys[step - self._start]
+
+
+@jax.jit
+def _fold_block(base_key: jax.Array, start: jax.Array) -> jax.Array:
+  """(StepKeys.BLOCK, 2) keys of steps start, start + 1, ..."""
+  steps = start + jnp.arange(StepKeys.BLOCK, dtype=jnp.int32)
+  return jax.vmap(jax.random.fold_in, (None, 0))(base_key, steps)
+
+
 def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
                   vocab_bucket: int, pack_rows: int = 0,
                   sync: ProcessSync | None = None,

@@ -14,6 +14,7 @@ the checkpoint managers; the step itself is pure (`mardjax.train.train_step`).
 """
 
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -86,7 +87,8 @@ class _Run:
   model: two_branch.TwoBranch
   state: Any
   batches: Callable[[int, int], Iterator]  # Batches, or their indices.
-  # (state, batches' items, first step, base key) -> (state, metrics).
+  # (state, batches' items, first step, train_step.StepKeys) ->
+  # (state, metrics).
   step_fn: Callable
   evaluator: Evaluator
   ckpt: checkpoints.Checkpoints
@@ -104,9 +106,11 @@ class _Run:
   batch_assembly: str = 'host'
   # steps/s of each log window after the first (which holds compilation).
   window_rates: list[float] = dataclasses.field(default_factory=list)
-  # Wall seconds by part of the loop ('eval', 'checkpoint', 'loop').
+  # Wall seconds by part of the run ('eval', 'checkpoint', 'compile', 'loop').
   seconds: collections.Counter = dataclasses.field(
       default_factory=collections.Counter)
+  # Programs compiled in the loop (the step's, mostly).
+  compiles: int = 0
 
   def meta(self, step: int) -> dict[str, Any]:
     return {'step': step, 'position': list(self.position),
@@ -187,7 +191,7 @@ def steps_per_dispatch(config: ml_collections.ConfigDict, assembly: str
 def _step(config: ml_collections.ConfigDict, state, parallel: bool,
           assembly: str, data: TrainingData,
           planner: index_batches.Planner | None):
-  """(state, fn(state, items, step0, base_key) -> (state, metrics)) for the
+  """(state, fn(state, items, step0, keys) -> (state, metrics)) for the
   configured parallelism (one device, pmap, or jit(shard_map) over a mesh)
   and batch assembly: `items` are the iterator's batches (or indices) for
   steps step0, step0 + 1, ...; one on the host path. Device assembly takes
@@ -221,8 +225,8 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
 
     def place(b):
       return train_step.shard_batch(b, mesh)
-  return state, lambda s, items, step0, base_key: fn(
-      s, place(prepare(s, items[0])), jax.random.fold_in(base_key, step0))
+  return state, lambda s, items, step0, keys: fn(
+      s, place(prepare(s, items[0])), keys(step0))
 
 
 def make_planner(config: ml_collections.ConfigDict, state,
@@ -256,11 +260,11 @@ def index_step_fn(config: ml_collections.ConfigDict, state, parallel: bool,
     one = train_step.index_step(config.loss, max_len, mesh)
     many = train_step.index_steps(config.loss, max_len, mesh)
 
-  def device_fn(s, items, step0, base_key):
+  def device_fn(s, items, step0, keys):
     idx, sizes = planner(items, pmap)
     if len(items) == 1:
-      return one(s, tables_, idx, jax.random.fold_in(base_key, step0), sizes)
-    return many(s, tables_, idx, base_key, np.int32(step0), sizes)
+      return one(s, tables_, idx, keys(step0), sizes)
+    return many(s, tables_, idx, keys.base_key, np.int32(step0), sizes)
   return state, device_fn
 
 
@@ -390,9 +394,10 @@ def _check_finite(run: _Run, step: int, m: dict[str, Any]) -> None:
   """Stops the run when step `step` left a non-finite loss, gradient or
   parameter, naming the last good checkpoint; nothing non-finite is ever
   saved or promoted, since saves and evaluations come after this check."""
-  m = jax.device_get(m)
+  # Only the flag crosses to the host every step; the rest when it fails.
   if float(m['finite']) >= 1:
     return
+  m = jax.device_get(m)
   run.ckpt.wait()
   latest = run.ckpt.manager.latest_step()
   raise UserError(
@@ -427,6 +432,30 @@ def _dispatch_size(run: _Run, step: int) -> int:
   return n if boundary - step >= n else 1
 
 
+# jax's monitoring events of a compilation's three stages (trace, lowering,
+# XLA), in `jax._src.dispatch`; 'backend' counts the programs compiled.
+_COMPILE_EVENTS = {'/jax/core/compile/jaxpr_trace_duration': 'trace',
+                   '/jax/core/compile/jaxpr_to_mlir_module_duration': 'lower',
+                   '/jax/core/compile/backend_compile_duration': 'backend'}
+
+
+@contextlib.contextmanager
+def _compile_time(run: _Run) -> Iterator[None]:
+  """Adds the seconds jax spends compiling meanwhile to
+  run.seconds['compile'] and the programs it compiles to run.compiles: a
+  cost a long run pays once per program, apart from the steps' rate."""
+  def listen(event: str, duration: float, **_):
+    stage = _COMPILE_EVENTS.get(event)
+    if stage:
+      run.seconds['compile'] += duration
+      run.compiles += stage == 'backend'
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def _loop(run: _Run) -> None:
   """Steps from the restored position to `run.steps`, with logging,
   checkpoints and periodic evaluation."""
@@ -434,7 +463,8 @@ def _loop(run: _Run) -> None:
   it = prefetch.prefetch(run.batches(*run.position),
                          run.config.train.prefetch_batches)
   try:
-    _steps(run, it)
+    with _compile_time(run):
+      _steps(run, it)
   finally:
     it.close()
 
@@ -443,7 +473,7 @@ def _steps(run: _Run, it: Iterator) -> None:
   """The body of `_loop`: dispatches from the restored step on, their
   batches (or indices) from `it`."""
   t = run.config.train
-  base_key = jax.random.PRNGKey(run.config.seed + 1)
+  keys = train_step.StepKeys(jax.random.PRNGKey(run.config.seed + 1))
   last_time, last_step = time.time(), run.start_step
   step = run.start_step
   previous = None  # The last dispatch's (step, metrics), checked one late.
@@ -451,7 +481,7 @@ def _steps(run: _Run, it: Iterator) -> None:
     n = _dispatch_size(run, step)
     items = [next(it) for _ in range(n)]
     run.state, m = run.step_fn(run.state, [b for _, b in items], step,
-                               base_key)
+                               keys)
     # Checked while this dispatch runs, so the device never waits.
     if previous is not None:
       _check_finite(run, *previous)
@@ -510,7 +540,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     'resumed_from', 'best_dev_recall_at_10', 'history', 'params_sha256',
     'seconds' (wall time of the loop; of evaluation and checkpointing in
     the whole run, step 0's included; 'loop_eval' and 'loop_checkpoint':
-    theirs within the loop) and 'steady_steps_per_s' (the median rate of
+    theirs within the loop; 'loop_compile': jax compiling within it, with
+    'compiles' programs) and 'steady_steps_per_s' (the median rate of
     the log windows after the first, which holds compilation; windows with
     an evaluation or a save count as they are), 'batch_assembly' and
     'steps_per_dispatch' (as `batch_assembly` and `steps_per_dispatch`
@@ -539,7 +570,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run.best.close()
   run.seconds['checkpoint'] += time.perf_counter() - closing
   run.seconds['loop'] = time.perf_counter() - start
-  for part in ('eval', 'checkpoint'):  # Their shares of the loop's time.
+  for part in ('eval', 'checkpoint', 'compile'):  # Their time in the loop.
     run.seconds[f'loop_{part}'] = run.seconds[part] - before_loop[part]
   run.writer.flush()
   metrics = dict(metrics, model_step=best['step'],
@@ -551,7 +582,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  params_sha256=checkpoints.params_fingerprint(
                      run.state.params),
                  seconds={k: round(v, 3) for k, v in run.seconds.items()},
-                 batch_assembly=run.batch_assembly,
+                 batch_assembly=run.batch_assembly, compiles=run.compiles,
                  steps_per_dispatch=run.steps_per_dispatch,
                  steady_steps_per_s=round(float(np.median(run.window_rates)),
                                           2) if run.window_rates else None)
