@@ -108,6 +108,6 @@ def test_train_loop_benchmark_runs_the_real_loop_without_tensorflow(tmp_path):
   compile_s = line['compile_share'] * line['loop_s']
   rest = line['steps'] * line['batch_size'] / (line['loop_s'] - compile_s)
   assert line['share_of_step_excluding_compile'] == pytest.approx(
-      rest / line['step_examples_per_s'], rel=0.01)
+      rest / line['step_examples_per_s'], rel=0.01, abs=1e-3)  # 3 decimals.
   assert line['projected_200_epochs_s'] == pytest.approx(
       compile_s + 200 * 300 / rest, rel=0.01)

@@ -436,9 +436,12 @@ class TwoBranch(nn.Module):
       # Each word of each review read with probability 1 - word_dropout:
       # the mean of the rest (Iyyer et al. 2015) keeps the model from
       # tying an album to one review's exact words.
-      extra['keep'] = jax.random.bernoulli(self.make_rng('dropout'),
-                                           1.0 - self.word_dropout,
-                                           tokens.shape)
+      # Drawn flat, then shaped: the same bits as a (B, L) draw, and the
+      # threefry hash of a flat counter compiles much faster on XLA's CPU
+      # backend than a multi-dimensional one (`losses.ranking_loss`).
+      extra['keep'] = jax.random.bernoulli(
+          self.make_rng('dropout'), 1.0 - self.word_dropout,
+          (tokens.size,)).reshape(tokens.shape)
     return self.text_head(
         self.text_features(tokens, lengths, table, packed, **extra), train)
 

@@ -72,7 +72,7 @@ def pairwise_distances(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
                    margin: float, mode: NegativeMode,
-                   key: jax.Array | None
+                   uniform: jax.Array | None
                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Hinge sum of one anchor over its (positive, negative) pairs.
 
@@ -81,7 +81,8 @@ def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
     pos, neg: (M,) bool masks of positive and negative candidates.
     margin: m.
     mode: how negatives are chosen.
-    key: PRNG key (sampled mode only).
+    uniform: (K,) draws in [0, 1) choosing the negatives (sampled mode
+      only).
 
   Returns:
     (sum over positives of the summed hinges, number of positives, number
@@ -106,16 +107,19 @@ def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
     h = jax.nn.relu(margin + dist_row[:, None] - neg_d[None, :])
     return result(h, pos[:, None] & valid[None, :])
   # Sampled: K negatives uniform with replacement, the r-th negative (in
-  # index order) for r uniform in [0, count): a gather from the compacted
-  # negative indices. Drawn once per anchor and used for each of its
-  # positives: every (anchor, positive) pair still meets K uniform negatives
-  # (the expected loss is unchanged); drawing per pair would cost M times the
-  # random numbers, a third of a CPU train step.
+  # index order) for r uniform in [0, count) (`uniform` (K,) in [0, 1)):
+  # its index is the number of candidates with at most r negatives up to
+  # them. Drawn once per anchor and used for each of its positives: every
+  # (anchor, positive) pair still meets K uniform negatives (the expected
+  # loss is unchanged); drawing per pair would cost M times the random
+  # numbers, a third of a CPU train step.
   m = dist_row.shape[0]
   count = jnp.sum(neg)
-  order = jnp.nonzero(neg, size=m, fill_value=0)[0]
-  r = (jax.random.uniform(key, (mode.k,)) * count).astype(jnp.int32)
-  neg_d = dist_row[order[jnp.clip(r, 0, jnp.maximum(count - 1, 0))]]
+  r = jnp.clip((uniform * count).astype(jnp.int32), 0,
+               jnp.maximum(count - 1, 0))
+  ranks = jnp.cumsum(neg, dtype=jnp.int32)
+  index = jnp.sum(ranks[None, :] <= r[:, None], axis=1, dtype=jnp.int32)
+  neg_d = dist_row[jnp.minimum(index, m - 1)]
   h = jax.nn.relu(margin + dist_row[:, None] - neg_d[None, :])
   return result(h, jnp.broadcast_to(pos[:, None] & (count > 0), h.shape))
 
@@ -123,7 +127,7 @@ def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
 def ranking_term(anchors: jax.Array, candidates: jax.Array,
                  anchor_ids: jax.Array, candidate_ids: jax.Array,
                  margin: float, mode: NegativeMode,
-                 key: jax.Array | None = None,
+                 uniform: jax.Array | None = None,
                  self_index: jax.Array | None = None,
                  axis_name: str | None = None
                  ) -> tuple[jax.Array, jax.Array]:
@@ -136,7 +140,8 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
     candidate_ids: (M,) album id of each candidate; < 0 = padding.
     margin: m.
     mode: negatives.
-    key: PRNG key for `sampled` mode.
+    uniform: (N, K) draws in [0, 1) choosing each anchor's K negatives in
+      `sampled` mode.
     self_index: (N,) index of each anchor among the candidates, for the
       neighbourhood terms (an anchor is not its own positive); None otherwise.
     axis_name: device axis; the mean is then over the global batch's pairs.
@@ -152,12 +157,12 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
   if self_index is not None:
     pos = pos & (jnp.arange(candidates.shape[0])[None, :] !=
                  self_index[:, None])
-  keys = (jax.random.split(key, anchors.shape[0]) if mode.kind == 'sampled'
-          else jnp.zeros((anchors.shape[0], 2), jnp.uint32))
+  if uniform is None:
+    uniform = jnp.zeros((anchors.shape[0], 0), anchors.dtype)
   per_anchor = jax.vmap(
-      lambda d, p, n, k: _anchor_hinges(d, p, n, margin, mode,
-                                        k if mode.kind == 'sampled' else None))
-  sums, counts, active, slots = per_anchor(dist, pos, neg, keys)
+      lambda d, p, n, u: _anchor_hinges(d, p, n, margin, mode,
+                                        u if mode.kind == 'sampled' else None))
+  sums, counts, active, slots = per_anchor(dist, pos, neg, uniform)
   return (_global_mean(jnp.sum(sums), jnp.sum(counts), axis_name),
           jax.lax.stop_gradient(_global_mean(
               jnp.sum(active).astype(sums.dtype), jnp.sum(slots),
@@ -220,21 +225,29 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
   offset = 0 if gather is None else (
       jax.lax.axis_index(gather) * audio.shape[0])
   self_index = offset + jnp.arange(audio.shape[0])
-  keys = (jax.random.split(key, 4) if key is not None else [None] * 4)
+  # Every term's draws at once, as one flat vector (then shaped: the same
+  # bits as a (4, B, K) draw): each draw of random numbers is a threefry
+  # hash written out in the program, and XLA's CPU backend compiles the
+  # hash of a multi-dimensional counter slowly. A key per anchor and term
+  # (split, then drawn in a vmap) made the loss and its gradient twice as
+  # slow to compile (1.6 s against 0.8 s on a 2-core CPU), one (4, B, K)
+  # draw three times (2.4 s).
+  draws = (jax.random.uniform(key, (4 * audio.shape[0] * mode.k,)).reshape(
+      4, audio.shape[0], mode.k) if mode.kind == 'sampled' else [None] * 4)
   term = functools.partial(ranking_term, margin=margin, mode=mode,
                            axis_name=axis_name)
   l1, l2, l3, l4 = weights
   zero = (jnp.zeros((), audio.dtype),) * 2
   terms = {
       'audio_to_text': term(audio, cand_text, album_ids, cand_ids,
-                            key=keys[0]) if l1 else zero,
+                            uniform=draws[0]) if l1 else zero,
       'text_to_audio': term(text, cand_audio, album_ids, cand_ids,
-                            key=keys[1]) if l2 else zero,
+                            uniform=draws[1]) if l2 else zero,
       'audio_neighbourhood': term(audio, cand_audio, album_ids, cand_ids,
-                                  key=keys[2], self_index=self_index)
+                                  uniform=draws[2], self_index=self_index)
                              if l3 else zero,
       'text_neighbourhood': term(text, cand_text, album_ids, cand_ids,
-                                 key=keys[3], self_index=self_index)
+                                 uniform=draws[3], self_index=self_index)
                             if l4 else zero,
   }
   cross = [terms[k][1] for k, w in (('audio_to_text', l1),

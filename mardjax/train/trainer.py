@@ -319,8 +319,12 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
       ckpt=checkpoints.Checkpoints(
           os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
           t.keep_checkpoints),
+      # In the background on one process; across processes two managers'
+      # saves in flight at once (best and rolling, at the same step) hang
+      # in orbax's barriers, so there the best copy is written at once.
       best=checkpoints.Checkpoints(
-          os.path.join(workdir, checkpoints.BEST_DIR), 1),
+          os.path.join(workdir, checkpoints.BEST_DIR), 1,
+          async_save=jax.process_count() == 1),
       writer=progress.metric_writer(workdir,
                                     just_logging=jax.process_index() > 0),
       steps=total_steps(config, manifest))
@@ -382,8 +386,9 @@ def _evaluate(run: _Run, step: int) -> dict[str, Any]:
     start = time.perf_counter()
     # The model's variables only (what eval, export and serve read; no run
     # resumes from here): a third of the state's bytes, written in the
-    # background like the rolling checkpoints (a synchronous save of the
-    # whole state took 0.8 s at paper sizes on a 2-core CPU, async 0.1 s).
+    # background like the rolling checkpoints on one process (a synchronous
+    # save of the whole state took 0.8 s at paper sizes on a 2-core CPU,
+    # async 0.1 s).
     run.best.save(step, checkpoints.inference_variables(run.state),
                   run.meta(step))
     run.seconds['checkpoint'] += time.perf_counter() - start
