@@ -183,10 +183,9 @@ class ProgramSizes:
   negatives compiled faster: 7 compiles in a 2,000-step run without this
   class, 4 in 5,000 steps with it). A batch whose lists fit a pair met
   before takes the smallest such pair instead (padding, which changes no
-  parameter); only
-  a batch too large for every one of them adds its own. R is first agreed
-  between processes (the largest); every process builds the same word
-  list, so all of them pick the same pair.
+  parameter); only a batch too large for every one of them adds its own.
+  R is first agreed between processes (the largest); every process builds
+  the same word list, so all of them pick the same pair.
   """
 
   def __init__(self, sync: ProcessSync | None = None):
