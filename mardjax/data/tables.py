@@ -96,10 +96,13 @@ class ReviewTable:
   def __len__(self) -> int:
     return self.lengths.shape[0]
 
-  def token_index(self, rows: np.ndarray) -> np.ndarray:
+  def token_index(self, rows: np.ndarray, max_len: int = 0) -> np.ndarray:
     """(sum of lengths[rows],) int64: where the real tokens of reviews
-    `rows` lie in `tokens`, review after review."""
+    `rows` lie in `tokens`, review after review; with `max_len` > 0 only
+    each review's first `max_len`."""
     lengths = self.lengths[rows]
+    if max_len:
+      lengths = np.minimum(lengths, max_len)
     # A token's index: its review's offset plus its position in the review.
     starts = np.cumsum(lengths, dtype=np.int64) - lengths
     return (np.arange(lengths.sum(dtype=np.int64))

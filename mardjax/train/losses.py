@@ -157,11 +157,9 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
   if self_index is not None:
     pos = pos & (jnp.arange(candidates.shape[0])[None, :] !=
                  self_index[:, None])
-  if uniform is None:
-    uniform = jnp.zeros((anchors.shape[0], 0), anchors.dtype)
+  # `uniform` None (no draws) maps as an empty tree.
   per_anchor = jax.vmap(
-      lambda d, p, n, u: _anchor_hinges(d, p, n, margin, mode,
-                                        u if mode.kind == 'sampled' else None))
+      lambda d, p, n, u: _anchor_hinges(d, p, n, margin, mode, u))
   sums, counts, active, slots = per_anchor(dist, pos, neg, uniform)
   return (_global_mean(jnp.sum(sums), jnp.sum(counts), axis_name),
           jax.lax.stop_gradient(_global_mean(

@@ -222,8 +222,8 @@ class StepKeys:
   def __call__(self, step: int) -> np.ndarray:
     if not self._start <= step < self._start + len(self._keys):
       self._start = step
-      self._keys = np.asarray(jax.device_get(_fold_block(
-          self.base_key, np.int32(step))))
+      self._keys = jax.device_get(_fold_block(self.base_key,
+                                              np.int32(step)))
     return self._keys[step - self._start]
 
 
