@@ -133,7 +133,9 @@ def train_step_throughput(config, encoder: str, steps: int,
   on the host, prepared every step and copied over; or on the device from
   indices into tables put there once, each step paying the dispatch's host
   work (`trainer.index_step_fn`; the prefetch thread's plans are made
-  once), as the PyTorch peer's batch is on its device when timed.
+  once), as the PyTorch peer's batch is on its device when timed; as in
+  training, `train.steps_per_dispatch` steps run in each dispatch there
+  (several on accelerators, so `steps` rounds up to a multiple).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -158,10 +160,14 @@ def train_step_throughput(config, encoder: str, steps: int,
     (_, item), = planner.with_plans(iter([((0, 0), {
         'rows': np.arange(b)[None], 'tracks': np.arange(b)[None]})]))
     keys = train_step.StepKeys(key)
+    # As training dispatches them: several steps per program on
+    # accelerators (`train.steps_per_dispatch`).
+    per_dispatch = trainer.steps_per_dispatch(config, assembly)
 
     def step(state):
-      return device_fn(state, [item], 0, keys)
+      return device_fn(state, [item] * per_dispatch, 0, keys)
   else:
+    per_dispatch = 1
     host_step = train_step.single_device_step(config.loss)
 
     def step(state):
@@ -174,14 +180,17 @@ def train_step_throughput(config, encoder: str, steps: int,
   state, metrics = step(state)
   jax.block_until_ready(metrics)
   compile_s = time.time() - start
+  dispatches = -(-steps // per_dispatch)
+  steps = dispatches * per_dispatch
   start = time.time()
-  for _ in range(steps):
+  for _ in range(dispatches):
     state, metrics = step(state)
   jax.block_until_ready(metrics)
   wall = time.time() - start
   rate = steps * b / wall
   return {'benchmark': f'train_step_{encoder}', 'examples_per_s': round(rate, 1),
           'steps_per_s': round(steps / wall, 2), 'compile_s': round(compile_s, 1),
+          'steps': steps, 'steps_per_dispatch': per_dispatch,
           'batch_size': b, 'max_len': length, 'vocab_size': vocab_size,
           'embedding_update': train_step.embedding_update(config),
           'batch_assembly': assembly,
