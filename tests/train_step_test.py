@@ -243,6 +243,25 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_auto_steps_per_dispatch_divides_the_intervals(monkeypatch):
+  """On accelerators 'auto' runs as many steps per dispatch as fit every
+  log, checkpoint and evaluation interval, so no dispatch is cut short."""
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert trainer.steps_per_dispatch(config, 'device') == 25  # 50/1000/1000.
+  config.train.log_every = 48
+  assert trainer.steps_per_dispatch(config, 'device') == 8  # gcd 8.
+  config.train.log_every, config.train.eval_every = 64, 512
+  config.train.checkpoint_every = 1024
+  assert trainer.steps_per_dispatch(config, 'device') == 32  # The cap.
+  config.train.log_every = 7
+  assert trainer.steps_per_dispatch(config, 'device') == 1
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert trainer.steps_per_dispatch(config, 'device') == 1
+
+
 def test_batch_assembly_choice(tiny_records, monkeypatch):
   from mardjax.errors import UserError  # pylint: disable=g-import-not-at-top
   from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
