@@ -225,6 +225,15 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
     if 'rare_tokens' in prepared:
       layout = layout._replace(rare_tokens=prepared['rare_tokens'].shape[0])
       assert layout.rare_tokens > 0
+    if layout.num_tokens:
+      # The planner's flat size has a floor (`Planner._token_floor`): the
+      # same layout with more padding positions (review B), the same step.
+      assert planned_layout.num_tokens >= layout.num_tokens
+      more = planned_layout.num_tokens - layout.num_tokens
+      prepared['flat_review'] = np.concatenate([
+          prepared['flat_review'],
+          np.full(more, len(prepared['lengths']), np.int32)])
+      layout = layout._replace(num_tokens=planned_layout.num_tokens)
     assert planned_layout == layout
     layouts.add(layout)
     assembled = train_step.assemble(tables, idx, 64, layout,
@@ -260,6 +269,34 @@ def test_auto_steps_per_dispatch_divides_the_intervals(monkeypatch):
   assert trainer.steps_per_dispatch(config, 'device') == 1
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
   assert trainer.steps_per_dispatch(config, 'device') == 1
+
+
+def test_flat_layout_sizes_start_at_a_floor():
+  """Batches of MARD-like lengths share one flat size (one program), at
+  most a tenth above the largest batch's tokens; a batch beyond the floor
+  gets its own size, which later batches that fit reuse."""
+  from mardjax.data import tables  # pylint: disable=g-import-not-at-top
+  from mardjax.train import index_batches  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.train.embedding_update, config.data.max_len = 'dense', 400
+  config.train.token_bucket = 4096
+  rng = np.random.default_rng(0)
+  lengths = np.clip(rng.lognormal(4.5, 0.7, 50_000), 1, 400).astype(np.int32)
+  reviews = tables.ReviewTable(
+      tokens=np.ones(int(lengths.sum()), np.int32),
+      offsets=np.cumsum(lengths) - lengths, lengths=lengths,
+      album=np.zeros(len(lengths), np.int32))
+  planner = index_batches.Planner(config, reviews, 0)
+  batches = [rng.choice(len(lengths), (1, 1024), replace=False)
+             for _ in range(200)]
+  sizes = {planner.layout([{'rows': r}]).num_tokens for r in batches}
+  most = max(int(lengths[r].sum()) for r in batches)
+  assert len(sizes) == 1 and most <= sizes.pop() <= 1.1 * most + 4096
+  longest = np.argsort(lengths)[-1024:][None]
+  big = planner.layout([{'rows': longest}]).num_tokens
+  assert big >= int(lengths[longest].sum())
+  nearly = np.concatenate([longest[:, :1000], batches[0][:, :24]], 1)
+  assert planner.layout([{'rows': nearly}]).num_tokens == big
 
 
 def test_batch_assembly_choice(tiny_records, monkeypatch):
