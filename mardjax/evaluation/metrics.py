@@ -150,12 +150,18 @@ def review_to_album_counts(queries: np.ndarray, query_albums: np.ndarray,
   require_finite('review', queries)
   require_finite('album', candidates)
   _require_distinct('review_to_album_counts', cand_albums)
-  row_of = {int(a): i for i, a in enumerate(cand_albums)}
-  missing = sorted({int(a) for a in query_albums if int(a) not in row_of})
-  if missing:
+  # Each query's album among the candidates, by binary search (a Python
+  # dict of 65,566 albums cost a fifth of a GPU evaluation).
+  order = np.argsort(cand_albums, kind='stable')
+  at = np.minimum(np.searchsorted(cand_albums[order], query_albums),
+                  max(len(order) - 1, 0))
+  found = (cand_albums[order][at] == query_albums if len(order)
+           else np.zeros(len(query_albums), bool))
+  if not found.all():
+    missing = np.unique(query_albums[~found])
     raise ValueError(f'{len(missing)} query albums have no audio, e.g. '
-                     f'{missing[:3]}.')
-  true_rows = np.asarray([row_of[int(a)] for a in query_albums], np.int64)
+                     f'{missing[:3].tolist()}.')
+  true_rows = order[at].astype(np.int64)
   thresholds = np.einsum('qe,qe->q', queries.astype(np.float32),
                          candidates[true_rows].astype(np.float32))
   greater, tied = count_wrong_above(queries, thresholds, query_albums,

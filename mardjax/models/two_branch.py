@@ -229,9 +229,14 @@ class MeanEncoder(nn.Module):
     else:
       weights = mask / jnp.maximum(mask.sum(1, keepdims=True), 1)
       vectors = table
-    vectors = vectors.astype(self.dtype)
     if flat_review is not None:
-      return _flat_sum(vectors, tokens, lengths, weights, flat_review)
+      # Gathered and summed in the table's float32, then cast: in bfloat16
+      # the gradient's scatter into the table adds bfloat16 rows, which a
+      # GPU does one compare-and-swap at a time (the step at batch 8,192
+      # on an H200 ran at a fifth of float32's rate).
+      return _flat_sum(vectors, tokens, lengths, weights,
+                       flat_review).astype(self.dtype)
+    vectors = vectors.astype(self.dtype)
     if lookup:
       emb = jnp.take(vectors, tokens, axis=0)
       return jnp.einsum('bld,bl->bd', emb, weights.astype(emb.dtype))

@@ -111,9 +111,14 @@ def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
   # every (anchor, positive) pair still meets K uniform negatives (the
   # expected loss is unchanged); drawing per pair would cost M times the
   # random numbers, a third of a CPU train step.
+  # (K, M): each draw against every candidate, reduced along the long,
+  # contiguous axis; a candidate counts when it is a positive.
   index, has_neg = sampled
-  h = jax.nn.relu(margin + dist_row[:, None] - dist_row[index][None, :])
-  return result(h, jnp.broadcast_to(pos[:, None] & has_neg, h.shape))
+  counted = pos & has_neg
+  h = jax.nn.relu(margin + dist_row[None, :] - dist_row[index][:, None]
+                  ) * counted[None, :]
+  return (jnp.sum(h), num_pos, jnp.sum(h > 0),
+          jnp.sum(counted) * index.shape[0])
 
 
 def _sampled_negatives(anchor_ids: jax.Array, candidate_ids: jax.Array,
