@@ -436,6 +436,39 @@ def _log(run: _Run, step: int, m: dict[str, Any], rate: float) -> None:
                (run.steps - step) / max(rate, 1e-9))
 
 
+class _Window:
+  """The loop's log windows: each ends at a log boundary with its rate and
+  the metrics of the dispatch there. Where nothing else needs the device
+  (no save or evaluation), those metrics are fetched after the next
+  dispatch is queued (`flush`), so the device does not wait while the
+  host fetches, logs and plans: fetching them at once left a GPU idle at
+  every boundary (at batch 1,024 on an H200 the windows ran at 0.87 of
+  the step alone). Rates are taken at each boundary's dispatch."""
+
+  def __init__(self, run: _Run):
+    self.run = run
+    self.time, self.step = time.time(), run.start_step
+    self.pending: tuple[int, Any, float] | None = None
+
+  def end(self, step: int, m: dict[str, Any], now: bool) -> None:
+    """Ends a window at `step` (m: its dispatch's metrics); logged now, or
+    one dispatch late."""
+    self.pending = (step, m, time.time())
+    if now:
+      self.flush()
+
+  def flush(self) -> None:
+    if self.pending is None:
+      return
+    step, m, at = self.pending
+    self.pending = None
+    rate = (step - self.step) / max(at - self.time, 1e-9)
+    _log(self.run, step, jax.device_get(m), rate)
+    if self.step > self.run.start_step:
+      self.run.window_rates.append(rate)
+    self.time, self.step = at, step
+
+
 def _dispatch_size(run: _Run, step: int) -> int:
   """Steps in the next dispatch: `run.steps_per_dispatch`, or 1 when a log,
   checkpoint, evaluation or the end falls sooner (two compiled sizes)."""
@@ -490,7 +523,7 @@ def _steps(run: _Run, it: Iterator) -> None:
   batches (or indices) from `it`."""
   t = run.config.train
   keys = train_step.StepKeys(jax.random.PRNGKey(run.config.seed + 1))
-  last_time, last_step = time.time(), run.start_step
+  window = _Window(run)
   step = run.start_step
   previous = None  # The last dispatch's (step, metrics), checked one late.
   while step < run.steps:
@@ -498,9 +531,11 @@ def _steps(run: _Run, it: Iterator) -> None:
     items = [next(it) for _ in range(n)]
     run.state, m = run.step_fn(run.state, [b for _, b in items], step,
                                keys)
-    # Checked while this dispatch runs, so the device never waits.
+    # Checked and logged while this dispatch runs, so the device never
+    # waits for the host.
     if previous is not None:
       _check_finite(run, *previous)
+    window.flush()
     step += n
     previous = (step, m)
     epoch, batch_no = items[-1][0]
@@ -508,16 +543,12 @@ def _steps(run: _Run, it: Iterator) -> None:
     log_now = step % t.log_every == 0 or step == run.steps
     save_now = step % t.checkpoint_every == 0 or step == run.steps
     eval_now = step % t.eval_every == 0 or step == run.steps
-    if log_now or save_now or eval_now:
+    if save_now or eval_now:
       m = jax.device_get(m)
       _check_finite(run, step, m)
       previous = None  # Checked now, before the save or evaluation.
     if log_now:
-      rate = (step - last_step) / max(time.time() - last_time, 1e-9)
-      _log(run, step, m, rate)
-      if last_step > run.start_step:
-        run.window_rates.append(rate)
-      last_time, last_step = time.time(), step
+      window.end(step, m, now=save_now or eval_now)
     if eval_now:  # Before the save, whose record then holds its result.
       run.last_eval = _evaluate(run, step)
       patience = t.early_stop_patience
