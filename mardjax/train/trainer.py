@@ -177,10 +177,9 @@ def steps_per_dispatch(config: ml_collections.ConfigDict, assembly: str
   show, and on accelerators the largest number up to
   `AUTO_STEPS_PER_DISPATCH` that divides the log, checkpoint and
   evaluation intervals (25 for the defaults' 50 / 1,000 / 1,000): a
-  dispatch that would run past one of them falls back to single steps, a
-  second program and a slower one (16 steps per dispatch left 2 single
-  steps in every 50, and the loop at batch 1,024 on an H200 then ran at
-  0.87 of the step alone between evaluations). Several steps need batches
+  dispatch that would run past one of them falls back to single steps,
+  one more program to compile for each layout size (16 steps per
+  dispatch left 2 single steps in every 50). Several steps need batches
   assembled on the device."""
   n = config.train.steps_per_dispatch
   if assembly != 'device':
@@ -440,10 +439,10 @@ class _Window:
   """The loop's log windows: each ends at a log boundary with its rate and
   the metrics of the dispatch there. Where nothing else needs the device
   (no save or evaluation), those metrics are fetched after the next
-  dispatch is queued (`flush`), so the device does not wait while the
-  host fetches, logs and plans: fetching them at once left a GPU idle at
-  every boundary (at batch 1,024 on an H200 the windows ran at 0.87 of
-  the step alone). Rates are taken at each boundary's dispatch."""
+  dispatch is queued (`flush`), so the device need not wait while the
+  host fetches, logs and plans (fetched at once, the windows ran at 0.87
+  of the step alone at batch 1,024 on an H200; not measured there
+  since). Rates are taken at each boundary's dispatch."""
 
   def __init__(self, run: _Run):
     self.run = run
