@@ -119,6 +119,28 @@ def _step_batch(config, vocab_size: int):
   return batch, reviews, audio
 
 
+def _device_step(config, state, data, key):
+  """(state, step(state) -> (state, metrics), steps per dispatch): training's
+  own device-assembled step and planner (`trainer.index_step_fn`) on the
+  benchmark's one batch, `train.steps_per_dispatch` steps per dispatch as
+  training runs them (several on accelerators)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  b = config.train.batch_size
+  planner = trainer.make_planner(config, state, data)
+  state, device_fn = trainer.index_step_fn(config, state, False, data,
+                                           planner)
+  (_, item), = planner.with_plans(iter([((0, 0), {
+      'rows': np.arange(b)[None], 'tracks': np.arange(b)[None]})]))
+  keys = train_step.StepKeys(key)
+  per_dispatch = trainer.steps_per_dispatch(config, 'device')
+
+  def step(state):
+    return device_fn(state, [item] * per_dispatch, 0, keys)
+  return state, step, per_dispatch
+
+
 def train_step_throughput(config, encoder: str, steps: int,
                           vocab_size: int) -> dict[str, Any]:
   """Examples/s of the jitted train step at the config's sizes, one device.
@@ -153,19 +175,7 @@ def train_step_throughput(config, encoder: str, steps: int,
   data = trainer.TrainingData(None, audio, reviews)
   assembly = trainer.batch_assembly(config, False, data)
   if assembly == 'device':
-    # Training's own step and planner.
-    planner = trainer.make_planner(config, state, data)
-    state, device_fn = trainer.index_step_fn(config, state, False, data,
-                                             planner)
-    (_, item), = planner.with_plans(iter([((0, 0), {
-        'rows': np.arange(b)[None], 'tracks': np.arange(b)[None]})]))
-    keys = train_step.StepKeys(key)
-    # As training dispatches them: several steps per program on
-    # accelerators (`train.steps_per_dispatch`).
-    per_dispatch = trainer.steps_per_dispatch(config, assembly)
-
-    def step(state):
-      return device_fn(state, [item] * per_dispatch, 0, keys)
+    state, step, per_dispatch = _device_step(config, state, data, key)
   else:
     per_dispatch = 1
     host_step = train_step.single_device_step(config.loss)
