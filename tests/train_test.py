@@ -140,6 +140,27 @@ def test_eval_of_a_split_without_reviews_is_a_clear_error(tiny_corpus_master,
     evaluate.evaluate_checkpoint(config, str(tmp_path / 'empty'), data_dir)
 
 
+def test_late_logged_metrics_are_each_steps_own(tiny_records, tmp_path,
+                                                monkeypatch):
+  """Log-only boundaries fetch their metrics one dispatch late
+  (`trainer._Window`): every boundary is logged once, in order, with the
+  metrics a run that waits at each boundary (an evaluation at each) logs."""
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  data_dir, _ = tiny_records
+  runs = []
+  for eval_every in (10, 2):
+    logged = []
+    monkeypatch.setattr(trainer, '_log', lambda run, step, m, rate: (
+        logged.append((step, {k: float(v) for k, v in m.items()}))))
+    config = _config(num_steps=10, log_every=2, eval_every=eval_every,
+                     checkpoint_every=10)
+    modes.train_and_evaluate(config, str(tmp_path / str(eval_every)),
+                             data_dir)
+    assert [step for step, _ in logged] == [2, 4, 6, 8, 10]
+    runs.append(logged)
+  assert runs[0] == runs[1]
+
+
 def test_album_lstm_trains_and_evaluates(tiny_records, tmp_path):
   data_dir, _ = tiny_records
   config = _config(num_steps=4, eval_every=4, log_every=2, checkpoint_every=4)
