@@ -118,7 +118,8 @@ def get_config():
   # for the lazy update on CPUs, measured faster there).
   config.train.batch_assembly = 'auto'
   # Steps per dispatch (a lax.scan in one program) with batches assembled on
-  # the device; 0: auto (1 on CPUs, 16 on accelerators).
+  # the device; 0: auto (1 on CPUs; on accelerators the largest count, up to
+  # 32, that divides log_every, checkpoint_every and eval_every: 25 here).
   config.train.steps_per_dispatch = 0
   # LSTM encoder: reviews packed end to end into rows of max_len, so the
   # LSTM skips padding; rows rounded up to a multiple of this (0: padded).

@@ -184,6 +184,7 @@ class ProgramSizes:
   class, 4 in 5,000 steps with it). A batch whose lists fit a pair met
   before takes the smallest such pair instead (padding, which changes no
   parameter); only a batch too large for every one of them adds its own.
+  The flat layout's size is kept the same way (`index_batches.Planner`).
   R is first agreed between processes (the largest); every process builds
   the same word list, so all of them pick the same pair.
   """
