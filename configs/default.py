@@ -124,8 +124,10 @@ def get_config():
   # LSTM encoder: reviews packed end to end into rows of max_len, so the
   # LSTM skips padding; rows rounded up to a multiple of this (0: padded).
   config.train.lstm_pack_rows = 8
-  # Batches the host builds ahead, in a thread, while the step runs (0: none).
-  config.train.prefetch_batches = 2
+  # Batches the host builds ahead, in a thread, while the step runs (0:
+  # none, in the loop's thread); -1: auto (none on CPUs, where the step
+  # already runs asynchronously on the same cores, 2 on accelerators).
+  config.train.prefetch_batches = -1
   # Mean encoder, dense update: training reads only the batch's real tokens,
   # end to end (no padding); their count is rounded up to a multiple of this,
   # and to at least the mean + 4 standard deviations of a batch's tokens,

@@ -93,7 +93,7 @@ _RANGES = (
     ('train.vocab_bucket', _at_least(1), 'at least 1'),
     ('train.lstm_pack_rows', _at_least(0), 'at least 0'),
     ('train.token_bucket', _at_least(0), 'at least 0'),
-    ('train.prefetch_batches', _at_least(0), 'at least 0'),
+    ('train.prefetch_batches', _at_least(-1), 'at least -1 (-1: auto)'),
     ('train.steps_per_dispatch', _at_least(0), 'at least 0 (0: auto)'),
     ('eval.bootstrap', _at_least(0), 'at least 0'),
     ('eval.train_sample', _at_least(0), 'at least 0 (0: off)'),

@@ -161,6 +161,21 @@ def test_late_logged_metrics_are_each_steps_own(tiny_records, tmp_path,
   assert runs[0] == runs[1]
 
 
+def test_prefetch_thread_feeds_the_same_batches(tiny_records, tmp_path):
+  """'auto' builds batches in the loop's thread on CPUs; a prefetch thread
+  (accelerators' auto, here with batches assembled on the device, whose
+  plans the thread makes) trains on the same batches in the same order."""
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  data_dir, _ = tiny_records
+  assert trainer.prefetch_batches(_config()) == 0  # This CPU's auto.
+  assert trainer.prefetch_batches(_config(prefetch_batches=3)) == 3
+  states = [modes.train_and_evaluate(
+      _config(num_steps=9, eval_every=1000, log_every=3, checkpoint_every=9,
+              batch_assembly='device', prefetch_batches=depth),
+      str(tmp_path / str(depth)), data_dir)[0] for depth in (0, 2)]
+  _params_close(states[0].params, states[1].params, atol=0)
+
+
 def test_album_lstm_trains_and_evaluates(tiny_records, tmp_path):
   data_dir, _ = tiny_records
   config = _config(num_steps=4, eval_every=4, log_every=2, checkpoint_every=4)
@@ -263,6 +278,7 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(tiny_records,
     ('model.text_encoder', 'gru', 'text_encoder'),
     ('train.parallelism', 'pjit', 'parallelism'),
     ('train.reviews_per_album', 3, 'multiple of'),
+    ('train.prefetch_batches', -2, 'at least -1'),
     ('loss.kind', 'hinge', 'loss.kind'),
 ])
 def test_bad_configs_fail_before_compiling(field, value, message):
