@@ -254,6 +254,9 @@ def get_config():
   # Long enough that compiling and the first evaluation do not dominate
   # (about 2 minutes on a 2-core CPU at batch 128).
   config.benchmark.train_loop_steps = 5000
+  # The step alone, for comparison, is timed before and after the loop for
+  # at least this long each time.
+  config.benchmark.loop_step_seconds = 5.0
   config.benchmark.loop_albums = 65566
   config.benchmark.loop_tracks = 343882
   config.benchmark.loop_reviews = 237000

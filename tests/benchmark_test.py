@@ -3,6 +3,7 @@
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from configs import test as test_config
@@ -62,6 +63,24 @@ def test_auto_embedding_update_picks_per_backend(monkeypatch):
   assert train_step.embedding_update(config) == 'lazy'
 
 
+def test_step_timing_runs_until_its_minimum_time(monkeypatch):
+  """`benchmark._timed`: the asked-for dispatches, then doubling rounds
+  until the minimum time has passed (on a fake clock: each dispatch takes
+  10 ms of it)."""
+  clock, calls = [0.0], []
+  monkeypatch.setattr(benchmark.time, 'time', lambda: clock[0])
+
+  def step(state):
+    calls.append(state)
+    clock[0] += 0.01
+    return state + 1, np.zeros(())
+  assert benchmark._timed(step, 0, 3, 0.0) == (3, pytest.approx(0.03))
+  calls.clear()
+  # 3 take 0.03 s, then 3 more (0.06 s), then 6 more (0.12 s).
+  assert benchmark._timed(step, 0, 3, 0.1) == (12, pytest.approx(0.12))
+  assert calls == list(range(12))  # Each dispatch takes the last state.
+
+
 def test_pipeline_benchmark_compares_with_the_step(tmp_path):
   config = test_config.get_config()
   config.benchmark.pipeline_batches = 3
@@ -83,7 +102,7 @@ def test_train_loop_benchmark_runs_the_real_loop_without_tensorflow(tmp_path):
       'config = test_config.get_config()\n'
       'config.benchmark.update(kind="train_loop", loop_albums=40,\n'
       '    loop_tracks=90, loop_reviews=300, loop_dev_reviews=30,\n'
-      '    train_loop_steps=6, train_steps=2)\n'
+      '    train_loop_steps=6, train_steps=2, loop_step_seconds=0.05)\n'
       'config.train.update(eval_every=3, checkpoint_every=3)\n'
       f'out = modes.run_mode("benchmark", config, {str(tmp_path)!r},\n'
       '                      show_progress=False)\n'
@@ -101,7 +120,9 @@ def test_train_loop_benchmark_runs_the_real_loop_without_tensorflow(tmp_path):
   # The test config's lazy update on a CPU: 'auto' assembles on the host.
   assert (line['batch_assembly'], line['steps_per_dispatch']) == ('host', 1)
   assert line['end_to_end_examples_per_s'] > 0
-  assert line['step_examples_per_s'] > 0
+  assert line['step_examples_per_s'] == pytest.approx(
+      sum(line['step_examples_per_s_before_after']) / 2, abs=0.1)
+  assert min(line['step_examples_per_s_before_after']) > 0
   assert 0 < line['eval_share'] < 1 and 0 < line['checkpoint_share'] < 1
   # The step compiles in the loop; the projection counts that once.
   assert line['compiles'] >= 1 and 0 < line['compile_share'] < 1

@@ -141,8 +141,27 @@ def _device_step(config, state, data, key):
   return state, step, per_dispatch
 
 
+def _timed(step, state, dispatches: int, min_seconds: float
+           ) -> tuple[int, float]:
+  """(dispatches run, wall seconds): `dispatches` of `step`, then more in
+  doubling rounds until at least `min_seconds` have passed (a rate taken
+  over a fraction of a second swings with a shared machine's load)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  done, wall, n = 0, 0.0, dispatches
+  while True:
+    start = time.time()
+    for _ in range(n):
+      state, metrics = step(state)
+    jax.block_until_ready(metrics)
+    done, wall = done + n, wall + time.time() - start
+    if wall >= min_seconds:
+      return done, wall
+    n = done
+
+
 def train_step_throughput(config, encoder: str, steps: int,
-                          vocab_size: int) -> dict[str, Any]:
+                          vocab_size: int, min_seconds: float = 0.0
+                          ) -> dict[str, Any]:
   """Examples/s of the jitted train step at the config's sizes, one device.
 
   Random batches with review lengths drawn like MARD's (log-normal, median
@@ -157,7 +176,8 @@ def train_step_throughput(config, encoder: str, steps: int,
   work (`trainer.index_step_fn`; the prefetch thread's plans are made
   once), as the PyTorch peer's batch is on its device when timed; as in
   training, `train.steps_per_dispatch` steps run in each dispatch there
-  (several on accelerators, so `steps` rounds up to a multiple).
+  (several on accelerators, so `steps` rounds up to a multiple); more
+  steps while fewer than `min_seconds` have passed.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -190,13 +210,9 @@ def train_step_throughput(config, encoder: str, steps: int,
   state, metrics = step(state)
   jax.block_until_ready(metrics)
   compile_s = time.time() - start
-  dispatches = -(-steps // per_dispatch)
+  dispatches, wall = _timed(step, state, -(-steps // per_dispatch),
+                           min_seconds)
   steps = dispatches * per_dispatch
-  start = time.time()
-  for _ in range(dispatches):
-    state, metrics = step(state)
-  jax.block_until_ready(metrics)
-  wall = time.time() - start
   rate = steps * b / wall
   return {'benchmark': f'train_step_{encoder}', 'examples_per_s': round(rate, 1),
           'steps_per_s': round(steps / wall, 2), 'compile_s': round(compile_s, 1),
