@@ -101,6 +101,29 @@ def test_chunked_equals_unchunked():
     np.testing.assert_array_equal(a, b)
 
 
+def test_counts_over_several_candidate_blocks_match_brute_force(
+    monkeypatch):
+  """Candidates counted block by block (`metrics._BLOCK`, the last padded)
+  give the counts of every pair at once; planted ties (a wrong candidate
+  equal to the right one) count as tied, the right one never."""
+  monkeypatch.setattr(metrics, '_BLOCK', 16)  # 50 candidates: 4 blocks.
+  rng = np.random.default_rng(1)
+  cand = _unit(rng.normal(size=(50, 8)))
+  cand[7] = cand[3]  # Album 3's twin.
+  q = _unit(rng.normal(size=(37, 8)))
+  qa = rng.integers(0, 50, 37)
+  qa[:4] = 3
+  greater, tied = metrics.review_to_album_counts(q, qa, np.arange(50),
+                                                 cand)[:2]
+  sims = q.astype(np.float64) @ cand.T.astype(np.float64)
+  right = sims[np.arange(37), qa][:, None]
+  wrong = np.arange(50)[None, :] != qa[:, None]
+  np.testing.assert_array_equal(greater, ((sims > right + 1e-5) & wrong).sum(1))
+  np.testing.assert_array_equal(
+      tied, ((np.abs(sims - right) <= 1e-5) & wrong).sum(1))
+  assert (tied[:4] >= 1).all()
+
+
 def test_queries_of_albums_without_audio_are_an_error():
   with pytest.raises(ValueError, match='no audio'):
     metrics.review_to_album_counts(_unit([[1, 0, 0]]), np.array([99]),

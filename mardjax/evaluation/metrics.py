@@ -42,20 +42,24 @@ DEFAULT_KS = (1, 5, 10)
 # vectors carry round-off of this order, and the threshold (the right
 # answer's score) is computed apart from the candidate scores.
 TIE_TOLERANCE = 1e-5
-# Candidates per block: a (chunk, block) score tile stays in cache while it
-# is compared and counted, instead of a (chunk, all candidates) array
-# written to memory and read back (half the time at MARD scale).
-_BLOCK = 4096
+# Candidates per block: a (chunk, block) score tile is compared and counted
+# block by block, instead of a (chunk, all candidates) array written to
+# memory and read back (half the time at MARD scale). 2,048 was the fastest
+# of 512-4,096 on a 2-core CPU (5,000 queries, 65,566 albums).
+_BLOCK = 2048
 
 
 def _count_block(carry, queries, thresholds, query_ids, block, block_ids):
   greater, tied = carry
   sims = queries @ block.T
   other = query_ids[:, None] != block_ids[None, :]
-  above = sims > thresholds[:, None] + TIE_TOLERANCE
-  close = jnp.abs(sims - thresholds[:, None]) <= TIE_TOLERANCE
-  return (greater + jnp.sum(above & other, 1, dtype=jnp.int32),
-          tied + jnp.sum(close & other, 1, dtype=jnp.int32))
+  above = (sims > thresholds[:, None] + TIE_TOLERANCE) & other
+  close = (jnp.abs(sims - thresholds[:, None]) <= TIE_TOLERANCE) & other
+  # Counted as float32 sums (exact: a block holds far fewer than 2^24
+  # candidates): XLA's CPU reduction of booleans into int32 ran at half the
+  # speed (the whole count took 0.77 s against 0.47 s at MARD scale).
+  return (greater + jnp.sum(jnp.where(above, 1.0, 0.0), 1).astype(jnp.int32),
+          tied + jnp.sum(jnp.where(close, 1.0, 0.0), 1).astype(jnp.int32))
 
 
 @jax.jit
