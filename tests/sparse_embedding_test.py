@@ -47,6 +47,26 @@ def test_compact_batch_lists_the_tokens_outside_the_bag(monkeypatch):
       {'tokens': tokens, 'lengths': lengths}, 10, 4)
 
 
+def test_compact_batch_reads_only_the_real_tokens():
+  """With lengths, words past a review's length are not listed (the
+  padding word, id 0, is when there is padding) and their slots point at
+  the padding word; packed rows (the LSTM) are read whole."""
+  tokens = np.array([[[4, 6, 8, 9], [6, 2, 7, 7]]], np.int32)  # Junk past.
+  lengths = np.array([[2, 3]], np.int32)
+  out = sparse_embedding.compact_batch(
+      {'tokens': tokens, 'lengths': lengths}, 10, 4)
+  np.testing.assert_array_equal(out['vocab_ids'][0][:5], [0, 2, 4, 6, 7])
+  assert out['vocab_ids'][0][5:].min() >= 10  # Padding ids.
+  np.testing.assert_array_equal(out['slots'], [[[2, 3, 0, 0], [3, 1, 4, 0]]])
+  full = sparse_embedding.compact_batch(
+      {'tokens': tokens, 'lengths': np.array([[4, 4]], np.int32)}, 10, 4)
+  np.testing.assert_array_equal(full['vocab_ids'][0][:5], [2, 4, 6, 7, 8])
+  packed = sparse_embedding.compact_batch(
+      {'tokens': tokens, 'lengths': lengths, 'starts': tokens}, 10, 4)
+  np.testing.assert_array_equal(packed['vocab_ids'][0][:6],
+                                [2, 4, 6, 7, 8, 9])
+
+
 def test_compact_batch_rejects_ids_outside_the_vocabulary():
   for bad in (60, 50, -1):  # Above, at V, and below (no wrapping around).
     with pytest.raises(ValueError, match=f'id {bad} is outside the vocab'):
