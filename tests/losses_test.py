@@ -209,6 +209,53 @@ def test_sampled_negatives_are_uniform_over_each_anchors_negatives():
     np.testing.assert_allclose(freq, 1 / len(negatives), atol=0.01)
 
 
+def test_positive_lists_hand_computed():
+  """Each row's same-album rows, itself included, in index order: among its
+  device's rows, or every device's (numbered d * b + i); none for padding;
+  widths a power of two from `losses.MIN_POSITIVES`."""
+  album = np.array([[3, 1, 3, -1], [1, 1, 5, 3]])
+  local = losses.positive_lists(album, False)
+  np.testing.assert_array_equal(local, [
+      [[0, 2, -1, -1], [1, -1, -1, -1], [0, 2, -1, -1], [-1, -1, -1, -1]],
+      [[0, 1, -1, -1], [0, 1, -1, -1], [2, -1, -1, -1], [3, -1, -1, -1]]])
+  across = losses.positive_lists(album, True, lambda w: 2 * w)
+  assert across.shape == (2, 4, 8) and across.dtype == np.int32
+  np.testing.assert_array_equal(across[..., :4], [
+      [[0, 2, 7, -1], [1, 4, 5, -1], [0, 2, 7, -1], [-1, -1, -1, -1]],
+      [[1, 4, 5, -1], [1, 4, 5, -1], [6, -1, -1, -1], [0, 2, 7, -1]]])
+  assert (across[..., 4:] == -1).all()
+  assert [losses.positive_width(n) for n in (0, 1, 4, 5, 9)] == [
+      4, 4, 4, 8, 16]
+  with pytest.raises(ValueError, match='more than'):
+    losses.positive_lists(np.zeros((1, 6), int), False, lambda w: 4)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_listed_positives_give_the_loss_over_every_pair(seed):
+  """The sampled hinges over each anchor's listed positives equal those over
+  every candidate (same draws): loss, terms and gradients, with padding
+  rows, albums of one to four rows and the neighbourhood terms' self."""
+  x, y, ids = _batch(seed, b=14, albums=5)
+  ids[[3, 9]] = -1
+  lists = losses.positive_lists(ids[None], False)[0]
+
+  def loss(x, y, positives):
+    return losses.ranking_loss(x, y, ids, margin=0.4, weights=(1, 0.7, 0.3,
+                                                               0.2),
+                               negatives='sampled:5',
+                               key=jax.random.PRNGKey(seed),
+                               positives=positives)
+  grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  (want, want_terms), want_grads = grad(x, y, None)
+  (got, got_terms), got_grads = grad(x, y, lists)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for k in want_terms:
+    np.testing.assert_allclose(float(got_terms[k]), float(want_terms[k]),
+                               rtol=1e-5, atol=1e-7, err_msg=k)
+  for a, b in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def test_sampled_needs_a_key():
   x, y, ids = _batch(0)
   with pytest.raises(ValueError, match='PRNG key'):

@@ -39,10 +39,11 @@ def _state(config, batch, axis_name):
                                  sample)
 
 
-def _prepare(state, batch, devices):
+def _prepare(state, batch, devices, positives=''):
   """(b, ...) batch -> what the state's step takes on `devices` devices."""
   shaped = {k: v.reshape(devices, -1, *v.shape[1:]) for k, v in batch.items()}
-  out = train_step.prepare_batch(state, shaped, vocab_bucket=8)
+  out = train_step.prepare_batch(state, shaped, vocab_bucket=8,
+                                 positives=positives)
   return {k: v[0] for k, v in out.items()} if devices == 1 else out
 
 
@@ -82,12 +83,17 @@ def test_pmap_equals_single_device_on_the_global_batch(batch_norm, kind,
 
 
 @pytest.mark.parametrize('gather,negatives', [(False, 'all'),
-                                              (True, 'sampled:4')])
+                                              (True, 'sampled:4'),
+                                              (False, 'sampled:4')])
 def test_shard_map_equals_pmap(gather, negatives):
+  """Also with the sampled negatives' positive lists, across devices or
+  each device's own."""
   n = jax.local_device_count()
   config, batch = _setup(True, negatives, gather=gather)
   key = jax.random.PRNGKey(5)
-  sharded = _prepare(_state(config, batch, None), batch, n)
+  sharded = _prepare(_state(config, batch, None), batch, n,
+                     train_step.positive_options(config, True))
+  assert ('positives' in sharded) == negatives.startswith('sampled')
   # Steps donate their input state: each wrapper gets its own copy.
   s_p, m_p = train_step.pmap_step(config.loss)(
       _state(config, batch, train_step.AXIS), sharded, key)
@@ -105,6 +111,30 @@ def test_shard_map_equals_pmap(gather, negatives):
   _assert_trees_close(s_p.params, s_s.params, rtol=0,
                       atol=0.05 * config.train.learning_rate)
   _assert_trees_close(s_p.batch_stats, s_s.batch_stats, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('gather', [True, False])
+def test_positive_lists_train_as_every_pair(gather):
+  """The sampled negatives' hinges over each row's listed positives
+  (`losses.positive_lists`) give the step of the hinges over every
+  candidate (the same draws), under pmap across devices or per device."""
+  n = jax.local_device_count()
+  config, batch = _setup(True, 'sampled:4', gather=gather)
+  key = jax.random.PRNGKey(7)
+  options = train_step.positive_options(config, True)
+  assert options == ('across' if gather else 'local')
+  step = train_step.pmap_step(config.loss)
+  results = []
+  for positives in (options, ''):
+    state = _state(config, batch, train_step.AXIS)
+    sharded = _prepare(state, batch, n, positives)
+    assert ('positives' in sharded) == bool(positives)
+    results.append(step(state, sharded, key))
+  (s1, m1), (s2, m2) = results
+  for k in m1:
+    np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-5,
+                               err_msg=k)
+  _assert_trees_close(s1.opt_state, s2.opt_state, rtol=1e-4, atol=1e-7)
 
 
 def test_a_step_reduces_the_loss_and_keeps_it_finite():
@@ -196,8 +226,11 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
   index_step = train_step.index_step(config.loss, 64)
   tables = train_step.device_tables(reviews, audio, 64)
   a, b = fresh(), fresh()
+  positives = train_step.positive_options(config, False)
+  assert positives == 'local'  # The test config's sampled negatives.
   planner = index_batches.Planner(
-      config, reviews, model.vocab_size if update != 'dense' else 0)
+      config, reviews, model.vocab_size if update != 'dense' else 0,
+      positives=positives)
   sizes = train_step.ProgramSizes()
   key = jax.random.PRNGKey(5)
   layouts = set()
@@ -206,6 +239,7 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
                                    album_tracks=tracks, **kw),
       planner.with_plans(input_pipeline.train_indices(reviews, audio, **kw))):
     prepared = train_step.prepare_batch(a, batch, 4, sizes=sizes,
+                                        positives=positives,
                                         **train_step.batch_options(config))
     prepared = {k: v[0] for k, v in prepared.items()}
     planned, planned_layout = planner([idx], pmap=False)
@@ -219,6 +253,8 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
       idx['place'] = place[0]
       layout = layout._replace(
           packed_rows=packing.row_count(used, bucket, len(place[0])))
+    idx['positives'] = prepared['positives']
+    np.testing.assert_array_equal(planned['positives'], idx['positives'])
     if update != 'dense':
       idx['vocab_ids'] = prepared['vocab_ids']
       np.testing.assert_array_equal(planned['vocab_ids'], idx['vocab_ids'])

@@ -204,7 +204,9 @@ def train_step_throughput(config, encoder: str, steps: int,
       # Host-side preparation is part of each step's cost.
       one = train_step.prepare_batch(
           state, {k: v[None] for k, v in batch.items()},
-          config.train.vocab_bucket, **train_step.batch_options(config))
+          config.train.vocab_bucket,
+          positives=train_step.positive_options(config, False),
+          **train_step.batch_options(config))
       return host_step(state, {k: v[0] for k, v in one.items()}, key)
   start = time.time()
   state, metrics = step(state)

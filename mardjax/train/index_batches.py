@@ -23,6 +23,7 @@ import numpy as np
 
 from mardjax.data import tables
 from mardjax.models import two_branch
+from mardjax.train import losses
 from mardjax.train import packing
 from mardjax.train import sparse_embedding
 from mardjax.train import train_step
@@ -37,11 +38,14 @@ class Planner:
     vocab_size: V, rows of the embedding table trained with the lazy
       update; 0 when the update is dense (no word lists).
     sync: with several processes, how they agree on sizes and word lists.
+    positives: the sampled negatives' positive lists, as `prepare_batch`
+      takes the argument (`train_step.positive_options`); '': none.
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
                reviews: tables.ReviewTable, vocab_size: int,
-               sync: train_step.ProcessSync | None = None):
+               sync: train_step.ProcessSync | None = None,
+               positives: str = ''):
     self.max_len = config.data.max_len
     self.token_bucket = train_step.mean_token_bucket(config)
     self.pack_rows = train_step.lstm_pack_rows(config)
@@ -52,7 +56,9 @@ class Planner:
     self.vocab_size = vocab_size
     self.split_bag = bool(vocab_size) and train_step.split_bag(config)
     self.sync = sync
+    self.positives = positives
     self.sizes = train_step.ProgramSizes(sync)
+    self.widths = train_step.ProgramSizes()
     # The flat layout's sizes (`layout`): at least `_token_floor`'s.
     self.token_sizes = train_step.ProgramSizes()
     self.token_floor: int | None = None
@@ -68,10 +74,15 @@ class Planner:
     about 0.6 ms at 1,024 reviews, 5 ms at 8,192, on one core). For the
     lazy update, the sorted distinct words of the batch's reviews on all
     local devices, 'words' (k,), and with the split bag-of-words each
-    device's distinct words and their token counts, 'device_words'.
+    device's distinct words and their token counts, 'device_words'. For
+    the sampled negatives, each row's positives, 'positives' (D, b, w)
+    (`losses.positive_lists`, their own width; `__call__` widens them).
     """
     for position, idx in it:
       idx = dict(idx)
+      if self.positives:
+        idx['positives'] = losses.positive_lists(
+            self.reviews.album[idx['rows']], self.positives == 'across')
       if self.pack_rows:
         idx['place'], used = packing.plan(self.lengths[idx['rows']],
                                           self.max_len)
@@ -160,6 +171,16 @@ class Planner:
         w, self.vocab_size, size['vocab']), (d, size['vocab']))
                      for w in words]), sizes
 
+  def positive_lists(self, items: list[dict[str, np.ndarray]]
+                     ) -> np.ndarray:
+    """(n, D, b, W) the steps' positive lists, widened with -1 to the
+    width every step, process and compiled program agree on."""
+    width = train_step.program_width(
+        max(x['positives'].shape[-1] for x in items), self.sync, self.widths)
+    return np.stack([np.pad(x['positives'], ((0, 0), (0, 0), (
+        0, width - x['positives'].shape[-1])), constant_values=-1)
+                     for x in items])
+
   def rare_count(self, items: list[dict[str, np.ndarray]],
                  words: list[np.ndarray]) -> int:
     """The split bag-of-words' most tokens of any step and local device
@@ -183,6 +204,8 @@ class Planner:
     """
     idx = {k: np.stack([x[k] for x in items])
            for k in ('rows', 'tracks', 'place') if k in items[0]}
+    if self.positives:
+      idx['positives'] = self.positive_lists(items)
     sizes = self.layout(items)
     if self.vocab_size:
       idx['vocab_ids'], sizes = self.vocab_ids(items, sizes)

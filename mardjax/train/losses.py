@@ -21,7 +21,10 @@ Negatives per (anchor, positive):
     hundred; use the others beyond);
   * `sampled:K`: K negatives drawn uniformly (with replacement) for each
     (anchor, positive) pair (the paper: K = 10); the pairs of one anchor
-    share its K draws;
+    share its K draws. Given each anchor's list of positives
+    (`positive_lists`, made on the host with the batch), the hinges are
+    computed for those pairs only, from gathered rows: O(B (K + W) D) for
+    lists of width W, where over every candidate they cost O(B^2 K);
   * `hardest:K`: the K negatives closest to the anchor (Wang et al.'s top-K
     most violating).
 
@@ -35,10 +38,11 @@ single-device loss of the whole batch.
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Squared distances are clamped here before the square root: sqrt has an
 # infinite derivative at 0 (an anchor's distance to itself), and 0 * inf is NaN.
@@ -143,12 +147,13 @@ def _sampled_negatives(anchor_ids: jax.Array, candidate_ids: jax.Array,
   """
   m = candidate_ids.shape[0]
   order = jnp.argsort(candidate_ids)  # Stable: ties in index order.
-  # The anchor's album's block in that order: where it starts, how long.
-  start = jnp.sum(candidate_ids[None, :] < anchor_ids[:, None], 1,
-                  dtype=jnp.int32)
-  size = jnp.sum(candidate_ids[None, :] == anchor_ids[:, None], 1,
-                 dtype=jnp.int32)
-  first_real = jnp.sum(candidate_ids < 0, dtype=jnp.int32)
+  ids = candidate_ids[order]
+  # The anchor's album's block in that order: where it starts, how long
+  # (binary searches: counting by comparing every pair was O(N M)).
+  start = jnp.searchsorted(ids, anchor_ids, side='left').astype(jnp.int32)
+  size = (jnp.searchsorted(ids, anchor_ids, side='right').astype(jnp.int32)
+          - start)
+  first_real = jnp.searchsorted(ids, 0, side='left').astype(jnp.int32)
   count = jnp.where(anchor_ids >= 0, m - first_real - size, 0)
   r = jnp.clip((uniform * count[:, None]).astype(jnp.int32), 0,
                jnp.maximum(count - 1, 0)[:, None])
@@ -157,12 +162,103 @@ def _sampled_negatives(anchor_ids: jax.Array, candidate_ids: jax.Array,
   return order[jnp.minimum(at, m - 1)], count > 0
 
 
+# The narrowest positive list (`positive_lists`): under neighbourhood
+# sampling (2 reviews an album) a batch's lists are 2 long, or 4 when an
+# album's groups meet in one batch; one width serves both, one program.
+MIN_POSITIVES = 4
+
+
+def positive_width(longest: int) -> int:
+  """The width of positive lists whose longest holds `longest`: a power of
+  two, at least `MIN_POSITIVES` (few widths, few programs)."""
+  return max(MIN_POSITIVES, 1 << max(longest - 1, 0).bit_length())
+
+
+def positive_lists(album: np.ndarray, across_devices: bool,
+                   width: Callable[[int], int] | None = None) -> np.ndarray:
+  """Each row's positives among its candidates, for the sampled negatives'
+  hinges (`ranking_term`), made on the host.
+
+  Args:
+    album: (D, b) album ids of D devices' rows; < 0: padding.
+    across_devices: the candidates are every device's rows, numbered
+      d * b + i (the loss gathers them); otherwise each device's own b.
+    width: maps `positive_width` of the longest list to W (the run's
+      agreed width, at least as wide); None: that width.
+
+  Returns:
+    (D, b, W) int32: the candidates of each row's album, itself included,
+    in index order, then -1 (a padding row's list is empty).
+
+  Raises:
+    ValueError: `width` gave a width shorter than a list.
+  """
+  d, b = album.shape
+  groups = album.reshape(1, -1) if across_devices else album
+  n = groups.shape[1]
+  order = np.argsort(groups, axis=1, kind='stable')  # Index order in a block.
+  ids = np.take_along_axis(groups, order, 1)
+  pos = np.arange(n)
+  # Each sorted position's album block: its first position and its length.
+  first = np.maximum.accumulate(np.where(
+      np.concatenate([np.ones((len(groups), 1), bool),
+                      ids[:, 1:] != ids[:, :-1]], 1), pos, 0), axis=1)
+  last = np.minimum.accumulate(np.where(
+      np.concatenate([ids[:, 1:] != ids[:, :-1],
+                      np.ones((len(groups), 1), bool)], 1), pos, n - 1
+  )[:, ::-1], axis=1)[:, ::-1]
+  size = np.where(ids >= 0, last - first + 1, 0)
+  longest = int(size.max()) if size.size else 0
+  width = (width or (lambda w: w))(positive_width(longest))
+  if longest > width:
+    raise ValueError(f'A row has {longest} positives, more than the '
+                     f'positive list width {width}.')
+  slot = np.arange(width)
+  at = np.minimum(first[:, :, None] + slot, n - 1)
+  sorted_lists = np.where(slot < size[:, :, None],
+                          np.take_along_axis(order, at.reshape(len(groups), -1),
+                                             1).reshape(at.shape), -1)
+  lists = np.empty_like(sorted_lists)
+  np.put_along_axis(lists, order[:, :, None], sorted_lists, 1)
+  return lists.reshape(d, b, width).astype(np.int32)
+
+
+def _row_distances(anchors: jax.Array, candidates: jax.Array,
+                   index: jax.Array) -> jax.Array:
+  """(N, J) Euclidean distances from anchor n to candidates index[n] (as
+  `pairwise_distances` computes them, pair by pair)."""
+  rows = candidates[index]  # (N, J, D)
+  sq = (jnp.sum(anchors * anchors, -1)[:, None] + jnp.sum(rows * rows, -1)
+        - 2.0 * jnp.einsum('nd,njd->nj', anchors, rows))
+  return jnp.sqrt(jnp.maximum(sq, _MIN_SQUARED_DISTANCE))
+
+
+def _listed_hinges(anchors: jax.Array, candidates: jax.Array,
+                   positives: jax.Array, index: jax.Array,
+                   has_neg: jax.Array, margin: float,
+                   self_index: jax.Array | None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """`_anchor_hinges`' sampled sums over every anchor at once, for the
+  listed positives only: (N, W, K) hinges instead of (N, K, M)."""
+  valid = positives >= 0
+  if self_index is not None:  # An anchor is not its own neighbour.
+    valid = valid & (positives != self_index[:, None])
+  pos_d = _row_distances(anchors, candidates, jnp.maximum(positives, 0))
+  neg_d = _row_distances(anchors, candidates, index)
+  counted = valid & has_neg[:, None]
+  h = jax.nn.relu(margin + pos_d[:, :, None] - neg_d[:, None, :]
+                  ) * counted[:, :, None]
+  return (jnp.sum(h), jnp.sum(valid), jnp.sum(h > 0),
+          jnp.sum(counted) * index.shape[1])
+
+
 def ranking_term(anchors: jax.Array, candidates: jax.Array,
                  anchor_ids: jax.Array, candidate_ids: jax.Array,
                  margin: float, mode: NegativeMode,
                  uniform: jax.Array | None = None,
                  self_index: jax.Array | None = None,
-                 axis_name: str | None = None
+                 axis_name: str | None = None,
+                 positives: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array]:
   """One hinge term, averaged over valid (anchor, positive) pairs.
 
@@ -178,11 +274,37 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
     self_index: (N,) index of each anchor among the candidates, for the
       neighbourhood terms (an anchor is not its own positive); None otherwise.
     axis_name: device axis; the mean is then over the global batch's pairs.
+    positives: (N, W) each anchor's positives among the candidates
+      (`positive_lists`, -1 past the end; the anchor itself included); in
+      `sampled` mode the hinges are then computed for those pairs only.
 
   Returns:
     (scalar loss, 0 when no anchor has a positive; the fraction of its
     (anchor, positive, negative) hinges that are active, a diagnostic).
   """
+  if mode.kind == 'sampled' and positives is not None:
+    sums, counts, active, slots = _listed_hinges(
+        anchors, candidates, positives,
+        *_sampled_negatives(anchor_ids, candidate_ids, uniform), margin,
+        self_index)
+  else:
+    sums, counts, active, slots = _all_pair_hinges(
+        anchors, candidates, anchor_ids, candidate_ids, margin, mode,
+        uniform, self_index)
+  return (_global_mean(jnp.sum(sums), jnp.sum(counts), axis_name),
+          jax.lax.stop_gradient(_global_mean(
+              jnp.sum(active).astype(sums.dtype), jnp.sum(slots),
+              axis_name)))
+
+
+def _all_pair_hinges(anchors: jax.Array, candidates: jax.Array,
+                     anchor_ids: jax.Array, candidate_ids: jax.Array,
+                     margin: float, mode: NegativeMode,
+                     uniform: jax.Array | None,
+                     self_index: jax.Array | None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """`_anchor_hinges` of every anchor against every candidate: (N,) each
+  of its four sums."""
   dist = pairwise_distances(anchors, candidates)
   same = anchor_ids[:, None] == candidate_ids[None, :]
   real = (anchor_ids[:, None] >= 0) & (candidate_ids[None, :] >= 0)
@@ -195,11 +317,7 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
   # `sampled` None (other modes) maps as an empty tree.
   per_anchor = jax.vmap(
       lambda d, p, n, s: _anchor_hinges(d, p, n, margin, mode, s))
-  sums, counts, active, slots = per_anchor(dist, pos, neg, sampled)
-  return (_global_mean(jnp.sum(sums), jnp.sum(counts), axis_name),
-          jax.lax.stop_gradient(_global_mean(
-              jnp.sum(active).astype(sums.dtype), jnp.sum(slots),
-              axis_name)))
+  return per_anchor(dist, pos, neg, sampled)
 
 
 def _global_mean(total: jax.Array, count: jax.Array,
@@ -229,7 +347,8 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
                  margin: float, weights: tuple[float, float, float, float],
                  negatives: str, key: jax.Array | None = None,
                  axis_name: str | None = None,
-                 gather_across_devices: bool = False
+                 gather_across_devices: bool = False,
+                 positives: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, Any]]:
   """The weighted sum of the four terms (see the module docstring).
 
@@ -244,6 +363,10 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
     key: PRNG key, needed for `sampled:K`.
     axis_name: the device axis inside pmap / shard_map.
     gather_across_devices: take positives and negatives from the global batch.
+    positives: (B, W) each row's positives among the candidates
+      (`positive_lists`, numbered as the candidates are), for
+      `sampled:K`'s hinges over those pairs only; the same list serves
+      the four terms.
 
   Returns:
     (loss, {term name: value, and 'active_hinges': the fraction of the
@@ -268,7 +391,7 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
   draws = (jax.random.uniform(key, (4 * audio.shape[0] * mode.k,)).reshape(
       4, audio.shape[0], mode.k) if mode.kind == 'sampled' else [None] * 4)
   term = functools.partial(ranking_term, margin=margin, mode=mode,
-                           axis_name=axis_name)
+                           axis_name=axis_name, positives=positives)
   l1, l2, l3, l4 = weights
   zero = (jnp.zeros((), audio.dtype),) * 2
   terms = {
@@ -348,30 +471,32 @@ def sigmoid_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
 
 
 def _ranking_from_config(audio, text, album_ids, *, config, key, axis_name,
-                         gather):
+                         gather, positives=None):
   return ranking_loss(audio, text, album_ids, margin=config.margin,
                       weights=tuple(config.weights),
                       negatives=config.negatives, key=key,
-                      axis_name=axis_name, gather_across_devices=gather)
+                      axis_name=axis_name, gather_across_devices=gather,
+                      positives=positives)
 
 
 def _infonce_from_config(audio, text, album_ids, *, config, key, axis_name,
-                         gather):
-  del key
+                         gather, positives=None):
+  del key, positives
   return infonce_loss(audio, text, album_ids, temperature=config.temperature,
                       axis_name=axis_name, gather_across_devices=gather), {}
 
 
 def _sigmoid_from_config(audio, text, album_ids, *, config, key, axis_name,
-                         gather):
-  del key
+                         gather, positives=None):
+  del key, positives
   return sigmoid_loss(audio, text, album_ids, temperature=config.temperature,
                       bias=config.sigmoid_bias, axis_name=axis_name,
                       gather_across_devices=gather), {}
 
 
 # config.loss.kind -> fn(audio, text, album_ids, *, config (config.loss), key,
-# axis_name, gather) -> (loss, {term: value}). A new loss is one entry here.
+# axis_name, gather, positives=None) -> (loss, {term: value}). A new loss is
+# one entry here.
 LOSSES = {'ranking': _ranking_from_config,
           'infonce': _infonce_from_config,
           'sigmoid': _sigmoid_from_config}

@@ -240,7 +240,9 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
                   sync: ProcessSync | None = None,
                   token_bucket: int = 0,
                   split_bag: bool = False,
-                  sizes: ProgramSizes | None = None
+                  sizes: ProgramSizes | None = None,
+                  positives: str = '',
+                  widths: ProgramSizes | None = None
                   ) -> dict[str, np.ndarray]:
   """The host-side batch transform the state's step expects (numpy).
 
@@ -258,9 +260,18 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
       bag-of-words, 'rare_tokens' (`sparse_embedding.compact_batch`).
     sizes: the run's `ProgramSizes` for the split bag-of-words' lists;
       None: this batch's own (agreed between processes).
+    positives: 'local' or 'across' (`positive_options`) adds each row's
+      positives for the sampled negatives' hinges, 'positives' (D, b, W)
+      (`losses.positive_lists`), among its device's rows or every
+      device's; '': none.
+    widths: the run's `ProgramSizes` for W; None: this batch's own.
   """
-  if pack_rows or token_bucket:
+  if pack_rows or token_bucket or positives:
     batch = dict(batch)
+  if positives:
+    batch['positives'] = losses.positive_lists(
+        batch['album'], positives == 'across',
+        lambda w: program_width(w, sync, widths))
   if pack_rows:
     batch.update(packing.pack(batch['tokens'], batch['lengths'], pack_rows,
                               sync.max if sync else None))
@@ -274,6 +285,34 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
   return sparse_embedding.compact_batch(
       batch, table.shape[0], vocab_bucket, sync.any if sync else None,
       split_bag, sizes or ProgramSizes(sync))
+
+
+def program_width(width: int, sync: ProcessSync | None = None,
+                  widths: ProgramSizes | None = None) -> int:
+  """A positive-list width every process and a compiled program agree on:
+  the largest of the processes', then the run's smallest fitting one
+  (`ProgramSizes`)."""
+  if sync:
+    width = sync.max(width)
+  return widths({'positives': width})['positives'] if widths else width
+
+
+def positive_options(config: ml_collections.ConfigDict, parallel: bool
+                     ) -> str:
+  """The `positives` argument of `prepare_batch` (and of the device
+  planner): the sampled negatives' hinges over each row's positives only
+  (`losses.positive_lists`), 'across' the devices when the loss gathers
+  its candidates from all of them, else 'local'. '' where the lists do not
+  serve: other losses and negatives, and candidates gathered across
+  processes (a process holds only its own rows' albums; the loss then
+  pairs every candidate)."""
+  loss = config.loss
+  if loss.kind != 'ranking' or losses.NegativeMode.parse(
+      loss.negatives).kind != 'sampled':
+    return ''
+  if loss.gather_across_devices and parallel:
+    return '' if jax.process_count() > 1 else 'across'
+  return 'local'
 
 
 def lstm_pack_rows(config: ml_collections.ConfigDict) -> int:
@@ -313,12 +352,14 @@ def split_bag(config: ml_collections.ConfigDict) -> bool:
 
 def compute_loss(audio: jax.Array, text: jax.Array, album: jax.Array,
                  key: jax.Array, loss_config: ml_collections.ConfigDict,
-                 axis_name: str | None) -> tuple[jax.Array, dict[str, Any]]:
-  """The configured loss of one device's embeddings; (loss, terms)."""
+                 axis_name: str | None, positives: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, Any]]:
+  """The configured loss of one device's embeddings; (loss, terms).
+  `positives`: the batch's positive lists (`prepare_batch`), if any."""
   gather = loss_config.gather_across_devices and axis_name is not None
   return losses.LOSSES[loss_config.kind](
       audio, text, album, config=loss_config, key=key, axis_name=axis_name,
-      gather=gather)
+      gather=gather, positives=positives)
 
 
 # Dropout's keys: the step key folded with this, apart from the loss's draws.
@@ -372,7 +413,8 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
     batch: 'audio' (b, A), 'tokens' (b, L), 'lengths' (b,), 'album' (b,);
       under lazy embedding updates 'slots' (b, L) and 'vocab_ids' (U,)
       in place of 'tokens'; packed (LSTM) batches hold (R, L) token rows
-      and the packing markers (`prepare_batch`).
+      and the packing markers; for the sampled negatives' hinges
+      'positives' (b, W) (`prepare_batch`).
     key: PRNG key for this step (same on every device; folded per device).
     loss_config: config.loss.
     axis_name: device axis name, or None on one device.
@@ -414,7 +456,7 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
         text_table=rows, mutable=['batch_stats'] if has_bn else [],
         rngs={'dropout': jax.random.fold_in(key, _DROPOUT_STREAM)}, **text)
     loss, terms = compute_loss(out['audio'], out['text'], batch['album'], key,
-                               loss_config, axis_name)
+                               loss_config, axis_name, batch.get('positives'))
     return loss, (terms, updates)
 
   (loss, (terms, updates)), (grads, row_grads) = jax.value_and_grad(
@@ -534,7 +576,8 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
   'tokens'; `packing.pack_on_device`, from idx 'place' (b, 2)); and for
   the lazy update, given idx 'vocab_ids' (U,) (the batch's distinct words,
   `sparse_embedding.padded_ids`) and the table's `vocab_size`, 'slots'
-  in place of the tokens (and 'rare_tokens' with `layout.rare_tokens`)."""
+  in place of the tokens (and 'rare_tokens' with `layout.rare_tokens`);
+  idx 'positives' (b, W), the planner's positive lists, passed on."""
   rows = idx['rows']
   lengths = tables.lengths[rows]
   pos = jnp.arange(max_len)
@@ -557,6 +600,8 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
   if layout.packed_rows:
     batch.update(packing.pack_on_device(tokens, jnp.minimum(lengths, max_len),
                                         idx['place'], layout.packed_rows))
+  if 'positives' in idx:
+    batch['positives'] = idx['positives']
   if 'vocab_ids' in idx:
     batch['slots'] = sparse_embedding.slots_on_device(
         batch.pop('tokens'), idx['vocab_ids'], vocab_size)

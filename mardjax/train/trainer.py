@@ -229,11 +229,13 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
     return index_step_fn(config, state, parallel, data, planner)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
   options = train_step.batch_options(config)
-  sizes = train_step.ProgramSizes(sync)
+  positives = train_step.positive_options(config, parallel)
+  sizes, widths = train_step.ProgramSizes(sync), train_step.ProgramSizes()
 
   def prepare(s, batch):
     return train_step.prepare_batch(s, batch, t.vocab_bucket, sync=sync,
-                                    sizes=sizes, **options)
+                                    sizes=sizes, positives=positives,
+                                    widths=widths, **options)
   if t.parallelism == 'pmap' or not parallel:
     if parallel:
       fn = train_step.pmap_step(config.loss)
@@ -258,13 +260,15 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
 
 
 def make_planner(config: ml_collections.ConfigDict, state,
-                 data: TrainingData) -> index_batches.Planner:
+                 data: TrainingData, parallel: bool = False
+                 ) -> index_batches.Planner:
   """What the host decides for this run's device-assembled steps."""
   lazy = train_step.lazy_embedding(config, state.params)
   return index_batches.Planner(
       config, data.reviews,
       sparse_embedding.split_table(state.params)[0].shape[0] if lazy else 0,
-      train_step.ProcessSync() if jax.process_count() > 1 else None)
+      train_step.ProcessSync() if jax.process_count() > 1 else None,
+      train_step.positive_options(config, parallel))
 
 
 def index_step_fn(config: ml_collections.ConfigDict, state, parallel: bool,
@@ -334,8 +338,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
                                   num_steps=total_steps(config, manifest))
   if config.model.pooling == 'idf':
     state = train_step.set_word_scores(state, _idf(reviews, manifest))
-  planner = (make_planner(config, state, data) if assembly == 'device'
-             else None)
+  planner = (make_planner(config, state, data, parallel)
+             if assembly == 'device' else None)
   run = _Run(
       config=config, workdir=workdir, manifest=manifest, model=model,
       state=state, batches=indices if assembly == 'device' else batches,
