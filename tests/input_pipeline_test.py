@@ -108,6 +108,25 @@ def test_neighbourhood_batches_have_in_batch_positives(tiny_records, table):
       assert all(np.sum(row == a) >= 2 for a in row)
 
 
+def test_most_album_rows_counts_within_each_batch(reviews, table):
+  """Hand-made album ids, then a real epoch order against a direct count."""
+  fake = tables.ReviewTable(tokens=np.zeros(1, np.int32),
+                            offsets=np.zeros(6, np.int64),
+                            lengths=np.ones(6, np.int32),
+                            album=np.array([7, 7, 3, 7, 3, 5], np.int32))
+  # Album 7 twice in the first batch; the second's 7 and the first's do not
+  # add up across the batches, nor runs across their boundary.
+  assert input_pipeline.most_album_rows(fake, np.array([[0, 2, 1],
+                                                        [3, 4, 5]])) == 2
+  assert input_pipeline.most_album_rows(fake, np.array([[0, 1, 3]])) == 3
+  assert input_pipeline.most_album_rows(fake, np.zeros((0, 3), int)) == 0
+  order = input_pipeline.epoch_order(reviews, table, batch_size=16, seed=0,
+                                     epoch=0, neighbourhood=True,
+                                     reviews_per_album=2)
+  assert input_pipeline.most_album_rows(reviews, order) == max(
+      np.bincount(reviews.album[rows]).max() for rows in order)
+
+
 def test_plain_sampling_and_determinism(tiny_records, table):
   a = _batches(tiny_records, table, 5, neighbourhood=False)
   b = _batches(tiny_records, table, 5, neighbourhood=False)

@@ -288,6 +288,39 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_positive_list_width_starts_at_the_first_epochs_widest(
+    tiny_records):
+  """`trainer.positive_widths`: one width, that of the most rows one album
+  holds in a batch of the first epoch, serves every batch that fits it (a
+  narrower batch is widened, padding with -1); none without the lists."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mardjax.train import losses  # pylint: disable=g-import-not-at-top
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  manifest, audio, reviews = _tables(tiny_records)
+  config = test_config.get_config()
+  config.train.batch_size = 64
+  data = trainer.TrainingData(manifest, audio, reviews)
+  widths = trainer.positive_widths(config, data, False)
+  kw = dict(batch_size=64, seed=0, neighbourhood=True, reviews_per_album=2)
+  most = input_pipeline.most_album_rows(reviews, input_pipeline.epoch_order(
+      reviews, audio, epoch=0, **kw))
+  assert widths.seen == [{'positives': losses.positive_width(most)}]
+  state = _state(*_setup(False, embedding_update='dense'), None)
+  shapes = set()
+  for _, batch in itertools.islice(input_pipeline.train_batches(
+      reviews, audio, max_len=64, num_devices=1, **kw), 6):
+    lists = train_step.prepare_batch(state, batch, 8, positives='local',
+                                     widths=widths)['positives']
+    natural = losses.positive_lists(batch['album'], False)
+    np.testing.assert_array_equal(lists[..., :natural.shape[-1]], natural)
+    assert (lists[..., natural.shape[-1]:] == -1).all()
+    shapes.add(lists.shape)
+  assert shapes == {(1, 64, losses.positive_width(most))}
+  config.loss.negatives = 'all'
+  assert not trainer.positive_widths(config, data, False).seen
+
+
 def test_auto_steps_per_dispatch_divides_the_intervals(monkeypatch):
   """On accelerators 'auto' runs as many steps per dispatch as fit every
   log, checkpoint and evaluation interval, so no dispatch is cut short."""

@@ -171,6 +171,20 @@ def epoch_order(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
   return groups[:n * per_batch].reshape(n, batch_size)
 
 
+def most_album_rows(reviews: tables.ReviewTable, order: np.ndarray) -> int:
+  """The most rows one album holds in any batch of `order` (an
+  `epoch_order`, (num_batches, batch_size)): how long the longest list of
+  a row's positives gets (`losses.positive_lists`)."""
+  if not order.size:
+    return 0
+  albums = np.sort(reviews.album[order], axis=1).ravel()
+  # A run of one album within one batch row.
+  starts = np.ones(albums.size, bool)
+  starts[1:] = albums[1:] != albums[:-1]
+  starts[::order.shape[1]] = True
+  return int(np.bincount(np.cumsum(starts) - 1).max())
+
+
 def make_batch(reviews: tables.ReviewTable, rows: np.ndarray, max_len: int
                ) -> dict[str, np.ndarray]:
   """Padded tokens (b, max_len), lengths (b,), album (b,) of review `rows`."""

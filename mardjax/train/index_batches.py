@@ -40,12 +40,15 @@ class Planner:
     sync: with several processes, how they agree on sizes and word lists.
     positives: the sampled negatives' positive lists, as `prepare_batch`
       takes the argument (`train_step.positive_options`); '': none.
+    widths: the run's widths of those lists (`trainer.positive_widths`);
+      None: each dispatch's own.
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
                reviews: tables.ReviewTable, vocab_size: int,
                sync: train_step.ProcessSync | None = None,
-               positives: str = ''):
+               positives: str = '',
+               widths: train_step.ProgramSizes | None = None):
     self.max_len = config.data.max_len
     self.token_bucket = train_step.mean_token_bucket(config)
     self.pack_rows = train_step.lstm_pack_rows(config)
@@ -58,7 +61,7 @@ class Planner:
     self.sync = sync
     self.positives = positives
     self.sizes = train_step.ProgramSizes(sync)
-    self.widths = train_step.ProgramSizes()
+    self.widths = widths or train_step.ProgramSizes()
     # The flat layout's sizes (`layout`): at least `_token_floor`'s.
     self.token_sizes = train_step.ProgramSizes()
     self.token_floor: int | None = None

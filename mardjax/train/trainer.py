@@ -39,6 +39,7 @@ from mardjax.errors import UserError
 from mardjax.models import two_branch
 from mardjax.train import checkpoints
 from mardjax.train import index_batches
+from mardjax.train import losses
 from mardjax.train import sparse_embedding
 from mardjax.train import train_step
 
@@ -216,21 +217,46 @@ def steps_per_dispatch(config: ml_collections.ConfigDict, assembly: str
              if every % d == 0)
 
 
+def positive_widths(config: ml_collections.ConfigDict, data: TrainingData,
+                    parallel: bool) -> train_step.ProgramSizes:
+  """The run's widths of the positive lists (`losses.positive_lists`),
+  starting at that of the most rows one album holds in any batch of the
+  first epoch (agreed between processes): one program for nearly every
+  batch, where each batch's own width (4, 8 or 16 at batch 1,024 of the
+  MARD-shaped benchmark tables) would compile the step up to three times.
+  """
+  widths = train_step.ProgramSizes()
+  if train_step.positive_options(config, parallel):
+    t = config.train
+    first_epoch = input_pipeline.epoch_order(
+        data.reviews, data.audio,
+        batch_size=t.batch_size // jax.process_count(), seed=config.seed,
+        epoch=0, neighbourhood=t.neighbourhood_sampling,
+        reviews_per_album=(t.reviews_per_album if t.neighbourhood_sampling
+                           else 1))
+    most = input_pipeline.most_album_rows(data.reviews, first_epoch)
+    widths({'positives': train_step.program_width(
+        losses.positive_width(most),
+        train_step.ProcessSync() if jax.process_count() > 1 else None)})
+  return widths
+
+
 def _step(config: ml_collections.ConfigDict, state, parallel: bool,
           assembly: str, data: TrainingData,
-          planner: index_batches.Planner | None):
+          planner: index_batches.Planner | None,
+          widths: train_step.ProgramSizes | None = None):
   """(state, fn(state, items, step0, keys) -> (state, metrics)) for the
   configured parallelism (one device, pmap, or jit(shard_map) over a mesh)
   and batch assembly: `items` are the iterator's batches (or indices) for
   steps step0, step0 + 1, ...; one on the host path. Device assembly takes
-  `planner` (`make_planner`)."""
+  `planner` (`make_planner`); the host path the run's `positive_widths`."""
   t = config.train
   if assembly == 'device':
     return index_step_fn(config, state, parallel, data, planner)
   sync = train_step.ProcessSync() if jax.process_count() > 1 else None
   options = train_step.batch_options(config)
   positives = train_step.positive_options(config, parallel)
-  sizes, widths = train_step.ProgramSizes(sync), train_step.ProgramSizes()
+  sizes = train_step.ProgramSizes(sync)
 
   def prepare(s, batch):
     return train_step.prepare_batch(s, batch, t.vocab_bucket, sync=sync,
@@ -260,15 +286,17 @@ def _step(config: ml_collections.ConfigDict, state, parallel: bool,
 
 
 def make_planner(config: ml_collections.ConfigDict, state,
-                 data: TrainingData, parallel: bool = False
+                 data: TrainingData, parallel: bool = False,
+                 widths: train_step.ProgramSizes | None = None
                  ) -> index_batches.Planner:
-  """What the host decides for this run's device-assembled steps."""
+  """What the host decides for this run's device-assembled steps
+  (`widths`: the run's `positive_widths`; None: each dispatch's own)."""
   lazy = train_step.lazy_embedding(config, state.params)
   return index_batches.Planner(
       config, data.reviews,
       sparse_embedding.split_table(state.params)[0].shape[0] if lazy else 0,
       train_step.ProcessSync() if jax.process_count() > 1 else None,
-      train_step.positive_options(config, parallel))
+      train_step.positive_options(config, parallel), widths)
 
 
 def index_step_fn(config: ml_collections.ConfigDict, state, parallel: bool,
@@ -338,7 +366,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
                                   num_steps=total_steps(config, manifest))
   if config.model.pooling == 'idf':
     state = train_step.set_word_scores(state, _idf(reviews, manifest))
-  planner = (make_planner(config, state, data, parallel)
+  widths = positive_widths(config, data, parallel)
+  planner = (make_planner(config, state, data, parallel, widths)
              if assembly == 'device' else None)
   run = _Run(
       config=config, workdir=workdir, manifest=manifest, model=model,
@@ -362,7 +391,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
       steps=total_steps(config, manifest))
   _restore(run)
   run.state, run.step_fn = _step(config, run.state, parallel, assembly, data,
-                                 planner)
+                                 planner, widths)
   run.steps_per_dispatch = steps_per_dispatch(config, assembly)
   run.batch_assembly = assembly
   logging.info('Batches assembled on the %s, %d step(s) per dispatch.',
