@@ -230,10 +230,12 @@ def test_positive_lists_hand_computed():
     losses.positive_lists(np.zeros((1, 6), int), False, lambda w: 4)
 
 
-@pytest.mark.parametrize('seed', [0, 1, 2])
-def test_listed_positives_give_the_loss_over_every_pair(seed):
-  """The sampled hinges over each anchor's listed positives equal those over
-  every candidate (same draws): loss, terms and gradients, with padding
+@pytest.mark.parametrize('seed,negatives', [
+    (0, 'sampled:5'), (1, 'sampled:5'), (2, 'sampled:5'), (0, 'hardest:3'),
+    (1, 'hardest:30'), (2, 'all')])
+def test_listed_positives_give_the_loss_over_every_pair(seed, negatives):
+  """The hinges over each anchor's listed positives equal those over every
+  candidate (the same draws): loss, terms and gradients, with padding
   rows, albums of one to four rows and the neighbourhood terms' self."""
   x, y, ids = _batch(seed, b=14, albums=5)
   ids[[3, 9]] = -1
@@ -242,7 +244,7 @@ def test_listed_positives_give_the_loss_over_every_pair(seed):
   def loss(x, y, positives):
     return losses.ranking_loss(x, y, ids, margin=0.4, weights=(1, 0.7, 0.3,
                                                                0.2),
-                               negatives='sampled:5',
+                               negatives=negatives,
                                key=jax.random.PRNGKey(seed),
                                positives=positives)
   grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)

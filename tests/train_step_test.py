@@ -86,14 +86,14 @@ def test_pmap_equals_single_device_on_the_global_batch(batch_norm, kind,
                                               (True, 'sampled:4'),
                                               (False, 'sampled:4')])
 def test_shard_map_equals_pmap(gather, negatives):
-  """Also with the sampled negatives' positive lists, across devices or
-  each device's own."""
+  """Also with the ranking loss's positive lists, across devices or each
+  device's own."""
   n = jax.local_device_count()
   config, batch = _setup(True, negatives, gather=gather)
   key = jax.random.PRNGKey(5)
   sharded = _prepare(_state(config, batch, None), batch, n,
                      train_step.positive_options(config, True))
-  assert ('positives' in sharded) == negatives.startswith('sampled')
+  assert 'positives' in sharded
   # Steps donate their input state: each wrapper gets its own copy.
   s_p, m_p = train_step.pmap_step(config.loss)(
       _state(config, batch, train_step.AXIS), sharded, key)
@@ -115,7 +115,7 @@ def test_shard_map_equals_pmap(gather, negatives):
 
 @pytest.mark.parametrize('gather', [True, False])
 def test_positive_lists_train_as_every_pair(gather):
-  """The sampled negatives' hinges over each row's listed positives
+  """The ranking loss's hinges over each row's listed positives
   (`losses.positive_lists`) give the step of the hinges over every
   candidate (the same draws), under pmap across devices or per device."""
   n = jax.local_device_count()
@@ -317,7 +317,7 @@ def test_positive_list_width_starts_at_the_first_epochs_widest(
     assert (lists[..., natural.shape[-1]:] == -1).all()
     shapes.add(lists.shape)
   assert shapes == {(1, 64, losses.positive_width(most))}
-  config.loss.negatives = 'all'
+  config.loss.kind = 'infonce'
   assert not trainer.positive_widths(config, data, False).seen
 
 

@@ -5,12 +5,14 @@ review rows and track rows; the rest of what it needs that depends on the
 batch is decided here, on the host, from those indices alone:
 
   * `Planner.with_plans`, in the prefetch thread, per batch: where the
-    packed LSTM layout puts each review (`packing.plan`) and the lazy
-    update's distinct words;
+    packed LSTM layout puts each review (`packing.plan`), the lazy
+    update's distinct words and each row's positives for the ranking
+    loss's hinges (`losses.positive_lists`);
   * `Planner.__call__`, at dispatch, where the processes of a run can
     agree: the static sizes (`train_step.Layout`) over the dispatch's
-    steps, devices and processes, the lazy update's padded word list, and
-    the arrays shaped as the step's wrapper takes them.
+    steps, devices and processes, the lazy update's padded word list, the
+    positive lists' width, and the arrays shaped as the step's wrapper
+    takes them.
 
 The step then builds the same batch `train_step.prepare_batch` builds on
 the host, bit for bit (tests/train_step_test.py, tests/train_test.py).
@@ -38,7 +40,7 @@ class Planner:
     vocab_size: V, rows of the embedding table trained with the lazy
       update; 0 when the update is dense (no word lists).
     sync: with several processes, how they agree on sizes and word lists.
-    positives: the sampled negatives' positive lists, as `prepare_batch`
+    positives: the ranking loss's positive lists, as `prepare_batch`
       takes the argument (`train_step.positive_options`); '': none.
     widths: the run's widths of those lists (`trainer.positive_widths`);
       None: each dispatch's own.
@@ -78,7 +80,7 @@ class Planner:
     lazy update, the sorted distinct words of the batch's reviews on all
     local devices, 'words' (k,), and with the split bag-of-words each
     device's distinct words and their token counts, 'device_words'. For
-    the sampled negatives, each row's positives, 'positives' (D, b, w)
+    the ranking loss, each row's positives, 'positives' (D, b, w)
     (`losses.positive_lists`, their own width; `__call__` widens them).
     """
     for position, idx in it:

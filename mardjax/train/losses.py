@@ -21,15 +21,17 @@ Negatives per (anchor, positive):
     hundred; use the others beyond);
   * `sampled:K`: K negatives drawn uniformly (with replacement) for each
     (anchor, positive) pair (the paper: K = 10); the pairs of one anchor
-    share its K draws. Given each anchor's list of positives
-    (`positive_lists`, made on the host with the batch), the hinges are
-    computed for those pairs only, from gathered rows: O(B (K + W) D) for
-    lists of width W, where over every candidate they cost O(B^2 K);
+    share its K draws;
   * `hardest:K`: the K negatives closest to the anchor (Wang et al.'s top-K
     most violating).
 
-Everything is a pairwise distance matrix and a `jax.vmap` over anchors; no
-Python loop over the batch. With `axis_name` set (inside pmap or shard_map)
+Given each anchor's list of positives (`positive_lists`, made on the host
+with the batch; lists of width W), the hinges are computed for those pairs
+only: (B, W, K) hinges, and under `sampled:K` the distances of the listed
+and drawn pairs only, from gathered rows, O(B (K + W) D) in all, where the
+hinges of every candidate as a positive are a (B, B, K) array (B^3 under
+`all`). Without lists: a pairwise distance matrix and a `jax.vmap` over
+anchors. No Python loop over the batch either way. With `axis_name` set (inside pmap or shard_map)
 the mean is taken over the global batch's pairs (see `_global_mean`), and with
 gathering on, negatives and positives come from the global batch while each
 device keeps its own anchors: the data-parallel loss then equals the
@@ -176,7 +178,7 @@ def positive_width(longest: int) -> int:
 
 def positive_lists(album: np.ndarray, across_devices: bool,
                    width: Callable[[int], int] | None = None) -> np.ndarray:
-  """Each row's positives among its candidates, for the sampled negatives'
+  """Each row's positives among its candidates, for the ranking loss's
   hinges (`ranking_term`), made on the host.
 
   Args:
@@ -234,22 +236,37 @@ def _row_distances(anchors: jax.Array, candidates: jax.Array,
 
 
 def _listed_hinges(anchors: jax.Array, candidates: jax.Array,
-                   positives: jax.Array, index: jax.Array,
-                   has_neg: jax.Array, margin: float,
-                   self_index: jax.Array | None
+                   anchor_ids: jax.Array, candidate_ids: jax.Array,
+                   positives: jax.Array, margin: float, mode: NegativeMode,
+                   uniform: jax.Array | None, self_index: jax.Array | None
                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """`_anchor_hinges`' sampled sums over every anchor at once, for the
-  listed positives only: (N, W, K) hinges instead of (N, K, M)."""
+  """`_anchor_hinges`' four sums over every anchor at once, for the listed
+  positives only: (N, W, J) hinges for J negatives an anchor (K, or M
+  under `all`) instead of (N, M, J)."""
   valid = positives >= 0
   if self_index is not None:  # An anchor is not its own neighbour.
     valid = valid & (positives != self_index[:, None])
-  pos_d = _row_distances(anchors, candidates, jnp.maximum(positives, 0))
-  neg_d = _row_distances(anchors, candidates, index)
-  counted = valid & has_neg[:, None]
-  h = jax.nn.relu(margin + pos_d[:, :, None] - neg_d[:, None, :]
-                  ) * counted[:, :, None]
-  return (jnp.sum(h), jnp.sum(valid), jnp.sum(h > 0),
-          jnp.sum(counted) * index.shape[1])
+  listed = jnp.maximum(positives, 0)
+  if mode.kind == 'sampled':
+    # Distances of the listed and drawn pairs only, from gathered rows.
+    index, has_neg = _sampled_negatives(anchor_ids, candidate_ids, uniform)
+    pos_d = _row_distances(anchors, candidates, listed)
+    neg_d = _row_distances(anchors, candidates, index)
+    neg_ok = jnp.broadcast_to(has_neg[:, None], neg_d.shape)
+  else:
+    dist = pairwise_distances(anchors, candidates)
+    neg = ((anchor_ids[:, None] != candidate_ids[None, :])
+           & (anchor_ids[:, None] >= 0) & (candidate_ids[None, :] >= 0))
+    pos_d = jnp.take_along_axis(dist, listed, 1)
+    if mode.kind == 'hardest':
+      top, _ = jax.lax.top_k(jnp.where(neg, -dist, -_BIG),
+                             min(mode.k, dist.shape[1]))
+      neg_d, neg_ok = -top, top > -_BIG / 2
+    else:
+      neg_d, neg_ok = dist, neg
+  counted = valid[:, :, None] & neg_ok[:, None, :]
+  h = jax.nn.relu(margin + pos_d[:, :, None] - neg_d[:, None, :]) * counted
+  return jnp.sum(h), jnp.sum(valid), jnp.sum(h > 0), jnp.sum(counted)
 
 
 def ranking_term(anchors: jax.Array, candidates: jax.Array,
@@ -275,18 +292,17 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
       neighbourhood terms (an anchor is not its own positive); None otherwise.
     axis_name: device axis; the mean is then over the global batch's pairs.
     positives: (N, W) each anchor's positives among the candidates
-      (`positive_lists`, -1 past the end; the anchor itself included); in
-      `sampled` mode the hinges are then computed for those pairs only.
+      (`positive_lists`, -1 past the end; the anchor itself included): the
+      hinges are then computed for those pairs only.
 
   Returns:
     (scalar loss, 0 when no anchor has a positive; the fraction of its
     (anchor, positive, negative) hinges that are active, a diagnostic).
   """
-  if mode.kind == 'sampled' and positives is not None:
+  if positives is not None:
     sums, counts, active, slots = _listed_hinges(
-        anchors, candidates, positives,
-        *_sampled_negatives(anchor_ids, candidate_ids, uniform), margin,
-        self_index)
+        anchors, candidates, anchor_ids, candidate_ids, positives, margin,
+        mode, uniform, self_index)
   else:
     sums, counts, active, slots = _all_pair_hinges(
         anchors, candidates, anchor_ids, candidate_ids, margin, mode,
@@ -364,9 +380,8 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
     axis_name: the device axis inside pmap / shard_map.
     gather_across_devices: take positives and negatives from the global batch.
     positives: (B, W) each row's positives among the candidates
-      (`positive_lists`, numbered as the candidates are), for
-      `sampled:K`'s hinges over those pairs only; the same list serves
-      the four terms.
+      (`positive_lists`, numbered as the candidates are): hinges over
+      those pairs only; the same list serves the four terms.
 
   Returns:
     (loss, {term name: value, and 'active_hinges': the fraction of the

@@ -261,7 +261,7 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
     sizes: the run's `ProgramSizes` for the split bag-of-words' lists;
       None: this batch's own (agreed between processes).
     positives: 'local' or 'across' (`positive_options`) adds each row's
-      positives for the sampled negatives' hinges, 'positives' (D, b, W)
+      positives for the ranking loss's hinges, 'positives' (D, b, W)
       (`losses.positive_lists`), among its device's rows or every
       device's; '': none.
     widths: the run's `ProgramSizes` for W; None: this batch's own.
@@ -300,15 +300,14 @@ def program_width(width: int, sync: ProcessSync | None = None,
 def positive_options(config: ml_collections.ConfigDict, parallel: bool
                      ) -> str:
   """The `positives` argument of `prepare_batch` (and of the device
-  planner): the sampled negatives' hinges over each row's positives only
+  planner): the ranking loss's hinges over each row's positives only
   (`losses.positive_lists`), 'across' the devices when the loss gathers
   its candidates from all of them, else 'local'. '' where the lists do not
-  serve: other losses and negatives, and candidates gathered across
-  processes (a process holds only its own rows' albums; the loss then
-  pairs every candidate)."""
+  serve: other losses, and candidates gathered across processes (a
+  process holds only its own rows' albums; the loss then pairs every
+  candidate)."""
   loss = config.loss
-  if loss.kind != 'ranking' or losses.NegativeMode.parse(
-      loss.negatives).kind != 'sampled':
+  if loss.kind != 'ranking':
     return ''
   if loss.gather_across_devices and parallel:
     return '' if jax.process_count() > 1 else 'across'
@@ -413,7 +412,7 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
     batch: 'audio' (b, A), 'tokens' (b, L), 'lengths' (b,), 'album' (b,);
       under lazy embedding updates 'slots' (b, L) and 'vocab_ids' (U,)
       in place of 'tokens'; packed (LSTM) batches hold (R, L) token rows
-      and the packing markers; for the sampled negatives' hinges
+      and the packing markers; for the ranking loss's hinges
       'positives' (b, W) (`prepare_batch`).
     key: PRNG key for this step (same on every device; folded per device).
     loss_config: config.loss.
