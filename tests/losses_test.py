@@ -230,13 +230,19 @@ def test_positive_lists_hand_computed():
     losses.positive_lists(np.zeros((1, 6), int), False, lambda w: 4)
 
 
-@pytest.mark.parametrize('seed,negatives', [
-    (0, 'sampled:5'), (1, 'sampled:5'), (2, 'sampled:5'), (0, 'hardest:3'),
-    (1, 'hardest:30'), (2, 'all')])
-def test_listed_positives_give_the_loss_over_every_pair(seed, negatives):
+@pytest.mark.parametrize('seed,negatives,rows', [
+    (0, 'sampled:5', False), (1, 'sampled:5', False), (0, 'sampled:5', True),
+    (2, 'sampled:5', True), (0, 'hardest:3', False), (1, 'hardest:30', False),
+    (2, 'all', False)])
+def test_listed_positives_give_the_loss_over_every_pair(seed, negatives,
+                                                        rows, monkeypatch):
   """The hinges over each anchor's listed positives equal those over every
   candidate (the same draws): loss, terms and gradients, with padding
-  rows, albums of one to four rows and the neighbourhood terms' self."""
+  rows, albums of one to four rows and the neighbourhood terms' self;
+  sampled, with the distances from the matrix or from gathered rows (as
+  at large batches)."""
+  if rows:
+    monkeypatch.setattr(losses, '_PAIRS_FOR_ROWS', 0)
   x, y, ids = _batch(seed, b=14, albums=5)
   ids[[3, 9]] = -1
   lists = losses.positive_lists(ids[None], False)[0]

@@ -290,9 +290,10 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
 
 def test_positive_list_width_starts_at_the_first_epochs_widest(
     tiny_records):
-  """`trainer.positive_widths`: one width, that of the most rows one album
-  holds in a batch of the first epoch, serves every batch that fits it (a
-  narrower batch is widened, padding with -1); none without the lists."""
+  """`trainer.positive_widths`: one width, wider than the most rows one
+  album holds in a batch of the first epoch, serves every batch that fits
+  it (a narrower batch is widened, padding with -1); none without the
+  lists."""
   import itertools  # pylint: disable=g-import-not-at-top
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from mardjax.train import losses  # pylint: disable=g-import-not-at-top
@@ -305,7 +306,7 @@ def test_positive_list_width_starts_at_the_first_epochs_widest(
   kw = dict(batch_size=64, seed=0, neighbourhood=True, reviews_per_album=2)
   most = input_pipeline.most_album_rows(reviews, input_pipeline.epoch_order(
       reviews, audio, epoch=0, **kw))
-  assert widths.seen == [{'positives': losses.positive_width(most)}]
+  assert widths.seen == [{'positives': losses.positive_width(most + 1)}]
   state = _state(*_setup(False, embedding_update='dense'), None)
   shapes = set()
   for _, batch in itertools.islice(input_pipeline.train_batches(
@@ -316,7 +317,7 @@ def test_positive_list_width_starts_at_the_first_epochs_widest(
     np.testing.assert_array_equal(lists[..., :natural.shape[-1]], natural)
     assert (lists[..., natural.shape[-1]:] == -1).all()
     shapes.add(lists.shape)
-  assert shapes == {(1, 64, losses.positive_width(most))}
+  assert shapes == {(1, 64, losses.positive_width(most + 1))}
   config.loss.kind = 'infonce'
   assert not trainer.positive_widths(config, data, False).seen
 
