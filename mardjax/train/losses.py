@@ -31,7 +31,9 @@ only: (B, W, K) hinges, and under `sampled:K` the distances of the listed
 and drawn pairs only, from gathered rows, O(B (K + W) D) in all, where the
 hinges of every candidate as a positive are a (B, B, K) array (B^3 under
 `all`). Without lists: a pairwise distance matrix and a `jax.vmap` over
-anchors. No Python loop over the batch either way. With `axis_name` set (inside pmap or shard_map)
+anchors. No Python loop over the batch either way.
+
+With `axis_name` set (inside pmap or shard_map)
 the mean is taken over the global batch's pairs (see `_global_mean`), and with
 gathering on, negatives and positives come from the global batch while each
 device keeps its own anchors: the data-parallel loss then equals the
@@ -209,16 +211,13 @@ def positive_lists(album: np.ndarray, across_devices: bool,
   n = groups.shape[1]
   order = np.argsort(groups, axis=1, kind='stable')  # Index order in a block.
   ids = np.take_along_axis(groups, order, 1)
-  pos = np.arange(n)
-  # Each sorted position's album block: its first position and its length.
-  first = np.maximum.accumulate(np.where(
-      np.concatenate([np.ones((len(groups), 1), bool),
-                      ids[:, 1:] != ids[:, :-1]], 1), pos, 0), axis=1)
-  last = np.minimum.accumulate(np.where(
-      np.concatenate([ids[:, 1:] != ids[:, :-1],
-                      np.ones((len(groups), 1), bool)], 1), pos, n - 1
-  )[:, ::-1], axis=1)[:, ::-1]
-  size = np.where(ids >= 0, last - first + 1, 0)
+  # Each sorted position's album block (numbered across the groups): its
+  # first position and its length.
+  starts = np.ones(ids.shape, bool)
+  starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+  first = np.maximum.accumulate(np.where(starts, np.arange(n), 0), axis=1)
+  block = np.cumsum(starts.ravel()).reshape(ids.shape) - 1
+  size = np.where(ids >= 0, np.bincount(block.ravel())[block], 0)
   longest = int(size.max()) if size.size else 0
   width = (width or (lambda w: w))(positive_width(longest))
   if longest > width:
