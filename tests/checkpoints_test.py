@@ -76,3 +76,30 @@ def test_no_checkpoint_is_a_clear_error(trained_room, tmp_path):
   config, _, _ = trained_room
   with pytest.raises(UserError, match='No checkpoint'):
     checkpoints.load_for_inference(config, str(tmp_path))
+
+
+def test_each_async_save_keeps_the_values_it_was_given(tmp_path):
+  """Saves copy the state into buffers reused from save to save (no fresh
+  memory): a save waits for the previous write before overwriting them, and
+  nothing the caller does to its arrays afterwards reaches the files."""
+  ckpt = checkpoints.Checkpoints(str(tmp_path / 'ckpt'), keep=3)
+  state = {'table': np.zeros((2048, 1024), np.float32),
+           'step': np.zeros((), np.int32)}
+  buffers = []
+  for step in (1, 2, 3):
+    state['table'][:] = step
+    state['step'][...] = step
+    ckpt.save(step, state, {'step': step})
+    buffers.append(ckpt._host_copy._buffers[1].ctypes.data)  # pylint: disable=protected-access
+    state['table'][:] = -1  # The caller's next update, at once.
+  assert len(set(buffers)) == 1  # One buffer for the table, reused.
+  ckpt.wait()
+  for step in (3, 2, 1):
+    got, restored, meta = ckpt.restore_latest(
+        {'table': np.zeros((2048, 1024), np.float32),
+         'step': np.zeros((), np.int32)})
+    assert got == step == meta['step'] == int(restored['step'])
+    assert isinstance(restored['table'], np.ndarray)
+    np.testing.assert_array_equal(restored['table'], step)
+    ckpt.manager.delete(step)
+  ckpt.close()

@@ -46,18 +46,54 @@ FORMAT_VERSION = 2
 VARIABLE_FIELDS = ('params', 'batch_stats')
 
 
-def _on_host(tree):
-  """The state's arrays as numpy arrays, copied by the save itself.
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """orbax's tree handler, told not to copy host arrays before a save.
 
-  On a CPU these are views of the device buffers, and train steps donate
-  their input state; two things keep an async save's bytes intact: orbax
-  copies host arrays before `save` returns (`NumpyHandler`'s
-  `deepcopy_host_arrays`), and a buffer with a view alive is not donated
-  (the step then writes a new one). A copy of our own on top of orbax's
-  made every save copy the state twice (0.25 s more at paper sizes on a
-  2-core CPU, with the loop waiting).
+  Its default `NumpyHandler` deep-copies every host array into fresh memory
+  before `save` returns, so that an async write never sees them change: at
+  paper sizes 187 MB of page faults while the loop waits (0.1-0.5 s a save
+  on a 2-core CPU). `Checkpoints` keeps that guarantee itself, with buffers
+  it reuses (`_HostCopy`). Compression is off: zstd over float tables saved
+  8% of the bytes for a third of a 2-core CPU's time per save, taken from
+  the training step running beside the write. Everything else (scalars,
+  the global arrays of several processes) keeps orbax's own handlers.
   """
-  return jax.device_get(tree)
+  numpy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+  others = [(ty, ocp.type_handlers.get_type_handler(ty))
+            for ty in (int, float, bytes, np.number, jax.Array, str)]
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, numpy), *others)
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
+                                     use_compression=False)
+
+
+class _HostCopy:
+  """The state's arrays copied into host buffers kept from save to save.
+
+  A save hands orbax these buffers and nothing else; the next save first
+  waits for the previous write to finish (`wait`), then overwrites them.
+  Warm memory copies the 187 MB state in about 0.03 s, where fresh memory
+  took 0.1-0.5 s. On a CPU `jax.device_get` returns views of the device
+  buffers (the copy here is the only one); a step can donate them again as
+  soon as the copy is made.
+  """
+
+  def __init__(self):
+    self._buffers = {}
+
+  def __call__(self, tree, wait: Callable[[], None]):
+    host = jax.device_get(tree)
+    wait()
+    leaves, treedef = jax.tree_util.tree_flatten(host)
+    out = []
+    for i, leaf in enumerate(leaves):
+      leaf = np.asarray(leaf)
+      buf = self._buffers.get(i)
+      if buf is None or buf.shape != leaf.shape or buf.dtype != leaf.dtype:
+        buf = self._buffers[i] = np.empty_like(leaf)
+      np.copyto(buf, leaf)
+      out.append(buf)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _all_devices_mesh() -> jax.sharding.Mesh:
@@ -69,13 +105,10 @@ def _replicated_global(tree):
 
   orbax writes only global arrays when several processes take part; each
   process's copy of the (identical) state becomes one replicated array over
-  every device. One process: the arrays on the host (`_on_host`).
+  every device.
   """
-  tree = _on_host(tree)
-  if jax.process_count() == 1:
-    return tree
   return multihost_utils.host_local_array_to_global_array(
-      tree, _all_devices_mesh(), P())
+      jax.device_get(tree), _all_devices_mesh(), P())
 
 
 def _replicated_local(tree):
@@ -122,7 +155,12 @@ class Checkpoints:
         max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
     self.directory = directory
-    self.manager = ocp.CheckpointManager(directory, options=options)
+    # The files are StandardSave's (which wraps the same tree handler):
+    # checkpoints written before this handler read back unchanged.
+    self.manager = ocp.CheckpointManager(
+        directory, options=options, item_handlers={
+            'state': _state_handler(), 'meta': ocp.JsonCheckpointHandler()})
+    self._host_copy = _HostCopy()
 
   def save(self, step: int, state, meta: dict[str, Any]) -> None:
     if step in self.manager.all_steps():
@@ -131,8 +169,13 @@ class Checkpoints:
       self.manager.wait_until_finished()
       self.manager.delete(step)
     meta = dict(meta, format_version=FORMAT_VERSION)
+    if jax.process_count() == 1:
+      # The previous save must be written before its buffers are reused.
+      state = self._host_copy(state, self.manager.wait_until_finished)
+    else:  # orbax's ArrayHandler copies global arrays itself.
+      state = _replicated_global(state)
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_replicated_global(state)),
+        state=ocp.args.PyTreeSave(state),
         meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore_latest(self, abstract_state,
@@ -166,8 +209,9 @@ class Checkpoints:
       if check_meta is not None:
         check_meta(meta)
       target = _abstract(abstract_state)
-      args = (ocp.args.PyTreeRestore(item=target, partial_restore=True)
-              if partial else ocp.args.StandardRestore(target))
+      args = ocp.args.PyTreeRestore(
+          item=target, partial_restore=partial,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target))
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=args))
