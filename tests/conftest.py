@@ -1,15 +1,26 @@
 """Shared fixtures. Several CPU devices are forced before jax/tf import."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax (or tensorflow, which may import it) is imported.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# One XLA compilation cache for the session: its pytest-xdist workers and
+# the processes its tests start inherit it. Many tests compile the same
+# small programs anew (fresh jit closures, subprocess runs of one config),
+# most of the suite's time. The directory is new each session (no program
+# of an older checkout is ever read) and removed at its end.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix='mardjax-tests-xla-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 from mardjax import xla_env  # pylint: disable=g-import-not-at-top
 
 xla_env.apply_defaults()  # As launch.py does.
-
-import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -35,6 +46,13 @@ def write_tone(path, seconds, fmt, freq=440.0):
   es.MonoWriter(filename=str(path), format=fmt, sampleRate=sr)(
       x.astype(np.float32))
   return path.read_bytes()
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per core this process may use, at most 4 (each
+  holds a JAX runtime and TensorFlow: up to 5 GB at the suite's peak)."""
+  del config
+  return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
 @pytest.fixture(scope='session')
