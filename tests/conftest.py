@@ -52,7 +52,9 @@ def pytest_xdist_auto_num_workers(config):
   """`-n auto`: one worker per core this process may use, at most 4 (each
   holds a JAX runtime and TensorFlow: up to 5 GB at the suite's peak)."""
   del config
-  return max(1, min(len(os.sched_getaffinity(0)), 4))
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+           else os.cpu_count() or 1)  # macOS has no affinity call.
+  return max(1, min(cores, 4))
 
 
 @pytest.fixture(scope='session')
