@@ -78,6 +78,25 @@ def pairwise_distances(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.maximum(sq, _MIN_SQUARED_DISTANCE))
 
 
+def _pair_masks(anchor_ids: jax.Array, candidate_ids: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """(N, M) bool masks of the positive (same album) and negative pairs of
+  (N,) anchors and (M,) candidates; padding (id < 0) is in neither."""
+  same = anchor_ids[:, None] == candidate_ids[None, :]
+  real = (anchor_ids[:, None] >= 0) & (candidate_ids[None, :] >= 0)
+  return same & real, ~same & real
+
+
+def _hardest_negatives(dist: jax.Array, neg: jax.Array, k: int
+                       ) -> tuple[jax.Array, jax.Array]:
+  """The k negatives closest to each anchor, along the last axis of
+  (..., M) distances and negative mask: (..., k) their distances and
+  whether each is a real negative (fewer than k: the rest are not)."""
+  top, _ = jax.lax.top_k(jnp.where(neg, -dist, -_BIG),
+                         min(k, dist.shape[-1]))
+  return -top, top > -_BIG / 2
+
+
 def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
                    margin: float, mode: NegativeMode,
                    sampled: tuple[jax.Array, jax.Array] | None
@@ -110,9 +129,7 @@ def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
     return result(h, pos[:, None] & neg[None, :])
   if mode.kind == 'hardest':
     # The K negatives closest to the anchor (same for every positive).
-    masked = jnp.where(neg, -dist_row, -_BIG)
-    top, _ = jax.lax.top_k(masked, min(mode.k, masked.shape[0]))
-    neg_d, valid = -top, top > -_BIG / 2
+    neg_d, valid = _hardest_negatives(dist_row, neg, mode.k)
     h = jax.nn.relu(margin + dist_row[:, None] - neg_d[None, :])
     return result(h, pos[:, None] & valid[None, :])
   # Sampled: drawn once per anchor and used for each of its positives:
@@ -268,13 +285,10 @@ def _listed_hinges(anchors: jax.Array, candidates: jax.Array,
     neg_ok = jnp.broadcast_to(has_neg[:, None], neg_d.shape)
   else:
     dist = pairwise_distances(anchors, candidates)
-    neg = ((anchor_ids[:, None] != candidate_ids[None, :])
-           & (anchor_ids[:, None] >= 0) & (candidate_ids[None, :] >= 0))
+    _, neg = _pair_masks(anchor_ids, candidate_ids)
     pos_d = jnp.take_along_axis(dist, listed, 1)
     if mode.kind == 'hardest':
-      top, _ = jax.lax.top_k(jnp.where(neg, -dist, -_BIG),
-                             min(mode.k, dist.shape[1]))
-      neg_d, neg_ok = -top, top > -_BIG / 2
+      neg_d, neg_ok = _hardest_negatives(dist, neg, mode.k)
     else:
       neg_d, neg_ok = dist, neg
   counted = valid[:, :, None] & neg_ok[:, None, :]
@@ -335,9 +349,7 @@ def _all_pair_hinges(anchors: jax.Array, candidates: jax.Array,
   """`_anchor_hinges` of every anchor against every candidate: (N,) each
   of its four sums."""
   dist = pairwise_distances(anchors, candidates)
-  same = anchor_ids[:, None] == candidate_ids[None, :]
-  real = (anchor_ids[:, None] >= 0) & (candidate_ids[None, :] >= 0)
-  pos, neg = same & real, ~same & real
+  pos, neg = _pair_masks(anchor_ids, candidate_ids)
   if self_index is not None:
     pos = pos & (jnp.arange(candidates.shape[0])[None, :] !=
                  self_index[:, None])
