@@ -159,6 +159,27 @@ def flat_size(tokens: int, bucket: int) -> int:
   return max(-(-int(tokens) // bucket) * bucket, bucket)
 
 
+def rare_mask(slots, lengths, xp=jnp):
+  """(..., b, L) bool: the real tokens whose row is not in the bag-of-words
+  product (`BAG_SLOTS`), from (..., b, L) slots (or word ids, whose first
+  `BAG_SLOTS` are the most frequent words) and (..., b) lengths; the one
+  formula of the host (`xp=np`) and the step."""
+  real = xp.arange(slots.shape[-1]) < lengths[..., None]
+  return real & (slots >= BAG_SLOTS)
+
+
+def rare_tokens(rare, size: int, xp=jnp):
+  """(size,) int32 positions of the True entries of a flat (b * L,)
+  `rare_mask`, in order, then b * L; `size` must hold them all."""
+  if xp is np:
+    out = np.full(size, rare.shape[0], np.int32)
+    found = np.flatnonzero(rare)
+    out[:found.shape[0]] = found
+    return out
+  return jnp.nonzero(rare, size=size, fill_value=rare.shape[0])[0].astype(
+      jnp.int32)
+
+
 def padded_layout(lengths: jax.Array, max_len: int
                   ) -> dict[str, jax.Array]:
   """The packed layout's markers for a padded (B, L) batch.
@@ -194,10 +215,12 @@ class MeanEncoder(nn.Module):
   `flat_review`) only the real tokens are gathered
   and summed per review (a segment sum over T positions); otherwise a
   padded batch is a (B, L, D) gather, or with `table` a (B, U)
-  bag-of-words product; with `table` and `rare_tokens` (R,) (training,
-  `mardjax.train.sparse_embedding.compact_batch`) the product covers the
-  first `BAG_SLOTS` rows only and the tokens of the other rows, listed in
-  `rare_tokens`, are summed one by one. The features are the same.
+  bag-of-words product; with `rare_tokens` (R,) (training,
+  `mardjax.train.sparse_embedding.compact_batch`, and evaluation on CPUs,
+  `mardjax.models.embed.reviews`) the product covers the first `BAG_SLOTS`
+  rows only (of `table`, or of the embedding table: the most frequent
+  words) and the tokens of the other rows, listed in `rare_tokens`, are
+  summed one by one. The features are the same.
   """
   vocab_size: int
   word_dim: int
@@ -237,11 +260,11 @@ class MeanEncoder(nn.Module):
       return _flat_sum(vectors, tokens, lengths, weights,
                        flat_review).astype(self.dtype)
     vectors = vectors.astype(self.dtype)
+    if rare_tokens is not None:
+      return _split_bag(vectors, tokens, weights, rare_tokens)
     if lookup:
       emb = jnp.take(vectors, tokens, axis=0)
       return jnp.einsum('bld,bl->bd', emb, weights.astype(emb.dtype))
-    if rare_tokens is not None:
-      return _split_bag(vectors, tokens, weights, rare_tokens)
     bag = jnp.zeros((tokens.shape[0], table.shape[0]), self.dtype)
     bag = bag.at[jnp.arange(tokens.shape[0])[:, None], tokens].add(
         weights.astype(self.dtype))
@@ -433,9 +456,9 @@ class TwoBranch(nn.Module):
         raise ValueError('Only the mean text encoder reads the flat layout.')
       extra['flat_review'] = flat_review
     if rare_tokens is not None:
-      if self.text_encoder != 'mean' or table is None:
-        raise ValueError('rare_tokens: only the mean text encoder reading '
-                         'a table of rows splits its bag-of-words.')
+      if self.text_encoder != 'mean':
+        raise ValueError('rare_tokens: only the mean text encoder splits '
+                         'its bag-of-words.')
       extra['rare_tokens'] = rare_tokens
     if train and self.word_dropout:
       # Each word of each review read with probability 1 - word_dropout:

@@ -190,7 +190,7 @@ class Planner:
                  words: list[np.ndarray]) -> int:
     """The split bag-of-words' most tokens of any step and local device
     outside the product: those whose word is beyond the step's first
-    `two_branch.BAG_SLOTS` words (`sparse_embedding.rare_mask`)."""
+    `two_branch.BAG_SLOTS` words (`two_branch.rare_mask`)."""
     most = 0
     for x, w in zip(items, words):
       if len(w) > two_branch.BAG_SLOTS:

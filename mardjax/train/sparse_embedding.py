@@ -23,7 +23,7 @@ step sees only the rows its batch uses:
 The `mean` encoder then needs no (B, L, D) gather at all: its features are a
 (B, U) bag-of-words matrix times the (U, D) rows, or with `split_bag` that
 product over the first `two_branch.BAG_SLOTS` rows plus the other rows'
-tokens one by one ('rare_tokens', `rare_mask`).
+tokens one by one ('rare_tokens', `two_branch.rare_mask`).
 """
 
 from typing import Any, Callable, NamedTuple
@@ -137,39 +137,19 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
     out['slots'] = np.zeros(tokens.shape, np.int32)
     out['slots'][real] = lookup[words]
   if split_bag:
-    rare = rare_mask(out['slots'], batch['lengths'], np)
+    rare = two_branch.rare_mask(out['slots'], batch['lengths'], np)
     rare = rare.reshape(rare.shape[0], -1)
     size = list_sizes(ids.shape[0], bucket, int(rare.sum(1).max())
                       if rare.shape[0] else 0)
     if sizes:
       size = sizes(size)
-    out['rare_tokens'] = np.stack([rare_tokens(x, size['rare'], np)
+    out['rare_tokens'] = np.stack([two_branch.rare_tokens(x, size['rare'], np)
                                    for x in rare])
   else:
     size = list_sizes(ids.shape[0], bucket)
   padded = padded_ids(ids, vocab_size, size['vocab'])
   out['vocab_ids'] = np.broadcast_to(padded, (tokens.shape[0], len(padded)))
   return out
-
-
-def rare_mask(slots, lengths, xp=jnp):
-  """(..., b, L) bool: the real tokens whose row is not in the bag-of-words
-  product (`two_branch.BAG_SLOTS`), from (..., b, L) slots and (..., b)
-  lengths; the one formula of the host (`xp=np`) and the step."""
-  real = xp.arange(slots.shape[-1]) < lengths[..., None]
-  return real & (slots >= two_branch.BAG_SLOTS)
-
-
-def rare_tokens(rare, size: int, xp=jnp):
-  """(size,) int32 positions of the True entries of a flat (b * L,)
-  `rare_mask`, in order, then b * L; `size` must hold them all."""
-  if xp is np:
-    out = np.full(size, rare.shape[0], np.int32)
-    found = np.flatnonzero(rare)
-    out[:found.shape[0]] = found
-    return out
-  return jnp.nonzero(rare, size=size, fill_value=rare.shape[0])[0].astype(
-      jnp.int32)
 
 
 def list_sizes(distinct: int, bucket: int, rare: int | None = None

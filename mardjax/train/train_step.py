@@ -606,8 +606,8 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
         batch.pop('tokens'), idx['vocab_ids'], vocab_size)
     batch['vocab_ids'] = idx['vocab_ids']
     if layout.rare_tokens is not None:
-      batch['rare_tokens'] = sparse_embedding.rare_tokens(
-          sparse_embedding.rare_mask(batch['slots'], lengths).reshape(-1),
+      batch['rare_tokens'] = two_branch.rare_tokens(
+          two_branch.rare_mask(batch['slots'], lengths).reshape(-1),
           layout.rare_tokens)
   return batch
 
