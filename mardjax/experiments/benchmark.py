@@ -119,7 +119,7 @@ def _step_batch(config, vocab_size: int):
   return batch, reviews, audio
 
 
-def _device_step(config, state, data, key):
+def _device_step(config, state, data, key, widths=None):
   """(state, step(state) -> (state, metrics), steps per dispatch): training's
   own device-assembled step and planner (`trainer.index_step_fn`) on the
   benchmark's one batch, `train.steps_per_dispatch` steps per dispatch as
@@ -128,7 +128,7 @@ def _device_step(config, state, data, key):
   from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
   from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
   b = config.train.batch_size
-  planner = trainer.make_planner(config, state, data)
+  planner = trainer.make_planner(config, state, data, widths=widths)
   state, device_fn = trainer.index_step_fn(config, state, False, data,
                                            planner)
   (_, item), = planner.with_plans(iter([((0, 0), {
@@ -160,8 +160,8 @@ def _timed(step, state, dispatches: int, min_seconds: float
 
 
 def train_step_throughput(config, encoder: str, steps: int,
-                          vocab_size: int, min_seconds: float = 0.0
-                          ) -> dict[str, Any]:
+                          vocab_size: int, min_seconds: float = 0.0,
+                          widths=None) -> dict[str, Any]:
   """Examples/s of the jitted train step at the config's sizes, one device.
 
   Random batches with review lengths drawn like MARD's (log-normal, median
@@ -177,7 +177,9 @@ def train_step_throughput(config, encoder: str, steps: int,
   once), as the PyTorch peer's batch is on its device when timed; as in
   training, `train.steps_per_dispatch` steps run in each dispatch there
   (several on accelerators, so `steps` rounds up to a multiple); more
-  steps while fewer than `min_seconds` have passed.
+  steps while fewer than `min_seconds` have passed. `widths`: a run's
+  positive-list widths (`trainer.positive_widths`), so that the step timed
+  is the program that run's loop runs; None: the batch's own.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -195,7 +197,8 @@ def train_step_throughput(config, encoder: str, steps: int,
   data = trainer.TrainingData(None, audio, reviews)
   assembly = trainer.batch_assembly(config, False, data)
   if assembly == 'device':
-    state, step, per_dispatch = _device_step(config, state, data, key)
+    state, step, per_dispatch = _device_step(config, state, data, key,
+                                             widths)
   else:
     per_dispatch = 1
     host_step = train_step.single_device_step(config.loss)
@@ -206,7 +209,7 @@ def train_step_throughput(config, encoder: str, steps: int,
           state, {k: v[None] for k, v in batch.items()},
           config.train.vocab_bucket,
           positives=train_step.positive_options(config, False),
-          **train_step.batch_options(config))
+          widths=widths, **train_step.batch_options(config))
       return host_step(state, {k: v[0] for k, v in one.items()}, key)
   start = time.time()
   state, metrics = step(state)

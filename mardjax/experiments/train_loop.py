@@ -108,10 +108,16 @@ def run(config, workdir: str) -> dict[str, Any]:
     return lambda variables: evaluate.evaluate(variables, model, audio, dev,
                                                max_tracks=max_tracks)
 
+  # The loop's positive-list width (its tables' albums repeat within a
+  # batch; the step-alone batch's do not), so that the same program is
+  # timed alone.
+  widths = trainer.positive_widths(config, data, jax.device_count() > 1)
+
   def step_alone():
     return benchmark.train_step_throughput(
         config, config.model.text_encoder, b.train_steps,
-        config.data.vocab_size + 2, min_seconds=b.loop_step_seconds)
+        config.data.vocab_size + 2, min_seconds=b.loop_step_seconds,
+        widths=widths)
   before = step_alone()
   with tempfile.TemporaryDirectory(prefix='mardjax-train-loop-') as tmp:
     start = time.perf_counter()
