@@ -161,6 +161,37 @@ def test_late_logged_metrics_are_each_steps_own(tiny_records, tmp_path,
   assert runs[0] == runs[1]
 
 
+def test_the_loop_runs_with_setups_objects_frozen(tiny_records, tmp_path,
+                                                 monkeypatch):
+  """`trainer._frozen_heap`: while the steps run, what setup left alive
+  (the model, the tables: thousands of objects) is out of the collector's
+  full passes; when the run ends, even by an error, it is handed back."""
+  import gc  # pylint: disable=g-import-not-at-top
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  data_dir, _ = tiny_records
+  before = gc.get_freeze_count()
+  frozen = []
+  steps = trainer._steps
+
+  def watched(run, it):
+    frozen.append(gc.get_freeze_count())
+    return steps(run, it)
+  monkeypatch.setattr(trainer, '_steps', watched)
+  modes.train_and_evaluate(_config(num_steps=2, eval_every=1000,
+                                   log_every=2, checkpoint_every=2),
+                           str(tmp_path / 'ok'), data_dir)
+  assert frozen[0] > before + 10_000
+  assert gc.get_freeze_count() == before
+
+  def fails(run, it):
+    raise RuntimeError('mid-run failure')
+  monkeypatch.setattr(trainer, '_steps', fails)
+  with pytest.raises(RuntimeError, match='mid-run failure'):
+    modes.train_and_evaluate(_config(num_steps=2), str(tmp_path / 'bad'),
+                             data_dir)
+  assert gc.get_freeze_count() == before
+
+
 def test_prefetch_thread_feeds_the_same_batches(tiny_records, tmp_path):
   """'auto' builds batches in the loop's thread on CPUs; a prefetch thread
   (accelerators' auto, here with batches assembled on the device, whose

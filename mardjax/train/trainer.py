@@ -16,6 +16,7 @@ the checkpoint managers; the step itself is pure (`mardjax.train.train_step`).
 import collections
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -559,6 +560,28 @@ def _compile_time(run: _Run) -> Iterator[None]:
     jax.monitoring.unregister_event_duration_listener(listen)
 
 
+@contextlib.contextmanager
+def _frozen_heap() -> Iterator[None]:
+  """Keeps what is alive when the loop starts out of the garbage
+  collector's full passes until it ends.
+
+  The model, the tables and jax's caches (about 515,000 objects at MARD's
+  shape) live through the whole run, yet each full collection walked them
+  all: 0.35 s, once every ~3,000 steps at batch 128 on a 2-core CPU.
+  Frozen (`gc.freeze`), a full pass walks only what the loop made and
+  ran in milliseconds. Setup's garbage is collected first (0.26 s once),
+  so that none of it is kept for the run; `gc.unfreeze` at the end hands
+  everything back to the collector (a process may train again, as
+  --mode=ablate does).
+  """
+  gc.collect()
+  gc.freeze()
+  try:
+    yield
+  finally:
+    gc.unfreeze()
+
+
 def _loop(run: _Run) -> None:
   """Steps from the restored position to `run.steps`, with logging,
   checkpoints and periodic evaluation."""
@@ -566,7 +589,7 @@ def _loop(run: _Run) -> None:
   it = prefetch.prefetch(run.batches(*run.position),
                          prefetch_batches(run.config))
   try:
-    with _compile_time(run):
+    with _frozen_heap(), _compile_time(run):
       _steps(run, it)
   finally:
     it.close()
