@@ -175,7 +175,7 @@ def review_layout() -> str:
   'split' on CPUs: the bag-of-words product over the
   `two_branch.BAG_SLOTS` most frequent words plus the other tokens one by
   one, a third of the flat layout's time there (5,000 MARD-like reviews at
-  paper sizes on a 2-core CPU: 0.12 s against 0.32-0.44 s; XLA's CPU
+  paper sizes on a 2-core CPU: 0.09-0.12 s against 0.31-0.44 s; XLA's CPU
   gathers and segment sums go row by row, a matrix product does not).
   'flat' elsewhere: every real token gathered and summed per review, which
   accelerators do at memory speed.
