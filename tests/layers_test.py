@@ -148,7 +148,7 @@ def test_evaluation_compiles_once_across_evaluations(tiny_records):
     result = check(variables)
     assert 0 <= result['recall@10'] <= 1
     # The tracks are embedded inside _album_directions' one program.
-    sizes.append((embed.text._cache_size() + embed.text_flat._cache_size(),
+    sizes.append((embed.text._cache_size() + embed.text_layout._cache_size(),
                   embed._album_directions._cache_size()))
   assert sizes[0] == sizes[1] == sizes[2], sizes
   assert np.all(np.asarray(sizes[0]) >= 1)

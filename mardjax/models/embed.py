@@ -45,9 +45,9 @@ def text(model: two_branch.TwoBranch, variables: dict[str, Any],
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def text_flat(model: two_branch.TwoBranch, variables: dict[str, Any],
-              tokens: jax.Array, lengths: jax.Array,
-              layout: dict[str, jax.Array]) -> jax.Array:
+def text_layout(model: two_branch.TwoBranch, variables: dict[str, Any],
+                tokens: jax.Array, lengths: jax.Array,
+                layout: dict[str, jax.Array]) -> jax.Array:
   """`text` of the mean encoder, reading only the real tokens: `layout` is
   the flat layout's (T,) review of each position, {'flat_review': ...}
   (`two_branch.flat_review`), or the split bag-of-words' (R,) positions of
@@ -229,6 +229,6 @@ def reviews(variables: dict[str, Any], model: two_branch.TwoBranch,
   else:
     raise ValueError(f"embed.reviews: layout {layout!r}: 'flat' or 'split'.")
   return batched(
-      lambda tokens, lengths: text_flat(model, variables, tokens, lengths,
-                                        place(tokens, lengths)),
+      lambda tokens, lengths: text_layout(model, variables, tokens,
+                                          lengths, place(tokens, lengths)),
       arrays, batch_size, model.embed_dim)
