@@ -73,6 +73,10 @@ def get_config():
   config.model.hidden_dim = 256  # Hidden layer of each branch's head.
   config.model.embed_dim = 128  # The joint embedding space.
   config.model.lstm_dim = 256  # LSTM hidden size (text and album LSTMs).
+  # The text BiLSTM's two directions: 'per_direction' (a loop each),
+  # 'bidirectional' (both in one loop: half the sequential positions) or
+  # 'auto' (see two_branch.lstm_loop). The same function and parameters.
+  config.model.lstm_loop = 'auto'
   config.model.linear = False  # One Dense per branch (WSABIE-like row).
   config.model.batch_norm = True  # BN after the last linear layer (Wang et al.).
 
@@ -225,10 +229,12 @@ def get_config():
   config.benchmark.kind = 'data'
   config.benchmark.train_steps = 30  # Timed steps (LSTM: a tenth).
   # kind=train: one line per encoder x batch size x embedding update ('':
-  # the config's train.embedding_update).
+  # the config's train.embedding_update) x, for the LSTM, its loop ('': the
+  # config's model.lstm_loop; e.g. 'per_direction,bidirectional').
   config.benchmark.encoders = 'mean,lstm'
   config.benchmark.batch_sizes = '128,1024,8192'
   config.benchmark.embedding_updates = ''
+  config.benchmark.lstm_loops = ''
   config.benchmark.pipeline_batches = 200  # Timed input-pipeline batches.
   # 'eval': metrics time after embedding at this scale (MARD: 65,566 albums,
   # ~26,400 held-out test reviews).

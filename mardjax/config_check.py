@@ -124,6 +124,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'model.text_encoder', two_branch.TEXT_ENCODERS)
   _choice(config, 'model.audio_encoder', two_branch.AUDIO_ENCODERS)
   _choice(config, 'model.pooling', two_branch.POOLINGS)
+  _choice(config, 'model.lstm_loop', two_branch.LSTM_LOOPS)
   need(config.model.pooling == 'mean' or config.model.text_encoder == 'mean',
        'model.pooling', config.model.pooling,
        "weighted pooling is the mean encoder's (model.text_encoder='mean')")
@@ -142,6 +143,11 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   # Imported here: the benchmarks import the modes, which import this module.
   from mardjax.experiments import benchmark  # pylint: disable=g-import-not-at-top
   _choice(config, 'benchmark.kind', benchmark.KINDS)
+  for field, choices in (('embedding_updates', EMBEDDING_UPDATES),
+                         ('lstm_loops', two_branch.LSTM_LOOPS)):
+    for name in benchmark.names(config.benchmark[field]):
+      need(name in choices, f'benchmark.{field}', config.benchmark[field],
+           f'{name!r} is none of {choices}')
   _choice(config, 'data.transform', desc_lib.TRANSFORMS)
   try:
     losses.NegativeMode.parse(config.loss.negatives)

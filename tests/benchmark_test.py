@@ -52,6 +52,19 @@ def test_train_benchmark_lines_per_encoder_batch_and_update(tmp_path,
   assert capsys.readouterr().out.count('"benchmark"') == 8
 
 
+def test_train_benchmark_lines_per_lstm_loop(tmp_path):
+  config = test_config.get_config()
+  config.benchmark.update(kind='train', encoders='mean,lstm', batch_sizes='8',
+                          lstm_loops='per_direction,bidirectional',
+                          train_steps=2)
+  result = modes.run_mode('benchmark', config, str(tmp_path))
+  # The loops are the LSTM's: the mean encoder's line is one, unmarked.
+  assert [(l['benchmark'], l.get('lstm_loop')) for l in result['benchmarks']
+          ] == [('train_step_mean', None),
+                ('train_step_lstm', 'per_direction'),
+                ('train_step_lstm', 'bidirectional')]
+
+
 def test_auto_embedding_update_picks_per_backend(monkeypatch):
   from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()

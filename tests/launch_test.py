@@ -60,6 +60,9 @@ def test_preprocess_reads_a_given_mard_dir(tmp_path, tiny_corpus_master):
     (['--config.data.vocab_size=0'], 'vocab_size'),
     (['--config.data.mard_dir=/no/such/dir'], 'does not exist'),
     (['--config.data.synth_preset=huge'], 'synth_preset'),
+    (['--config.model.lstm_loop=fused'], 'lstm_loop'),
+    (['--config.benchmark.lstm_loops=per_direction,fused'],
+     "'fused' is none of"),
 ])
 def test_bad_flags_and_config_fail_with_one_clear_line(tmp_path, args,
                                                        message):

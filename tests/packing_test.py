@@ -1,5 +1,6 @@
 """Packed reviews: layout, LSTM features equal to padded, the hand-written
-LSTM gradient equal to autodiff's."""
+LSTM gradient equal to autodiff's, both directions in one loop equal to a
+loop each."""
 
 import jax
 import jax.numpy as jnp
@@ -65,12 +66,45 @@ def test_hand_written_lstm_gradient_equals_autodiff(reverse):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
-def test_bilstm_matches_flax_lstm_cells():
+def test_both_directions_in_one_loop_equal_a_loop_each():
+  """lstm.bidirectional = the two recurrences run alone: hidden states and
+  the gradients of the projections and kernels (hand-written backward),
+  with resets where each direction's reviews start."""
+  rng = np.random.default_rng(2)
+  p, r, h = 7, 3, 4
+  proj = jnp.asarray(rng.normal(size=(p, r, 2, 4 * h)).astype(np.float32))
+  keep_f, keep_b = (jnp.asarray((rng.random((p, r, 1)) > 0.3).astype(
+      np.float32)) for _ in range(2))
+  wh = jnp.asarray(rng.normal(size=(2, h, 4 * h)).astype(np.float32))
+  weights = jnp.asarray(rng.normal(size=(2, p, r, h)).astype(np.float32))
+
+  def one_loop(proj, wh):
+    hs = lstm.bidirectional(proj, keep_f, keep_b, wh)  # (P, 2, R, H)
+    # Back to time order for both directions.
+    return jnp.sum(jnp.stack([hs[:, 0], hs[::-1, 1]]) * weights)
+
+  def a_loop_each(proj, wh):
+    return jnp.sum(jnp.stack([
+        lstm.reference(proj[:, :, 0], keep_f, wh[0], False),
+        lstm.reference(proj[:, :, 1], keep_b, wh[1], True)]) * weights)
+
+  np.testing.assert_allclose(one_loop(proj, wh), a_loop_each(proj, wh),
+                             rtol=1e-6)
+  got = jax.grad(one_loop, argnums=(0, 1))(proj, wh)
+  want = jax.grad(a_loop_each, argnums=(0, 1))(proj, wh)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('loop', ['per_direction', 'bidirectional'])
+def test_bilstm_matches_flax_lstm_cells(loop):
   """Same weights in flax's own LSTM cells over each review alone give the
-  same features: the packed, hand-differentiated BiLSTM is a standard one."""
+  same features: the packed, hand-differentiated BiLSTM is a standard one,
+  whether its directions run a loop each or both in one."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   tokens, lengths = _reviews(4, b=5, length=6)
-  enc = two_branch.BiLSTMEncoder(vocab_size=30, word_dim=5, lstm_dim=3)
+  enc = two_branch.BiLSTMEncoder(vocab_size=30, word_dim=5, lstm_dim=3,
+                                 loop=loop)
   params = enc.init(jax.random.PRNGKey(0), tokens, lengths)
   got = np.asarray(enc.apply(params, tokens, lengths))
   p = params['params']
@@ -94,9 +128,11 @@ def test_bilstm_matches_flax_lstm_cells():
                                atol=1e-6)
 
 
-def test_packed_lstm_features_equal_padded():
+@pytest.mark.parametrize('loop', ['per_direction', 'bidirectional'])
+def test_packed_lstm_features_equal_padded(loop):
   tokens, lengths = _reviews(2)
-  enc = two_branch.BiLSTMEncoder(vocab_size=30, word_dim=5, lstm_dim=6)
+  enc = two_branch.BiLSTMEncoder(vocab_size=30, word_dim=5, lstm_dim=6,
+                                 loop=loop)
   params = enc.init(jax.random.PRNGKey(0), tokens, lengths)
   padded = enc.apply(params, tokens, lengths)
   out = packing.pack(tokens[None], lengths[None], rows_multiple=1)
@@ -108,6 +144,9 @@ def test_packed_lstm_features_equal_padded():
 
 
 def test_packed_lazy_step_equals_padded_dense_step():
+  """Two training steps: packed rows, the lazy update and both directions
+  in one loop give the state of padded rows, the dense update and a loop
+  per direction."""
   config = test_config.get_config()
   config.model.text_encoder = 'lstm'
   config.loss.negatives = 'all'
@@ -116,9 +155,11 @@ def test_packed_lazy_step_equals_padded_dense_step():
   batch = {'audio': rng.normal(size=(8, 5)).astype(np.float32),
            'tokens': tokens, 'lengths': lengths,
            'album': np.repeat(np.arange(4), 2).astype(np.int32)}
-  model = two_branch.build(config.model, 30)
   results = []
-  for update, pack_rows in (('dense', 0), ('lazy', 2)):
+  for update, pack_rows, loop in (('dense', 0, 'per_direction'),
+                                  ('lazy', 2, 'bidirectional')):
+    config.model.lstm_loop = loop
+    model = two_branch.build(config.model, 30)
     config.train.embedding_update = update
     state = train_step.create_state(model, config, jax.random.PRNGKey(0),
                                     batch)
@@ -136,6 +177,19 @@ def test_packed_lazy_step_equals_padded_dense_step():
   for x, y in zip(jax.tree_util.tree_leaves(lazy.params),
                   jax.tree_util.tree_leaves(dense.params)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_lstm_loop_picks_per_backend(monkeypatch):
+  config = test_config.get_config()
+  assert config.model.lstm_loop == 'auto'
+  assert two_branch.lstm_loop(config.model) == 'per_direction'  # This CPU.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert two_branch.lstm_loop(config.model) == 'bidirectional'
+  config.model.lstm_loop = 'per_direction'  # An explicit choice wins.
+  assert two_branch.lstm_loop(config.model) == 'per_direction'
+  config.model.lstm_loop = 'fused'
+  with pytest.raises(ValueError, match="lstm_loop='fused'"):
+    two_branch.lstm_loop(config.model)
 
 
 def test_flat_review_layout_by_hand():

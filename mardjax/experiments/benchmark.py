@@ -14,6 +14,7 @@ Each stage prints one JSON line to stdout as it finishes; the mode's result
 """
 
 import functools
+import itertools
 import json
 import multiprocessing
 import os
@@ -225,6 +226,8 @@ def train_step_throughput(config, encoder: str, steps: int,
           'batch_size': b, 'max_len': length, 'vocab_size': vocab_size,
           'embedding_update': train_step.embedding_update(config),
           'batch_assembly': assembly,
+          **({'lstm_loop': two_branch.lstm_loop(config.model)}
+             if encoder == 'lstm' else {}),
           # The mean encoder's layout: real tokens only, or padded.
           'text_layout': ('flat' if train_step.mean_token_bucket(config)
                           else 'packed' if train_step.lstm_pack_rows(config)
@@ -236,25 +239,32 @@ def train_step_throughput(config, encoder: str, steps: int,
           'meets_target': rate >= TRAIN_TARGETS.get(encoder, 0.0)}
 
 
-def _names(text: str) -> list[str]:
+def names(text: str) -> list[str]:
+  """The names of a comma-separated config field."""
   return [x.strip() for x in text.split(',') if x.strip()]
 
 
 def run_train(config, workdir: str) -> dict[str, Any]:
   """Train-step throughput: one line per text encoder
-  (`benchmark.encoders`), batch size (`benchmark.batch_sizes`) and
-  embedding update (`benchmark.embedding_updates`; empty: the config's).
-  The LSTM runs a tenth of `benchmark.train_steps` (at least 2)."""
+  (`benchmark.encoders`), batch size (`benchmark.batch_sizes`), embedding
+  update (`benchmark.embedding_updates`; empty: the config's) and, for the
+  LSTM, loop (`benchmark.lstm_loops`; empty: the config's
+  `model.lstm_loop`). The LSTM runs a tenth of `benchmark.train_steps`
+  (at least 2)."""
   del workdir
   b = config.benchmark
   lines = []
-  for encoder in _names(b.encoders):
+  for encoder in names(b.encoders):
     steps = b.train_steps if encoder != 'lstm' else max(2, b.train_steps // 10)
-    for batch_size in (int(x) for x in _names(b.batch_sizes)):
-      for update in (_names(b.embedding_updates) or
-                     [config.train.embedding_update]):
+    loops = ((names(b.lstm_loops) if encoder == 'lstm' else []) or
+             [config.model.lstm_loop])
+    for batch_size in (int(x) for x in names(b.batch_sizes)):
+      for update, loop in itertools.product(
+          names(b.embedding_updates) or [config.train.embedding_update],
+          loops):
         one = config.copy_and_resolve_references()
         one.train.batch_size, one.train.embedding_update = batch_size, update
+        one.model.lstm_loop = loop
         line = train_step_throughput(one, encoder, steps,
                                      config.data.vocab_size + 2)
         print(json.dumps(line, sort_keys=True), flush=True)

@@ -77,31 +77,59 @@ class Head(nn.Module):
 
 
 class LSTMDirection(nn.Module):
-  """One direction of an LSTM over rows of packed reviews, time-major.
+  """One direction's LSTM kernels, for a recurrence over rows of packed
+  reviews, time-major (`mardjax.models.lstm`; `BiLSTMEncoder` runs it).
 
   The input projection of every position is one matrix product before the
-  recurrence (only h @ W_h stays inside the loop, `mardjax.models.lstm`), and the
-  state is reset where a review begins in the direction of travel, so rows
-  may hold several reviews end to end (`mardjax.train.packing`). Gates i, f, g, o;
+  recurrence (only h @ W_h stays inside the loop), and the state is reset
+  where a review begins in the direction of travel, so rows may hold
+  several reviews end to end (`mardjax.train.packing`). Gates i, f, g, o;
   kernels initialised as flax's LSTM cells (lecun normal, orthogonal
   recurrent, zero bias).
   """
   hidden: int
-  reverse: bool
   dtype: Any = jnp.float32  # Of the products and the recurrence.
 
   @nn.compact
-  def __call__(self, x: jax.Array, resets: jax.Array) -> jax.Array:
-    """x (P, R, F), resets (P, R) bool -> hidden states (P, R, H)."""
-    h_dim = self.hidden
+  def __call__(self, features: int
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """-> wi (F, 4H), wh (H, 4H), bias (4H,) in `dtype`."""
+    h_dim, dt = self.hidden, self.dtype
     wi = self.param('wi', nn.initializers.lecun_normal(),
-                    (x.shape[-1], 4 * h_dim))
+                    (features, 4 * h_dim))
     wh = self.param('wh', nn.initializers.orthogonal(), (h_dim, 4 * h_dim))
     bias = self.param('bias', nn.initializers.zeros, (4 * h_dim,))
-    dt = self.dtype
-    proj = x.astype(dt) @ wi.astype(dt) + bias.astype(dt)
-    keep = 1.0 - resets.astype(dt)[..., None]
-    return lstm.recurrence(proj, keep, wh.astype(dt), self.reverse)
+    return wi.astype(dt), wh.astype(dt), bias.astype(dt)
+
+
+# `model.lstm_loop`: how the BiLSTM runs its two directions.
+LSTM_LOOPS = ('auto', 'per_direction', 'bidirectional')
+
+
+def lstm_loop(model_config) -> str:
+  """'per_direction' (one loop each) or 'bidirectional' (both directions in
+  one loop, `lstm.bidirectional`): `model.lstm_loop`, with 'auto' the first
+  on CPUs and the second on accelerators.
+
+  Both compute the same function from the same parameters (to float
+  rounding; tested). On a 2-core CPU the one loop is no faster (fwd + bwd
+  of the encoder at paper sizes, 400 positions: 77-90 against 84-94
+  examples/s at batch 128, equal at 8 and 32). On a GPU a loop position's
+  latency (a few kernels, one after the other) outweighs its arithmetic at
+  small batches, and the training step with a loop per direction runs 4P
+  positions one after the other (two directions, forward and backward
+  pass) against 2P in one loop: on one H200 with a loop per direction, the
+  LSTM step at batch 128 ran at 6,238 examples/s, 20.5 ms for its 1,600
+  sequential positions. 'auto' picks the one loop on accelerators on this
+  reasoning; it is not measured on a GPU yet.
+  """
+  loop = model_config.get('lstm_loop', 'auto')
+  if loop not in LSTM_LOOPS:
+    raise ValueError(f'config.model.lstm_loop={loop!r}: choose from '
+                     f'{LSTM_LOOPS}.')
+  if loop != 'auto':
+    return loop
+  return 'per_direction' if jax.default_backend() == 'cpu' else 'bidirectional'
 
 
 # Row-sparse training's bag-of-words product covers the first BAG_SLOTS
@@ -354,6 +382,8 @@ class BiLSTMEncoder(nn.Module):
   word_dim: int
   lstm_dim: int
   dtype: Any = jnp.float32  # Of the products and the recurrence.
+  # 'per_direction' or 'bidirectional' (`lstm_loop`): the same function.
+  loop: str = 'per_direction'
 
   @nn.compact
   def __call__(self, tokens: jax.Array, lengths: jax.Array | None,
@@ -366,13 +396,27 @@ class BiLSTMEncoder(nn.Module):
       emb = jnp.take(table, tokens, axis=0)
     if packed is None:
       packed = padded_layout(lengths, tokens.shape[0])
-    fwd = LSTMDirection(self.lstm_dim, reverse=False, dtype=self.dtype,
-                        name='fwd')(emb, packed['starts'].T)
-    bwd = LSTMDirection(self.lstm_dim, reverse=True, dtype=self.dtype,
-                        name='bwd')(emb, packed['ends'].T)
+    dt = self.dtype
+    x = emb.astype(dt)  # (P, R, F)
+    fwd = LSTMDirection(self.lstm_dim, dt, name='fwd')(x.shape[-1])
+    bwd = LSTMDirection(self.lstm_dim, dt, name='bwd')(x.shape[-1])
+    # 0 resets the state: a review starts there in the direction of travel.
+    keep_f = 1.0 - packed['starts'].T.astype(dt)[..., None]
+    keep_b = 1.0 - packed['ends'].T.astype(dt)[..., None]
     last, first = packed['last'], packed['first']  # (row, position)
-    return jnp.concatenate([fwd[last[:, 1], last[:, 0]],
-                            bwd[first[:, 1], first[:, 0]]], -1)
+    if self.loop == 'bidirectional':
+      # Both input kernels side by side: one product, (P, R, 2, 4H).
+      proj = jnp.einsum('prf,fdg->prdg', x, jnp.stack([fwd[0], bwd[0]], 1))
+      hs = lstm.bidirectional(proj + jnp.stack([fwd[2], bwd[2]]), keep_f,
+                              keep_b, jnp.stack([fwd[1], bwd[1]]))
+      # (P, 2, R, H) in loop order: the backward direction's time reversed.
+      return jnp.concatenate(
+          [hs[last[:, 1], 0, last[:, 0]],
+           hs[hs.shape[0] - 1 - first[:, 1], 1, first[:, 0]]], -1)
+    hf = lstm.recurrence(x @ fwd[0] + fwd[2], keep_f, fwd[1], False)
+    hb = lstm.recurrence(x @ bwd[0] + bwd[2], keep_b, bwd[1], True)
+    return jnp.concatenate([hf[last[:, 1], last[:, 0]],
+                            hb[first[:, 1], first[:, 0]]], -1)
 
 
 # config.model.text_encoder -> the module that turns tokens into features;
@@ -392,6 +436,7 @@ class TwoBranch(nn.Module):
   hidden_dim: int = 256
   embed_dim: int = 128
   lstm_dim: int = 256
+  lstm_loop: str = 'per_direction'  # BiLSTMEncoder's `loop`.
   linear: bool = False
   batch_norm: bool = False
   bn_axis_name: str | None = None
@@ -411,11 +456,12 @@ class TwoBranch(nn.Module):
     self.text_head = Head(**head)
     encoder = TEXT_ENCODERS[self.text_encoder]
     if encoder is not None:
-      weighted = {'weighted': True} if self.pooling == 'idf' else {}
+      extra = ({'weighted': True} if self.pooling == 'idf' else
+               {'loop': self.lstm_loop} if self.text_encoder == 'lstm' else {})
       self.text_features = encoder(vocab_size=self.vocab_size,
                                    word_dim=self.word_dim,
                                    lstm_dim=self.lstm_dim, dtype=self.dtype,
-                                   **weighted)
+                                   **extra)
     if self.audio_encoder == 'album_lstm':
       self.album_rnn = nn.RNN(nn.OptimizedLSTMCell(self.lstm_dim,
                                                    dtype=self.dtype),
@@ -512,6 +558,7 @@ def build(model_config, vocab_size: int, bn_axis_name: str | None = None,
                    hidden_dim=model_config.hidden_dim,
                    embed_dim=model_config.embed_dim,
                    lstm_dim=model_config.lstm_dim,
+                   lstm_loop=lstm_loop(model_config),
                    linear=model_config.linear,
                    batch_norm=model_config.batch_norm,
                    bn_axis_name=bn_axis_name,
