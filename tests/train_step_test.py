@@ -444,15 +444,18 @@ def test_learning_rate_schedule_warmup_scaling_and_cosine():
 
 
 @pytest.mark.parametrize('encoder,embedding_update', [
-    ('mean', 'dense'), ('mean', 'lazy'), ('lstm', 'lazy')])
+    ('mean', 'dense'), ('mean', 'lazy'), ('lstm', 'lazy'),
+    ('lstm bidirectional', 'dense')])
 def test_bfloat16_compute_trains_with_float32_state(encoder,
                                                     embedding_update):
   """bfloat16 products: parameters and optimizer moments stay float32, the
   embeddings are float32 and close to the float32 model's, and the loss
-  falls as in float32."""
+  falls as in float32 (the LSTM's directions a loop each, or both in one
+  loop as on accelerators)."""
   config, batch = _setup(True, 'all', gather=False,
                          embedding_update=embedding_update)
-  config.model.text_encoder = encoder
+  config.model.text_encoder = encoder.split()[0]
+  config.model.lstm_loop = (encoder.split() + ['per_direction'])[1]
   config.train.learning_rate = 1e-2
   losses = {}
   for name in ('float32', 'bfloat16'):

@@ -383,7 +383,9 @@ def test_device_assembled_training_equals_host_assembled(
   the device from indices, one or several steps per dispatch, on one
   device or on 4 (a shard_map mesh with the tables replicated on it, or
   pmap with a copy per device, each assembling its share): the run is the
-  host-assembled run, bit for bit."""
+  host-assembled run, bit for bit. The LSTM's directions run in one loop
+  under pmap (as 'auto' runs them on accelerators), a loop each under
+  shard_map."""
   data_dir, _ = tiny_records
   code = (
       'import json, sys\n'
@@ -396,6 +398,8 @@ def test_device_assembled_training_equals_host_assembled(
       '    batch_assembly=sys.argv[1],\n'
       '    steps_per_dispatch=int(sys.argv[3]), parallelism=sys.argv[4])\n'
       'config.model.text_encoder = sys.argv[5]\n'
+      'config.model.lstm_loop = ("bidirectional" if sys.argv[4] == "pmap"\n'
+      '                          else "per_direction")\n'
       f'_, m = modes.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
       'm["devices"] = jax.local_device_count()\n'
       'print(json.dumps({k: m[k] for k in (\n'
