@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements of the training benchmarks, with the PyTorch peer in
 # the same run, on a machine with jax (CUDA), flax, optax, orbax, torch and
-# numpy but no TensorFlow (the project's lent GPU machines). About 8
-# minutes on one H200. Results: one JSON line per measurement in
-# $OUT/gpu_check.jsonl (and on stdout), the card's name first.
+# numpy but no TensorFlow (the project's lent GPU machines). Meant for one
+# device call of at most 10 minutes; not run on a GPU yet (on this 2-core
+# CPU with BATCHES=8 LOOP_STEPS=20: 78 s). Results: one JSON line per
+# measurement in $OUT/gpu_check.jsonl (and on stdout), the card's name
+# first.
 #
 # Prepare, in the repository root of a development machine (the device
 # machine reaches no package index):
