@@ -142,6 +142,25 @@ def test_bad_ablation_variants_fail_before_training(tmp_path, variants,
   assert not (tmp_path / 'data').exists()  # Nothing was preprocessed.
 
 
+def test_ablation_rows_run_as_the_base_config_computes():
+  """A row keeps its own switches (the LSTM row's encoder) and takes the
+  base's sizes and how it computes: the LSTM's loop, the update, the
+  compute dtype, the batch."""
+  from mardjax.experiments import ablation  # pylint: disable=g-import-not-at-top
+  base = test_config.get_config()
+  base.model.lstm_loop = 'bidirectional'
+  base.train.update(compute_dtype='bfloat16', embedding_update='dense',
+                    batch_size=24)
+  row = ablation.row_config(base, 'lstm_bi_nonlinear',
+                            'configs.table1.lstm_bi_nonlinear')
+  assert row.model.text_encoder == 'lstm'
+  assert not row.train.neighbourhood_sampling
+  assert (row.model.lstm_loop, row.model.lstm_dim) == (
+      'bidirectional', base.model.lstm_dim)
+  assert (row.train.compute_dtype, row.train.embedding_update,
+          row.train.batch_size) == ('bfloat16', 'dense', 24)
+
+
 def test_unknown_ablation_rows_are_named(tiny_corpus_master, tmp_path):
   from mardjax.experiments import ablation  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()

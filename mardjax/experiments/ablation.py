@@ -99,15 +99,17 @@ def row_config(base: ml_collections.ConfigDict, name: str, module: str
   config.data = base.data
   config.seed = base.seed
   config.eval = base.eval
-  # The model's sizes, the batch and the schedule follow the base config
-  # (e.g. configs/test.py's small sizes); the row's own switches stay.
+  # The model's sizes, the batch, the schedule and how the computation
+  # runs (the LSTM's loop, the update, the dtype: same function, other
+  # speed) follow the base config (e.g. configs/test.py's small sizes);
+  # the row's own switches stay.
   for field in ('word_dim', 'hidden_dim', 'embed_dim', 'lstm_dim',
-                'max_tracks', 'batch_norm'):
+                'max_tracks', 'batch_norm', 'lstm_loop'):
     config.model[field] = base.model[field]
   own = name in OWN_RECIPE
   for field in ('batch_size', 'log_every', 'checkpoint_every',
                 'keep_checkpoints', 'vocab_bucket', 'lstm_pack_rows',
-                'token_bucket', 'split_bag',
+                'token_bucket', 'split_bag', 'compute_dtype',
                 'embedding_update', 'parallelism', 'eval_every',
                 'early_stop_patience') + (() if own else ('learning_rate',)):
     config.train[field] = base.train[field]
