@@ -6,17 +6,77 @@ gathers and scatters of the lazy embedding update then compete with the
 backward pass for the same cores and memory bandwidth: the `mean` train step
 at paper sizes measured 45 ms with it and 33 ms without. Only the CPU backend
 reads the flag.
+
+On GPUs, jaxlib 0.10.2 to 0.11.0 (0.10.2 is this project's pin) compile an
+f32 scatter-add to a compare-and-swap loop instead of the native atomic add
+(an LLVM change: the native `atom.add.f32` flushes denormals), which under
+repeated indices is reported hundreds of times slower
+(https://github.com/jax-ml/jax/issues/38806, openxla/xla#46225; fixed in
+0.11.1). Training's scatters are such: the mean encoder's sum of each
+review's tokens into its row, the embedding table's gradient (the batch's
+frequent words many times over). Where those versions and a CUDA plugin
+are installed, the LLVM option that restores the native atomic is added
+(`--xla_backend_extra_options=-nvptx-allow-ftz-atomics`; a denormal lost in
+an atomic sum, as before 0.10.2). Not measured here: the project's GPU
+figures were taken with jax 0.11.2, which does not need it.
 """
 
+import importlib.metadata
+import importlib.util
 import os
+import re
 
 DEFAULTS = ('--xla_cpu_enable_concurrency_optimized_scheduler=false',)
 
+# jax versions whose GPU f32 scatter-add is a compare-and-swap loop.
+SLOW_GPU_SCATTER = ((0, 10, 2), (0, 11, 0))
+FTZ_ATOMICS = '-nvptx-allow-ftz-atomics'
+_EXTRA_OPTIONS = '--xla_backend_extra_options='
+
+
+def _jax_version() -> tuple[int, ...] | None:
+  """The installed jax's version (not imported), or None."""
+  try:
+    version = importlib.metadata.version('jax')
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  match = re.match(r'(\d+)\.(\d+)\.(\d+)', version)
+  return tuple(int(x) for x in match.groups()) if match else None
+
+
+def _cuda_plugin_installed() -> bool:
+  return any(importlib.util.find_spec(f'jax_cuda{v}_plugin') is not None
+             for v in (12, 13))
+
+
+def _with_extra_option(flags: str, option: str) -> str:
+  """`flags` with `option` among its --xla_backend_extra_options."""
+  tokens = flags.split()
+  for i, token in enumerate(tokens):
+    if token.startswith(_EXTRA_OPTIONS):
+      value = token[len(_EXTRA_OPTIONS):]
+      tokens[i] = _EXTRA_OPTIONS + (f'{value},{option}' if value else option)
+      return ' '.join(tokens)
+  return ' '.join(tokens + [_EXTRA_OPTIONS + option])
+
+
+def gpu_scatter_workaround(flags: str) -> str:
+  """`flags` with the native-atomics LLVM option where the installed jax
+  has the slow GPU scatter and a CUDA plugin (module docstring); as given
+  where the user already chose (the option, or `--xla_gpu_ftz`)."""
+  version = _jax_version()
+  if (version is None or not SLOW_GPU_SCATTER[0] <= version
+      <= SLOW_GPU_SCATTER[1] or not _cuda_plugin_installed()
+      or FTZ_ATOMICS in flags or '--xla_gpu_ftz' in flags):
+    return flags
+  return _with_extra_option(flags, FTZ_ATOMICS)
+
 
 def apply_defaults() -> None:
-  """Adds each default to XLA_FLAGS unless the user already set that flag."""
+  """Adds each default to XLA_FLAGS unless the user already set that flag,
+  and the GPU scatter workaround where it applies."""
   flags = os.environ.get('XLA_FLAGS', '')
   for flag in DEFAULTS:
     if flag.split('=')[0] not in flags:
       flags = f'{flags} {flag}'.strip()
-  os.environ['XLA_FLAGS'] = flags
+  os.environ['XLA_FLAGS'] = gpu_scatter_workaround(flags)
