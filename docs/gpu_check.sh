@@ -17,7 +17,7 @@
 #
 # Overrides (environment): BATCHES (default "128 1024 8192"), LOOP_STEPS
 # (train_loop steps, default 20000: a 5,000-step run at batch 1,024 on an
-# H200 was 4.5 s of steps beside a 6.8 s compile), PEER (path of torch_twobranch.py).
+# H200 was about 5 s of steps beside a 6.8 s compile), PEER (path of torch_twobranch.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
