@@ -63,6 +63,8 @@ def test_preprocess_reads_a_given_mard_dir(tmp_path, tiny_corpus_master):
     (['--config.model.lstm_loop=fused'], 'lstm_loop'),
     (['--config.benchmark.lstm_loops=per_direction,fused'],
      "'fused' is none of"),
+    (['--config.benchmark.embedding_updates=lazy,sparse'],
+     "'sparse' is none of"),
 ])
 def test_bad_flags_and_config_fail_with_one_clear_line(tmp_path, args,
                                                        message):
