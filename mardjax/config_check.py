@@ -18,17 +18,17 @@ from typing import Any, Callable
 
 import ml_collections
 
+from mardjax import plan as plan_lib
 from mardjax.data import descriptors as desc_lib
 from mardjax.errors import UserError
 from mardjax.models import two_branch
 from mardjax.serve import search_index
 from mardjax.train import losses
-from mardjax.train import train_step
 
-PARALLELISM = ('pmap', 'shard_map')
-EMBEDDING_UPDATES = ('auto', 'lazy', 'dense')
+PARALLELISM = plan_lib.PARALLELISMS
+EMBEDDING_UPDATES = plan_lib.EMBEDDING_UPDATES
 EVAL_SPLITS = ('dev', 'test')
-BATCH_ASSEMBLY = ('auto', 'host', 'device')
+BATCH_ASSEMBLY = plan_lib.BATCH_ASSEMBLIES
 LR_SCALING = ('none', 'linear', 'sqrt')
 LR_SCHEDULES = ('constant', 'cosine')
 
@@ -124,7 +124,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'model.text_encoder', two_branch.TEXT_ENCODERS)
   _choice(config, 'model.audio_encoder', two_branch.AUDIO_ENCODERS)
   _choice(config, 'model.pooling', two_branch.POOLINGS)
-  _choice(config, 'model.lstm_loop', two_branch.LSTM_LOOPS)
+  _choice(config, 'model.lstm_loop', plan_lib.LSTM_LOOPS)
   need(config.model.pooling == 'mean' or config.model.text_encoder == 'mean',
        'model.pooling', config.model.pooling,
        "weighted pooling is the mean encoder's (model.text_encoder='mean')")
@@ -136,7 +136,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'train.embedding_update', EMBEDDING_UPDATES)
   _choice(config, 'train.batch_assembly', BATCH_ASSEMBLY)
   _choice(config, 'train.lr_scaling', LR_SCALING)
-  _choice(config, 'train.compute_dtype', tuple(train_step.COMPUTE_DTYPES))
+  _choice(config, 'train.compute_dtype', plan_lib.COMPUTE_DTYPES)
   _choice(config, 'train.lr_schedule', LR_SCHEDULES)
   _choice(config, 'eval.split', EVAL_SPLITS)
   _choice(config, 'export.index', search_index.KINDS)
@@ -144,7 +144,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   from mardjax.experiments import benchmark  # pylint: disable=g-import-not-at-top
   _choice(config, 'benchmark.kind', benchmark.KINDS)
   for field, choices in (('embedding_updates', EMBEDDING_UPDATES),
-                         ('lstm_loops', two_branch.LSTM_LOOPS)):
+                         ('lstm_loops', plan_lib.LSTM_LOOPS)):
     for name in benchmark.names(config.benchmark[field]):
       need(name in choices, f'benchmark.{field}', config.benchmark[field],
            f'{name!r} is none of {choices}')

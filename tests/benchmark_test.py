@@ -65,17 +65,6 @@ def test_train_benchmark_lines_per_lstm_loop(tmp_path):
                 ('train_step_lstm', 'bidirectional')]
 
 
-def test_auto_embedding_update_picks_per_backend(monkeypatch):
-  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
-  config = test_config.get_config()
-  assert config.train.embedding_update == 'auto'
-  assert train_step.embedding_update(config) == 'lazy'  # This CPU.
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert train_step.embedding_update(config) == 'dense'
-  config.train.embedding_update = 'lazy'  # An explicit choice wins.
-  assert train_step.embedding_update(config) == 'lazy'
-
-
 def test_step_timing_runs_until_its_minimum_time(monkeypatch):
   """`benchmark._timed`: the asked-for dispatches, then doubling rounds
   until the minimum time has passed (on a fake clock: each dispatch takes

@@ -12,6 +12,7 @@ from mardjax.models import lstm
 from mardjax.models import two_branch
 from mardjax.train import packing
 from mardjax.train import train_step
+from tests import step_helpers
 
 
 def _reviews(seed, b=9, length=12, vocab=30):
@@ -161,14 +162,17 @@ def test_packed_lazy_step_equals_padded_dense_step():
     config.model.lstm_loop = loop
     model = two_branch.build(config.model, 30)
     config.train.embedding_update = update
-    state = train_step.create_state(model, config, jax.random.PRNGKey(0),
-                                    batch)
+    plan = step_helpers.cpu_plan(
+        config, text_layout='packed' if pack_rows else 'padded',
+        pack_rows=pack_rows, positives='')
+    state = train_step.create_state(model, config, plan,
+                                    jax.random.PRNGKey(0), batch)
     prepared = train_step.prepare_batch(
-        state, {k: v[None] for k, v in batch.items()}, 4, pack_rows)
+        state, {k: v[None] for k, v in batch.items()}, plan, 4)
     if pack_rows:
       assert prepared['slots'].shape[1] < 8  # Really packed.
     prepared = {k: v[0] for k, v in prepared.items()}
-    step = train_step.single_device_step(config.loss)
+    step = step_helpers.host_step(config)
     for _ in range(2):
       state, metrics = step(state, prepared, jax.random.PRNGKey(1))
     results.append((state, metrics))
@@ -177,19 +181,6 @@ def test_packed_lazy_step_equals_padded_dense_step():
   for x, y in zip(jax.tree_util.tree_leaves(lazy.params),
                   jax.tree_util.tree_leaves(dense.params)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
-
-
-def test_auto_lstm_loop_picks_per_backend(monkeypatch):
-  config = test_config.get_config()
-  assert config.model.lstm_loop == 'auto'
-  assert two_branch.lstm_loop(config.model) == 'per_direction'  # This CPU.
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert two_branch.lstm_loop(config.model) == 'bidirectional'
-  config.model.lstm_loop = 'per_direction'  # An explicit choice wins.
-  assert two_branch.lstm_loop(config.model) == 'per_direction'
-  config.model.lstm_loop = 'fused'
-  with pytest.raises(ValueError, match="lstm_loop='fused'"):
-    two_branch.lstm_loop(config.model)
 
 
 def test_flat_review_layout_by_hand():

@@ -10,6 +10,7 @@ from configs import test as test_config
 from mardjax.models import two_branch
 from mardjax.train import sparse_embedding
 from mardjax.train import train_step
+from tests import step_helpers
 
 
 def test_compact_batch_maps_slots_back_to_the_tokens():
@@ -145,16 +146,19 @@ def test_lazy_step_equals_dense_step(encoder, pooling, warmup, token_bucket,
   states = {}
   for update in ('dense', 'lazy'):
     config.train.embedding_update = update
-    state = train_step.create_state(model, config, jax.random.PRNGKey(0),
-                                    batch)
+    plan = step_helpers.cpu_plan(
+        config, positives='', token_bucket=token_bucket,
+        text_layout=('flat' if token_bucket else 'split_bag'
+                     if split and update == 'lazy' else 'padded'))
+    state = train_step.create_state(model, config, plan,
+                                    jax.random.PRNGKey(0), batch)
     prepared = train_step.prepare_batch(
-        state, {k: v[None] for k, v in batch.items()}, vocab_bucket=4,
-        token_bucket=token_bucket, split_bag=split and update == 'lazy')
+        state, {k: v[None] for k, v in batch.items()}, plan, vocab_bucket=4)
     assert ('flat_review' in prepared) == bool(token_bucket)
     if split and update == 'lazy':
       assert prepared['rare_tokens'].shape[1] > 20
     prepared = {k: v[0] for k, v in prepared.items()}
-    step = train_step.single_device_step(config.loss)
+    step = step_helpers.host_step(config)
     key = jax.random.PRNGKey(1)
     state, metrics = step(state, prepared, key)
     state, metrics = step(state, prepared, key)
@@ -189,12 +193,14 @@ def test_split_bag_padded_to_an_earlier_programs_sizes_trains_the_same(
   sizes.seen.append({'vocab': 64, 'rare': 96})
   params = []
   for padded in (None, sizes):
-    state = train_step.create_state(model, config, jax.random.PRNGKey(0),
+    plan = step_helpers.cpu_plan(config, positives='',
+                                 text_layout='split_bag')
+    state = train_step.create_state(model, config, plan,
+                                    jax.random.PRNGKey(0),
                                     {k: v[0] for k, v in batch.items()})
-    prepared = train_step.prepare_batch(state, batch, 4, split_bag=True,
-                                        sizes=padded)
+    prepared = train_step.prepare_batch(state, batch, plan, 4, sizes=padded)
     assert (prepared['rare_tokens'].shape[1] == 96) == bool(padded)
-    step = train_step.single_device_step(config.loss)
+    step = step_helpers.host_step(config)
     for _ in range(2):
       state, _ = step(state, {k: v[0] for k, v in prepared.items()},
                       jax.random.PRNGKey(1))
@@ -211,7 +217,7 @@ def test_a_lazy_state_refuses_an_unprepared_batch():
            'lengths': np.full(4, 3, np.int32),
            'album': np.array([0, 0, 1, 1], np.int32)}
   state = train_step.create_state(two_branch.build(config.model, 10), config,
+                                  step_helpers.cpu_plan(config),
                                   jax.random.PRNGKey(0), batch)
   with pytest.raises(ValueError, match='prepare_batch'):
-    train_step.single_device_step(config.loss)(state, batch,
-                                               jax.random.PRNGKey(0))
+    step_helpers.host_step(config)(state, batch, jax.random.PRNGKey(0))

@@ -1,5 +1,7 @@
 """The step body under one device, pmap and shard_map gives the same update."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from configs import test as test_config
 from mardjax.models import two_branch
 from mardjax.train import packing
 from mardjax.train import train_step
+from tests import step_helpers
 
 
 def _setup(batch_norm, negatives='all', gather=True, kind='ranking',
@@ -32,19 +35,30 @@ def _setup(batch_norm, negatives='all', gather=True, kind='ranking',
   return config, batch
 
 
+def _plan(config, devices=1):
+  """The config's plan on this CPU with `devices` devices."""
+  return step_helpers.cpu_plan(config, devices)
+
+
 def _state(config, batch, axis_name):
   model = two_branch.build(config.model, vocab_size=40, bn_axis_name=axis_name)
   sample = {k: v[:4] for k, v in batch.items()}
-  return train_step.create_state(model, config, jax.random.PRNGKey(0),
-                                 sample)
+  return train_step.create_state(model, config, _plan(config),
+                                 jax.random.PRNGKey(0), sample)
 
 
 def _prepare(state, batch, devices, positives=''):
-  """(b, ...) batch -> what the state's step takes on `devices` devices."""
+  """(b, ...) batch -> what the state's step takes on `devices` devices
+  (padded text; the ranking loss's positive lists as `positives` says)."""
   shaped = {k: v.reshape(devices, -1, *v.shape[1:]) for k, v in batch.items()}
-  out = train_step.prepare_batch(state, shaped, vocab_bucket=8,
-                                 positives=positives)
+  plan = dataclasses.replace(_plan(test_config.get_config()),
+                             text_layout='padded', positives=positives)
+  out = train_step.prepare_batch(state, shaped, plan, vocab_bucket=8)
   return {k: v[0] for k, v in out.items()} if devices == 1 else out
+
+
+def _step(parallelism, config, mesh=None):
+  return step_helpers.host_step(config, parallelism, mesh)
 
 
 def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
@@ -66,11 +80,11 @@ def test_pmap_equals_single_device_on_the_global_batch(batch_norm, kind,
   key = jax.random.PRNGKey(3)
   single = _state(config, raw, None)
   batch = _prepare(single, raw, 1)
-  s1, m1 = train_step.single_device_step(config.loss)(single, batch, key)
-  s1, _ = train_step.single_device_step(config.loss)(s1, batch, key)
+  s1, m1 = _step('single', config)(single, batch, key)
+  s1, _ = _step('single', config)(s1, batch, key)
   state = _state(config, raw, train_step.AXIS)
   sharded = _prepare(state, raw, n)
-  step = train_step.pmap_step(config.loss)
+  step = _step('pmap', config)
   s2, m2 = step(state, sharded, key)
   s2, _ = step(s2, sharded, key)  # Two steps: Adam moments agree too.
   np.testing.assert_allclose(float(m2['loss']), float(m1['loss']), rtol=1e-5)
@@ -92,13 +106,13 @@ def test_shard_map_equals_pmap(gather, negatives):
   config, batch = _setup(True, negatives, gather=gather)
   key = jax.random.PRNGKey(5)
   sharded = _prepare(_state(config, batch, None), batch, n,
-                     train_step.positive_options(config, True))
+                     _plan(config, 4).positives)
   assert 'positives' in sharded
   # Steps donate their input state: each wrapper gets its own copy.
-  s_p, m_p = train_step.pmap_step(config.loss)(
+  s_p, m_p = _step('pmap', config)(
       _state(config, batch, train_step.AXIS), sharded, key)
   mesh = train_step.make_mesh()
-  s_s, m_s = train_step.shard_map_step(config.loss, mesh)(
+  s_s, m_s = _step('shard_map', config, mesh)(
       _state(config, batch, train_step.AXIS),
       train_step.shard_batch(sharded, mesh), key)
   np.testing.assert_allclose(float(m_s['loss']), float(m_p['loss']),
@@ -121,9 +135,9 @@ def test_positive_lists_train_as_every_pair(gather):
   n = jax.local_device_count()
   config, batch = _setup(True, 'sampled:4', gather=gather)
   key = jax.random.PRNGKey(7)
-  options = train_step.positive_options(config, True)
+  options = _plan(config, 4).positives
   assert options == ('across' if gather else 'local')
-  step = train_step.pmap_step(config.loss)
+  step = _step('pmap', config)
   results = []
   for positives in (options, ''):
     state = _state(config, batch, train_step.AXIS)
@@ -142,7 +156,7 @@ def test_a_step_reduces_the_loss_and_keeps_it_finite():
   config.train.learning_rate = 1e-2
   state = _state(config, batch, None)
   batch = _prepare(state, batch, 1)
-  step = train_step.single_device_step(config.loss)
+  step = _step('single', config)
   key = jax.random.PRNGKey(0)
   first = None
   for _ in range(20):
@@ -219,18 +233,19 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
       reviews, audio, max_len=64, album_tracks=tracks, **kw))]
   model = two_branch.from_manifest(config, manifest)
 
+  plan = _plan(config)
+
   def fresh():
-    return train_step.create_state(model, config, jax.random.PRNGKey(0),
+    return train_step.create_state(model, config, plan, jax.random.PRNGKey(0),
                                    {k: v[0] for k, v in first.items()})
-  host_step = train_step.single_device_step(config.loss)
-  index_step = train_step.index_step(config.loss, 64)
+  host_step = _step('single', config)
+  program = train_step.step_program('single', config.loss, max_len=64,
+                                    device_assembly=True)
   tables = train_step.device_tables(reviews, audio, 64)
   a, b = fresh(), fresh()
-  positives = train_step.positive_options(config, False)
-  assert positives == 'local'  # The test config's sampled negatives.
+  assert plan.positives == 'local'  # The test config's sampled negatives.
   planner = index_batches.Planner(
-      config, reviews, model.vocab_size if update != 'dense' else 0,
-      positives=positives)
+      config, plan, reviews, model.vocab_size if update != 'dense' else 0)
   sizes = train_step.ProgramSizes()
   key = jax.random.PRNGKey(5)
   layouts = set()
@@ -238,9 +253,7 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
       input_pipeline.train_batches(reviews, audio, max_len=64,
                                    album_tracks=tracks, **kw),
       planner.with_plans(input_pipeline.train_indices(reviews, audio, **kw))):
-    prepared = train_step.prepare_batch(a, batch, 4, sizes=sizes,
-                                        positives=positives,
-                                        **train_step.batch_options(config))
+    prepared = train_step.prepare_batch(a, batch, plan, 4, sizes=sizes)
     prepared = {k: v[0] for k, v in prepared.items()}
     planned, planned_layout = planner([idx], pmap=False)
     a, ma = host_step(a, prepared, key)
@@ -277,7 +290,7 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
     assert set(assembled) == set(prepared)
     for k, v in prepared.items():
       np.testing.assert_array_equal(np.asarray(assembled[k]), v, err_msg=k)
-    b, mb = index_step(b, tables, idx, key, layout)
+    b, mb = program(b, tables, idx, key, np.int32(0), layout)
     if int(a.step) == 4:
       break
   # The layout asked for was used (0: padded).
@@ -290,19 +303,18 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
 
 def test_positive_list_width_starts_at_the_first_epochs_widest(
     tiny_records):
-  """`trainer.positive_widths`: one width, wider than the most rows one
+  """`step_builder.positive_widths`: one width, wider than the most rows one
   album holds in a batch of the first epoch, serves every batch that fits
   it (a narrower batch is widened, padding with -1); none without the
   lists."""
   import itertools  # pylint: disable=g-import-not-at-top
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from mardjax.train import losses  # pylint: disable=g-import-not-at-top
-  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
-  manifest, audio, reviews = _tables(tiny_records)
+  from mardjax.train import step_builder  # pylint: disable=g-import-not-at-top
+  _, audio, reviews = _tables(tiny_records)
   config = test_config.get_config()
   config.train.batch_size = 64
-  data = trainer.TrainingData(manifest, audio, reviews)
-  widths = trainer.positive_widths(config, data, False)
+  widths = step_builder.positive_widths(config, _plan(config), reviews, audio)
   kw = dict(batch_size=64, seed=0, neighbourhood=True, reviews_per_album=2)
   most = input_pipeline.most_album_rows(reviews, input_pipeline.epoch_order(
       reviews, audio, epoch=0, **kw))
@@ -311,7 +323,9 @@ def test_positive_list_width_starts_at_the_first_epochs_widest(
   shapes = set()
   for _, batch in itertools.islice(input_pipeline.train_batches(
       reviews, audio, max_len=64, num_devices=1, **kw), 6):
-    lists = train_step.prepare_batch(state, batch, 8, positives='local',
+    plan = dataclasses.replace(_plan(config), text_layout='padded',
+                               positives='local')
+    lists = train_step.prepare_batch(state, batch, plan, 8,
                                      widths=widths)['positives']
     natural = losses.positive_lists(batch['album'], False)
     np.testing.assert_array_equal(lists[..., :natural.shape[-1]], natural)
@@ -319,26 +333,8 @@ def test_positive_list_width_starts_at_the_first_epochs_widest(
     shapes.add(lists.shape)
   assert shapes == {(1, 64, losses.positive_width(most + 1))}
   config.loss.kind = 'infonce'
-  assert not trainer.positive_widths(config, data, False).seen
-
-
-def test_auto_steps_per_dispatch_divides_the_intervals(monkeypatch):
-  """On accelerators 'auto' runs as many steps per dispatch as fit every
-  log, checkpoint and evaluation interval, so no dispatch is cut short."""
-  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert trainer.steps_per_dispatch(config, 'device') == 25  # 50/1000/1000.
-  config.train.log_every = 48
-  assert trainer.steps_per_dispatch(config, 'device') == 8  # gcd 8.
-  config.train.log_every, config.train.eval_every = 64, 512
-  config.train.checkpoint_every = 1024
-  assert trainer.steps_per_dispatch(config, 'device') == 32  # The cap.
-  config.train.log_every = 7
-  assert trainer.steps_per_dispatch(config, 'device') == 1
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
-  assert trainer.steps_per_dispatch(config, 'device') == 1
+  assert not step_builder.positive_widths(config, _plan(config), reviews,
+                                          audio).seen
 
 
 def test_flat_layout_sizes_start_at_a_floor():
@@ -356,7 +352,7 @@ def test_flat_layout_sizes_start_at_a_floor():
       tokens=np.ones(int(lengths.sum()), np.int32),
       offsets=np.cumsum(lengths) - lengths, lengths=lengths,
       album=np.zeros(len(lengths), np.int32))
-  planner = index_batches.Planner(config, reviews, 0)
+  planner = index_batches.Planner(config, _plan(config), reviews, 0)
   batches = [rng.choice(len(lengths), (1, 1024), replace=False)
              for _ in range(200)]
   sizes = {planner.layout([{'rows': r}]).num_tokens for r in batches}
@@ -367,35 +363,6 @@ def test_flat_layout_sizes_start_at_a_floor():
   assert big >= int(lengths[longest].sum())
   nearly = np.concatenate([longest[:, :1000], batches[0][:, :24]], 1)
   assert planner.layout([{'rows': nearly}]).num_tokens == big
-
-
-def test_batch_assembly_choice(tiny_records, monkeypatch):
-  from mardjax.errors import UserError  # pylint: disable=g-import-not-at-top
-  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
-  data = trainer.TrainingData(*_tables(tiny_records))
-  config = test_config.get_config()
-  assert trainer.batch_assembly(config, False, data) == 'host'  # Lazy (CPU).
-  config.train.embedding_update = 'dense'
-  assert trainer.batch_assembly(config, False, data) == 'device'
-  assert trainer.batch_assembly(config, True, data) == 'device'  # pmap.
-  config.train.parallelism = 'shard_map'
-  assert trainer.batch_assembly(config, True, data) == 'device'
-  config.train.parallelism = 'pmap'
-  assert trainer.steps_per_dispatch(config, 'device') == 1  # CPU: auto 1.
-  config.train.steps_per_dispatch = 8
-  assert trainer.steps_per_dispatch(config, 'device') == 8
-  with pytest.raises(UserError, match='steps_per_dispatch=8 needs batches'):
-    trainer.steps_per_dispatch(config, 'host')
-  config.train.batch_assembly = 'device'
-  config.model.text_encoder = 'lstm'  # Packed on the device.
-  assert trainer.batch_assembly(config, True, data) == 'device'
-  config.train.embedding_update = 'lazy'  # Asked for: served.
-  config.model.audio_encoder = 'album_lstm'
-  assert trainer.batch_assembly(config, True, data) == 'device'
-  config.train.parallelism = 'shard_map'
-  monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  with pytest.raises(UserError, match='shard_map across processes'):
-    trainer.batch_assembly(config, True, data)
 
 
 def test_program_sizes_reuse_the_smallest_pair_that_fits():
@@ -410,16 +377,6 @@ def test_program_sizes_reuse_the_smallest_pair_that_fits():
   assert sizes({'vocab': 8, 'rare': 10}) == {'vocab': 8, 'rare': 30}
   assert sizes({'vocab': 12, 'rare': 1}) == {'vocab': 16, 'rare': 30}
   assert len(sizes.seen) == 3
-
-
-def test_step_keys_are_fold_in_of_the_step():
-  base = jax.random.PRNGKey(7)
-  keys = train_step.StepKeys(base)
-  # In order, across a block boundary, then back (a resumed run).
-  for step in (0, 1, train_step.StepKeys.BLOCK - 1, train_step.StepKeys.BLOCK,
-               5000, 3):
-    np.testing.assert_array_equal(
-        keys(step), np.asarray(jax.random.fold_in(base, step)))
 
 
 def test_learning_rate_schedule_warmup_scaling_and_cosine():
@@ -460,9 +417,11 @@ def test_bfloat16_compute_trains_with_float32_state(encoder,
   losses = {}
   for name in ('float32', 'bfloat16'):
     config.train.compute_dtype = name
+    plan = _plan(config)
     model = two_branch.build(config.model, vocab_size=40,
-                             dtype=train_step.compute_dtype(config))
-    state = train_step.create_state(model, config, jax.random.PRNGKey(0),
+                             dtype=train_step.compute_dtype(plan))
+    state = train_step.create_state(model, config, plan,
+                                    jax.random.PRNGKey(0),
                                     {k: v[:4] for k, v in batch.items()})
     if name == 'bfloat16':
       plain = model.clone(dtype=np.float32)
@@ -474,7 +433,7 @@ def test_bfloat16_compute_trains_with_float32_state(encoder,
       for k in ('audio', 'text'):
         assert low[k].dtype == np.float32
         np.testing.assert_allclose(low[k], high[k], atol=0.05)
-    step = train_step.single_device_step(config.loss)
+    step = _step('single', config)
     prepared = _prepare(state, batch, 1)
     history = []
     for _ in range(15):

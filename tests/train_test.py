@@ -35,12 +35,22 @@ def _params_close(a, b, atol=1e-6):
                                atol=atol)
 
 
-def test_training_learns_and_reports_recall(tiny_records, tmp_path):
+def test_training_learns_and_reports_recall(tiny_records, tmp_path, caplog):
+  from mardjax import plan as plan_lib  # pylint: disable=g-import-not-at-top
   data_dir, _ = tiny_records
   config = _config(num_steps=60, eval_every=30, log_every=30,
                    checkpoint_every=30)
-  state, metrics = modes.train_and_evaluate(config, str(tmp_path), data_dir)
+  with caplog.at_level('INFO'):
+    state, metrics = modes.train_and_evaluate(config, str(tmp_path),
+                                              data_dir)
   assert int(state.step) == 60
+  # The run's execution plan: logged first, in its result and checkpoints.
+  plan = plan_lib.resolve(config)
+  assert metrics['plan'] == plan.asdict()
+  assert caplog.messages[0] == f'Plan: {plan.describe()}'
+  metas = glob.glob(str(tmp_path / checkpoints.CHECKPOINT_DIR / '60' / 'meta'
+                        / '*'))
+  assert [json.load(open(m))['plan'] for m in metas] == [plan.asdict()]
   for k in ('recall@1', 'recall@5', 'recall@10'):
     assert 0.0 <= metrics[k] <= 1.0
   before = metrics['history'][0]
@@ -163,7 +173,7 @@ def test_late_logged_metrics_are_each_steps_own(tiny_records, tmp_path,
 
 def test_the_loop_runs_with_setups_objects_frozen(tiny_records, tmp_path,
                                                  monkeypatch):
-  """`trainer._frozen_heap`: while the steps run, what setup left alive
+  """`timing.Clock.loop`: while the steps run, what setup left alive
   (the model, the tables: thousands of objects) is out of the collector's
   full passes; when the run ends, even by an error, it is handed back."""
   import gc  # pylint: disable=g-import-not-at-top
@@ -196,10 +206,9 @@ def test_prefetch_thread_feeds_the_same_batches(tiny_records, tmp_path):
   """'auto' builds batches in the loop's thread on CPUs; a prefetch thread
   (accelerators' auto, here with batches assembled on the device, whose
   plans the thread makes) trains on the same batches in the same order."""
-  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  from mardjax import plan as plan_lib  # pylint: disable=g-import-not-at-top
   data_dir, _ = tiny_records
-  assert trainer.prefetch_batches(_config()) == 0  # This CPU's auto.
-  assert trainer.prefetch_batches(_config(prefetch_batches=3)) == 3
+  assert plan_lib.resolve(_config()).prefetch_batches == 0  # CPU's auto.
   states = [modes.train_and_evaluate(
       _config(num_steps=9, eval_every=1000, log_every=3, checkpoint_every=9,
               batch_assembly='device', prefetch_batches=depth),
@@ -239,7 +248,7 @@ def test_resumed_run_ends_with_the_same_parameters(tiny_records, tmp_path,
   modes.train_and_evaluate(config(14), str(tmp_path / 'b'), data_dir)
   resumed, metrics = modes.train_and_evaluate(config(25),
                                               str(tmp_path / 'b'), data_dir)
-  assert metrics['batch_assembly'] == assembly
+  assert metrics['plan']['batch_assembly'] == assembly
   assert metrics['resumed_from'] == 14
   _params_close(straight.params, resumed.params)
   _params_close(straight.opt_state, resumed.opt_state)
@@ -402,6 +411,8 @@ def test_device_assembled_training_equals_host_assembled(
       '                          else "per_direction")\n'
       f'_, m = modes.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
       'm["devices"] = jax.local_device_count()\n'
+      'm.update({k: m["plan"][k] for k in ("batch_assembly",\n'
+      '                                     "steps_per_dispatch")})\n'
       'print(json.dumps({k: m[k] for k in (\n'
       '    "params_sha256", "recall@10", "batch_assembly",\n'
       '    "steps_per_dispatch", "devices")}))\n')

@@ -120,26 +120,29 @@ def _step_batch(config, vocab_size: int):
   return batch, reviews, audio
 
 
-def _device_step(config, state, data, key, widths=None):
+def _built_step(config, plan, state, reviews, audio, batch, key,
+                widths=None):
   """(state, step(state) -> (state, metrics), steps per dispatch): training's
-  own device-assembled step and planner (`trainer.index_step_fn`) on the
-  benchmark's one batch, `train.steps_per_dispatch` steps per dispatch as
-  training runs them (several on accelerators)."""
+  own step for `plan` (`step_builder.build_step`) on the benchmark's one
+  batch, as many steps per dispatch as training runs. Device assembly
+  makes its host plans for the batch once (the prefetch thread's work) and
+  pays each dispatch's; host assembly prepares and copies the batch every
+  step, as training does."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
-  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  from mardjax.train import step_builder  # pylint: disable=g-import-not-at-top
   b = config.train.batch_size
-  planner = trainer.make_planner(config, state, data, widths=widths)
-  state, device_fn = trainer.index_step_fn(config, state, False, data,
-                                           planner)
-  (_, item), = planner.with_plans(iter([((0, 0), {
-      'rows': np.arange(b)[None], 'tracks': np.arange(b)[None]})]))
-  keys = train_step.StepKeys(key)
-  per_dispatch = trainer.steps_per_dispatch(config, 'device')
+  built = step_builder.build_step(plan, config, state, reviews, audio, key,
+                                  widths)
+  if built.planner is None:
+    item, per_dispatch = {k: v[None] for k, v in batch.items()}, 1
+  else:
+    (_, item), = built.planner.with_plans(iter([((0, 0), {
+        'rows': np.arange(b)[None], 'tracks': np.arange(b)[None]})]))
+    per_dispatch = plan.steps_per_dispatch
 
   def step(state):
-    return device_fn(state, [item] * per_dispatch, 0, keys)
-  return state, step, per_dispatch
+    return built.run(state, [item] * per_dispatch, 0)
+  return built.state, step, per_dispatch
 
 
 def _timed(step, state, dispatches: int, min_seconds: float
@@ -171,47 +174,36 @@ def train_step_throughput(config, encoder: str, steps: int,
   128 at 60k words, as many as natural text of that length has or more) and
   two rows per album.
 
-  The batch is assembled where training would (`trainer.batch_assembly`):
+  The step is training's own for the config's plan on one device
+  (`mardjax.plan.resolve`, `step_builder.build_step`): the batch assembled
   on the host, prepared every step and copied over; or on the device from
   indices into tables put there once, each step paying the dispatch's host
-  work (`trainer.index_step_fn`; the prefetch thread's plans are made
-  once), as the PyTorch peer's batch is on its device when timed; as in
-  training, `train.steps_per_dispatch` steps run in each dispatch there
-  (several on accelerators, so `steps` rounds up to a multiple); more
-  steps while fewer than `min_seconds` have passed. `widths`: a run's
-  positive-list widths (`trainer.positive_widths`), so that the step timed
-  is the program that run's loop runs; None: the batch's own.
+  work (the prefetch thread's plans are made once), as the PyTorch peer's
+  batch is on its device when timed; as in training, the plan's
+  `steps_per_dispatch` steps run in each dispatch (several on
+  accelerators, so `steps` rounds up to a multiple); more steps while
+  fewer than `min_seconds` have passed. `widths`: a run's positive-list
+  widths (`step_builder.positive_widths`), so that the step timed is the
+  program that run's loop runs; None: the batch's own.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from mardjax import plan as plan_lib  # pylint: disable=g-import-not-at-top
   from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
   from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
-  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.model.text_encoder = encoder
   b, length = config.train.batch_size, config.data.max_len
   batch, reviews, audio = _step_batch(config, vocab_size)
+  plan = plan_lib.resolve(config, devices=1, processes=1)
   model = two_branch.build(config.model, vocab_size,
-                           dtype=train_step.compute_dtype(config))
-  state = train_step.create_state(model, config, jax.random.PRNGKey(0), batch)
-  key = jax.random.PRNGKey(1)
-  data = trainer.TrainingData(None, audio, reviews)
-  assembly = trainer.batch_assembly(config, False, data)
-  if assembly == 'device':
-    state, step, per_dispatch = _device_step(config, state, data, key,
-                                             widths)
-  else:
-    per_dispatch = 1
-    host_step = train_step.single_device_step(config.loss)
-
-    def step(state):
-      # Host-side preparation is part of each step's cost.
-      one = train_step.prepare_batch(
-          state, {k: v[None] for k, v in batch.items()},
-          config.train.vocab_bucket,
-          positives=train_step.positive_options(config, False),
-          widths=widths, **train_step.batch_options(config))
-      return host_step(state, {k: v[0] for k, v in one.items()}, key)
+                           dtype=train_step.compute_dtype(plan),
+                           lstm_loop=plan.lstm_loop)
+  state = train_step.create_state(model, config, plan, jax.random.PRNGKey(0),
+                                  batch)
+  state, step, per_dispatch = _built_step(
+      config, plan, state, reviews, audio, batch, jax.random.PRNGKey(1),
+      widths)
   start = time.time()
   state, metrics = step(state)
   jax.block_until_ready(metrics)
@@ -224,15 +216,10 @@ def train_step_throughput(config, encoder: str, steps: int,
           'steps_per_s': round(steps / wall, 2), 'compile_s': round(compile_s, 1),
           'steps': steps, 'steps_per_dispatch': per_dispatch,
           'batch_size': b, 'max_len': length, 'vocab_size': vocab_size,
-          'embedding_update': train_step.embedding_update(config),
-          'batch_assembly': assembly,
-          **({'lstm_loop': two_branch.lstm_loop(config.model)}
-             if encoder == 'lstm' else {}),
-          # The mean encoder's layout: real tokens only, or padded.
-          'text_layout': ('flat' if train_step.mean_token_bucket(config)
-                          else 'packed' if train_step.lstm_pack_rows(config)
-                          else 'split bag' if train_step.split_bag(config)
-                          else 'padded'),
+          'embedding_update': plan.embedding_update,
+          'batch_assembly': plan.batch_assembly,
+          **({'lstm_loop': plan.lstm_loop} if encoder == 'lstm' else {}),
+          'text_layout': plan.text_layout,
           'distinct_words_per_batch': int(np.unique(reviews.tokens).size),
           'device': str(jax.devices()[0].platform),
           'target_examples_per_s': TRAIN_TARGETS.get(encoder),
@@ -357,18 +344,18 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
   next(it)
   n = config.benchmark.pipeline_batches
   start = time.time()
-  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
-  lazy = (train_step.embedding_update(config) == 'lazy'
+  from mardjax import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  plan = plan_lib.resolve(config, devices=1, processes=1)
+  lazy = (plan.embedding_update == 'lazy'
           and config.model.text_encoder != 'pretrained')
-  token_bucket = train_step.mean_token_bucket(config)
   for _, batch in itertools.islice(it, n):
     if lazy:
       sparse_embedding.compact_batch(batch, manifest.vocab.size,
-                                     t.vocab_bucket,
-                                     split_bag=train_step.split_bag(config))
-    if token_bucket:
+                                     t.vocab_bucket, split_bag=plan.split_bag)
+    if plan.token_bucket:
       two_branch.flat_review(np.minimum(batch['lengths'],
-                                     batch['tokens'].shape[-1]), token_bucket)
+                                        batch['tokens'].shape[-1]),
+                             plan.token_bucket)
   rate = n * t.batch_size / (time.time() - start)
   step = train_step_throughput(config, config.model.text_encoder,
                                config.benchmark.train_steps,

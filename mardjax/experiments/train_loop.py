@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from mardjax import plan as plan_lib
 from mardjax.data import manifest as manifest_lib
 from mardjax.data import tables
 from mardjax.evaluation import evaluate
 from mardjax.experiments import benchmark
 from mardjax.models import two_branch
+from mardjax.train import step_builder
 from mardjax.train import trainer
 
 
@@ -111,7 +113,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   # The loop's positive-list width (its tables' albums repeat within a
   # batch; the step-alone batch's do not), so that the same program is
   # timed alone.
-  widths = trainer.positive_widths(config, data, jax.device_count() > 1)
+  plan = plan_lib.resolve(config)
+  widths = step_builder.positive_widths(config, plan, data.reviews,
+                                        data.audio)
 
   def step_alone():
     return benchmark.train_step_throughput(
@@ -121,7 +125,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   before = step_alone()
   with tempfile.TemporaryDirectory(prefix='mardjax-train-loop-') as tmp:
     start = time.perf_counter()
-    _, metrics = trainer.train_and_evaluate(config, tmp, data, make_evaluator)
+    _, metrics = trainer.train_and_evaluate(config, tmp, data, make_evaluator,
+                                            plan)
     total_s = time.perf_counter() - start
   seconds = metrics['seconds']
   examples = b.train_loop_steps * config.train.batch_size
@@ -141,8 +146,8 @@ def run(config, workdir: str) -> dict[str, Any]:
       'text_encoder': config.model.text_encoder,
       'embedding_update': step['embedding_update'],
       'batch_size': config.train.batch_size, 'steps': b.train_loop_steps,
-      'batch_assembly': metrics['batch_assembly'],
-      'steps_per_dispatch': metrics['steps_per_dispatch'],
+      'batch_assembly': plan.batch_assembly,
+      'steps_per_dispatch': plan.steps_per_dispatch, 'plan': plan.asdict(),
       'reviews': len(data.reviews), 'albums': b.loop_albums,
       'tracks': b.loop_tracks,
       'end_to_end_examples_per_s': round(end_to_end, 1),

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mardjax import plan as plan_lib
 from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
 from mardjax.models import lstm
@@ -100,36 +101,6 @@ class LSTMDirection(nn.Module):
     wh = self.param('wh', nn.initializers.orthogonal(), (h_dim, 4 * h_dim))
     bias = self.param('bias', nn.initializers.zeros, (4 * h_dim,))
     return wi.astype(dt), wh.astype(dt), bias.astype(dt)
-
-
-# `model.lstm_loop`: how the BiLSTM runs its two directions.
-LSTM_LOOPS = ('auto', 'per_direction', 'bidirectional')
-
-
-def lstm_loop(model_config) -> str:
-  """'per_direction' (one loop each) or 'bidirectional' (both directions in
-  one loop, `lstm.bidirectional`): `model.lstm_loop`, with 'auto' the first
-  on CPUs and the second on accelerators.
-
-  Both compute the same function from the same parameters (to float
-  rounding; tested). On a 2-core CPU the one loop is no faster (fwd + bwd
-  of the encoder at paper sizes, 400 positions: 77-90 against 84-94
-  examples/s at batch 128, equal at 8 and 32). On a GPU a loop position's
-  latency (a few kernels, one after the other) outweighs its arithmetic at
-  small batches, and the training step with a loop per direction runs 4P
-  positions one after the other (two directions, forward and backward
-  pass) against 2P in one loop: on one H200 with a loop per direction, the
-  LSTM step at batch 128 ran at 6,238 examples/s, 20.5 ms for its 1,600
-  sequential positions. 'auto' picks the one loop on accelerators on this
-  reasoning; it is not measured on a GPU yet.
-  """
-  loop = model_config.get('lstm_loop', 'auto')
-  if loop not in LSTM_LOOPS:
-    raise ValueError(f'config.model.lstm_loop={loop!r}: choose from '
-                     f'{LSTM_LOOPS}.')
-  if loop != 'auto':
-    return loop
-  return 'per_direction' if jax.default_backend() == 'cpu' else 'bidirectional'
 
 
 # Row-sparse training's bag-of-words product covers the first BAG_SLOTS
@@ -382,7 +353,7 @@ class BiLSTMEncoder(nn.Module):
   word_dim: int
   lstm_dim: int
   dtype: Any = jnp.float32  # Of the products and the recurrence.
-  # 'per_direction' or 'bidirectional' (`lstm_loop`): the same function.
+  # 'per_direction' or 'bidirectional' (`mardjax.plan`): the same function.
   loop: str = 'per_direction'
 
   @nn.compact
@@ -540,10 +511,13 @@ class TwoBranch(nn.Module):
 
 
 def build(model_config, vocab_size: int, bn_axis_name: str | None = None,
-          dtype: Any = jnp.float32) -> TwoBranch:
+          dtype: Any = jnp.float32, lstm_loop: str | None = None
+          ) -> TwoBranch:
   """The model a config describes (fields: see configs/default.py),
-  computing in `dtype` (training's `train.compute_dtype`; inference
-  computes in float32)."""
+  computing in `dtype` (training's plan's `compute_dtype`; inference
+  computes in float32), its BiLSTM's directions run as `lstm_loop` (the
+  plan's; None: `mardjax.plan.lstm_loop` for the default backend). Both
+  loops compute the same function from the same parameters."""
   if model_config.text_encoder not in TEXT_ENCODERS:
     raise ValueError(f'config.model.text_encoder={model_config.text_encoder!r}'
                      f': choose from {tuple(TEXT_ENCODERS)}.')
@@ -558,7 +532,8 @@ def build(model_config, vocab_size: int, bn_axis_name: str | None = None,
                    hidden_dim=model_config.hidden_dim,
                    embed_dim=model_config.embed_dim,
                    lstm_dim=model_config.lstm_dim,
-                   lstm_loop=lstm_loop(model_config),
+                   lstm_loop=lstm_loop or plan_lib.lstm_loop(
+                       model_config, jax.default_backend()),
                    linear=model_config.linear,
                    batch_norm=model_config.batch_norm,
                    bn_axis_name=bn_axis_name,
@@ -577,7 +552,8 @@ def album_tracks(config: ml_collections.ConfigDict) -> int:
 def from_manifest(config: ml_collections.ConfigDict,
                   manifest: manifest_lib.Manifest,
                   bn_axis_name: str | None = None,
-                  dtype: Any = jnp.float32) -> TwoBranch:
+                  dtype: Any = jnp.float32, lstm_loop: str | None = None
+                  ) -> TwoBranch:
   """The configured model for the data of `manifest` (its vocabulary size).
 
   Raises:
@@ -590,7 +566,8 @@ def from_manifest(config: ml_collections.ConfigDict,
         'features, and these records hold none: set '
         'config.data.text_encoder_path to a local Hugging Face model '
         'directory (preprocessing then computes them).')
-  return build(config.model, manifest.vocab.size, bn_axis_name, dtype)
+  return build(config.model, manifest.vocab.size, bn_axis_name, dtype,
+               lstm_loop)
 
 
 def dummy_inputs(config: ml_collections.ConfigDict,

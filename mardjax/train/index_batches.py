@@ -1,6 +1,6 @@
 """What the host decides for steps that assemble their batch on the device.
 
-Such a step (`train_step.index_step` and its pmap form) is sent a batch's
+Such a step (`train_step.step_program` with device assembly) is sent a batch's
 review rows and track rows; the rest of what it needs that depends on the
 batch is decided here, on the host, from those indices alone:
 
@@ -23,6 +23,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
+from mardjax import plan as plan_lib
 from mardjax.data import tables
 from mardjax.models import two_branch
 from mardjax.train import losses
@@ -36,32 +37,30 @@ class Planner:
 
   Args:
     config: the run's config.
+    plan: the run's plan (its text layout and positive lists).
     reviews: this process's training reviews (the device tables' rows).
     vocab_size: V, rows of the embedding table trained with the lazy
       update; 0 when the update is dense (no word lists).
     sync: with several processes, how they agree on sizes and word lists.
-    positives: the ranking loss's positive lists, as `prepare_batch`
-      takes the argument (`train_step.positive_options`); '': none.
-    widths: the run's widths of those lists (`trainer.positive_widths`);
-      None: each dispatch's own.
+    widths: the run's widths of the positive lists
+      (`step_builder.positive_widths`); None: each dispatch's own.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict,
+  def __init__(self, config: ml_collections.ConfigDict, plan: plan_lib.Plan,
                reviews: tables.ReviewTable, vocab_size: int,
                sync: train_step.ProcessSync | None = None,
-               positives: str = '',
                widths: train_step.ProgramSizes | None = None):
     self.max_len = config.data.max_len
-    self.token_bucket = train_step.mean_token_bucket(config)
-    self.pack_rows = train_step.lstm_pack_rows(config)
+    self.token_bucket = plan.token_bucket
+    self.pack_rows = plan.pack_rows
     self.vocab_bucket = config.train.vocab_bucket
     self.album_tracks = two_branch.album_tracks(config)
     self.reviews = reviews
     self.lengths = np.minimum(reviews.lengths, self.max_len)
     self.vocab_size = vocab_size
-    self.split_bag = bool(vocab_size) and train_step.split_bag(config)
+    self.split_bag = bool(vocab_size) and plan.split_bag
     self.sync = sync
-    self.positives = positives
+    self.positives = plan.positives
     self.sizes = train_step.ProgramSizes(sync)
     self.widths = widths or train_step.ProgramSizes()
     # The flat layout's sizes (`layout`): at least `_token_floor`'s.

@@ -1,22 +1,27 @@
-"""Train state and the per-device train step, with its two parallel wrappers.
+"""Train state, the per-device train step, and its compiled forms.
 
 One step body (`per_device_step`: forward, loss, gradients, optax update,
-metrics) serves both data-parallel forms, as the design asks:
+metrics) serves every form `step_program` compiles:
 
-  * `pmap_step`: `jax.pmap` over the local devices; batches shaped
+  * one device: `jax.jit`;
+  * 'pmap': `jax.pmap` over the local devices; batches shaped
     (devices, per_device_batch, ...); state passed unreplicated
-    (`in_axes=None`) and returned unreplicated (`out_axes=None`).
-  * `shard_map_step`: `jax.jit` of `jax.shard_map` over a 1-D mesh named
+    (`in_axes=None`) and returned unreplicated (`out_axes=None`);
+  * 'shard_map': `jax.jit` of `jax.shard_map` over a 1-D mesh named
     'data'; batches shaped (devices * per_device_batch, ...) and sharded on
-    their first axis.
+    their first axis;
+
+each fed the batch (assembled on the host) or indices into tables kept on
+the device (assembled there, `assemble`), one step or several in a
+`lax.scan`. `mardjax.train.step_builder.build_step` picks the form from the
+run's plan.
 
 Gradients and metrics are averaged over the device axis with `lax.pmean`;
 BatchNorm computes its statistics over the same axis, so the running averages
 agree on every device.
 
-With `config.train.embedding_update='lazy'` (what 'auto', the default,
-picks on CPUs; `embedding_update`) the word-embedding table is trained
-row-sparse: batches carry 'slots' and 'vocab_ids' instead
+With the plan's lazy embedding update (`mardjax.plan`) the word-embedding
+table is trained row-sparse: batches carry 'slots' and 'vocab_ids' instead
 of 'tokens' (`sparse_embedding.compact_batch`), the step differentiates only
 the rows in the batch and updates them with lazy Adam; everything else goes
 through optax as before. 'dense' trains the table like any other parameter.
@@ -36,6 +41,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mardjax import plan as plan_lib
 from mardjax.data import tables as data_tables
 from mardjax.models import two_branch
 from mardjax.train import losses
@@ -89,12 +95,13 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
 
 
 def create_state(model: nn.Module, config: ml_collections.ConfigDict,
-                 rng: jax.Array, sample: dict[str, np.ndarray],
+                 plan: plan_lib.Plan, rng: jax.Array,
+                 sample: dict[str, np.ndarray],
                  num_steps: int | None = None) -> TrainState:
   """Initialises parameters from one (per-device) sample batch; optax Adam
   on `learning_rate_schedule` (paper: constant 1e-3), whose decaying forms
-  need `num_steps` (the run's length). Lazy embedding updates read the same
-  schedule."""
+  need `num_steps` (the run's length). The plan's lazy embedding update
+  reads the same schedule."""
   variables = model.init(rng, audio=sample['audio'], tokens=sample['tokens'],
                          lengths=sample['lengths'],
                          text_features=sample.get('text_features'),
@@ -103,7 +110,7 @@ def create_state(model: nn.Module, config: ml_collections.ConfigDict,
   batch_stats = variables.get('batch_stats', {})
   schedule = learning_rate_schedule(config, num_steps)
   tx = optax.adam(schedule)
-  if not lazy_embedding(config, params):
+  if not lazy_embedding(plan, params):
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                              batch_stats=batch_stats)
   table, rest = sparse_embedding.split_table(params)
@@ -124,37 +131,18 @@ def set_word_scores(state: TrainState, scores: np.ndarray) -> TrainState:
   return state.replace(params=sparse_embedding.merge_table(table, rest))
 
 
-# The update 'auto' picks per backend, from the train-step benchmark
-# (README: Training): lazy Adam wins on CPUs, where the dense update's pass
-# over the whole table dominates a step; on GPUs the dense update is one
-# fused pass at memory speed and the lazy one's gathers and scatters cost
-# more (one H200: dense 185k / 350k / 276k examples/s against lazy 70-97k /
-# 222-261k / 218-239k at batch 128 / 1,024 / 8,192).
-AUTO_EMBEDDING_UPDATE = {'cpu': 'lazy', 'gpu': 'dense', 'cuda': 'dense',
-                         'rocm': 'dense', 'tpu': 'dense'}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def embedding_update(config: ml_collections.ConfigDict) -> str:
-  """'lazy' or 'dense': `config.train.embedding_update`, with 'auto'
-  resolved for the default backend."""
-  update = config.train.embedding_update
-  if update != 'auto':
-    return update
-  return AUTO_EMBEDDING_UPDATE.get(jax.default_backend(), 'dense')
+def compute_dtype(plan: plan_lib.Plan):
+  """The dtype of training's products and activations (the plan's
+  `compute_dtype`); parameters and optimizer state stay float32."""
+  return DTYPES[plan.compute_dtype]
 
 
-COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def compute_dtype(config: ml_collections.ConfigDict):
-  """The dtype of training's products and activations
-  (`train.compute_dtype`); parameters and optimizer state stay float32."""
-  return COMPUTE_DTYPES[config.train.compute_dtype]
-
-
-def lazy_embedding(config: ml_collections.ConfigDict, params) -> bool:
+def lazy_embedding(plan: plan_lib.Plan, params) -> bool:
   """Whether the embedding table of `params` is trained row-sparse."""
-  return (embedding_update(config) == 'lazy'
+  return (plan.embedding_update == 'lazy'
           and sparse_embedding.has_table(params))
 
 
@@ -204,44 +192,10 @@ class ProgramSizes:
     return want
 
 
-class StepKeys:
-  """Each step's PRNG key, `fold_in(base_key, step)`, as a host array.
-
-  Folded on the device for `BLOCK` steps at a time: one dispatch per block
-  in place of an op-by-op `fold_in` per step, which cost about 0.4 ms of
-  host time a step on a 2-core CPU (a twentieth of the mean model's step).
-  The keys are the same bits either way.
-  """
-
-  BLOCK = 1024
-
-  def __init__(self, base_key: jax.Array):
-    self.base_key = base_key
-    self._start = 0
-    self._keys = np.zeros((0, 2), np.uint32)
-
-  def __call__(self, step: int) -> np.ndarray:
-    if not self._start <= step < self._start + len(self._keys):
-      self._start = step
-      self._keys = jax.device_get(_fold_block(self.base_key,
-                                              np.int32(step)))
-    return self._keys[step - self._start]
-
-
-@jax.jit
-def _fold_block(base_key: jax.Array, start: jax.Array) -> jax.Array:
-  """(StepKeys.BLOCK, 2) keys of steps start, start + 1, ..."""
-  steps = start + jnp.arange(StepKeys.BLOCK, dtype=jnp.int32)
-  return jax.vmap(jax.random.fold_in, (None, 0))(base_key, steps)
-
-
 def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
-                  vocab_bucket: int, pack_rows: int = 0,
+                  plan: plan_lib.Plan, vocab_bucket: int,
                   sync: ProcessSync | None = None,
-                  token_bucket: int = 0,
-                  split_bag: bool = False,
                   sizes: ProgramSizes | None = None,
-                  positives: str = '',
                   widths: ProgramSizes | None = None
                   ) -> dict[str, np.ndarray]:
   """The host-side batch transform the state's step expects (numpy).
@@ -249,42 +203,38 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
   Args:
     state: the train state (lazy or dense embedding updates).
     batch: (D, b, ...) arrays from `input_pipeline.train_batches`.
+    plan: the run's plan: its `text_layout` ('packed': the reviews end to
+      end in rows, `pack_rows` a multiple, `mardjax.train.packing`; 'flat':
+      'flat_review' (D, T), T a multiple of `token_bucket`,
+      `two_branch.flat_review`; 'split_bag': the lazy update's
+      'rare_tokens', `sparse_embedding.compact_batch`) and its `positives`
+      ('local' or 'across': each row's positives for the ranking loss's
+      hinges, 'positives' (D, b, W), `losses.positive_lists`, among its
+      device's rows or every device's).
     vocab_bucket: `config.train.vocab_bucket`.
-    pack_rows: > 0 packs the reviews end to end (LSTM encoder), rows
-      rounded up to a multiple of this (`mardjax.train.packing`).
     sync: with several processes, combines their row counts and word ids.
-    token_bucket: > 0 adds the flat layout of the mean encoder,
-      'flat_review' (D, T), T rounded up to a multiple of this
-      (`two_branch.flat_review`).
-    split_bag: under the lazy update, the mean encoder's split
-      bag-of-words, 'rare_tokens' (`sparse_embedding.compact_batch`).
     sizes: the run's `ProgramSizes` for the split bag-of-words' lists;
       None: this batch's own (agreed between processes).
-    positives: 'local' or 'across' (`positive_options`) adds each row's
-      positives for the ranking loss's hinges, 'positives' (D, b, W)
-      (`losses.positive_lists`), among its device's rows or every
-      device's; '': none.
     widths: the run's `ProgramSizes` for W; None: this batch's own.
   """
-  if pack_rows or token_bucket or positives:
-    batch = dict(batch)
-  if positives:
+  batch = dict(batch)
+  if plan.positives:
     batch['positives'] = losses.positive_lists(
-        batch['album'], positives == 'across',
+        batch['album'], plan.positives == 'across',
         lambda w: program_width(w, sync, widths))
-  if pack_rows:
-    batch.update(packing.pack(batch['tokens'], batch['lengths'], pack_rows,
-                              sync.max if sync else None))
-  if token_bucket:
+  if plan.text_layout == 'packed':
+    batch.update(packing.pack(batch['tokens'], batch['lengths'],
+                              plan.pack_rows, sync.max if sync else None))
+  if plan.text_layout == 'flat':
     batch['flat_review'] = two_branch.flat_review(
         np.minimum(batch['lengths'], batch['tokens'].shape[-1]),
-        token_bucket, sync.max if sync else None)
+        plan.token_bucket, sync.max if sync else None)
   if state.embed_tx is None:
     return batch
   table, _ = sparse_embedding.split_table(state.params)
   return sparse_embedding.compact_batch(
       batch, table.shape[0], vocab_bucket, sync.any if sync else None,
-      split_bag, sizes or ProgramSizes(sync))
+      plan.split_bag, sizes or ProgramSizes(sync))
 
 
 def program_width(width: int, sync: ProcessSync | None = None,
@@ -295,58 +245,6 @@ def program_width(width: int, sync: ProcessSync | None = None,
   if sync:
     width = sync.max(width)
   return widths({'positives': width})['positives'] if widths else width
-
-
-def positive_options(config: ml_collections.ConfigDict, parallel: bool
-                     ) -> str:
-  """The `positives` argument of `prepare_batch` (and of the device
-  planner): the ranking loss's hinges over each row's positives only
-  (`losses.positive_lists`), 'across' the devices when the loss gathers
-  its candidates from all of them, else 'local'. '' where the lists do not
-  serve: other losses, and candidates gathered across processes (a
-  process holds only its own rows' albums; the loss then pairs every
-  candidate)."""
-  loss = config.loss
-  if loss.kind != 'ranking':
-    return ''
-  if loss.gather_across_devices and parallel:
-    return '' if jax.process_count() > 1 else 'across'
-  return 'local'
-
-
-def lstm_pack_rows(config: ml_collections.ConfigDict) -> int:
-  """The `pack_rows` argument of `prepare_batch` for this config."""
-  return (config.train.lstm_pack_rows
-          if config.model.text_encoder == 'lstm' else 0)
-
-
-def mean_token_bucket(config: ml_collections.ConfigDict) -> int:
-  """The `token_bucket` argument of `prepare_batch` for this config: the
-  mean encoder with the dense update trains on the flat layout
-  (`train.token_bucket`, 0: padded). The lazy update keeps its bag-of-words
-  product over the batch's distinct words: the flat layout was no faster
-  there on a CPU (7,620 against 7,690 examples/s at paper sizes, batch
-  128), and one more bucketed size per batch would mean more programs to
-  compile."""
-  return (config.train.token_bucket
-          if config.model.text_encoder == 'mean'
-          and embedding_update(config) == 'dense' else 0)
-
-
-def batch_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`prepare_batch`'s layout arguments for this config."""
-  return {'pack_rows': lstm_pack_rows(config),
-          'token_bucket': mean_token_bucket(config),
-          'split_bag': split_bag(config)}
-
-
-def split_bag(config: ml_collections.ConfigDict) -> bool:
-  """The `split_bag` argument of `prepare_batch` for this config: the mean
-  encoder's padded layout under the lazy update (`two_branch.BAG_SLOTS`;
-  `train.split_bag`)."""
-  return bool(config.train.split_bag and config.model.text_encoder == 'mean'
-              and embedding_update(config) == 'lazy'
-              and not mean_token_bucket(config))
 
 
 def compute_loss(audio: jax.Array, text: jax.Array, album: jax.Array,
@@ -477,30 +375,9 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
   return new_state, metrics
 
 
-# The jit wrappers donate the incoming state: the step returns a new one, and
-# letting XLA reuse the old buffers (params, Adam moments: ~180 MB at paper
-# sizes) in place cuts the optimizer update several-fold on CPU. pmap does
-# not: its unmapped (in_axes=None) state is broadcast to the devices first,
-# so there is nothing to reuse, and donating it breaks multi-process runs
-# ("Array has been deleted").
-
-
-def single_device_step(loss_config) -> Callable:
-  """jit of the body on one device; batch arrays (b, ...)."""
-  return jax.jit(functools.partial(per_device_step, loss_config=loss_config,
-                                   axis_name=None), donate_argnums=0)
-
-
-def pmap_step(loss_config) -> Callable:
-  """pmap of the body; batch arrays (devices, b, ...), state unreplicated."""
-  return jax.pmap(functools.partial(per_device_step, loss_config=loss_config,
-                                    axis_name=AXIS),
-                  axis_name=AXIS, in_axes=(None, 0, None), out_axes=None)
-
-
 class DeviceTables(NamedTuple):
   """The training data on the device, for steps that assemble their batch
-  there from indices (`index_step`): no token array crosses to the device
+  there from indices (`step_program`): no token array crosses to the device
   per step.
 
   Attributes:
@@ -612,99 +489,9 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
   return batch
 
 
-def _index_bodies(loss_config, max_len: int, axis_name: str | None
-                  ) -> tuple[Callable, Callable]:
-  """The step bodies fed indices, one step and several (a `lax.scan`), for
-  `index_step(s)` and `index_pmap_step(s)` to wrap."""
-  def one(state, tables, idx, key, layout):
-    vocab_size = (sparse_embedding.split_table(state.params)[0].shape[0]
-                  if state.embed_tx is not None else 0)
-    return per_device_step(
-        state, assemble(tables, idx, max_len, layout, vocab_size), key,
-        loss_config=loss_config, axis_name=axis_name)
-
-  def many(state, tables, idx, base_key, step0, layout):
-    def body(state, xs):
-      i, step_idx = xs
-      return one(state, tables, step_idx,
-                 jax.random.fold_in(base_key, step0 + i), layout)
-    n = idx['rows'].shape[0]
-    state, metrics = jax.lax.scan(body, state, (jnp.arange(n), idx))
-    last = jax.tree_util.tree_map(lambda x: x[-1], metrics)
-    return state, dict(last, finite=jnp.min(metrics['finite']))
-  return one, many
-
-
-def index_step(loss_config, max_len: int, mesh: Mesh | None = None
-               ) -> Callable:
-  """jit of the body fed indices instead of a batch:
-  fn(state, tables, idx, key, layout) -> (state, metrics), with `idx` and
-  `layout` (static) as for `assemble`. The tables are an argument, not a
-  constant of the program.
-
-  On one device idx's arrays are (b, ...). With `mesh`, the body runs under
-  `shard_map` over its devices as `shard_map_step` does: the state and
-  tables replicated on the mesh, idx's arrays (D * b, ...) with device d's
-  share at [d * b:(d + 1) * b], and `layout` every device's sizes.
-  """
-  one, _ = _index_bodies(loss_config, max_len, AXIS if mesh else None)
-
-  def step(state, tables, idx, key, layout=Layout()):
-    body = functools.partial(one, layout=layout)
-    if mesh is None:
-      return body(state, tables, idx, key)
-    return jax.shard_map(body, mesh=mesh,
-                         in_specs=(P(), P(), P(AXIS), P()),
-                         out_specs=(P(), P()), check_vma=False)(
-                             state, tables, idx, key)
-  return jax.jit(step, donate_argnums=0, static_argnums=4)
-
-
-def index_steps(loss_config, max_len: int, mesh: Mesh | None = None
-                ) -> Callable:
-  """Several steps of `index_step` in one dispatch (a `lax.scan`):
-  fn(state, tables, idx (arrays (n, ...)), base_key, step0, layout) ->
-  (state, metrics of the last step, with 'finite' the least over the n);
-  `layout` (static) serves all n steps, and `mesh` is `index_step`'s (each
-  step's share on axis 1).
-  Step i's key is fold_in(base_key, step0 + i), as the loop gives one step.
-  """
-  _, many = _index_bodies(loss_config, max_len, AXIS if mesh else None)
-
-  def steps(state, tables, idx, base_key, step0, layout=Layout()):
-    body = functools.partial(many, layout=layout)
-    if mesh is None:
-      return body(state, tables, idx, base_key, step0)
-    return jax.shard_map(
-        body, mesh=mesh,
-        in_specs=(P(), P(), P(None, AXIS), P(), P()),
-        out_specs=(P(), P()), check_vma=False)(
-            state, tables, idx, base_key, step0)
-  return jax.jit(steps, donate_argnums=0, static_argnums=5)
-
-
-def index_pmap_step(loss_config, max_len: int) -> Callable:
-  """pmap of the body fed indices: fn(state, tables, idx (arrays
-  (D, b, ...)), key, layout) -> (state, metrics); tables with a leading
-  device axis (`replicate_tables`), state unreplicated as for `pmap_step`.
-  Each process passes its own devices' tables and indices, so in a
-  multi-host run every process keeps only its albums."""
-  one, _ = _index_bodies(loss_config, max_len, AXIS)
-  return jax.pmap(one, axis_name=AXIS, in_axes=(None, 0, 0, None),
-                  out_axes=None, static_broadcasted_argnums=4)
-
-
-def index_pmap_steps(loss_config, max_len: int) -> Callable:
-  """Several steps of `index_pmap_step` in one dispatch: fn(state, tables,
-  idx (arrays (D, n, b, ...)), base_key, step0, layout)."""
-  _, many = _index_bodies(loss_config, max_len, AXIS)
-  return jax.pmap(many, axis_name=AXIS, in_axes=(None, 0, 0, None, None),
-                  out_axes=None, static_broadcasted_argnums=5)
-
-
 def replicate_tables(tables: DeviceTables, devices=None) -> DeviceTables:
   """One copy of the tables per local device, stacked on a leading axis
-  (what `index_pmap_step` maps over)."""
+  (what the pmap form of `step_program` maps over)."""
   devices = list(devices or jax.local_devices())
   sharding = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), P(AXIS))
 
@@ -720,18 +507,86 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices or jax.local_devices()), (AXIS,))
 
 
-def shard_map_step(loss_config, mesh: Mesh) -> Callable:
-  """jit(shard_map) of the body; batch arrays (devices * b, ...)."""
-  body = functools.partial(per_device_step, loss_config=loss_config,
-                           axis_name=AXIS)
-  # check_vma=False gives the body pmap's semantics: jax.grad inside it is the
-  # gradient of this device's loss, and the body's own pmean averages them.
-  # (With varying-axis checking on, grads of replicated params come out
-  # already summed over devices and the body would need another form.)
-  return jax.jit(jax.shard_map(body, mesh=mesh,
-                               in_specs=(P(), P(AXIS), P()),
-                               out_specs=(P(), P()), check_vma=False),
-                 donate_argnums=0)
+def _program_body(loss_config, max_len: int, axis_name: str | None,
+                  device_assembly: bool, scan: bool) -> Callable:
+  """body(state, tables, inputs, base_key, step0, layout) -> (state,
+  metrics) on one device's share: `inputs` is the batch itself (host
+  assembly) or the indices `assemble` builds it from (device assembly);
+  step i's key is fold_in(base_key, step0 + i). With `scan`, inputs have a
+  leading axis of n steps run in one `lax.scan`, and the metrics are the
+  last step's with 'finite' the least over the n."""
+  def one(state, tables, inputs, key, layout):
+    if device_assembly:
+      vocab_size = (sparse_embedding.split_table(state.params)[0].shape[0]
+                    if state.embed_tx is not None else 0)
+      inputs = assemble(tables, inputs, max_len, layout, vocab_size)
+    return per_device_step(state, inputs, key, loss_config=loss_config,
+                           axis_name=axis_name)
+
+  def body(state, tables, inputs, base_key, step0, layout):
+    if not scan:
+      return one(state, tables, inputs, jax.random.fold_in(base_key, step0),
+                 layout)
+
+    def each(state, xs):
+      i, step_inputs = xs
+      return one(state, tables, step_inputs,
+                 jax.random.fold_in(base_key, step0 + i), layout)
+    n = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+    state, metrics = jax.lax.scan(each, state, (jnp.arange(n), inputs))
+    last = jax.tree_util.tree_map(lambda x: x[-1], metrics)
+    return state, dict(last, finite=jnp.min(metrics['finite']))
+  return body
+
+
+def step_program(parallelism: str, loss_config, *, max_len: int = 0,
+                 device_assembly: bool = False, scan: bool = False,
+                 mesh: Mesh | None = None) -> Callable:
+  """The compiled train step of one form:
+  fn(state, tables, inputs, base_key, step0, layout) -> (state, metrics).
+
+  Args:
+    parallelism: the plan's 'single' (jit on one device; inputs' arrays
+      (b, ...)), 'pmap' (over the local devices; inputs (D, b, ...), tables
+      with a leading device axis, `replicate_tables`; state unreplicated
+      in and out) or 'shard_map' (jit of shard_map over `mesh`; inputs
+      (D * b, ...), device d's share at [d * b:(d + 1) * b]; state and
+      tables replicated on the mesh).
+    loss_config: config.loss.
+    max_len: reviews' token limit (device assembly).
+    device_assembly: inputs are indices into `tables` (`DeviceTables`,
+      `assemble`); else the batch itself (`prepare_batch`) and tables None.
+    scan: inputs carry n steps on an axis after the device axis (pmap:
+      (D, n, b, ...); otherwise (n, D * b, ...)), run in one dispatch.
+    mesh: shard_map's mesh (`make_mesh`).
+
+  base_key is a PRNG key, step0 an int32 scalar (the first step's number),
+  `layout` a static `Layout`. The jit forms donate the incoming state: the
+  step returns a new one, and XLA reuses the old buffers (params, Adam
+  moments) in place. pmap does not: its unmapped state is broadcast to the
+  devices first, so there is nothing to reuse, and donating it breaks
+  multi-process runs ("Array has been deleted").
+  """
+  axis = None if parallelism == 'single' else AXIS
+  body = _program_body(loss_config, max_len, axis, device_assembly, scan)
+  if parallelism == 'pmap':
+    return jax.pmap(body, axis_name=AXIS,
+                    in_axes=(None, 0 if device_assembly else None, 0, None,
+                             None),
+                    out_axes=None, static_broadcasted_argnums=5)
+  if parallelism == 'shard_map':
+    # check_vma=False gives the body pmap's semantics: jax.grad inside it is
+    # the gradient of this device's loss, and the body's own pmean averages
+    # them. (With varying-axis checking on, grads of replicated params come
+    # out already summed over devices and the body would need another form.)
+    def sharded(state, tables, inputs, base_key, step0, layout):
+      return jax.shard_map(
+          functools.partial(body, layout=layout), mesh=mesh,
+          in_specs=(P(), P(), P(None, AXIS) if scan else P(AXIS), P(), P()),
+          out_specs=(P(), P()), check_vma=False)(
+              state, tables, inputs, base_key, step0)
+    return jax.jit(sharded, donate_argnums=0, static_argnums=5)
+  return jax.jit(body, donate_argnums=0, static_argnums=5)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh
