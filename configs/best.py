@@ -2,7 +2,8 @@
 
 Same two-branch network, sizes and data as `configs/default.py` (the paper's
 best row, which stays there and in `configs/table1/` for reproduction); the
-changes, each measured in the README (What limits the paper's recipe):
+changes, each with its effect on dev recall in the documentation (What
+limits the paper's recipe):
 
 * hardest negatives: the 10 closest wrong albums per (anchor, positive)
   instead of 10 uniform ones, most of which are already past the margin

@@ -105,21 +105,26 @@ def get_config():
   config.train.lr_schedule = 'constant'
   config.train.lr_final_fraction = 0.0
   # Word-embedding table: 'lazy' updates only the rows a batch uses (lazy
-  # Adam, several times faster at 60k words on CPUs); 'dense' is plain Adam
-  # on all (faster on GPUs); 'auto' picks by backend (README: Training).
+  # Adam: its cost follows the batch's distinct words, not the 60k-word
+  # table, which wins where a pass over the whole table dominates the step,
+  # as on CPUs); 'dense' is plain Adam on all rows (one fused pass at memory
+  # speed, which wins on accelerators); 'auto' picks by backend (chosen by
+  # the train benchmark; see docs/performance.md).
   config.train.embedding_update = 'auto'
   # Products and activations: 'float32' or 'bfloat16' (parameters,
   # optimizer state and the loss's distances stay float32).
   config.train.compute_dtype = 'float32'
   # Lazy: distinct ids padded to a multiple of this. Each new multiple a run
-  # meets compiles the step once more (a few seconds); a larger bucket
-  # compiles less and pads more (2,048 made the quick start's loop 20%
-  # slower).
+  # meets compiles the step once more; a larger bucket compiles less and
+  # pads more, so every step pays for the padding (chosen by the train_loop
+  # benchmark; see docs/performance.md).
   config.train.vocab_bucket = 1024
   # Where each step's batch is built: 'device' (the data copied to the
   # devices once, indices sent per step; every model, but not shard_map
   # across processes), 'host', or 'auto' (device where it serves, but host
-  # for the lazy update on CPUs, measured faster there).
+  # for the lazy update on CPUs, where the device is the host's own cores
+  # and gathers moved into the step lengthen it; chosen by the train_loop
+  # benchmark; see docs/performance.md).
   config.train.batch_assembly = 'auto'
   # Steps per dispatch (a lax.scan in one program) with batches assembled on
   # the device; 0: auto (1 on CPUs; on accelerators the largest count, up to
@@ -143,7 +148,10 @@ def get_config():
   # first 1,024 words by id (ids rank words by frequency) and the other
   # words' tokens are summed one by one (their count rounded up to a
   # multiple of vocab_bucket); False: the product over all of the batch's
-  # words. Same features, faster on CPUs.
+  # words. Same features; the split keeps the product to the frequent words,
+  # which hold most of a review's tokens, and sums the few rare tokens one
+  # by one, which pays on CPUs (the train benchmark's 'split bag' rows; see
+  # docs/performance.md).
   config.train.split_bag = True
   # Length of training: num_steps when > 0, else num_epochs over the
   # training reviews (paper: 200 epochs).

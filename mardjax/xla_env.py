@@ -1,11 +1,11 @@
 """XLA flag defaults, applied before jax is imported (no jax import here).
 
 XLA's CPU backend runs independent ops of one program concurrently by
-default ("concurrency-optimized scheduler"). On a 2-core machine the row
-gathers and scatters of the lazy embedding update then compete with the
-backward pass for the same cores and memory bandwidth: the `mean` train step
-at paper sizes measured 45 ms with it and 33 ms without. Only the CPU backend
-reads the flag.
+default ("concurrency-optimized scheduler"). On a machine with few cores
+the row gathers and scatters of the lazy embedding update then compete with
+the backward pass for the same cores and memory bandwidth, and the `mean`
+train step is slower with the scheduler than without it (the train
+benchmark; see docs/performance.md). Only the CPU backend reads the flag.
 
 On GPUs, jaxlib 0.10.2 to 0.11.0 (0.10.2 is this project's pin) compile an
 f32 scatter-add to a compare-and-swap loop instead of the native atomic add
@@ -17,8 +17,9 @@ review's tokens into its row, the embedding table's gradient (the batch's
 frequent words many times over). Where those versions and a CUDA plugin
 are installed, the LLVM option that restores the native atomic is added
 (`--xla_backend_extra_options=-nvptx-allow-ftz-atomics`; a denormal lost in
-an atomic sum, as before 0.10.2). Not measured here: the project's GPU
-figures were taken with jax 0.11.2, which does not need it.
+an atomic sum, as before 0.10.2). The workaround rests on the reports
+above; a GPU benchmark record names the jax version it ran with
+(docs/performance.md).
 """
 
 import importlib.metadata

@@ -11,10 +11,11 @@ Training examples are (review, one track of that review's album).
   permutation of the reviews, grouped and batched, and each batch is a
   gather from the tables (`make_batch`), with a fresh track per review.
   Shuffling and grouping per element inside tf.data (shuffle buffer,
-  group_by_window) capped the pipeline near 4,400 examples/s on 2 CPU cores,
-  under half of what the target (10x the train step) needs; as index
-  arithmetic the same work is a few milliseconds per epoch, and the
-  shuffle is a full permutation rather than a buffer's approximation.
+  group_by_window) pays an overhead per element and cannot reach the
+  pipeline's target (10x what the train step consumes; the pipeline
+  benchmark, see docs/performance.md); as index arithmetic the same work is
+  a few vectorised passes per epoch, and the shuffle is a full permutation
+  rather than a buffer's approximation.
 
 Neighbourhood sampling (`neighbourhood=True`): each album's reviews are
 split, in random order, into groups of `reviews_per_album`; groups are
@@ -190,8 +191,8 @@ def make_batch(reviews: tables.ReviewTable, rows: np.ndarray, max_len: int
   """Padded tokens (b, max_len), lengths (b,), album (b,) of review `rows`."""
   lengths = reviews.lengths[rows]
   # Only the real tokens are read and placed (a fifth of the (b, max_len)
-  # positions at MARD's lengths): half the time of a padded gather. A
-  # token at offsets[row] + i in the table goes to row * max_len + i.
+  # positions at MARD's lengths), so the work follows the tokens, not the
+  # padding. A token at offsets[row] + i in the table goes to row * max_len + i.
   at = reviews.token_index(rows, max_len)
   tokens = np.zeros((len(rows), max_len), np.int32)
   tokens.reshape(-1)[at - np.repeat(

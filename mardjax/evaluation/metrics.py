@@ -44,8 +44,8 @@ DEFAULT_KS = (1, 5, 10)
 TIE_TOLERANCE = 1e-5
 # Candidates per block: a (chunk, block) score tile is compared and counted
 # block by block, instead of a (chunk, all candidates) array written to
-# memory and read back (half the time at MARD scale). 2,048 was the fastest
-# of 512-4,096 on a 2-core CPU (5,000 queries, 65,566 albums).
+# memory and read back: the scores never make that round trip. The size is
+# chosen by the eval benchmark at MARD scale; see docs/performance.md.
 _BLOCK = 2048
 
 
@@ -56,8 +56,8 @@ def _count_block(carry, queries, thresholds, query_ids, block, block_ids):
   above = (sims > thresholds[:, None] + TIE_TOLERANCE) & other
   close = (jnp.abs(sims - thresholds[:, None]) <= TIE_TOLERANCE) & other
   # Counted as float32 sums (exact: a block holds far fewer than 2^24
-  # candidates): XLA's CPU reduction of booleans into int32 ran at half the
-  # speed (the whole count took 0.77 s against 0.47 s at MARD scale).
+  # candidates): XLA's CPU backend reduces booleans into int32 more slowly
+  # than into float32 (the eval benchmark; see docs/performance.md).
   return (greater + jnp.sum(jnp.where(above, 1.0, 0.0), 1).astype(jnp.int32),
           tied + jnp.sum(jnp.where(close, 1.0, 0.0), 1).astype(jnp.int32))
 
@@ -154,8 +154,9 @@ def review_to_album_counts(queries: np.ndarray, query_albums: np.ndarray,
   require_finite('review', queries)
   require_finite('album', candidates)
   _require_distinct('review_to_album_counts', cand_albums)
-  # Each query's album among the candidates, by binary search (a Python
-  # dict of 65,566 albums cost a fifth of a GPU evaluation).
+  # Each query's album among the candidates, by a vectorised binary search:
+  # a Python dict lookup per query is interpreter work that grows with the
+  # queries, a visible share of an evaluation where the scoring is fast.
   order = np.argsort(cand_albums, kind='stable')
   at = np.minimum(np.searchsorted(cand_albums[order], query_albums),
                   max(len(order) - 1, 0))

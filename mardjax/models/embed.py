@@ -118,8 +118,9 @@ def _tracks_on_device(audio_table: tables.AudioTable, chunk: int
   padding the last) and each row's album (num_albums for padding), put on
   the device once per table and kept for the next call: the training
   loop's evaluation every `eval_every` steps embeds the same 343,882
-  tracks, and copying them from the host in batches each time was half of
-  its 0.25 s on an H200."""
+  tracks, and on an accelerator copying them from the host in batches each
+  time is a large share of an evaluation (the train_loop benchmark's
+  evaluations; see docs/performance.md)."""
   key = (audio_table.descriptors, audio_table.counts, chunk)
   cached = _ON_DEVICE.get('key')
   if cached is None or not (cached[0] is key[0] and cached[1] is key[1]
@@ -174,9 +175,9 @@ def review_layout() -> str:
 
   'split' on CPUs: the bag-of-words product over the
   `two_branch.BAG_SLOTS` most frequent words plus the other tokens one by
-  one, a third of the flat layout's time there (5,000 MARD-like reviews at
-  paper sizes on a 2-core CPU: 0.09-0.12 s against 0.31-0.44 s; XLA's CPU
-  gathers and segment sums go row by row, a matrix product does not).
+  one, several times faster there than the flat layout (XLA's CPU gathers
+  and segment sums go row by row, a matrix product does not; the
+  train_loop benchmark's evaluations; see docs/performance.md).
   'flat' elsewhere: every real token gathered and summed per review, which
   accelerators do at memory speed.
   """

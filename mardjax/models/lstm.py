@@ -6,9 +6,9 @@ as one matrix product. Autodiff of a `lax.scan` would accumulate the
 recurrent kernel's gradient step by step (a small (H, R) x (R, 4H) product
 per position, on the critical path); here the backward scan only carries
 the state gradients and emits each position's gate gradient, and the kernel
-gradient is one large product afterwards, sum_t h_{t-1}^T dz_t. On a CPU
-this is most of the backward pass's time saved. `reference` is the plain
-scan, differentiated by JAX, for tests.
+gradient is one large product afterwards, sum_t h_{t-1}^T dz_t, off the
+sequential path (the train benchmark's LSTM rows; see docs/performance.md).
+`reference` is the plain scan, differentiated by JAX, for tests.
 
 `bidirectional` runs a forward and a backward LSTM in one loop (P
 sequential positions instead of 2P, a batched product per position), for

@@ -51,11 +51,12 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 
   Its default `NumpyHandler` deep-copies every host array into fresh memory
   before `save` returns, so that an async write never sees them change: at
-  paper sizes 187 MB of page faults while the loop waits (0.1-0.5 s a save
-  on a 2-core CPU). `Checkpoints` keeps that guarantee itself, with buffers
-  it reuses (`_HostCopy`). Compression is off: zstd over float tables saved
-  8% of the bytes for a third of a 2-core CPU's time per save, taken from
-  the training step running beside the write. Everything else (scalars,
+  paper sizes 187 MB of page faults while the loop waits. `Checkpoints`
+  keeps that guarantee itself, with buffers it reuses (`_HostCopy`).
+  Compression is off: zstd saves about 8% of a float table's bytes (float
+  bits compress poorly) for CPU time taken from the training step running beside
+  the write (the train_loop benchmark's checkpoints; see
+  docs/performance.md). Everything else (scalars,
   the global arrays of several processes) keeps orbax's own handlers.
   """
   numpy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
@@ -72,8 +73,8 @@ class _HostCopy:
 
   A save hands orbax these buffers and nothing else; the next save first
   waits for the previous write to finish (`wait`), then overwrites them.
-  Warm memory copies the 187 MB state in about 0.03 s, where fresh memory
-  took 0.1-0.5 s. On a CPU `jax.device_get` returns views of the device
+  Warm memory copies the 187 MB state without the page faults of fresh
+  memory. On a CPU `jax.device_get` returns views of the device
   buffers (the copy here is the only one); a step can donate them again as
   soon as the copy is made.
   """
@@ -156,7 +157,7 @@ class Checkpoints:
         enable_async_checkpointing=async_save)
     self.directory = directory
     # The files are StandardSave's (which wraps the same tree handler):
-    # checkpoints written before this handler read back unchanged.
+    # checkpoints written by StandardSave read back unchanged.
     self.manager = ocp.CheckpointManager(
         directory, options=options, item_handlers={
             'state': _state_handler(), 'meta': ocp.JsonCheckpointHandler()})

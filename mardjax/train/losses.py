@@ -135,7 +135,7 @@ def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
   # Sampled: drawn once per anchor and used for each of its positives:
   # every (anchor, positive) pair still meets K uniform negatives (the
   # expected loss is unchanged); drawing per pair would cost M times the
-  # random numbers, a third of a CPU train step.
+  # random numbers, each a threefry hash computed in the step.
   # (K, M): each draw against every candidate, reduced along the long,
   # contiguous axis; a candidate counts when it is a positive.
   index, has_neg = sampled
@@ -154,9 +154,9 @@ def _sampled_negatives(anchor_ids: jax.Array, candidate_ids: jax.Array,
   are every real candidate but one contiguous block, its album's. Draw r,
   uniform in [0, count), is the r-th of them in that order: position
   first_real + r, moved past the block when it reaches it. (Finding the
-  r-th negative in index order instead took a running count and K x M
-  comparisons per anchor: at batch 8,192 that alone was over half of a
-  GPU step.)
+  r-th negative in index order instead takes a running count and K x M
+  comparisons per anchor, quadratic in the batch: at large batches that
+  alone would dominate the step.)
 
   Args:
     anchor_ids: (N,) album ids (< 0: padding); candidate_ids: (M,).
@@ -170,7 +170,7 @@ def _sampled_negatives(anchor_ids: jax.Array, candidate_ids: jax.Array,
   order = jnp.argsort(candidate_ids)  # Stable: ties in index order.
   ids = candidate_ids[order]
   # The anchor's album's block in that order: where it starts, how long
-  # (binary searches: counting by comparing every pair was O(N M)).
+  # (binary searches, O(N log M); comparing every pair would be O(N M)).
   start = jnp.searchsorted(ids, anchor_ids, side='left').astype(jnp.int32)
   size = (jnp.searchsorted(ids, anchor_ids, side='right').astype(jnp.int32)
           - start)
@@ -186,9 +186,9 @@ def _sampled_negatives(anchor_ids: jax.Array, candidate_ids: jax.Array,
 # Above this many (anchor, candidate) pairs the sampled hinges' distances
 # are computed from gathered rows, pair by pair, not as a whole matrix: at
 # batch 8,192 the matrix is 67 million distances a term, of which a few
-# hundred thousand are read. Below, the matrix: at batch 128 on a 2-core
-# CPU, lists of 8 from gathered rows made the step about 3% slower than
-# the matrix (the gradient's scatter into the rows; one run, 5 rounds).
+# hundred thousand are read. Below, the matrix: at small batches it is
+# cheap, and gathered rows cost the gradient a scatter into the rows (the
+# train benchmark at batch 128; see docs/performance.md).
 _PAIRS_FOR_ROWS = 2048 * 2048
 
 
@@ -425,9 +425,9 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
   # bits as a (4, B, K) draw): each draw of random numbers is a threefry
   # hash written out in the program, and XLA's CPU backend compiles the
   # hash of a multi-dimensional counter slowly. A key per anchor and term
-  # (split, then drawn in a vmap) made the loss and its gradient twice as
-  # slow to compile (1.6 s against 0.8 s on a 2-core CPU), one (4, B, K)
-  # draw three times (2.4 s).
+  # (split, then drawn in a vmap), or one (4, B, K) draw, compiles the loss
+  # and its gradient several times more slowly than one flat draw (the
+  # train benchmark's compile_s; see docs/performance.md).
   draws = (jax.random.uniform(key, (4 * audio.shape[0] * mode.k,)).reshape(
       4, audio.shape[0], mode.k) if mode.kind == 'sampled' else [None] * 4)
   term = functools.partial(ranking_term, margin=margin, mode=mode,

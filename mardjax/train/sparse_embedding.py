@@ -3,8 +3,9 @@
 A batch of 128 reviews touches a few thousand of the 60,002 rows of the
 embedding table, yet a dense step scatters the gradient into a full
 (V, D) zero array and runs Adam over all V x D entries (about 60 MB read and
-written several times): most of a `mean` step's time on a CPU. Here the
-step sees only the rows its batch uses:
+written several times), a cost that follows the table, not the batch, and
+dominates a `mean` step where memory bandwidth is scarce, as on CPUs. Here
+the step sees only the rows its batch uses:
 
 1. `compact_batch` (numpy, on the host) lists the distinct word ids of the
    global batch, `vocab_ids` (U,), padded with out-of-range ids (>= V) to a
@@ -108,10 +109,10 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
   if (lengths is not None and 'starts' not in batch  # Not packed.
       and lengths.shape == tokens.shape[:-1]):
     # Padded (D, b, L) reviews: only their real tokens are read, a fifth of
-    # the positions at MARD's lengths (a third off the host's work per
-    # step). The padding word (id 0) stays in the list when the array
-    # holds padding, as the device-assembled step's `index_batches`
-    # lists it, and padding positions get its slot.
+    # the positions at MARD's lengths, so the host's work per step follows
+    # the tokens, not the padding. The padding word (id 0) stays in the
+    # list when the array holds padding, as the device-assembled step's
+    # `index_batches` lists it, and padding positions get its slot.
     real = np.arange(tokens.shape[-1]) < lengths[..., None]
     words = tokens[real]
   else:  # Packed rows (the LSTM) or no lengths: every position.
@@ -120,7 +121,8 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
   if low < 0 or high >= vocab_size:
     raise ValueError(f'token id {high if high >= vocab_size else low} is '
                      f'outside the vocabulary of {vocab_size}')
-  # A scatter of True: a third of np.bincount's time at paper sizes.
+  # A scatter of True: presence only, no counts to add up (cheaper than
+  # np.bincount).
   present = np.zeros(vocab_size, bool)
   present[words] = True
   if words.size < tokens.size:
@@ -248,8 +250,9 @@ def _decay_rows(moments: jax.Array, vocab_ids: jax.Array, plane: int,
 
   One scatter whose combiner is the moment's own update, so each row is
   read and written once where it lies. Gathering the old rows, computing
-  the new ones and scattering them back (`.at[].set`) took 2 ms more of a
-  13 ms `mean` step on a 2-core CPU.
+  the new ones and scattering them back (`.at[].set`) passes the rows
+  through two more (U, D) arrays, a visible part of a `mean` step on CPUs
+  (the train benchmark; see docs/performance.md).
   `jax.lax.scatter_p` is the primitive behind `.at[]`, which offers only
   fixed combiners (add, multiply, min, max, replace).
 
