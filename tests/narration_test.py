@@ -61,8 +61,8 @@ DOCS_EXCLUDED = ('docs/performance.md', 'docs/results')
 # A markdown page may hold a table rendered from the records too (the
 # README's results table names machine and date): its rows ('|' lines)
 # between these two lines are not searched.
-RECORDS_BEGIN = '<!-- benchmark records -->'
-RECORDS_END = '<!-- /benchmark records -->'
+RECORDS_BEGIN = '<!-- results:begin -->'
+RECORDS_END = '<!-- results:end -->'
 
 # Hits that are the software's own vocabulary, not narration:
 # (path, a regex of the line). Keep each with its reason.

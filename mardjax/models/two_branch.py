@@ -106,10 +106,11 @@ class LSTMDirection(nn.Module):
 # Row-sparse training's bag-of-words product covers the first BAG_SLOTS
 # rows a batch uses (its most frequent words: ids are ranked by frequency);
 # the other tokens are gathered and summed one by one (`MeanEncoder`,
-# `rare_tokens`). At paper sizes and batch 128 the (B, U) x (U, D) product
-# over all ~5,500 rows is a third of a CPU step, while the batch's ~14,800
-# real tokens fill 2% of its bag; the first 1,024 rows hold two thirds of
-# the tokens. Measured on a 2-core CPU: the step 9.6 ms against 11.6.
+# `rare_tokens`). A batch's bag over all its distinct words is mostly
+# zeros (a review holds a few hundred of thousands of words), while by
+# Zipf's law the most frequent thousand words hold most of its tokens: the
+# product shrinks to those, and the rest costs a gather per token. Chosen
+# with the `train` benchmark (docs/performance.md).
 BAG_SLOTS = 1024
 
 
@@ -253,9 +254,8 @@ class MeanEncoder(nn.Module):
       vectors = table
     if flat_review is not None:
       # Gathered and summed in the table's float32, then cast: in bfloat16
-      # the gradient's scatter into the table adds bfloat16 rows, which a
-      # GPU does one compare-and-swap at a time (the step at batch 8,192
-      # on an H200 ran at a fifth of float32's rate).
+      # the gradient's scatter into the table would add bfloat16 rows,
+      # which a GPU does one compare-and-swap at a time.
       return _flat_sum(vectors, tokens, lengths, weights,
                        flat_review).astype(self.dtype)
     vectors = vectors.astype(self.dtype)

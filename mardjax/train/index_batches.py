@@ -74,8 +74,8 @@ class Planner:
 
     For the packed LSTM, where the layout puts each review, 'place'
     (D, b, 2), and the rows the fullest device uses, 'packed_rows'
-    (`packing.plan`; best-fit decreasing, a Python loop over the batch:
-    about 0.6 ms at 1,024 reviews, 5 ms at 8,192, on one core). For the
+    (`packing.plan`; best-fit decreasing, a Python loop over the batch,
+    linear in its size). For the
     lazy update, the sorted distinct words of the batch's reviews on all
     local devices, 'words' (k,), and with the split bag-of-words each
     device's distinct words and their token counts, 'device_words'. For
@@ -128,12 +128,11 @@ class Planner:
     """The flat layout's smallest size: a batch of `rows` reviews holds
     more tokens only 3 times in 100,000 (4 standard deviations above the
     mean of `rows` lengths drawn from the table). Each flat size is a
-    program, compiled once (several seconds on a GPU): with each batch's
-    own bucket the loop at batch 1,024 on an H200 compiled 8 programs
-    over 5,000 steps (with single-step dispatches), 19 s of its 28 s; with
-    the floor and whole dispatches, 1. The floor pads a batch of 1,024
-    MARD-like reviews by about a tenth of its tokens (more at small
-    batches; the step at batch 128 ran at the same rate there). A larger
+    program, compiled once (seconds each on a GPU, often more than a short
+    run's steps): with each batch's own bucket a run compiles one program
+    per size it meets; with the floor, nearly always one. The floor pads a
+    batch of 1,024 MARD-like reviews by about a tenth of its tokens (more
+    at small batches, where the padding is cheap). A larger
     batch still gets its own size, and later ones that fit reuse it
     (`train_step.ProgramSizes`)."""
     mean = float(self.lengths.mean()) if len(self.lengths) else 0.0

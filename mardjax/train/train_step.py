@@ -166,10 +166,8 @@ class ProgramSizes:
   """Sizes of a batch's lists that reuse a program compiled before.
 
   The split bag-of-words' word list ('vocab', U) and token list ('rare',
-  R) vary from batch to batch, and each new pair of sizes compiles the
-  step (1.6-1.8 s at paper sizes on a 2-core CPU, 2.7 s before the sampled
-  negatives compiled faster: 7 compiles in a 2,000-step run without this
-  class, 4 in 5,000 steps with it). A batch whose lists fit a pair met
+  R) vary from batch to batch, and each new pair of sizes would compile the
+  step again (seconds each, at paper sizes). A batch whose lists fit a pair met
   before takes the smallest such pair instead (padding, which changes no
   parameter); only a batch too large for every one of them adds its own.
   The flat layout's size is kept the same way (`index_batches.Planner`).

@@ -271,9 +271,9 @@ class _Window:
   the metrics of the dispatch there. Where nothing else needs the device
   (no save or evaluation), those metrics are fetched after the next
   dispatch is queued (`flush`), so the device need not wait while the
-  host fetches, logs and plans (fetched at once, the windows ran at 0.87
-  of the step alone at batch 1,024 on an H200; not measured there
-  since). Rates are taken at each boundary's dispatch."""
+  host fetches, logs and plans (the `train_loop` benchmark measures what
+  is left of the step alone's rate). Rates are taken at each boundary's
+  dispatch."""
 
   def __init__(self, run: _Run):
     self.run = run
