@@ -198,3 +198,26 @@ def test_the_memory_bound_grows_with_the_batch_and_padding():
   assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
   assert benchmark.step_bytes(config, 'lstm', 64, 'padded') > (
       benchmark.step_bytes(config, 'lstm', 64, 'packed'))
+
+
+def test_a_newer_run_of_one_encoder_keeps_the_others_figures(records_dir,
+                                                             tmp_path):
+  """Each measurement's newest figure: a later run that timed only the
+  LSTM replaces the LSTM's row, and the mean encoder's stays."""
+  line = {'benchmark': 'train_step_lstm', 'encoder': 'lstm',
+          'batch_size': 128, 'examples_per_s': 333.0,
+          'embedding_update': 'lazy', 'config_default': True}
+  results.append(str(records_dir), 'train', [line],
+                 _run(CPU, '2024-04-01T00:00:00Z', 'fff'))
+  out = tmp_path / 'p.md'
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'{results.BEGIN}\n{results.END}\n')
+  results.render(str(records_dir), str(out), str(readme))
+  cpu = out.read_text().split('### Test CPU')[1].split('##')[0]
+  assert '| 1 | lstm | 128 | lazy | - | - | - | - | 333 | - | - | - |' in cpu
+  assert '| 2 | mean | 128 | lazy |' in cpu and '7,000' in cpu
+  assert '| 150 |' not in cpu  # The older LSTM figure is replaced.
+  assert cpu.index('fff') < cpu.index('aaa')  # Newest first.
+  block = readme.read_text()
+  assert '| 333 | - | - | Test CPU, 2 cores | 2024-04-01 |' in block
+  assert '| 7,000 | 2,000 (mean sparse) | 3.50x | Test CPU' in block

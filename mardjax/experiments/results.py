@@ -213,23 +213,43 @@ def machine_label(m: dict[str, Any]) -> str:
   return f"{m.get('cpu', 'unknown CPU')}, {m.get('host_cores', '?')} cores"
 
 
-def newest_runs(lines: list[dict[str, Any]]
-                ) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
-  """(machine label, run, the run's lines) of each machine's newest run,
-  sorted by label. Newest: the latest start date (then the larger id)."""
+# A newer run's line replaces an older run's line (same machine) that has
+# the same values of these keys: the same measurement, taken again.
+ROW_IDENTITY = ('benchmark', 'encoder', 'text_encoder', 'batch_size',
+                'embedding_update', 'lstm_loop', 'preset', 'vectors',
+                'reviews', 'albums')
+
+Run = tuple[dict[str, Any], list[dict[str, Any]]]  # (run, its lines)
+
+
+def machines(lines: list[dict[str, Any]]) -> dict[str, list[Run]]:
+  """Each machine's runs (by `machine_label`), newest first: the latest
+  start date, then the larger id."""
   runs, by_run = {}, {}
   for line in lines:
-    run = line['run']
-    runs[run['id']] = run
-    by_run.setdefault(run['id'], []).append(line)
-  newest = {}
-  for run in runs.values():
-    label = machine_label(run['machine'])
-    if label not in newest or (run['date'], run['id']) > (
-        newest[label]['date'], newest[label]['id']):
-      newest[label] = run
-  return [(label, run, by_run[run['id']])
-          for label, run in sorted(newest.items())]
+    runs[line['run']['id']] = line['run']
+    by_run.setdefault(line['run']['id'], []).append(line)
+  out = {}
+  for run in sorted(runs.values(), key=lambda r: (r['date'], r['id']),
+                    reverse=True):
+    out.setdefault(machine_label(run['machine']), []).append(
+        (run, by_run[run['id']]))
+  return out
+
+
+def newest_rows(runs: list[Run]) -> list[tuple[dict[str, Any], dict[str, Any],
+                                               list[dict[str, Any]]]]:
+  """(run, line, the run's lines): each measurement's figure from the
+  newest of `runs` (newest first) that took it (`ROW_IDENTITY`)."""
+  seen, out = set(), []
+  for run, lines in runs:
+    for line in filter(is_measurement, lines):
+      identity = tuple(json.dumps(line.get(k), sort_keys=True)
+                       for k in ROW_IDENTITY)
+      if identity not in seen:
+        seen.add(identity)
+        out.append((run, line, lines))
+  return out
 
 
 def _encoder(line: dict[str, Any]) -> str:
@@ -373,25 +393,28 @@ def _row_key(line: dict[str, Any]) -> tuple:
           json.dumps(line, sort_keys=True),)
 
 
-def run_table(kind: str, lines: list[dict[str, Any]]) -> str:
-  """One run's measurements, the strongest peer beside each when the
-  run timed the peer."""
-  ours = sorted((l for l in lines if is_measurement(l)), key=_row_key)
-  columns = _columns(kind, ours)
-  with_peer = any(l.get('peer') for l in lines)
-  rows = []
-  for line in ours:
-    row = [_at(line, key) for _, key in columns]
+def rows_table(kind: str, rows: list[tuple[dict[str, Any], dict[str, Any],
+                                           list[dict[str, Any]]]],
+               numbers: dict[str, int] | None) -> str:
+  """A machine's table: each of `rows` (`newest_rows`), the strongest peer
+  variant of the same run beside it when a shown run timed the peer, and
+  the run's number (`numbers`: run id -> number; None: one run)."""
+  rows = sorted(rows, key=lambda r: _row_key(r[1]))
+  columns = _columns(kind, [line for _, line, _ in rows])
+  with_peer = any(l.get('peer') for _, _, lines in rows for l in lines)
+  cells = []
+  for run, line, lines in rows:
+    row = [numbers[run['id']]] if numbers else []
+    row += [_at(line, key) for _, key in columns]
     if with_peer:
       peer = strongest_peer(lines, _encoder(line), line.get('batch_size'))
       figure = peer and peer['examples_per_s']
-      rows.append(row + [peer and peer.get('variant'), figure, times(
-          speedup(line.get('examples_per_s'), figure))])
-    else:
-      rows.append(row)
-  headers = [h for h, _ in columns] + (list(PEER_HEADERS) if with_peer
-                                        else [])
-  return table(headers, rows)
+      row += [peer and peer.get('variant'), figure, times(
+          speedup(line.get('examples_per_s'), figure))]
+    cells.append(row)
+  headers = (['Run'] if numbers else []) + [h for h, _ in columns] + (
+      list(PEER_HEADERS) if with_peer else [])
+  return table(headers, cells)
 
 
 def _note(line: dict[str, Any]) -> str:
@@ -417,16 +440,34 @@ def run_header(run: dict[str, Any]) -> str:
           f"{m.get('memory_gib', '?')} GiB; {libs}.")
 
 
+def machine_section(kind: str, label: str, runs: list[Run]) -> str:
+  """One machine's part of a kind's section: the runs its figures come
+  from (and its newest run, whatever it measured), then the table, then
+  what those runs skipped or failed."""
+  rows = newest_rows(runs)
+  used = {run['id'] for run, _, _ in rows} | {runs[0][0]['id']}
+  shown = [(run, lines) for run, lines in runs if run['id'] in used]
+  numbers = ({run['id']: i + 1 for i, (run, _) in enumerate(shown)}
+             if len(shown) > 1 else None)
+  parts, notes = [f'### {label}'], []
+  for run, lines in shown:
+    tag = f"{numbers[run['id']]}. " if numbers else ''
+    parts.append(tag + run_header(run))
+    notes += [f"{_note(l)}{f' (run {tag[:-2]})' if tag else ''}"
+              for l in lines if 'skipped' in l or 'error' in l]
+  if rows:
+    parts.append(rows_table(kind, rows, numbers))
+  if notes:
+    parts.append('\n'.join(sorted(notes)))
+  return '\n\n'.join(parts)
+
+
 def kind_section(kind: str, lines: list[dict[str, Any]]) -> str:
-  """A kind's section: per machine, the newest run's table."""
+  """A kind's section: per machine, each measurement's newest figure."""
   about = KIND_TABLES.get(kind, ('', ()))[0]
   parts = [f'## `kind={kind}`', textwrap.fill(about, 76)]
-  for label, run, run_lines in newest_runs(lines):
-    parts += [f'### {label}', run_header(run), run_table(kind, run_lines)]
-    notes = sorted(_note(l) for l in run_lines
-                   if 'skipped' in l or 'error' in l)
-    if notes:
-      parts.append('\n'.join(notes))
+  parts += [machine_section(kind, label, runs)
+            for label, runs in sorted(machines(lines).items())]
   return '\n\n'.join(p for p in parts if p)
 
 
@@ -479,23 +520,26 @@ def _headline_step(lines: list[dict[str, Any]], encoder: str,
 def headline_rows(records: dict[str, list[dict[str, Any]]]
                   ) -> list[list[Any]]:
   """Per machine, the newest figure of each headline benchmark: the train
-  step of each encoder at the run's `train.batch_size` beside the peer's,
+  step of each encoder at its run's `train.batch_size` beside the peer's,
   and the training loop's examples/s as a fraction of the step alone."""
   rows = []
-  for label, run, lines in newest_runs(records.get('train', [])):
-    batch = run.get('config', {}).get('train.batch_size')
+  for label, runs in machines(records.get('train', [])).items():
     for order, (encoder, name) in enumerate(HEADLINES):
-      ours = _headline_step(lines, encoder, batch)
-      if ours:
-        peer = strongest_peer(lines, encoder, batch)
-        figure = peer and peer['examples_per_s']
-        rows.append((order, label, [
-            f'{name}, batch {batch:,} (examples/s)', ours['examples_per_s'],
-            figure and f"{fmt(figure)} ({peer.get('variant')})",
-            times(speedup(ours['examples_per_s'], figure)), label,
-            run['date'][:10]]))
-  for label, run, lines in newest_runs(records.get('train_loop', [])):
-    for line in sorted(filter(is_measurement, lines), key=_row_key):
+      for run, lines in runs:
+        batch = run.get('config', {}).get('train.batch_size')
+        ours = _headline_step(lines, encoder, batch)
+        if ours:
+          peer = strongest_peer(lines, encoder, batch)
+          figure = peer and peer['examples_per_s']
+          rows.append((order, label, [
+              f'{name}, batch {batch:,} (examples/s)',
+              ours['examples_per_s'],
+              figure and f"{fmt(figure)} ({peer.get('variant')})",
+              times(speedup(ours['examples_per_s'], figure)), label,
+              run['date'][:10]]))
+          break
+  for label, runs in machines(records.get('train_loop', [])).items():
+    for run, line, _ in newest_rows(runs):
       rows.append((len(HEADLINES), label, [
           f"Training loop / step alone, {line.get('text_encoder')} encoder,"
           f" batch {line.get('batch_size'):,}",
