@@ -229,8 +229,8 @@ def train_step_throughput(config, encoder: str, steps: int,
   steps = dispatches * per_dispatch
   rate = steps * b / wall
   return {'benchmark': f'train_step_{encoder}', 'encoder': encoder,
-          'examples_per_s': round(rate, 1),
-          'steps_per_s': round(steps / wall, 2), 'compile_s': round(compile_s, 1),
+          'examples_per_s': round(rate, 1), 'steps_per_s': round(
+              steps / wall, 2), 'compile_s': round(compile_s, 1),
           'steps': steps, 'seconds': round(wall, 2),
           'steps_per_dispatch': per_dispatch,
           'batch_size': b, 'max_len': length, 'vocab_size': vocab_size,
@@ -348,7 +348,7 @@ def _peer_run(config, encoder: str, batch_size: int, switches: tuple,
               steps: int, timeout: float) -> dict[str, Any]:
   """The peer script's JSON line for one run; raises when it fails."""
   import jax  # pylint: disable=g-import-not-at-top
-  device = 'cpu' if jax.default_backend() == 'cpu' else 'cuda'
+  device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
   proc = subprocess.run(
       [sys.executable, config.benchmark.peer, encoder, '--steps', str(steps),
        '--batch', str(batch_size), '--max_len', str(config.data.max_len),

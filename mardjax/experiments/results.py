@@ -553,7 +553,8 @@ def render_headline(records: dict[str, list[dict[str, Any]]],
                     link: str = PERFORMANCE_PAGE) -> str:
   """The README's results block (between `BEGIN` and `END`)."""
   rows = headline_rows(records)
-  more = f'All figures, per machine, with versions and commits: [{link}]({link}).'
+  more = ('All figures, per machine, with versions and commits: '
+          f'[{link}]({link}).')
   if not rows:
     return f'No benchmark records yet; [{link}]({link}) says how to make them.'
   return table(('Benchmark', 'mardjax', 'PyTorch peer (strongest)',
