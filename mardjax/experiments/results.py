@@ -11,10 +11,11 @@ measurement. The records are the history; nothing overwrites them.
         [--out docs/performance.md] [--readme README.md]
 
 renders `docs/performance.md` from the records (for each benchmark kind and
-machine, the newest run, the PyTorch peer's strongest figure of the same run
-beside ours) and replaces the README's block between `BEGIN` and `END` with
-a headline table. Rendering is a pure function of the records: running it
-again changes nothing.
+machine, each measurement's figure from the newest run that took it, the
+PyTorch peer's strongest figure of the same run beside ours) and replaces
+the README's block between `BEGIN` and `END` with a headline table.
+Rendering is a pure function of the records: running it again changes
+nothing.
 """
 
 import argparse
@@ -27,7 +28,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 BEGIN = '<!-- results:begin -->'
 END = '<!-- results:end -->'
