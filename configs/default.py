@@ -235,12 +235,25 @@ def get_config():
   # 'pipeline': input-pipeline examples/s against the train step's; 'eval'
   # and 'serve' below.
   config.benchmark.kind = 'data'
-  config.benchmark.train_steps = 30  # Timed steps (LSTM: a tenth).
+  # Where every kind appends its lines with the machine, versions, commit
+  # and date ('<results_dir>/<kind>.jsonl'; '': nowhere). The repository's
+  # records are docs/results; `python -m mardjax.experiments.results render`
+  # makes docs/performance.md from them.
+  config.benchmark.results_dir = ''
+  # kind=train and pipeline: each step is timed for at least this long
+  # after compiling, starting with `train_steps` steps (LSTM: a tenth).
+  config.benchmark.min_seconds = 5.0
+  config.benchmark.train_steps = 30
   # kind=train: one line per encoder x batch size x embedding update ('':
   # the config's train.embedding_update) x, for the LSTM, its loop ('': the
-  # config's model.lstm_loop; e.g. 'per_direction,bidirectional').
+  # config's model.lstm_loop; e.g. 'per_direction,bidirectional'). A batch
+  # size whose step would not fit in memory is skipped with a line saying
+  # why.
   config.benchmark.encoders = 'mean,lstm'
   config.benchmark.batch_sizes = '128,1024,8192'
+  # kind=train: path of the PyTorch peer script (torch_twobranch.py), whose
+  # variants run in the same run at each encoder and batch size ('': none).
+  config.benchmark.peer = ''
   config.benchmark.embedding_updates = ''
   config.benchmark.lstm_loops = ''
   config.benchmark.pipeline_batches = 200  # Timed input-pipeline batches.

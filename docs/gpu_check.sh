@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements of the training benchmarks, with the PyTorch peer in
 # the same run, on a machine with jax (CUDA), flax, optax, orbax, torch and
-# numpy but no TensorFlow (the project's lent GPU machines). Meant for one
-# device call of at most 10 minutes; not run on a GPU yet (on this 2-core
-# CPU with BATCHES=8 LOOP_STEPS=20: 78 s). Results: one JSON line per
+# numpy but no TensorFlow. Meant for one device call of at most 10 minutes.
+# Results: benchmark records (machine, versions, commit, date) in
+# $OUT/results/<kind>.jsonl, to be copied into docs/results/ and rendered
+# with `python -m mardjax.experiments.results render`; the page rendered
+# from this run alone in $OUT/performance.md; and one JSON line per
 # measurement in $OUT/gpu_check.jsonl (and on stdout), the card's name
 # first.
 #
@@ -16,8 +18,9 @@
 # then run `bash docs/gpu_check.sh` there with .gpu carried along.
 #
 # Overrides (environment): BATCHES (default "128 1024 8192"), LOOP_STEPS
-# (train_loop steps, default 20000: a 5,000-step run at batch 1,024 on an
-# H200 was about 5 s of steps beside a 6.8 s compile), PEER (path of torch_twobranch.py).
+# (train_loop steps, default 20000: long enough that the loop's compile is
+# a small part of it), PEER (path of torch_twobranch.py; '' skips the peer),
+# MIN_SECONDS (each step's minimum timed seconds, default 5).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -26,7 +29,9 @@ LOG="$OUT/gpu_check.jsonl"
 : > "$LOG"
 BATCHES=${BATCHES:-"128 1024 8192"}
 LOOP_STEPS=${LOOP_STEPS:-20000}
-PEER=${PEER:-.gpu/torch_twobranch.py}
+PEER=${PEER-.gpu/torch_twobranch.py}
+MIN_SECONDS=${MIN_SECONDS:-5}
+RESULTS="$OUT/results"
 PY=${PYTHON:-python3}
 
 if [ -d .gpu/wheels ]; then
@@ -55,25 +60,25 @@ record() {
   echo '"}'
 } | tee -a "$LOG"
 
-BENCH="$PY launch.py --config configs/default.py --workdir $OUT/bench --mode=benchmark"
+BENCH="$PY launch.py --config configs/default.py --workdir $OUT/bench --mode=benchmark --config.benchmark.results_dir=$RESULTS"
 sizes=$(echo $BATCHES | tr ' ' ,)
-# The step alone: the mean encoder with the update 'auto' picks, the LSTM
-# with a loop per direction and both directions in one loop.
+# The step alone, with the peer's variants at each encoder and batch size in
+# the same run: the mean encoder with the update 'auto' picks, the LSTM with
+# a loop per direction and both directions in one loop. The peer runs in a
+# subprocess beside this one on the same card: without preallocation jax
+# holds only what its steps used, and the rest is the peer's (a variant
+# that runs out of memory is recorded as a failure; the run goes on).
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 record mean $BENCH --config.benchmark.kind=train \
-  --config.benchmark.encoders=mean --config.benchmark.batch_sizes=$sizes
+  --config.benchmark.encoders=mean --config.benchmark.batch_sizes=$sizes \
+  --config.benchmark.min_seconds=$MIN_SECONDS --config.benchmark.peer=$PEER
 record lstm $BENCH --config.benchmark.kind=train \
   --config.benchmark.encoders=lstm --config.benchmark.batch_sizes=$sizes \
-  --config.benchmark.lstm_loops=per_direction,bidirectional
-# The peer, each variant (the padded LSTM runs out of memory at 8,192 on an
-# H200; its failure is recorded and the rest goes on).
-for b in $BATCHES; do
-  for v in "" --sparse; do
-    record "peer_mean_$b$v" $PY "$PEER" mean --device cuda --batch $b $v
-  done
-  for v in "" --padded; do
-    record "peer_lstm_$b$v" $PY "$PEER" lstm --device cuda --batch $b $v
-  done
-done
+  --config.benchmark.lstm_loops=per_direction,bidirectional \
+  --config.benchmark.min_seconds=$MIN_SECONDS --config.benchmark.peer=$PEER
+unset XLA_PYTHON_CLIENT_PREALLOCATE
 # The training loop end to end at batch 1,024.
 record train_loop $BENCH --config.benchmark.kind=train_loop \
   --config.train.batch_size=1024 --config.benchmark.train_loop_steps=$LOOP_STEPS
+record render $PY -m mardjax.experiments.results render \
+  --results_dir "$RESULTS" --out "$OUT/performance.md" --readme ''

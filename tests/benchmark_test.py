@@ -41,7 +41,7 @@ def test_train_benchmark_lines_per_encoder_batch_and_update(tmp_path,
   config = test_config.get_config()
   config.benchmark.update(kind='train', encoders='mean,lstm',
                           batch_sizes='8,16', embedding_updates='lazy,dense',
-                          train_steps=2)
+                          train_steps=2, min_seconds=0.0)
   result = modes.run_mode('benchmark', config, str(tmp_path))
   got = [(l['benchmark'], l['batch_size'], l['embedding_update'],
           l['batch_assembly']) for l in result['benchmarks']]
@@ -56,7 +56,7 @@ def test_train_benchmark_lines_per_lstm_loop(tmp_path):
   config = test_config.get_config()
   config.benchmark.update(kind='train', encoders='mean,lstm', batch_sizes='8',
                           lstm_loops='per_direction,bidirectional',
-                          train_steps=2)
+                          train_steps=2, min_seconds=0.0)
   result = modes.run_mode('benchmark', config, str(tmp_path))
   # The loops are the LSTM's: the mean encoder's line is one, unmarked.
   assert [(l['benchmark'], l.get('lstm_loop')) for l in result['benchmarks']
@@ -66,9 +66,9 @@ def test_train_benchmark_lines_per_lstm_loop(tmp_path):
 
 
 def test_step_timing_runs_until_its_minimum_time(monkeypatch):
-  """`benchmark._timed`: the asked-for dispatches, then doubling rounds
-  until the minimum time has passed (on a fake clock: each dispatch takes
-  10 ms of it)."""
+  """`benchmark._timed`: the asked-for dispatches, then a round sized by
+  the rate so far until the minimum time has passed (on a fake clock:
+  each dispatch takes 10 ms of it)."""
   clock, calls = [0.0], []
   monkeypatch.setattr(benchmark.time, 'time', lambda: clock[0])
 
@@ -78,15 +78,83 @@ def test_step_timing_runs_until_its_minimum_time(monkeypatch):
     return state + 1, np.zeros(())
   assert benchmark._timed(step, 0, 3, 0.0) == (3, pytest.approx(0.03))
   calls.clear()
-  # 3 take 0.03 s, then 3 more (0.06 s), then 6 more (0.12 s).
-  assert benchmark._timed(step, 0, 3, 0.1) == (12, pytest.approx(0.12))
-  assert calls == list(range(12))  # Each dispatch takes the last state.
+  # 3 take 0.03 s; the remaining 0.07 s, 5% over, are 8 more.
+  assert benchmark._timed(step, 0, 3, 0.1) == (11, pytest.approx(0.11))
+  assert calls == list(range(11))  # Each dispatch takes the last state.
+  # A minimum of 5 s is reached in one more round, 5% over at most (not
+  # by doubling, up to twice over).
+  done, wall = benchmark._timed(step, 0, 30, 5.0)
+  assert 5.0 <= wall <= 5.0 + 0.05 * 4.7 + 0.01 and done == round(wall / 0.01)
+
+
+def test_the_memory_bound_reads_the_benchmarks_own_batch():
+  config = test_config.get_config()
+  for b in (8, 100):
+    config.train.batch_size = b
+    _, reviews, _ = benchmark._step_batch(config, 100)
+    np.testing.assert_array_equal(
+        benchmark.review_lengths(b, config.data.max_len), reviews.lengths)
+
+
+FAKE_PEER = """
+import json, sys
+args = sys.argv[1:]
+if '--padded' in args:
+  sys.exit('out of memory')
+steps = int(args[args.index('--steps') + 1])
+batch = int(args[args.index('--batch') + 1])
+step_s = 0.004 if '--sparse' in args else 0.01
+print('warming up')
+print(json.dumps({'peer': 'fake', 'encoder': args[0], 'batch': batch,
+                  'step_s': step_s, 'examples_per_s': batch / step_s,
+                  'steps_asked': steps, 'torch': '0.0-fake'}))
+"""
+
+
+def test_the_peer_runs_in_the_same_run_and_failures_are_lines(tmp_path,
+                                                              capsys):
+  """`benchmark.peer`: each variant in a subprocess, long enough for
+  `min_seconds` (a 2-step probe, then enough steps), the fastest marked,
+  a failing variant an error line, our lines compared with the fastest;
+  and the run's records carry the peer's torch version."""
+  peer = tmp_path / 'peer.py'
+  peer.write_text(FAKE_PEER)
+  config = test_config.get_config()
+  config.benchmark.update(kind='train', encoders='mean,lstm',
+                          batch_sizes='8', train_steps=2, min_seconds=0.05,
+                          peer=str(peer), results_dir=str(tmp_path / 'r'))
+  out = modes.run_mode('benchmark', config, str(tmp_path))
+  lines = {(l.get('variant') or l['benchmark']): l
+           for l in out['benchmarks']}
+  dense, sparse = lines['mean dense'], lines['mean sparse']
+  assert (dense['strongest'], sparse['strongest']) == (False, True)
+  # 2 probe steps of 10 ms are short of 50 ms: 1.05 * 0.05 / 0.01 -> 6.
+  assert (dense['steps'], sparse['steps']) == (6, 14)
+  assert lines['lstm padded']['error'].startswith('RuntimeError: exit code')
+  assert lines['lstm packed']['strongest']
+  ours = lines['train_step_mean']
+  assert ours['speedup_vs_best_peer'] == pytest.approx(
+      ours['examples_per_s'] / 2000.0, abs=0.01)
+  printed = capsys.readouterr().out
+  assert printed.count('"peer": true') == 4
+  from mardjax.experiments import results  # pylint: disable=g-import-not-at-top
+  records = results.load(str(tmp_path / 'r'))['train']
+  assert len(records) == 6
+  assert records[0]['run']['versions']['torch'] == '0.0-fake'
+
+
+def test_a_missing_peer_is_one_clear_error(tmp_path):
+  from mardjax.errors import UserError  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.benchmark.update(kind='train', peer=str(tmp_path / 'none.py'))
+  with pytest.raises(UserError, match='no such file'):
+    benchmark.run_train(config, '')
 
 
 def test_pipeline_benchmark_compares_with_the_step(tmp_path):
   config = test_config.get_config()
-  config.benchmark.pipeline_batches = 3
-  config.benchmark.train_steps = 2
+  config.benchmark.update(pipeline_batches=3, train_steps=2,
+                          min_seconds=0.0)
   result = benchmark.run_pipeline(config, str(tmp_path))
   step, line = result['benchmarks']
   assert line['benchmark'] == 'input_pipeline' and line['batches'] == 3

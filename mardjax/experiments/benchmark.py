@@ -4,21 +4,24 @@
 samples the resident memory of the child and all its workers together, so
 the figures are what a user's machine sees:
 
-  * `synth`: generating the corpus of `config.data.synth_preset` (the issue's
-    target for `full`: under 10 minutes);
+  * `synth`: generating the corpus of `config.data.synth_preset` (target
+    for `full`: under 10 minutes);
   * `preprocess`: raw corpus -> TFRecords (target for `full`: under 10
     minutes and 4 GB peak resident memory on a 2-core machine).
 
 Each stage prints one JSON line to stdout as it finishes; the mode's result
-(the last line) holds them all.
+(the last line) holds them all. Every kind of `KINDS` appends its lines to
+`<benchmark.results_dir>/<kind>.jsonl` when that is set (`results.record`).
 """
 
 import functools
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -27,9 +30,11 @@ import psutil
 
 from mardjax import modes
 from mardjax.data import manifest as manifest_lib
+from mardjax.errors import UserError
+from mardjax.experiments import results
 
-# Targets from the issues, on a 2-core machine: the `full` preset for the data
-# stages, paper sizes for the train step (examples/s, higher is better).
+# Targets: the `full` preset for the data stages, on a 2-core machine; paper
+# sizes for the train step (examples/s, higher is better).
 TARGETS = {'synth': {'wall_s': 600},
            'preprocess': {'wall_s': 600, 'peak_rss_mb': 4096}}
 TRAIN_TARGETS = {'mean': 3000.0, 'lstm': 200.0}
@@ -147,11 +152,12 @@ def _built_step(config, plan, state, reviews, audio, batch, key,
 
 def _timed(step, state, dispatches: int, min_seconds: float
            ) -> tuple[int, float]:
-  """(dispatches run, wall seconds): `dispatches` of `step`, then more in
-  doubling rounds until at least `min_seconds` have passed (a rate taken
-  over a fraction of a second swings with a shared machine's load)."""
+  """(dispatches run, wall seconds): `dispatches` of `step`, then rounds
+  sized by the rate so far until at least `min_seconds` have passed (a rate
+  taken over a fraction of a second swings with a shared machine's load).
+  The first dispatch of `step` is expected to have been run (compiled)."""
   import jax  # pylint: disable=g-import-not-at-top
-  done, wall, n = 0, 0.0, dispatches
+  done, wall, n = 0, 0.0, max(1, dispatches)
   while True:
     start = time.time()
     for _ in range(n):
@@ -160,7 +166,9 @@ def _timed(step, state, dispatches: int, min_seconds: float
     done, wall = done + n, wall + time.time() - start
     if wall >= min_seconds:
       return done, wall
-    n = done
+    # The remaining time at the rate so far, 5% over: one round, rarely two.
+    n = (math.ceil(1.05 * (min_seconds - wall) * done / wall) if wall > 0
+         else done)
 
 
 def train_step_throughput(config, encoder: str, steps: int,
@@ -212,9 +220,11 @@ def train_step_throughput(config, encoder: str, steps: int,
                            min_seconds)
   steps = dispatches * per_dispatch
   rate = steps * b / wall
-  return {'benchmark': f'train_step_{encoder}', 'examples_per_s': round(rate, 1),
-          'steps_per_s': round(steps / wall, 2), 'compile_s': round(compile_s, 1),
-          'steps': steps, 'steps_per_dispatch': per_dispatch,
+  return {'benchmark': f'train_step_{encoder}', 'encoder': encoder,
+          'examples_per_s': round(rate, 1), 'steps_per_s': round(
+              steps / wall, 2), 'compile_s': round(compile_s, 1),
+          'steps': steps, 'seconds': round(wall, 2),
+          'steps_per_dispatch': per_dispatch,
           'batch_size': b, 'max_len': length, 'vocab_size': vocab_size,
           'embedding_update': plan.embedding_update,
           'batch_assembly': plan.batch_assembly,
@@ -231,31 +241,228 @@ def names(text: str) -> list[str]:
   return [x.strip() for x in text.split(',') if x.strip()]
 
 
+# A train step's memory, bounded from above (`step_bytes`): a fixed cost
+# (runtime, compiled programs, batch) plus the word table and its gradient
+# and Adam moments, plus, per text position the step keeps for the backward
+# pass, SAFETY x the floats named in `step_bytes`. SAFETY is calibrated on
+# the peak resident memory of steps at small batch sizes: per position, the
+# LSTM's measured cost is under twice its named floats, the mean encoder's
+# under once; SAFETY leaves room above both.
+FIXED_BYTES = 512 * 2**20
+SAFETY = 3.0
+
+
+def review_lengths(batch_size: int, max_len: int):
+  """(batch_size,) review lengths of the benchmark's batch, drawn as
+  `_step_batch` (and the PyTorch peer) draw them."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  return np.clip(rng.lognormal(4.5, 0.7, batch_size), 1, max_len).astype(
+      np.int64)
+
+
+def text_positions(config, encoder: str, batch_size: int,
+                   layout: str = '') -> int:
+  """Text positions a step at `batch_size` computes: the real tokens
+  (mean encoder; LSTM `layout='packed'`), mardjax's packed LSTM rows
+  (`train.lstm_pack_rows`, rounded up; 0: padded to `max_len`), or the
+  batch padded to its longest review (`layout='padded'`)."""
+  length = config.data.max_len
+  lengths = review_lengths(batch_size, length)
+  tokens = int(lengths.sum())
+  if encoder != 'lstm' or layout == 'packed':
+    return tokens
+  if layout == 'padded':
+    return batch_size * int(lengths.max())
+  rows = config.train.lstm_pack_rows
+  if not rows:
+    return batch_size * length
+  return -(-tokens // (rows * length)) * rows * length
+
+
+def step_bytes(config, encoder: str, batch_size: int, layout: str = ''
+               ) -> int:
+  """A rough upper bound of the memory a train step at `batch_size` needs.
+
+  Per text position (`text_positions`), the LSTM keeps each direction's
+  input, gates before and after their nonlinearities and its cell and
+  hidden states; the mean encoder keeps the word's embedding and its
+  gradient. `layout`: as `text_positions` takes it ('' mardjax's own).
+  """
+  m = config.model
+  table = (config.data.vocab_size + 2) * m.word_dim * 4
+  if encoder == 'lstm':
+    per_position = 2 * (m.word_dim + 10 * m.lstm_dim) * 4
+  else:
+    per_position = 2 * m.word_dim * 4
+  host = 4 * batch_size * config.data.max_len * 4  # Padded batch arrays.
+  return int(FIXED_BYTES + 4 * table + host + SAFETY * per_position *
+             text_positions(config, encoder, batch_size, layout))
+
+
+def available_bytes() -> int:
+  """Memory a step may still take: the accelerator's, else the host's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != 'cpu':
+    stats = jax.devices()[0].memory_stats() or {}
+    if 'bytes_limit' in stats:
+      return int(stats['bytes_limit'] - stats.get('bytes_in_use', 0))
+  return int(psutil.virtual_memory().available)
+
+
+def memory_skip(what: str, need: int, available: int) -> dict | None:
+  """None when `need` bytes fit in `available`; else the skip line, also
+  printed to stdout."""
+  if need <= available:
+    return None
+  line = {'skipped': what, 'why': (
+      f'needs about {need / 2**30:.1f} GiB (a rough upper bound), '
+      f'{available / 2**30:.1f} GiB available'),
+          'need_gib': round(need / 2**30, 1),
+          'available_gib': round(available / 2**30, 1)}
+  print(json.dumps(line, sort_keys=True), flush=True)
+  return line
+
+
+# The PyTorch peer's variants per encoder: (name, command-line switches).
+PEER_VARIANTS = {'mean': (('dense', ()), ('sparse', ('--sparse',))),
+                 'lstm': (('packed', ()), ('padded', ('--padded',)))}
+PEER_PROBE_STEPS = 2  # The first run's timed steps (after its warm-up).
+PEER_PROBE_TIMEOUT_S = 3600
+
+
+def _peer_run(config, encoder: str, batch_size: int, switches: tuple,
+              steps: int, timeout: float) -> dict[str, Any]:
+  """The peer script's JSON line for one run; raises when it fails."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+  proc = subprocess.run(
+      [sys.executable, config.benchmark.peer, encoder, '--steps', str(steps),
+       '--batch', str(batch_size), '--max_len', str(config.data.max_len),
+       '--vocab', str(config.data.vocab_size), '--device', device,
+       *switches], capture_output=True, text=True, timeout=timeout,
+      check=False)
+  out = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+  if proc.returncode or not out:
+    tail = proc.stderr.strip().splitlines() or ['no output']
+    raise RuntimeError(f'exit code {proc.returncode}: {tail[-1]}')
+  return json.loads(out[-1])
+
+
+def peer_step(config, encoder: str, batch_size: int, variant: str,
+              switches: tuple) -> dict[str, Any]:
+  """One variant of the peer's train step, timed for at least
+  `benchmark.min_seconds`: a run of `PEER_PROBE_STEPS` steps and, when
+  those took less, a second run of enough steps. A failure (exit code,
+  timeout, no JSON line) is the line's `error`, never an exception."""
+  min_seconds = config.benchmark.min_seconds
+  line = {'benchmark': f'peer_train_step_{encoder}', 'peer': True,
+          'encoder': encoder, 'batch_size': batch_size,
+          'variant': f'{encoder} {variant}'}
+  try:
+    steps = PEER_PROBE_STEPS
+    out = _peer_run(config, encoder, batch_size, switches, steps,
+                    PEER_PROBE_TIMEOUT_S)
+    if steps * out['step_s'] < min_seconds:
+      steps = math.ceil(1.05 * min_seconds / max(out['step_s'], 1e-6))
+      # Its warm-up and steps at the probe's pace, three times over.
+      timeout = 300 + 3 * (steps + 3) * out['step_s']
+      out = _peer_run(config, encoder, batch_size, switches, steps, timeout)
+  except (OSError, subprocess.SubprocessError, RuntimeError, ValueError,
+          KeyError) as e:
+    return dict(line, error=f'{type(e).__name__}: {e}')
+  return dict(line, examples_per_s=out['examples_per_s'],
+              step_s=out['step_s'], steps=steps,
+              seconds=round(steps * out['step_s'], 2),
+              peer_name=out.get('peer'), torch=out.get('torch'),
+              threads=out.get('threads'), device=out.get('device'),
+              tokens_per_batch=out.get('tokens_per_batch'))
+
+
+def peer_lines(config, encoder: str, batch_size: int) -> list[dict]:
+  """The peer's variants (`PEER_VARIANTS`) at one encoder and batch size,
+  each in a subprocess; `strongest` marks the fastest. On CPUs a variant
+  whose step would not fit in memory is skipped with a line saying why
+  (an accelerator's memory is the peer's to report: a failure line)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  lines = []
+  for variant, switches in PEER_VARIANTS.get(encoder, ()):
+    what = f'peer_train_step_{encoder} {variant} at batch {batch_size}'
+    skip = jax.default_backend() == 'cpu' and memory_skip(
+        what, step_bytes(config, encoder, batch_size, variant),
+        available_bytes())
+    lines.append(dict(skip, peer=True, encoder=encoder,
+                      batch_size=batch_size, variant=f'{encoder} {variant}')
+                 if skip else
+                 peer_step(config, encoder, batch_size, variant, switches))
+  best = results.strongest_peer(lines, encoder, batch_size)
+  for line in lines:
+    if 'examples_per_s' in line:
+      line['strongest'] = line is best
+    if 'skipped' not in line:  # Skips were printed when decided.
+      print(json.dumps(line, sort_keys=True), flush=True)
+  return lines
+
+
+def _our_steps(config, encoder: str, batch_size: int,
+               peer: dict | None) -> list[dict]:
+  """Our lines at one encoder and batch size: one per embedding update
+  and, for the LSTM, loop; `config_default` marks the config's own, and
+  `speedup_vs_best_peer` compares with `peer` (the strongest variant's
+  line) when the peer ran."""
+  b = config.benchmark
+  steps = b.train_steps if encoder != 'lstm' else max(2, b.train_steps // 10)
+  updates = names(b.embedding_updates)
+  loops = names(b.lstm_loops) if encoder == 'lstm' else []
+  lines = []
+  for update, loop in itertools.product(
+      updates or [config.train.embedding_update],
+      loops or [config.model.lstm_loop]):
+    one = config.copy_and_resolve_references()
+    one.train.batch_size, one.train.embedding_update = batch_size, update
+    one.model.lstm_loop = loop
+    line = train_step_throughput(one, encoder, steps,
+                                 config.data.vocab_size + 2,
+                                 min_seconds=b.min_seconds)
+    line['config_default'] = not updates and not loops
+    if peer:
+      line['speedup_vs_best_peer'] = results.speedup(
+          line['examples_per_s'], peer['examples_per_s'])
+    print(json.dumps(line, sort_keys=True), flush=True)
+    lines.append(line)
+  return lines
+
+
 def run_train(config, workdir: str) -> dict[str, Any]:
   """Train-step throughput: one line per text encoder
   (`benchmark.encoders`), batch size (`benchmark.batch_sizes`), embedding
   update (`benchmark.embedding_updates`; empty: the config's) and, for the
   LSTM, loop (`benchmark.lstm_loops`; empty: the config's
-  `model.lstm_loop`). The LSTM runs a tenth of `benchmark.train_steps`
-  (at least 2)."""
+  `model.lstm_loop`), each timed for at least `benchmark.min_seconds`
+  after `benchmark.train_steps` steps (the LSTM a tenth, at least 2).
+
+  An encoder and batch size whose step would not fit in memory
+  (`step_bytes` against `available_bytes`) is skipped with one line that
+  says why. With `benchmark.peer` set, the PyTorch peer's variants at the
+  same sizes run first (`peer_lines`), and our lines carry
+  `speedup_vs_best_peer`.
+  """
   del workdir
   b = config.benchmark
+  if b.peer and not os.path.isfile(b.peer):
+    raise UserError(f'config.benchmark.peer={b.peer!r}: no such file.')
   lines = []
   for encoder in names(b.encoders):
-    steps = b.train_steps if encoder != 'lstm' else max(2, b.train_steps // 10)
-    loops = ((names(b.lstm_loops) if encoder == 'lstm' else []) or
-             [config.model.lstm_loop])
     for batch_size in (int(x) for x in names(b.batch_sizes)):
-      for update, loop in itertools.product(
-          names(b.embedding_updates) or [config.train.embedding_update],
-          loops):
-        one = config.copy_and_resolve_references()
-        one.train.batch_size, one.train.embedding_update = batch_size, update
-        one.model.lstm_loop = loop
-        line = train_step_throughput(one, encoder, steps,
-                                     config.data.vocab_size + 2)
-        print(json.dumps(line, sort_keys=True), flush=True)
-        lines.append(line)
+      skip = memory_skip(f'train_step_{encoder} at batch {batch_size}',
+                         step_bytes(config, encoder, batch_size),
+                         available_bytes())
+      if skip:
+        lines.append(dict(skip, encoder=encoder, batch_size=batch_size))
+        continue
+      peers = peer_lines(config, encoder, batch_size) if b.peer else []
+      best = results.strongest_peer(peers, encoder, batch_size)
+      lines += peers + _our_steps(config, encoder, batch_size, best)
   return {'benchmarks': lines}
 
 
@@ -359,7 +566,8 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
   rate = n * t.batch_size / (time.time() - start)
   step = train_step_throughput(config, config.model.text_encoder,
                                config.benchmark.train_steps,
-                               config.data.vocab_size + 2)
+                               config.data.vocab_size + 2,
+                               min_seconds=config.benchmark.min_seconds)
   print(json.dumps(step, sort_keys=True), flush=True)
   line = {'benchmark': 'input_pipeline', 'examples_per_s': round(rate, 1),
           'batches': n, 'batch_size': t.batch_size,
@@ -477,7 +685,28 @@ def run_train_loop(config, workdir: str) -> dict[str, Any]:
   return train_loop.run(config, workdir)
 
 
-# config.benchmark.kind -> fn(config, workdir) -> {'benchmarks': [lines]}.
-KINDS = {'data': run_data, 'train': run_train, 'pipeline': run_pipeline,
-         'eval': run_eval, 'index': run_index, 'serve': run_serve,
-         'train_loop': run_train_loop}
+# config.benchmark.kind -> fn(config, workdir) -> {'benchmarks': [lines]}
+# (or one line), the measurement alone.
+RUNNERS = {'data': run_data, 'train': run_train, 'pipeline': run_pipeline,
+           'eval': run_eval, 'index': run_index, 'serve': run_serve,
+           'train_loop': run_train_loop}
+
+
+def run_recorded(kind: str, config, workdir: str) -> dict[str, Any]:
+  """Runs a benchmark kind and appends its lines to
+  `<benchmark.results_dir>/<kind>.jsonl` when that is set."""
+  started = results.utc_now()
+  result = RUNNERS[kind](config, workdir)
+  path = results.record(config, kind, result, started)
+  if path:
+    print(f'benchmark records appended to {path}', file=sys.stderr)
+  return result
+
+
+def run_kind(config, workdir: str) -> dict[str, Any]:
+  """`--mode=benchmark`: the kind `config.benchmark.kind` names, recorded."""
+  return run_recorded(config.benchmark.kind, config, workdir)
+
+
+# The same kinds, each recording its run (what `--mode=benchmark` calls).
+KINDS = {kind: functools.partial(run_recorded, kind) for kind in RUNNERS}
