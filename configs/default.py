@@ -278,8 +278,7 @@ def get_config():
   # 'index': exact vs HNSW top-10 latency and recall on this many vectors.
   config.benchmark.index_vectors = 1_000_000
   # kind=train_loop: the training loop on generated tables of MARD's shape.
-  # Long enough that compiling and the first evaluation do not dominate
-  # (about 2 minutes on a 2-core CPU at batch 128).
+  # Long enough that compiling and the first evaluation do not dominate.
   config.benchmark.train_loop_steps = 5000
   # The step alone, for comparison, is timed before and after the loop for
   # at least this long each time.

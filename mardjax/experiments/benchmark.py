@@ -7,7 +7,8 @@ the figures are what a user's machine sees:
   * `synth`: generating the corpus of `config.data.synth_preset` (target
     for `full`: under 10 minutes);
   * `preprocess`: raw corpus -> TFRecords (target for `full`: under 10
-    minutes and 4 GB peak resident memory on a 2-core machine).
+    minutes and 4 GB peak resident memory on a laptop-class machine of two
+    cores).
 
 Each stage prints one JSON line to stdout as it finishes; the mode's result
 (the last line) holds them all. Every kind of `KINDS` appends its lines to
@@ -33,8 +34,9 @@ from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
 from mardjax.experiments import results
 
-# Targets: the `full` preset for the data stages, on a 2-core machine; paper
-# sizes for the train step (examples/s, higher is better).
+# Targets: the `full` preset for the data stages, on a laptop-class machine
+# of two cores; paper sizes for the train step (examples/s, higher is
+# better).
 TARGETS = {'synth': {'wall_s': 600},
            'preprocess': {'wall_s': 600, 'peak_rss_mb': 4096}}
 TRAIN_TARGETS = {'mean': 3000.0, 'lstm': 200.0}
