@@ -9,6 +9,7 @@ import pytest
 from configs import test as test_config
 from mardjax import modes
 from mardjax.experiments import benchmark
+from mardjax.experiments import measuring
 from tests.conftest import ROOT
 
 
@@ -28,7 +29,7 @@ def test_data_benchmark_measures_both_stages(tmp_path, capsys):
 def test_train_step_benchmark_line(assembly):
   config = test_config.get_config()
   config.train.batch_assembly = assembly
-  line = benchmark.train_step_throughput(config, 'mean', steps=2,
+  line = measuring.train_step_throughput(config, 'mean', steps=2,
                                          vocab_size=100)
   assert line['benchmark'] == 'train_step_mean'
   assert (line['embedding_update'], line['batch_assembly']) == (
@@ -77,20 +78,20 @@ def test_auto_embedding_update_picks_per_backend(monkeypatch):
 
 
 def test_step_timing_runs_until_its_minimum_time(monkeypatch):
-  """`benchmark._timed`: the asked-for dispatches, then doubling rounds
+  """`measuring._timed`: the asked-for dispatches, then doubling rounds
   until the minimum time has passed (on a fake clock: each dispatch takes
   10 ms of it)."""
   clock, calls = [0.0], []
-  monkeypatch.setattr(benchmark.time, 'time', lambda: clock[0])
+  monkeypatch.setattr(measuring.time, 'time', lambda: clock[0])
 
   def step(state):
     calls.append(state)
     clock[0] += 0.01
     return state + 1, np.zeros(())
-  assert benchmark._timed(step, 0, 3, 0.0) == (3, pytest.approx(0.03))
+  assert measuring._timed(step, 0, 3, 0.0) == (3, pytest.approx(0.03))
   calls.clear()
   # 3 take 0.03 s, then 3 more (0.06 s), then 6 more (0.12 s).
-  assert benchmark._timed(step, 0, 3, 0.1) == (12, pytest.approx(0.12))
+  assert measuring._timed(step, 0, 3, 0.1) == (12, pytest.approx(0.12))
   assert calls == list(range(12))  # Each dispatch takes the last state.
 
 
