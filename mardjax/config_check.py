@@ -1,11 +1,15 @@
 """The one config validator: every field that cannot work fails here, before
 any data is read or any program compiled, with one line naming the field.
 
-Choices are checked against the registries of the layers that implement
-them, so a new text encoder, loss or benchmark is valid as soon as it is
-registered: `models.two_branch.TEXT_ENCODERS` / `AUDIO_ENCODERS`,
-`train.losses.LOSSES`, `serve.search_index.KINDS`,
-`experiments.benchmark.KINDS` (modes: `mardjax.modes.MODES`, checked there).
+Each registry checks the fields that choose from it, through a public
+`check_config` beside the registry, so a new text encoder, loss or index
+is valid as soon as it is registered and this module reads no layer's
+internals: `models.two_branch.check_config` (encoders, pooling),
+`train.losses.check_config` (loss kind, negatives),
+`serve.search_index.check_config` (export index),
+`data.descriptors.check_config` (transform, descriptor list). The modes
+and the benchmark kinds sit above this module and check their own fields
+(`modes.run_mode`, `experiments.benchmark.check_config`).
 
   validate_common(config)     every named choice and every number's range
                               (all modes, `modes.run_mode`)
@@ -20,7 +24,7 @@ import ml_collections
 
 from mardjax import plan as plan_lib
 from mardjax.data import descriptors as desc_lib
-from mardjax.errors import UserError
+from mardjax.errors import need
 from mardjax.models import two_branch
 from mardjax.serve import search_index
 from mardjax.train import losses
@@ -31,12 +35,6 @@ EVAL_SPLITS = ('dev', 'test')
 BATCH_ASSEMBLY = plan_lib.BATCH_ASSEMBLIES
 LR_SCALING = ('none', 'linear', 'sqrt')
 LR_SCHEDULES = ('constant', 'cosine')
-
-
-def need(ok: bool, field: str, value: Any, why: str) -> None:
-  """Raises the one-line error for `config.<field>` when not `ok`."""
-  if not ok:
-    raise UserError(f'config.{field}={value!r}: {why}')
 
 
 def _choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
@@ -121,17 +119,9 @@ def validate_values(config: ml_collections.ConfigDict) -> None:
 def validate_common(config: ml_collections.ConfigDict) -> None:
   """Every field that names one of several implementations, and every
   number (`validate_values`)."""
-  _choice(config, 'model.text_encoder', two_branch.TEXT_ENCODERS)
-  _choice(config, 'model.audio_encoder', two_branch.AUDIO_ENCODERS)
-  _choice(config, 'model.pooling', two_branch.POOLINGS)
+  two_branch.check_config(config.model)
   _choice(config, 'model.lstm_loop', plan_lib.LSTM_LOOPS)
-  need(config.model.pooling == 'mean' or config.model.text_encoder == 'mean',
-       'model.pooling', config.model.pooling,
-       "weighted pooling is the mean encoder's (model.text_encoder='mean')")
-  need(not config.model.word_dropout or config.model.text_encoder == 'mean',
-       'model.word_dropout', config.model.word_dropout,
-       "word dropout is the mean encoder's (model.text_encoder='mean')")
-  _choice(config, 'loss.kind', losses.LOSSES)
+  losses.check_config(config.loss)
   _choice(config, 'train.parallelism', PARALLELISM)
   _choice(config, 'train.embedding_update', EMBEDDING_UPDATES)
   _choice(config, 'train.batch_assembly', BATCH_ASSEMBLY)
@@ -139,20 +129,8 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'train.compute_dtype', plan_lib.COMPUTE_DTYPES)
   _choice(config, 'train.lr_schedule', LR_SCHEDULES)
   _choice(config, 'eval.split', EVAL_SPLITS)
-  _choice(config, 'export.index', search_index.KINDS)
-  # Imported here: the benchmarks import the modes, which import this module.
-  from mardjax.experiments import benchmark  # pylint: disable=g-import-not-at-top
-  _choice(config, 'benchmark.kind', benchmark.KINDS)
-  for field, choices in (('embedding_updates', EMBEDDING_UPDATES),
-                         ('lstm_loops', plan_lib.LSTM_LOOPS)):
-    for name in benchmark.names(config.benchmark[field]):
-      need(name in choices, f'benchmark.{field}', config.benchmark[field],
-           f'{name!r} is none of {choices}')
-  _choice(config, 'data.transform', desc_lib.TRANSFORMS)
-  try:
-    losses.NegativeMode.parse(config.loss.negatives)
-  except ValueError as e:
-    raise UserError(f'config.loss.{e}') from None
+  search_index.check_config(config.export)
+  desc_lib.check_config(config.data)
   validate_values(config)
 
 
@@ -171,12 +149,7 @@ def validate_data(data: ml_collections.ConfigDict) -> None:
   check(data.num_workers >= 1, 'num_workers', 'must be >= 1')
   check(data.text_encoder_max_tokens >= 2, 'text_encoder_max_tokens',
         'must be at least 2')
-  check(data.transform in desc_lib.TRANSFORMS, 'transform',
-        f'choose from {desc_lib.TRANSFORMS}')
-  try:
-    desc_lib.parse_descriptor_list(data.descriptors)
-  except ValueError as e:
-    raise UserError(f'config.data.descriptors: {e}') from None
+  desc_lib.check_config(data)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int,

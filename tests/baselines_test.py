@@ -69,7 +69,7 @@ def test_runner_reports_every_baseline(tiny_records):
   config.baselines.text_dim = 16
   config.baselines.cca_dims = (4, 8)
   config.baselines.wsabie_steps = 30
-  out = baselines.run(config, data_dir)
+  out = baselines.evaluate_baselines(config, data_dir)
   rows = {r['baseline']: r for r in out['baselines']}
   assert set(rows) == {'text features', 'cca-4', 'cca-8', 'wsabie', 'random'}
   n_albums = rows['random']['num_candidates']
@@ -98,7 +98,7 @@ def test_ablation_writes_the_table(tiny_corpus_master, tmp_path):
   config.baselines.text_dim = 16
   config.baselines.cca_dims = (4,)
   config.baselines.wsabie_steps = 5
-  out = ablation.run(config, str(tmp_path), show_progress=False)
+  out = ablation.run_table1(config, str(tmp_path), show_progress=False)
   rows = {r['row']: r for r in out['rows']}
   assert 'text_encoder_path' in rows['bert_bi_nonlinear']['skipped']
   assert rows['uni_nonlinear']['steps'] == 4
@@ -138,7 +138,7 @@ def test_bad_ablation_variants_fail_before_training(tmp_path, variants,
   config.data.mard_dir = str(tmp_path / 'not_read')
   config.ablate.variants = variants
   with pytest.raises(UserError, match=message):
-    ablation.run(config, str(tmp_path), show_progress=False)
+    ablation.run_table1(config, str(tmp_path), show_progress=False)
   assert not (tmp_path / 'data').exists()  # Nothing was preprocessed.
 
 
@@ -167,4 +167,4 @@ def test_unknown_ablation_rows_are_named(tiny_corpus_master, tmp_path):
   config.data.mard_dir = tiny_corpus_master
   config.ablate.rows = 'bi_nonlinear,best_row'
   with pytest.raises(UserError, match="unknown rows \\['best_row'\\]"):
-    ablation.run(config, str(tmp_path), show_progress=False)
+    ablation.run_table1(config, str(tmp_path), show_progress=False)

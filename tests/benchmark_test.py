@@ -2,13 +2,13 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 from configs import test as test_config
 from mardjax import modes
 from mardjax.experiments import benchmark
+from mardjax.experiments import measuring
 from tests.conftest import ROOT
 
 
@@ -28,7 +28,7 @@ def test_data_benchmark_measures_both_stages(tmp_path, capsys):
 def test_train_step_benchmark_line(assembly):
   config = test_config.get_config()
   config.train.batch_assembly = assembly
-  line = benchmark.train_step_throughput(config, 'mean', steps=2,
+  line = measuring.train_step_throughput(config, 'mean', steps=2,
                                          vocab_size=100)
   assert line['benchmark'] == 'train_step_mean'
   assert (line['embedding_update'], line['batch_assembly']) == (
@@ -66,24 +66,24 @@ def test_train_benchmark_lines_per_lstm_loop(tmp_path):
 
 
 def test_step_timing_runs_until_its_minimum_time(monkeypatch):
-  """`benchmark._timed`: the asked-for dispatches, then a round sized by
+  """`measuring._timed`: the asked-for dispatches, then a round sized by
   the rate so far until the minimum time has passed (on a fake clock:
   each dispatch takes 10 ms of it)."""
   clock, calls = [0.0], []
-  monkeypatch.setattr(benchmark.time, 'time', lambda: clock[0])
+  monkeypatch.setattr(measuring.time, 'time', lambda: clock[0])
 
   def step(state):
     calls.append(state)
     clock[0] += 0.01
     return state + 1, np.zeros(())
-  assert benchmark._timed(step, 0, 3, 0.0) == (3, pytest.approx(0.03))
+  assert measuring._timed(step, 0, 3, 0.0) == (3, pytest.approx(0.03))
   calls.clear()
   # 3 take 0.03 s; the remaining 0.07 s, 5% over, are 8 more.
-  assert benchmark._timed(step, 0, 3, 0.1) == (11, pytest.approx(0.11))
+  assert measuring._timed(step, 0, 3, 0.1) == (11, pytest.approx(0.11))
   assert calls == list(range(11))  # Each dispatch takes the last state.
   # A minimum of 5 s is reached in one more round, 5% over at most (not
   # by doubling, up to twice over).
-  done, wall = benchmark._timed(step, 0, 30, 5.0)
+  done, wall = measuring._timed(step, 0, 30, 5.0)
   assert 5.0 <= wall <= 5.0 + 0.05 * 4.7 + 0.01 and done == round(wall / 0.01)
 
 
@@ -91,7 +91,7 @@ def test_the_memory_bound_reads_the_benchmarks_own_batch():
   config = test_config.get_config()
   for b in (8, 100):
     config.train.batch_size = b
-    _, reviews, _ = benchmark._step_batch(config, 100)
+    _, reviews, _ = measuring._step_batch(config, 100)
     np.testing.assert_array_equal(
         benchmark.review_lengths(b, config.data.max_len), reviews.lengths)
 

@@ -94,8 +94,8 @@ def tiny_records(tiny_corpus_master, tmp_path_factory):
   from mardjax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from mardjax.data import preprocess  # pylint: disable=g-import-not-at-top
   out = str(tmp_path_factory.mktemp('tiny_records') / 'data')
-  preprocess.run(test_config.get_config(), tiny_corpus_master, out,
-                 show_progress=False)
+  preprocess.preprocess_corpus(test_config.get_config(), tiny_corpus_master,
+                               out, show_progress=False)
   return out, manifest_lib.load(out)
 
 

@@ -82,3 +82,19 @@ def test_refuses_to_overwrite_a_real_corpus_with_synthetic_data(tmp_path):
   run = _launch(tmp_path, '--mode=synth', f'--config.data.mard_dir={real}')
   assert run.returncode == 2 and 'refusing' in run.stderr
   assert (real / 'mard_metadata.json').read_text() == '{"amazon-id": "B1"}\n'
+
+
+def test_train_logs_its_plan_first_and_records_it(tmp_path):
+  """--mode=train: the execution plan is the run's first log line (after
+  jax's own start-up) and its result's 'plan'."""
+  run = _launch(tmp_path, '--config.train.num_steps=2',
+                '--config.train.eval_every=2', '--config.train.log_every=2',
+                '--config.train.checkpoint_every=2')
+  assert run.returncode == 0, run.stderr
+  result = json.loads(run.stdout.strip().splitlines()[-1])
+  assert result['plan']['embedding_update'] == 'lazy'  # A CPU's 'auto'.
+  assert 'auto' not in result['plan'].values()
+  ours = [line for line in run.stderr.splitlines()
+          if line[:1] in 'IWE' and '] ' in line and 'xla_bridge' not in line
+          and 'port.cc' not in line]
+  assert '] Plan: backend=cpu' in ours[0], ours[:3]

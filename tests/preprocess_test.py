@@ -22,8 +22,8 @@ from tests.conftest import REAL_DOCS
 
 
 def _run(config, mard_dir, out_dir, **kw):
-  return preprocess.run(config, str(mard_dir), str(out_dir),
-                        show_progress=False, **kw)
+  return preprocess.preprocess_corpus(config, str(mard_dir), str(out_dir),
+                                      show_progress=False, **kw)
 
 
 def _lines(path):

@@ -17,6 +17,7 @@ from configs import default as default_config
 from configs import test as test_config
 from mardjax import config_check
 from mardjax import modes
+from mardjax import stages
 from mardjax.data import mard_io
 from mardjax.errors import UserError
 from mardjax.evaluation import metrics
@@ -42,14 +43,14 @@ def test_a_diverging_run_stops_and_keeps_its_good_checkpoints(tiny_records,
                                                               tmp_path):
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=5, eval_every=5, log_every=1000)
-  modes.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
-                           data_dir)
+  stages.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
+                            data_dir)
   best_before = sorted(os.listdir(tmp_path / checkpoints.BEST_DIR))
   # A learning rate that is finite but absurd: the state goes non-finite.
   with pytest.raises(UserError, match=r'loss became .* at step 1[1-9]\b.*'
                      r'The last good checkpoint is step 10'):
-    modes.train_and_evaluate(_config(num_steps=40, learning_rate=1e6, **kw),
-                             str(tmp_path), data_dir)
+    stages.train_and_evaluate(_config(num_steps=40, learning_rate=1e6, **kw),
+                              str(tmp_path), data_dir)
   steps = sorted(int(d) for d in os.listdir(
       tmp_path / checkpoints.CHECKPOINT_DIR) if d.isdigit())
   assert steps[-1] == 10
@@ -66,8 +67,8 @@ def test_a_damaged_checkpoint_that_restores_is_set_aside(tiny_records,
                                                           tmp_path):
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
-  state, _ = modes.train_and_evaluate(_config(num_steps=10, **kw),
-                                      str(tmp_path), data_dir)
+  state, _ = stages.train_and_evaluate(_config(num_steps=10, **kw),
+                                       str(tmp_path), data_dir)
   # What a damaged file that still decodes gives back: a NaN and an absurd
   # value in the parameters of the newest checkpoint.
   ckpt = checkpoints.Checkpoints(str(tmp_path / checkpoints.CHECKPOINT_DIR),
@@ -80,8 +81,8 @@ def test_a_damaged_checkpoint_that_restores_is_set_aside(tiny_records,
   params['audio_head']['out']['kernel'] = kernel
   ckpt.save(step, good.replace(params=params), meta)
   ckpt.close()
-  resumed, result = modes.train_and_evaluate(_config(num_steps=12, **kw),
-                                             str(tmp_path), data_dir)
+  resumed, result = stages.train_and_evaluate(_config(num_steps=12, **kw),
+                                              str(tmp_path), data_dir)
   assert result['resumed_from'] == 5
   assert os.listdir(tmp_path / 'unreadable_checkpoints')
   assert _all_finite(resumed.params)
@@ -121,8 +122,8 @@ def test_a_huge_integer_in_a_descriptor_is_a_counted_skip(tiny_corpus,
   doc['lowlevel']['zerocrossingrate']['max'] = int('9' * 400)
   with open(docs[0], 'w') as f:
     json.dump(doc, f)
-  report = preprocess.run(_config(), tiny_corpus, str(tmp_path / 'out'),
-                          show_progress=False)
+  report = preprocess.preprocess_corpus(
+      _config(), tiny_corpus, str(tmp_path / 'out'), show_progress=False)
   assert report['skipped']['tracks'].get('non_finite', 0) >= 1
   assert all(report['reconcile'].values())
 
@@ -177,8 +178,8 @@ def test_a_descriptor_directory_that_is_a_file_is_an_error(tiny_corpus,
     f.write('{}')
   with pytest.raises(UserError, match='acousticbrainz_descriptors.* is a '
                      'file'):
-    preprocess.run(_config(), tiny_corpus, str(tmp_path / 'out'),
-                   show_progress=False)
+    preprocess.preprocess_corpus(_config(), tiny_corpus, str(tmp_path / 'out'),
+                                 show_progress=False)
 
 
 # 6. Config values that make no sense fail at once.
@@ -247,33 +248,33 @@ def test_export_needs_no_data_flags_of_the_run(tiny_corpus_master, tmp_path):
 def test_history_survives_a_resume(tiny_records, tmp_path):
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=4, eval_every=4, log_every=1000)
-  modes.train_and_evaluate(_config(num_steps=8, **kw), str(tmp_path),
-                           data_dir)
-  _, result = modes.train_and_evaluate(_config(num_steps=12, **kw),
-                                       str(tmp_path), data_dir)
+  stages.train_and_evaluate(_config(num_steps=8, **kw), str(tmp_path),
+                            data_dir)
+  _, result = stages.train_and_evaluate(_config(num_steps=12, **kw),
+                                        str(tmp_path), data_dir)
   assert result['resumed_from'] == 8
   assert [h['step'] for h in result['history']] == [0, 4, 8, 12]
 
 
 def test_gzip_compressed_mard_files_are_read(tiny_corpus, tmp_path):
   from mardjax.data import preprocess  # pylint: disable=g-import-not-at-top
-  plain = preprocess.run(_config(), tiny_corpus, str(tmp_path / 'a'),
-                         show_progress=False)
+  plain = preprocess.preprocess_corpus(
+      _config(), tiny_corpus, str(tmp_path / 'a'), show_progress=False)
   for name in (mard_io.REVIEWS_FILE, mard_io.METADATA_FILE):
     path = os.path.join(tiny_corpus, name)
     with open(path, 'rb') as f:
       data = f.read()
     with gzip.open(path, 'wb') as f:
       f.write(data)
-  packed = preprocess.run(_config(), tiny_corpus, str(tmp_path / 'b'),
-                          show_progress=False)
+  packed = preprocess.preprocess_corpus(
+      _config(), tiny_corpus, str(tmp_path / 'b'), show_progress=False)
   assert packed['reviews'] == plain['reviews']
   assert packed['albums'] == plain['albums']
   with open(os.path.join(tiny_corpus, mard_io.REVIEWS_FILE), 'wb') as f:
     f.write(b'BZh91AY&SY' + b'\0' * 20)
   with pytest.raises(UserError, match='bzip2-compressed'):
-    preprocess.run(_config(), tiny_corpus, str(tmp_path / 'c'),
-                   show_progress=False)
+    preprocess.preprocess_corpus(_config(), tiny_corpus, str(tmp_path / 'c'),
+                                 show_progress=False)
 
 
 def test_reading_records_leaves_no_autograph_files(tiny_records, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from mardjax import modes
+from mardjax import stages
 from mardjax.data import manifest as manifest_lib
 from mardjax.evaluation import evaluate
 from mardjax.data import input_pipeline
@@ -68,7 +68,8 @@ def test_pretrained_features_preprocess_and_train(tiny_bert,
   config.data.text_encoder_path = tiny_bert
   config.data.text_encoder_max_tokens = 32
   data_dir = str(tmp_path / 'data')
-  preprocess.run(config, tiny_corpus_master, data_dir, show_progress=False)
+  preprocess.preprocess_corpus(config, tiny_corpus_master, data_dir,
+                               show_progress=False)
   manifest = manifest_lib.load(data_dir)
   assert manifest.feature_dim == 12
   dev = input_pipeline.load_reviews(manifest, 'dev', 64)
@@ -78,8 +79,8 @@ def test_pretrained_features_preprocess_and_train(tiny_bert,
   config.model.text_encoder = 'pretrained'
   config.train.num_steps = 10
   config.train.eval_every = 10
-  state, metrics = modes.train_and_evaluate(config, str(tmp_path / 'run'),
-                                            data_dir)
+  state, metrics = stages.train_and_evaluate(config, str(tmp_path / 'run'),
+                                             data_dir)
   assert int(state.step) == 10 and 0 <= metrics['recall@10'] <= 1
   assert 'text_features' not in state.params  # No embedding table.
   again = evaluate.evaluate_checkpoint(config, str(tmp_path / 'run'), data_dir)
@@ -103,8 +104,9 @@ def test_pretrained_features_preprocess_and_train(tiny_bert,
   # Another encoder (or none) is another data version.
   os.utime(os.path.join(tiny_bert, 'config.json'))
   config.data.text_encoder_path = ''
-  assert preprocess.run(config, tiny_corpus_master, data_dir,
-                        show_progress=False).get('reused') is not True
+  assert preprocess.preprocess_corpus(
+      config, tiny_corpus_master, data_dir,
+      show_progress=False).get('reused') is not True
 
 
 def test_pretrained_without_features_is_a_clear_error(tiny_records, tmp_path):
@@ -112,4 +114,4 @@ def test_pretrained_without_features_is_a_clear_error(tiny_records, tmp_path):
   config = test_config.get_config()
   config.model.text_encoder = 'pretrained'
   with pytest.raises(UserError, match='text_encoder_path'):
-    modes.train_and_evaluate(config, str(tmp_path), data_dir)
+    stages.train_and_evaluate(config, str(tmp_path), data_dir)

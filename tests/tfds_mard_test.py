@@ -13,8 +13,8 @@ def test_tfds_build_matches_preprocessing(tiny_corpus_master, config,
   download = tfds.download.DownloadConfig(manual_dir=tiny_corpus_master)
   kwargs = dict(data_dir=str(tmp_path / 'tfds'),
                 download_and_prepare_kwargs={'download_config': download})
-  report = preprocess.run(config, tiny_corpus_master, str(tmp_path / 'pp'),
-                          show_progress=False)
+  report = preprocess.preprocess_corpus(
+      config, tiny_corpus_master, str(tmp_path / 'pp'), show_progress=False)
   reviews = {s: list(tfds.as_numpy(tfds.load('mard/reviews', split=s,
                                              **kwargs)))
              for s in ('train', 'dev', 'test')}
@@ -37,3 +37,13 @@ def test_tfds_build_matches_preprocessing(tiny_corpus_master, config,
   assert {int(r['album_index']) for r in reviews['test']} <= test_albums
   assert not collections.Counter(
       int(r['album_index']) for r in reviews['train']).keys() & test_albums
+
+
+def test_the_builder_defaults_are_the_default_configs():
+  # The data layer reads no configs/ file; its defaults must not drift.
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from mardjax.data import ingest  # pylint: disable=g-import-not-at-top
+  data = default.get_config().data
+  defaults = ingest.default_data_config()
+  assert {k: data[k] for k in defaults} == defaults.to_dict()
+  assert tfds_mard.MardConfig(name='x').data_config() == defaults

@@ -16,7 +16,7 @@ import pytest
 
 from configs import test as test_config
 from mardjax import config_check
-from mardjax import modes
+from mardjax import stages
 from mardjax.evaluation import evaluate
 from mardjax.train import checkpoints
 from mardjax.errors import UserError
@@ -41,7 +41,7 @@ def test_training_learns_and_reports_recall(tiny_records, tmp_path, caplog):
   config = _config(num_steps=60, eval_every=30, log_every=30,
                    checkpoint_every=30)
   with caplog.at_level('INFO'):
-    state, metrics = modes.train_and_evaluate(config, str(tmp_path),
+    state, metrics = stages.train_and_evaluate(config, str(tmp_path),
                                               data_dir)
   assert int(state.step) == 60
   # The run's execution plan: logged first, in its result and checkpoints.
@@ -144,8 +144,9 @@ def test_eval_of_a_split_without_reviews_is_a_clear_error(tiny_corpus_master,
   config = _config(num_steps=2, eval_every=2, checkpoint_every=2)
   config.data.test_album_fraction = 0.0
   data_dir = str(tmp_path / 'data')
-  preprocess.run(config, tiny_corpus_master, data_dir, show_progress=False)
-  modes.train_and_evaluate(config, str(tmp_path / 'w'), data_dir)
+  preprocess.preprocess_corpus(config, tiny_corpus_master, data_dir,
+                               show_progress=False)
+  stages.train_and_evaluate(config, str(tmp_path / 'w'), data_dir)
   config.eval.split = 'test'
   with pytest.raises(UserError, match='holds no held-out reviews'):
     evaluate.evaluate_checkpoint(config, str(tmp_path / 'w'), data_dir)
@@ -167,8 +168,8 @@ def test_late_logged_metrics_are_each_steps_own(tiny_records, tmp_path,
         logged.append((step, {k: float(v) for k, v in m.items()}))))
     config = _config(num_steps=10, log_every=2, eval_every=eval_every,
                      checkpoint_every=10)
-    modes.train_and_evaluate(config, str(tmp_path / str(eval_every)),
-                             data_dir)
+    stages.train_and_evaluate(config, str(tmp_path / str(eval_every)),
+                              data_dir)
     assert [step for step, _ in logged] == [2, 4, 6, 8, 10]
     runs.append(logged)
   assert runs[0] == runs[1]
@@ -190,9 +191,9 @@ def test_the_loop_runs_with_setups_objects_frozen(tiny_records, tmp_path,
     frozen.append(gc.get_freeze_count())
     return steps(run, it)
   monkeypatch.setattr(trainer, '_steps', watched)
-  modes.train_and_evaluate(_config(num_steps=2, eval_every=1000,
-                                   log_every=2, checkpoint_every=2),
-                           str(tmp_path / 'ok'), data_dir)
+  stages.train_and_evaluate(_config(num_steps=2, eval_every=1000,
+                                    log_every=2, checkpoint_every=2),
+                            str(tmp_path / 'ok'), data_dir)
   assert frozen[0] > before + 10_000
   assert gc.get_freeze_count() == before
 
@@ -200,8 +201,8 @@ def test_the_loop_runs_with_setups_objects_frozen(tiny_records, tmp_path,
     raise RuntimeError('mid-run failure')
   monkeypatch.setattr(trainer, '_steps', fails)
   with pytest.raises(RuntimeError, match='mid-run failure'):
-    modes.train_and_evaluate(_config(num_steps=2), str(tmp_path / 'bad'),
-                             data_dir)
+    stages.train_and_evaluate(_config(num_steps=2), str(tmp_path / 'bad'),
+                              data_dir)
   assert gc.get_freeze_count() == before
 
 
@@ -212,7 +213,7 @@ def test_prefetch_thread_feeds_the_same_batches(tiny_records, tmp_path):
   from mardjax import plan as plan_lib  # pylint: disable=g-import-not-at-top
   data_dir, _ = tiny_records
   assert plan_lib.resolve(_config()).prefetch_batches == 0  # CPU's auto.
-  states = [modes.train_and_evaluate(
+  states = [stages.train_and_evaluate(
       _config(num_steps=9, eval_every=1000, log_every=3, checkpoint_every=9,
               batch_assembly='device', prefetch_batches=depth),
       str(tmp_path / str(depth)), data_dir)[0] for depth in (0, 2)]
@@ -224,7 +225,7 @@ def test_album_lstm_trains_and_evaluates(tiny_records, tmp_path):
   config = _config(num_steps=4, eval_every=4, log_every=2, checkpoint_every=4)
   config.model.audio_encoder = 'album_lstm'
   config.model.max_tracks = 6
-  state, metrics = modes.train_and_evaluate(config, str(tmp_path), data_dir)
+  state, metrics = stages.train_and_evaluate(config, str(tmp_path), data_dir)
   assert int(state.step) == 4 and 'album_rnn' in state.params
   again = evaluate.evaluate_checkpoint(config, str(tmp_path), data_dir)
   np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
@@ -246,10 +247,10 @@ def test_resumed_run_ends_with_the_same_parameters(tiny_records, tmp_path,
       c.model.text_encoder = 'lstm'
       c.train.embedding_update = 'lazy'
     return c
-  straight, _ = modes.train_and_evaluate(config(25), str(tmp_path / 'a'),
+  straight, _ = stages.train_and_evaluate(config(25), str(tmp_path / 'a'),
                                          data_dir)
-  modes.train_and_evaluate(config(14), str(tmp_path / 'b'), data_dir)
-  resumed, metrics = modes.train_and_evaluate(config(25),
+  stages.train_and_evaluate(config(14), str(tmp_path / 'b'), data_dir)
+  resumed, metrics = stages.train_and_evaluate(config(25),
                                               str(tmp_path / 'b'), data_dir)
   assert metrics['plan']['batch_assembly'] == assembly
   assert metrics['resumed_from'] == 14
@@ -261,15 +262,15 @@ def test_unreadable_newest_checkpoint_falls_back(tiny_records, tmp_path,
                                                  caplog):
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
-  modes.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
-                           data_dir)
+  stages.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
+                            data_dir)
   newest = tmp_path / checkpoints.CHECKPOINT_DIR / '10'
   for path in glob.glob(str(newest / 'state' / '**' / '*'), recursive=True):
     if os.path.isfile(path):
       with open(path, 'wb') as f:
         f.write(b'garbage')
-  _, metrics = modes.train_and_evaluate(_config(num_steps=12, **kw),
-                                        str(tmp_path), data_dir)
+  _, metrics = stages.train_and_evaluate(_config(num_steps=12, **kw),
+                                         str(tmp_path), data_dir)
   assert metrics['resumed_from'] == 5
   assert any('unreadable' in r.getMessage() for r in caplog.records)
 
@@ -277,8 +278,8 @@ def test_unreadable_newest_checkpoint_falls_back(tiny_records, tmp_path,
 def test_a_different_manifest_is_refused(tiny_records, tmp_path):
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
-  modes.train_and_evaluate(_config(num_steps=5, **kw), str(tmp_path / 'w'),
-                           data_dir)
+  stages.train_and_evaluate(_config(num_steps=5, **kw), str(tmp_path / 'w'),
+                            data_dir)
   other = tmp_path / 'other'
   shutil.copytree(data_dir, other)
   with open(other / 'manifest.json') as f:
@@ -288,8 +289,8 @@ def test_a_different_manifest_is_refused(tiny_records, tmp_path):
   with open(other / 'manifest.json', 'w') as f:
     json.dump(manifest, f)
   with pytest.raises(UserError, match='different data'):
-    modes.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path / 'w'),
-                             str(other))
+    stages.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path / 'w'),
+                              str(other))
   with pytest.raises(UserError, match='different data'):
     evaluate.evaluate_checkpoint(_config(), str(tmp_path / 'w'), str(other))
   # The refused checkpoints were left where they were.
@@ -301,14 +302,14 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(tiny_records,
                                                           tmp_path):
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=5, eval_every=1000, log_every=5)
-  modes.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
-                           data_dir)
+  stages.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
+                            data_dir)
   # Resume with an absurd learning rate: the state goes non-finite after
   # step 10, and the step that did it is named (checked every step).
   config = _config(num_steps=40, learning_rate=1e30, **kw)
   with pytest.raises(UserError, match=r'loss became \S+ at step 1[1-5] .*'
                      r'The last good checkpoint is step 10'):
-    modes.train_and_evaluate(config, str(tmp_path), data_dir)
+    stages.train_and_evaluate(config, str(tmp_path), data_dir)
   steps = sorted(int(d) for d in os.listdir(tmp_path / checkpoints.CHECKPOINT_DIR)
                  if d.isdigit())
   assert steps[-1] == 10  # The NaN state was not saved.
@@ -347,7 +348,7 @@ def _launch_train(workdir, num_steps, corpus, data_dir):
 
 def _final_params(workdir, data_dir, num_steps):
   config = _config(num_steps=num_steps, checkpoint_every=3)
-  state, _ = modes.train_and_evaluate(config, str(workdir), data_dir)
+  state, _ = stages.train_and_evaluate(config, str(workdir), data_dir)
   return state
 
 
@@ -403,7 +404,7 @@ def test_device_assembled_training_equals_host_assembled(
       'import json, sys\n'
       'import jax\n'
       'from configs import test as test_config\n'
-      'from mardjax import modes\n'
+      'from mardjax import stages\n'
       'config = test_config.get_config()\n'
       'config.train.update(num_steps=14, eval_every=7, checkpoint_every=7,\n'
       '    log_every=7, embedding_update=sys.argv[6],\n'
@@ -412,7 +413,7 @@ def test_device_assembled_training_equals_host_assembled(
       'config.model.text_encoder = sys.argv[5]\n'
       'config.model.lstm_loop = ("bidirectional" if sys.argv[4] == "pmap"\n'
       '                          else "per_direction")\n'
-      f'_, m = modes.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
+      f'_, m = stages.train_and_evaluate(config, sys.argv[2], {data_dir!r})\n'
       'm["devices"] = jax.local_device_count()\n'
       'm.update({k: m["plan"][k] for k in ("batch_assembly",\n'
       '                                     "steps_per_dispatch")})\n'
@@ -451,7 +452,7 @@ def test_the_best_config_trains_and_beats_chance(tiny_records, tmp_path):
   assert config.loss.negatives.startswith('hardest:')
   config.loss.negatives = 'hardest:5'
   config_check.validate(config, jax.local_device_count())
-  _, metrics = modes.train_and_evaluate(config, str(tmp_path), data_dir)
+  _, metrics = stages.train_and_evaluate(config, str(tmp_path), data_dir)
   assert metrics['recall@10'] > 2 * metrics['random_recall@10']
   assert metrics['model_step'] in (0, 50, 100, 150)
   # Its recipe differs from the paper's where the README says it does.

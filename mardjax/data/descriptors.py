@@ -28,6 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mardjax.errors import need_choice
+from mardjax.errors import UserError
+
 # Essentia's frame statistics, in the order we flatten them.
 STATS = ('min', 'max', 'mean', 'median', 'var', 'dmean', 'dmean2', 'dvar',
          'dvar2')
@@ -39,6 +42,20 @@ DESCRIPTOR_SETS = {
 }
 
 TRANSFORMS = ('signed_log', 'none')
+
+
+def check_config(data_config) -> None:
+  """The data fields that choose from this module: `transform` (one of
+  `TRANSFORMS`) and the descriptor list (`parse_descriptor_list`).
+
+  Raises:
+    UserError: one line naming the field.
+  """
+  need_choice('data.transform', data_config.transform, TRANSFORMS)
+  try:
+    parse_descriptor_list(data_config.descriptors)
+  except ValueError as e:
+    raise UserError(f'config.data.descriptors: {e}') from None
 
 
 class DescriptorError(ValueError):

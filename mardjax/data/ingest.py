@@ -228,6 +228,17 @@ def _ordered_tracks(album: mard_io.Album, audio: _AlbumAudio
   return order, np.stack([audio.tracks[m] for m in order])
 
 
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `config.data` fields that `find_sources` and `load` read, at their
+  defaults: what a reader without a full config (the TFDS builder) starts
+  from. `configs/default.py` sets the same values (a test keeps them
+  equal)."""
+  return ml_collections.ConfigDict({
+      'descriptors': 'paper', 'extra_descriptor_dirs': '',
+      'dev_fraction': 0.1, 'test_album_fraction': 0.1,
+      'split_salt': 'mardjax-split-v1', 'num_workers': 2})
+
+
 def load(data: ml_collections.ConfigDict, mard_dir: str,
          sources: Sources | None = None, show_progress: bool = True) -> Corpus:
   """Reads albums and descriptors (stages 1-2); reviews stay on disk.

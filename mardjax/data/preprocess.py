@@ -1,6 +1,6 @@
 """Raw MARD directory -> validated, split, tokenized TFRecords + manifest.
 
-The stages of `run`, each a function of its own:
+The stages of `preprocess_corpus`, each a function of its own:
 
   0. reuse: unchanged inputs and config give the old output (`_reused`);
   1. metadata: albums, their songs' MBIDs (`ingest.load`);
@@ -314,13 +314,13 @@ def _swap_in(tmp: str, out_dir: str) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
-def run(config: ml_collections.ConfigDict, mard_dir: str, out_dir: str,
-        force: bool = False, show_progress: bool = True) -> dict[str, Any]:
-  """Preprocesses `mard_dir` into `out_dir`, in the module docstring's
-  stages. The config is checked first by `mardjax.config_check`.
+def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
+                      out_dir: str, force: bool = False,
+                      show_progress: bool = True) -> dict[str, Any]:
+  """Preprocesses `mard_dir` into `out_dir` in the module docstring's stages.
 
   Args:
-    config: the full config (uses `config.data`).
+    config: the full config (uses `config.data`, validated by the caller).
     mard_dir: raw MARD directory.
     out_dir: output directory; replaced atomically when done.
     force: rebuild even when `out_dir` is up to date.

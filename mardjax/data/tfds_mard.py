@@ -28,7 +28,6 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from configs import default as default_config
 from mardjax.data import descriptors as desc_lib
 from mardjax.data import ingest
 from mardjax.data import splits as splits_lib
@@ -44,12 +43,14 @@ _CITATION = """@inproceedings{oramas2016mard,
 
 @dataclasses.dataclass(eq=False)
 class MardConfig(tfds.core.BuilderConfig):
-  """Which table, and the data settings (defaults: configs/default.py)."""
+  """Which table, and the data settings (defaults:
+  `ingest.default_data_config`, the same as configs/default.py's)."""
   table: str = 'reviews'
   data_overrides: dict = dataclasses.field(default_factory=dict)
 
   def data_config(self) -> ml_collections.ConfigDict:
-    data = default_config.get_config().data
+    """The data fields ingestion reads, with `data_overrides` applied."""
+    data = ingest.default_data_config()
     data.update(self.data_overrides)
     return data
 

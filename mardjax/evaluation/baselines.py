@@ -289,7 +289,8 @@ def random_row(num_albums: int, held_out: dict[str, np.ndarray],
   return out
 
 
-def run(config: ml_collections.ConfigDict, data_dir: str) -> dict[str, Any]:
+def evaluate_baselines(config: ml_collections.ConfigDict, data_dir: str
+                       ) -> dict[str, Any]:
   """Every baseline on config.eval.split; returns {'baselines': [rows]}."""
   cfg = config.baselines
   split = config.eval.split

@@ -33,7 +33,7 @@ from typing import Any
 from absl import logging
 import ml_collections
 
-from mardjax import modes
+from mardjax import stages
 from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
 
@@ -232,13 +232,13 @@ def _plan(config: ml_collections.ConfigDict
   return plan
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
-        show_progress: bool = True) -> dict[str, Any]:
+def run_table1(config: ml_collections.ConfigDict, workdir: str,
+               show_progress: bool = True) -> dict[str, Any]:
   """Trains and evaluates every row, runs the baselines, writes the table."""
   from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
   from mardjax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   plan = _plan(config)
-  modes.run_mode('preprocess', config, workdir, show_progress=show_progress)
+  stages.preprocess(config, workdir, show_progress=show_progress)
   data_dir = manifest_lib.data_dir_of(config, workdir)
   results = []
   for row, cfg in plan:
@@ -249,7 +249,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     start = time.time()
     logging.info('ablation: training %s', row['row'])
     row_dir = os.path.join(workdir, 'ablation', row['row'])
-    _, metrics = modes.train_and_evaluate(cfg, row_dir, data_dir)
+    _, metrics = stages.train_and_evaluate(cfg, row_dir, data_dir)
     row.update({k: metrics[k] for k in ('steps', 'model_step', 'history')})
     # The row's model on config.eval.split, with the baselines' CIs.
     full = evaluate.evaluate_checkpoint(cfg, row_dir, data_dir)
@@ -257,7 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         'recall@', 'random_recall@')) or k in ('median_rank', 'mrr')})
     row['seconds'] = round(time.time() - start, 1)
   logging.info('ablation: baselines')
-  base = baselines.run(config, data_dir)
+  base = baselines.evaluate_baselines(config, data_dir)
   for b in base['baselines']:
     if b['baseline'].startswith(('cca', 'wsabie', 'random')):
       results.append({'row': b['baseline'], 'baseline': True,

@@ -1,8 +1,13 @@
-"""Benchmarks that print JSON lines (never timed tests).
+"""`launch.py --mode=benchmark`: the benchmark kinds (`KINDS`, chosen by
+`config.benchmark.kind`), each printing JSON lines (never timed tests).
 
-`launch.py --mode=benchmark` runs each stage in a fresh child process and
-samples the resident memory of the child and all its workers together, so
-the figures are what a user's machine sees:
+The registry reaches every kind; the kinds in modules of their own
+(`serve_benchmark`, `train_loop`) share what they measure with this one
+through `measuring`, and never import this module back.
+
+`kind=data` runs each stage in a fresh child process and samples the
+resident memory of the child and all its workers together
+(`measuring.measure`), so the figures are what a user's machine sees:
 
   * `synth`: generating the corpus of `config.data.synth_preset` (target
     for `full`: under 10 minutes);
@@ -19,223 +24,21 @@ import functools
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
-from mardjax import modes
+from mardjax import stages
 from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
+from mardjax.errors import need
+from mardjax.experiments import measuring
 from mardjax.experiments import results
-
-# Targets: the `full` preset for the data stages, on a laptop-class machine
-# of two cores; paper sizes for the train step (examples/s, higher is
-# better).
-TARGETS = {'synth': {'wall_s': 600},
-           'preprocess': {'wall_s': 600, 'peak_rss_mb': 4096}}
-TRAIN_TARGETS = {'mean': 3000.0, 'lstm': 200.0}
-
-
-def _stage_main(fn: Callable[..., dict[str, Any]], args: tuple, queue) -> None:
-  try:
-    queue.put(('ok', fn(*args)))
-  except BaseException as e:  # pylint: disable=broad-except
-    queue.put(('error', f'{type(e).__name__}: {e}'))
-
-
-def tree_rss(proc: psutil.Process) -> int:
-  """Resident bytes of a process and all its children."""
-  total = 0
-  for p in [proc] + proc.children(recursive=True):
-    try:
-      total += p.memory_info().rss
-    except psutil.Error:  # Gone between listing and reading.
-      pass
-  return total
-
-
-def measure(name: str, fn: Callable[..., dict[str, Any]], args: tuple,
-            interval_s: float = 0.2) -> dict[str, Any]:
-  """Runs fn(*args) in a spawned child; wall time and peak tree RSS."""
-  ctx = multiprocessing.get_context('spawn')
-  queue = ctx.Queue()
-  proc = ctx.Process(target=_stage_main, args=(fn, args, queue))
-  start = time.time()
-  proc.start()
-  peak = 0
-  watched = psutil.Process(proc.pid)
-  result = None
-  while result is None:
-    try:
-      peak = max(peak, tree_rss(watched))
-    except psutil.Error:
-      pass
-    try:
-      result = queue.get(timeout=interval_s)
-    except Exception:  # pylint: disable=broad-except  # queue.Empty
-      if not proc.is_alive() and queue.empty():
-        result = ('error', f'{name} died with exit code {proc.exitcode}')
-  proc.join()
-  wall = time.time() - start
-  status, payload = result
-  line = {'benchmark': name, 'wall_s': round(wall, 1),
-          'peak_rss_mb': round(peak / 2**20, 1), 'ok': status == 'ok'}
-  if status == 'ok':
-    line['result'] = {k: payload[k] for k in (
-        'albums', 'reviews', 'tracks', 'skipped', 'reconcile') if k in payload}
-  else:
-    line['error'] = payload
-  targets = TARGETS.get(name, {})
-  if targets:
-    line['targets'] = targets
-    line['meets_targets'] = status == 'ok' and all(
-        line[k] <= v for k, v in targets.items())
-  return line
-
-
-def _step_batch(config, vocab_size: int):
-  """The train benchmark's batch (`train_step_throughput`), as a host
-  batch and as the tables a device-assembled step reads:
-  (batch, reviews, audio)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from mardjax.data import descriptors  # pylint: disable=g-import-not-at-top
-  from mardjax.data import tables  # pylint: disable=g-import-not-at-top
-  b, length = config.train.batch_size, config.data.max_len
-  dim = descriptors.dim(descriptors.parse_descriptor_list(
-      config.data.descriptors))
-  rng = np.random.default_rng(0)
-  lengths = np.clip(rng.lognormal(4.5, 0.7, b), 1, length).astype(np.int32)
-  zipf = 1.0 / np.arange(1, vocab_size - 1)
-  tokens = (rng.choice(vocab_size - 2, (b, length), p=zipf / zipf.sum())
-            + 2).astype(np.int32)
-  valid = np.arange(length)[None, :] < lengths[:, None]
-  tokens[~valid] = 0
-  batch = {'audio': rng.normal(size=(b, dim)).astype(np.float32),
-           'tokens': tokens, 'lengths': lengths,
-           'album': np.repeat(np.arange(b // 2), 2)[:b].astype(np.int32)}
-  reviews = tables.ReviewTable(
-      tokens=tokens[valid], offsets=np.cumsum(lengths) - lengths,
-      lengths=lengths, album=batch['album'])
-  audio = tables.AudioTable(descriptors=batch['audio'], offsets=np.arange(b),
-                            counts=np.ones(b, np.int64))
-  return batch, reviews, audio
-
-
-def _built_step(config, plan, state, reviews, audio, batch, key,
-                widths=None):
-  """(state, step(state) -> (state, metrics), steps per dispatch): training's
-  own step for `plan` (`step_builder.build_step`) on the benchmark's one
-  batch, as many steps per dispatch as training runs. Device assembly
-  makes its host plans for the batch once (the prefetch thread's work) and
-  pays each dispatch's; host assembly prepares and copies the batch every
-  step, as training does."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from mardjax.train import step_builder  # pylint: disable=g-import-not-at-top
-  b = config.train.batch_size
-  built = step_builder.build_step(plan, config, state, reviews, audio, key,
-                                  widths)
-  if built.planner is None:
-    item, per_dispatch = {k: v[None] for k, v in batch.items()}, 1
-  else:
-    (_, item), = built.planner.with_plans(iter([((0, 0), {
-        'rows': np.arange(b)[None], 'tracks': np.arange(b)[None]})]))
-    per_dispatch = plan.steps_per_dispatch
-
-  def step(state):
-    return built.run(state, [item] * per_dispatch, 0)
-  return built.state, step, per_dispatch
-
-
-def _timed(step, state, dispatches: int, min_seconds: float
-           ) -> tuple[int, float]:
-  """(dispatches run, wall seconds): `dispatches` of `step`, then rounds
-  sized by the rate so far until at least `min_seconds` have passed (a rate
-  taken over a fraction of a second swings with a shared machine's load).
-  The first dispatch of `step` is expected to have been run (compiled)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  done, wall, n = 0, 0.0, max(1, dispatches)
-  while True:
-    start = time.time()
-    for _ in range(n):
-      state, metrics = step(state)
-    jax.block_until_ready(metrics)
-    done, wall = done + n, wall + time.time() - start
-    if wall >= min_seconds:
-      return done, wall
-    # The remaining time at the rate so far, 5% over: one round, rarely two.
-    n = (math.ceil(1.05 * (min_seconds - wall) * done / wall) if wall > 0
-         else done)
-
-
-def train_step_throughput(config, encoder: str, steps: int,
-                          vocab_size: int, min_seconds: float = 0.0,
-                          widths=None) -> dict[str, Any]:
-  """Examples/s of the jitted train step at the config's sizes, one device.
-
-  Random batches with review lengths drawn like MARD's (log-normal, median
-  ~90 words, truncated to max_len), words drawn by Zipf's law over the
-  vocabulary (frequency ~ 1 / rank: about 5,500 distinct words per batch of
-  128 at 60k words, as many as natural text of that length has or more) and
-  two rows per album.
-
-  The step is training's own for the config's plan on one device
-  (`mardjax.plan.resolve`, `step_builder.build_step`): the batch assembled
-  on the host, prepared every step and copied over; or on the device from
-  indices into tables put there once, each step paying the dispatch's host
-  work (the prefetch thread's plans are made once), as the PyTorch peer's
-  batch is on its device when timed; as in training, the plan's
-  `steps_per_dispatch` steps run in each dispatch (several on
-  accelerators, so `steps` rounds up to a multiple); more steps while
-  fewer than `min_seconds` have passed. `widths`: a run's positive-list
-  widths (`step_builder.positive_widths`), so that the step timed is the
-  program that run's loop runs; None: the batch's own.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from mardjax import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
-  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
-  config = config.copy_and_resolve_references()
-  config.model.text_encoder = encoder
-  b, length = config.train.batch_size, config.data.max_len
-  batch, reviews, audio = _step_batch(config, vocab_size)
-  plan = plan_lib.resolve(config, devices=1, processes=1)
-  model = two_branch.build(config.model, vocab_size,
-                           dtype=train_step.compute_dtype(plan),
-                           lstm_loop=plan.lstm_loop)
-  state = train_step.create_state(model, config, plan, jax.random.PRNGKey(0),
-                                  batch)
-  state, step, per_dispatch = _built_step(
-      config, plan, state, reviews, audio, batch, jax.random.PRNGKey(1),
-      widths)
-  start = time.time()
-  state, metrics = step(state)
-  jax.block_until_ready(metrics)
-  compile_s = time.time() - start
-  dispatches, wall = _timed(step, state, -(-steps // per_dispatch),
-                           min_seconds)
-  steps = dispatches * per_dispatch
-  rate = steps * b / wall
-  return {'benchmark': f'train_step_{encoder}', 'encoder': encoder,
-          'examples_per_s': round(rate, 1), 'steps_per_s': round(
-              steps / wall, 2), 'compile_s': round(compile_s, 1),
-          'steps': steps, 'seconds': round(wall, 2),
-          'steps_per_dispatch': per_dispatch,
-          'batch_size': b, 'max_len': length, 'vocab_size': vocab_size,
-          'embedding_update': plan.embedding_update,
-          'batch_assembly': plan.batch_assembly,
-          **({'lstm_loop': plan.lstm_loop} if encoder == 'lstm' else {}),
-          'text_layout': plan.text_layout,
-          'distinct_words_per_batch': int(np.unique(reviews.tokens).size),
-          'device': str(jax.devices()[0].platform),
-          'target_examples_per_s': TRAIN_TARGETS.get(encoder),
-          'meets_target': rate >= TRAIN_TARGETS.get(encoder, 0.0)}
 
 
 def names(text: str) -> list[str]:
@@ -312,15 +115,15 @@ def available_bytes() -> int:
   return int(psutil.virtual_memory().available)
 
 
-def memory_skip(what: str, need: int, available: int) -> dict | None:
-  """None when `need` bytes fit in `available`; else the skip line, also
+def memory_skip(what: str, needed: int, available: int) -> dict | None:
+  """None when `needed` bytes fit in `available`; else the skip line, also
   printed to stdout."""
-  if need <= available:
+  if needed <= available:
     return None
   line = {'skipped': what, 'why': (
-      f'needs about {need / 2**30:.1f} GiB (a rough upper bound), '
+      f'needs about {needed / 2**30:.1f} GiB (a rough upper bound), '
       f'{available / 2**30:.1f} GiB available'),
-          'need_gib': round(need / 2**30, 1),
+          'need_gib': round(needed / 2**30, 1),
           'available_gib': round(available / 2**30, 1)}
   print(json.dumps(line, sort_keys=True), flush=True)
   return line
@@ -423,7 +226,7 @@ def _our_steps(config, encoder: str, batch_size: int,
     one = config.copy_and_resolve_references()
     one.train.batch_size, one.train.embedding_update = batch_size, update
     one.model.lstm_loop = loop
-    line = train_step_throughput(one, encoder, steps,
+    line = measuring.train_step_throughput(one, encoder, steps,
                                  config.data.vocab_size + 2,
                                  min_seconds=b.min_seconds)
     line['config_default'] = not updates and not loops
@@ -538,7 +341,7 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
   from mardjax.train import sparse_embedding  # pylint: disable=g-import-not-at-top
-  modes.run_mode('preprocess', config, workdir, show_progress=False)
+  stages.preprocess(config, workdir, show_progress=False)
   manifest = manifest_lib.load(manifest_lib.data_dir_of(config, workdir))
   audio = input_pipeline.load_audio_table(manifest)
   t = config.train
@@ -566,7 +369,7 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
                                         batch['tokens'].shape[-1]),
                              plan.token_bucket)
   rate = n * t.batch_size / (time.time() - start)
-  step = train_step_throughput(config, config.model.text_encoder,
+  step = measuring.train_step_throughput(config, config.model.text_encoder,
                                config.benchmark.train_steps,
                                config.data.vocab_size + 2,
                                min_seconds=config.benchmark.min_seconds)
@@ -600,10 +403,11 @@ def run_data(config, workdir: str, keep: bool = False) -> dict[str, Any]:
   config.data.tfrecord_dir = os.path.join(root, 'records')
   os.makedirs(config.data.mard_dir)
   lines = []
-  for name in ('synth', 'preprocess'):
-    fn = functools.partial(modes.run_mode, name, force=True,
-                           show_progress=False)
-    line = measure(name, fn, (config, root))
+  stage_fns = {'synth': stages.synthesize,
+               'preprocess': functools.partial(stages.preprocess, force=True)}
+  for name, fn in stage_fns.items():
+    fn = functools.partial(fn, show_progress=False)
+    line = measuring.measure(name, fn, (config, root))
     line.update(preset=config.data.synth_preset, cpus=os.cpu_count(),
                 num_workers=config.data.num_workers)
     print(json.dumps(line, sort_keys=True), flush=True)
@@ -676,15 +480,15 @@ def run_index(config, workdir: str) -> dict[str, Any]:
 def run_serve(config, workdir: str) -> dict[str, Any]:
   """The listening room over HTTP (`serve_benchmark`)."""
   from mardjax.experiments import serve_benchmark  # pylint: disable=g-import-not-at-top
-  return serve_benchmark.run(config, workdir,
-                             manifest_lib.data_dir_of(config, workdir),
-                             modes.mard_dir(config, workdir))
+  return serve_benchmark.benchmark_room(
+      config, workdir, manifest_lib.data_dir_of(config, workdir),
+      stages.mard_dir(config, workdir))
 
 
 def run_train_loop(config, workdir: str) -> dict[str, Any]:
   """The training loop end to end without TensorFlow (`train_loop`)."""
   from mardjax.experiments import train_loop  # pylint: disable=g-import-not-at-top
-  return train_loop.run(config, workdir)
+  return train_loop.benchmark_train_loop(config, workdir)
 
 
 # config.benchmark.kind -> fn(config, workdir) -> {'benchmarks': [lines]}
@@ -712,3 +516,21 @@ def run_kind(config, workdir: str) -> dict[str, Any]:
 
 # The same kinds, each recording its run (what `--mode=benchmark` calls).
 KINDS = {kind: functools.partial(run_recorded, kind) for kind in RUNNERS}
+
+
+def check_config(benchmark_config) -> None:
+  """The benchmark fields that choose: `kind` (a key of `KINDS`) and the
+  names in `embedding_updates` and `lstm_loops`.
+
+  Raises:
+    UserError: one line naming the field.
+  """
+  from mardjax import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  b = benchmark_config
+  need(b.kind in KINDS, 'benchmark.kind', b.kind,
+       f'choose from {tuple(KINDS)}')
+  for field, choices in (('embedding_updates', plan_lib.EMBEDDING_UPDATES),
+                         ('lstm_loops', plan_lib.LSTM_LOOPS)):
+    for name in names(b[field]):
+      need(name in choices, f'benchmark.{field}', b[field],
+           f'{name!r} is none of {choices}')

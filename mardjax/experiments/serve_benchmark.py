@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from mardjax.experiments import benchmark
+from mardjax.errors import UserError
+from mardjax.experiments import measuring
 from mardjax.serve import export
 from mardjax.train import checkpoints
-from mardjax.errors import UserError
 
 UPLOAD_TARGET_S = 2.0
 TEXT_P50_TARGET_MS = 50.0
@@ -150,7 +150,7 @@ async def _under_uploads(url: str, data: bytes, texts: list[str],
         i += 1
       await pending
       round_s.append(round(time.perf_counter() - start, 2))
-      rss.append(round(benchmark.tree_rss(psutil.Process(server_pid)) /
+      rss.append(round(measuring.tree_rss(psutil.Process(server_pid)) /
                        2**20, 1))
   return {'concurrent_uploads': uploads, 'rounds': rounds,
           'round_s': round_s, 'healthz': _percentiles(health),
@@ -209,9 +209,10 @@ def _one_at_a_time(url: str, b, texts: list[str], tmp: str
   return result
 
 
-def run(config, workdir: str, data_dir: str, mard_dir: str
-        ) -> dict[str, Any]:
-  """Starts the server, measures, stops it; returns the figures."""
+def benchmark_room(config, workdir: str, data_dir: str, mard_dir: str
+                   ) -> dict[str, Any]:
+  """Starts the listening room's server on the run in `workdir`, measures
+  it, stops it; returns the figures."""
   b = config.benchmark
   checkpoints.require_checkpoints(workdir,
                                   checkpoints.inference_source(workdir))

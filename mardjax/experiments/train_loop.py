@@ -27,7 +27,7 @@ from mardjax import plan as plan_lib
 from mardjax.data import manifest as manifest_lib
 from mardjax.data import tables
 from mardjax.evaluation import evaluate
-from mardjax.experiments import benchmark
+from mardjax.experiments import measuring
 from mardjax.models import two_branch
 from mardjax.train import step_builder
 from mardjax.train import trainer
@@ -93,7 +93,7 @@ def synthetic_data(config, seed: int = 0
   return trainer.TrainingData(manifest, audio, reviews), dev
 
 
-def run(config, workdir: str) -> dict[str, Any]:
+def benchmark_train_loop(config, workdir: str) -> dict[str, Any]:
   """The training loop end to end, then the step alone; one JSON line."""
   import jax  # pylint: disable=g-import-not-at-top
   del workdir  # Checkpoints go to a temporary directory, deleted after.
@@ -118,7 +118,7 @@ def run(config, workdir: str) -> dict[str, Any]:
                                         data.audio)
 
   def step_alone():
-    return benchmark.train_step_throughput(
+    return measuring.train_step_throughput(
         config, config.model.text_encoder, b.train_steps,
         config.data.vocab_size + 2, min_seconds=b.loop_step_seconds,
         widths=widths)

@@ -35,6 +35,8 @@ import numpy as np
 
 from mardjax import plan as plan_lib
 from mardjax.data import manifest as manifest_lib
+from mardjax.errors import need
+from mardjax.errors import need_choice
 from mardjax.errors import UserError
 from mardjax.models import lstm
 
@@ -396,6 +398,26 @@ class BiLSTMEncoder(nn.Module):
 # is a module with the fields and call of the two above, and an entry here.
 TEXT_ENCODERS: dict[str, type[nn.Module] | None] = {
     'mean': MeanEncoder, 'lstm': BiLSTMEncoder, 'pretrained': None}
+
+
+def check_config(model_config) -> None:
+  """The model fields that choose from this module: the encoders
+  (`TEXT_ENCODERS`, `AUDIO_ENCODERS`), the pooling (`POOLINGS`), and the
+  options only the mean encoder has.
+
+  Raises:
+    UserError: one line naming the field.
+  """
+  m = model_config
+  need_choice('model.text_encoder', m.text_encoder, TEXT_ENCODERS)
+  need_choice('model.audio_encoder', m.audio_encoder, AUDIO_ENCODERS)
+  need_choice('model.pooling', m.pooling, POOLINGS)
+  need(m.pooling == 'mean' or m.text_encoder == 'mean', 'model.pooling',
+       m.pooling, "weighted pooling is the mean encoder's "
+       "(model.text_encoder='mean')")
+  need(not m.word_dropout or m.text_encoder == 'mean', 'model.word_dropout',
+       m.word_dropout, "word dropout is the mean encoder's "
+       "(model.text_encoder='mean')")
 
 
 class TwoBranch(nn.Module):

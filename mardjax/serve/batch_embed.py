@@ -107,9 +107,10 @@ def _recording_id(doc: Any) -> str | None:
   return value if isinstance(value, str) else None
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
-        input_dir: str | None, output_dir: str | None,
-        show_progress: bool = True) -> dict[str, Any]:
+def embed_folder(config: ml_collections.ConfigDict, workdir: str,
+                 data_dir: str, input_dir: str | None,
+                 output_dir: str | None, show_progress: bool = True
+                 ) -> dict[str, Any]:
   """Embeds `input_dir`'s files into `output_dir`; returns embed.json's
   content plus paths."""
   from mardjax.serve import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
@@ -173,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
 
 
 def load(directory: str, ef_search: int = 128) -> dict[str, Any]:
-  """A `run` output back: {'info', 'tracks', 'track_meta', 'track_index'}."""
+  """An `embed_folder` output back: {'info', 'tracks', 'track_meta', 'track_index'}."""
   info = export.read_info(os.path.join(directory, 'embed.json'),
                           FORMAT_VERSION, 'embed')
   emb, rows, index = export.read_bank(directory, 'tracks', info['index'],

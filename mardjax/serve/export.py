@@ -52,8 +52,8 @@ def _review_texts(mard_dir: str, wanted: set[str]) -> dict[str, str]:
   return texts
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
-        mard_dir: str) -> dict[str, Any]:
+def export_space(config: ml_collections.ConfigDict, workdir: str,
+                 data_dir: str, mard_dir: str) -> dict[str, Any]:
   """Restores the workdir's serving checkpoint and writes its export."""
   manifest = manifest_lib.load(data_dir)
   trained = checkpoints.load_for_inference(config, workdir, manifest)
@@ -74,7 +74,7 @@ def _all_reviews(config, manifest: manifest_lib.Manifest
 
 def write(config: ml_collections.ConfigDict, workdir: str, mard_dir: str,
           trained: checkpoints.Inference) -> dict[str, Any]:
-  """Writes the export of a restored model (`run`, or a server that already
+  """Writes the export of a restored model (`export_space`, or a server that already
   holds one); returns export.json's content plus paths.
 
   Reads the records (every track and every review) through the input

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mardjax.errors import need_choice
 from mardjax.errors import UserError
 
 KINDS = ('exact', 'hnsw')
@@ -89,11 +90,15 @@ class HnswIndex:
     return cls(index, ef_search)
 
 
+def check_config(export_config) -> None:
+  """`config.export.index` names one of `KINDS` (UserError: one line)."""
+  need_choice('export.index', export_config.index, KINDS)
+
+
 def settings(export_config) -> dict[str, Any]:
   """The index description export.json records (`config.export`)."""
+  check_config(export_config)
   kind = export_config.index
-  if kind not in KINDS:
-    raise UserError(f'config.export.index={kind!r}: choose from {KINDS}.')
   if kind == 'exact':
     return {'kind': kind}
   return {'kind': kind, 'm': int(export_config.hnsw_m),

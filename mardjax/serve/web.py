@@ -310,9 +310,10 @@ def app_for(room: Room, config: ml_collections.ConfigDict):
                     int(s.max_query_kb * 1024), int(s.analysis_workers))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
-        mard_dir: str, host: str, port: int) -> dict[str, Any]:
-  """Serves until interrupted."""
+def serve_room(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
+               mard_dir: str, host: str, port: int) -> dict[str, Any]:
+  """Serves the listening room of the run in `workdir` on `host:port`
+  until interrupted."""
   import uvicorn  # pylint: disable=g-import-not-at-top
   room = Room(config, workdir, data_dir, mard_dir)
   app = app_for(room, config)

@@ -48,6 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mardjax.errors import need_choice
+from mardjax.errors import UserError
+
 # Squared distances are clamped here before the square root: sqrt has an
 # infinite derivative at 0 (an anchor's distance to itself), and 0 * inf is NaN.
 _MIN_SQUARED_DISTANCE = 1e-12
@@ -540,3 +543,17 @@ def _sigmoid_from_config(audio, text, album_ids, *, config, key, axis_name,
 LOSSES = {'ranking': _ranking_from_config,
           'infonce': _infonce_from_config,
           'sigmoid': _sigmoid_from_config}
+
+
+def check_config(loss_config) -> None:
+  """The loss fields that choose from this module: `kind` (a key of
+  `LOSSES`) and `negatives` (`NegativeMode`).
+
+  Raises:
+    UserError: one line naming the field.
+  """
+  need_choice('loss.kind', loss_config.kind, LOSSES)
+  try:
+    NegativeMode.parse(loss_config.negatives)
+  except ValueError as e:
+    raise UserError(f'config.loss.{e}') from None

@@ -8,7 +8,7 @@ best-by-recall checkpoint is kept apart in `workdir/best`), and returns the
 final state and metrics.
 
 The evaluator comes from the layer above (`mardjax.evaluation.evaluate.
-dev_evaluator`, wired by `mardjax.modes.train_and_evaluate`): training never
+dev_evaluator`, wired by `mardjax.stages.train_and_evaluate`): training never
 imports evaluation. Only this Python loop holds the iterator, the writers and
 the checkpoint managers; the step itself is pure (`mardjax.train.train_step`).
 """
@@ -398,8 +398,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     an evaluation or a save count as they are), and 'plan' (the run's
     `mardjax.plan.Plan`, as a dict).
   """
-  plan = plan or plan_lib.resolve(config)
-  logging.info('Plan: %s', plan.describe())
+  if plan is None:  # Else the caller logged it first.
+    plan = plan_lib.resolve(config)
+    logging.info('Plan: %s', plan.describe())
   if isinstance(data, str):
     data = load_training_data(config, data)
   run = _setup(config, workdir, data, make_evaluator, plan)
