@@ -106,13 +106,11 @@ def benchmark_train_loop(config, workdir: str) -> dict[str, Any]:
 
   def make_evaluator(cfg, model, manifest, audio):
     del manifest
-    max_tracks = two_branch.album_tracks(cfg)
-    return lambda variables: evaluate.evaluate(variables, model, audio, dev,
-                                               max_tracks=max_tracks)
+    return lambda variables: evaluate.evaluate(
+        variables, model, audio, dev, max_tracks=two_branch.album_tracks(cfg))
 
-  # The loop's positive-list width (its tables' albums repeat within a
-  # batch; the step-alone batch's do not), so that the same program is
-  # timed alone.
+  # The loop's positive-list width (its albums repeat within a batch; the
+  # step-alone batch's do not): the same program is timed alone.
   plan = plan_lib.resolve(config)
   widths = step_builder.positive_widths(config, plan, data.reviews,
                                         data.audio)
