@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from mardjax.models import layouts
 from mardjax.models import two_branch
 
 
@@ -71,7 +72,7 @@ def test_mean_encoder_is_the_masked_mean():
 def test_split_bag_of_words_equals_the_whole_product(weighted, monkeypatch):
   """Rows past BAG_SLOTS summed token by token from 'rare_tokens' give the
   (B, U) product's features, with dropped words (`keep`) and IDF weights."""
-  monkeypatch.setattr(two_branch, 'BAG_SLOTS', 6)
+  monkeypatch.setattr(layouts, 'BAG_SLOTS', 6)
   rng = np.random.default_rng(4)
   b, length, rows = 5, 9, 16
   slots = rng.integers(0, rows, (b, length)).astype(np.int32)
@@ -79,8 +80,8 @@ def test_split_bag_of_words_equals_the_whole_product(weighted, monkeypatch):
   keep = rng.random((b, length)) < 0.7
   table = jnp.asarray(rng.normal(size=(rows, 3 + weighted)), jnp.float32)
   enc = two_branch.MeanEncoder(vocab_size=rows, word_dim=3, weighted=weighted)
-  rare = two_branch.rare_mask(slots, lengths, np).reshape(-1)
-  listed = two_branch.rare_tokens(rare, int(rare.sum()) + 3, np)
+  rare = layouts.rare_mask(slots, lengths, np).reshape(-1)
+  listed = layouts.rare_tokens(rare, int(rare.sum()) + 3, np)
   whole = enc.apply({}, slots, lengths, table=table, keep=keep)
   split = enc.apply({}, slots, lengths, table=table, keep=keep,
                     rare_tokens=listed)
@@ -173,17 +174,17 @@ def test_batched_embedding_equals_the_model_applied_directly(layout,
   """embed.reviews (flat or split layout, fixed size, padded last batch)
   and embed.albums (per-track embeddings summed per album on the device)
   give what the model and a numpy mean give on the whole input at once.
-  Word ids span both sides of two_branch.BAG_SLOTS, so that the split
+  Word ids span both sides of layouts.BAG_SLOTS, so that the split
   layout sums tokens inside and outside its product."""
   from mardjax.data import tables  # pylint: disable=g-import-not-at-top
   from mardjax.models import embed  # pylint: disable=g-import-not-at-top
-  vocab = two_branch.BAG_SLOTS + 40
+  vocab = layouts.BAG_SLOTS + 40
   model = _model(vocab, batch_norm=True, pooling=pooling)
   rng = np.random.default_rng(5)
   n, length = 11, 7
   tokens = np.where(rng.random((n, length)) < 0.5,
                     rng.integers(2, 30, (n, length)),
-                    rng.integers(two_branch.BAG_SLOTS - 5, vocab,
+                    rng.integers(layouts.BAG_SLOTS - 5, vocab,
                                  (n, length))).astype(np.int32)
   lengths = rng.integers(0, length + 1, n).astype(np.int32)
   lengths[3] = 0  # An empty review.
@@ -199,7 +200,7 @@ def test_batched_embedding_equals_the_model_applied_directly(layout,
                                          'lengths': lengths}, batch_size=4,
                       layout=layout)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  rare = two_branch.rare_mask(tokens, lengths, np)
+  rare = layouts.rare_mask(tokens, lengths, np)
   assert 0 < rare.sum() < (np.arange(length) < lengths[:, None]).sum()
   with pytest.raises(ValueError, match="layout 'padded'"):
     embed.reviews(variables, model, {'tokens': tokens, 'lengths': lengths},

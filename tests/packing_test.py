@@ -9,6 +9,7 @@ import pytest
 
 from configs import test as test_config
 from mardjax.models import lstm
+from mardjax.models import layouts
 from mardjax.models import two_branch
 from mardjax.train import packing
 from mardjax.train import train_step
@@ -185,11 +186,11 @@ def test_packed_lazy_step_equals_padded_dense_step():
 
 def test_flat_review_layout_by_hand():
   lengths = np.asarray([[2, 0, 3], [1, 1, 0]], np.int32)
-  out = two_branch.flat_review(lengths, bucket=4)
+  out = layouts.flat_review(lengths, bucket=4)
   # Device 0 has 5 real tokens, device 1 two: T = 8 for both; 3 = padding.
   np.testing.assert_array_equal(out, [[0, 0, 2, 2, 2, 3, 3, 3],
                                       [0, 1, 3, 3, 3, 3, 3, 3]])
-  assert two_branch.flat_size(0, 4) == 4 and two_branch.flat_size(9, 4) == 12
+  assert layouts.flat_size(0, 4) == 4 and layouts.flat_size(9, 4) == 12
 
 
 @pytest.mark.parametrize('weighted,dropout,lazy', [
@@ -209,7 +210,7 @@ def test_flat_mean_features_equal_padded(weighted, dropout, lazy):
     ids, slots = np.unique(tokens, return_inverse=True)
     table = params['params']['embed']['embedding'][ids]
     tokens = slots.reshape(tokens.shape).astype(np.int32)
-  flat = two_branch.flat_review(lengths[None], bucket=16)[0]
+  flat = layouts.flat_review(lengths[None], bucket=16)[0]
   assert flat.shape[0] > lengths.sum()  # Padding positions are ignored.
   padded = enc.apply(params, tokens, lengths, table, keep=keep)
   got = enc.apply(params, tokens, lengths, table, keep=keep,

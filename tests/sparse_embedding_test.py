@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from configs import test as test_config
+from mardjax.models import layouts
 from mardjax.models import two_branch
 from mardjax.train import sparse_embedding
 from mardjax.train import train_step
@@ -32,7 +33,7 @@ def test_compact_batch_lists_the_tokens_outside_the_bag(monkeypatch):
   """'rare_tokens': the flat positions of the real tokens whose slot is
   BAG_SLOTS or beyond, in order, padded with b * L to a bucket over the
   fullest device."""
-  monkeypatch.setattr(two_branch, 'BAG_SLOTS', 2)
+  monkeypatch.setattr(layouts, 'BAG_SLOTS', 2)
   tokens = np.array([[[5, 9, 7, 0], [9, 5, 5, 5]],
                      [[3, 0, 0, 0], [7, 7, 7, 0]]], np.int32)
   lengths = np.array([[3, 4], [1, 3]], np.int32)
@@ -128,7 +129,7 @@ def test_lazy_step_equals_dense_step(encoder, pooling, warmup, token_bucket,
   a warmup schedule (both updates read the same step's learning rate), on
   the mean encoder's flat layout (token_bucket > 0) as on the padded, and
   with the bag-of-words product split (most tokens summed one by one)."""
-  monkeypatch.setattr(two_branch, 'BAG_SLOTS', 5)
+  monkeypatch.setattr(layouts, 'BAG_SLOTS', 5)
   config = test_config.get_config()
   config.model.text_encoder = encoder
   config.model.pooling = pooling
@@ -177,7 +178,7 @@ def test_split_bag_padded_to_an_earlier_programs_sizes_trains_the_same(
     monkeypatch):
   """Longer word and token lists (`train_step.ProgramSizes` reusing a
   larger program) leave the step's parameters unchanged to the bit."""
-  monkeypatch.setattr(two_branch, 'BAG_SLOTS', 5)
+  monkeypatch.setattr(layouts, 'BAG_SLOTS', 5)
   config = test_config.get_config()
   config.train.embedding_update = 'lazy'
   rng = np.random.default_rng(5)

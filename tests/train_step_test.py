@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from mardjax.models import layouts
 from mardjax.models import two_branch
 from mardjax.train import packing
 from mardjax.train import train_step
@@ -222,7 +223,7 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
   config.train.embedding_update = update.split()[0]
   config.train.split_bag = update == 'lazy split'
   config.train.vocab_bucket = 4
-  monkeypatch.setattr(two_branch, 'BAG_SLOTS', 16)
+  monkeypatch.setattr(layouts, 'BAG_SLOTS', 16)
   config.train.token_bucket = bucket
   config.train.lstm_pack_rows = bucket
   config.model.audio_encoder = audio_encoder
@@ -248,7 +249,7 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
       config, plan, reviews, model.vocab_size if update != 'dense' else 0)
   sizes = train_step.ProgramSizes()
   key = jax.random.PRNGKey(5)
-  layouts = set()
+  seen_layouts = set()
   for (_, batch), (_, idx) in zip(
       input_pipeline.train_batches(reviews, audio, max_len=64,
                                    album_tracks=tracks, **kw),
@@ -284,7 +285,7 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
           np.full(more, len(prepared['lengths']), np.int32)])
       layout = layout._replace(num_tokens=planned_layout.num_tokens)
     assert planned_layout == layout
-    layouts.add(layout)
+    seen_layouts.add(layout)
     assembled = train_step.assemble(tables, idx, 64, layout,
                                     model.vocab_size)
     assert set(assembled) == set(prepared)
@@ -294,7 +295,7 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
     if int(a.step) == 4:
       break
   # The layout asked for was used (0: padded).
-  assert all(max(x[:3]) > 0 for x in layouts) == bool(bucket)
+  assert all(max(x[:3]) > 0 for x in seen_layouts) == bool(bucket)
   assert float(ma['loss']) == float(mb['loss'])
   for x, y in zip(jax.tree_util.tree_leaves(a.params),
                   jax.tree_util.tree_leaves(b.params)):

@@ -339,7 +339,7 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
   import itertools  # pylint: disable=g-import-not-at-top
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
+  from mardjax.models import layouts  # pylint: disable=g-import-not-at-top
   from mardjax.train import sparse_embedding  # pylint: disable=g-import-not-at-top
   stages.preprocess(config, workdir, show_progress=False)
   manifest = manifest_lib.load(manifest_lib.data_dir_of(config, workdir))
@@ -365,7 +365,7 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
       sparse_embedding.compact_batch(batch, manifest.vocab.size,
                                      t.vocab_bucket, split_bag=plan.split_bag)
     if plan.token_bucket:
-      two_branch.flat_review(np.minimum(batch['lengths'],
+      layouts.flat_review(np.minimum(batch['lengths'],
                                         batch['tokens'].shape[-1]),
                              plan.token_bucket)
   rate = n * t.batch_size / (time.time() - start)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mardjax.data import tables
+from mardjax.models import layouts
 from mardjax.models import two_branch
 
 # Review embedding's flat size is rounded up to a multiple of this.
@@ -50,9 +51,9 @@ def text_layout(model: two_branch.TwoBranch, variables: dict[str, Any],
                 layout: dict[str, jax.Array]) -> jax.Array:
   """`text` of the mean encoder, reading only the real tokens: `layout` is
   the flat layout's (T,) review of each position, {'flat_review': ...}
-  (`two_branch.flat_review`), or the split bag-of-words' (R,) positions of
+  (`layouts.flat_review`), or the split bag-of-words' (R,) positions of
   the tokens outside its product, {'rare_tokens': ...}
-  (`two_branch.rare_tokens`)."""
+  (`layouts.rare_tokens`)."""
   return model.apply(variables, tokens=tokens, lengths=lengths,
                      **layout)['text']
 
@@ -174,7 +175,7 @@ def review_layout() -> str:
   """How `reviews` reads the mean encoder's tokens on this backend.
 
   'split' on CPUs: the bag-of-words product over the
-  `two_branch.BAG_SLOTS` most frequent words plus the other tokens one by
+  `layouts.BAG_SLOTS` most frequent words plus the other tokens one by
   one, several times faster there than the flat layout (XLA's CPU gathers
   and segment sums go row by row, a matrix product does not; the
   train_loop benchmark's evaluations; see docs/performance.md).
@@ -211,22 +212,22 @@ def reviews(variables: dict[str, Any], model: two_branch.TwoBranch,
   layout = layout or review_layout()
   if layout == 'split':
     def rare(tokens, lengths):
-      return two_branch.rare_mask(tokens, lengths, np).reshape(-1)
-    size = two_branch.flat_size(
+      return layouts.rare_mask(tokens, lengths, np).reshape(-1)
+    size = layouts.flat_size(
         _largest(lambda *a: int(rare(*a).sum()), arrays, batch_size),
         FLAT_BUCKET)
 
     def place(tokens, lengths):
-      return {'rare_tokens': two_branch.rare_tokens(rare(tokens, lengths),
+      return {'rare_tokens': layouts.rare_tokens(rare(tokens, lengths),
                                                     size, np)}
   elif layout == 'flat':
-    size = two_branch.flat_size(
+    size = layouts.flat_size(
         _largest(lambda _, lengths: int(lengths.sum()), arrays, batch_size),
         FLAT_BUCKET)
 
     def place(tokens, lengths):
       del tokens
-      return {'flat_review': two_branch.flat_review(lengths[None], size)[0]}
+      return {'flat_review': layouts.flat_review(lengths[None], size)[0]}
   else:
     raise ValueError(f"embed.reviews: layout {layout!r}: 'flat' or 'split'.")
   return batched(

@@ -25,7 +25,7 @@ BatchNorm follows Wang et al. (after the last linear layer); its statistics
 are averaged over `bn_axis_name` when training data-parallel.
 """
 
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,6 +39,7 @@ from mardjax.errors import need
 from mardjax.errors import need_choice
 from mardjax.errors import UserError
 from mardjax.models import lstm
+from mardjax.models import layouts
 
 AUDIO_ENCODERS = ('track', 'album_lstm')
 # Mean encoder's pooling: plain mean (the paper) or IDF-weighted (learned).
@@ -105,83 +106,6 @@ class LSTMDirection(nn.Module):
     return wi.astype(dt), wh.astype(dt), bias.astype(dt)
 
 
-# Row-sparse training's bag-of-words product covers the first BAG_SLOTS
-# rows a batch uses (its most frequent words: ids are ranked by frequency);
-# the other tokens are gathered and summed one by one (`MeanEncoder`,
-# `rare_tokens`). A batch's bag over all its distinct words is mostly
-# zeros (a review holds a few hundred of thousands of words), while by
-# Zipf's law the most frequent thousand words hold most of its tokens: the
-# product shrinks to those, and the rest costs a gather per token. Chosen
-# with the `train` benchmark (docs/performance.md).
-BAG_SLOTS = 1024
-
-
-def flat_review(lengths: np.ndarray, bucket: int,
-                size_max: Callable[[int], int] | None = None) -> np.ndarray:
-  """The flat layout of the mean encoder: every real token of a batch end
-  to end, no padding.
-
-  Review i's tokens are flat positions [sum(lengths[:i]), sum(lengths[:i+1]));
-  the layout is the review of each position, so the encoder gathers and
-  sums only real tokens (`MeanEncoder`) where the padded
-  (B, max_len) layout, mostly padding at MARD's lengths, would cost for
-  every position.
-
-  Args:
-    lengths: (D, B) true lengths (0 allowed), D devices.
-    bucket: the flat size T (the same on every device) is rounded up to a
-      multiple of this, so that only a few shapes are compiled.
-    size_max: with several processes, maps this process's size to the
-      largest of any process.
-
-  Returns:
-    (D, T) int32: the review (0..B-1) of each flat position; B past the
-    last real token.
-  """
-  size = int(lengths.sum(1).max()) if lengths.shape[0] else 0
-  if size_max is not None:
-    size = size_max(size)
-  size = flat_size(size, bucket)
-  return np.asarray([flat_owner(x, size, np) for x in lengths],
-                    np.int32).reshape(-1, size)
-
-
-def flat_owner(lengths, size: int, xp=jnp):
-  """(B,) true lengths -> (size,) int32 review of each flat position, B past
-  the last real token: the one formula of the flat layout, on the host
-  (`xp=np`, `flat_review`) and in a jitted step (`xp=jnp`): position p
-  belongs to the review whose running end is the first above p."""
-  return xp.searchsorted(xp.cumsum(lengths), xp.arange(size),
-                         side='right').astype(xp.int32)
-
-
-def flat_size(tokens: int, bucket: int) -> int:
-  """T of the flat layout of `tokens` real tokens: rounded up to a multiple
-  of `bucket`, at least one bucket."""
-  return max(-(-int(tokens) // bucket) * bucket, bucket)
-
-
-def rare_mask(slots, lengths, xp=jnp):
-  """(..., b, L) bool: the real tokens whose row is not in the bag-of-words
-  product (`BAG_SLOTS`), from (..., b, L) slots (or word ids, whose first
-  `BAG_SLOTS` are the most frequent words) and (..., b) lengths; the one
-  formula of the host (`xp=np`) and the step."""
-  real = xp.arange(slots.shape[-1]) < lengths[..., None]
-  return real & (slots >= BAG_SLOTS)
-
-
-def rare_tokens(rare, size: int, xp=jnp):
-  """(size,) int32 positions of the True entries of a flat (b * L,)
-  `rare_mask`, in order, then b * L; `size` must hold them all."""
-  if xp is np:
-    out = np.full(size, rare.shape[0], np.int32)
-    found = np.flatnonzero(rare)
-    out[:found.shape[0]] = found
-    return out
-  return jnp.nonzero(rare, size=size, fill_value=rare.shape[0])[0].astype(
-      jnp.int32)
-
-
 def padded_layout(lengths: jax.Array, max_len: int
                   ) -> dict[str, jax.Array]:
   """The packed layout's markers for a padded (B, L) batch.
@@ -219,7 +143,8 @@ class MeanEncoder(nn.Module):
   padded batch is a (B, L, D) gather, or with `table` a (B, U)
   bag-of-words product; with `rare_tokens` (R,) (training,
   `mardjax.train.sparse_embedding.compact_batch`, and evaluation on CPUs,
-  `mardjax.models.embed.reviews`) the product covers the first `BAG_SLOTS`
+  `mardjax.models.embed.reviews`) the product covers the first
+  `layouts.BAG_SLOTS`
   rows only (of `table`, or of the embedding table: the most frequent
   words) and the tokens of the other rows, listed in `rare_tokens`, are
   summed one by one. The features are the same.
@@ -296,16 +221,17 @@ def _flat_sum(vectors: jax.Array, tokens: jax.Array, lengths: jax.Array,
 
 def _split_bag(vectors: jax.Array, slots: jax.Array, weights: jax.Array,
                rare_tokens: jax.Array) -> jax.Array:
-  """(B, D): the bag-of-words product, split (`BAG_SLOTS`).
+  """(B, D): the bag-of-words product, split
+  (`layouts.BAG_SLOTS`).
 
   Args:
     vectors: (U, D) the batch's rows.
     slots, weights: (B, L) each token's row and weight.
     rare_tokens: (R,) the flat positions (b * L + l) of the real tokens
-      whose row is `BAG_SLOTS` or beyond, B * L past the end.
+      whose row is `layouts.BAG_SLOTS` or beyond, B * L past the end.
   """
   b, length = slots.shape
-  head = min(BAG_SLOTS, vectors.shape[0])
+  head = min(layouts.BAG_SLOTS, vectors.shape[0])
   # Tokens of the other rows land in one extra column, dropped.
   bag = jnp.zeros((b, head + 1), vectors.dtype).at[
       jnp.arange(b)[:, None], jnp.minimum(slots, head)].add(

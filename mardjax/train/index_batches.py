@@ -25,6 +25,7 @@ import numpy as np
 
 from mardjax import plan as plan_lib
 from mardjax.data import tables
+from mardjax.models import layouts
 from mardjax.models import two_branch
 from mardjax.train import losses
 from mardjax.train import packing
@@ -115,7 +116,7 @@ class Planner:
             self._token_floor(items[0]['rows'].shape[-1]))
       # The most real tokens of any step and device.
       size = int(max(self.lengths[x['rows']].sum(-1).max() for x in items))
-      num_tokens = self.token_sizes({'tokens': two_branch.flat_size(
+      num_tokens = self.token_sizes({'tokens': layouts.flat_size(
           max(self._max(size), self.token_floor), self.token_bucket)}
                                     )['tokens']
     if self.pack_rows:
@@ -188,11 +189,11 @@ class Planner:
                  words: list[np.ndarray]) -> int:
     """The split bag-of-words' most tokens of any step and local device
     outside the product: those whose word is beyond the step's first
-    `two_branch.BAG_SLOTS` words (`two_branch.rare_mask`)."""
+    `layouts.BAG_SLOTS` words (`layouts.rare_mask`)."""
     most = 0
     for x, w in zip(items, words):
-      if len(w) > two_branch.BAG_SLOTS:
-        last = w[two_branch.BAG_SLOTS - 1]
+      if len(w) > layouts.BAG_SLOTS:
+        last = w[layouts.BAG_SLOTS - 1]
         most = max([most] + [int(c[ids > last].sum())
                              for ids, c in x['device_words']])
     return most

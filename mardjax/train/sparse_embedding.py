@@ -23,8 +23,8 @@ the step sees only the rows its batch uses:
 
 The `mean` encoder then needs no (B, L, D) gather at all: its features are a
 (B, U) bag-of-words matrix times the (U, D) rows, or with `split_bag` that
-product over the first `two_branch.BAG_SLOTS` rows plus the other rows'
-tokens one by one ('rare_tokens', `two_branch.rare_mask`).
+product over the first `layouts.BAG_SLOTS` rows plus the other rows'
+tokens one by one ('rare_tokens', `layouts.rare_mask`).
 """
 
 from typing import Any, Callable, NamedTuple
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mardjax.models import two_branch
+from mardjax.models import layouts
 
 # Where nn.Embed keeps the table in the model's params.
 EMBED_PATH = ('text_features', 'embed', 'embedding')
@@ -139,13 +139,13 @@ def compact_batch(batch: dict[str, np.ndarray], vocab_size: int,
     out['slots'] = np.zeros(tokens.shape, np.int32)
     out['slots'][real] = lookup[words]
   if split_bag:
-    rare = two_branch.rare_mask(out['slots'], batch['lengths'], np)
+    rare = layouts.rare_mask(out['slots'], batch['lengths'], np)
     rare = rare.reshape(rare.shape[0], -1)
     size = list_sizes(ids.shape[0], bucket, int(rare.sum(1).max())
                       if rare.shape[0] else 0)
     if sizes:
       size = sizes(size)
-    out['rare_tokens'] = np.stack([two_branch.rare_tokens(x, size['rare'], np)
+    out['rare_tokens'] = np.stack([layouts.rare_tokens(x, size['rare'], np)
                                    for x in rare])
   else:
     size = list_sizes(ids.shape[0], bucket)
@@ -159,10 +159,10 @@ def list_sizes(distinct: int, bucket: int, rare: int | None = None
   """The bucketed sizes of a batch's word list ('vocab', U: `distinct`
   words) and, with the split bag-of-words (`rare` tokens outside its
   product), of its token list ('rare', R). Split, U is at least
-  `two_branch.BAG_SLOTS`, so that the product's size never changes."""
+  `layouts.BAG_SLOTS`, so that the product's size never changes."""
   if rare is None:
     return {'vocab': bucket_size(distinct, bucket)}
-  return {'vocab': bucket_size(max(distinct, two_branch.BAG_SLOTS), bucket),
+  return {'vocab': bucket_size(max(distinct, layouts.BAG_SLOTS), bucket),
           'rare': bucket_size(rare, bucket)}
 
 

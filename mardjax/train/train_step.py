@@ -43,7 +43,7 @@ import optax
 
 from mardjax import plan as plan_lib
 from mardjax.data import tables as data_tables
-from mardjax.models import two_branch
+from mardjax.models import layouts
 from mardjax.train import losses
 from mardjax.train import packing
 from mardjax.train import sparse_embedding
@@ -204,7 +204,7 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
     plan: the run's plan: its `text_layout` ('packed': the reviews end to
       end in rows, `pack_rows` a multiple, `mardjax.train.packing`; 'flat':
       'flat_review' (D, T), T a multiple of `token_bucket`,
-      `two_branch.flat_review`; 'split_bag': the lazy update's
+      `layouts.flat_review`; 'split_bag': the lazy update's
       'rare_tokens', `sparse_embedding.compact_batch`) and its `positives`
       ('local' or 'across': each row's positives for the ranking loss's
       hinges, 'positives' (D, b, W), `losses.positive_lists`, among its
@@ -224,7 +224,7 @@ def prepare_batch(state: TrainState, batch: dict[str, np.ndarray],
     batch.update(packing.pack(batch['tokens'], batch['lengths'],
                               plan.pack_rows, sync.max if sync else None))
   if plan.text_layout == 'flat':
-    batch['flat_review'] = two_branch.flat_review(
+    batch['flat_review'] = layouts.flat_review(
         np.minimum(batch['lengths'], batch['tokens'].shape[-1]),
         plan.token_bucket, sync.max if sync else None)
   if state.embed_tx is None:
@@ -423,7 +423,7 @@ class Layout(NamedTuple):
 
   Attributes:
     num_tokens: > 0: the mean encoder's flat layout, 'flat_review'
-      (num_tokens,), as `two_branch.flat_review` builds it.
+      (num_tokens,), as `layouts.flat_review` builds it.
     packed_rows: > 0: the LSTM encoder's packed layout of that many rows,
       built from the host's plan, idx['place'] (`packing.plan`).
     album_tracks: > 0: the album LSTM's audio, each review's album's first
@@ -469,7 +469,7 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
   if tables.features is not None:
     batch['text_features'] = tables.features[rows]
   if layout.num_tokens:
-    batch['flat_review'] = two_branch.flat_owner(
+    batch['flat_review'] = layouts.flat_owner(
         jnp.minimum(lengths, max_len), layout.num_tokens)
   if layout.packed_rows:
     batch.update(packing.pack_on_device(tokens, jnp.minimum(lengths, max_len),
@@ -481,8 +481,8 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
         batch.pop('tokens'), idx['vocab_ids'], vocab_size)
     batch['vocab_ids'] = idx['vocab_ids']
     if layout.rare_tokens is not None:
-      batch['rare_tokens'] = two_branch.rare_tokens(
-          two_branch.rare_mask(batch['slots'], lengths).reshape(-1),
+      batch['rare_tokens'] = layouts.rare_tokens(
+          layouts.rare_mask(batch['slots'], lengths).reshape(-1),
           layout.rare_tokens)
   return batch
 
