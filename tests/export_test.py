@@ -1,13 +1,16 @@
 """--mode=export: the trained space as files, read back, searched."""
 
 import json
+import os
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
 from mardjax import modes
 from mardjax.serve import export
+from mardjax.train import checkpoints
 from mardjax.errors import UserError
 
 
@@ -22,8 +25,19 @@ def test_export_round_trip(tiny_corpus_master, tmp_path):
   # The best-by-recall evaluation's step (its first, on ties) is exported.
   best = max(trained['history'], key=lambda h: (h['recall@10'], -h['step']))
   assert info['step'] == best['step']
-  if best['step'] == trained['steps']:
-    assert info['params_sha256'] == trained['params_sha256']
+  # The exported weights are the best checkpoint's, whichever step it is:
+  # its parameters read straight from best/<step>/state with Orbax (not
+  # through the loader the export uses) have the export's fingerprint.
+  best_dir = tmp_path / checkpoints.BEST_DIR
+  assert str(best['step']) in os.listdir(best_dir)
+  saved = ocp.PyTreeCheckpointer().restore(
+      str(best_dir / str(best['step']) / 'state'))
+  assert info['params_sha256'] == checkpoints.params_fingerprint(
+      saved['params']), 'the export is not the best checkpoint\'s weights'
+  # The run's last parameters have the export's fingerprint exactly when
+  # the best step is the last one.
+  assert (info['params_sha256'] == trained['params_sha256']) == (
+      best['step'] == trained['steps'])
   bank = export.load(info['directory'])
   assert bank['albums'].shape == (info['albums'], 16)
   np.testing.assert_allclose(np.linalg.norm(bank['reviews'], axis=1), 1,

@@ -74,6 +74,53 @@ def test_audio_table_is_normalised_with_training_statistics(tiny_records,
   assert abs(float(rows.mean())) < 0.2  # Standardised (train + test rows).
 
 
+def _raw_tracks(manifest, split):
+  """{album_index: (n, dim) raw descriptors} of a split's album records."""
+  from mardjax.data import records  # pylint: disable=g-import-not-at-top
+  return {int(ex['album_index']): np.asarray(ex['descriptors'], np.float64)
+          for ex in records.read_numpy(manifest.paths('albums', split),
+                                       'album', manifest.descriptors.dim)}
+
+
+def test_audio_rows_are_signed_log_standardised_by_hand(tiny_records, table):
+  """Each track's row is (signed_log(raw) - mean) / std, with mean and std
+  computed here in numpy from the training tracks alone; the training rows
+  then have per-feature mean 0 and std 1 (features that vary). A missing
+  shift or scale, statistics fitted on the wrong split or a skipped
+  transform all change these values (training and serving share the
+  function, so only a reference computed outside it can see them)."""
+  _, manifest = tiny_records
+  d = manifest.descriptors
+  assert d.transform == 'signed_log'
+  train = _raw_tracks(manifest, 'train')
+  test = _raw_tracks(manifest, 'test')
+  assert train and test and not set(train) & set(test)
+  logged = np.concatenate([np.sign(x) * np.log1p(np.abs(x))
+                           for x in train.values()])
+  mean = logged.mean(axis=0)
+  std = logged.std(axis=0)  # Population std, as the statistics are fitted.
+  varies = std > 1e-6
+  assert varies.sum() > 300  # The check below covers most features.
+  std = np.where(varies, std, 1.0)  # Constant features are not scaled.
+  np.testing.assert_allclose(d.mean, mean, rtol=1e-9, atol=1e-9,
+                             err_msg='fitted mean != training-track mean')
+  np.testing.assert_allclose(d.std, std, rtol=1e-9, atol=1e-9,
+                             err_msg='fitted std != training-track std')
+  for split, raws in (('train', train), ('test', test)):
+    for album, raw in raws.items():
+      want = (np.sign(raw) * np.log1p(np.abs(raw)) - mean) / std
+      np.testing.assert_allclose(
+          table.album_tracks(album), want, rtol=1e-5, atol=1e-5,
+          err_msg=f'{split} album {album}: row != (signed_log(raw) - mean) '
+          '/ std')
+  rows = np.concatenate([table.album_tracks(a) for a in train]).astype(
+      np.float64)
+  np.testing.assert_allclose(rows.mean(axis=0), 0, atol=1e-4,
+                             err_msg='training rows: per-feature mean != 0')
+  np.testing.assert_allclose(rows.std(axis=0)[varies], 1, rtol=1e-4,
+                             err_msg='training rows: per-feature std != 1')
+
+
 def test_batch_shapes_and_pairing(tiny_records, table):
   (pos, batch), = _batches(tiny_records, table, 1)
   assert pos == (0, 0)

@@ -4,6 +4,7 @@ import io
 import json
 import os
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -71,14 +72,66 @@ def test_bad_uploads_get_a_clear_4xx(client, data, name, status, message):
   assert client.get('/healthz').status_code == 200  # Still serving.
 
 
+def _check_audio_answer(room, body, k=5):
+  """The answer to an audio query is the model's: the descriptors the
+  analysis returned, standardised here by hand with the training
+  statistics and embedded, have as their k nearest reviews and albums (by
+  brute force over the exported banks) the ones listed, at the distances
+  listed, in ascending order. Returns the listed review ids and distances."""
+  e = room.embedder
+  d = e.manifest.descriptors
+  assert list(body['descriptors']) == list(e.names)
+  raw = np.array(list(body['descriptors'].values()), np.float64)
+  z = (np.sign(raw) * np.log1p(np.abs(raw)) - d.mean) / d.std
+  emb = np.asarray(e.embed_audio(z[None].astype(np.float32)), np.float64)[0]
+  for bank, listed in (('reviews', body['reviews']),
+                       ('albums', body['albums'])):
+    distances = [x['distance'] for x in listed]
+    assert len(listed) == k
+    assert distances == sorted(distances), f'{bank}: not ascending'
+    cos = room.bank[bank].astype(np.float64) @ emb
+    want = np.sqrt(np.maximum(0, 2 - 2 * np.sort(cos)[::-1][:k]))
+    np.testing.assert_allclose(distances, want, atol=1e-4, err_msg=(
+        f'{bank}: distances are not those of the embedded descriptors'))
+  rows = {m['review_id']: i for i, m in enumerate(room.bank['review_meta'])}
+  for x in body['reviews']:
+    got = np.sqrt(max(0.0, 2 - 2 * float(room.bank['reviews'][
+        rows[x['review_id']]].astype(np.float64) @ emb)))
+    assert got == pytest.approx(x['distance'], abs=1e-4), x['review_id']
+  return ([x['review_id'] for x in body['reviews']],
+          [x['distance'] for x in body['reviews']])
+
+
 @pytest.mark.parametrize('fmt', ['wav', 'flac', 'ogg', 'mp3'])
-def test_recordings_are_analysed_by_essentia(client, tmp_path, fmt):
+def test_recordings_are_analysed_by_essentia(trained_room, client, tmp_path,
+                                             fmt):
   data = write_tone(tmp_path / f'tone.{fmt}', 3.0, fmt)
   r = _upload(client, data, f'my song.{fmt}')
   assert r.status_code == 200, r.text
   body = r.json()
   assert len(body['reviews']) == 5 and len(body['descriptors']) == 369
   assert body['extractor']  # Essentia's extractor version, shown.
+  _check_audio_answer(trained_room[2], body)
+
+
+def test_different_recordings_get_different_answers(trained_room, client,
+                                                    tmp_path):
+  """Two tones two octaves apart are analysed to different descriptors,
+  and the model places them apart: their nearest reviews or the distances
+  to them differ (an embedding that ignored its input would give both the
+  same answer)."""
+  answers, descriptors = [], []
+  for freq in (220.0, 880.0):
+    data = write_tone(tmp_path / f'tone{freq:.0f}.wav', 3.0, 'wav', freq)
+    r = _upload(client, data, f'tone{freq:.0f}.wav')
+    assert r.status_code == 200, r.text
+    answers.append(_check_audio_answer(trained_room[2], r.json()))
+    descriptors.append(r.json()['descriptors'])
+  assert descriptors[0] != descriptors[1]
+  (ids_a, dist_a), (ids_b, dist_b) = answers
+  assert ids_a != ids_b or not np.allclose(dist_a, dist_b, atol=1e-4), (
+      'two different recordings got the same answer: '
+      f'{list(zip(ids_a, dist_a))}')
 
 
 def test_short_and_truncated_recordings_are_refused(client, tmp_path):
