@@ -29,9 +29,10 @@ _SERVICE_NOT_STARTED = ('Failed to start RPC server', 'in init_distributed')
 def _run_pair(workdir, corpus, data_dir, steps, extra=(), tries=3):
   """Runs launch.py as processes 0 and 1 of one job; their final JSON lines.
 
-  A coordinator that could not bind its port is the only failure retried:
-  the other process, left waiting for it, is stopped, and the pair starts
-  again on another port (nothing was trained or written by then).
+  Any failure of process 0 stops process 1, which would wait for it. A
+  coordinator that could not start its service (its port taken) is the only
+  failure retried: the pair starts again on another port, nothing having
+  been trained or written by then.
   """
   for attempt in range(tries):
     port = _free_port()
