@@ -114,3 +114,11 @@ def trained_room(tiny_corpus_master, tmp_path_factory):
   room = web.Room(config, workdir, manifest_lib.data_dir_of(
       config, workdir), tiny_corpus_master)
   return config, workdir, room
+
+
+@pytest.fixture
+def trained_config(trained_room):
+  """A copy of the trained room's config for one test to change: the
+  room's own config is shared by every test that uses the room, so a
+  change made there would reach the tests that run after it."""
+  return trained_room[0].copy_and_resolve_references()

@@ -128,8 +128,10 @@ def test_a_huge_integer_in_a_descriptor_is_a_counted_skip(tiny_corpus,
   assert all(report['reconcile'].values())
 
 
-def test_embed_counts_a_document_with_a_huge_integer(trained_room, tmp_path):
-  config, workdir, _ = trained_room
+def test_embed_counts_a_document_with_a_huge_integer(trained_room,
+                                                    trained_config, tmp_path):
+  _, workdir, _ = trained_room
+  config = trained_config
   folder = tmp_path / 'in'
   folder.mkdir()
   doc = {'lowlevel': {'mfcc': {'mean': [int('9' * 400)] * 13}},

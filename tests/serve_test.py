@@ -160,30 +160,44 @@ def test_uploads_leave_no_files_behind(trained_room, tmp_path, monkeypatch):
   assert os.listdir(tmp_path / 'tmp') == []
 
 
-def test_health_answers_while_recordings_are_analysed(trained_room, tmp_path):
+def test_health_answers_while_recordings_are_analysed(trained_room, tmp_path,
+                                                      monkeypatch):
+  """Two uploads are held in the middle of their analysis (the analysis
+  waits for the test's go-ahead): health checks sent meanwhile answer, and
+  the analyses ran in processes other than the server's. MusicExtractor
+  holds the GIL for a whole analysis, so analysed in the server's own
+  process it would stall every other request."""
   import threading  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
-  data = write_tone(tmp_path / 'long.wav', 20.0, 'wav')
+  from tests import gated_analysis  # pylint: disable=g-import-not-at-top
+  gate = tmp_path / 'gate'
+  gate.mkdir()
+  monkeypatch.setenv('MARDJAX_TEST_GATE', str(gate))
+  monkeypatch.setattr(web.audio_analysis, 'analyse_bytes',
+                      gated_analysis.analyse_when_released)
+  data = write_tone(tmp_path / 'song.wav', 2.0, 'wav')
   with TestClient(web.create_app(trained_room[2], max_upload_bytes=9_000_000,
                                  analysis_workers=2)) as own:
-    assert _upload(own, data, 'warm.wav').status_code == 200  # Workers up.
     statuses = []
     uploads = [threading.Thread(target=lambda: statuses.append(
         _upload(own, data, 'song.wav').status_code)) for _ in range(2)]
     for u in uploads:
       u.start()
-    answered = []
-    while any(u.is_alive() for u in uploads):
-      start = time.perf_counter()
+    deadline = time.monotonic() + 300  # Bounds the wait, decides nothing.
+    while len(list(gate.glob('started-*'))) < 2:
+      assert time.monotonic() < deadline, 'the analyses never started'
+      time.sleep(0.01)
+    # Both analyses are under way and cannot end before the release.
+    for _ in range(5):
       assert own.get('/healthz').status_code == 200
-      answered.append(time.perf_counter() - start)
+    assert all(u.is_alive() for u in uploads) and statuses == []
+    (gate / 'release').write_text('')
     for u in uploads:
-      u.join()
+      u.join(timeout=300)
+      assert not u.is_alive()
   assert statuses == [200, 200]
-  # Analysed in the server's own process, MusicExtractor holds the GIL for
-  # the whole of each analysis and the health checks queue behind it; in the
-  # pool they keep answering throughout.
-  assert len(answered) >= 10, answered
+  pids = {int(f.read_text()) for f in gate.glob('started-*')}
+  assert pids and os.getpid() not in pids
 
 
 @pytest.mark.parametrize('payload,status,message', [
@@ -251,10 +265,11 @@ def test_the_page_and_its_assets_are_served(client):
     assert element in page.text
 
 
-def test_batch_embedding_of_a_folder(trained_room, tmp_path):
+def test_batch_embedding_of_a_folder(trained_room, trained_config, tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mardjax.serve import batch_embed  # pylint: disable=g-import-not-at-top
-  config, workdir, room = trained_room
+  _, workdir, room = trained_room
+  config = trained_config
   folder = tmp_path / 'music'
   (folder / 'live').mkdir(parents=True)
   write_tone(folder / 'a tone.wav', 2.0, 'wav')
@@ -307,8 +322,9 @@ def test_batch_embedding_of_a_folder(trained_room, tmp_path):
   assert sorted(os.listdir(folder / 'live')) == ['b.flac']  # Untouched.
 
 
-def test_batch_embedding_errors(trained_room, tmp_path):
-  config, workdir, _ = trained_room
+def test_batch_embedding_errors(trained_room, trained_config, tmp_path):
+  _, workdir, _ = trained_room
+  config = trained_config
   with pytest.raises(modes.UserError, match='needs --input_dir'):
     modes.run_mode('embed', config, workdir, show_progress=False)
   with pytest.raises(modes.UserError, match='is not a folder'):
@@ -320,9 +336,9 @@ def test_batch_embedding_errors(trained_room, tmp_path):
                  input_dir=str(tmp_path))
 
 
-def test_serve_benchmark_over_http(trained_room):
-  config, workdir, _ = trained_room
-  config = config.copy_and_resolve_references()
+def test_serve_benchmark_over_http(trained_room, trained_config):
+  _, workdir, _ = trained_room
+  config = trained_config
   config.benchmark.update(kind='serve', serve_upload_seconds=2.0,
                           serve_uploads=1, serve_text_queries=10,
                           serve_concurrency=4, serve_seconds=1.0,

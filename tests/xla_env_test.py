@@ -26,9 +26,19 @@ def test_defaults_keep_the_users_own_setting(monkeypatch):
   assert 'scheduler=true' in flags and 'device_count=2' in flags
 
 
-def test_no_gpu_workaround_on_this_cpu_only_install():
-  # The suite's install: jax 0.10.2 (affected) but no CUDA plugin.
-  assert not xla_env._cuda_plugin_installed()  # pylint: disable=protected-access
+def test_no_gpu_workaround_without_a_cuda_plugin(monkeypatch):
+  """An affected jax with no CUDA plugin: the flags are left as they are."""
+  monkeypatch.setattr(xla_env, '_jax_version', lambda: (0, 10, 2))
+  monkeypatch.setattr(xla_env, '_cuda_plugin_installed', lambda: False)
+  assert xla_env.gpu_scatter_workaround('--a=1') == '--a=1'
+
+
+def test_no_gpu_workaround_on_a_cpu_only_install():
+  """The install running the suite, when it has no CUDA plugin (found the
+  way the module finds it): no workaround whatever the jax version."""
+  if xla_env._cuda_plugin_installed():  # pylint: disable=protected-access
+    pytest.skip('a CUDA plugin is installed here; the case with a plugin '
+                'is checked with a stubbed install below')
   assert xla_env.gpu_scatter_workaround('--a=1') == '--a=1'
 
 
