@@ -63,6 +63,7 @@ def test_glove_reading_and_its_errors(tmp_path):
     baselines.GloveMean(str(tmp_path / 'missing.txt'), 3, words)
 
 
+@pytest.mark.slow
 def test_runner_reports_every_baseline(tiny_records):
   data_dir, manifest = tiny_records
   config = test_config.get_config()
@@ -85,6 +86,7 @@ def test_runner_reports_every_baseline(tiny_records):
   assert rows['cca-8']['mrr'] > 1.5 * rows['random']['mrr']
 
 
+@pytest.mark.slow
 def test_ablation_writes_the_table(tiny_corpus_master, tmp_path):
   from mardjax.experiments import ablation  # pylint: disable=g-import-not-at-top
   config = test_config.get_config()

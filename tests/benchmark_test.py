@@ -12,6 +12,7 @@ from mardjax.experiments import measuring
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_data_benchmark_measures_both_stages(tmp_path, capsys):
   config = test_config.get_config()
   result = benchmark.run_data(config, str(tmp_path))
@@ -24,6 +25,7 @@ def test_data_benchmark_measures_both_stages(tmp_path, capsys):
   assert capsys.readouterr().out.count('"benchmark"') == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('assembly', ['host', 'device'])
 def test_train_step_benchmark_line(assembly):
   config = test_config.get_config()
@@ -36,6 +38,7 @@ def test_train_step_benchmark_line(assembly):
   assert line['examples_per_s'] > 0 and line['target_examples_per_s'] == 3000
 
 
+@pytest.mark.slow
 def test_train_benchmark_lines_per_encoder_batch_and_update(tmp_path,
                                                            capsys):
   config = test_config.get_config()
@@ -52,6 +55,7 @@ def test_train_benchmark_lines_per_encoder_batch_and_update(tmp_path,
   assert capsys.readouterr().out.count('"benchmark"') == 8
 
 
+@pytest.mark.slow
 def test_train_benchmark_lines_per_lstm_loop(tmp_path):
   config = test_config.get_config()
   config.benchmark.update(kind='train', encoders='mean,lstm', batch_sizes='8',
@@ -151,6 +155,7 @@ def test_a_missing_peer_is_one_clear_error(tmp_path):
     benchmark.run_train(config, '')
 
 
+@pytest.mark.slow
 def test_pipeline_benchmark_compares_with_the_step(tmp_path):
   config = test_config.get_config()
   config.benchmark.update(pipeline_batches=3, train_steps=2,
@@ -163,6 +168,7 @@ def test_pipeline_benchmark_compares_with_the_step(tmp_path):
       line['examples_per_s'] / step['examples_per_s'], rel=0.01)
 
 
+@pytest.mark.slow
 def test_train_loop_benchmark_runs_the_real_loop_without_tensorflow(tmp_path):
   code = (
       'import sys, json\n'

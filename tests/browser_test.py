@@ -88,6 +88,7 @@ new MutationObserver(() => window.statuses.push(
 '''
 
 
+@pytest.mark.slow
 def test_upload_a_song_and_search_by_text_in_the_page(browser, trained_room,
                                                       tmp_path):
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top

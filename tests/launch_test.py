@@ -19,6 +19,7 @@ def _launch(workdir, *args):
       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_synth_then_preprocess_print_and_save_their_result(tmp_path):
   synth = _launch(tmp_path, '--mode=synth')
   assert synth.returncode == 0, synth.stderr
@@ -41,6 +42,7 @@ def test_synth_then_preprocess_print_and_save_their_result(tmp_path):
     assert json.load(f) == result
 
 
+@pytest.mark.slow
 def test_preprocess_reads_a_given_mard_dir(tmp_path, tiny_corpus_master):
   out = tmp_path / 'records'
   run = _launch(tmp_path, '--mode=preprocess',
@@ -84,6 +86,7 @@ def test_refuses_to_overwrite_a_real_corpus_with_synthetic_data(tmp_path):
   assert (real / 'mard_metadata.json').read_text() == '{"amazon-id": "B1"}\n'
 
 
+@pytest.mark.slow
 def test_train_logs_its_plan_first_and_records_it(tmp_path):
   """--mode=train: the execution plan is the run's first log line (after
   jax's own start-up) and its result's 'plan'."""

@@ -230,6 +230,7 @@ def test_positive_lists_hand_computed():
     losses.positive_lists(np.zeros((1, 6), int), False, lambda w: 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('seed,negatives,rows', [
     (0, 'sampled:5', False), (1, 'sampled:5', False), (0, 'sampled:5', True),
     (2, 'sampled:5', True), (0, 'hardest:3', False), (1, 'hardest:30', False),

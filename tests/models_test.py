@@ -89,6 +89,7 @@ def test_split_bag_of_words_equals_the_whole_product(weighted, monkeypatch):
   assert 0 < rare.sum() < (np.arange(length) < lengths[:, None]).sum()
 
 
+@pytest.mark.slow
 def test_idf_pooling_is_the_softmax_weighted_mean_of_its_scores():
   """Weights: softmax of the words' scores (the table's last column) over
   the review's real tokens; repeated words count twice; empty reviews give
@@ -133,6 +134,7 @@ def test_idf_scores_weight_rare_words_up():
   assert scores[0] > scores[2] > scores[3]
 
 
+@pytest.mark.slow
 def test_audio_only_and_album_lstm():
   model = _model(batch_norm=False)
   audio, tokens, lengths = _inputs()

@@ -72,6 +72,7 @@ def _start_pair(workdir, corpus, data_dir, steps, extra, port):
       text=True) for pid in range(2)]
 
 
+@pytest.mark.slow
 def test_two_processes_train_in_lock_step_and_resume(tmp_path,
                                                      tiny_corpus_master,
                                                      tiny_records):
@@ -93,6 +94,7 @@ def test_two_processes_train_in_lock_step_and_resume(tmp_path,
   assert resumed[0]['last'] == resumed[1]['last'] == straight[0]['last']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('encoder,update', [('mean', 'dense'),
                                             ('lstm', 'lazy')])
 def test_two_processes_assemble_batches_on_their_own_devices(
@@ -115,6 +117,7 @@ def test_two_processes_assemble_batches_on_their_own_devices(
   assert runs['host'][0]['recall@10'] == runs['device'][0]['recall@10']
 
 
+@pytest.mark.slow
 def test_a_pair_whose_port_was_taken_starts_again_on_another(
     tmp_path, tiny_corpus_master, tiny_records, monkeypatch):
   """The first port handed to the pair is held by a listener of the test's

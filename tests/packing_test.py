@@ -68,6 +68,7 @@ def test_hand_written_lstm_gradient_equals_autodiff(reverse):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_both_directions_in_one_loop_equal_a_loop_each():
   """lstm.bidirectional = the two recurrences run alone: hidden states and
   the gradients of the projections and kernels (hand-written backward),
@@ -98,6 +99,7 @@ def test_both_directions_in_one_loop_equal_a_loop_each():
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loop', ['per_direction', 'bidirectional'])
 def test_bilstm_matches_flax_lstm_cells(loop):
   """Same weights in flax's own LSTM cells over each review alone give the
@@ -145,6 +147,7 @@ def test_packed_lstm_features_equal_padded(loop):
   np.testing.assert_allclose(got, padded, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_packed_lazy_step_equals_padded_dense_step():
   """Two training steps: packed rows, the lazy update and both directions
   in one loop give the state of padded rows, the dense update and a loop

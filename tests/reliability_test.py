@@ -39,6 +39,7 @@ def _all_finite(tree):
 
 # 1. A diverging run stops, and nothing non-finite is saved or promoted.
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_and_keeps_its_good_checkpoints(tiny_records,
                                                               tmp_path):
   data_dir, _ = tiny_records
@@ -63,6 +64,7 @@ def test_a_diverging_run_stops_and_keeps_its_good_checkpoints(tiny_records,
 
 # 2. A checkpoint damaged on disk that still restores is set aside.
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_that_restores_is_set_aside(tiny_records,
                                                           tmp_path):
   data_dir, _ = tiny_records
@@ -212,6 +214,7 @@ def test_loss_weights_must_be_finite_and_not_all_zero():
 
 # 7. The original MARD release: one AcousticBrainz document per album.
 
+@pytest.mark.slow
 def test_the_default_config_trains_on_single_track_albums(tiny_corpus,
                                                           tmp_path):
   shutil.rmtree(os.path.join(tiny_corpus, mard_io.EXPANDED_DESCRIPTOR_DIR))
@@ -228,6 +231,7 @@ def test_the_default_config_trains_on_single_track_albums(tiny_corpus,
 
 # 8. A run's data and model settings come from its checkpoint.
 
+@pytest.mark.slow
 def test_export_needs_no_data_flags_of_the_run(tiny_corpus_master, tmp_path):
   config = _config(num_steps=4, eval_every=4, checkpoint_every=4)
   config.data.mard_dir = tiny_corpus_master
@@ -247,6 +251,7 @@ def test_export_needs_no_data_flags_of_the_run(tiny_corpus_master, tmp_path):
 
 # 9. Smaller things.
 
+@pytest.mark.slow
 def test_history_survives_a_resume(tiny_records, tmp_path):
   data_dir, _ = tiny_records
   kw = dict(checkpoint_every=4, eval_every=4, log_every=1000)
@@ -279,6 +284,7 @@ def test_gzip_compressed_mard_files_are_read(tiny_corpus, tmp_path):
                                  show_progress=False)
 
 
+@pytest.mark.slow
 def test_reading_records_leaves_no_autograph_files(tiny_records, tmp_path):
   data_dir, _ = tiny_records
   code = ('import os, sys, tempfile\n'

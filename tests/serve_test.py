@@ -336,6 +336,7 @@ def test_batch_embedding_errors(trained_room, trained_config, tmp_path):
                  input_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_serve_benchmark_over_http(trained_room, trained_config):
   _, workdir, _ = trained_room
   config = trained_config

@@ -116,6 +116,7 @@ def test_lazy_adam_leaves_other_rows_alone():
                              -0.1 * np.sign(g[:2]), rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('encoder,pooling,warmup,token_bucket,split', [
     ('mean', 'mean', 0, 0, False), ('mean', 'mean', 0, 16, False),
     ('lstm', 'mean', 0, 0, False), ('mean', 'idf', 3, 16, False),
@@ -174,6 +175,7 @@ def test_lazy_step_equals_dense_step(encoder, pooling, warmup, token_bucket,
   assert lazy.embed_opt is not None and dense.embed_opt is None
 
 
+@pytest.mark.slow
 def test_split_bag_padded_to_an_earlier_programs_sizes_trains_the_same(
     monkeypatch):
   """Longer word and token lists (`train_step.ProgramSizes` reusing a

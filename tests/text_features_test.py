@@ -36,6 +36,7 @@ def tiny_bert(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_encoder_mean_pools_the_last_layer(tiny_bert):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -61,6 +62,7 @@ def test_a_directory_without_a_model_is_a_clear_error(tmp_path):
     text_features.encoder_fingerprint(str(tmp_path / 'nope'))
 
 
+@pytest.mark.slow
 def test_pretrained_features_preprocess_and_train(tiny_bert,
                                                   tiny_corpus_master,
                                                   tmp_path):

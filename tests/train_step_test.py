@@ -68,6 +68,7 @@ def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
                                atol=atol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('batch_norm,kind,negatives,embedding_update', [
     (False, 'ranking', 'all', 'dense'), (True, 'ranking', 'hardest:3', 'lazy'),
     (True, 'infonce', 'all', 'lazy'), (False, 'ranking', 'all', 'lazy')])
@@ -97,6 +98,7 @@ def test_pmap_equals_single_device_on_the_global_batch(batch_norm, kind,
   assert int(s2.step) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('gather,negatives', [(False, 'all'),
                                               (True, 'sampled:4'),
                                               (False, 'sampled:4')])
@@ -128,6 +130,7 @@ def test_shard_map_equals_pmap(gather, negatives):
   _assert_trees_close(s_p.batch_stats, s_s.batch_stats, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('gather', [True, False])
 def test_positive_lists_train_as_every_pair(gather):
   """The ranking loss's hinges over each row's listed positives
@@ -201,6 +204,7 @@ def test_device_assembly_matches_the_host_batches(tiny_records,
       np.testing.assert_array_equal(np.asarray(got[k]), v[0], err_msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('encoder,bucket,update,audio_encoder', [
     ('mean', 0, 'dense', 'track'), ('mean', 64, 'dense', 'track'),
     ('lstm', 0, 'dense', 'track'), ('lstm', 2, 'dense', 'track'),
@@ -401,6 +405,7 @@ def test_learning_rate_schedule_warmup_scaling_and_cosine():
   assert float(plain(0)) == float(plain(10 ** 6)) == pytest.approx(1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('encoder,embedding_update', [
     ('mean', 'dense'), ('mean', 'lazy'), ('lstm', 'lazy'),
     ('lstm bidirectional', 'dense')])

@@ -41,6 +41,7 @@ def _logged_losses(messages):
           if m.startswith('step ') and m.split()[2] == 'loss']
 
 
+@pytest.mark.slow
 def test_training_learns_and_reports_recall(tiny_records, tmp_path, caplog):
   """Training learns: recall@10 on a fixed sample of 250 training reviews
   rises well above the untrained model's (the step-0 evaluation), and the
@@ -132,6 +133,7 @@ def _scripted_evaluator(recalls):
   return make
 
 
+@pytest.mark.slow
 def test_early_stopping_reports_the_best_model_and_stays_stopped(
     tiny_records, tmp_path):
   from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
@@ -183,6 +185,7 @@ def test_eval_of_a_split_without_reviews_is_a_clear_error(tiny_corpus_master,
     evaluate.evaluate_checkpoint(config, str(tmp_path / 'empty'), data_dir)
 
 
+@pytest.mark.slow
 def test_late_logged_metrics_are_each_steps_own(tiny_records, tmp_path,
                                                 monkeypatch):
   """Log-only boundaries fetch their metrics one dispatch late
@@ -235,6 +238,7 @@ def test_the_loop_runs_with_setups_objects_frozen(tiny_records, tmp_path,
   assert gc.get_freeze_count() == before
 
 
+@pytest.mark.slow
 def test_prefetch_thread_feeds_the_same_batches(tiny_records, tmp_path):
   """'auto' builds batches in the loop's thread on CPUs; a prefetch thread
   (accelerators' auto, here with batches assembled on the device, whose
@@ -249,6 +253,7 @@ def test_prefetch_thread_feeds_the_same_batches(tiny_records, tmp_path):
   _params_close(states[0].params, states[1].params, atol=0)
 
 
+@pytest.mark.slow
 def test_album_lstm_trains_and_evaluates(tiny_records, tmp_path):
   data_dir, _ = tiny_records
   config = _config(num_steps=4, eval_every=4, log_every=2, checkpoint_every=4)
@@ -260,6 +265,7 @@ def test_album_lstm_trains_and_evaluates(tiny_records, tmp_path):
   np.testing.assert_allclose(again['recall@10'], metrics['recall@10'])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('parallelism,assembly', [
     ('pmap', 'host'), ('shard_map', 'host'), ('pmap', 'device')])
 def test_resumed_run_ends_with_the_same_parameters(tiny_records, tmp_path,
@@ -287,6 +293,7 @@ def test_resumed_run_ends_with_the_same_parameters(tiny_records, tmp_path,
   _params_close(straight.opt_state, resumed.opt_state)
 
 
+@pytest.mark.slow
 def test_unreadable_newest_checkpoint_falls_back(tiny_records, tmp_path,
                                                  caplog):
   data_dir, _ = tiny_records
@@ -327,6 +334,7 @@ def test_a_different_manifest_is_refused(tiny_records, tmp_path):
   assert not (tmp_path / 'w' / 'unreadable_checkpoints').exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_last_checkpoint(tiny_records,
                                                           tmp_path):
   data_dir, _ = tiny_records
@@ -381,6 +389,7 @@ def _final_params(workdir, data_dir, num_steps):
   return state
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_restart_matches_uninterrupted(
     tmp_path, tiny_corpus_master, tiny_records):
   steps = 60
@@ -413,6 +422,7 @@ def test_sigkill_mid_training_then_restart_matches_uninterrupted(
   _params_close(a.params, b.params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('encoder,update,devices,parallelism', [
     ('mean', 'dense', 1, 'pmap'), ('mean', 'dense', 4, 'shard_map'),
     ('mean', 'dense', 4, 'pmap'), ('lstm', 'dense', 4, 'pmap'),
@@ -467,6 +477,7 @@ def test_device_assembled_training_equals_host_assembled(
   assert out['host1'] == out['device3']
 
 
+@pytest.mark.slow
 def test_the_best_config_trains_and_beats_chance(tiny_records, tmp_path):
   from configs import best  # pylint: disable=g-import-not-at-top
   data_dir, _ = tiny_records
