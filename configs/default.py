@@ -223,6 +223,12 @@ def get_config():
 
   # --- Serving (--mode=serve) -----------------------------------------------
   config.serve = ml_collections.ConfigDict()
+  # Host names the room answers to besides its --host (and, on a loopback
+  # --host, localhost/127.0.0.1/::1), comma-separated; others get 421.
+  config.serve.allowed_hosts = ''
+  # Other sites allowed to POST to the room ('http://host:port', comma-
+  # separated); cross-site POSTs are refused with 403 otherwise.
+  config.serve.allowed_origins = ''
   config.serve.max_upload_mb = 50.0  # Larger uploads are answered 413.
   config.serve.max_query_kb = 64  # Larger text queries are answered 413.
   # Processes analysing uploaded recordings (0: one per CPU core).

@@ -104,12 +104,42 @@ _RANGES = (
 )
 
 
+# Sizes no machine can hold or no server should accept: refused at once
+# rather than after minutes of loading, or in an allocation deep in XLA.
+_CEILINGS = (
+    ('model.word_dim', 2**16),
+    ('model.hidden_dim', 2**16),
+    ('model.embed_dim', 2**16),
+    ('model.lstm_dim', 2**16),
+    ('model.max_tracks', 2**16),
+    ('data.vocab_size', 2**26),
+    ('data.max_len', 2**20),
+    ('train.batch_size', 2**24),
+    ('eval.bootstrap', 10**6),
+    ('serve.max_upload_mb', 4096),
+    ('serve.max_query_kb', 2**20),
+    ('serve.analysis_workers', 1024),
+)
+# Parameters plus two optimizer moments of the word embedding, in bytes.
+_MAX_EMBEDDING_BYTES = 2**40
+
+
 def validate_values(config: ml_collections.ConfigDict) -> None:
   """Numbers that are non-finite or out of range, one line each."""
   for field, ok, what in _RANGES:
     section, name = field.split('.')
     value = config[section][name]
     need(ok(value), field, value, f'must be {what}')
+  for field, ceiling in _CEILINGS:
+    section, name = field.split('.')
+    value = config[section][name]
+    need(value <= ceiling, field, value, f'must be at most {ceiling:,}')
+  table = 3 * 4 * config.data.vocab_size * config.model.word_dim
+  need(table <= _MAX_EMBEDDING_BYTES, 'data.vocab_size',
+       config.data.vocab_size,
+       f'with model.word_dim={config.model.word_dim} the word embedding and '
+       f'its optimizer state need {table / 2**30:,.0f} GiB (at most '
+       f'{_MAX_EMBEDDING_BYTES // 2**30:,} GiB)')
   weights = tuple(config.loss.weights)
   need(len(weights) == 4 and all(_at_least(0)(w) for w in weights) and
        any(weights), 'loss.weights', weights,

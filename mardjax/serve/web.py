@@ -34,6 +34,7 @@ from mardjax.data import descriptors as desc_lib
 from mardjax.data import mard_io
 from mardjax.serve import embedder as embedder_lib
 from mardjax.serve import export
+from mardjax.serve import guards
 from mardjax.serve import search_index
 from mardjax.train import checkpoints
 from mardjax.errors import UserError
@@ -227,7 +228,8 @@ async def _document(data: bytes, ext: str, pool) -> Any:
 
 
 def create_app(room: Room, max_upload_bytes: int,
-               max_query_bytes: int = 64 * 1024, analysis_workers: int = 0):
+               max_query_bytes: int = 64 * 1024, analysis_workers: int = 0,
+               hosts: tuple[str, ...] = (), origins: tuple[str, ...] = ()):
   """The FastAPI app over a loaded Room.
 
   Args:
@@ -235,9 +237,13 @@ def create_app(room: Room, max_upload_bytes: int,
     max_upload_bytes: an audio upload's limit (413 beyond it).
     max_query_bytes: a text query's limit (413 beyond it).
     analysis_workers: processes analysing recordings (0: one per core).
+    hosts: the Host names served (`guards.host_names`; (): any).
+    origins: other sites' origins allowed to POST (cross-site POSTs are
+      refused otherwise).
   """
   import contextlib  # pylint: disable=g-import-not-at-top
   import fastapi  # pylint: disable=g-import-not-at-top
+  import fastapi_offline  # pylint: disable=g-import-not-at-top
   import pydantic  # pylint: disable=g-import-not-at-top
   from fastapi import responses  # pylint: disable=g-import-not-at-top
   from fastapi import staticfiles  # pylint: disable=g-import-not-at-top
@@ -249,18 +255,29 @@ def create_app(room: Room, max_upload_bytes: int,
     yield
     pool.shutdown(wait=False, cancel_futures=True)
 
-  app = fastapi.FastAPI(title='mardjax listening room', lifespan=lifespan)
+  # The API docs' scripts and styles are served from the package: the room
+  # works with no network, and its pages load nothing from other sites.
+  app = fastapi_offline.FastAPIOffline(title='mardjax listening room',
+                                       lifespan=lifespan)
+  guards.install_error_handlers(app)
   app.state.analysis_pool = pool
   # Multipart framing on top of the file itself.
   app.add_middleware(BodyLimit, limits={
       '/api/query/text': max_query_bytes,
       '/api/query/audio': max_upload_bytes + 64 * 1024}, default=64 * 1024)
+  # Added last, so it runs first: a refused site sends no body to be read.
+  app.add_middleware(guards.SameOrigin, hosts=hosts, origins=origins)
   app.mount('/static', staticfiles.StaticFiles(directory=STATIC_DIR),
             name='static')
 
   class TextQuery(pydantic.BaseModel):
     text: str
     k: int = 10
+
+    @pydantic.field_validator('text')
+    @classmethod
+    def valid_text(cls, text: str) -> str:
+      return guards.check_text(text)
 
   def check_k(k: int) -> int:
     if not 1 <= k <= MAX_K:
@@ -303,11 +320,48 @@ def create_app(room: Room, max_upload_bytes: int,
   return app
 
 
-def app_for(room: Room, config: ml_collections.ConfigDict):
-  """`create_app` with the config's limits and workers."""
+def app_for(room: Room, config: ml_collections.ConfigDict, host: str = ''):
+  """`create_app` with the config's limits, workers and allowed sites.
+
+  Args:
+    room: the loaded Room.
+    config: the run's config (`config.serve`).
+    host: the address the server binds ('': Host headers not checked).
+  """
   s = config.serve
+  names = _names(s.allowed_hosts)
   return create_app(room, int(s.max_upload_mb * 2**20),
-                    int(s.max_query_kb * 1024), int(s.analysis_workers))
+                    int(s.max_query_kb * 1024), int(s.analysis_workers),
+                    hosts=guards.host_names(host, names) if host else names,
+                    origins=_names(s.allowed_origins))
+
+
+def _names(field: str) -> tuple[str, ...]:
+  return tuple(n.strip() for n in field.split(',') if n.strip())
+
+
+def check_address(host: str, port: int) -> None:
+  """Raises UserError unless `host:port` can be listened on now: a port out
+  of range, an address this machine does not have, or a port in use."""
+  import socket  # pylint: disable=g-import-not-at-top
+  if not 1 <= port <= 65535:
+    raise UserError(f'--port={port} is not a TCP port (1 to 65535)')
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+  except (socket.gaierror, UnicodeError) as e:
+    raise UserError(f'--host={host!r} is not an address of this machine '
+                    f'({e})') from None
+  family, kind, proto, _, address = infos[0]
+  with socket.socket(family, kind, proto) as s:
+    # What uvicorn sets: a port left in TIME_WAIT by a previous server is
+    # free to take; one another process listens on is not.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(address)
+    except OSError as e:
+      raise UserError(f'cannot listen on {host}:{port}: {e.strerror} (pick '
+                      'another --port, or stop what uses it)') from None
 
 
 def serve_room(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
@@ -315,8 +369,9 @@ def serve_room(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
   """Serves the listening room of the run in `workdir` on `host:port`
   until interrupted."""
   import uvicorn  # pylint: disable=g-import-not-at-top
+  check_address(host, port)  # Before minutes of loading, not after.
   room = Room(config, workdir, data_dir, mard_dir)
-  app = app_for(room, config)
+  app = app_for(room, config, host)
   print(f'The listening room: open http://{host}:{port} in a browser (JSON '
         f'API docs at http://{host}:{port}/docs).', flush=True)
   uvicorn.run(app, host=host, port=port, log_level='info')
