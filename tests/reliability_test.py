@@ -194,12 +194,26 @@ def test_a_descriptor_directory_that_is_a_file_is_an_error(tiny_corpus,
     ('loss.temperature', 0.0), ('train.checkpoint_every', 0),
     ('train.eval_every', 0), ('train.log_every', 0), ('model.embed_dim', 0),
     ('train.keep_checkpoints', 0), ('train.num_epochs', -1),
-    ('serve.max_upload_mb', -1.0)])
+    ('serve.max_upload_mb', -1.0),
+    # Sizes no machine can hold, refused before any allocation.
+    ('model.word_dim', 10**6), ('train.batch_size', 2**30),
+    ('data.vocab_size', 10**9), ('serve.max_upload_mb', 1e5)])
 def test_senseless_config_values_are_refused(field, value):
   config = test_config.get_config()
+  config_check.validate_common(config)  # The untouched config passes.
   section, name = field.split('.')
   config[section][name] = value
-  with pytest.raises(UserError, match=rf'^config\.{field}='):
+  with pytest.raises(UserError, match=rf'^config\.{field}={value!r}: must '
+                     r'be (a|at|in) '):
+    config_check.validate_common(config)
+
+
+def test_an_embedding_no_machine_can_hold_is_refused():
+  config = test_config.get_config()
+  config.data.vocab_size, config.model.word_dim = 2**26, 2**14
+  with pytest.raises(UserError, match=r'data.vocab_size=67108864: with model'
+                     r'.word_dim=16384 the word embedding and its optimizer '
+                     r'state need 12,288 GiB'):
     config_check.validate_common(config)
 
 

@@ -348,7 +348,8 @@ def test_serve_benchmark_over_http(trained_room, trained_config):
   out = modes.run_mode('benchmark', config, workdir, show_progress=False)
   assert out['benchmark'] == 'serve' and out['reviews'] > 0
   for fmt in ('wav', 'mp3'):
-    assert 0 < out[f'upload_{fmt}']['p50_ms'] < 60_000
+    upload = out[f'upload_{fmt}']
+    assert 0 < upload['p50_ms'] <= upload['p95_ms'] <= upload['max_ms']
   assert 0 < out['text_query']['p50_ms'] <= out['text_query']['max_ms']
   assert out['load']['requests'] > 0 and out['load']['errors'] == 0
   assert out['load']['requests_per_s'] > 0

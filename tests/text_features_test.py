@@ -108,7 +108,8 @@ def test_pretrained_features_preprocess_and_train(tiny_bert,
   config.data.text_encoder_path = ''
   assert preprocess.preprocess_corpus(
       config, tiny_corpus_master, data_dir,
-      show_progress=False).get('reused') is not True
+      show_progress=False)['reused'] is False
+  assert manifest_lib.load(data_dir).feature_dim == 0
 
 
 def test_pretrained_without_features_is_a_clear_error(tiny_records, tmp_path):
