@@ -1,0 +1,220 @@
+"""Mutation testing of the modules where a silent bug costs most.
+
+  python -m tests.mutation.run                # every target, then the report
+  python -m tests.mutation.run splits metrics # some targets
+  python -m tests.mutation.run --report       # only rewrite the report
+
+Each target is one module and the tests that guard it (`TARGETS`). Cosmic
+Ray (requirements-dev.txt) writes each mutant into the module in turn and
+runs those tests: a mutant the tests fail on is killed, one they pass is a
+survivor. A survivor is either a test still to write or an equivalent mutant
+(the program behaves the same, e.g. `x * 1` -> `x / 1`), listed with its
+reason in `equivalent.toml`. Sessions are kept under `.mutation/` (not
+committed), so a run that stops resumes where it was; a session whose module
+or tests changed since it began is started again.
+
+The report, docs/mutation.md, gives each target's score (killed over the
+mutants that are not equivalent) and every survivor with its diff.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import tomllib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+SESSIONS = os.path.join(ROOT, '.mutation')
+REPORT = os.path.join(ROOT, 'docs', 'mutation.md')
+EQUIVALENT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          'equivalent.toml')
+# Operators whose mutants are not bugs anyone writes (`a + b` -> `a << b`)
+# and that multiply the count without finding weak tests: the arithmetic
+# swaps kept are + -, * /, and every comparison, constant, boolean, unary
+# sign, exception and decorator mutation.
+EXCLUDED_OPERATORS = (
+    r'core/ReplaceBinaryOperator_\w+_(BitAnd|BitOr|BitXor|LShift|RShift|'
+    r'Pow|Mod|FloorDiv)$',
+    r'core/ReplaceBinaryOperator_(BitAnd|BitOr|BitXor|LShift|RShift|Pow|'
+    r'Mod|FloorDiv)_\w+$',
+    r'core/ReplaceBinaryOperator_(Add_Mul|Add_Div|Sub_Mul|Sub_Div|Mul_Add|'
+    r'Mul_Sub|Div_Add|Div_Sub)$',
+    r'core/ReplaceComparisonOperator_\w+_(Is|IsNot)$',
+    r'core/ReplaceUnaryOperator_\w+_(Invert|Not)$',
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A module under mutation and the tests that must catch its mutants."""
+  name: str
+  module: str
+  tests: tuple[str, ...]
+  timeout_s: float = 300.0
+
+
+TARGETS = (
+    Target('splits', 'mardjax/data/splits.py', ('tests/splits_test.py',)),
+    Target('metrics', 'mardjax/evaluation/metrics.py',
+           ('tests/metrics_test.py',)),
+    Target('descriptors', 'mardjax/data/descriptors.py',
+           ('tests/descriptors_test.py',)),
+    Target('losses', 'mardjax/train/losses.py', ('tests/losses_test.py',),
+           timeout_s=600.0),
+    Target('ingest', 'mardjax/data/ingest.py', ('tests/preprocess_test.py',),
+           timeout_s=600.0),
+    Target('checkpoints', 'mardjax/train/checkpoints.py',
+           ('tests/checkpoints_test.py',), timeout_s=600.0),
+    Target('batches', 'mardjax/train/index_batches.py',
+           ('tests/input_pipeline_test.py', 'tests/train_step_test.py'),
+           timeout_s=600.0),
+)
+
+
+def _fingerprint(target: Target) -> str:
+  h = hashlib.sha256()
+  for path in (target.module,) + target.tests:
+    with open(os.path.join(ROOT, path), 'rb') as f:
+      h.update(f.read())
+  return h.hexdigest()[:16]
+
+
+def _config(target: Target) -> str:
+  tests = ' '.join(target.tests)
+  # One process, stop at the first failure: a killed mutant costs one
+  # failing test, and nothing else runs beside the mutated module.
+  command = (f'{sys.executable} -m pytest -x -q -n 0 -p no:cacheprovider '
+             f'-p no:randomly {tests}')
+  excluded = ', '.join(json.dumps(e) for e in EXCLUDED_OPERATORS)
+  return (f'[cosmic-ray]\nmodule-path = "{target.module}"\n'
+          f'timeout = {target.timeout_s}\nexcluded-modules = []\n'
+          f'test-command = "{command}"\n\n'
+          '[cosmic-ray.distributor]\nname = "local"\n\n'
+          '[cosmic-ray.filters.operators-filter]\n'
+          f'exclude-operators = [{excluded}]\n')
+
+
+def _cosmic(*args: str) -> None:
+  subprocess.run([os.path.join(os.path.dirname(sys.executable), args[0]),
+                  *args[1:]], cwd=ROOT, check=True)
+
+
+def run_target(target: Target) -> None:
+  """Runs (or resumes) the target's session."""
+  os.makedirs(SESSIONS, exist_ok=True)
+  config = os.path.join(SESSIONS, f'{target.name}.toml')
+  db = os.path.join(SESSIONS, f'{target.name}.sqlite')
+  stamp = os.path.join(SESSIONS, f'{target.name}.fingerprint')
+  fingerprint = _fingerprint(target)
+  old = open(stamp).read() if os.path.exists(stamp) else None
+  if old != fingerprint or not os.path.exists(db):
+    for path in (db, stamp):
+      if os.path.exists(path):
+        os.remove(path)
+    with open(config, 'w') as f:
+      f.write(_config(target))
+    _cosmic('cosmic-ray', 'init', config, db)
+    _cosmic('cr-filter-operators', db, config)
+    _cosmic('cr-filter-pragma', db)
+    with open(stamp, 'w') as f:
+      f.write(fingerprint)
+  print(f'[mutation] {target.name}: {target.module} against '
+        f'{", ".join(target.tests)}', flush=True)
+  _cosmic('cosmic-ray', 'exec', config, db)
+
+
+def _equivalent() -> dict[str, dict[tuple[str, int, int], str]]:
+  """target -> (operator, line, occurrence) -> why it is equivalent."""
+  if not os.path.exists(EQUIVALENT):
+    return {}
+  with open(EQUIVALENT, 'rb') as f:
+    table = tomllib.load(f)
+  return {name: {(e['operator'], e['line'], e.get('occurrence', 0)):
+                 e['why'] for e in entries}
+          for name, entries in table.items()}
+
+
+def _outcomes(db: str) -> list[dict]:
+  """Every mutant of a session: operator, line, occurrence, outcome, diff."""
+  con = sqlite3.connect(db)
+  rows = con.execute(
+      'SELECT s.operator_name, s.start_pos_row, s.occurrence, '
+      'r.test_outcome, r.diff, r.worker_outcome FROM mutation_specs s '
+      'LEFT JOIN work_results r ON s.job_id = r.job_id').fetchall()
+  con.close()
+  return [dict(operator=o, line=line, occurrence=occ, outcome=out,
+               diff=diff or '', worker=worker)
+          for o, line, occ, out, diff, worker in rows]
+
+
+def write_report() -> str:
+  """docs/mutation.md from every session present; returns its text."""
+  equivalent = _equivalent()
+  lines = ['# Mutation testing', '',
+           'Generated by `python -m tests.mutation.run` (see '
+           '[tests.md](tests.md#mutation-testing)); do not edit.', '',
+           '| module | tests | mutants | killed | equivalent | survived | '
+           'not run | score |', '|---|---|---:|---:|---:|---:|---:|---:|']
+  details = []
+  for target in TARGETS:
+    db = os.path.join(SESSIONS, f'{target.name}.sqlite')
+    if not os.path.exists(db):
+      continue
+    eq = equivalent.get(target.name, {})
+    rows = [r for r in _outcomes(db) if r['worker'] != 'SKIPPED']
+    done = [r for r in rows if r['outcome'] is not None]
+    # An incompetent mutant (one that cannot even import) is caught too.
+    killed = [r for r in done if r['outcome'] in ('KILLED', 'INCOMPETENT')]
+    same = [r for r in done if r['outcome'] == 'SURVIVED' and (
+        r['operator'], r['line'], r['occurrence']) in eq]
+    survived = [r for r in done if r['outcome'] == 'SURVIVED' and r not in
+                same]
+    scored = len(done) - len(same)
+    score = f'{100 * len(killed) / scored:.1f}%' if scored else '-'
+    lines.append(f'| `{target.module}` | {", ".join(target.tests)} | '
+                 f'{len(rows)} | {len(killed)} | {len(same)} | '
+                 f'{len(survived)} | {len(rows) - len(done)} | {score} |')
+    for title, group in (('survived', survived), ('equivalent', same)):
+      if not group:
+        continue
+      details += ['', f'## {target.name}: {title}', '']
+      for r in sorted(group, key=lambda r: (r['line'], r['operator'])):
+        key = (r['operator'], r['line'], r['occurrence'])
+        why = f' — {eq[key]}' if key in eq else ''
+        details.append(f'* line {r["line"]}, `{r["operator"]}` '
+                       f'(occurrence {r["occurrence"]}){why}')
+        diff = [d for d in r['diff'].splitlines()
+                if re.match(r'[-+][^-+]', d)]
+        if diff:
+          details += ['  ```diff'] + [f'  {d}' for d in diff] + ['  ```']
+  text = '\n'.join(lines + details) + '\n'
+  with open(REPORT, 'w') as f:
+    f.write(text)
+  return text
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('targets', nargs='*',
+                      help=f'of {[t.name for t in TARGETS]} (default: all)')
+  parser.add_argument('--report', action='store_true',
+                      help='only rewrite docs/mutation.md')
+  args = parser.parse_args(argv)
+  names = {t.name: t for t in TARGETS}
+  unknown = sorted(set(args.targets) - set(names))
+  if unknown:
+    parser.error(f'unknown targets {unknown}; choose from {sorted(names)}')
+  if not args.report:
+    for name in args.targets or names:
+      run_target(names[name])
+  print(write_report().split('\n\n## ')[0])
+
+
+if __name__ == '__main__':
+  main()
