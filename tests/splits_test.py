@@ -28,3 +28,16 @@ def test_review_split_is_nested_in_album_split():
             splits.DEV for i in range(5000))
   assert 400 < dev < 600
   assert splits.review_split('B1/A1', splits.TRAIN, 0.0, 's') == splits.TRAIN
+
+
+def test_fractions_are_half_open(monkeypatch):
+  # [0, fraction): a fraction of 0 holds nothing out, even an id whose hash
+  # is exactly 0, and an id hashed exactly at the fraction stays in train.
+  for value, fraction in ((0.0, 0.0), (0.25, 0.25)):
+    monkeypatch.setattr(splits, 'hash_unit', lambda *_, v=value: v)
+    assert splits.album_split('B1', fraction, 's') == splits.TRAIN
+    assert splits.review_split('r1', splits.TRAIN, fraction, 's') == \
+        splits.TRAIN
+  monkeypatch.setattr(splits, 'hash_unit', lambda *_: 0.2499)
+  assert splits.album_split('B1', 0.25, 's') == splits.TEST
+  assert splits.review_split('r1', splits.TRAIN, 0.25, 's') == splits.DEV

@@ -9,7 +9,7 @@ Ray (requirements-dev.txt) writes each mutant into the module in turn and
 runs those tests: a mutant the tests fail on is killed, one they pass is a
 survivor. A survivor is either a test still to write or an equivalent mutant
 (the program behaves the same, e.g. `x * 1` -> `x / 1`), listed with its
-reason in `equivalent.toml`. Sessions are kept under `.mutation/` (not
+reason in `equivalent.toml` (by operator and the original line of code). Sessions are kept under `.mutation/` (not
 committed), so a run that stops resumes where it was; a session whose module
 or tests changed since it began is started again.
 
@@ -129,15 +129,21 @@ def run_target(target: Target) -> None:
   _cosmic('cosmic-ray', 'exec', config, db)
 
 
-def _equivalent() -> dict[str, dict[tuple[str, int, int], str]]:
-  """target -> (operator, line, occurrence) -> why it is equivalent."""
+def _equivalent() -> dict[str, dict[tuple[str, str], str]]:
+  """target -> (operator, the original line, stripped) -> why the mutant is
+  equivalent. Keyed by the code, not its line number, so entries survive
+  edits elsewhere in the module."""
   if not os.path.exists(EQUIVALENT):
     return {}
   with open(EQUIVALENT, 'rb') as f:
     table = tomllib.load(f)
-  return {name: {(e['operator'], e['line'], e.get('occurrence', 0)):
-                 e['why'] for e in entries}
-          for name, entries in table.items()}
+  return {name: {(e['operator'], e['code'].strip()): e['why']
+                 for e in entries} for name, entries in table.items()}
+
+
+def _original_line(diff: str) -> str:
+  removed = [d[1:] for d in diff.splitlines() if re.match(r'-[^-]', d)]
+  return removed[0].strip() if removed else ''
 
 
 def _outcomes(db: str) -> list[dict]:
@@ -172,7 +178,7 @@ def write_report() -> str:
     # An incompetent mutant (one that cannot even import) is caught too.
     killed = [r for r in done if r['outcome'] in ('KILLED', 'INCOMPETENT')]
     same = [r for r in done if r['outcome'] == 'SURVIVED' and (
-        r['operator'], r['line'], r['occurrence']) in eq]
+        r['operator'], _original_line(r['diff'])) in eq]
     survived = [r for r in done if r['outcome'] == 'SURVIVED' and r not in
                 same]
     scored = len(done) - len(same)
@@ -185,7 +191,7 @@ def write_report() -> str:
         continue
       details += ['', f'## {target.name}: {title}', '']
       for r in sorted(group, key=lambda r: (r['line'], r['operator'])):
-        key = (r['operator'], r['line'], r['occurrence'])
+        key = (r['operator'], _original_line(r['diff']))
         why = f' — {eq[key]}' if key in eq else ''
         details.append(f'* line {r["line"]}, `{r["operator"]}` '
                        f'(occurrence {r["occurrence"]}){why}')
