@@ -135,19 +135,27 @@ class BodyLimit:
     if declared is not None and declared.isdigit() and int(declared) > limit:
       return await _refuse(send, limit)
     received = 0
-    started = False
+    started = exceeded = False
 
     async def limited_receive():
-      nonlocal received
+      nonlocal received, exceeded
       message = await receive()
       if message['type'] == 'http.request':
         received += len(message.get('body', b''))
         if received > limit:
+          exceeded = True
           raise _TooLarge()
       return message
 
     async def watched_send(message):
       nonlocal started
+      if exceeded:
+        # The app caught the stop (FastAPI answers a body it could not read
+        # with a 400): the client is owed the 413, once, instead.
+        if not started and message['type'] == 'http.response.start':
+          started = True
+          await _refuse(send, limit)
+        return
       started = started or message['type'] == 'http.response.start'
       await send(message)
 
