@@ -101,6 +101,8 @@ def main(argv):
     with open(os.path.join(workdir, f'{FLAGS.mode}.json'), 'w') as f:
       f.write(line + '\n')
   print(line, flush=True)
+  if result.get('exit_status'):  # Output written, but not as promised.
+    sys.exit(result['exit_status'])
 
 
 if __name__ == '__main__':

@@ -47,6 +47,10 @@ def get_config():
   config.data.examples_per_shard = 20000  # Review records per TFRecord file.
   config.data.albums_per_shard = 5000  # Album records per TFRecord file.
   config.data.num_workers = 2  # Processes parsing descriptor documents.
+  # Preprocessing whose input and output counts disagree (records lost
+  # without a counted reason) exits non-zero and is not trained on; True
+  # accepts it with the warning.
+  config.data.accept_unreconciled = False
 
   # --- Synthetic corpus (mode=synth, and the default data) -----------------
   config.data.synth_preset = 'small'  # 'tiny' (tests), 'small', 'full' (MARD size).

@@ -40,11 +40,38 @@ def run_synth(config, workdir: str, opts: Options = Options()
   return stages.synthesize(config, workdir, opts.show_progress)
 
 
+# launch.py's exit status for a run whose output is written but whose input
+# and output counts disagree (0 when data.accept_unreconciled is set).
+UNRECONCILED_EXIT = 3
+
+
+def unreconciled(report: dict[str, Any]) -> list[str]:
+  """The kinds of record (albums, reviews, ...) whose input count is not
+  their output plus their counted skips, in a preprocessing report."""
+  return sorted(k for k, ok in report.get('reconcile', {}).items() if not ok)
+
+
+def _reconciled(config, report: dict[str, Any]) -> dict[str, Any]:
+  """`report` with a warning and an exit status when it does not reconcile:
+  records lost without a count are a bug to report, not data to train on
+  unknowingly."""
+  bad = unreconciled(report)
+  if not bad:
+    return report
+  warning = (f'input and output counts do not reconcile for {", ".join(bad)}'
+             ': records were lost without being counted as skipped (see '
+             '"input", "skipped" and "reconcile" above)')
+  accepted = bool(config.data.accept_unreconciled)
+  return dict(report, warnings=list(report.get('warnings', ())) + [warning],
+              exit_status=0 if accepted else UNRECONCILED_EXIT)
+
+
 def run_preprocess(config, workdir: str, opts: Options = Options()
                    ) -> dict[str, Any]:
   """Raw MARD -> TFRecords; the synthetic corpus when none is given
   (`stages.preprocess`)."""
-  return stages.preprocess(config, workdir, opts.force, opts.show_progress)
+  return _reconciled(config, stages.preprocess(config, workdir, opts.force,
+                                               opts.show_progress))
 
 
 def run_train(config, workdir: str, opts: Options = Options()
@@ -57,7 +84,14 @@ def run_train(config, workdir: str, opts: Options = Options()
   plan = plan_lib.resolve(config)
   logging.info('Plan: %s', plan.describe())  # The run's first line.
   if jax.process_index() == 0:  # One process writes the data; all read it.
-    stages.preprocess(config, workdir, opts.force, opts.show_progress)
+    report = stages.preprocess(config, workdir, opts.force,
+                               opts.show_progress)
+    if unreconciled(report) and not config.data.accept_unreconciled:
+      raise UserError(
+          f'the records do not reconcile with their input for '
+          f'{", ".join(unreconciled(report))} (--mode=preprocess shows the '
+          'counts); set --config.data.accept_unreconciled=True to train '
+          'on them anyway')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('mardjax: data ready')
   records = manifest_lib.data_dir_of(config, workdir)

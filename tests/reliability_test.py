@@ -226,6 +226,51 @@ def test_loss_weights_must_be_finite_and_not_all_zero():
       config_check.validate_common(config)
 
 
+# 6b. Records lost without a count are not trained on unknowingly.
+
+def _unreconciled_report(*_, **__):
+  return {'reviews': {'train': 9}, 'reconcile': {'albums': True,
+                                                 'reviews': False}}
+
+
+def test_a_preprocessing_that_does_not_reconcile_warns_and_fails(
+    monkeypatch, tmp_path):
+  monkeypatch.setattr(stages, 'preprocess', _unreconciled_report)
+  config = _config()
+  result = modes.run_mode('preprocess', config, str(tmp_path),
+                          show_progress=False)
+  assert result['exit_status'] == modes.UNRECONCILED_EXIT
+  assert 'do not reconcile for reviews' in result['warnings'][-1]
+  with pytest.raises(UserError, match=r'do not reconcile with their input for '
+                     r'reviews .* --config.data.accept_unreconciled=True'):
+    modes.run_mode('train', config, str(tmp_path), show_progress=False)
+  config.data.accept_unreconciled = True
+  result = modes.run_mode('preprocess', config, str(tmp_path),
+                          show_progress=False)
+  assert result['exit_status'] == 0 and len(result['warnings']) == 1
+  monkeypatch.setattr(stages, 'preprocess', lambda *_, **__: {
+      'reconcile': {'albums': True, 'reviews': True}})
+  assert 'exit_status' not in modes.run_mode(
+      'preprocess', _config(), str(tmp_path), show_progress=False)
+
+
+def test_launch_exits_non_zero_after_printing_an_unreconciled_result(
+    tmp_path):
+  code = ('import sys\n'
+          'from absl import app\n'
+          'import launch\n'
+          'from mardjax import modes\n'
+          'modes.MODES["preprocess"] = lambda *a: {"exit_status": 3, '
+          '"warnings": ["w"]}\n'
+          f'sys.argv = ["launch.py", "--mode=preprocess", "--workdir={tmp_path}"'
+          ', "--config=configs/test.py"]\n'
+          'app.run(launch.main, flags_parser=launch.parse_flags)\n')
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert out.returncode == 3, out.stderr[-2000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1])['warnings'] == ['w']
+
+
 # 7. The original MARD release: one AcousticBrainz document per album.
 
 @pytest.mark.slow
