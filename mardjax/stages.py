@@ -58,12 +58,12 @@ def synthesize(config: ml_collections.ConfigDict, workdir: str,
     raise UserError(f'config.data.synth_*: {e}') from None
   out = mard_dir(config, workdir)
   real = os.path.join(out, mard_io.METADATA_FILE)
-  marker = os.path.join(out, synth.DONE_MARKER)
-  if os.path.exists(real) and not os.path.exists(marker):
+  ours = [os.path.join(out, m) for m in (synth.DONE_MARKER,
+                                         synth.STARTED_MARKER)]
+  if os.path.lexists(real) and not any(map(os.path.exists, ours)):
     # Never overwrite a directory that holds data we did not generate.
     raise UserError(f'{out!r} holds a MARD corpus that mardjax did not '
                     'generate; refusing to overwrite it with synthetic data.')
-  os.makedirs(out, exist_ok=True)
   return synth.generate(out, sizes, seed=config.data.synth_seed,
                         num_workers=config.data.num_workers,
                         show_progress=show_progress)
