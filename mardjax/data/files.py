@@ -128,13 +128,13 @@ def check(path: str, root: str | None = None,
       if e.errno == errno.ENOENT:
         raise Skip(DANGLING_LINK) from None
       raise Skip(UNREADABLE, e.strerror or str(e)) from None
-    if root is not None and not follow_outside_links and not _inside(
-        path, root):
-      raise Skip(OUTSIDE_LINK, os.path.realpath(path))
   else:
     st = lst
-  if not stat.S_ISREG(st.st_mode):
+  if not stat.S_ISREG(st.st_mode):  # Even where links may leave the folder.
     raise Skip(_kind(st.st_mode))
+  if st is not lst and root is not None and not follow_outside_links and (
+      not _inside(path, root)):
+    raise Skip(OUTSIDE_LINK, os.path.realpath(path))
   return st
 
 
