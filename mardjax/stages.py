@@ -146,22 +146,7 @@ def adopt_run_config(config: ml_collections.ConfigDict, workdir: str,
 
 def check_writable_dirs(paths: list[str]) -> None:
   """Fails with one line naming the path when one of `paths` is a file, or
-  cannot be created or written: before any work, not at the first save."""
-  for path in paths:
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-      raise UserError(f'{path} is a file, and a directory is needed there: '
-                      'move it away or choose another --workdir.')
-    existing = path
-    while not os.path.exists(existing):
-      existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-      raise UserError(f'{existing} is a file, so {path} cannot be created.')
-    try:  # A real write: permissions, read-only disks, even as root.
-      probe = os.path.join(existing, f'.mardjax-write-probe-{os.getpid()}')
-      with open(probe, 'w'):
-        pass
-      os.remove(probe)
-    except OSError as e:
-      raise UserError(f'{existing} is not writable ({e.strerror}): '
-                      f'{path} is needed for this run.') from None
+  cannot be created or written: before any work, not at the first save
+  (`files.check_writable_dirs`)."""
+  from mardjax.data import files  # pylint: disable=g-import-not-at-top
+  files.check_writable_dirs(paths)

@@ -171,7 +171,7 @@ class _FullDisk:
     self.error = error or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   def __call__(self, path, mode='r', *args, **kwargs):
-    f = open(path, mode, *args, **kwargs)  # pylint: disable=unspecified-encoding
+    f = open(path, mode, *args, **kwargs)  # pylint: disable=W1514
     if not any(c in mode for c in 'wax+'):
       return f
     return _Filling(f, self)

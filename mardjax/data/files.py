@@ -234,7 +234,31 @@ def max_bytes(megabytes: float) -> int | None:
   return int(megabytes * _MB) if megabytes and megabytes > 0 else None
 
 
-# --- Writing -------------------------------------------------------------------
+# --- Writing ----------------------------------------------------------------
+
+
+def check_writable_dirs(paths: list[str]) -> None:
+  """Fails with one line naming the path when one of `paths` is a file, or
+  cannot be created or written: before any work, not at the first save."""
+  for path in paths:
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise UserError(f'{path} is a file, and a directory is needed there: '
+                      'move it away or choose another place (--workdir, '
+                      '--output_dir).')
+    existing = path
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise UserError(f'{existing} is a file, so {path} cannot be created.')
+    try:  # A real write: permissions, read-only disks, even as root.
+      probe = os.path.join(existing, f'.mardjax-write-probe-{os.getpid()}')
+      with open(probe, 'w'):
+        pass
+      os.remove(probe)
+    except OSError as e:
+      raise UserError(f'{existing} is not writable ({e.strerror}): '
+                      f'{path} is needed for this run.') from None
 
 
 def disk_error(e: BaseException, path: str) -> UserError | None:
@@ -273,7 +297,7 @@ def fresh_tmp(out_dir: str) -> str:
     os.makedirs(parent, exist_ok=True)
     for leftover in os.listdir(parent):
       if leftover.startswith((f'.{base}.tmp-', f'.{base}.old-')):
-        shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
+        _remove(os.path.join(parent, leftover))
     tmp = os.path.join(parent, f'.{base}.tmp-{os.getpid()}')
     os.makedirs(tmp)
   return tmp
@@ -289,7 +313,15 @@ def swap_in(tmp: str, out_dir: str) -> None:
     if os.path.lexists(out_dir):
       os.rename(out_dir, old)
     os.rename(tmp, out_dir)
-  shutil.rmtree(old, ignore_errors=True)
+  _remove(old)
+
+
+def _remove(path: str) -> None:
+  """Removes a folder, or the link that stood for one."""
+  if os.path.islink(path):
+    os.remove(path)
+  else:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def file_digest(path: str) -> dict[str, int | str]:

@@ -11,7 +11,9 @@
 Lines are JSON; some MARD-derived files hold Python dict literals, which are
 parsed with `ast.literal_eval` and counted. Every record that cannot be used is
 counted under a reason in a `collections.Counter`, so callers can reconcile
-input against output.
+input against output. Files are opened through `mardjax.data.files`: only
+regular files, links kept inside their folder unless a `files.Policy` says
+otherwise, documents and lines no larger than its cap.
 """
 
 import ast

@@ -11,11 +11,12 @@ The stages of `preprocess_corpus`, each a function of its own:
      (`_count_reviews`);
   5. vocabulary and feature statistics, fitted on the training split only
      (`_descriptor_moments`);
-  6. into a fresh temporary directory (`_fresh_tmp`): pass 2 over reviews,
-     tokenized and written (`_write_reviews`); albums with their tracks
-     (`_write_albums`); the report with its reconciliation (`_report`);
+  6. into a fresh temporary directory (`files.fresh_tmp`): pass 2 over
+     reviews, tokenized and written (`_write_reviews`); albums with their
+     tracks (`_write_albums`); the report with its reconciliation
+     (`_report`);
   7. manifest.json last, then the directory swapped in atomically
-     (`_swap_in`).
+     (`files.swap_in`); a full disk is one line and leaves no output.
 
 Memory stays bounded: reviews are streamed twice rather than held; what is
 held is one float32 vector per track (~0.5 GB at MARD's 343,882 tracks), the
@@ -314,6 +315,40 @@ def _report(corpus: ingest.Corpus, out_dir: str, mard_dir: str,
   return report
 
 
+def _manifest(data, specs, sources: ingest.Sources, fingerprint: str, vocab,
+              vocab_sha: str, encoder, moments: desc_lib.RunningMoments,
+              corpus: ingest.Corpus, report: dict[str, Any],
+              files: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
+  """manifest.json's content (`manifest_lib.Manifest` reads it)."""
+  return {
+      'schema_version': manifest_lib.SCHEMA_VERSION,
+      'source': {'mard_dir': os.path.abspath(sources.mard_dir),
+                 'descriptor_dirs': [os.path.abspath(d)
+                                     for d in sources.dirs],
+                 'fingerprint': fingerprint},
+      'config': {k: data[k] for k in _DATA_FIELDS},
+      'files': files,
+      'albums_file': manifest_lib.ALBUMS_FILE,
+      'vocab': {'file': manifest_lib.VOCAB_FILE, 'size': len(vocab),
+                'sha256': vocab_sha,
+                'pad_id': text_lib.PAD_ID, 'unk_id': text_lib.UNK_ID,
+                'max_len': data.max_len},
+      'text_features': encoder.info if encoder else None,
+      'descriptors': {'list': [str(s) for s in specs],
+                      'dim': desc_lib.dim(specs),
+                      'names_file': manifest_lib.FEATURES_FILE,
+                      'transform': data.transform,
+                      'mean': moments.mean.tolist(),
+                      'std': moments.std().tolist(),
+                      'fitted_on_tracks': moments.count,
+                      'extractor_versions': dict(corpus.extractors)},
+      'counts': {'albums': report['albums'],
+                 'albums_by_split': report['albums_by_split'],
+                 'reviews': report['reviews'], 'tracks': report['tracks']},
+      'report': report,
+  }
+
+
 def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
                       out_dir: str, force: bool = False,
                       show_progress: bool = True) -> dict[str, Any]:
@@ -368,32 +403,9 @@ def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
                                                 pass1.reviews_per_album)
     report = _report(corpus, out_dir, mard_dir, pass1, len(vocab), dim,
                      truncated, tracks_written)
-    manifest = {
-        'schema_version': manifest_lib.SCHEMA_VERSION,
-        'source': {'mard_dir': os.path.abspath(mard_dir),
-                   'descriptor_dirs': [os.path.abspath(d)
-                                       for d in sources.dirs],
-                   'fingerprint': fingerprint},
-        'config': {k: data[k] for k in _DATA_FIELDS},
-        'files': {'reviews': review_files, 'albums': album_files},
-        'albums_file': manifest_lib.ALBUMS_FILE,
-        'vocab': {'file': manifest_lib.VOCAB_FILE, 'size': len(vocab),
-                  'sha256': vocab_sha,
-                  'pad_id': text_lib.PAD_ID, 'unk_id': text_lib.UNK_ID,
-                  'max_len': data.max_len},
-        'text_features': encoder.info if encoder else None,
-        'descriptors': {'list': [str(s) for s in specs], 'dim': dim,
-                        'names_file': manifest_lib.FEATURES_FILE,
-                        'transform': data.transform,
-                        'mean': moments.mean.tolist(),
-                        'std': moments.std().tolist(),
-                        'fitted_on_tracks': moments.count,
-                        'extractor_versions': dict(corpus.extractors)},
-        'counts': {'albums': report['albums'],
-                   'albums_by_split': report['albums_by_split'],
-                   'reviews': report['reviews'], 'tracks': tracks_written},
-        'report': report,
-    }
+    manifest = _manifest(data, specs, sources, fingerprint, vocab, vocab_sha,
+                         encoder, moments, corpus, report,
+                         {'reviews': review_files, 'albums': album_files})
     # Each file's size and hash: a reader refuses files of other writes.
     manifest['written'] = files_lib.digests(tmp, os.listdir(tmp))
     with open(os.path.join(tmp, manifest_lib.FILE), 'w') as f:  # 7: last.

@@ -18,7 +18,15 @@ several. The audio branch embeds them all.
   *.hnsw.faiss   with config.export.index='hnsw'
 
 Files that cannot be read are skipped, counted, and listed with the reason
-in embed.json; other files in the folder are counted as ignored.
+in embed.json; other files in the folder are counted as ignored. Only
+regular files are read (`mardjax.data.files`): FIFOs, devices, link loops,
+dangling links, links leaving the folder (unless
+`config.embed.follow_outside_links`) and files over
+`config.embed.max_document_mb` are listed under those reasons, never opened.
+The output is written into a hidden folder beside `--output_dir` and swapped
+in whole; embed.json's `written` holds each file's size and sha256, and
+`load` refuses files of another write. An output path that is a file, or a
+folder of other files, is refused before any work.
 """
 
 import collections
@@ -208,8 +216,7 @@ def _check_output_dir(output_dir: str) -> None:
   """One line before any work when the output cannot go to `output_dir`:
   a file there, an unwritable parent, or a folder of other files (which
   the swap that replaces the output would remove)."""
-  from mardjax import stages  # pylint: disable=g-import-not-at-top
-  stages.check_writable_dirs([output_dir])
+  files_lib.check_writable_dirs([output_dir])
   if os.path.isdir(output_dir) and os.listdir(output_dir) and (
       not os.path.exists(os.path.join(output_dir, 'embed.json'))):
     raise UserError(f'--output_dir={output_dir} holds other files and no '

@@ -15,7 +15,10 @@ newest rolling checkpoint when no best was kept):
                    bank, for catalogues too large for exact search
 
 Rows of each .npy match the lines of its .jsonl. `load` gives each bank a
-search index (`search_index`): exact top-k by default.
+search index (`search_index`): exact top-k by default. The folder is written
+under a hidden name beside it and swapped in whole (a full disk is one line
+and leaves the old export); export.json's `written` holds each file's size
+and sha256, and `load` refuses a folder mixing files of two exports.
 """
 
 import collections
@@ -57,8 +60,7 @@ def _review_texts(mard_dir: str, wanted: set[str],
 def export_space(config: ml_collections.ConfigDict, workdir: str,
                  data_dir: str, mard_dir: str) -> dict[str, Any]:
   """Restores the workdir's serving checkpoint and writes its export."""
-  from mardjax import stages  # pylint: disable=g-import-not-at-top
-  stages.check_writable_dirs([os.path.join(workdir, EXPORT_DIR)])
+  files_lib.check_writable_dirs([os.path.join(workdir, EXPORT_DIR)])
   manifest = manifest_lib.load(data_dir)
   trained = checkpoints.load_for_inference(config, workdir, manifest)
   return write(config, workdir, mard_dir, trained)
