@@ -337,3 +337,29 @@ def test_an_export_of_two_writes_is_refused(trained_room, tmp_path):
   with pytest.raises(UserError, match='different writes') as e:
     export.load(str(mixed))
   _one_line(e.value, 'albums.npy')
+
+
+def test_long_lines_are_counted_and_outside_links_followed_on_request(
+    tiny_corpus, tmp_path):
+  config = test_config.get_config()
+  config.data.max_document_mb = 1
+  with open(os.path.join(tiny_corpus, mard_io.REVIEWS_FILE), 'ab') as f:
+    f.write(b'{"reviewText": "' + b'a' * (2 << 20) + b'"}\n')
+  # A real document of a known track, kept outside the MARD folder.
+  first = os.path.join(tiny_corpus, mard_io.ORIGINAL_DESCRIPTOR_DIR)
+  name = sorted(os.listdir(first))[0]
+  shutil.move(os.path.join(first, name), tmp_path / name)
+  os.symlink(tmp_path / name, os.path.join(first, name))
+  report = preprocess.preprocess_corpus(config, tiny_corpus,
+                                        str(tmp_path / 'a'),
+                                        show_progress=False)
+  assert report['skipped']['reviews'] == {'too_large': 1}
+  assert report['skipped']['descriptor_files'] == {'link_outside_folder': 1}
+  assert all(report['reconcile'].values()), report['reconcile']
+  config.data.follow_outside_links = True
+  report = preprocess.preprocess_corpus(config, tiny_corpus,
+                                        str(tmp_path / 'b'),
+                                        show_progress=False)
+  assert 'descriptor_files' not in report['skipped']
+  assert report['input']['descriptor_files_read'] == report['input'][
+      'descriptor_files']

@@ -305,10 +305,13 @@ def load(data: ml_collections.ConfigDict, mard_dir: str,
     else:
       counts['albums/no_descriptor'] += 1
   if not kept:
+    hint = (' Links leaving their directory are followed with '
+            'config.data.follow_outside_links=True.' if counts[
+                f'descriptor_files/{files_lib.OUTSIDE_LINK}'] else '')
     raise UserError(
         'No album has a usable descriptor document (searched '
         f'{sources.dirs}); {describe_skips(counts, "tracks")} '
-        f'{describe_skips(counts, "descriptor_files")}')
+        f'{describe_skips(counts, "descriptor_files")}{hint}')
   index_of = {k.album.amazon_id: i for i, k in enumerate(kept)}
   return Corpus(sources=sources, albums=kept, index_of=index_of,
                 dropped_albums={a.amazon_id for a in albums} - set(index_of),
