@@ -51,6 +51,10 @@ def get_config():
   # without a counted reason) exits non-zero and is not trained on; True
   # accepts it with the warning.
   config.data.accept_unreconciled = False
+  # Follow symlinks in the MARD folders whose targets lie outside them.
+  config.data.follow_outside_links = False
+  # Largest descriptor document or metadata/review line read, in MB (0: any).
+  config.data.max_document_mb = 64.0
 
   # --- Synthetic corpus (mode=synth, and the default data) -----------------
   config.data.synth_preset = 'small'  # 'tiny' (tests), 'small', 'full' (MARD size).
@@ -224,6 +228,10 @@ def get_config():
   config.embed = ml_collections.ConfigDict()
   # Processes running Essentia over a folder (0: one per CPU core).
   config.embed.workers = 0
+  # Follow symlinks in --input_dir whose targets lie outside it.
+  config.embed.follow_outside_links = False
+  # Largest recording or document read from --input_dir, in MB (0: any).
+  config.embed.max_document_mb = 512.0
 
   # --- Serving (--mode=serve) -----------------------------------------------
   config.serve = ml_collections.ConfigDict()

@@ -58,12 +58,12 @@ def synthesize(config: ml_collections.ConfigDict, workdir: str,
     raise UserError(f'config.data.synth_*: {e}') from None
   out = mard_dir(config, workdir)
   real = os.path.join(out, mard_io.METADATA_FILE)
-  marker = os.path.join(out, synth.DONE_MARKER)
-  if os.path.exists(real) and not os.path.exists(marker):
+  ours = [os.path.join(out, m) for m in (synth.DONE_MARKER,
+                                         synth.STARTED_MARKER)]
+  if os.path.lexists(real) and not any(map(os.path.exists, ours)):
     # Never overwrite a directory that holds data we did not generate.
     raise UserError(f'{out!r} holds a MARD corpus that mardjax did not '
                     'generate; refusing to overwrite it with synthetic data.')
-  os.makedirs(out, exist_ok=True)
   return synth.generate(out, sizes, seed=config.data.synth_seed,
                         num_workers=config.data.num_workers,
                         show_progress=show_progress)
@@ -146,22 +146,7 @@ def adopt_run_config(config: ml_collections.ConfigDict, workdir: str,
 
 def check_writable_dirs(paths: list[str]) -> None:
   """Fails with one line naming the path when one of `paths` is a file, or
-  cannot be created or written: before any work, not at the first save."""
-  for path in paths:
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-      raise UserError(f'{path} is a file, and a directory is needed there: '
-                      'move it away or choose another --workdir.')
-    existing = path
-    while not os.path.exists(existing):
-      existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-      raise UserError(f'{existing} is a file, so {path} cannot be created.')
-    try:  # A real write: permissions, read-only disks, even as root.
-      probe = os.path.join(existing, f'.mardjax-write-probe-{os.getpid()}')
-      with open(probe, 'w'):
-        pass
-      os.remove(probe)
-    except OSError as e:
-      raise UserError(f'{existing} is not writable ({e.strerror}): '
-                      f'{path} is needed for this run.') from None
+  cannot be created or written: before any work, not at the first save
+  (`files.check_writable_dirs`)."""
+  from mardjax.data import files  # pylint: disable=g-import-not-at-top
+  files.check_writable_dirs(paths)

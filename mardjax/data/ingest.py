@@ -20,6 +20,7 @@ Every record that cannot be used is counted in `Corpus.counts` under
 import collections
 import dataclasses
 import functools
+import math
 import os
 from typing import Iterator
 
@@ -27,11 +28,13 @@ import ml_collections
 import numpy as np
 
 from mardjax.data import descriptors as desc_lib
+from mardjax.data import files as files_lib
 from mardjax.data import mard_io
 from mardjax import progress
 from mardjax.data import splits as splits_lib
 from mardjax.data import text as text_lib
 from mardjax.errors import UserError
+from mardjax.errors import need
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,10 @@ class Sources:
   mard_dir: str
   dirs: list[str]  # Descriptor directories, in priority order.
   files: list[mard_io.DescriptorFile]
+  # What the listing did not read: `descriptor_files/<reason>` -> files.
+  skipped: collections.Counter = dataclasses.field(
+      default_factory=collections.Counter)
+  policy: files_lib.Policy = files_lib.Policy()
 
 
 @dataclasses.dataclass
@@ -83,7 +90,8 @@ class Corpus:
     review without a single word ("!!!") is skipped as `no_words`.
     """
     seen = set()
-    for review in mard_io.iter_reviews(self.sources.mard_dir, counts):
+    for review in mard_io.iter_reviews(self.sources.mard_dir, counts,
+                                       self.sources.policy):
       counts['input/review_lines'] += 1
       if review is None:
         continue
@@ -132,22 +140,48 @@ def descriptor_dirs(mard_dir: str, extra: str) -> list[str]:
   return [d for d in dirs if os.path.isdir(d)]
 
 
+def _check_required(path: str, mard_dir: str, policy: files_lib.Policy
+                    ) -> None:
+  """One line when a metadata or reviews file is missing or is not a
+  regular file (a FIFO would block, a device never end)."""
+  if not os.path.lexists(path):
+    raise UserError(f'No {os.path.basename(path)} in {mard_dir!r}: is this '
+                    'a MARD directory? (README: "Real MARD data")')
+  try:
+    files_lib.check(path, mard_dir, policy.follow_outside_links)
+  except files_lib.Skip as e:
+    hint = (': config.data.follow_outside_links=True reads it' if
+            e.reason == files_lib.OUTSIDE_LINK else '')
+    raise UserError(f'{path} is not a regular file ({e}){hint}.') from None
+
+
 def find_sources(data: ml_collections.ConfigDict, mard_dir: str) -> Sources:
-  """Checks the raw files exist and lists the descriptor files."""
+  """Checks the raw files exist and lists the descriptor files.
+
+  Raises:
+    UserError: no MARD directory, a metadata or reviews file that is missing
+      or not a regular file, a bad `data.max_document_mb`.
+  """
   if not os.path.isdir(mard_dir):
     raise UserError(f'MARD directory {mard_dir!r} does not exist.')
+  max_mb = data.get('max_document_mb', 0)
+  need(isinstance(max_mb, (int, float)) and max_mb >= 0 and
+       math.isfinite(max_mb), 'data.max_document_mb', max_mb,
+       'a size in MB, >= 0 (0: no cap)')
+  policy = files_lib.Policy.from_config(data)
   for name in (mard_io.METADATA_FILE, mard_io.REVIEWS_FILE):
-    if not os.path.isfile(os.path.join(mard_dir, name)):
-      raise UserError(f'No {name} in {mard_dir!r}: is this a MARD directory? '
-                      '(README: "Real MARD data")')
+    _check_required(os.path.join(mard_dir, name), mard_dir, policy)
   dirs = descriptor_dirs(mard_dir, data.extra_descriptor_dirs)
-  return Sources(mard_dir, dirs, mard_io.list_descriptor_files(dirs))
+  skipped = collections.Counter()
+  found = mard_io.list_descriptor_files(dirs, skipped, policy)
+  return Sources(mard_dir, dirs, found, skipped, policy)
 
 
 def _parse_descriptor_file(file: mard_io.DescriptorFile,
-                           specs: tuple[desc_lib.DescriptorSpec, ...]):
+                           specs: tuple[desc_lib.DescriptorSpec, ...],
+                           max_bytes: int | None = None):
   """Worker: one file -> [(file, mbid, offset, vector | reason, extractor)]."""
-  docs, counts = mard_io.documents_in_file(file)
+  docs, counts = mard_io.documents_in_file(file, max_bytes)
   out = []
   for mbid, offset, doc in docs:
     try:
@@ -166,7 +200,7 @@ class _AlbumAudio:
 def _collect_tracks(albums: list[mard_io.Album],
                     files: list[mard_io.DescriptorFile],
                     specs, num_workers: int, counts: collections.Counter,
-                    show_progress: bool):
+                    show_progress: bool, max_bytes: int | None = None):
   """Parses every descriptor file and ties its documents to albums.
 
   Returns:
@@ -181,7 +215,8 @@ def _collect_tracks(albums: list[mard_io.Album],
   audio = [_AlbumAudio({}) for _ in albums]
   extractors = collections.Counter()
   bar = progress.bar(len(files), 'descriptor files', 'file', show_progress)
-  parse = functools.partial(_parse_descriptor_file, specs=specs)
+  parse = functools.partial(_parse_descriptor_file, specs=specs,
+                            max_bytes=max_bytes)
   with progress.pool_map(num_workers, chunksize=64) as pmap:
     for file, docs, file_counts in pmap(parse, files):
       bar.update(1)
@@ -236,7 +271,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'descriptors': 'paper', 'extra_descriptor_dirs': '',
       'dev_fraction': 0.1, 'test_album_fraction': 0.1,
-      'split_salt': 'mardjax-split-v1', 'num_workers': 2})
+      'split_salt': 'mardjax-split-v1', 'num_workers': 2,
+      'follow_outside_links': False, 'max_document_mb': 64.0})
 
 
 def load(data: ml_collections.ConfigDict, mard_dir: str,
@@ -248,14 +284,18 @@ def load(data: ml_collections.ConfigDict, mard_dir: str,
   """
   sources = sources or find_sources(data, mard_dir)
   specs = desc_lib.parse_descriptor_list(data.descriptors)
-  counts = collections.Counter()
-  albums, metadata_lines = mard_io.read_albums(mard_dir, counts)
+  counts = collections.Counter(sources.skipped)
+  # Files the listing did not read are input that is accounted for.
+  counts['input/descriptor_files'] += sum(sources.skipped.values())
+  albums, metadata_lines = mard_io.read_albums(mard_dir, counts,
+                                               sources.policy)
   counts['input/metadata_lines'] = metadata_lines
   if not albums:
     raise UserError(f'No usable album in {mard_io.METADATA_FILE}: '
                     f'{describe_skips(counts, "albums")}')
   audio, extractors = _collect_tracks(albums, sources.files, specs,
-                                      data.num_workers, counts, show_progress)
+                                      data.num_workers, counts, show_progress,
+                                      sources.policy.max_bytes)
   kept = []
   for album, aud in zip(albums, audio):
     if aud.tracks:
@@ -265,10 +305,13 @@ def load(data: ml_collections.ConfigDict, mard_dir: str,
     else:
       counts['albums/no_descriptor'] += 1
   if not kept:
+    hint = (' Links leaving their directory are followed with '
+            'config.data.follow_outside_links=True.' if counts[
+                f'descriptor_files/{files_lib.OUTSIDE_LINK}'] else '')
     raise UserError(
         'No album has a usable descriptor document (searched '
         f'{sources.dirs}); {describe_skips(counts, "tracks")} '
-        f'{describe_skips(counts, "descriptor_files")}')
+        f'{describe_skips(counts, "descriptor_files")}{hint}')
   index_of = {k.album.amazon_id: i for i, k in enumerate(kept)}
   return Corpus(sources=sources, albums=kept, index_of=index_of,
                 dropped_albums={a.amazon_id for a in albums} - set(index_of),

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mardjax.data import files as files_lib
 from mardjax.data import text as text_lib
 from mardjax.errors import UserError
 
@@ -124,7 +125,8 @@ def load(data_dir: str) -> Manifest:
   """Reads a finished preprocessing output; a clear error when there is none.
 
   Raises:
-    UserError: no manifest, unreadable JSON, or another schema version.
+    UserError: no manifest, unreadable JSON, another schema version, or a
+      file missing or of another size than the manifest lists.
   """
   path = os.path.join(data_dir, FILE)
   if not os.path.isfile(path):
@@ -141,6 +143,11 @@ def load(data_dir: str) -> Manifest:
     raise UserError(f'{path} has schema version '
                     f'{raw.get("schema_version")}, this code reads '
                     f'{SCHEMA_VERSION}: run --mode=preprocess again.')
+  # A folder whose files come from several writes (copied together by
+  # hand, or half replaced) is refused; sizes are cheap to check each start.
+  files_lib.check_digests(data_dir, raw.get('written', {}),
+                          f'the preprocessed data in {data_dir}',
+                          'run --mode=preprocess --force', hashes=False)
   return from_dict(raw, data_dir, hashlib.sha256(blob).hexdigest())
 
 

@@ -11,7 +11,9 @@
 Lines are JSON; some MARD-derived files hold Python dict literals, which are
 parsed with `ast.literal_eval` and counted. Every record that cannot be used is
 counted under a reason in a `collections.Counter`, so callers can reconcile
-input against output.
+input against output. Files are opened through `mardjax.data.files`: only
+regular files, links kept inside their folder unless a `files.Policy` says
+otherwise, documents and lines no larger than its cap.
 """
 
 import ast
@@ -26,6 +28,7 @@ from typing import Any, Iterator
 
 import orjson
 
+from mardjax.data import files
 from mardjax.errors import UserError
 
 METADATA_FILE = 'mard_metadata.json'
@@ -80,30 +83,59 @@ _COMPRESSED = {b'BZh': 'bzip2', b'\xfd7zXZ': 'xz', b'\x28\xb5\x2f\xfd': 'zstd',
                b'PK\x03\x04': 'zip'}
 
 
-def open_text_file(path: str):
+def open_text_file(path: str, policy: files.Policy = files.Policy()):
   """A binary file object over `path`'s lines: gzip-compressed files (as
   MARD files are often shipped) are read through gzip.
 
   Raises:
-    UserError: another compression, which must be undone first.
+    UserError: not a regular file (a FIFO, a device, a link loop or one
+      leaving the MARD folder), or another compression, which must be
+      undone first.
   """
-  with open(path, 'rb') as f:
+  f = files.open_regular(path, os.path.dirname(os.path.abspath(path)),
+                         policy.follow_outside_links, 'MARD file')
+  try:
     head = f.read(6)
+    f.seek(0)
+  except BaseException:
+    f.close()
+    raise
   if head.startswith(b'\x1f\x8b'):
-    return gzip.open(path, 'rb')
+    return gzip.GzipFile(fileobj=f, mode='rb')
   for magic, name in _COMPRESSED.items():
     if head.startswith(magic):
+      f.close()
       raise UserError(f'{path} is {name}-compressed: decompress it first '
                       '(gzip-compressed files are read as they are).')
-  return open(path, 'rb')
+  return f
 
 
-def iter_lines(path: str) -> Iterator[bytes]:
-  """Yields the non-blank lines of a file as bytes (decoding is per line)."""
-  with open_text_file(path) as f:
-    for line in f:
+# Stands for a line longer than the policy's cap: skipped and counted.
+TOO_LONG = None
+
+
+def iter_lines(path: str, policy: files.Policy = files.Policy()
+               ) -> Iterator[bytes | None]:
+  """Yields the non-blank lines of a file as bytes (decoding is per line);
+  `TOO_LONG` for a line over `policy.max_bytes`, which is never held whole."""
+  limit = policy.max_bytes
+  with open_text_file(path, policy) as f:
+    raw = getattr(f, 'fileobj', None)
+    while True:
+      line = f.readline() if limit is None else f.readline(limit + 1)
+      if not line:
+        break
+      if limit is not None and len(line) > limit:
+        while not line.endswith(b'\n'):  # Skip to the end of the line.
+          line = f.readline(files.CHUNK)
+          if not line:
+            break
+        yield TOO_LONG
+        continue
       if line.strip():
         yield line
+    if raw is not None:
+      raw.close()  # GzipFile leaves a file object it was given open.
 
 
 @dataclasses.dataclass
@@ -160,7 +192,8 @@ def album_from_record(record: dict[str, Any], counts: collections.Counter
       songs=songs)
 
 
-def read_albums(mard_dir: str, counts: collections.Counter
+def read_albums(mard_dir: str, counts: collections.Counter,
+                policy: files.Policy = files.Policy()
                 ) -> tuple[list[Album], int]:
   """Reads `mard_metadata.json`; duplicates of an amazon-id are counted.
 
@@ -172,8 +205,11 @@ def read_albums(mard_dir: str, counts: collections.Counter
     raise UserError(f'No {METADATA_FILE} in {mard_dir!r}: is this a MARD '
                     'directory? (README: "Real MARD data")')
   albums, seen, lines = [], set(), 0
-  for raw in iter_lines(path):
+  for raw in iter_lines(path, policy):
     lines += 1
+    if raw is TOO_LONG:
+      counts[f'albums/{files.TOO_LARGE}'] += 1
+      continue
     record = parse_record(raw, counts, 'albums')
     album = None if record is None else album_from_record(record, counts)
     if album is None:
@@ -236,7 +272,8 @@ def review_from_record(record: dict[str, Any], counts: collections.Counter
                 summary=_text(record.get('summary')), rating=rating)
 
 
-def iter_reviews(mard_dir: str, counts: collections.Counter
+def iter_reviews(mard_dir: str, counts: collections.Counter,
+                 policy: files.Policy = files.Policy()
                  ) -> Iterator[Review | None]:
   """Streams `mard_reviews.json`: one item per non-blank line.
 
@@ -246,7 +283,11 @@ def iter_reviews(mard_dir: str, counts: collections.Counter
   path = os.path.join(mard_dir, REVIEWS_FILE)
   if not os.path.isfile(path):
     raise UserError(f'No {REVIEWS_FILE} in {mard_dir!r}.')
-  for raw in iter_lines(path):
+  for raw in iter_lines(path, policy):
+    if raw is TOO_LONG:
+      counts[f'reviews/{files.TOO_LARGE}'] += 1
+      yield None
+      continue
     record = parse_record(raw, counts, 'reviews')
     yield None if record is None else review_from_record(record, counts)
 
@@ -272,52 +313,61 @@ class DescriptorFile:
   offset: int
 
 
-def list_descriptor_files(dirs: list[str]) -> list[DescriptorFile]:
+def list_descriptor_files(dirs: list[str],
+                          counts: collections.Counter | None = None,
+                          policy: files.Policy = files.Policy()
+                          ) -> list[DescriptorFile]:
   """Finds `*.json` files under the given directories (recursively).
 
   Directories that do not exist are skipped by the caller's choice; files are
   returned sorted so every later decision (which duplicate wins) is stable.
+  What is not a regular file of at most `policy.max_bytes` (FIFOs, devices,
+  link loops, dangling links, links leaving their directory, over-size
+  files) is counted in `counts` as `descriptor_files/<reason>`, never opened.
   """
+  counts = collections.Counter() if counts is None else counts
+  skips = collections.Counter()
   found = []
   for rank, top in enumerate(dirs):
-    for root, subdirs, files in os.walk(top):
-      subdirs.sort()
-      for name in sorted(files):
-        if not name.lower().endswith('.json'):
-          continue
-        path = os.path.join(root, name)
-        rel = os.path.relpath(path, top)
-        m = _ALBUM_TRACK_RE.match(name)
-        if m:
-          found.append(DescriptorFile(path, (rank, rel), m['amazon'],
-                                      m['mbid'].lower(), 0))
-          continue
-        m = _DUMP_RE.match(name)
-        if m:
-          found.append(DescriptorFile(path, (rank, rel), None,
-                                      m['mbid'].lower(),
-                                      int(m['offset'] or 0)))
-          continue
-        found.append(DescriptorFile(path, (rank, rel), None, None, 0))
+    for path, _ in files.walk(top, ('.json',), skips,
+                              policy.follow_outside_links, policy.max_bytes):
+      name = os.path.basename(path)
+      rel = os.path.relpath(path, top)
+      m = _ALBUM_TRACK_RE.match(name)
+      if m:
+        found.append(DescriptorFile(path, (rank, rel), m['amazon'],
+                                    m['mbid'].lower(), 0))
+        continue
+      m = _DUMP_RE.match(name)
+      if m:
+        found.append(DescriptorFile(path, (rank, rel), None,
+                                    m['mbid'].lower(),
+                                    int(m['offset'] or 0)))
+        continue
+      found.append(DescriptorFile(path, (rank, rel), None, None, 0))
+  for reason, n in skips.items():
+    counts[f'descriptor_files/{reason}'] += n
   return found
 
 
-def documents_in_file(file: DescriptorFile) -> tuple[
+def documents_in_file(file: DescriptorFile,
+                      max_bytes: int | None = None) -> tuple[
     list[tuple[str, int, Any]], collections.Counter]:
   """Parses a descriptor file into (mbid, offset, document) triples.
 
   A file named by MBID holds one document; any other file must be a bulk API
-  response `{mbid: {"<offset>": doc}}`.
+  response `{mbid: {"<offset>": doc}}`. The file is read only when it is
+  (still) a regular file, and at most `max_bytes` of it.
 
   Returns:
     (documents, counts of what was skipped inside the file).
   """
   counts = collections.Counter()
   try:
-    with open(file.path, 'rb') as f:
-      raw = f.read()
-  except OSError:
-    counts['descriptor_files/unreadable'] += 1
+    # Listing checked the path; it may have been swapped since.
+    raw = files.read_bytes(file.path, max_bytes)
+  except files.Skip as e:
+    counts[f'descriptor_files/{e.reason}'] += 1
     return [], counts
   try:
     data = loads_document(raw)

@@ -11,11 +11,12 @@ The stages of `preprocess_corpus`, each a function of its own:
      (`_count_reviews`);
   5. vocabulary and feature statistics, fitted on the training split only
      (`_descriptor_moments`);
-  6. into a fresh temporary directory (`_fresh_tmp`): pass 2 over reviews,
-     tokenized and written (`_write_reviews`); albums with their tracks
-     (`_write_albums`); the report with its reconciliation (`_report`);
+  6. into a fresh temporary directory (`files.fresh_tmp`): pass 2 over
+     reviews, tokenized and written (`_write_reviews`); albums with their
+     tracks (`_write_albums`); the report with its reconciliation
+     (`_report`);
   7. manifest.json last, then the directory swapped in atomically
-     (`_swap_in`).
+     (`files.swap_in`); a full disk is one line and leaves no output.
 
 Memory stays bounded: reviews are streamed twice rather than held; what is
 held is one float32 vector per track (~0.5 GB at MARD's 343,882 tracks), the
@@ -27,6 +28,7 @@ reason (`report['skipped']`), and `report['reconcile']` checks the sums.
 
 import collections
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -40,6 +42,7 @@ import numpy as np
 import orjson
 
 from mardjax.data import descriptors as desc_lib
+from mardjax.data import files as files_lib
 from mardjax.data import ingest
 from mardjax.data import manifest as manifest_lib
 from mardjax.data import mard_io
@@ -70,6 +73,9 @@ def _fingerprint(mard_dir: str, files: list[mard_io.DescriptorFile],
     h.update(f'{f.priority}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
   config = {k: data[k] for k in _DATA_FIELDS}
   config['text_encoder'] = encoder_id
+  # Which files are read at all.
+  config['read_policy'] = [data.get('follow_outside_links', False),
+                           data.get('max_document_mb', 0)]
   h.update(json.dumps(config, sort_keys=True).encode())
   h.update(f'schema{manifest_lib.SCHEMA_VERSION}'.encode())
   return h.hexdigest()
@@ -77,21 +83,42 @@ def _fingerprint(mard_dir: str, files: list[mard_io.DescriptorFile],
 
 
 class _ShardedWriter:
-  """Writes records into `num_shards` files named `<prefix>-<i>-of-<n>`."""
+  """Writes records into `num_shards` files named `<prefix>-<i>-of-<n>`.
+
+  TensorFlow reports a full disk as ResourceExhaustedError (no errno, no
+  path); it is raised here as the OSError Python's own writes give, so one
+  handler names the path.
+  """
 
   def __init__(self, out_dir: str, prefix: str, num_shards: int):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self.names = [f'{prefix}-{i:05d}-of-{num_shards:05d}.tfrecord'
                   for i in range(num_shards)]
-    self._writers = [tf.io.TFRecordWriter(os.path.join(out_dir, n))
-                     for n in self.names]
+    self._paths = [os.path.join(out_dir, n) for n in self.names]
+    self._writers = []
+    for path in self._paths:
+      self._writers.append(self._call(path, self._open, path))
+
+  @staticmethod
+  def _open(path: str):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf.io.TFRecordWriter(path)
+
+  @staticmethod
+  def _call(path: str, fn, *args):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    try:
+      return fn(*args)
+    except tf.errors.ResourceExhaustedError:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+    except tf.errors.PermissionDeniedError:
+      raise OSError(errno.EACCES, os.strerror(errno.EACCES), path) from None
 
   def write(self, shard: int, record: bytes) -> None:
-    self._writers[shard].write(record)
+    self._call(self._paths[shard], self._writers[shard].write, record)
 
   def close(self) -> None:
-    for w in self._writers:
-      w.close()
+    for path, w in zip(self._paths, self._writers):
+      self._call(path, w.close)
 
 
 def _num_shards(count: int, per_shard: int) -> int:
@@ -153,21 +180,6 @@ def _descriptor_moments(corpus: ingest.Corpus, data, dim: int
       moments.update(desc_lib.transform(k.descriptors.astype(np.float64),
                                         data.transform))
   return moments
-
-
-def _fresh_tmp(out_dir: str) -> str:
-  """A new temporary directory beside `out_dir`, after clearing what
-  interrupted runs left there."""
-  parent = os.path.dirname(os.path.abspath(out_dir)) or '.'
-  os.makedirs(parent, exist_ok=True)
-  base = os.path.basename(os.path.abspath(out_dir))
-  for leftover in os.listdir(parent):
-    if leftover.startswith(f'.{base}.tmp-') or leftover.startswith(
-        f'.{base}.old-'):
-      shutil.rmtree(os.path.join(parent, leftover), ignore_errors=True)
-  tmp = os.path.join(parent, f'.{base}.tmp-{os.getpid()}')
-  os.makedirs(tmp)
-  return tmp
 
 
 def _write_reviews(tmp: str, corpus: ingest.Corpus, vocab, data,
@@ -303,15 +315,38 @@ def _report(corpus: ingest.Corpus, out_dir: str, mard_dir: str,
   return report
 
 
-def _swap_in(tmp: str, out_dir: str) -> None:
-  """Readers see the old set or the new, never half."""
-  parent = os.path.dirname(os.path.abspath(out_dir)) or '.'
-  base = os.path.basename(os.path.abspath(out_dir))
-  old = os.path.join(parent, f'.{base}.old-{os.getpid()}')
-  if os.path.exists(out_dir):
-    os.rename(out_dir, old)
-  os.rename(tmp, out_dir)
-  shutil.rmtree(old, ignore_errors=True)
+def _manifest(data, specs, sources: ingest.Sources, fingerprint: str, vocab,
+              vocab_sha: str, encoder, moments: desc_lib.RunningMoments,
+              corpus: ingest.Corpus, report: dict[str, Any],
+              files: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
+  """manifest.json's content (`manifest_lib.Manifest` reads it)."""
+  return {
+      'schema_version': manifest_lib.SCHEMA_VERSION,
+      'source': {'mard_dir': os.path.abspath(sources.mard_dir),
+                 'descriptor_dirs': [os.path.abspath(d)
+                                     for d in sources.dirs],
+                 'fingerprint': fingerprint},
+      'config': {k: data[k] for k in _DATA_FIELDS},
+      'files': files,
+      'albums_file': manifest_lib.ALBUMS_FILE,
+      'vocab': {'file': manifest_lib.VOCAB_FILE, 'size': len(vocab),
+                'sha256': vocab_sha,
+                'pad_id': text_lib.PAD_ID, 'unk_id': text_lib.UNK_ID,
+                'max_len': data.max_len},
+      'text_features': encoder.info if encoder else None,
+      'descriptors': {'list': [str(s) for s in specs],
+                      'dim': desc_lib.dim(specs),
+                      'names_file': manifest_lib.FEATURES_FILE,
+                      'transform': data.transform,
+                      'mean': moments.mean.tolist(),
+                      'std': moments.std().tolist(),
+                      'fitted_on_tracks': moments.count,
+                      'extractor_versions': dict(corpus.extractors)},
+      'counts': {'albums': report['albums'],
+                 'albums_by_split': report['albums_by_split'],
+                 'reviews': report['reviews'], 'tracks': report['tracks']},
+      'report': report,
+  }
 
 
 def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
@@ -334,6 +369,10 @@ def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
   """
   t0 = time.time()
   data = config.data
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UserError(f'{out_dir} is a file, and the records need a directory '
+                    'there: move it away or choose another '
+                    'config.data.tfrecord_dir.')
   specs = desc_lib.parse_descriptor_list(data.descriptors)
   dim = desc_lib.dim(specs)
   sources = ingest.find_sources(data, mard_dir)
@@ -348,48 +387,30 @@ def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
   vocab = text_lib.Vocabulary.from_counts(pass1.word_counts, data.vocab_size,
                                           data.min_word_count)  # 5.
   moments = _descriptor_moments(corpus, data, dim)
-  tmp = _fresh_tmp(out_dir)  # 6.
-  vocab_sha = vocab.save(os.path.join(tmp, manifest_lib.VOCAB_FILE))
-  with open(os.path.join(tmp, manifest_lib.FEATURES_FILE), 'w') as f:
-    f.write('\n'.join(desc_lib.feature_names(specs)) + '\n')
-  encoder = (text_features.FrozenEncoder(data.text_encoder_path,
-                                         data.text_encoder_max_tokens,
-                                         sha256=encoder_id['sha256'])
-             if data.text_encoder_path else None)
-  review_files, truncated = _write_reviews(
-      tmp, corpus, vocab, data, pass1.split_counts, encoder, show_progress)
-  album_files, tracks_written = _write_albums(tmp, corpus, data,
-                                              pass1.reviews_per_album)
-  report = _report(corpus, out_dir, mard_dir, pass1, len(vocab), dim,
-                   truncated, tracks_written)
-  manifest = {
-      'schema_version': manifest_lib.SCHEMA_VERSION,
-      'source': {'mard_dir': os.path.abspath(mard_dir),
-                 'descriptor_dirs': [os.path.abspath(d) for d in sources.dirs],
-                 'fingerprint': fingerprint},
-      'config': {k: data[k] for k in _DATA_FIELDS},
-      'files': {'reviews': review_files, 'albums': album_files},
-      'albums_file': manifest_lib.ALBUMS_FILE,
-      'vocab': {'file': manifest_lib.VOCAB_FILE, 'size': len(vocab),
-                'sha256': vocab_sha,
-                'pad_id': text_lib.PAD_ID, 'unk_id': text_lib.UNK_ID,
-                'max_len': data.max_len},
-      'text_features': encoder.info if encoder else None,
-      'descriptors': {'list': [str(s) for s in specs], 'dim': dim,
-                      'names_file': manifest_lib.FEATURES_FILE,
-                      'transform': data.transform,
-                      'mean': moments.mean.tolist(),
-                      'std': moments.std().tolist(),
-                      'fitted_on_tracks': moments.count,
-                      'extractor_versions': dict(corpus.extractors)},
-      'counts': {'albums': report['albums'],
-                 'albums_by_split': report['albums_by_split'],
-                 'reviews': report['reviews'], 'tracks': tracks_written},
-      'report': report,
-  }
-  with open(os.path.join(tmp, manifest_lib.FILE), 'w') as f:  # 7: last.
-    json.dump(manifest, f, indent=1, sort_keys=True)
-  _swap_in(tmp, out_dir)
+  tmp = files_lib.fresh_tmp(out_dir)  # 6.
+  # A full disk: one line naming the path, and no half output.
+  with files_lib.write_errors(out_dir, tmp):
+    vocab_sha = vocab.save(os.path.join(tmp, manifest_lib.VOCAB_FILE))
+    with open(os.path.join(tmp, manifest_lib.FEATURES_FILE), 'w') as f:
+      f.write('\n'.join(desc_lib.feature_names(specs)) + '\n')
+    encoder = (text_features.FrozenEncoder(data.text_encoder_path,
+                                           data.text_encoder_max_tokens,
+                                           sha256=encoder_id['sha256'])
+               if data.text_encoder_path else None)
+    review_files, truncated = _write_reviews(
+        tmp, corpus, vocab, data, pass1.split_counts, encoder, show_progress)
+    album_files, tracks_written = _write_albums(tmp, corpus, data,
+                                                pass1.reviews_per_album)
+    report = _report(corpus, out_dir, mard_dir, pass1, len(vocab), dim,
+                     truncated, tracks_written)
+    manifest = _manifest(data, specs, sources, fingerprint, vocab, vocab_sha,
+                         encoder, moments, corpus, report,
+                         {'reviews': review_files, 'albums': album_files})
+    # Each file's size and hash: a reader refuses files of other writes.
+    manifest['written'] = files_lib.digests(tmp, os.listdir(tmp))
+    with open(os.path.join(tmp, manifest_lib.FILE), 'w') as f:  # 7: last.
+      json.dump(manifest, f, indent=1, sort_keys=True)
+  files_lib.swap_in(tmp, out_dir)
   return dict(report, reused=False, manifest=os.path.join(
       os.path.abspath(out_dir), manifest_lib.FILE),
               seconds=round(time.time() - t0, 2),

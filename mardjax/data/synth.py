@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import time
 from typing import Any, NamedTuple
 
@@ -47,6 +46,7 @@ import orjson
 from scipy import signal
 
 from mardjax.data import descriptors as desc_lib
+from mardjax.data import files as files_lib
 from mardjax.data import mard_io
 from mardjax import progress
 
@@ -61,6 +61,8 @@ _PHYSICS_SEED = 20161  # The latent -> sound map is fixed across corpora.
 _ALBUMS_PER_CHUNK = 250
 # Written last: a corpus without it is incomplete (an interrupted run).
 DONE_MARKER = '.synth_complete.json'
+# Written first: a folder holding it is a corpus mardjax was generating.
+STARTED_MARKER = '.synth_started.json'
 
 LATENT = ('energy', 'valence', 'tempo', 'acousticness', 'brightness', 'vocals',
           'complexity', 'loudness')
@@ -751,8 +753,12 @@ def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
   """Writes a synthetic MARD corpus into `out_dir`.
 
   Idempotent: when `out_dir` already holds a complete corpus of the same
-  sizes and seed, nothing is rewritten. A partially written corpus (an
-  interrupted run) is removed and written again.
+  sizes and seed, nothing is rewritten. The corpus is written into a hidden
+  folder beside `out_dir` and swapped in when complete, so `out_dir` holds a
+  whole corpus or none; what an interrupted run left is removed.
+
+  Raises:
+    UserError: the disk refused a write (full, read-only); nothing is left.
 
   Returns:
     A summary: counts, paths, seconds.
@@ -766,14 +772,27 @@ def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
       done = json.load(f)
     if done.get('request') == wanted:
       return dict(done['summary'], reused=True, seconds=0.0)
-  for name in (mard_io.METADATA_FILE, mard_io.REVIEWS_FILE,
-               mard_io.ORIGINAL_DESCRIPTOR_DIR,
-               mard_io.EXPANDED_DESCRIPTOR_DIR, DONE_MARKER):
-    path = os.path.join(out_dir, name)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
+  # Written beside `out_dir` and swapped in whole: an interrupted run or a
+  # full disk leaves a hidden `.<name>.tmp-*` folder, cleared by the next
+  # run, never a half corpus where a MARD directory is expected.
+  tmp = files_lib.fresh_tmp(out_dir)
+  with files_lib.write_errors(out_dir, tmp):
+    summary = _generate_into(tmp, sizes, seed, num_workers, show_progress,
+                             wanted)
+    summary['mard_dir'] = out_dir
+    with open(os.path.join(tmp, DONE_MARKER), 'w') as f:
+      json.dump({'request': wanted, 'summary': summary}, f)
+    os.remove(os.path.join(tmp, STARTED_MARKER))
+  files_lib.swap_in(tmp, out_dir)
+  return dict(summary, reused=False, seconds=round(time.time() - start_time, 2))
+
+
+def _generate_into(out_dir: str, sizes: SynthSizes, seed: int,
+                   num_workers: int, show_progress: bool,
+                   wanted: dict[str, Any]) -> dict[str, Any]:
+  """Writes the corpus into the fresh folder `out_dir`; returns its summary."""
+  with open(os.path.join(out_dir, STARTED_MARKER), 'w') as f:
+    json.dump({'request': wanted}, f)  # First: the folder is ours.
   for sub in (mard_io.ORIGINAL_DESCRIPTOR_DIR,
               os.path.join(mard_io.EXPANDED_DESCRIPTOR_DIR, 'bulk'),
               os.path.join(mard_io.EXPANDED_DESCRIPTOR_DIR, 'by_album'),
@@ -817,6 +836,4 @@ def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
       'max_tracks_per_album': int(n_tracks.max()),
       'seed': seed,
   }
-  with open(marker, 'w') as f:
-    json.dump({'request': wanted, 'summary': summary}, f)
-  return dict(summary, reused=False, seconds=round(time.time() - start_time, 2))
+  return summary

@@ -18,7 +18,15 @@ several. The audio branch embeds them all.
   *.hnsw.faiss   with config.export.index='hnsw'
 
 Files that cannot be read are skipped, counted, and listed with the reason
-in embed.json; other files in the folder are counted as ignored.
+in embed.json; other files in the folder are counted as ignored. Only
+regular files are read (`mardjax.data.files`): FIFOs, devices, link loops,
+dangling links, links leaving the folder (unless
+`config.embed.follow_outside_links`) and files over
+`config.embed.max_document_mb` are listed under those reasons, never opened.
+The output is written into a hidden folder beside `--output_dir` and swapped
+in whole; embed.json's `written` holds each file's size and sha256, and
+`load` refuses files of another write. An output path that is a file, or a
+folder of other files, is refused before any work.
 """
 
 import collections
@@ -35,29 +43,51 @@ import numpy as np
 
 from mardjax.serve import audio_analysis
 from mardjax.data import descriptors as desc_lib
+from mardjax.data import files as files_lib
 from mardjax.serve import export
 from mardjax.data import mard_io
 from mardjax.serve import search_index
 from mardjax.train import checkpoints
 from mardjax.errors import UserError
+from mardjax.errors import need
 
 FORMAT_VERSION = 1
 OUTPUT_DIR = 'embedded'
 _READABLE = audio_analysis.AUDIO_TYPES + audio_analysis.DOCUMENT_TYPES
 
 
-def find_files(folder: str) -> tuple[list[str], int]:
-  """(readable files relative to `folder`, sorted; count of other files)."""
-  found, ignored = [], 0
-  for root, dirs, names in os.walk(folder):
-    dirs.sort()
-    for name in sorted(names):
-      rel = os.path.relpath(os.path.join(root, name), folder)
-      if os.path.splitext(name)[1].lower() in _READABLE:
-        found.append(rel)
-      else:
-        ignored += 1
-  return found, ignored
+def find_files(folder: str, policy: files_lib.Policy = files_lib.Policy()
+               ) -> tuple[list[str], int, list[dict[str, str]]]:
+  """The files of `folder` that `--mode=embed` reads.
+
+  Returns:
+    (readable regular files relative to `folder`, sorted; count of files of
+    other types; [{'file', 'reason'}] of readable types that are not read:
+    FIFOs, devices, sockets, link loops, dangling links, links leaving the
+    folder (unless `policy.follow_outside_links`), files over
+    `policy.max_bytes`).
+  """
+  found, ignored, skipped = [], 0, []
+
+  def wanted(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in _READABLE
+
+  def on_skip(path: str, reason: str) -> None:
+    nonlocal ignored
+    if wanted(path):
+      skipped.append({'file': os.path.relpath(path, folder),
+                      'reason': reason})
+    else:
+      ignored += 1
+
+  for path, _ in files_lib.walk(folder, None, collections.Counter(),
+                                policy.follow_outside_links, policy.max_bytes,
+                                on_skip):
+    if wanted(path):
+      found.append(os.path.relpath(path, folder))
+    else:
+      ignored += 1
+  return found, ignored, skipped
 
 
 def _documents(paths: list[str], workers: int, show_progress: bool):
@@ -119,18 +149,25 @@ def embed_folder(config: ml_collections.ConfigDict, workdir: str,
                     '(wav, mp3, flac, ogg) or AcousticBrainz .json files.')
   if not os.path.isdir(input_dir):
     raise UserError(f'--input_dir={input_dir!r} is not a folder.')
-  files, ignored = find_files(input_dir)
-  if not files:
-    raise UserError(f'{input_dir!r} holds no {", ".join(_READABLE)} files '
-                    f'({ignored} other files).')
   output_dir = output_dir or os.path.join(workdir, OUTPUT_DIR)
+  _check_output_dir(output_dir)  # Before minutes of analysis.
+  max_mb = config.embed.get('max_document_mb', 0)
+  need(isinstance(max_mb, (int, float)) and 0 <= max_mb < float('inf'),
+       'embed.max_document_mb', max_mb, 'a size in MB, >= 0 (0: no cap)')
+  policy = files_lib.Policy.from_config(config.embed)
+  files, ignored, not_read = find_files(input_dir, policy)
+  if not files:
+    reasons = collections.Counter(s['reason'] for s in not_read)
+    raise UserError(f'{input_dir!r} holds no readable {", ".join(_READABLE)} '
+                    f'files ({ignored} other files; not read: '
+                    f'{dict(reasons) or "none"}).')
   index = search_index.settings(config.export)  # Bad settings: fail early.
   start = time.time()
   embedder = embedder_lib.Embedder(config, workdir, data_dir)
   workers = config.embed.workers or os.cpu_count() or 1
   workers = min(workers, sum(not f.lower().endswith('.json') for f in files))
 
-  rows, zs, skipped = [], [], []
+  rows, zs, skipped = [], [], list(not_read)
   docs = _documents([os.path.join(input_dir, f) for f in files], workers,
                     show_progress)
   for rel, (doc, error) in zip(files, docs):
@@ -153,8 +190,6 @@ def embed_folder(config: ml_collections.ConfigDict, workdir: str,
   emb = (embedder.embed_audio(np.stack(zs)) if zs else
          np.zeros((0, embedder.model.embed_dim), np.float32))
 
-  os.makedirs(output_dir, exist_ok=True)
-  export.write_bank(output_dir, 'tracks', emb, rows, index)
   info = {
       'format_version': FORMAT_VERSION, 'checkpoint': embedder.source,
       'step': int(embedder.step),
@@ -165,18 +200,46 @@ def embed_folder(config: ml_collections.ConfigDict, workdir: str,
       'with_warnings': sum(bool(r['warnings']) for r in rows),
       'index': index, 'skipped_files': skipped,
   }
-  with open(os.path.join(output_dir, 'embed.json'), 'w') as f:
-    json.dump(info, f, indent=1)
+  # Into a hidden folder beside the output, swapped in when whole: a full
+  # disk leaves the old output (or none), never a mix.
+  tmp = files_lib.fresh_tmp(output_dir)
+  with files_lib.write_errors(output_dir, tmp):
+    export.write_bank(tmp, 'tracks', emb, rows, index)
+    info['written'] = files_lib.digests(tmp, os.listdir(tmp))
+    with open(os.path.join(tmp, 'embed.json'), 'w') as f:  # Last.
+      json.dump(info, f, indent=1)
+  files_lib.swap_in(tmp, output_dir)
   reasons = collections.Counter(s['reason'].split(' (')[0] for s in skipped)
-  summary = {k: v for k, v in info.items() if k != 'skipped_files'}
+  summary = {k: v for k, v in info.items()
+             if k not in ('skipped_files', 'written')}
   return dict(summary, skipped_reasons=dict(reasons), directory=output_dir,
               workers=workers, seconds=round(time.time() - start, 1))
 
 
+def _check_output_dir(output_dir: str) -> None:
+  """One line before any work when the output cannot go to `output_dir`:
+  a file there, an unwritable parent, or a folder of other files (which
+  the swap that replaces the output would remove)."""
+  files_lib.check_writable_dirs([output_dir])
+  if os.path.isdir(output_dir) and os.listdir(output_dir) and (
+      not os.path.exists(os.path.join(output_dir, 'embed.json'))):
+    raise UserError(f'--output_dir={output_dir} holds other files and no '
+                    'embed.json: the output replaces the whole folder, so '
+                    'choose an empty or new one.')
+
+
 def load(directory: str, ef_search: int = 128) -> dict[str, Any]:
-  """An `embed_folder` output back: {'info', 'tracks', 'track_meta', 'track_index'}."""
+  """An `embed_folder` output back: {'info', 'tracks', 'track_meta', 'track_index'}.
+
+  Raises:
+    UserError: no output, another format, or files that are not the ones
+      embed.json was written with.
+  """
   info = export.read_info(os.path.join(directory, 'embed.json'),
                           FORMAT_VERSION, 'embed')
+  files_lib.check_digests(directory, info.get('written', {}),
+                          f'the embed output in {directory}',
+                          'run --mode=embed again')
   emb, rows, index = export.read_bank(directory, 'tracks', info['index'],
                                       ef_search)
   return {'info': info, 'tracks': emb, 'track_meta': rows,

@@ -15,7 +15,10 @@ newest rolling checkpoint when no best was kept):
                    bank, for catalogues too large for exact search
 
 Rows of each .npy match the lines of its .jsonl. `load` gives each bank a
-search index (`search_index`): exact top-k by default.
+search index (`search_index`): exact top-k by default. The folder is written
+under a hidden name beside it and swapped in whole (a full disk is one line
+and leaves the old export); export.json's `written` holds each file's size
+and sha256, and `load` refuses a folder mixing files of two exports.
 """
 
 import collections
@@ -27,6 +30,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mardjax.data import files as files_lib
 from mardjax.data import manifest as manifest_lib
 from mardjax.data import mard_io
 from mardjax.data import text_features
@@ -41,11 +45,12 @@ EXPORT_DIR = 'export'
 _SPLITS = ('train', 'dev', 'test')
 
 
-def _review_texts(mard_dir: str, wanted: set[str]) -> dict[str, str]:
+def _review_texts(mard_dir: str, wanted: set[str],
+                  policy: files_lib.Policy) -> dict[str, str]:
   """review_id -> its text as the encoders read it, from the raw file."""
   texts = {}
   counts = collections.Counter()
-  for review in mard_io.iter_reviews(mard_dir, counts):
+  for review in mard_io.iter_reviews(mard_dir, counts, policy):
     if review is not None and review.review_id in wanted:
       texts[review.review_id] = text_features.review_text(review.summary,
                                                           review.text)
@@ -55,6 +60,7 @@ def _review_texts(mard_dir: str, wanted: set[str]) -> dict[str, str]:
 def export_space(config: ml_collections.ConfigDict, workdir: str,
                  data_dir: str, mard_dir: str) -> dict[str, Any]:
   """Restores the workdir's serving checkpoint and writes its export."""
+  files_lib.check_writable_dirs([os.path.join(workdir, EXPORT_DIR)])
   manifest = manifest_lib.load(data_dir)
   trained = checkpoints.load_for_inference(config, workdir, manifest)
   return write(config, workdir, mard_dir, trained)
@@ -93,19 +99,14 @@ def write(config: ml_collections.ConfigDict, workdir: str, mard_dir: str,
   review_emb = embed.reviews(variables, model, reviews)
 
   out = os.path.join(workdir, EXPORT_DIR)
-  os.makedirs(out, exist_ok=True)
   meta = manifest_lib.read_albums(manifest)
-  write_bank(out, 'albums', album_emb, [
-      {k: meta[int(i)].get(k) for k in ('album_index', 'amazon_id', 'artist',
-                                        'title', 'genre', 'split')}
-      for i in albums], index)
-  texts = _review_texts(mard_dir, set(reviews['review_id'].tolist()))
+  texts = _review_texts(mard_dir, set(reviews['review_id'].tolist()),
+                        files_lib.Policy.from_config(config.data))
   rows = [{'review_id': rid, 'album_index': int(album), 'split': str(split),
            'text': texts.get(rid)}
           for rid, album, split in zip(reviews['review_id'], reviews['album'],
                                        reviews['split'])]
   missing = sum(r['text'] is None for r in rows)
-  write_bank(out, 'reviews', review_emb, rows, index)
   info = {
       'format_version': FORMAT_VERSION, 'checkpoint': trained.source,
       'step': int(trained.step),
@@ -116,12 +117,25 @@ def write(config: ml_collections.ConfigDict, workdir: str, mard_dir: str,
       'reviews_without_text': int(missing), 'index': index,
       'config': json.loads(config.to_json_best_effort()),
   }
-  with open(os.path.join(out, 'export.json'), 'w') as f:
-    json.dump(info, f, indent=1)
+  # Into a hidden folder beside the export, swapped in when whole: a full
+  # disk leaves the old export (or none), never a mix of two.
+  tmp = files_lib.fresh_tmp(out)
+  with files_lib.write_errors(out, tmp):
+    write_bank(tmp, 'albums', album_emb, [
+        {k: meta[int(i)].get(k) for k in ('album_index', 'amazon_id',
+                                          'artist', 'title', 'genre',
+                                          'split')}
+        for i in albums], index)
+    write_bank(tmp, 'reviews', review_emb, rows, index)
+    info['written'] = files_lib.digests(tmp, os.listdir(tmp))
+    with open(os.path.join(tmp, 'export.json'), 'w') as f:  # Last.
+      json.dump(info, f, indent=1)
+  files_lib.swap_in(tmp, out)
   if missing:
     info['warnings'] = [f'{missing} reviews not found in {mard_dir}: their '
                         'text is null']
-  return dict({k: v for k, v in info.items() if k != 'config'},
+  return dict({k: v for k, v in info.items()
+               if k not in ('config', 'written')},
               directory=out, seconds=round(time.time() - start, 1))
 
 
@@ -181,9 +195,15 @@ def load(directory: str, ef_search: int = 128) -> dict[str, Any]:
 
   Args:
     ef_search: candidates an HNSW search visits (ignored by exact search).
+
+  Raises:
+    UserError: no export, another format, or files that are not the ones
+      export.json was written with (a folder mixing two exports).
   """
   info = read_info(os.path.join(directory, 'export.json'), FORMAT_VERSION,
                    'export')
+  files_lib.check_digests(directory, info.get('written', {}),
+                          f'the export in {directory}', 'export again')
   out = {'info': info}
   for name in ('albums', 'reviews'):
     emb, rows, index = read_bank(directory, name, info['index'], ef_search)
