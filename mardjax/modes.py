@@ -10,6 +10,7 @@ optimizer. Nothing in the package imports this module; `launch.py` does.
 """
 
 import dataclasses
+import errno
 import os
 from typing import Any, Callable
 
@@ -226,4 +227,36 @@ def run_mode(mode: str, config, workdir: str, **options) -> dict[str, Any]:
   benchmark.check_config(config.benchmark)
   stages.check_writable_dirs(_dirs_written(mode, config, workdir))
   os.makedirs(workdir, exist_ok=True)
-  return MODES[mode](config, workdir, Options(**options))
+  try:
+    return MODES[mode](config, workdir, Options(**options))
+  except Exception as e:  # pylint: disable=broad-except
+    refused = _disk_refusal(e)
+    if refused is None:
+      raise
+    raise UserError(
+        f'cannot write {refused.filename or workdir}: {refused.strerror} '
+        f'({errno.errorcode.get(refused.errno, refused.errno)}). Outputs are '
+        'written whole or not at all and checkpoints are kept; free space '
+        '(or choose another --workdir) and run again to go on.') from None
+
+
+# A disk that cannot take more (permission errors are not here: a read can
+# raise them too, and the writers that meet them name them themselves).
+_DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG,
+                            errno.EROFS})
+
+
+def _disk_refusal(error: BaseException) -> OSError | None:
+  """The OSError by which the disk refused a write (full, over quota, read
+  only), anywhere in `error`'s chain of causes, else None: libraries that
+  write (orbax, TensorFlow) wrap it in errors of their own."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_REFUSALS:
+      return error
+    for code in _DISK_REFUSALS:  # TensorFlow's and tensorstore's errors
+      if os.strerror(code) in str(error):  # keep only the message.
+        return OSError(code, os.strerror(code))
+    error = error.__cause__ or error.__context__
+  return None

@@ -361,3 +361,23 @@ def test_reading_records_leaves_no_autograph_files(tiny_records, tmp_path):
                        env=dict(os.environ, TMPDIR=str(tmp),
                                 TF_CPP_MIN_LOG_LEVEL='3')).stdout
   assert out.strip().splitlines()[-1] == '[]'
+
+
+@pytest.mark.parametrize('error', [
+    OSError(28, 'No space left on device', '/full/run/train.jsonl'),
+    RuntimeError('RESOURCE_EXHAUSTED: /full/run/events: No space left on '
+                 'device')])
+def test_a_full_disk_while_training_is_one_line(tiny_corpus_master, tmp_path,
+                                                monkeypatch, error):
+  from mardjax import progress  # pylint: disable=g-import-not-at-top
+
+  class FullDisk(progress._LoggingWriter):  # pylint: disable=protected-access
+    def write_scalars(self, step, scalars):
+      raise error
+
+  monkeypatch.setattr(progress, 'metric_writer', lambda *_, **__: FullDisk())
+  config = _config(num_steps=2, eval_every=1000, log_every=1)
+  config.data.mard_dir = tiny_corpus_master
+  with pytest.raises(UserError, match=r'^cannot write .*No space left on '
+                     r'device \(ENOSPC\)\. Outputs are written whole'):
+    modes.run_mode('train', config, str(tmp_path), show_progress=False)
