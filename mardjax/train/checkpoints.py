@@ -308,32 +308,73 @@ class Checkpoints:
     self._target = _shapes(abstract_state)
     target = _abstract(abstract_state)
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
-      except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
+      meta = self._meta(step)
+      if meta is None:
         continue
-      if meta.get('format_version', 1) > FORMAT_VERSION:
-        raise UserError(
-            f'{self.directory}/{step} was written by a newer mardjax '
-            f'(checkpoint format {meta["format_version"]}, this code reads '
-            f'up to {FORMAT_VERSION}): update mardjax.')
       if check_meta is not None:
         check_meta(meta)
-      args = ocp.args.PyTreeRestore(
-          item=target, partial_restore=partial,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=args))
-        state = _replicated_local(restored['state'])
-        _require_finite(state)
-        self._verify(step, meta, state)
+      state = self._state(step, meta, target, partial)
+      if state is not None:
         return step, state, meta
-      except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
     return None
+
+  def restore_best(self, abstract_state,
+                   check_meta: Callable[[dict[str, Any]], None] | None = None,
+                   partial: bool = False):
+    """As `restore_latest`, but the intact checkpoint with the highest dev
+    recall@10 recorded for its own step (the first to reach it), then those
+    without an evaluation of their step, newest first."""
+    self._target = _shapes(abstract_state)
+    target = _abstract(abstract_state)
+    metas = {}
+    for step in self.manager.all_steps():
+      meta = self._meta(step)
+      if meta is not None:
+        metas[step] = meta
+
+    def rank(step):
+      recalls = [h['recall@10'] for h in metas[step].get('history', [])
+                 if h.get('step') == step and 'recall@10' in h]
+      return (0, -recalls[0], step) if recalls else (1, -step, step)
+    for step in sorted(metas, key=rank):
+      if check_meta is not None:
+        check_meta(metas[step])
+      state = self._state(step, metas[step], target, partial)
+      if state is not None:
+        return step, state, metas[step]
+    return None
+
+  def _meta(self, step: int) -> dict[str, Any] | None:
+    """The run record of `step`; None when unreadable (then set aside)."""
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # pylint: disable=broad-except
+      self._set_aside(step, e)
+      return None
+    if meta.get('format_version', 1) > FORMAT_VERSION:
+      raise UserError(
+          f'{self.directory}/{step} was written by a newer mardjax '
+          f'(checkpoint format {meta["format_version"]}, this code reads '
+          f'up to {FORMAT_VERSION}): update mardjax.')
+    return meta
+
+  def _state(self, step: int, meta: dict[str, Any], target, partial: bool):
+    """The state of `step`, read, checked finite and verified; None when it
+    is not intact (then set aside)."""
+    args = ocp.args.PyTreeRestore(
+        item=target, partial_restore=partial,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=args))
+      state = _replicated_local(restored['state'])
+      _require_finite(state)
+      self._verify(step, meta, state)
+      return state
+    except Exception as e:  # pylint: disable=broad-except
+      self._set_aside(step, e)
+      return None
 
   def _verify(self, step: int, meta: dict[str, Any], state) -> None:
     """Raises ChecksumMismatch unless `state`, as read back, hashes to the
@@ -445,31 +486,42 @@ def require_checkpoints(workdir: str, directory: str = CHECKPOINT_DIR
   return ckpt_dir
 
 
+def _has_steps(directory: str) -> bool:
+  """Whether `directory` holds a committed checkpoint step (orbax's
+  unfinished ones carry a temporary suffix)."""
+  return os.path.isdir(directory) and any(
+      name.isdigit() for name in os.listdir(directory))
+
+
 def inference_source(workdir: str) -> str:
   """The checkpoint directory serving uses: the best-by-recall one when a
-  run kept it, else the rolling checkpoints."""
-  return BEST_DIR if os.path.isdir(os.path.join(workdir, BEST_DIR)) else (
+  run kept it (and it still holds a step), else the rolling checkpoints.
+  `load_for_inference` falls back from a best-by-recall checkpoint that is
+  not intact to the rolling ones."""
+  return BEST_DIR if _has_steps(os.path.join(workdir, BEST_DIR)) else (
       CHECKPOINT_DIR)
 
 
 def run_config(workdir: str) -> dict[str, Any] | None:
   """The config a run was trained with (as JSON), from the newest readable
-  record of its serving checkpoints; None when there is none."""
-  source = os.path.join(workdir, inference_source(workdir))
-  if not os.path.isdir(source):
-    return None
-  manager = ocp.CheckpointManager(
-      source, options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        meta = manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
-        return json.loads(meta['config'])
-      except Exception:  # pylint: disable=broad-except
-        continue  # restore_latest sets unreadable ones aside, not this.
-  finally:
-    manager.close()
+  record of its serving checkpoints (or of the rolling ones); None when
+  there is none."""
+  for name in dict.fromkeys((inference_source(workdir), CHECKPOINT_DIR)):
+    source = os.path.join(workdir, name)
+    if not os.path.isdir(source):
+      continue
+    manager = ocp.CheckpointManager(
+        source, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+      for step in sorted(manager.all_steps(), reverse=True):
+        try:
+          meta = manager.restore(step, args=ocp.args.Composite(
+              meta=ocp.args.JsonRestore()))['meta']
+          return json.loads(meta['config'])
+        except Exception:  # pylint: disable=broad-except
+          continue  # restore_latest sets unreadable ones aside, not this.
+    finally:
+      manager.close()
   return None
 
 
@@ -485,10 +537,14 @@ class Inference(NamedTuple):
 def load_for_inference(config: ml_collections.ConfigDict, workdir: str,
                        manifest: manifest_lib.Manifest | None = None,
                        directory: str | None = None) -> Inference:
-  """The model and variables of the newest readable checkpoint of a run.
+  """The model and variables of the newest intact checkpoint of a run.
 
   Reads no TFRecord and no optimizer state: the restore target comes from
   `jax.eval_shape` of the model's `init` on inputs shaped from the manifest.
+  With the serving choice, a best-by-recall checkpoint that is not intact
+  (unreadable, not finite, or not matching its checksums; set aside) gives
+  way to the intact rolling checkpoint with the best dev recall@10 recorded
+  for its step (else the newest), with a warning line naming it.
 
   Args:
     config: the run's config (model fields, data.max_len).
@@ -499,7 +555,7 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str,
       (`inference_source`: best-by-recall when kept).
 
   Raises:
-    UserError: no checkpoint, none readable, or trained on other data.
+    UserError: no checkpoint, none intact, or trained on other data.
   """
   source = directory or inference_source(workdir)
   ckpt_dir = require_checkpoints(workdir, source)
@@ -509,15 +565,35 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str,
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), **two_branch.dummy_inputs(
           config, manifest)))
-  ckpt = Checkpoints(ckpt_dir, config.train.keep_checkpoints, async_save=False)
-  try:
-    restored = ckpt.restore_latest(
-        {k: abstract[k] for k in VARIABLE_FIELDS if k in abstract},
-        check_meta=lambda m: check_same_data(m, manifest.sha256, workdir),
-        partial=True)
-  finally:
-    ckpt.close()
+  target = {k: abstract[k] for k in VARIABLE_FIELDS if k in abstract}
+
+  def restore(name, best):
+    ckpt = Checkpoints(os.path.join(workdir, name),
+                       config.train.keep_checkpoints, async_save=False)
+    try:
+      return (ckpt.restore_best if best else ckpt.restore_latest)(
+          target, partial=True, check_meta=lambda m: check_same_data(
+              m, manifest.sha256, workdir))
+    finally:
+      ckpt.close()
+  restored = restore(source, best=False)
+  if (restored is None and directory is None and source == BEST_DIR and
+      _has_steps(os.path.join(workdir, CHECKPOINT_DIR))):
+    ckpt_dir = f'{ckpt_dir} or {os.path.join(workdir, CHECKPOINT_DIR)}'
+    restored = restore(CHECKPOINT_DIR, best=True)
+    if restored is not None:
+      step, _, meta = restored
+      recall = [h['recall@10'] for h in meta.get('history', [])
+                if h.get('step') == step and 'recall@10' in h]
+      logging.warning(
+          '%s holds no intact checkpoint; using step %d of %s instead (%s).',
+          os.path.join(workdir, BEST_DIR), step,
+          os.path.join(workdir, CHECKPOINT_DIR),
+          f'dev recall@10 {recall[0]:.4f}, the best of the rolling '
+          'checkpoints' if recall else 'the newest rolling checkpoint, none '
+          'evaluated at its step')
+      source = CHECKPOINT_DIR
   if restored is None:
-    raise UserError(f'No readable checkpoint in {ckpt_dir!r}.')
+    raise UserError(f'No readable checkpoint in {ckpt_dir}.')
   step, variables, _ = restored
   return Inference(model, dict(variables), int(step), source, manifest)
