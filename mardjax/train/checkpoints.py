@@ -438,7 +438,10 @@ class Checkpoints:
     return aside
 
   def _set_aside(self, step: int, error: Exception) -> None:
-    self.set_aside(step, f'is unreadable ({type(error).__name__}: {error}), '
+    # tensorstore's errors carry the whole store spec: its start says it.
+    text = ' '.join(str(error).split())
+    text = text if len(text) <= 300 else text[:300] + '...'
+    self.set_aside(step, f'is unreadable ({type(error).__name__}: {text}), '
                    'falling back to the previous one')
 
   def wait(self) -> None:
