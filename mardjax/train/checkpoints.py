@@ -37,6 +37,7 @@ from typing import Any, Callable, NamedTuple
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -189,10 +190,24 @@ def _array_digest(x) -> str:
 
 
 def array_digests(tree) -> dict[str, Any]:
-  """The `digests` record of a tree of host arrays."""
+  """The `digests` record of a tree of host arrays: each one's digest and
+  dtype."""
+  leaves = [(_leaf_name(path), np.asarray(leaf)) for path, leaf in
+            jax.tree_util.tree_leaves_with_path(tree)]
   return {'algorithm': _DIGEST_ALGORITHM,
-          'arrays': {_leaf_name(path): _array_digest(leaf) for path, leaf in
-                     jax.tree_util.tree_leaves_with_path(tree)}}
+          'arrays': {name: _array_digest(x) for name, x in leaves},
+          'dtypes': {name: x.dtype.name for name, x in leaves}}
+
+
+def _as_saved(x, dtype_name: str | None):
+  """`x` in the dtype it was saved with, when a restore target of another
+  type (a Python int for the step counter) changed it and the change is
+  exact; else `x` itself (which then fails its digest)."""
+  x = np.asarray(x)
+  if dtype_name is None or x.dtype.name == dtype_name:
+    return x
+  saved = x.astype(jnp.dtype(dtype_name))
+  return saved if np.array_equal(saved.astype(x.dtype), x) else x
 
 
 def _check_digests(tree, record: dict[str, Any]) -> None:
@@ -201,12 +216,13 @@ def _check_digests(tree, record: dict[str, Any]) -> None:
   if record.get('algorithm') != _DIGEST_ALGORITHM:
     raise ChecksumMismatch(f'unknown checksum algorithm '
                            f'{record.get("algorithm")!r}')
-  recorded = record['arrays']
+  recorded, dtypes = record['arrays'], record.get('dtypes', {})
   bad = []
   leaves = jax.tree_util.tree_leaves_with_path(tree)
   for path, leaf in leaves:
     name = _leaf_name(path)
-    if recorded.get(name) != _array_digest(leaf):
+    if recorded.get(name) != _array_digest(_as_saved(leaf,
+                                                     dtypes.get(name))):
       bad.append(name)
   if bad:
     raise ChecksumMismatch(
