@@ -385,17 +385,18 @@ class Checkpoints:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=args))
       state = _replicated_local(restored['state'])
-      _require_finite(state)
-      self._verify(step, meta, state)
+      host = jax.device_get(state)  # One copy for both checks.
+      _require_finite(host)
+      self._verify(step, meta, host)
       return state
     except Exception as e:  # pylint: disable=broad-except
       self._set_aside(step, e)
       return None
 
   def _verify(self, step: int, meta: dict[str, Any], state) -> None:
-    """Raises ChecksumMismatch unless `state`, as read back, hashes to the
-    digests saved with it (a checkpoint of a format before checksums: a
-    warning)."""
+    """Raises ChecksumMismatch unless `state` (host arrays), as read back,
+    hashes to the digests saved with it (a checkpoint of a format before
+    checksums: a warning)."""
     if (meta.get('format_version', 1) < _FIRST_WITH_DIGESTS and
         not os.path.isdir(os.path.join(self.directory, str(step),
                                        DIGEST_ITEM))):
@@ -408,7 +409,7 @@ class Checkpoints:
           **{DIGEST_ITEM: _DigestRestore()}))[DIGEST_ITEM]
     except Exception as e:  # pylint: disable=broad-except
       raise ChecksumMismatch(f'its checksums cannot be read ({e})') from e
-    _check_digests(jax.device_get(state), record)
+    _check_digests(state, record)
 
   def newest_verified(self) -> int | None:
     """The step of the newest checkpoint that reads back intact (checksums
