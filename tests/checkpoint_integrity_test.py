@@ -261,3 +261,33 @@ def test_reading_modes_fall_back_from_a_best_checkpoint_not_intact(
   # Later reads go to the rolling checkpoints at once.
   assert checkpoints.inference_source(workdir) == checkpoints.CHECKPOINT_DIR
   assert checkpoints.run_config(workdir) is not None
+
+
+@pytest.mark.slow
+def test_a_divergence_names_only_a_checkpoint_that_reads_back_intact(
+    tiny_records, tmp_path, monkeypatch):
+  """The newest checkpoint is damaged on disk after it was written and
+  restored: the run that diverges names the one before, and has set the
+  damaged one aside so that a rerun resumes from the one named."""
+  data_dir, _ = tiny_records
+  kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
+  stages.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
+                            data_dir)
+  directory = str(tmp_path / checkpoints.CHECKPOINT_DIR)
+  wait = checkpoints.Checkpoints.wait
+
+  def wait_then_damage(self):
+    wait(self)
+    if self.directory == directory and os.path.isdir(
+        os.path.join(directory, '10')):
+      _damage(os.path.join(directory, '10'), 'flip')
+  # Called when the run stops, once the writes in flight are done.
+  monkeypatch.setattr(checkpoints.Checkpoints, 'wait', wait_then_damage)
+  with pytest.raises(UserError, match=(
+      r'loss became \S+ at step 1[1-5] .*The last good checkpoint is step 5 '
+      'in ' + directory)):
+    stages.train_and_evaluate(_config(num_steps=40, learning_rate=1e30, **kw),
+                              str(tmp_path), data_dir)
+  assert sorted(os.listdir(directory)) == ['5']
+  assert [d.split('-')[0] for d in os.listdir(
+      tmp_path / 'unreadable_checkpoints')] == ['10']

@@ -419,7 +419,7 @@ class Checkpoints:
     The structure read is the one saved or restored last by this object;
     None when there is none (nothing saved or restored yet).
     """
-    self.manager.wait_until_finished()
+    self.wait()
     if self._target is None:
       return None
     found = self.restore_latest(self._target)
