@@ -256,8 +256,9 @@ def _check_finite(run: _Run, step: int, m: dict[str, Any]) -> None:
   loss, grad_norm = float(m['loss']), float(m['grad_norm'])
   where = os.path.join(run.workdir, checkpoints.CHECKPOINT_DIR)
   resumed = run.start_step
-  if resumed and step == resumed + 1 and not (
-      math.isfinite(loss) and math.isfinite(grad_norm)):
+  if (resumed and step == resumed + 1 and
+      resumed in run.ckpt.manager.all_steps() and
+      not (math.isfinite(loss) and math.isfinite(grad_norm))):
     aside = run.ckpt.set_aside(
         resumed, f'gives a non-finite loss ({loss}) at the first step after '
         'resuming from it, before any update')
@@ -280,7 +281,7 @@ def _check_finite(run: _Run, step: int, m: dict[str, Any]) -> None:
       f'The loss became {loss} at step {step} (gradient norm {grad_norm}; the '
       'state is no longer finite). The last good checkpoint'
       + (f' is step {latest} in {where}' if latest is not None else
-         ' does not exist (none saved yet)')
+         ' does not exist (none intact saved yet)')
       + f'; lower config.train.learning_rate or check the data{suspect}.')
 
 
