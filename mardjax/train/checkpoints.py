@@ -16,11 +16,18 @@ Layout of a checkpoint step (orbax `Composite`):
           `load_for_inference` reads of either
   meta    JSON: format_version, step, input position, data manifest hash,
           the config, best dev recall so far
+  digests JSON: a checksum of every array of `state` (`array_digests`),
+          computed from the bytes handed to the writer, in the same orbax
+          save (committed with the arrays or not at all)
 
-`FORMAT_VERSION` 1 checkpoints (before the field existed) hold the same two
-items and are read the same way.
+A restore hashes the arrays it read and compares (`ChecksumMismatch` when
+one differs): a flipped byte in an array file reads back without an error
+and often as finite values, which no other check would catch. Checkpoints
+of formats 1 and 2 (before checksums; format 1 before the format_version
+field) are read unverified, with a warning.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +37,7 @@ from typing import Any, Callable, NamedTuple
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -41,7 +49,11 @@ from mardjax.models import two_branch
 
 CHECKPOINT_DIR = 'checkpoints'
 BEST_DIR = 'best'
-FORMAT_VERSION = 2
+# 3: the `digests` item.
+FORMAT_VERSION = 3
+_FIRST_WITH_DIGESTS = 3
+DIGEST_ITEM = 'digests'
+_DIGEST_ALGORITHM = 'blake2b-256'
 # Parts of the train state the model's `apply` reads.
 VARIABLE_FIELDS = ('params', 'batch_stats')
 
@@ -148,8 +160,112 @@ def _require_finite(tree) -> None:
     raise NonFiniteCheckpoint(f'{bad} of {total} values are not finite')
 
 
+class ChecksumMismatch(ValueError):
+  """A checkpoint whose arrays read back with other bytes than were saved."""
+
+
+def _leaf_name(path) -> str:
+  """'params/audio_head/out/kernel': the same for a field of the train state
+  and for the key of a dict of its fields (a partial restore's target)."""
+  parts = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
+
+
+def _array_digest(x) -> str:
+  """blake2b-256 of an array's dtype, shape and bytes."""
+  x = np.ascontiguousarray(np.asarray(x))
+  digest = hashlib.blake2b(digest_size=32)
+  digest.update(f'{x.dtype.name}{x.shape}'.encode())
+  # Hashed in place, without the copy of `tobytes` (hashlib releases the GIL
+  # on buffers this size, so a background save does not hold the loop up).
+  digest.update(x.reshape(-1).view(np.uint8))
+  return digest.hexdigest()
+
+
+def array_digests(tree) -> dict[str, Any]:
+  """The `digests` record of a tree of host arrays: each one's digest and
+  dtype."""
+  leaves = [(_leaf_name(path), np.asarray(leaf)) for path, leaf in
+            jax.tree_util.tree_leaves_with_path(tree)]
+  return {'algorithm': _DIGEST_ALGORITHM,
+          'arrays': {name: _array_digest(x) for name, x in leaves},
+          'dtypes': {name: x.dtype.name for name, x in leaves}}
+
+
+def _as_saved(x, dtype_name: str | None):
+  """`x` in the dtype it was saved with, when a restore target of another
+  type (a Python int for the step counter) changed it and the change is
+  exact; else `x` itself (which then fails its digest)."""
+  x = np.asarray(x)
+  if dtype_name is None or x.dtype.name == dtype_name:
+    return x
+  saved = x.astype(jnp.dtype(dtype_name))
+  return saved if np.array_equal(saved.astype(x.dtype), x) else x
+
+
+def _check_digests(tree, record: dict[str, Any]) -> None:
+  """Raises ChecksumMismatch unless every array of `tree` (all the saved
+  ones, or a partial restore's subset) hashes to its recorded digest."""
+  if record.get('algorithm') != _DIGEST_ALGORITHM:
+    raise ChecksumMismatch(f'unknown checksum algorithm '
+                           f'{record.get("algorithm")!r}')
+  recorded, dtypes = record['arrays'], record.get('dtypes', {})
+  bad = []
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  for path, leaf in leaves:
+    name = _leaf_name(path)
+    if recorded.get(name) != _array_digest(_as_saved(leaf,
+                                                     dtypes.get(name))):
+      bad.append(name)
+  if bad:
+    raise ChecksumMismatch(
+        f'{len(bad)} of {len(leaves)} arrays differ from the checksums '
+        f'recorded when it was saved (first: {bad[0]})')
+
+
+class _DigestHandler(ocp.JsonCheckpointHandler):
+  """Writes `array_digests` of the saved host arrays as JSON; the hashing
+  happens in the write itself, so an asynchronous save does it on orbax's
+  background thread while training goes on."""
+
+  async def _save_fn(self, x, directory):
+    # Only the primary host writes the file; the others need no digests.
+    if ocp.multihost.is_primary_host(self._primary_host):
+      x = x()
+    await super()._save_fn(x, directory)
+
+
+@ocp.args.register_with_handler(_DigestHandler, for_save=True)
+@dataclasses.dataclass
+class _DigestSave(ocp.args.CheckpointArgs):
+  """item: () -> the digests record, called when the item is written."""
+  item: Callable[[], dict[str, Any]]
+
+
+@ocp.args.register_with_handler(_DigestHandler, for_restore=True)
+@dataclasses.dataclass
+class _DigestRestore(ocp.args.CheckpointArgs):
+  item: Any = None
+
+
+def _shapes(tree):
+  """Shapes and dtypes of a tree's arrays (keeps none of their memory)."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(
+          np.shape(x), x.dtype if hasattr(x, 'dtype') else
+          np.asarray(x).dtype), tree)
+
+
 class Checkpoints:
-  """orbax CheckpointManager for the state plus a JSON record of the run."""
+  """orbax CheckpointManager for the state, a JSON record of the run and the
+  state's checksums."""
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(
@@ -160,8 +276,11 @@ class Checkpoints:
     # checkpoints written by StandardSave read back unchanged.
     self.manager = ocp.CheckpointManager(
         directory, options=options, item_handlers={
-            'state': _state_handler(), 'meta': ocp.JsonCheckpointHandler()})
+            'state': _state_handler(), 'meta': ocp.JsonCheckpointHandler(),
+            DIGEST_ITEM: _DigestHandler()})
     self._host_copy = _HostCopy()
+    # The structure saved or restored last, for `newest_verified`.
+    self._target = None
 
   def save(self, step: int, state, meta: dict[str, Any]) -> None:
     if step in self.manager.all_steps():
@@ -172,17 +291,23 @@ class Checkpoints:
     meta = dict(meta, format_version=FORMAT_VERSION)
     if jax.process_count() == 1:
       # The previous save must be written before its buffers are reused.
-      state = self._host_copy(state, self.manager.wait_until_finished)
+      state = host = self._host_copy(state, self.manager.wait_until_finished)
     else:  # orbax's ArrayHandler copies global arrays itself.
-      state = _replicated_global(state)
+      host = jax.device_get(state)  # This process's copy: the same bytes.
+      state = _replicated_global(host)
+    self._target = _shapes(host)
+    # The digests are of the very buffers the writer reads; they stay
+    # unchanged until the next save, which first waits for this one.
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        meta=ocp.args.JsonSave(meta),
+        **{DIGEST_ITEM: _DigestSave(lambda: array_digests(host))}),
+                      force=True)
 
   def restore_latest(self, abstract_state,
                      check_meta: Callable[[dict[str, Any]], None] | None = None,
                      partial: bool = False):
-    """(step, state, meta) of the newest readable checkpoint, or None.
+    """(step, state, meta) of the newest intact checkpoint, or None.
 
     Args:
       abstract_state: the structure to read (values unused): the whole train
@@ -191,49 +316,150 @@ class Checkpoints:
         raise (e.g. for another data manifest), which stops the restore.
       partial: read only the fields of `abstract_state` (inference).
 
-    An unreadable newest checkpoint (a crash mid-write, a damaged disk), or
-    one that reads back with NaN or infinite values, gets a warning, is
+    A newest checkpoint that cannot be read (a crash mid-write, a damaged
+    disk), that reads back with NaN or infinite values, or whose arrays do
+    not match the checksums recorded when it was saved, gets a warning, is
     moved aside, and the previous one is tried.
     """
+    self._target = _shapes(abstract_state)
+    target = _abstract(abstract_state)
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        meta = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
-      except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
+      meta = self._meta(step)
+      if meta is None:
         continue
-      if meta.get('format_version', 1) > FORMAT_VERSION:
-        raise UserError(
-            f'{self.directory}/{step} was written by a newer mardjax '
-            f'(checkpoint format {meta["format_version"]}, this code reads '
-            f'up to {FORMAT_VERSION}): update mardjax.')
       if check_meta is not None:
         check_meta(meta)
-      target = _abstract(abstract_state)
-      args = ocp.args.PyTreeRestore(
-          item=target, partial_restore=partial,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=args))
-        state = _replicated_local(restored['state'])
-        _require_finite(state)
+      state = self._state(step, meta, target, partial)
+      if state is not None:
         return step, state, meta
-      except Exception as e:  # pylint: disable=broad-except
-        self._set_aside(step, e)
     return None
 
-  def _set_aside(self, step: int, error: Exception) -> None:
-    # Moved, not deleted (someone may want to look at it), so that the
-    # resumed run can write this step again.
-    aside = os.path.join(os.path.dirname(self.directory),
-                         f'unreadable_checkpoints/{step}-{int(time.time())}')
-    os.makedirs(os.path.dirname(aside), exist_ok=True)
-    os.rename(os.path.join(self.directory, str(step)), aside)
+  def restore_best(self, abstract_state,
+                   check_meta: Callable[[dict[str, Any]], None] | None = None,
+                   partial: bool = False):
+    """As `restore_latest`, but the intact checkpoint with the highest dev
+    recall@10 recorded for its own step (the first to reach it), then those
+    without an evaluation of their step, newest first."""
+    self._target = _shapes(abstract_state)
+    target = _abstract(abstract_state)
+    metas = {}
+    for step in self.manager.all_steps():
+      meta = self._meta(step)
+      if meta is not None:
+        metas[step] = meta
+
+    def rank(step):
+      recalls = [h['recall@10'] for h in metas[step].get('history', [])
+                 if h.get('step') == step and 'recall@10' in h]
+      return (0, -recalls[0], step) if recalls else (1, -step, step)
+    for step in sorted(metas, key=rank):
+      if check_meta is not None:
+        check_meta(metas[step])
+      state = self._state(step, metas[step], target, partial)
+      if state is not None:
+        return step, state, metas[step]
+    return None
+
+  def _meta(self, step: int) -> dict[str, Any] | None:
+    """The run record of `step`; None when unreadable (then set aside)."""
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # pylint: disable=broad-except
+      self._set_aside(step, e)
+      return None
+    if meta.get('format_version', 1) > FORMAT_VERSION:
+      raise UserError(
+          f'{self.directory}/{step} was written by a newer mardjax '
+          f'(checkpoint format {meta["format_version"]}, this code reads '
+          f'up to {FORMAT_VERSION}): update mardjax.')
+    return meta
+
+  def _state(self, step: int, meta: dict[str, Any], target, partial: bool):
+    """The state of `step`, read, checked finite and verified; None when it
+    is not intact (then set aside)."""
+    args = ocp.args.PyTreeRestore(
+        item=target, partial_restore=partial,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=args))
+      state = _replicated_local(restored['state'])
+      host = jax.device_get(state)  # One copy for both checks.
+      _require_finite(host)
+      self._verify(step, meta, host)
+      return state
+    except Exception as e:  # pylint: disable=broad-except
+      self._set_aside(step, e)
+      return None
+
+  def _verify(self, step: int, meta: dict[str, Any], state) -> None:
+    """Raises ChecksumMismatch unless `state` (host arrays), as read back,
+    hashes to the digests saved with it (a checkpoint of a format before
+    checksums: a warning)."""
+    if (meta.get('format_version', 1) < _FIRST_WITH_DIGESTS and
+        not os.path.isdir(os.path.join(self.directory, str(step),
+                                       DIGEST_ITEM))):
+      logging.warning('Checkpoint %s/%d has no checksums (written by an older '
+                      'mardjax): its arrays are not verified.', self.directory,
+                      step)
+      return
+    try:
+      record = self.manager.restore(step, args=ocp.args.Composite(
+          **{DIGEST_ITEM: _DigestRestore()}))[DIGEST_ITEM]
+    except Exception as e:  # pylint: disable=broad-except
+      raise ChecksumMismatch(f'its checksums cannot be read ({e})') from e
+    _check_digests(state, record)
+
+  def newest_verified(self) -> int | None:
+    """The step of the newest checkpoint that reads back intact (checksums
+    matching, values finite), once the saves in flight are written; newer
+    ones that do not are set aside, so a run resumes from this one.
+
+    The structure read is the one saved or restored last by this object;
+    None when there is none (nothing saved or restored yet).
+    """
+    self.wait()
+    if self._target is None:
+      return None
+    found = self.restore_latest(self._target)
+    return None if found is None else found[0]
+
+  def set_aside(self, step: int, reason: str) -> str:
+    """Moves the checkpoint of `step` under `unreadable_checkpoints/` beside
+    this directory and returns where it went.
+
+    Moved, not deleted (someone may want to look at it), so that a resumed
+    run can write this step again.
+    """
+    self.manager.wait_until_finished()
+    root = os.path.join(os.path.dirname(self.directory),
+                        'unreadable_checkpoints')
+    # The best-by-recall copy of a step lands beside the rolling one.
+    prefix = '' if os.path.basename(self.directory) == CHECKPOINT_DIR else (
+        os.path.basename(self.directory) + '-')
+    aside = os.path.join(root, f'{prefix}{step}-{int(time.time())}')
+    n = 1
+    while os.path.exists(aside if n == 1 else f'{aside}.{n}'):
+      n += 1
+    aside = aside if n == 1 else f'{aside}.{n}'
+    # Every process reads the same directory; one moves it.
+    if jax.process_index() == 0:
+      os.makedirs(root, exist_ok=True)
+      os.rename(os.path.join(self.directory, str(step)), aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'set_aside_{step}')
     self.manager.reload()
-    logging.warning('Checkpoint at step %d is unreadable (%s: %s); moved it '
-                    'to %s and falling back to the previous one.', step,
-                    type(error).__name__, error, aside)
+    logging.warning('Checkpoint %s/%d %s; moved it to %s.', self.directory,
+                    step, reason, aside)
+    return aside
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    # tensorstore's errors carry the whole store spec: its start says it.
+    text = ' '.join(str(error).split())
+    text = text if len(text) <= 300 else text[:300] + '...'
+    self.set_aside(step, f'is unreadable ({type(error).__name__}: {text}), '
+                   'falling back to the previous one')
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -280,31 +506,42 @@ def require_checkpoints(workdir: str, directory: str = CHECKPOINT_DIR
   return ckpt_dir
 
 
+def _has_steps(directory: str) -> bool:
+  """Whether `directory` holds a committed checkpoint step (orbax's
+  unfinished ones carry a temporary suffix)."""
+  return os.path.isdir(directory) and any(
+      name.isdigit() for name in os.listdir(directory))
+
+
 def inference_source(workdir: str) -> str:
   """The checkpoint directory serving uses: the best-by-recall one when a
-  run kept it, else the rolling checkpoints."""
-  return BEST_DIR if os.path.isdir(os.path.join(workdir, BEST_DIR)) else (
+  run kept it (and it still holds a step), else the rolling checkpoints.
+  `load_for_inference` falls back from a best-by-recall checkpoint that is
+  not intact to the rolling ones."""
+  return BEST_DIR if _has_steps(os.path.join(workdir, BEST_DIR)) else (
       CHECKPOINT_DIR)
 
 
 def run_config(workdir: str) -> dict[str, Any] | None:
   """The config a run was trained with (as JSON), from the newest readable
-  record of its serving checkpoints; None when there is none."""
-  source = os.path.join(workdir, inference_source(workdir))
-  if not os.path.isdir(source):
-    return None
-  manager = ocp.CheckpointManager(
-      source, options=ocp.CheckpointManagerOptions(create=False))
-  try:
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        meta = manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
-        return json.loads(meta['config'])
-      except Exception:  # pylint: disable=broad-except
-        continue  # restore_latest sets unreadable ones aside, not this.
-  finally:
-    manager.close()
+  record of its serving checkpoints (or of the rolling ones); None when
+  there is none."""
+  for name in dict.fromkeys((inference_source(workdir), CHECKPOINT_DIR)):
+    source = os.path.join(workdir, name)
+    if not os.path.isdir(source):
+      continue
+    manager = ocp.CheckpointManager(
+        source, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+      for step in sorted(manager.all_steps(), reverse=True):
+        try:
+          meta = manager.restore(step, args=ocp.args.Composite(
+              meta=ocp.args.JsonRestore()))['meta']
+          return json.loads(meta['config'])
+        except Exception:  # pylint: disable=broad-except
+          continue  # restore_latest sets unreadable ones aside, not this.
+    finally:
+      manager.close()
   return None
 
 
@@ -320,10 +557,14 @@ class Inference(NamedTuple):
 def load_for_inference(config: ml_collections.ConfigDict, workdir: str,
                        manifest: manifest_lib.Manifest | None = None,
                        directory: str | None = None) -> Inference:
-  """The model and variables of the newest readable checkpoint of a run.
+  """The model and variables of the newest intact checkpoint of a run.
 
   Reads no TFRecord and no optimizer state: the restore target comes from
   `jax.eval_shape` of the model's `init` on inputs shaped from the manifest.
+  With the serving choice, a best-by-recall checkpoint that is not intact
+  (unreadable, not finite, or not matching its checksums; set aside) gives
+  way to the intact rolling checkpoint with the best dev recall@10 recorded
+  for its step (else the newest), with a warning line naming it.
 
   Args:
     config: the run's config (model fields, data.max_len).
@@ -334,7 +575,7 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str,
       (`inference_source`: best-by-recall when kept).
 
   Raises:
-    UserError: no checkpoint, none readable, or trained on other data.
+    UserError: no checkpoint, none intact, or trained on other data.
   """
   source = directory or inference_source(workdir)
   ckpt_dir = require_checkpoints(workdir, source)
@@ -344,15 +585,35 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str,
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), **two_branch.dummy_inputs(
           config, manifest)))
-  ckpt = Checkpoints(ckpt_dir, config.train.keep_checkpoints, async_save=False)
-  try:
-    restored = ckpt.restore_latest(
-        {k: abstract[k] for k in VARIABLE_FIELDS if k in abstract},
-        check_meta=lambda m: check_same_data(m, manifest.sha256, workdir),
-        partial=True)
-  finally:
-    ckpt.close()
+  target = {k: abstract[k] for k in VARIABLE_FIELDS if k in abstract}
+
+  def restore(name, best):
+    ckpt = Checkpoints(os.path.join(workdir, name),
+                       config.train.keep_checkpoints, async_save=False)
+    try:
+      return (ckpt.restore_best if best else ckpt.restore_latest)(
+          target, partial=True, check_meta=lambda m: check_same_data(
+              m, manifest.sha256, workdir))
+    finally:
+      ckpt.close()
+  restored = restore(source, best=False)
+  if (restored is None and directory is None and source == BEST_DIR and
+      _has_steps(os.path.join(workdir, CHECKPOINT_DIR))):
+    ckpt_dir = f'{ckpt_dir} or {os.path.join(workdir, CHECKPOINT_DIR)}'
+    restored = restore(CHECKPOINT_DIR, best=True)
+    if restored is not None:
+      step, _, meta = restored
+      recall = [h['recall@10'] for h in meta.get('history', [])
+                if h.get('step') == step and 'recall@10' in h]
+      logging.warning(
+          '%s holds no intact checkpoint; using step %d of %s instead (%s).',
+          os.path.join(workdir, BEST_DIR), step,
+          os.path.join(workdir, CHECKPOINT_DIR),
+          f'dev recall@10 {recall[0]:.4f}, the best of the rolling '
+          'checkpoints' if recall else 'the newest rolling checkpoint, none '
+          'evaluated at its step')
+      source = CHECKPOINT_DIR
   if restored is None:
-    raise UserError(f'No readable checkpoint in {ckpt_dir!r}.')
+    raise UserError(f'No readable checkpoint in {ckpt_dir}.')
   step, variables, _ = restored
   return Inference(model, dict(variables), int(step), source, manifest)

@@ -238,22 +238,51 @@ def _evaluate(run: _Run, step: int) -> dict[str, Any]:
 
 def _check_finite(run: _Run, step: int, m: dict[str, Any]) -> None:
   """Stops the run when step `step` left a non-finite loss, gradient or
-  parameter, naming the last good checkpoint; nothing non-finite is ever
-  saved or promoted, since saves and evaluations come after this check."""
+  parameter, naming the last good checkpoint: the newest that reads back
+  intact (`Checkpoints.newest_verified`). Nothing non-finite is ever saved
+  or promoted, since saves and evaluations come after this check.
+
+  The first step after a resume runs alone (`_dispatch_size`): a loss or
+  gradient that is not finite there comes from the restored state itself,
+  before any update and whatever the learning rate, so that checkpoint is
+  set aside too (finite garbage, such as a value of 1e35 written into it),
+  and the next run resumes from the one before instead of stopping the
+  same way again.
+  """
   # Only the flag crosses to the host every step; the rest when it fails.
   if float(m['finite']) >= 1:
     return
   m = jax.device_get(m)
-  run.ckpt.wait()
-  latest = run.ckpt.manager.latest_step()
+  loss, grad_norm = float(m['loss']), float(m['grad_norm'])
+  where = os.path.join(run.workdir, checkpoints.CHECKPOINT_DIR)
+  resumed = run.start_step
+  if (resumed and step == resumed + 1 and
+      resumed in run.ckpt.manager.all_steps() and
+      not (math.isfinite(loss) and math.isfinite(grad_norm))):
+    aside = run.ckpt.set_aside(
+        resumed, f'gives a non-finite loss ({loss}) at the first step after '
+        'resuming from it, before any update')
+    latest = run.ckpt.newest_verified()
+    raise UserError(
+        f'The loss became {loss} at step {step}, the first after resuming '
+        f'from step {resumed}, before any update (gradient norm {grad_norm}): '
+        f'the checkpoint of step {resumed} is bad and was moved to {aside}. '
+        + (f'The last good checkpoint is step {latest} in {where}; run again '
+           'to resume from it.' if latest is not None else
+           'No earlier checkpoint is intact: run again to start from step 0.'))
+  latest = run.ckpt.newest_verified()
+  suspect = ''
+  if latest is not None and latest == resumed:
+    suspect = (f' (this run diverged {step - resumed} steps after resuming '
+               f'from step {resumed}: if it does so again at a lower rate, '
+               f'that checkpoint is suspect; move {where}/{resumed} aside to '
+               'resume from the one before)')
   raise UserError(
-      f'The loss became {float(m["loss"])} at step {step} (gradient norm '
-      f'{float(m["grad_norm"])}; the state is no longer finite). The last '
-      'good checkpoint'
-      + (f' is step {latest} in '
-         f'{os.path.join(run.workdir, checkpoints.CHECKPOINT_DIR)}'
-         if latest is not None else ' does not exist (none saved yet)')
-      + '; lower config.train.learning_rate or check the data.')
+      f'The loss became {loss} at step {step} (gradient norm {grad_norm}; the '
+      'state is no longer finite). The last good checkpoint'
+      + (f' is step {latest} in {where}' if latest is not None else
+         ' does not exist (none intact saved yet)')
+      + f'; lower config.train.learning_rate or check the data{suspect}.')
 
 
 def _log(run: _Run, step: int, m: dict[str, Any], rate: float) -> None:
@@ -300,10 +329,13 @@ class _Window:
 
 
 def _dispatch_size(run: _Run, step: int) -> int:
-  """Steps in the next dispatch: the plan's `steps_per_dispatch`, or 1 when a log,
-  checkpoint, evaluation or the end falls sooner (two compiled sizes)."""
+  """Steps in the next dispatch: the plan's `steps_per_dispatch`, or 1 when
+  a log, checkpoint, evaluation or the end falls sooner, and for the first
+  step after a resume (two compiled sizes)."""
   n = run.plan.steps_per_dispatch
-  if n == 1:
+  # The first step after a resume alone: its loss and gradient are those of
+  # the restored state (`_check_finite`).
+  if n == 1 or (step == run.start_step > 0):
     return 1
   t = run.config.train
   boundary = min([run.steps] + [(step // every + 1) * every for every in (

@@ -1,0 +1,293 @@
+"""Checkpoints prove they are intact: array checksums recorded at save and
+verified at restore, divergence naming only intact checkpoints, and reading
+modes falling back from a best-by-recall checkpoint that is not intact."""
+
+import glob
+import json
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from mardjax import stages
+from mardjax.errors import UserError
+from mardjax.train import checkpoints
+
+# The first bytes of an OCDBT b-tree node; the other data files hold the
+# arrays' bytes.
+_BTREE_MAGIC = bytes.fromhex('0cdb20de')
+
+
+def _config(**train):
+  config = test_config.get_config()
+  config.train.update(train)
+  return config
+
+
+def _array_files(step_dir):
+  """The files of a saved state that hold array bytes, largest first."""
+  files = [p for p in glob.glob(os.path.join(step_dir, 'state', '**', 'd',
+                                             '*'), recursive=True)
+           if os.path.isfile(p)]
+  data = []
+  for path in files:
+    with open(path, 'rb') as f:
+      if f.read(4) != _BTREE_MAGIC:
+        data.append(path)
+  assert data, f'no array data file under {step_dir}'
+  return sorted(data, key=os.path.getsize, reverse=True)
+
+
+def _damage(step_dir, how):
+  """'flip': four bytes inverted in the middle of the largest array file;
+  'zero': every array file overwritten with zeros (sizes kept)."""
+  files = _array_files(step_dir)
+  if how == 'flip':
+    size = os.path.getsize(files[0])
+    with open(files[0], 'r+b') as f:
+      f.seek(size // 2)
+      data = f.read(4)
+      f.seek(size // 2)
+      f.write(bytes(b ^ 0xFF for b in data))
+  else:
+    for path in files:
+      size = os.path.getsize(path)
+      with open(path, 'wb') as f:
+        f.write(b'\0' * size)
+
+
+def _warnings(caplog, text):
+  return [r.getMessage() for r in caplog.records
+          if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+def _state(step, rng):
+  return {'table': rng.normal(size=(256, 512)).astype(np.float32) + step,
+          'bias': np.full((7,), step, np.float32),
+          'step': np.asarray(step, np.int32)}
+
+
+def _zeros_like(state):
+  return {k: np.zeros_like(v) for k, v in state.items()}
+
+
+@pytest.mark.parametrize('how', ['flip', 'zero'])
+def test_damaged_array_bytes_are_set_aside_for_the_previous_step(
+    tmp_path, caplog, how):
+  rng = np.random.default_rng(0)
+  directory = str(tmp_path / checkpoints.CHECKPOINT_DIR)
+  ckpt = checkpoints.Checkpoints(directory, keep=3)
+  saved = {}
+  for step in (1, 2):
+    saved[step] = _state(step, rng)
+    ckpt.save(step, saved[step], {'step': step})
+  ckpt.close()
+  # Valid files, other bytes: orbax reads them back without an error.
+  _damage(os.path.join(directory, '2'), how)
+  ckpt = checkpoints.Checkpoints(directory, keep=3, async_save=False)
+  with caplog.at_level('WARNING'):
+    step, state, _ = ckpt.restore_latest(_zeros_like(saved[1]))
+  ckpt.close()
+  assert step == 1
+  for k in saved[1]:
+    np.testing.assert_array_equal(state[k], saved[1][k])
+  lines = _warnings(caplog, 'ChecksumMismatch')
+  assert len(lines) == 1 and f'{directory}/2 is unreadable' in lines[0]
+  assert '\n' not in lines[0]
+  assert [d.split('-')[0] for d in os.listdir(tmp_path /
+                                              'unreadable_checkpoints')] == [
+                                                  '2']
+
+
+def test_checksums_are_of_every_array_and_catch_a_missing_record(tmp_path,
+                                                                 caplog):
+  rng = np.random.default_rng(1)
+  directory = str(tmp_path / checkpoints.CHECKPOINT_DIR)
+  ckpt = checkpoints.Checkpoints(directory, keep=3, async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, _state(step, rng), {'step': step})
+  with open(os.path.join(directory, '2', checkpoints.DIGEST_ITEM,
+                         'metadata')) as f:
+    record = json.load(f)
+  assert sorted(record['arrays']) == ['bias', 'step', 'table']
+  # A current checkpoint without its checksums is not trusted.
+  shutil.rmtree(os.path.join(directory, '2', checkpoints.DIGEST_ITEM))
+  with caplog.at_level('WARNING'):
+    step, _, _ = ckpt.restore_latest(_zeros_like(_state(0, rng)))
+  assert step == 1
+  assert len(_warnings(caplog, 'checksums cannot be read')) == 1
+  ckpt.close()
+
+
+def test_checkpoints_from_before_checksums_load_with_one_warning(tmp_path,
+                                                                 caplog):
+  rng = np.random.default_rng(2)
+  directory = str(tmp_path / checkpoints.CHECKPOINT_DIR)
+  ckpt = checkpoints.Checkpoints(directory, keep=3, async_save=False)
+  saved = _state(3, rng)
+  ckpt.save(3, saved, {'step': 3})
+  # As format 2 wrote it: no digests item.
+  shutil.rmtree(os.path.join(directory, '3', checkpoints.DIGEST_ITEM))
+  meta_file = os.path.join(directory, '3', 'meta', 'metadata')
+  with open(meta_file) as f:
+    meta = json.load(f)
+  meta['format_version'] = 2
+  with open(meta_file, 'w') as f:
+    json.dump(meta, f)
+  ckpt.manager.reload()
+  with caplog.at_level('WARNING'):
+    step, state, _ = ckpt.restore_latest(_zeros_like(saved))
+  ckpt.close()
+  assert step == 3
+  np.testing.assert_array_equal(state['table'], saved['table'])
+  lines = _warnings(caplog, 'no checksums')
+  assert len(lines) == 1 and 'older mardjax' in lines[0]
+  assert not (tmp_path / 'unreadable_checkpoints').exists()
+
+
+def test_restore_best_takes_the_intact_step_with_the_best_recall(tmp_path):
+  rng = np.random.default_rng(3)
+  directory = str(tmp_path / checkpoints.CHECKPOINT_DIR)
+  ckpt = checkpoints.Checkpoints(directory, keep=5, async_save=False)
+  recalls = {2: 0.3, 4: 0.5, 6: 0.4, 8: None}
+  history = []
+  for step, recall in recalls.items():
+    if recall is not None:
+      history.append({'step': step, 'recall@10': recall})
+    ckpt.save(step, _state(step, rng), {'step': step,
+                                        'history': list(history)})
+  target = _zeros_like(_state(0, rng))
+  assert ckpt.restore_best(target)[0] == 4
+  _damage(os.path.join(directory, '4'), 'flip')
+  assert ckpt.restore_best(target)[0] == 6
+  assert ckpt.restore_latest(target)[0] == 8
+  ckpt.close()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_from_the_intact_previous_checkpoint(
+    tiny_records, tmp_path, caplog):
+  data_dir, _ = tiny_records
+  kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
+  stages.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
+                            data_dir)
+  _damage(str(tmp_path / checkpoints.CHECKPOINT_DIR / '10'), 'flip')
+  with caplog.at_level('WARNING'):
+    state, result = stages.train_and_evaluate(_config(num_steps=12, **kw),
+                                              str(tmp_path), data_dir)
+  assert result['resumed_from'] == 5
+  assert int(state.step) == 12
+  assert len(_warnings(caplog, 'ChecksumMismatch')) == 1
+  assert [d.split('-')[0] for d in os.listdir(
+      tmp_path / 'unreadable_checkpoints')] == ['10']
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_diverges_at_once_is_never_named_good(tiny_records,
+                                                                tmp_path):
+  """Finite garbage written with valid checksums (what a bad write leaves):
+  its own loss is not finite at the first step after the resume, so it is
+  set aside and the message names the checkpoint before it, which the next
+  run resumes from instead of stopping the same way."""
+  data_dir, _ = tiny_records
+  kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
+  state, _ = stages.train_and_evaluate(_config(num_steps=10, **kw),
+                                       str(tmp_path), data_dir)
+  directory = str(tmp_path / checkpoints.CHECKPOINT_DIR)
+  ckpt = checkpoints.Checkpoints(directory, keep=3, async_save=False)
+  step, good, meta = ckpt.restore_latest(state)
+  assert step == 10
+  garbage = jax.tree_util.tree_map(
+      lambda x: np.full(np.shape(x), 1e20, np.asarray(x).dtype), good.params)
+  ckpt.save(step, good.replace(params=garbage), meta)
+  ckpt.close()
+  with pytest.raises(UserError, match=(
+      r'at step 11, the first after resuming from step 10, .*step 10 is bad.*'
+      r'The last good checkpoint is step 5 in ' + directory)) as error:
+    stages.train_and_evaluate(_config(num_steps=20, **kw), str(tmp_path),
+                              data_dir)
+  assert 'step 10 in' not in str(error.value)
+  assert '\n' not in str(error.value)
+  assert sorted(os.listdir(directory)) == ['5']
+  _, result = stages.train_and_evaluate(_config(num_steps=12, **kw),
+                                        str(tmp_path), data_dir)
+  assert result['resumed_from'] == 5 and result['steps'] == 12
+
+
+def _copy_run(trained_room, tmp_path):
+  """A private copy of the shared trained workdir (tests may damage it)."""
+  config, workdir, room = trained_room
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('export'))
+  config = config.copy_and_resolve_references()
+  config.data.tfrecord_dir = os.path.join(copy, 'data')
+  return config, copy, room
+
+
+@pytest.mark.parametrize('how', ['flip', 'nan'])
+def test_reading_modes_fall_back_from_a_best_checkpoint_not_intact(
+    trained_room, tmp_path, caplog, how):
+  config, workdir, _ = _copy_run(trained_room, tmp_path)
+  best_dir = os.path.join(workdir, checkpoints.BEST_DIR)
+  (best_step,) = (int(d) for d in os.listdir(best_dir) if d.isdigit())
+  rolling = checkpoints.load_for_inference(
+      config, workdir, directory=checkpoints.CHECKPOINT_DIR)
+  if how == 'flip':
+    _damage(os.path.join(best_dir, str(best_step)), 'flip')
+  else:  # Written as saves write, checksums and all, but not finite.
+    best = checkpoints.load_for_inference(config, workdir)
+    ckpt = checkpoints.Checkpoints(best_dir, keep=1, async_save=False)
+    meta = ckpt.manager.restore(best_step, args=checkpoints.ocp.args.Composite(
+        meta=checkpoints.ocp.args.JsonRestore()))['meta']
+    variables = jax.tree_util.tree_map(np.array, best.variables)
+    variables['params']['audio_head']['out']['kernel'].flat[0] = np.nan
+    ckpt.save(best_step, variables, meta)
+    ckpt.close()
+  with caplog.at_level('WARNING'):
+    trained = checkpoints.load_for_inference(config, workdir)
+  assert trained.source == checkpoints.CHECKPOINT_DIR
+  assert trained.step == rolling.step
+  assert (checkpoints.params_fingerprint(trained.variables['params']) ==
+          checkpoints.params_fingerprint(rolling.variables['params']))
+  lines = _warnings(caplog, 'holds no intact checkpoint')
+  assert len(lines) == 1
+  assert f'using step {rolling.step} of ' in lines[0]
+  assert os.listdir(os.path.join(workdir, 'unreadable_checkpoints')) and (
+      not os.listdir(best_dir))
+  # Later reads go to the rolling checkpoints at once.
+  assert checkpoints.inference_source(workdir) == checkpoints.CHECKPOINT_DIR
+  assert checkpoints.run_config(workdir) is not None
+
+
+@pytest.mark.slow
+def test_a_divergence_names_only_a_checkpoint_that_reads_back_intact(
+    tiny_records, tmp_path, monkeypatch):
+  """The newest checkpoint is damaged on disk after it was written and
+  restored: the run that diverges names the one before, and has set the
+  damaged one aside so that a rerun resumes from the one named."""
+  data_dir, _ = tiny_records
+  kw = dict(checkpoint_every=5, eval_every=1000, log_every=1000)
+  stages.train_and_evaluate(_config(num_steps=10, **kw), str(tmp_path),
+                            data_dir)
+  directory = str(tmp_path / checkpoints.CHECKPOINT_DIR)
+  wait = checkpoints.Checkpoints.wait
+
+  def wait_then_damage(self):
+    wait(self)
+    if self.directory == directory and os.path.isdir(
+        os.path.join(directory, '10')):
+      _damage(os.path.join(directory, '10'), 'flip')
+  # Called when the run stops, once the writes in flight are done.
+  monkeypatch.setattr(checkpoints.Checkpoints, 'wait', wait_then_damage)
+  with pytest.raises(UserError, match=(
+      r'loss became \S+ at step 1[1-5] .*The last good checkpoint is step 5 '
+      'in ' + directory)):
+    stages.train_and_evaluate(_config(num_steps=40, learning_rate=1e30, **kw),
+                              str(tmp_path), data_dir)
+  assert sorted(os.listdir(directory)) == ['5']
+  assert [d.split('-')[0] for d in os.listdir(
+      tmp_path / 'unreadable_checkpoints')] == ['10']
