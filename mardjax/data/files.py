@@ -341,10 +341,12 @@ def digests(directory: str, names: list[str]) -> dict[str, dict]:
 
 
 def check_digests(directory: str, recorded: dict[str, dict], what: str,
-                  again: str, hashes: bool = True) -> None:
+                  again: str, hashes: bool = True,
+                  optional: Callable[[str], bool] = lambda name: False
+                  ) -> None:
   """Refuses a folder whose files are not the ones its description lists:
-  missing, another size, or (with `hashes`) other bytes, as when files of
-  two writes were mixed.
+  missing (unless `optional(name)`), another size, or (with `hashes`) other
+  bytes, as when files of two writes were mixed.
 
   Raises:
     UserError: one line naming the first file that differs.
@@ -354,6 +356,8 @@ def check_digests(directory: str, recorded: dict[str, dict], what: str,
     try:
       size = os.stat(path).st_size
     except OSError:
+      if optional(name):
+        continue
       raise UserError(f'{path} is missing: {what} is incomplete; '
                       f'{again}.') from None
     if size != want['size'] or (hashes and 'sha256' in want and

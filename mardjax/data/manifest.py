@@ -121,8 +121,14 @@ def manifest_hash(data_dir: str) -> str:
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def load(data_dir: str) -> Manifest:
+def load(data_dir: str, records: bool = True) -> Manifest:
   """Reads a finished preprocessing output; a clear error when there is none.
+
+  Args:
+    data_dir: the output folder.
+    records: whether the TFRecord files must be there; a model served or
+      exported from a copy of the manifest and vocabulary alone needs none
+      (the files present are checked either way).
 
   Raises:
     UserError: no manifest, unreadable JSON, another schema version, or a
@@ -147,7 +153,9 @@ def load(data_dir: str) -> Manifest:
   # hand, or half replaced) is refused; sizes are cheap to check each start.
   files_lib.check_digests(data_dir, raw.get('written', {}),
                           f'the preprocessed data in {data_dir}',
-                          'run --mode=preprocess --force', hashes=False)
+                          'run --mode=preprocess --force', hashes=False,
+                          optional=lambda name: not records and
+                          name.endswith('.tfrecord'))
   return from_dict(raw, data_dir, hashlib.sha256(blob).hexdigest())
 
 

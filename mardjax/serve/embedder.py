@@ -44,7 +44,7 @@ class Embedder:
     if config.model.audio_encoder != 'track':
       raise UserError("new recordings are single tracks: use a model with "
                       "audio_encoder='track'.")
-    self.manifest = manifest_lib.load(data_dir)
+    self.manifest = manifest_lib.load(data_dir, records=False)
     self.trained = trained = checkpoints.load_for_inference(
         config, workdir, self.manifest)
     self.model, self.variables = trained.model, trained.variables

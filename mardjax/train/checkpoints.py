@@ -580,7 +580,8 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str,
   source = directory or inference_source(workdir)
   ckpt_dir = require_checkpoints(workdir, source)
   if manifest is None:
-    manifest = manifest_lib.load(manifest_lib.data_dir_of(config, workdir))
+    manifest = manifest_lib.load(manifest_lib.data_dir_of(config, workdir),
+                                 records=False)
   model = two_branch.from_manifest(config, manifest)
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), **two_branch.dummy_inputs(
