@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
+from mardjax.errors import UserError
 from mardjax.evaluation import metrics
 
 
@@ -300,3 +301,53 @@ def test_report_intervals_of_each_direction():
     assert out[f'recall@{k}_ci95'] == forward[f'recall@{k}_ci95']
     key = f'album_to_review/recall@{k}_ci95'
     assert out[key] == backward[key]
+
+
+def test_no_queries_give_empty_counts():
+  g, t, m = metrics.review_to_album_counts(np.zeros((0, 3), np.float32),
+                                           np.zeros(0, int), ALBUMS, ALBUM_EMB)
+  assert g.shape == t.shape == m.shape == (0,)
+
+
+def test_non_finite_embeddings_and_repeated_candidates_are_refused():
+  queries = _unit([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
+  queries[1:3, 0] = [np.nan, np.inf]  # Two bad rows, one bad column.
+  with pytest.raises(UserError, match='2 of 4 review embeddings'):
+    metrics.review_to_album_counts(queries, np.array([10, 11, 12, 10]),
+                                   ALBUMS, ALBUM_EMB)
+  with pytest.raises(ValueError, match='1 repeated album ids'):
+    metrics.review_to_album_counts(ALBUM_EMB, np.array([10, 11, 12]),
+                                   np.array([10, 11, 11]), ALBUM_EMB)
+
+
+def test_reviews_of_albums_not_queried_are_wrong_answers():
+  # Album 12 is queried, 11 not: 11's review sits on 12's embedding.
+  reviews = _unit([[0, 0.1, 1], [0, 1, 0.5], [1, 0, 0]])
+  g, t, m = metrics.album_to_review_counts(
+      ALBUM_EMB[[0, 2]], np.array([10, 12]), reviews, np.array([12, 11, 10]))
+  assert (g[1], t[1], m[1]) == (0, 0, 1)  # Album 12's own review first.
+  g, t, m = metrics.album_to_review_counts(
+      ALBUM_EMB[[0, 2]], np.array([10, 12]), reviews[[1, 0, 2]],
+      np.array([12, 11, 10]))
+  assert (g[1], t[1], m[1]) == (1, 0, 1)  # 11's review above 12's.
+
+
+def test_one_compiled_shape_for_every_chunk(monkeypatch):
+  """The last, shorter chunk of queries is padded to the chunk's shape, so
+  an evaluation compiles the scoring once, not again for its remainder."""
+  traces = []
+  count_block = metrics._count_block
+
+  def counting(*args):
+    traces.append(args[1].shape)  # Runs only when _count_chunk is traced.
+    return count_block(*args)
+
+  monkeypatch.setattr(metrics, '_count_block', counting)
+  rng = np.random.default_rng(6)
+  # A width of 11 no other test uses: its shapes are traced here first.
+  q = _unit(rng.normal(size=(7, 11)))
+  cand = _unit(rng.normal(size=(5, 11)))
+  greater, _ = metrics.count_wrong_above(q, np.zeros(7), np.arange(7), cand,
+                                         np.arange(5) + 10, chunk=4)
+  assert len(set(traces)) <= 1, traces
+  np.testing.assert_array_equal(greater, ((q @ cand.T) > 1e-5).sum(1))
