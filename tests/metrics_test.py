@@ -129,6 +129,18 @@ def test_queries_of_albums_without_audio_are_an_error():
   with pytest.raises(ValueError, match='no audio'):
     metrics.review_to_album_counts(_unit([[1, 0, 0]]), np.array([99]),
                                    ALBUMS, ALBUM_EMB)
+  # Between two candidates: the error names the first three missing.
+  with pytest.raises(ValueError, match=r'4 query albums have no audio, '
+                     r'e\.g\. \[1, 3, 5\]\.'):
+    metrics.review_to_album_counts(_unit(np.ones((5, 3))),
+                                   np.array([7, 3, 5, 1, 3]), np.array([2, 4]),
+                                   ALBUM_EMB[:2])
+  # Beyond the only candidate, and with no candidate at all.
+  for albums in ([10], []):
+    with pytest.raises(ValueError, match='1 query albums have no audio'):
+      metrics.review_to_album_counts(_unit([[1, 0, 0]]), np.array([11]),
+                                     np.array(albums, int),
+                                     ALBUM_EMB[:len(albums)])
 
 
 def test_bootstrap_interval_brackets_the_mean():
@@ -280,6 +292,7 @@ def test_report_hand_computed_both_directions():
   # Random: album 10 has 2 of the 3 reviews, album 11 one.
   assert out[back + 'random_recall@1'] == pytest.approx((2 / 3 + 1 / 3) / 2)
   assert out[back + 'random_recall@5'] == 1
+  assert not [k for k in out if 'ci95' in k]  # No bootstrap unless asked.
   one_way, _ = metrics.report(ALBUMS, ALBUM_EMB, reviews, review_albums,
                               both_directions=False)
   assert {k: v for k, v in out.items() if not k.startswith(back)} == one_way
@@ -309,6 +322,14 @@ def test_no_queries_give_empty_counts():
   assert g.shape == t.shape == m.shape == (0,)
 
 
+def test_no_candidates_count_nothing():
+  greater, tied = metrics.count_wrong_above(
+      _unit([[1, 0, 0], [0, 1, 0]]), np.array([0.5, -0.5]), np.array([1, 2]),
+      np.zeros((0, 3), np.float32), np.zeros(0, int))
+  np.testing.assert_array_equal(greater, [0, 0])
+  np.testing.assert_array_equal(tied, [0, 0])
+
+
 def test_non_finite_embeddings_and_repeated_candidates_are_refused():
   queries = _unit([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
   queries[1:3, 0] = [np.nan, np.inf]  # Two bad rows, one bad column.
@@ -318,6 +339,20 @@ def test_non_finite_embeddings_and_repeated_candidates_are_refused():
   with pytest.raises(ValueError, match='1 repeated album ids'):
     metrics.review_to_album_counts(ALBUM_EMB, np.array([10, 11, 12]),
                                    np.array([10, 11, 11]), ALBUM_EMB)
+
+
+def test_album_queries_without_a_review_are_an_error():
+  with pytest.raises(ValueError, match='has no review'):
+    metrics.album_to_review_counts(ALBUM_EMB, ALBUMS, _unit([[1, 0, 0]]),
+                                   np.array([10]))
+
+
+def test_mrr_only_for_one_right_answer_per_query():
+  counts = (np.array([0, 1]), np.array([0, 0]), np.array([2, 1]))
+  out = metrics.summarize(*counts, 5, ks=(1,))
+  assert 'mrr' not in out and out['recall@1'] == 0.5
+  assert metrics.summarize(counts[0], counts[1], np.ones(2, int), 5,
+                           ks=(1,))['mrr'] == pytest.approx(0.75)
 
 
 def test_reviews_of_albums_not_queried_are_wrong_answers():
