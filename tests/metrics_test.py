@@ -174,6 +174,13 @@ def test_ties_at_exactly_the_tolerance_in_every_block(monkeypatch):
   # Ids 0 and 1 exclude a candidate; 99 has no right candidate.
   query_ids = np.array([0, 1, 99, 99, 99, 2])
   queries = np.tile(np.array([[1, 0]], np.float32), (6, 1))
+  # Above threshold + tol | within tol of the threshold:
+  #   thr 0, id 0:     2 tol, above_tol    | tol, -tol, 0
+  #   thr 0, id 1:     0.5, 2 tol, above_tol | -tol, 0
+  #   thr tol:         0.5                 | tol, 0, 2 tol, above_tol
+  #   thr -tol:        0.5, tol, 2 tol, above_tol | -tol, 0
+  #   thr -0.25:       all but -0.5        | none
+  #   thr 2 tol, id 2: 0.5                 | tol, 2 tol, above_tol
   want_greater = [2, 3, 1, 4, 6, 1]
   want_tied = [3, 2, 4, 2, 0, 3]
   # 7 candidates in blocks of 4 (one padding row), and in one block.
