@@ -133,8 +133,9 @@ def test_signed_log_keeps_sign_and_compresses():
   np.testing.assert_allclose(y, [-math.log1p(5368628), -math.log(2), 0,
                                  math.log(2), math.log1p(14701.6)])
   np.testing.assert_array_equal(d.transform(x, 'none'), x)
-  with pytest.raises(ValueError):
-    d.transform(x, 'log10')
+  for unknown in ('log10', 'sqrt', ''):
+    with pytest.raises(ValueError, match='Unknown descriptor transform'):
+      d.transform(x, unknown)
 
 
 def test_running_moments_match_numpy():
@@ -233,6 +234,8 @@ def test_extract_small_document_exactly():
     (dict(v=3.0), 'wrong_shape'),
     (dict(v=[1, 'a', 2]), 'wrong_shape'),
     (dict(v=[[1, 2, 3]]), 'wrong_shape'),
+    (dict(v=[1, 2, 3, 4]), 'wrong_shape'),  # Longer: must not spill over.
+    (dict(v=[1, 2]), 'wrong_shape'),
 ])
 def test_bad_values_raise_with_a_reason(change, reason):
   with pytest.raises(d.DescriptorError) as e:
