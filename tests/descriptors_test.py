@@ -1,5 +1,6 @@
 """Descriptor extraction against the real AcousticBrainz documents."""
 
+import dataclasses
 import json
 import math
 import os
@@ -179,6 +180,14 @@ def test_names_and_text_of_every_entry_kind():
 def test_malformed_descriptor_lists_name_their_fault(bad, message):
   with pytest.raises(ValueError, match=message):
     d.parse_descriptor_list(bad)
+
+
+def test_specs_are_frozen_values():
+  spec = d.parse_spec_entry('a:2')
+  assert spec == d.DescriptorSpec('a', False, (2,))
+  assert len({spec, d.parse_spec_entry(' a:2 ')}) == 1  # Hashable.
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.path = 'b'
 
 
 def test_set_names_and_lists():
