@@ -309,13 +309,15 @@ def report(albums: np.ndarray, album_emb: np.ndarray, review_emb: np.ndarray,
   for k, v in random_recall(counts[2], len(albums), ks).items():
     out[f'random_recall@{k}'] = v
   if both_directions:
-    query_albums = np.unique(review_albums)
+    query_albums, per_album = np.unique(review_albums, return_counts=True)
     rows = np.searchsorted(albums, query_albums)
     back = album_to_review_counts(album_emb[rows], query_albums, review_emb,
                                   review_albums)
     prefix = 'album_to_review/'
     out.update(summarize(*back, len(review_emb), ks, prefix=prefix,
                          bootstrap=bootstrap, seed=seed + 1))
-    for k, v in random_recall(back[2], len(review_emb), ks).items():
+    # A random ranking finds any of an album's reviews, not only those tied
+    # at its best (back[2]).
+    for k, v in random_recall(per_album, len(review_emb), ks).items():
       out[f'{prefix}random_recall@{k}'] = v
   return out, counts
