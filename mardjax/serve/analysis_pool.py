@@ -80,9 +80,18 @@ class ShuttingDown(PoolError):
 
 
 def _peak_rss_mb() -> float:
+  """This process' peak resident memory in MB."""
+  # VmHWM belongs to this program's own address space; ru_maxrss would
+  # include the server's, which the worker was forked from before exec.
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
   import resource  # pylint: disable=g-import-not-at-top
-  # Linux reports KB (macOS bytes; the room is served from Linux).
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS
 
 
 def _worker_main(conn, parent_pid: int, memory_mb: int, temp_dir: str
@@ -330,7 +339,8 @@ class AnalysisPool:
     worker = self._workers[i]
     if worker is None or not worker.alive():
       if worker is not None:  # Died while idle.
-        self._retire(i, died=True)
+        self._detach(i, died=True)
+        worker.stop(gently=False)
       worker = self._start_worker(i)
       if worker is None:
         _fail(job, Unavailable(
@@ -360,16 +370,19 @@ class AnalysisPool:
         answer = None
     if answer is not None:
       kind, value, peak = answer
+      spent = (worker.analyses >= self.analyses_per_worker or
+               isinstance(value, MemoryError))
       with self._lock:
         self._peak_rss_mb = max(self._peak_rss_mb, peak)
         self._counts['analyses'] += 1
+      if spent:  # Counted before the client hears, so /healthz agrees.
+        self._detach(i, died=False)
       if kind == 'ok':
         _resolve(job, value)
       else:
         _fail(job, value)
-      if (worker.analyses >= self.analyses_per_worker or
-          isinstance(value, MemoryError)):
-        self._retire(i, died=False)
+      if spent:
+        worker.stop(gently=True)
         self._start_worker(i)
       return
     if self._closed:
@@ -379,12 +392,14 @@ class AnalysisPool:
     if ready:  # The worker is gone without answering.
       worker.process.join(_EXIT_GRACE_S)
       code = worker.process.exitcode
-      self._retire(i, died=True)
+      self._detach(i, died=True)
+      worker.stop(gently=False)
       _fail(job, WorkerDied(
           'the analysis worker stopped before it finished (exit code '
           f'{code}); the server replaced it; try again'))
     else:
-      self._retire(i, died=False, timed_out=True)
+      self._detach(i, died=False, timed_out=True)
+      worker.stop(gently=False)
       _fail(job, TimedOut(
           f'the analysis took longer than {self.timeout_s:g} s '
           '(serve.analysis_timeout_s) and was stopped; try a shorter '
@@ -442,15 +457,14 @@ class AnalysisPool:
       shutil.rmtree(temp_dir, ignore_errors=True)
     return None
 
-  def _retire(self, i: int, died: bool, timed_out: bool = False) -> None:
-    """Stops slot i's worker (gently when it is spent, else killed)."""
-    worker = self._workers[i]
-    self._workers[i] = None
+  def _detach(self, i: int, died: bool, timed_out: bool = False) -> None:
+    """Counts slot i's worker as replaced and takes it from the slot (the
+    caller stops it)."""
     with self._lock:
+      self._workers[i] = None
       self._counts['replaced'] += 1
       self._counts['died'] += died
       self._counts['timeouts'] += timed_out
-    worker.stop(gently=not died and not timed_out)
 
 
 def _resolve(job: _Job, value: Any) -> None:
