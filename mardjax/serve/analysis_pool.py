@@ -25,6 +25,7 @@ driven by one thread per worker slot, so nothing blocks the loop.
 """
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import multiprocessing
@@ -43,6 +44,9 @@ from mardjax.serve import audio_analysis
 # How long a retired worker may take to leave on its own before it is
 # killed, and how long `close` waits for the slot threads.
 _EXIT_GRACE_S = 2.0
+# How long a new worker may take to import its libraries: one stuck there
+# (a hung file system) counts as one that cannot start.
+_START_TIMEOUT_S = 120.0
 
 
 class PoolError(Exception):
@@ -300,11 +304,14 @@ class AnalysisPool:
         t.join(max(0.0, deadline - time.monotonic()))
     if self._root:
       shutil.rmtree(self._root, ignore_errors=True)
+      atexit.unregister(self.close)
 
   # --- The slot threads ---------------------------------------------------
 
   def _start_slots(self) -> None:
     self._root = tempfile.mkdtemp(prefix='mardjax-room-')
+    # A server that never closes its pool still cleans up when it exits.
+    atexit.register(self.close)
     for i in range(self.size):
       t = threading.Thread(target=self._slot, args=(i,), daemon=True,
                            name=f'analysis-slot-{i}')
@@ -429,7 +436,8 @@ class AnalysisPool:
     child.close()
     if problem is None:
       # Waits for the worker's imports; the sentinel answers if it dies.
-      ready = multiprocessing.connection.wait([parent, process.sentinel])
+      ready = multiprocessing.connection.wait([parent, process.sentinel],
+                                              _START_TIMEOUT_S)
       message = None
       if parent in ready:
         try:
@@ -439,8 +447,9 @@ class AnalysisPool:
       if not message or message[0] != 'ready':
         process.join(_EXIT_GRACE_S)
         problem = (message[1] if message else
-                   f'the worker exited at start (exit code '
-                   f'{process.exitcode})')
+                   f'a worker did not start within {_START_TIMEOUT_S:g} s'
+                   if not ready else 'the worker exited at start (exit '
+                   f'code {process.exitcode})')
     with self._lock:
       self._starting.pop(i, None)
       if problem is None and not self._closed:

@@ -6,7 +6,9 @@ another checkpoint), then answers:
 
   GET  /                     the page: upload a song, search by text
   GET  /healthz              {"status": "ok", "step", "albums", "reviews",
-                              "index", "extractors"}
+                              "index", "extractors", "analysis"}; 503 and
+                              "degraded" while recordings cannot be
+                              analysed
   POST /api/query/text       JSON {"text": ..., "k": 10} -> {"albums": [...]}
   POST /api/query/audio      multipart field `file`: a recording (wav, mp3,
                              flac, ogg) or an AcousticBrainz low-level JSON
