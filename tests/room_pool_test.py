@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from mardjax.serve import web
 from tests import gated_analysis
-from tests.conftest import ROOT, write_tone
+from tests.conftest import REAL_AB_DIR, REAL_DOCS, ROOT, write_tone
 
 # Bounds every wait on the server, so that a wedged server fails the test
 # instead of hanging it; no test's outcome depends on how fast anything is.
@@ -78,9 +78,14 @@ def _app(room, **options):
 
 
 @pytest.mark.slow
-def test_a_burst_then_sequential_uploads_all_answered(trained_room, song):
+def test_a_burst_then_sequential_uploads_all_answered(trained_room, song,
+                                                      monkeypatch):
   """More uploads at once than workers, then one after another, with
-  workers replaced every third analysis: every upload is answered."""
+  workers replaced every third analysis: every upload is answered. The
+  burst is analysed by Essentia; the sequential uploads, which test the
+  workers' replacement, get a real AcousticBrainz document at once."""
+  monkeypatch.setenv('MARDJAX_TEST_DOCUMENT',
+                     os.path.join(REAL_AB_DIR, REAL_DOCS[0]))
   with TestClient(_app(trained_room[2], analysis_workers=2,
                        analyses_per_worker=3, max_waiting=8)) as client:
     burst = [_in_thread(_upload, client, song) for _ in range(5)]
@@ -88,6 +93,8 @@ def test_a_burst_then_sequential_uploads_all_answered(trained_room, song):
       t.join(_WAIT_S)
     assert [out[0].status_code if out else 'no answer'
             for _, out in burst] == [200] * 5
+    monkeypatch.setattr(web.audio_analysis, 'analyse_bytes',
+                        gated_analysis.analyse_instantly)
     for i in range(60):
       t, out = _in_thread(_upload, client, song)
       t.join(_WAIT_S)
@@ -302,3 +309,16 @@ def test_one_sigterm_stops_a_busy_server(trained_room, song, tmp_path):
       server.kill()
       server.wait()
     log.close()
+
+
+@pytest.mark.parametrize('fmt', ['wav', 'flac', 'ogg', 'mp3'])
+def test_durations_are_read_from_headers_without_decoding(tmp_path, fmt):
+  from mardjax.serve import audio_analysis  # pylint: disable=g-import-not-at-top
+  data = write_tone(tmp_path / f'tone.{fmt}', 3.0, fmt)
+  seconds = audio_analysis.declared_seconds(data, f'.{fmt}')
+  if fmt == 'mp3':  # No total in its frames: the decoder's bound holds.
+    assert seconds is None
+  else:
+    assert seconds == pytest.approx(3.0, abs=0.05)
+  assert audio_analysis.declared_seconds(data[:20], f'.{fmt}') is None
+  assert audio_analysis.declared_seconds(b'garbage' * 10, f'.{fmt}') is None

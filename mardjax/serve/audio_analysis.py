@@ -46,17 +46,21 @@ def preload() -> None:
       raise
 
 
-def _wav_seconds(head: bytes) -> float | None:
-  """A RIFF/WAVE file's duration from its fmt and data chunk headers."""
-  if head[:4] != b'RIFF' or head[8:12] != b'WAVE':
+def _wav_seconds(data: bytes) -> float | None:
+  """A RIFF/WAVE file's duration from its fmt and data chunk headers. The
+  samples are uncompressed, so the bytes present bound it too (streaming
+  writers leave the data size at 0 or 2**32 - 1)."""
+  if data[:4] != b'RIFF' or data[8:12] != b'WAVE':
     return None
   pos, byte_rate = 12, None
-  while pos + 8 <= len(head):
-    chunk = head[pos:pos + 4]
-    size = struct.unpack('<I', head[pos + 4:pos + 8])[0]
-    if chunk == b'fmt ' and pos + 16 <= len(head):
-      byte_rate = struct.unpack('<I', head[pos + 16:pos + 20])[0]
+  while pos + 8 <= min(len(data), 2**16):
+    chunk = data[pos:pos + 4]
+    size = struct.unpack('<I', data[pos + 4:pos + 8])[0]
+    if chunk == b'fmt ' and pos + 16 <= len(data):
+      byte_rate = struct.unpack('<I', data[pos + 16:pos + 20])[0]
     elif chunk == b'data':
+      present = len(data) - pos - 8
+      size = present if size in (0, 2**32 - 1) else min(size, present)
       return size / byte_rate if byte_rate else None
     pos += 8 + size + (size & 1)
   return None
@@ -110,7 +114,7 @@ def declared_seconds(data: bytes, ext: str) -> float | None:
   holds)."""
   try:
     if ext == '.wav':
-      return _wav_seconds(data[:2**16])
+      return _wav_seconds(data)
     if ext == '.flac':
       return _flac_seconds(data[:2**20])
     if ext == '.ogg':
