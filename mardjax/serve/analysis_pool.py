@@ -22,6 +22,11 @@ server starts, replaces and stops itself:
 
 `run` is awaited from an event loop (any loop, any thread); the workers are
 driven by one thread per worker slot, so nothing blocks the loop.
+
+`concurrent.futures.ProcessPoolExecutor` is not used: with
+`max_tasks_per_child` it can leave a task waiting forever with no worker
+alive (CPython gh-115634), and one dead worker breaks it for every later
+task (`BrokenProcessPool`) until it is rebuilt.
 """
 
 import asyncio
