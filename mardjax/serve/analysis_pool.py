@@ -178,7 +178,9 @@ class _Worker:
     return self.process.pid
 
   def alive(self) -> bool:
-    return self.process.is_alive()
+    # The sentinel, not is_alive(): that reaps the process, and /healthz's
+    # thread would race the slot thread that waits for it.
+    return not multiprocessing.connection.wait([self.process.sentinel], 0)
 
   def stop(self, gently: bool) -> None:
     """Asks the worker to leave (gently) or kills it; reaps it and removes
