@@ -245,6 +245,16 @@ def get_config():
   config.serve.max_query_kb = 64  # Larger text queries are answered 413.
   # Processes analysing uploaded recordings (0: one per CPU core).
   config.serve.analysis_workers = 0
+  # Analyses before a worker process is replaced (Essentia's memory back).
+  config.serve.analyses_per_worker = 20
+  # Longest recording analysed, in seconds; longer ones are answered 413.
+  config.serve.max_audio_seconds = 900.0
+  # Time limit of one analysis (s); past it the worker is killed, 504.
+  config.serve.analysis_timeout_s = 120.0
+  # Uploads that may wait for a busy worker; more are answered 429.
+  config.serve.max_waiting = 8
+  # Address space of one worker (MB; 0: no limit); past it 413.
+  config.serve.worker_memory_mb = 3072
 
   # --- Benchmarks (--mode=benchmark) -----------------------------------------
   config.benchmark = ml_collections.ConfigDict()

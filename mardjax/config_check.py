@@ -101,6 +101,12 @@ _RANGES = (
     ('serve.max_upload_mb', _positive, 'a finite number of MB > 0'),
     ('serve.max_query_kb', _positive, 'a finite number of KB > 0'),
     ('serve.analysis_workers', _at_least(0), 'at least 0 (0: one per core)'),
+    ('serve.analyses_per_worker', _at_least(1), 'at least 1'),
+    ('serve.max_audio_seconds', _at_least(1), 'at least 1 (seconds)'),
+    ('serve.analysis_timeout_s', _at_least(1), 'at least 1 (seconds)'),
+    ('serve.max_waiting', _at_least(0), 'at least 0'),
+    ('serve.worker_memory_mb', lambda v: v == 0 or _at_least(512)(v),
+     '0 (no limit) or at least 512'),
 )
 
 

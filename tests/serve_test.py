@@ -144,20 +144,22 @@ def test_short_and_truncated_recordings_are_refused(client, tmp_path):
   assert client.get('/healthz').status_code == 200
 
 
-def test_uploads_leave_no_files_behind(trained_room, tmp_path, monkeypatch):
-  # The analysis runs in spawned processes: they take TMPDIR from the
-  # environment when the pool starts them (at this app's first upload).
-  monkeypatch.setenv('TMPDIR', str(tmp_path / 'tmp'))
-  os.makedirs(tmp_path / 'tmp')
-  with TestClient(web.create_app(trained_room[2], max_upload_bytes=2_000_000,
-                                 analysis_workers=1)) as own:
+def test_uploads_leave_no_files_behind(trained_room, tmp_path):
+  app = web.create_app(trained_room[2], max_upload_bytes=2_000_000,
+                       analysis_workers=1)
+  with TestClient(app) as own:
     data = write_tone(tmp_path / 'tone.wav', 1.5, 'wav')
     assert _upload(own, data, 'tone.wav').status_code == 200
     r = _upload(own, b'garbage', 'x.ogg')
     assert r.status_code == 422
     # The reason names the upload, never the server's temporary path.
-    assert 'mardjax-audio-' not in r.text and str(tmp_path) not in r.text
-  assert os.listdir(tmp_path / 'tmp') == []
+    root = app.state.analysis_pool.temp_root
+    assert 'mardjax-audio-' not in r.text and root not in r.text
+    # The workers' temporary files live in the pool's own directory,
+    # deleted after each analysis.
+    assert [os.listdir(os.path.join(root, w)) for w in os.listdir(root)
+            ] == [[]]
+  assert not os.path.exists(root)  # Removed when the server stops.
 
 
 def test_health_answers_while_recordings_are_analysed(trained_room, tmp_path,

@@ -8,6 +8,7 @@ the server's analysis pool) start quickly.
 """
 
 import os
+import struct
 import tempfile
 from typing import Any
 
@@ -29,6 +30,113 @@ class BadAudio(ValueError):
   """An upload that is not a usable recording (the message says why)."""
 
 
+class TooLong(BadAudio):
+  """A recording longer than the analysis allows (the message says how
+  long, and the limit)."""
+
+
+def preload() -> None:
+  """Imports Essentia, for a worker process to do before its first
+  analysis. Essentia missing is the analysis' to report (a 415); any other
+  failure (a library that cannot load) is raised."""
+  try:
+    import essentia.standard  # pylint: disable=g-import-not-at-top,unused-import
+  except ModuleNotFoundError as e:
+    if e.name != 'essentia':
+      raise
+
+
+def _wav_seconds(data: bytes) -> float | None:
+  """A RIFF/WAVE file's duration from its fmt and data chunk headers. The
+  samples are uncompressed, so the bytes present bound it too (streaming
+  writers leave the data size at 0 or 2**32 - 1)."""
+  if data[:4] != b'RIFF' or data[8:12] != b'WAVE':
+    return None
+  pos, byte_rate = 12, None
+  while pos + 8 <= min(len(data), 2**16):
+    chunk = data[pos:pos + 4]
+    size = struct.unpack('<I', data[pos + 4:pos + 8])[0]
+    if chunk == b'fmt ' and pos + 16 <= len(data):
+      byte_rate = struct.unpack('<I', data[pos + 16:pos + 20])[0]
+    elif chunk == b'data':
+      present = len(data) - pos - 8
+      size = present if size in (0, 2**32 - 1) else min(size, present)
+      return size / byte_rate if byte_rate else None
+    pos += 8 + size + (size & 1)
+  return None
+
+
+def _streaminfo(head: bytes) -> tuple[int, int] | None:
+  """(sample rate, total samples) of a FLAC stream starting at 'fLaC'."""
+  if head[:4] != b'fLaC' or len(head) < 8 + 18 or head[4] & 0x7f != 0:
+    return None
+  info = int.from_bytes(head[8 + 10:8 + 18], 'big')
+  return info >> 44, info & (2**36 - 1)
+
+
+def _flac_seconds(head: bytes) -> float | None:
+  """A FLAC file's duration from its STREAMINFO block (None when the
+  encoder left the total unknown)."""
+  if head[:3] == b'ID3' and len(head) >= 10:  # An ID3v2 tag may come first.
+    size = 0
+    for b in head[6:10]:
+      size = size << 7 | (b & 0x7f)
+    head = head[10 + size:]
+  rate, total = _streaminfo(head) or (0, 0)
+  return total / rate if rate and total else None
+
+
+def _ogg_seconds(data: bytes) -> float | None:
+  """An Ogg (Vorbis, Opus or FLAC) file's duration: its last page's
+  granule position over the rate of its identification header."""
+  if data[:4] != b'OggS':
+    return None
+  vorbis = data.find(b'\x01vorbis', 0, 512)
+  flac = data.find(b'\x7fFLAC', 0, 512)
+  if vorbis >= 0 and len(data) >= vorbis + 16:
+    rate = struct.unpack('<I', data[vorbis + 12:vorbis + 16])[0]
+  elif flac >= 0:
+    rate = (_streaminfo(data[flac + 9:flac + 9 + 64]) or (0, 0))[0]
+  elif data.find(b'OpusHead', 0, 512) >= 0:
+    rate = 48000  # Opus granules count 48 kHz samples, whatever the input.
+  else:
+    return None
+  last = data.rfind(b'OggS', max(0, len(data) - 2**16))
+  if last < 0 or len(data) < last + 14 or not rate:
+    return None
+  granule = struct.unpack('<q', data[last + 6:last + 14])[0]
+  return granule / rate if granule > 0 else None
+
+
+def declared_seconds(data: bytes, ext: str) -> float | None:
+  """A recording's duration as its container's headers declare it, read
+  without decoding; None when they do not say (the decoder's bound then
+  holds)."""
+  try:
+    if ext == '.wav':
+      return _wav_seconds(data)
+    if ext == '.flac':
+      return _flac_seconds(data[:2**20])
+    if ext == '.ogg':
+      return _ogg_seconds(data)
+  except (struct.error, ValueError, IndexError):
+    return None
+  return None  # mp3 frames carry no total: the decoder's bound holds.
+
+
+def _too_long(seconds: float, max_seconds: float, exact: bool = True
+              ) -> TooLong:
+  return TooLong(
+      f'the recording lasts {"" if exact else "more than "}'
+      f'{_duration(seconds)}; the server analyses at most '
+      f'{_duration(max_seconds)} (serve.max_audio_seconds = {max_seconds:g})')
+
+
+def _duration(seconds: float) -> str:
+  return (f'{seconds:.1f} s' if seconds < 120 else
+          f'{seconds / 60:.1f} min')
+
+
 def watch_parent(parent_pid: int, interval_s: float = 1.0) -> None:
   """Worker-process initializer: exit when the process that started this one
   is gone (a server killed outright cannot shut its pool down)."""
@@ -43,14 +151,17 @@ def watch_parent(parent_pid: int, interval_s: float = 1.0) -> None:
   threading.Thread(target=watch, daemon=True, name='watch-parent').start()
 
 
-def analyse_audio(path: str) -> dict[str, Any]:
+def analyse_audio(path: str, max_seconds: float | None = None
+                  ) -> dict[str, Any]:
   """A recording -> an AcousticBrainz-style low-level document (nested dict).
 
-  A file that is not a wav is decoded into a wav beside it first, so the
-  file must sit in a private, writable directory (`analyse_bytes` makes
-  one).
+  The recording is decoded to mono 44.1 kHz (at most `max_seconds` and one
+  more second of it, so a long recording never fills memory) and written
+  as a wav beside it, which MusicExtractor analyses; the file must thus
+  sit in a private, writable directory (`analyse_bytes` makes one).
 
   Raises:
+    TooLong: longer than `max_seconds` (None: no limit).
     BadAudio: not decodable, or shorter than MIN_SECONDS.
     ImportError: Essentia is not installed.
   """
@@ -58,14 +169,18 @@ def analyse_audio(path: str) -> dict[str, Any]:
   import essentia.standard as es  # pylint: disable=g-import-not-at-top
   essentia.log.infoActive = False
   essentia.log.warningActive = False
+  rate = 44100
   try:
-    if not path.endswith('.wav'):
-      # Essentia's FFmpeg loader decodes; the extractor's own metadata
-      # reader knows only wav/aiff in the PyPI build (no taglib), and
-      # decoding first treats every format alike.
-      samples = es.MonoLoader(filename=path, sampleRate=44100)()
-      path = os.path.splitext(path)[0] + '.wav'
-      es.MonoWriter(filename=path, format='wav', sampleRate=44100)(samples)
+    # Essentia's FFmpeg loader decodes every format alike (the extractor's
+    # own metadata reader knows only wav/aiff in the PyPI build, without
+    # taglib); EasyLoader is MonoLoader with an end time.
+    options = {} if max_seconds is None else {'endTime': max_seconds + 1.0}
+    samples = es.EasyLoader(filename=path, sampleRate=rate, **options)()
+    if max_seconds is not None and len(samples) > max_seconds * rate:
+      raise _too_long(max_seconds, max_seconds, exact=False)
+    path = os.path.splitext(path)[0] + '.decoded.wav'
+    es.MonoWriter(filename=path, format='wav', sampleRate=rate)(samples)
+    del samples
     pool, _ = es.MusicExtractor(lowlevelStats=_STATS, rhythmStats=_STATS,
                                 tonalStats=_STATS)(path)
   except RuntimeError as e:
@@ -87,27 +202,36 @@ def analyse_audio(path: str) -> dict[str, Any]:
   return doc
 
 
-def analyse_bytes(data: bytes, ext: str) -> dict[str, Any]:
+def analyse_bytes(data: bytes, ext: str, max_seconds: float | None = None
+                  ) -> dict[str, Any]:
   """An encoded recording (`ext`: one of AUDIO_TYPES) -> a low-level document.
 
+  A recording whose headers declare more than `max_seconds` is refused
+  before any decoding; the decoder holds the same bound for the others.
   The bytes are written under a name of our own in a private temporary
   directory, deleted when done: nothing a caller or client sends decides
   where bytes land, and the extractor's decoded copy goes with it.
 
   Raises:
-    BadAudio, ImportError: as `analyse_audio`.
+    TooLong, BadAudio, ImportError: as `analyse_audio`.
   """
+  if max_seconds is not None:
+    seconds = declared_seconds(data, ext)
+    if seconds is not None and seconds > max_seconds:
+      raise _too_long(seconds, max_seconds)
   with tempfile.TemporaryDirectory(prefix='mardjax-audio-') as tmp:
     path = os.path.join(tmp, 'track' + ext)
     with open(path, 'wb') as f:
       f.write(data)
     try:
-      return analyse_audio(path)
+      return analyse_audio(path, max_seconds)
     except BadAudio as e:
       # Essentia names the file it read: a client is told of its upload,
       # never of the server's directories.
-      raise BadAudio(str(e).replace(os.path.splitext(path)[0],
-                                    'the upload')) from None
+      message = str(e)
+      for name in ('track.decoded.wav', 'track' + ext):
+        message = message.replace(os.path.join(tmp, name), 'the upload')
+      raise type(e)(message) from None
 
 
 def read_file(path: str) -> dict[str, Any]:

@@ -6,7 +6,9 @@ another checkpoint), then answers:
 
   GET  /                     the page: upload a song, search by text
   GET  /healthz              {"status": "ok", "step", "albums", "reviews",
-                              "index", "extractors"}
+                              "index", "extractors", "analysis"}; 503 and
+                              "degraded" while recordings cannot be
+                              analysed
   POST /api/query/text       JSON {"text": ..., "k": 10} -> {"albums": [...]}
   POST /api/query/audio      multipart field `file`: a recording (wav, mp3,
                              flac, ogg) or an AcousticBrainz low-level JSON
@@ -21,14 +23,13 @@ deleted after use. Bad requests get a 4xx with {"detail": ...} and the
 server keeps serving.
 """
 
-import concurrent.futures
-import multiprocessing
 import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from mardjax.serve import analysis_pool as pool_lib
 from mardjax.serve import audio_analysis
 from mardjax.data import descriptors as desc_lib
 from mardjax.data import mard_io
@@ -42,8 +43,6 @@ from mardjax.errors import UserError
 MAX_K = 100
 EXCERPT_CHARS = 300
 STATIC_DIR = os.path.join(os.path.dirname(__file__), 'static')
-# Analyses before a worker process is replaced (Essentia's memory back).
-_TASKS_PER_WORKER = 20
 
 
 def _distance(cosine: float) -> float:
@@ -176,21 +175,24 @@ async def _refuse(send, limit: int) -> None:
   await send({'type': 'http.response.body', 'body': body})
 
 
-def analysis_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+def analysis_pool(workers: int, analyses_per_worker: int = 20,
+                  timeout_s: float = 120.0, max_waiting: int = 8,
+                  memory_mb: int = 3072) -> pool_lib.AnalysisPool:
   """Processes that run Essentia's MusicExtractor, which holds the GIL for
   the whole analysis: in the server's own process it would stall every
   other request. Spawned (no copy of the server's memory), started on
-  demand, and each replaced after `_TASKS_PER_WORKER` analyses so that the
-  extractor's memory is returned.
+  demand, each replaced after `analyses_per_worker` analyses (so that the
+  extractor's memory is returned) and whenever it dies; see
+  `analysis_pool.AnalysisPool` for the limits.
 
   Args:
     workers: processes; 0 for one per CPU core.
+    analyses_per_worker, timeout_s, max_waiting, memory_mb: as
+      `AnalysisPool`.
   """
-  return concurrent.futures.ProcessPoolExecutor(
-      max_workers=workers or os.cpu_count() or 1,
-      mp_context=multiprocessing.get_context('spawn'),
-      max_tasks_per_child=_TASKS_PER_WORKER,
-      initializer=audio_analysis.watch_parent, initargs=(os.getpid(),))
+  return pool_lib.AnalysisPool(
+      workers, analyses_per_worker=analyses_per_worker, timeout_s=timeout_s,
+      max_waiting=max_waiting, memory_mb=memory_mb)
 
 
 async def _read_upload(file, max_upload_bytes: int) -> tuple[bytes, str]:
@@ -210,10 +212,11 @@ async def _read_upload(file, max_upload_bytes: int) -> tuple[bytes, str]:
   return data, os.path.splitext(name)[1].lower()
 
 
-async def _document(data: bytes, ext: str, pool) -> Any:
+async def _document(data: bytes, ext: str, pool: pool_lib.AnalysisPool,
+                    max_audio_seconds: float | None = None) -> Any:
   """The low-level document of an upload: parsed JSON, or Essentia's
-  analysis of a recording in `pool`; 4xx for anything else."""
-  import asyncio  # pylint: disable=g-import-not-at-top
+  analysis of a recording in `pool` (at most `max_audio_seconds` long);
+  4xx for anything else, 429/503/504 when the pool cannot analyse it."""
   import fastapi  # pylint: disable=g-import-not-at-top
   if data.lstrip().startswith(b'{') or ext == '.json':
     try:
@@ -222,10 +225,22 @@ async def _document(data: bytes, ext: str, pool) -> Any:
       raise fastapi.HTTPException(422, f'not valid JSON: {e}') from None
   if ext in audio_analysis.AUDIO_TYPES:
     try:
-      return await asyncio.get_running_loop().run_in_executor(
-          pool, audio_analysis.analyse_bytes, data, ext)
+      return await pool.run(audio_analysis.analyse_bytes, data, ext,
+                            max_audio_seconds)
+    except pool_lib.PoolError as e:
+      headers = (None if e.retry_after_s is None else
+                 {'Retry-After': str(e.retry_after_s)})
+      raise fastapi.HTTPException(e.status, str(e), headers=headers
+                                  ) from None
+    except audio_analysis.TooLong as e:
+      raise fastapi.HTTPException(413, str(e)) from None
     except audio_analysis.BadAudio as e:
       raise fastapi.HTTPException(422, str(e)) from None
+    except MemoryError:
+      raise fastapi.HTTPException(413, (
+          'the analysis needed more memory than a worker may use '
+          f'({pool.memory_mb} MB, serve.worker_memory_mb); try a shorter '
+          'recording')) from None
     except ImportError:
       raise fastapi.HTTPException(
           415, audio_analysis.ESSENTIA_MISSING) from None
@@ -237,7 +252,9 @@ async def _document(data: bytes, ext: str, pool) -> Any:
 
 def create_app(room: Room, max_upload_bytes: int,
                max_query_bytes: int = 64 * 1024, analysis_workers: int = 0,
-               hosts: tuple[str, ...] = (), origins: tuple[str, ...] = ()):
+               max_audio_seconds: float | None = 900.0,
+               hosts: tuple[str, ...] = (), origins: tuple[str, ...] = (),
+               **pool_options):
   """The FastAPI app over a loaded Room.
 
   Args:
@@ -245,23 +262,24 @@ def create_app(room: Room, max_upload_bytes: int,
     max_upload_bytes: an audio upload's limit (413 beyond it).
     max_query_bytes: a text query's limit (413 beyond it).
     analysis_workers: processes analysing recordings (0: one per core).
+    max_audio_seconds: a recording's longest duration (413 beyond it;
+      None: no limit).
     hosts: the Host names served (`guards.host_names`; (): any).
     origins: other sites' origins allowed to POST (cross-site POSTs are
       refused otherwise).
+    **pool_options: `analysis_pool`'s analyses_per_worker, timeout_s,
+      max_waiting, memory_mb.
   """
   import contextlib  # pylint: disable=g-import-not-at-top
-  import fastapi  # pylint: disable=g-import-not-at-top
   import fastapi_offline  # pylint: disable=g-import-not-at-top
-  import pydantic  # pylint: disable=g-import-not-at-top
-  from fastapi import responses  # pylint: disable=g-import-not-at-top
   from fastapi import staticfiles  # pylint: disable=g-import-not-at-top
 
-  pool = analysis_pool(analysis_workers)
+  pool = analysis_pool(analysis_workers, **pool_options)
 
   @contextlib.asynccontextmanager
   async def lifespan(_):
     yield
-    pool.shutdown(wait=False, cancel_futures=True)
+    pool.close()
 
   # The API docs' scripts and styles are served from the package: the room
   # works with no network, and its pages load nothing from other sites.
@@ -277,6 +295,16 @@ def create_app(room: Room, max_upload_bytes: int,
   app.add_middleware(guards.SameOrigin, hosts=hosts, origins=origins)
   app.mount('/static', staticfiles.StaticFiles(directory=STATIC_DIR),
             name='static')
+  _add_routes(app, room, pool, max_upload_bytes, max_audio_seconds)
+  return app
+
+
+def _add_routes(app, room: Room, pool, max_upload_bytes: int,
+                max_audio_seconds: float | None) -> None:
+  """The page, /healthz and the two query routes (`create_app`)."""
+  import fastapi  # pylint: disable=g-import-not-at-top
+  import pydantic  # pylint: disable=g-import-not-at-top
+  from fastapi import responses  # pylint: disable=g-import-not-at-top
 
   class TextQuery(pydantic.BaseModel):
     text: str
@@ -298,11 +326,17 @@ def create_app(room: Room, max_upload_bytes: int,
 
   @app.get('/healthz')
   def healthz():
-    return {'status': 'ok', 'step': room.step,
+    analysis = pool.stats()
+    body = {'status': 'ok' if analysis['ok'] else 'degraded',
+            'step': room.step,
             'albums': int(room.bank['albums'].shape[0]),
             'reviews': int(room.bank['reviews'].shape[0]),
             'index': room.bank['album_index'].kind,
-            'extractors': sorted(room.embedder.extractors)}
+            'extractors': sorted(room.embedder.extractors),
+            'analysis': analysis}
+    # Not ok while recordings cannot be analysed, so that a supervisor or
+    # load balancer notices.
+    return responses.JSONResponse(body, 200 if analysis['ok'] else 503)
 
   @app.post('/api/query/text')
   def query_text(query: TextQuery):
@@ -318,14 +352,12 @@ def create_app(room: Room, max_upload_bytes: int,
   async def query_audio(file: fastapi.UploadFile, k: int = 10):
     k = check_k(k)
     data, ext = await _read_upload(file, max_upload_bytes)
-    doc = await _document(data, ext, pool)
+    doc = await _document(data, ext, pool, max_audio_seconds)
     try:
       return room.descriptor_query(doc, k)
     except desc_lib.DescriptorError as e:
       raise fastapi.HTTPException(
           422, f'not an AcousticBrainz low-level document: {e}') from None
-
-  return app
 
 
 def app_for(room: Room, config: ml_collections.ConfigDict, host: str = ''):
@@ -340,8 +372,18 @@ def app_for(room: Room, config: ml_collections.ConfigDict, host: str = ''):
   names = _names(s.allowed_hosts)
   return create_app(room, int(s.max_upload_mb * 2**20),
                     int(s.max_query_kb * 1024), int(s.analysis_workers),
+                    max_audio_seconds=float(s.max_audio_seconds),
+                    analyses_per_worker=int(s.analyses_per_worker),
+                    timeout_s=float(s.analysis_timeout_s),
+                    max_waiting=int(s.max_waiting),
+                    memory_mb=int(s.worker_memory_mb),
                     hosts=guards.host_names(host, names) if host else names,
                     origins=_names(s.allowed_origins))
+
+
+# How long uvicorn waits for requests still being answered after a stop
+# signal (an upload still arriving, say) before it cancels them.
+_GRACEFUL_SHUTDOWN_S = 5
 
 
 def _names(field: str) -> tuple[str, ...]:
@@ -375,12 +417,38 @@ def check_address(host: str, port: int) -> None:
 def serve_room(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
                mard_dir: str, host: str, port: int) -> dict[str, Any]:
   """Serves the listening room of the run in `workdir` on `host:port`
-  until interrupted."""
+  until interrupted (one SIGTERM or Ctrl-C stops it within seconds, even
+  while recordings are analysed: their clients get a 503)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
   import uvicorn  # pylint: disable=g-import-not-at-top
   check_address(host, port)  # Before minutes of loading, not after.
   room = Room(config, workdir, data_dir, mard_dir)
   app = app_for(room, config, host)
+  pool = app.state.analysis_pool
+
+  class Server(uvicorn.Server):
+    """uvicorn waits for every request in flight before the app's shutdown
+    runs; analyses are failed at the signal itself so that it need not
+    wait for them."""
+
+    def handle_exit(self, sig, frame):
+      # A signal handler must not take the pool's lock, which the
+      # interrupted code may hold.
+      threading.Thread(target=pool.close, name='close-analysis-pool').start()
+      super().handle_exit(sig, frame)
+
   print(f'The listening room: open http://{host}:{port} in a browser (JSON '
         f'API docs at http://{host}:{port}/docs).', flush=True)
-  uvicorn.run(app, host=host, port=port, log_level='info')
+  server = Server(uvicorn.Config(
+      app, host=host, port=port, log_level='info',
+      timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S))
+  # uvicorn raises the signal again once it has shut down; a SIGTERM has
+  # then done its work, and the run ends as a normal return.
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)
+  try:
+    server.run()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    pool.close()
   return {'served': f'http://{host}:{port}'}
