@@ -244,6 +244,8 @@ def test_every_kind_of_bad_input_is_counted(config, tiny_corpus, tmp_path,
           _json({'amazon-id': a0, 'reviewerID': 'R6', 'reviewText': '!!! :-)'}),
           b'{"amazon-id": "' + a0.encode() + b'", "reviewerID": "R5", '
           b'"reviewText": "caf\xe9 latin-1"}',  # Not UTF-8.
+          b'{"amazon-id": "' + a0.encode() + b'", "reviewerID": "R7", '
+          b'"reviewText": "a lone \\ud800 surrogate"}',  # No UTF-8 for it.
           _json(dict(good, **{'amazon-id': 'BNOTINMETA'})),
           _json(reviews[0]),  # A duplicate review id.
           _json(['a', 'list']),
@@ -291,7 +293,7 @@ def test_every_kind_of_bad_input_is_counted(config, tiny_corpus, tmp_path,
   assert skipped['reviews'] == {
       'unparsable': 2, 'missing_amazon_id': 1, 'missing_review_text': 1,
       'empty_review': 1, 'review_text_not_a_string': 1, 'non_utf8': 1,
-      'unknown_album': 1, 'duplicate_review_id': 1, 'not_an_object': 1,
+      'invalid_unicode': 1, 'unknown_album': 1, 'duplicate_review_id': 1, 'not_an_object': 1,
       'album_without_audio': 1, 'no_words': 1}
   assert report['notes']['reviews'] == {'parsed_python_literal': 1}
   assert skipped['albums'] == {'missing_amazon_id': 1, 'duplicate_album': 1,

@@ -71,6 +71,9 @@ def parse_record(raw: bytes, counts: collections.Counter,
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
       counts[f'{prefix}/unparsable'] += 1
       return None
+    if not _valid_unicode(record):
+      counts[f'{prefix}/invalid_unicode'] += 1
+      return None
     counts[f'{prefix}_notes/parsed_python_literal'] += 1
   if not isinstance(record, dict):
     counts[f'{prefix}/not_an_object'] += 1
@@ -405,6 +408,17 @@ def loads_document(raw: bytes) -> Any:
       raise ValueError('nested too deeply to parse') from None
     except (ValueError, UnicodeDecodeError):
       raise ValueError(str(first)) from None
+
+
+def _valid_unicode(value: Any) -> bool:
+  """Whether every string in `value` can be written as UTF-8: a Python
+  literal's `\\ud800` escapes decode to lone surrogates that no writer
+  takes (orjson refuses them while parsing JSON)."""
+  try:
+    orjson.dumps(value)
+  except TypeError as e:  # Also sets, bytes: those are not our concern.
+    return 'not valid UTF-8' not in str(e)
+  return True
 
 
 def bulk_documents(data: dict[str, Any],
