@@ -176,7 +176,11 @@ async function loadStatus() {
     const h = await r.json();
     $('model-status').textContent = `Model at step ${h.step} · ` +
         `${h.albums.toLocaleString()} albums · ` +
-        `${h.reviews.toLocaleString()} reviews · ${h.index} search`;
+        `${h.reviews.toLocaleString()} reviews · ${h.index} search` +
+        // 503 'degraded': the analysis workers cannot run; documents and
+        // text searches still can.
+        (h.status === 'ok' ? '' : ' · recordings cannot be analysed now ' +
+         '(AcousticBrainz documents and text search still work)');
   } catch (e) {
     $('model-status').textContent = 'The server is not answering.';
   }
