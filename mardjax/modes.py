@@ -229,6 +229,8 @@ def run_mode(mode: str, config, workdir: str, **options) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   try:
     return MODES[mode](config, workdir, Options(**options))
+  except UserError:  # Already one line, naming its own path.
+    raise
   except Exception as e:  # pylint: disable=broad-except
     refused = _disk_refusal(e)
     if refused is None:
@@ -258,5 +260,6 @@ def _disk_refusal(error: BaseException) -> OSError | None:
     for code in _DISK_REFUSALS:  # TensorFlow's and tensorstore's errors
       if os.strerror(code) in str(error):  # keep only the message.
         return OSError(code, os.strerror(code))
-    error = error.__cause__ or error.__context__
+    error = error.__cause__ or (None if error.__suppress_context__ else
+                                error.__context__)
   return None
