@@ -172,6 +172,8 @@ def write_report() -> str:
   for target in TARGETS:
     db = os.path.join(SESSIONS, f'{target.name}.sqlite')
     if not os.path.exists(db):
+      lines.append(f'| `{target.module}` | {", ".join(target.tests)} | '
+                   '- | - | - | - | not run yet | - |')
       continue
     eq = equivalent.get(target.name, {})
     rows = [r for r in _outcomes(db) if r['worker'] != 'SKIPPED']
