@@ -18,6 +18,7 @@ from absl import logging
 
 from mardjax import config_check
 from mardjax import stages
+from mardjax.data import files
 from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
 
@@ -225,7 +226,7 @@ def run_mode(mode: str, config, workdir: str, **options) -> dict[str, Any]:
   # The benchmark kinds check their own fields, for every mode as the rest.
   from mardjax.experiments import benchmark  # pylint: disable=g-import-not-at-top
   benchmark.check_config(config.benchmark)
-  stages.check_writable_dirs(_dirs_written(mode, config, workdir))
+  files.check_writable_dirs(_dirs_written(mode, config, workdir))
   os.makedirs(workdir, exist_ok=True)
   try:
     return MODES[mode](config, workdir, Options(**options))
@@ -242,10 +243,9 @@ def run_mode(mode: str, config, workdir: str, **options) -> dict[str, Any]:
         '(or choose another --workdir) and run again to go on.') from None
 
 
-# A disk that cannot take more (permission errors are not here: a read can
+# A disk that cannot take more (permission errors are left out: a read can
 # raise them too, and the writers that meet them name them themselves).
-_DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG,
-                            errno.EROFS})
+_DISK_REFUSALS = frozenset(files.DISK_ERRNOS) - {errno.EACCES, errno.EPERM}
 
 
 def _disk_refusal(error: BaseException) -> OSError | None:

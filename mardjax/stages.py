@@ -17,6 +17,7 @@ from absl import logging
 import ml_collections
 
 from mardjax import config_check
+from mardjax.data import files
 from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
 
@@ -81,7 +82,7 @@ def preprocess(config: ml_collections.ConfigDict, workdir: str,
   """
   from mardjax.data import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
   config_check.validate_data(config.data)  # Before minutes of synth.
-  check_writable_dirs(data_dirs(config, workdir))
+  files.check_writable_dirs(data_dirs(config, workdir))
   result = {}
   if not config.data.mard_dir:
     result['synth'] = synthesize(config, workdir, show_progress)
@@ -142,11 +143,3 @@ def adopt_run_config(config: ml_collections.ConfigDict, workdir: str,
     logging.info('From the run in %s: %s', workdir, ', '.join(
         f'{k}={v!r}' for k, v in sorted(taken.items())))
   return config, taken
-
-
-def check_writable_dirs(paths: list[str]) -> None:
-  """Fails with one line naming the path when one of `paths` is a file, or
-  cannot be created or written: before any work, not at the first save
-  (`files.check_writable_dirs`)."""
-  from mardjax.data import files  # pylint: disable=g-import-not-at-top
-  files.check_writable_dirs(paths)

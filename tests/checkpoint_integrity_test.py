@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from tests.conftest import copy_trained_run
 from mardjax import stages
 from mardjax.errors import UserError
 from mardjax.train import checkpoints
@@ -218,20 +219,10 @@ def test_a_checkpoint_that_diverges_at_once_is_never_named_good(tiny_records,
   assert result['resumed_from'] == 5 and result['steps'] == 12
 
 
-def _copy_run(trained_room, tmp_path):
-  """A private copy of the shared trained workdir (tests may damage it)."""
-  config, workdir, room = trained_room
-  copy = str(tmp_path / 'run')
-  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('export'))
-  config = config.copy_and_resolve_references()
-  config.data.tfrecord_dir = os.path.join(copy, 'data')
-  return config, copy, room
-
-
 @pytest.mark.parametrize('how', ['flip', 'nan'])
 def test_reading_modes_fall_back_from_a_best_checkpoint_not_intact(
     trained_room, tmp_path, caplog, how):
-  config, workdir, _ = _copy_run(trained_room, tmp_path)
+  config, workdir, _ = copy_trained_run(trained_room, tmp_path)
   best_dir = os.path.join(workdir, checkpoints.BEST_DIR)
   (best_step,) = (int(d) for d in os.listdir(best_dir) if d.isdigit())
   rolling = checkpoints.load_for_inference(

@@ -3,24 +3,14 @@
 import glob
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 
+from tests.conftest import copy_trained_run
 from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
 from mardjax.train import checkpoints
-
-
-def _copy_run(trained_room, tmp_path):
-  """A private copy of the shared trained workdir (tests may damage it)."""
-  config, workdir, room = trained_room
-  copy = str(tmp_path / 'run')
-  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('export'))
-  config = config.copy_and_resolve_references()
-  config.data.tfrecord_dir = os.path.join(copy, 'data')
-  return config, copy, room
 
 
 def _meta_files(workdir):
@@ -29,7 +19,7 @@ def _meta_files(workdir):
 
 def test_inference_restore_reads_variables_without_the_records(
     trained_room, tmp_path):
-  config, workdir, room = _copy_run(trained_room, tmp_path)
+  config, workdir, room = copy_trained_run(trained_room, tmp_path)
   # Nothing but the manifest and the vocabulary is needed: remove the records.
   for path in glob.glob(os.path.join(workdir, 'data', '*.tfrecord')):
     os.remove(path)
@@ -45,7 +35,7 @@ def test_inference_restore_reads_variables_without_the_records(
 
 
 def test_checkpoints_of_the_first_format_still_load(trained_room, tmp_path):
-  config, workdir, room = _copy_run(trained_room, tmp_path)
+  config, workdir, room = copy_trained_run(trained_room, tmp_path)
   metas = _meta_files(workdir)
   assert metas
   for path in metas:  # Format 1 wrote no format_version.
@@ -61,7 +51,7 @@ def test_checkpoints_of_the_first_format_still_load(trained_room, tmp_path):
 
 
 def test_a_newer_format_is_a_clear_error(trained_room, tmp_path):
-  config, workdir, _ = _copy_run(trained_room, tmp_path)
+  config, workdir, _ = copy_trained_run(trained_room, tmp_path)
   for path in _meta_files(workdir):
     with open(path) as f:
       meta = json.load(f)

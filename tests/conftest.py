@@ -99,6 +99,16 @@ def tiny_records(tiny_corpus_master, tmp_path_factory):
   return out, manifest_lib.load(out)
 
 
+def copy_trained_run(trained_room, tmp_path):
+  """A private copy of the shared trained workdir (tests may damage it)."""
+  config, workdir, room = trained_room
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('export'))
+  config = config.copy_and_resolve_references()
+  config.data.tfrecord_dir = os.path.join(copy, 'data')
+  return config, copy, room
+
+
 @pytest.fixture(scope='session')
 def trained_room(tiny_corpus_master, tmp_path_factory):
   """(config, workdir, web.Room) of a few training steps on the tiny

@@ -316,6 +316,17 @@ def swap_in(tmp: str, out_dir: str) -> None:
   _remove(old)
 
 
+@contextlib.contextmanager
+def whole_folder(out_dir: str) -> Iterator[str]:
+  """Yields a fresh temporary folder to write `out_dir`'s new content into;
+  swaps it in when the block ends, or, when the disk refuses a write, removes
+  it and raises one `UserError` line (`write_errors`)."""
+  tmp = fresh_tmp(out_dir)
+  with write_errors(out_dir, tmp):
+    yield tmp
+  swap_in(tmp, out_dir)
+
+
 def _remove(path: str) -> None:
   """Removes a folder, or the link that stood for one."""
   if os.path.islink(path):

@@ -91,27 +91,22 @@ class _ShardedWriter:
   """
 
   def __init__(self, out_dir: str, prefix: str, num_shards: int):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    # Once here, not per record: the errors a refused write raises.
+    self._refusals = ((tf.errors.ResourceExhaustedError, errno.ENOSPC),
+                      (tf.errors.PermissionDeniedError, errno.EACCES))
     self.names = [f'{prefix}-{i:05d}-of-{num_shards:05d}.tfrecord'
                   for i in range(num_shards)]
     self._paths = [os.path.join(out_dir, n) for n in self.names]
-    self._writers = []
-    for path in self._paths:
-      self._writers.append(self._call(path, self._open, path))
+    self._writers = [self._call(path, tf.io.TFRecordWriter, path)
+                     for path in self._paths]
 
-  @staticmethod
-  def _open(path: str):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return tf.io.TFRecordWriter(path)
-
-  @staticmethod
-  def _call(path: str, fn, *args):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  def _call(self, path: str, fn, *args):
     try:
       return fn(*args)
-    except tf.errors.ResourceExhaustedError:
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
-    except tf.errors.PermissionDeniedError:
-      raise OSError(errno.EACCES, os.strerror(errno.EACCES), path) from None
+    except tuple(e for e, _ in self._refusals) as e:
+      code = next(c for cls, c in self._refusals if isinstance(e, cls))
+      raise OSError(code, os.strerror(code), path) from None
 
   def write(self, shard: int, record: bytes) -> None:
     self._call(self._paths[shard], self._writers[shard].write, record)
@@ -387,9 +382,8 @@ def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
   vocab = text_lib.Vocabulary.from_counts(pass1.word_counts, data.vocab_size,
                                           data.min_word_count)  # 5.
   moments = _descriptor_moments(corpus, data, dim)
-  tmp = files_lib.fresh_tmp(out_dir)  # 6.
-  # A full disk: one line naming the path, and no half output.
-  with files_lib.write_errors(out_dir, tmp):
+  # 6. A full disk: one line naming the path, and no half output.
+  with files_lib.whole_folder(out_dir) as tmp:
     vocab_sha = vocab.save(os.path.join(tmp, manifest_lib.VOCAB_FILE))
     with open(os.path.join(tmp, manifest_lib.FEATURES_FILE), 'w') as f:
       f.write('\n'.join(desc_lib.feature_names(specs)) + '\n')
@@ -410,7 +404,6 @@ def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
     manifest['written'] = files_lib.digests(tmp, os.listdir(tmp))
     with open(os.path.join(tmp, manifest_lib.FILE), 'w') as f:  # 7: last.
       json.dump(manifest, f, indent=1, sort_keys=True)
-  files_lib.swap_in(tmp, out_dir)
   return dict(report, reused=False, manifest=os.path.join(
       os.path.abspath(out_dir), manifest_lib.FILE),
               seconds=round(time.time() - t0, 2),

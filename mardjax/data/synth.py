@@ -775,15 +775,13 @@ def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
   # Written beside `out_dir` and swapped in whole: an interrupted run or a
   # full disk leaves a hidden `.<name>.tmp-*` folder, cleared by the next
   # run, never a half corpus where a MARD directory is expected.
-  tmp = files_lib.fresh_tmp(out_dir)
-  with files_lib.write_errors(out_dir, tmp):
+  with files_lib.whole_folder(out_dir) as tmp:
     summary = _generate_into(tmp, sizes, seed, num_workers, show_progress,
                              wanted)
     summary['mard_dir'] = out_dir
     with open(os.path.join(tmp, DONE_MARKER), 'w') as f:
       json.dump({'request': wanted, 'summary': summary}, f)
     os.remove(os.path.join(tmp, STARTED_MARKER))
-  files_lib.swap_in(tmp, out_dir)
   return dict(summary, reused=False, seconds=round(time.time() - start_time, 2))
 
 

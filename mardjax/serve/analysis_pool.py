@@ -211,8 +211,8 @@ class AnalysisPool:
   """
 
   def __init__(self, workers: int = 0, analyses_per_worker: int = 20,
-               timeout_s: float = 0, max_waiting: int = 8,
-               memory_mb: int = 0):
+               timeout_s: float = 120.0, max_waiting: int = 8,
+               memory_mb: int = 3072):
     self.size = int(workers) or os.cpu_count() or 1
     self.analyses_per_worker = max(1, int(analyses_per_worker))
     self.timeout_s = float(timeout_s)

@@ -202,13 +202,11 @@ def embed_folder(config: ml_collections.ConfigDict, workdir: str,
   }
   # Into a hidden folder beside the output, swapped in when whole: a full
   # disk leaves the old output (or none), never a mix.
-  tmp = files_lib.fresh_tmp(output_dir)
-  with files_lib.write_errors(output_dir, tmp):
+  with files_lib.whole_folder(output_dir) as tmp:
     export.write_bank(tmp, 'tracks', emb, rows, index)
     info['written'] = files_lib.digests(tmp, os.listdir(tmp))
     with open(os.path.join(tmp, 'embed.json'), 'w') as f:  # Last.
       json.dump(info, f, indent=1)
-  files_lib.swap_in(tmp, output_dir)
   reasons = collections.Counter(s['reason'].split(' (')[0] for s in skipped)
   summary = {k: v for k, v in info.items()
              if k not in ('skipped_files', 'written')}

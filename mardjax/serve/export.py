@@ -119,8 +119,7 @@ def write(config: ml_collections.ConfigDict, workdir: str, mard_dir: str,
   }
   # Into a hidden folder beside the export, swapped in when whole: a full
   # disk leaves the old export (or none), never a mix of two.
-  tmp = files_lib.fresh_tmp(out)
-  with files_lib.write_errors(out, tmp):
+  with files_lib.whole_folder(out) as tmp:
     write_bank(tmp, 'albums', album_emb, [
         {k: meta[int(i)].get(k) for k in ('album_index', 'amazon_id',
                                           'artist', 'title', 'genre',
@@ -130,7 +129,6 @@ def write(config: ml_collections.ConfigDict, workdir: str, mard_dir: str,
     info['written'] = files_lib.digests(tmp, os.listdir(tmp))
     with open(os.path.join(tmp, 'export.json'), 'w') as f:  # Last.
       json.dump(info, f, indent=1)
-  files_lib.swap_in(tmp, out)
   if missing:
     info['warnings'] = [f'{missing} reviews not found in {mard_dir}: their '
                         'text is null']

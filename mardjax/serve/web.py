@@ -175,26 +175,6 @@ async def _refuse(send, limit: int) -> None:
   await send({'type': 'http.response.body', 'body': body})
 
 
-def analysis_pool(workers: int, analyses_per_worker: int = 20,
-                  timeout_s: float = 120.0, max_waiting: int = 8,
-                  memory_mb: int = 3072) -> pool_lib.AnalysisPool:
-  """Processes that run Essentia's MusicExtractor, which holds the GIL for
-  the whole analysis: in the server's own process it would stall every
-  other request. Spawned (no copy of the server's memory), started on
-  demand, each replaced after `analyses_per_worker` analyses (so that the
-  extractor's memory is returned) and whenever it dies; see
-  `analysis_pool.AnalysisPool` for the limits.
-
-  Args:
-    workers: processes; 0 for one per CPU core.
-    analyses_per_worker, timeout_s, max_waiting, memory_mb: as
-      `AnalysisPool`.
-  """
-  return pool_lib.AnalysisPool(
-      workers, analyses_per_worker=analyses_per_worker, timeout_s=timeout_s,
-      max_waiting=max_waiting, memory_mb=memory_mb)
-
-
 async def _read_upload(file, max_upload_bytes: int) -> tuple[bytes, str]:
   """(bytes, lower-case extension) of an upload, or the 4xx that refuses it:
   a name with path components, too large, or empty."""
@@ -267,14 +247,16 @@ def create_app(room: Room, max_upload_bytes: int,
     hosts: the Host names served (`guards.host_names`; (): any).
     origins: other sites' origins allowed to POST (cross-site POSTs are
       refused otherwise).
-    **pool_options: `analysis_pool`'s analyses_per_worker, timeout_s,
-      max_waiting, memory_mb.
+    **pool_options: `analysis_pool.AnalysisPool`'s analyses_per_worker,
+      timeout_s, max_waiting, memory_mb.
   """
   import contextlib  # pylint: disable=g-import-not-at-top
   import fastapi_offline  # pylint: disable=g-import-not-at-top
   from fastapi import staticfiles  # pylint: disable=g-import-not-at-top
 
-  pool = analysis_pool(analysis_workers, **pool_options)
+  # Essentia's MusicExtractor holds the GIL for a whole analysis: in the
+  # server's own process it would stall every other request.
+  pool = pool_lib.AnalysisPool(analysis_workers, **pool_options)
 
   @contextlib.asynccontextmanager
   async def lifespan(_):

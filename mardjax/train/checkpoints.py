@@ -349,9 +349,8 @@ class Checkpoints:
         metas[step] = meta
 
     def rank(step):
-      recalls = [h['recall@10'] for h in metas[step].get('history', [])
-                 if h.get('step') == step and 'recall@10' in h]
-      return (0, -recalls[0], step) if recalls else (1, -step, step)
+      recall = _own_recall(metas[step], step)
+      return (0, -recall, step) if recall is not None else (1, -step, step)
     for step in sorted(metas, key=rank):
       if check_meta is not None:
         check_meta(metas[step])
@@ -506,6 +505,15 @@ def require_checkpoints(workdir: str, directory: str = CHECKPOINT_DIR
   return ckpt_dir
 
 
+def _own_recall(meta: dict[str, Any], step: int) -> float | None:
+  """The dev recall@10 a checkpoint's record holds for its own step (the
+  first evaluation of it), or None when that step was not evaluated."""
+  for h in meta.get('history', []):
+    if h.get('step') == step and 'recall@10' in h:
+      return h['recall@10']
+  return None
+
+
 def _has_steps(directory: str) -> bool:
   """Whether `directory` holds a committed checkpoint step (orbax's
   unfinished ones carry a temporary suffix)."""
@@ -604,14 +612,13 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str,
     restored = restore(CHECKPOINT_DIR, best=True)
     if restored is not None:
       step, _, meta = restored
-      recall = [h['recall@10'] for h in meta.get('history', [])
-                if h.get('step') == step and 'recall@10' in h]
+      recall = _own_recall(meta, step)
       logging.warning(
           '%s holds no intact checkpoint; using step %d of %s instead (%s).',
           os.path.join(workdir, BEST_DIR), step,
           os.path.join(workdir, CHECKPOINT_DIR),
-          f'dev recall@10 {recall[0]:.4f}, the best of the rolling '
-          'checkpoints' if recall else 'the newest rolling checkpoint, none '
+          f'dev recall@10 {recall:.4f}, the best of the rolling '
+          'checkpoints' if recall is not None else 'the newest rolling checkpoint, none '
           'evaluated at its step')
       source = CHECKPOINT_DIR
   if restored is None:
