@@ -98,6 +98,8 @@ _RANGES = (
     ('export.hnsw_m', _at_least(2), 'at least 2'),
     ('export.hnsw_ef_construction', _at_least(1), 'at least 1'),
     ('export.hnsw_ef_search', _at_least(1), 'at least 1'),
+    ('embed.max_document_mb', _at_least(0),
+     'a size in MB, >= 0 (0: no cap)'),
     ('serve.max_upload_mb', _positive, 'a finite number of MB > 0'),
     ('serve.max_query_kb', _positive, 'a finite number of KB > 0'),
     ('serve.analysis_workers', _at_least(0), 'at least 0 (0: one per core)'),
@@ -185,6 +187,8 @@ def validate_data(data: ml_collections.ConfigDict) -> None:
   check(data.num_workers >= 1, 'num_workers', 'must be >= 1')
   check(data.text_encoder_max_tokens >= 2, 'text_encoder_max_tokens',
         'must be at least 2')
+  check(_at_least(0)(data.max_document_mb), 'max_document_mb',
+        'a size in MB, >= 0 (0: no cap)')
   desc_lib.check_config(data)
 
 

@@ -20,7 +20,6 @@ Every record that cannot be used is counted in `Corpus.counts` under
 import collections
 import dataclasses
 import functools
-import math
 import os
 from typing import Iterator
 
@@ -34,7 +33,6 @@ from mardjax import progress
 from mardjax.data import splits as splits_lib
 from mardjax.data import text as text_lib
 from mardjax.errors import UserError
-from mardjax.errors import need
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,14 +158,10 @@ def find_sources(data: ml_collections.ConfigDict, mard_dir: str) -> Sources:
 
   Raises:
     UserError: no MARD directory, a metadata or reviews file that is missing
-      or not a regular file, a bad `data.max_document_mb`.
+      or not a regular file.
   """
   if not os.path.isdir(mard_dir):
     raise UserError(f'MARD directory {mard_dir!r} does not exist.')
-  max_mb = data.get('max_document_mb', 0)
-  need(isinstance(max_mb, (int, float)) and max_mb >= 0 and
-       math.isfinite(max_mb), 'data.max_document_mb', max_mb,
-       'a size in MB, >= 0 (0: no cap)')
   policy = files_lib.Policy.from_config(data)
   for name in (mard_io.METADATA_FILE, mard_io.REVIEWS_FILE):
     _check_required(os.path.join(mard_dir, name), mard_dir, policy)

@@ -364,10 +364,7 @@ def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
   """
   t0 = time.time()
   data = config.data
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise UserError(f'{out_dir} is a file, and the records need a directory '
-                    'there: move it away or choose another '
-                    'config.data.tfrecord_dir.')
+  files_lib.check_writable_dirs([out_dir])  # Before minutes of work.
   specs = desc_lib.parse_descriptor_list(data.descriptors)
   dim = desc_lib.dim(specs)
   sources = ingest.find_sources(data, mard_dir)

@@ -49,7 +49,6 @@ from mardjax.data import mard_io
 from mardjax.serve import search_index
 from mardjax.train import checkpoints
 from mardjax.errors import UserError
-from mardjax.errors import need
 
 FORMAT_VERSION = 1
 OUTPUT_DIR = 'embedded'
@@ -151,9 +150,6 @@ def embed_folder(config: ml_collections.ConfigDict, workdir: str,
     raise UserError(f'--input_dir={input_dir!r} is not a folder.')
   output_dir = output_dir or os.path.join(workdir, OUTPUT_DIR)
   _check_output_dir(output_dir)  # Before minutes of analysis.
-  max_mb = config.embed.get('max_document_mb', 0)
-  need(isinstance(max_mb, (int, float)) and 0 <= max_mb < float('inf'),
-       'embed.max_document_mb', max_mb, 'a size in MB, >= 0 (0: no cap)')
   policy = files_lib.Policy.from_config(config.embed)
   files, ignored, not_read = find_files(input_dir, policy)
   if not files:
