@@ -358,3 +358,70 @@ def test_active_hinges_is_the_fraction_of_active_cross_modal_hinges(
                                  negatives=negatives)
   np.testing.assert_allclose(float(terms['active_hinges']), a1 / n1,
                              rtol=1e-6)
+
+
+def test_infonce_and_sigmoid_leave_padding_rows_out():
+  """Padding rows (album id < 0) are neither anchors nor candidates: the
+  losses of a padded batch equal those of its real rows alone."""
+  x, y, ids = _batch(11, b=9)
+  pad = np.array([-1, -1, -1], np.int32)
+  rng = np.random.default_rng(1)
+  px = _normalize(rng.normal(size=(3, x.shape[1]))).astype(np.float32)
+  py = _normalize(rng.normal(size=(3, y.shape[1]))).astype(np.float32)
+  # Padding interleaved with real rows, not only at the end.
+  order = np.random.default_rng(2).permutation(12)
+  xx, yy = np.concatenate([x, px])[order], np.concatenate([y, py])[order]
+  ii = np.concatenate([ids, pad])[order]
+  got = losses.infonce_loss(xx, yy, ii, temperature=0.1)
+  np.testing.assert_allclose(float(got), _ref_infonce(x, y, ids, 0.1),
+                             rtol=1e-5)
+  got = losses.sigmoid_loss(xx, yy, ii, temperature=0.1, bias=-2.0)
+  want = losses.sigmoid_loss(x, y, ids, temperature=0.1, bias=-2.0)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_a_draw_at_the_top_of_its_range_is_still_a_negative():
+  """`uniform * count` rounds up to `count` in float32 once an anchor has
+  more than 2**24 negatives: the largest draw must still be the anchor's
+  last negative in album order, never its own album or past the end (here
+  the anchors' blocks come first, in the middle and last)."""
+  ids = jnp.array([4, 0, 2, 4, -1, 0, 2, 4], jnp.int32)
+  anchors = jnp.array([0, 2, 4], jnp.int32)
+  for top in (1.0, np.nextafter(np.float32(1), np.float32(0))):
+    u = jnp.full((3, 2), top, jnp.float32)
+    index, has_neg = losses._sampled_negatives(anchors, ids, u)
+    index = np.asarray(index)
+    assert np.asarray(has_neg).all()
+    # The last negative in album order: album 4's last row for anchors of
+    # albums 0 and 2, album 2's last row for album 4.
+    np.testing.assert_array_equal(index, [[7, 7], [7, 7], [6, 6]])
+
+
+def test_each_term_draws_its_own_negatives(monkeypatch):
+  """Under sampled:K the four terms get four different draws, the slices
+  of one draw of 4 * B * K uniforms: a term sharing another's draws would
+  correlate the two terms' negatives."""
+  seen = {}
+  real = losses.ranking_term
+
+  def record(anchors, cands, a_ids, c_ids, *, uniform, self_index=None,
+             **kw):
+    seen[(anchors is text, cands is text, self_index is not None)] = (
+        np.asarray(uniform))
+    return real(anchors, cands, a_ids, c_ids, uniform=uniform,
+                self_index=self_index, **kw)
+
+  monkeypatch.setattr(losses, 'ranking_term', record)
+  audio, text, ids = _batch(4)
+  audio, text = jnp.asarray(audio), jnp.asarray(text)
+  key = jax.random.PRNGKey(3)
+  losses.ranking_loss(audio, text, ids, margin=0.2, weights=(1, 1, 1, 1),
+                      negatives='sampled:5', key=key)
+  want = np.asarray(jax.random.uniform(key, (4 * len(ids) * 5,))).reshape(
+      4, len(ids), 5)
+  # (anchors are text, candidates are text, neighbourhood term)
+  order = [(False, True, False), (True, False, False), (False, False, True),
+           (True, True, True)]
+  assert sorted(seen) == sorted(order)
+  for term, which in enumerate(order):
+    np.testing.assert_array_equal(seen[which], want[term])

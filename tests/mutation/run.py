@@ -11,8 +11,11 @@ survivor. A survivor is either a test still to write or an equivalent mutant
 (the program behaves the same, e.g. `x * 1` -> `x / 1`), listed with its
 reason in `equivalent.toml` (by operator and the original line of code).
 Progress is kept under `.mutation/` (not committed), so a run that stops
-resumes where it was; a target whose module or tests changed since it began
-starts again.
+resumes where it was. A target whose module changed since it began starts
+again; one whose tests changed runs its survivors again (tests are added or
+made stronger, so a mutant once killed stays killed). Each target keeps a
+persistent JAX compilation cache there too: a mutant recompiles only the
+programs it changed.
 
 The report, docs/mutation.md, gives each target's score (killed over the
 mutants that are not equivalent) and every survivor with its diff.
@@ -24,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sqlite3
 import subprocess
 import sys
@@ -58,6 +62,9 @@ class Target:
   module: str
   tests: tuple[str, ...]
   timeout_s: float = 300.0
+  # A pytest -k expression: the tests of those files that reach the module
+  # (the others only cost time per mutant).
+  select: str = ''
 
 
 TARGETS = (
@@ -74,14 +81,19 @@ TARGETS = (
            ('tests/checkpoints_test.py', 'tests/checkpoint_integrity_test.py'),
            timeout_s=600.0),
     Target('batches', 'mardjax/train/index_batches.py',
-           ('tests/input_pipeline_test.py', 'tests/train_step_test.py'),
-           timeout_s=600.0),
+           ('tests/train_step_test.py',), timeout_s=600.0,
+           select='index_step or positive_list_width or flat_layout'),
 )
 
 
-def _fingerprint(target: Target) -> str:
+def _tests_label(target: Target) -> str:
+  label = ', '.join(target.tests)
+  return f'{label} -k "{target.select}"' if target.select else label
+
+
+def _fingerprint(paths) -> str:
   h = hashlib.sha256()
-  for path in (target.module,) + target.tests:
+  for path in paths:
     with open(os.path.join(ROOT, path), 'rb') as f:
       h.update(f.read())
   return h.hexdigest()[:16]
@@ -93,18 +105,30 @@ def _config(target: Target) -> str:
   # failing test, and nothing else runs beside the mutated module.
   command = (f'{sys.executable} -m pytest -x -q -n 0 -p no:cacheprovider '
              f'-p no:randomly {tests}')
+  if target.select:
+    command += f' -k {shlex.quote(target.select)}'
   excluded = ', '.join(json.dumps(e) for e in EXCLUDED_OPERATORS)
   return (f'[cosmic-ray]\nmodule-path = "{target.module}"\n'
           f'timeout = {target.timeout_s}\nexcluded-modules = []\n'
-          f'test-command = "{command}"\n\n'
+          f'test-command = {json.dumps(command)}\n\n'
           '[cosmic-ray.distributor]\nname = "local"\n\n'
           '[cosmic-ray.filters.operators-filter]\n'
           f'exclude-operators = [{excluded}]\n')
 
 
-def _cosmic(*args: str) -> None:
+def _cosmic(*args: str, env=None) -> None:
   subprocess.run([os.path.join(os.path.dirname(sys.executable), args[0]),
-                  *args[1:]], cwd=ROOT, check=True)
+                  *args[1:]], cwd=ROOT, check=True, env=env)
+
+
+def _retest_survivors(db: str) -> int:
+  """Forgets the survivors' results so the next exec runs them again."""
+  con = sqlite3.connect(db)
+  with con:
+    n = con.execute("DELETE FROM work_results WHERE test_outcome = "
+                    "'SURVIVED'").rowcount
+  con.close()
+  return n
 
 
 def run_target(target: Target) -> None:
@@ -113,9 +137,11 @@ def run_target(target: Target) -> None:
   config = os.path.join(SESSIONS, f'{target.name}.toml')
   db = os.path.join(SESSIONS, f'{target.name}.sqlite')
   stamp = os.path.join(SESSIONS, f'{target.name}.fingerprint')
-  fingerprint = _fingerprint(target)
-  old = open(stamp).read() if os.path.exists(stamp) else None
-  if old != fingerprint or not os.path.exists(db):
+  module = _fingerprint((target.module,))
+  tests = hashlib.sha256((_fingerprint(target.tests) + target.select)
+                         .encode()).hexdigest()[:16]
+  old = open(stamp).read().split() if os.path.exists(stamp) else []
+  if len(old) != 2 or old[0] != module or not os.path.exists(db):
     for path in (db, stamp):
       if os.path.exists(path):
         os.remove(path)
@@ -124,11 +150,21 @@ def run_target(target: Target) -> None:
     _cosmic('cosmic-ray', 'init', config, db)
     _cosmic('cr-filter-operators', db, config)
     _cosmic('cr-filter-pragma', db)
-    with open(stamp, 'w') as f:
-      f.write(fingerprint)
+  elif old[1] != tests:
+    with open(config, 'w') as f:
+      f.write(_config(target))
+    print(f'[mutation] {target.name}: tests changed, '
+          f'{_retest_survivors(db)} survivors run again', flush=True)
+  with open(stamp, 'w') as f:
+    f.write(f'{module} {tests}')
   print(f'[mutation] {target.name}: {target.module} against '
-        f'{", ".join(target.tests)}', flush=True)
-  _cosmic('cosmic-ray', 'exec', config, db)
+        f'{_tests_label(target)}', flush=True)
+  env = dict(os.environ,
+             JAX_COMPILATION_CACHE_DIR=os.path.join(
+                 SESSIONS, f'{target.name}.jax-cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  _cosmic('cosmic-ray', 'exec', config, db, env=env)
 
 
 def _equivalent() -> dict[str, dict[tuple[str, str], str]]:
@@ -173,7 +209,7 @@ def write_report() -> str:
   for target in TARGETS:
     db = os.path.join(SESSIONS, f'{target.name}.sqlite')
     if not os.path.exists(db):
-      lines.append(f'| `{target.module}` | {", ".join(target.tests)} | '
+      lines.append(f'| `{target.module}` | {_tests_label(target)} | '
                    '- | - | - | - | not run yet | - |')
       continue
     eq = equivalent.get(target.name, {})
@@ -187,7 +223,7 @@ def write_report() -> str:
                 same]
     scored = len(done) - len(same)
     score = f'{100 * len(killed) / scored:.1f}%' if scored else '-'
-    lines.append(f'| `{target.module}` | {", ".join(target.tests)} | '
+    lines.append(f'| `{target.module}` | {_tests_label(target)} | '
                  f'{len(rows)} | {len(killed)} | {len(same)} | '
                  f'{len(survived)} | {len(rows) - len(done)} | {score} |')
     for title, group in (('survived', survived), ('equivalent', same)):
