@@ -92,15 +92,18 @@ class Planner:
         idx['place'], used = packing.plan(self.lengths[idx['rows']],
                                           self.max_len)
         idx['packed_rows'] = np.int64(used)
+      # The words read: each review's first max_len tokens, as the host's
+      # batches hold them (a word only beyond them would have its Adam
+      # moments decayed by the lazy update in this path alone).
       if self.split_bag:
-        idx['device_words'] = [
-            np.unique(self.reviews.tokens[self.reviews.token_index(r)],
-                      return_counts=True) for r in idx['rows']]
+        idx['device_words'] = [np.unique(self.reviews.tokens[
+            self.reviews.token_index(r, self.max_len)], return_counts=True)
+                               for r in idx['rows']]
         idx['words'] = np.unique(np.concatenate(
             [w for w, _ in idx['device_words']]))
       elif self.vocab_size:
         idx['words'] = np.unique(self.reviews.tokens[
-            self.reviews.token_index(idx['rows'].ravel())])
+            self.reviews.token_index(idx['rows'].ravel(), self.max_len)])
       yield position, idx
 
   def _max(self, value: int) -> int:

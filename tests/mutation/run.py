@@ -81,8 +81,10 @@ TARGETS = (
            ('tests/checkpoints_test.py', 'tests/checkpoint_integrity_test.py'),
            timeout_s=600.0),
     Target('batches', 'mardjax/train/index_batches.py',
-           ('tests/train_step_test.py',), timeout_s=600.0,
-           select='index_step or positive_list_width or flat_layout'),
+           ('tests/index_batches_test.py', 'tests/train_step_test.py'),
+           timeout_s=600.0,
+           select=('index_batches_test or index_step or positive_list_width '
+                   'or flat_layout')),
 )
 
 
