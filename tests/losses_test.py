@@ -425,3 +425,52 @@ def test_each_term_draws_its_own_negatives(monkeypatch):
   assert sorted(seen) == sorted(order)
   for term, which in enumerate(order):
     np.testing.assert_array_equal(seen[which], want[term])
+
+
+@pytest.mark.parametrize('kind', ['ranking', 'infonce', 'sigmoid'])
+def test_a_batch_of_padding_rows_only_gives_a_zero_loss(kind):
+  """The last batch of a device can hold only padding rows: no pair is
+  counted, and the loss is 0, not 0 / 0."""
+  x, y, _ = _batch(2, b=4)
+  ids = np.full(4, -1, np.int32)
+  fn = {'ranking': lambda *a: losses.ranking_loss(
+      *a, margin=0.3, weights=(1, 1, 1, 1), negatives='all')[0],
+        'infonce': lambda *a: losses.infonce_loss(*a, temperature=0.1),
+        'sigmoid': lambda *a: losses.sigmoid_loss(*a, temperature=0.1,
+                                                  bias=-1.0)}[kind]
+  assert float(fn(x, y, ids)) == 0.0
+
+
+def test_one_real_row_on_four_devices_is_the_global_mean():
+  """Three devices of padding and one real row: the gathered loss's mean
+  over devices is still the one pair's loss (the global count is 1)."""
+  x, y, _ = _batch(6, b=8)
+  ids = np.array([-1, -1, -1, 4, -1, -1, -1, -1], np.int32)
+
+  def per_device(a, t, i):
+    return losses.sigmoid_loss(a, t, i, temperature=0.1, bias=-1.0,
+                               axis_name='d', gather_across_devices=True)
+
+  per = jax.pmap(per_device, axis_name='d')(
+      x.reshape(4, 2, -1), y.reshape(4, 2, -1), ids.reshape(4, 2))
+  want = np.log1p(np.exp(-(x[3] @ y[3] / 0.1 - 1.0)))
+  np.testing.assert_allclose(float(per.mean()), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['infonce', 'sigmoid'])
+def test_without_gathering_each_device_pairs_its_own_rows(kind):
+  """gather_across_devices defaults to False: under a device axis each
+  device's candidates are its own rows, and the devices' mean is the mean
+  of the four local losses (equal shares here)."""
+  x, y, ids = _batch(8, b=16, albums=3)
+  fn = {'infonce': lambda a, t, i, **kw: losses.infonce_loss(
+      a, t, i, temperature=0.1, **kw),
+        'sigmoid': lambda a, t, i, **kw: losses.sigmoid_loss(
+            a, t, i, temperature=0.1, bias=-1.0, **kw)}[kind]
+  shard = lambda a: a.reshape(4, -1, *a.shape[1:])
+  per = jax.pmap(lambda a, t, i: fn(a, t, i, axis_name='d'),
+                 axis_name='d')(shard(x), shard(y), shard(ids))
+  local = [float(fn(a, t, i)) for a, t, i in zip(shard(x), shard(y),
+                                                  shard(ids))]
+  np.testing.assert_allclose(float(per.mean()), np.mean(local), rtol=1e-5)
+  assert abs(np.mean(local) - float(fn(x, y, ids))) > 1e-3
