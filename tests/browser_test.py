@@ -112,18 +112,30 @@ def test_upload_a_song_and_search_by_text_in_the_page(browser, trained_room,
     find(By.ID, 'upload-button').click()
     _wait(browser, lambda d: find(By.ID, 'upload-status').text.startswith(
         'Done'))
-    reviews = browser.find_elements(By.CSS_SELECTOR, '#reviews li')
-    albums = browser.find_elements(By.CSS_SELECTOR, '#albums li')
+    reviews = browser.find_elements(By.CSS_SELECTOR, '#reviews > li')
+    albums = browser.find_elements(By.CSS_SELECTOR, '#albums > li')
     assert len(reviews) == 10 and len(albums) == 10
     excerpt = reviews[0].find_element(By.CLASS_NAME, 'excerpt').text
     assert excerpt and excerpt != '(no text)'
     distances = [float(r.find_element(By.CLASS_NAME, 'distance').text)
                  for r in reviews]
     assert distances == sorted(distances) and 0 <= distances[0] <= 2
-    # The page shows what the API answers for the same file.
+    # The page shows what the API answers for the same file, explained.
     expected = room.descriptor_query(
-        web.audio_analysis.analyse_bytes(song.read_bytes(), '.wav'), 10)
+        web.audio_analysis.analyse_bytes(song.read_bytes(), '.wav'), 10,
+        explain=True)
     assert excerpt == expected['reviews'][0]['excerpt'].strip()
+    # The words that pulled each review are marked in its excerpt, and
+    # each album has a bar per descriptor group.
+    for review, want in zip(reviews, expected['reviews']):
+      marks = [m.text for m in review.find_elements(By.TAG_NAME, 'mark')]
+      assert marks == [want['excerpt'][a:b] for a, b in want['highlights']]
+    assert sum(len(r['highlights']) for r in expected['reviews']) > 0
+    for album in albums:
+      assert len(album.find_elements(By.CSS_SELECTOR, '.why-audio tr')) == 4
+      assert album.find_elements(By.CSS_SELECTOR, '.bar-value')[
+          0].value_of_css_property('width') != '0px'
+    assert 'similarity falls' in find(By.ID, 'audio-why-note').text
     assert find(By.ID, 'descriptor-count').text == '369'
     statuses = browser.execute_script('return window.statuses')
     assert any(s.startswith('Computing audio features') for s in statuses), (
@@ -142,9 +154,12 @@ def test_upload_a_song_and_search_by_text_in_the_page(browser, trained_room,
     find(By.ID, 'text-input').send_keys('great guitar album')
     find(By.ID, 'text-button').click()
     _wait(browser, lambda d: len(d.find_elements(
-        By.CSS_SELECTOR, '#text-albums li')) == 10)
+        By.CSS_SELECTOR, '#text-albums > li')) == 10)
     assert 'words known' in find(By.ID, 'text-status').text
-    first = browser.find_elements(By.CSS_SELECTOR, '#text-albums li')[0].text
-    top = room.text_query('great guitar album', 1)['albums'][0]
+    first = browser.find_elements(By.CSS_SELECTOR, '#text-albums > li')[0].text
+    top = room.text_query('great guitar album', 1, explain=True)['albums'][0]
     assert top['artist'] in first and top['title'] in first
+    chips = browser.find_elements(By.CSS_SELECTOR,
+                                  '#text-albums li .why-words li')
+    assert chips and chips[0].text.split()[0] == top['why_words'][0]['word']
 

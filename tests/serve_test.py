@@ -350,9 +350,13 @@ def test_serve_benchmark_over_http(trained_room, trained_config):
   out = modes.run_mode('benchmark', config, workdir, show_progress=False)
   assert out['benchmark'] == 'serve' and out['reviews'] > 0
   for fmt in ('wav', 'mp3'):
-    upload = out[f'upload_{fmt}']
-    assert 0 < upload['p50_ms'] <= upload['p95_ms'] <= upload['max_ms']
-  assert 0 < out['text_query']['p50_ms'] <= out['text_query']['max_ms']
+    for name in (f'upload_{fmt}', f'upload_{fmt}_explained'):
+      upload = out[name]
+      assert 0 < upload['p50_ms'] <= upload['p95_ms'] <= upload['max_ms']
+  for name in ('text_query', 'text_query_explained'):
+    assert 0 < out[name]['p50_ms'] <= out[name]['max_ms']
+  assert isinstance(out['explained_upload_growth'], float)
+  assert isinstance(out['meets_explain_targets'], bool)
   assert out['load']['requests'] > 0 and out['load']['errors'] == 0
   assert out['load']['requests_per_s'] > 0
   during = out['during_uploads']

@@ -95,6 +95,13 @@ def test_pretrained_features_preprocess_and_train(tiny_bert,
   emb, _, _ = room.embedder.embed_text(meta['text'])
   np.testing.assert_allclose(emb[0], room.bank['reviews'][0], atol=1e-4)
   assert len(room.text_query('a quiet record', 3)['albums']) == 3
+  # Word weights are not defined for an encoder of word pieces in context:
+  # said so, with the rest of the answer.
+  out = room.text_query('a quiet record', 3, explain=True)
+  assert [a['why_words'] for a in out['albums']] == [None] * 3
+  why = room.explainer.review_words(meta['text'], 0, emb[0], 300)
+  assert why['why'] is None and 'pretrained' in why['why_unavailable']
+  assert why['excerpt']
   other = tmp_path / 'other_bert'
   shutil.copytree(tiny_bert, other)
   with open(other / 'config.json', 'a') as f:

@@ -25,6 +25,17 @@ def tokenize(text: str) -> list[str]:
   return _WORD_RE.findall(html.unescape(text).lower().replace('’', "'"))
 
 
+def word_spans(text: str) -> tuple[str, list[tuple[int, int]]]:
+  """(the text as read, HTML entities decoded; (start, end) in it of each
+  of `tokenize`'s words), or no spans where lower-casing moves them (a
+  few letters lower-case to two characters)."""
+  shown = html.unescape(text)
+  spans = [m.span() for m in _WORD_RE.finditer(shown)]
+  if len(spans) != len(tokenize(text)):
+    return shown, []
+  return shown, spans
+
+
 class Vocabulary:
   """Maps words to ids and back.
 

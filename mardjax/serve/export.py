@@ -40,20 +40,22 @@ from mardjax.models import two_branch
 from mardjax.serve import search_index
 from mardjax.train import checkpoints
 
-FORMAT_VERSION = 1
+# 2: each review row says where its body starts ('body_start').
+FORMAT_VERSION = 2
 EXPORT_DIR = 'export'
 _SPLITS = ('train', 'dev', 'test')
 
 
 def _review_texts(mard_dir: str, wanted: set[str],
-                  policy: files_lib.Policy) -> dict[str, str]:
-  """review_id -> its text as the encoders read it, from the raw file."""
+                  policy: files_lib.Policy) -> dict[str, tuple[str, int]]:
+  """review_id -> (its text as the pretrained encoder reads it, where its
+  body starts in it: the word encoders read the body), from the raw file."""
   texts = {}
   counts = collections.Counter()
   for review in mard_io.iter_reviews(mard_dir, counts, policy):
     if review is not None and review.review_id in wanted:
-      texts[review.review_id] = text_features.review_text(review.summary,
-                                                          review.text)
+      text = text_features.review_text(review.summary, review.text)
+      texts[review.review_id] = (text, len(text) - len(review.text))
   return texts
 
 
@@ -103,7 +105,8 @@ def write(config: ml_collections.ConfigDict, workdir: str, mard_dir: str,
   texts = _review_texts(mard_dir, set(reviews['review_id'].tolist()),
                         files_lib.Policy.from_config(config.data))
   rows = [{'review_id': rid, 'album_index': int(album), 'split': str(split),
-           'text': texts.get(rid)}
+           'text': texts.get(rid, (None, 0))[0],
+           'body_start': texts.get(rid, (None, 0))[1]}
           for rid, album, split in zip(reviews['review_id'], reviews['album'],
                                        reviews['split'])]
   missing = sum(r['text'] is None for r in rows)

@@ -24,6 +24,7 @@ server keeps serving.
 """
 
 import os
+import time
 from typing import Any
 
 import ml_collections
@@ -34,6 +35,7 @@ from mardjax.serve import audio_analysis
 from mardjax.data import descriptors as desc_lib
 from mardjax.data import mard_io
 from mardjax.serve import embedder as embedder_lib
+from mardjax.serve import explain
 from mardjax.serve import export
 from mardjax.serve import guards
 from mardjax.serve import search_index
@@ -72,41 +74,75 @@ class Room:
       export.write(config, workdir, mard_dir, e.trained)
       bank = export.load(bank_dir, ef_search)
     self.bank = bank
+    self.explainer = explain.Explainer(e)
     self._album_rows = {m['album_index']: m for m in bank['album_meta']}
 
-  def text_query(self, text: str, k: int) -> dict[str, Any]:
+  def text_query(self, text: str, k: int, explain: bool = False
+                 ) -> dict[str, Any]:
+    """The k albums closest to a typed text; with `explain`, the words of
+    the text that pulled each (`explain.Explainer.query_words`)."""
     emb, known, words = self.embedder.embed_text(text)
-    return {'albums': self._albums(emb, k), 'known_words': known,
-            'words': words}
+    albums, rows = self._albums(emb, k)
+    out = {'albums': albums, 'known_words': known, 'words': words}
+    if explain:
+      start = time.perf_counter()
+      why, out['unknown_words'] = self.explainer.query_words(
+          text, self.bank['albums'][rows])
+      for album, w in zip(albums, why):
+        album['why_words'] = w
+      out['explain_ms'] = _ms(start)
+    return out
 
-  def descriptor_query(self, doc: Any, k: int) -> dict[str, Any]:
+  def descriptor_query(self, doc: Any, k: int, explain: bool = False
+                       ) -> dict[str, Any]:
+    """The k reviews and albums closest to a recording's low-level
+    document; with `explain`, the words of each review and the descriptor
+    groups behind each album (`explain.Explainer`)."""
     raw, z, version, warnings = self.embedder.read_document(doc)
     emb = self.embedder.embed_audio(z[None])
     idx, scores = self.bank['review_index'].search(emb, k)
+    start = time.perf_counter()
     reviews = []
     for i, s in zip(idx[0], scores[0]):
       meta = self.bank['review_meta'][i]
       album = self._album_rows.get(meta['album_index'], {})
       text = meta.get('text') or ''
-      reviews.append({'review_id': meta['review_id'],
-                      'excerpt': text[:EXCERPT_CHARS] + (
-                          '…' if len(text) > EXCERPT_CHARS else ''),
-                      'album': album.get('title'),
-                      'artist': album.get('artist'),
-                      'genre': album.get('genre'),
-                      'distance': _distance(s)})
-    return {'reviews': reviews, 'albums': self._albums(emb, k),
-            'warnings': warnings,
-            'descriptors': {n: float(v) for n, v in zip(
-                self.embedder.names, raw)},
-            'extractor': version}
+      row = {'review_id': meta['review_id'],
+             'excerpt': text[:EXCERPT_CHARS] + (
+                 '…' if len(text) > EXCERPT_CHARS else ''),
+             'album': album.get('title'),
+             'artist': album.get('artist'),
+             'genre': album.get('genre'),
+             'distance': _distance(s)}
+      if explain:
+        row.update(self.explainer.review_words(
+            meta.get('text'), meta.get('body_start', 0), emb[0],
+            EXCERPT_CHARS))
+      reviews.append(row)
+    albums, rows = self._albums(emb, k)
+    out = {'reviews': reviews, 'albums': albums, 'warnings': warnings,
+           'descriptors': {n: float(v) for n, v in zip(
+               self.embedder.names, raw)},
+           'extractor': version}
+    if explain:
+      for album, why in zip(albums, self.explainer.sound_groups(
+          raw, z, self.bank['albums'][rows])):
+        album['why_audio'] = why
+      out['explain_ms'] = _ms(start)
+    return out
 
-  def _albums(self, emb: np.ndarray, k: int) -> list[dict[str, Any]]:
+  def _albums(self, emb: np.ndarray, k: int
+              ) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """(the k closest albums' rows, their (k,) indices in the bank)."""
     idx, scores = self.bank['album_index'].search(emb, k)
     return [dict({key: self.bank['album_meta'][i].get(key) for key in (
         'album_index', 'amazon_id', 'artist', 'title', 'genre')},
                  distance=_distance(s))
-            for i, s in zip(idx[0], scores[0])]
+            for i, s in zip(idx[0], scores[0])], np.asarray(idx[0])
+
+
+def _ms(start: float) -> float:
+  return round(1000 * (time.perf_counter() - start), 1)
 
 
 class _TooLarge(Exception):
@@ -291,6 +327,7 @@ def _add_routes(app, room: Room, pool, max_upload_bytes: int,
   class TextQuery(pydantic.BaseModel):
     text: str
     k: int = 10
+    explain: bool = False
 
     @pydantic.field_validator('text')
     @classmethod
@@ -326,17 +363,18 @@ def _add_routes(app, room: Room, pool, max_upload_bytes: int,
     if not query.text.strip():
       raise fastapi.HTTPException(422, 'the text is empty')
     try:
-      return room.text_query(query.text, k)
+      return room.text_query(query.text, k, query.explain)
     except ValueError as e:
       raise fastapi.HTTPException(422, str(e)) from None
 
   @app.post('/api/query/audio')
-  async def query_audio(file: fastapi.UploadFile, k: int = 10):
+  async def query_audio(file: fastapi.UploadFile, k: int = 10,
+                        explain: bool = False):
     k = check_k(k)
     data, ext = await _read_upload(file, max_upload_bytes)
     doc = await _document(data, ext, pool, max_audio_seconds)
     try:
-      return room.descriptor_query(doc, k)
+      return room.descriptor_query(doc, k, explain)
     except desc_lib.DescriptorError as e:
       raise fastapi.HTTPException(
           422, f'not an AcousticBrainz low-level document: {e}') from None

@@ -37,19 +37,68 @@ function distance(d) {
             d.toFixed(3));
 }
 
+// One line under each result list says what the weights mean.
+const WHY_NOTE = 'Why: how much the similarity falls when a word (or a ' +
+    'group of descriptors) is taken out; positive pulled the match closer.';
+
+function weightList(why, cls) {
+  return el('ul', {class: cls}, ...why.map((w) => el(
+      'li', {class: w.weight > 0 ? 'pull' : 'push'},
+      w.word, el('small', {}, ` ${w.weight > 0 ? '+' : ''}${w.weight.toFixed(3)}`))));
+}
+
+// Descriptor groups as horizontal bars, scaled to the largest weight.
+function groupChart(groups) {
+  const most = Math.max(1e-9, ...groups.map((g) => Math.abs(g.weight)));
+  return el('table', {class: 'why-audio'}, ...groups.map((g) => {
+    const bar = el('div', {class: `bar-value ${g.weight > 0 ? 'pull' : 'push'}`});
+    bar.style.width = `${Math.round(100 * Math.abs(g.weight) / most)}%`;
+    const values = g.values.map((v) => `${v.name} ${Number(v.value)
+        .toPrecision(3)} (${v.sd > 0 ? '+' : ''}${v.sd.toFixed(1)} sd)`).join(', ');
+    return el('tr', {title: values}, el('td', {}, g.group),
+              el('td', {class: 'bar-cell'}, bar),
+              el('td', {}, `${g.weight > 0 ? '+' : ''}${g.weight.toFixed(3)}`));
+  }));
+}
+
 function albumItem(a) {
   const who = el('span', {class: 'who'}, el('b', {}, a.artist || '?'),
                  ' — ', a.title || '(untitled)');
   if (a.genre) who.append(el('span', {class: 'genre'}, a.genre));
-  return el('li', {class: 'album'}, who, distance(a.distance));
+  const item = el('li', {class: 'album'}, who, distance(a.distance));
+  if (a.why_audio) item.append(groupChart(a.why_audio));
+  if (a.why_words && a.why_words.length) {
+    item.append(weightList(a.why_words, 'why-words'));
+  }
+  return item;
+}
+
+// The excerpt with the words that pulled the match marked; the text goes
+// in as text nodes, the marks as <mark> elements.
+function excerpt(r) {
+  const p = el('p', {class: 'excerpt'});
+  const text = r.excerpt || '(no text)';
+  let at = 0;
+  for (const [a, b] of r.highlights || []) {
+    if (a < at) continue;
+    p.append(text.slice(at, a), el('mark', {}, text.slice(a, b)));
+    at = b;
+  }
+  p.append(text.slice(at));
+  return p;
 }
 
 function reviewItem(r) {
   const who = el('span', {class: 'who'}, 'on ', el('b', {}, r.album || '?'),
                  ' by ', r.artist || '?');
   if (r.genre) who.append(el('span', {class: 'genre'}, r.genre));
-  return el('li', {class: 'review'}, who, distance(r.distance),
-            el('p', {class: 'excerpt'}, r.excerpt || '(no text)'));
+  const item = el('li', {class: 'review'}, who, distance(r.distance),
+                  excerpt(r));
+  if (r.why && r.why.length) item.append(weightList(r.why, 'why-words'));
+  else if (r.why_unavailable) {
+    item.append(el('p', {class: 'muted'}, `No word weights: ${r.why_unavailable}`));
+  }
+  return item;
 }
 
 function showDescriptors(descriptors, extractor) {
@@ -90,7 +139,7 @@ function upload(event) {
   const done = () => { clearInterval(timer); $('upload-button').disabled = false; };
 
   const xhr = new XMLHttpRequest();
-  xhr.open('POST', `/api/query/audio?k=${$('k-select').value}`);
+  xhr.open('POST', `/api/query/audio?k=${$('k-select').value}&explain=true`);
   xhr.responseType = 'json';
   xhr.upload.onprogress = (e) => {
     if (e.lengthComputable) {
@@ -116,10 +165,12 @@ function upload(event) {
       showError(`${file.name}: ${errorText(xhr.status, body)}`);
       return;
     }
-    setProgress(1, `Done: ${file.name} in ${seconds} s`);
+    setProgress(1, `Done: ${file.name} in ${seconds} s` + (
+        body.explain_ms !== undefined ? ` (explanations ${body.explain_ms} ms)` : ''));
     showWarnings(body.warnings || []);
     $('reviews').replaceChildren(...body.reviews.map(reviewItem));
     $('albums').replaceChildren(...body.albums.map(albumItem));
+    $('audio-why-note').textContent = WHY_NOTE;
     showDescriptors(body.descriptors || {}, body.extractor);
     $('audio-results').hidden = false;
   };
@@ -144,7 +195,8 @@ async function searchText(event) {
   try {
     const r = await fetch('/api/query/text', {
       method: 'POST', headers: {'Content-Type': 'application/json'},
-      body: JSON.stringify({text, k: Number($('k-select').value)})});
+      body: JSON.stringify({text, k: Number($('k-select').value),
+                            explain: true})});
     const body = await r.json().catch(() => null);
     if (!r.ok) {
       $('text-status').textContent = '';
@@ -152,8 +204,11 @@ async function searchText(event) {
       return;
     }
     $('text-status').textContent =
-        `${body.known_words} of ${body.words} words known to the model`;
+        `${body.known_words} of ${body.words} words known to the model` + (
+            body.unknown_words && body.unknown_words.length
+                ? ` (not known: ${body.unknown_words.join(', ')})` : '');
     $('text-albums').replaceChildren(...body.albums.map(albumItem));
+    $('text-why-note').textContent = WHY_NOTE;
     $('text-results').hidden = false;
   } catch (e) {
     $('text-status').textContent = '';

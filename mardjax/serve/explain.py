@@ -1,0 +1,253 @@
+"""Why the room answers what it answers: the words and sounds behind a match.
+
+Every explanation is leave-one-out, computed with the served model itself:
+an input part (a distinct word of a review or a query, or a group of
+descriptors of a recording) is taken out, the input embedded again, and the
+part's weight is how much the similarity (cosine) to the matched item falls.
+A positive weight pulled the two together; a negative one pushed them apart.
+All the variants of one input are embedded in one program call.
+
+Taking a word out removes each of its occurrences; taking a descriptor group
+out sets its values to the training mean (0 in standardised units). When
+nothing of a text is left without a word, its weight is the whole similarity:
+an empty text has no direction.
+"""
+
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from mardjax.data import text as text_lib
+from mardjax.models import embed
+
+# Descriptor groups, by AcousticBrainz path (first prefix that matches):
+# what a listener would name. A path no entry matches is its own group.
+GROUPS = (
+    ('timbre (MFCC means)', ('lowlevel.mfcc.mean', 'lowlevel.gfcc.mean')),
+    ('timbre variation (MFCC covariance)', ('lowlevel.mfcc.',
+                                            'lowlevel.gfcc.')),
+    ('brightness (spectral shape)', ('lowlevel.spectral_', 'lowlevel.hfc',
+                                     'lowlevel.pitch_salience')),
+    ('noisiness (zero crossings, dissonance)', ('lowlevel.zerocrossingrate',
+                                                'lowlevel.dissonance')),
+    ('band energies (Bark, mel, ERB)', ('lowlevel.barkbands',
+                                        'lowlevel.melbands',
+                                        'lowlevel.erbbands')),
+    ('loudness and dynamics', ('lowlevel.average_loudness',
+                               'lowlevel.dynamic_complexity',
+                               'lowlevel.loudness', 'lowlevel.silence_rate')),
+    ('rhythm and tempo', ('rhythm.',)),
+    ('tonal and key', ('tonal.',)),
+)
+# Words and groups listed per item, strongest first.
+TOP_WORDS = 8
+TOP_GROUPS = 5
+# A group's values shown: those furthest from the training mean.
+GROUP_VALUES = 3
+# Variants embedded per call are padded to one of a few row counts, so that
+# a handful of compiled programs serves every review length.
+_MIN_ROWS = 16
+
+
+def group_of(name: str) -> str:
+  """A descriptor value's group, from its name (`lowlevel.mfcc.cov[0,1]`)."""
+  for group, prefixes in GROUPS:
+    if name.startswith(prefixes):
+      return group
+  return re.sub(r'(\.(' + '|'.join(('min', 'max', 'mean', 'median', 'var',
+                                     'dmean', 'dmean2', 'dvar', 'dvar2')) +
+                r'))?(\[[\d,]*\])?$', '', name)
+
+
+def _rows_bucket(n: int) -> int:
+  return max(_MIN_ROWS, 1 << (n - 1).bit_length())
+
+
+class Explainer:
+  """Leave-one-out explanations for one served model (`embedder.Embedder`).
+
+  Args:
+    embedder: the served model, its vocabulary and descriptor statistics.
+  """
+
+  def __init__(self, embedder):
+    self.embedder = embedder
+    self.max_len = embedder.config.data.max_len
+    self.words_available = embedder.text_encoder is None
+    self.groups = [group_of(n) for n in embedder.names]
+    names = list(dict.fromkeys(self.groups))
+    self.group_names = names
+    index = {g: i for i, g in enumerate(names)}
+    self.group_index = np.array([index[g] for g in self.groups])
+
+  # Words.
+
+  def _token_ids(self, words: Sequence[str]) -> np.ndarray:
+    ids, _ = self.embedder.vocab.encode(words, self.max_len)
+    return ids
+
+  def _embed_token_rows(self, rows: np.ndarray, lengths: np.ndarray
+                        ) -> np.ndarray:
+    """(R, max_len) token ids + (R,) lengths -> (R, E), rows padded to a
+    bucket so that a few programs serve every size; one call."""
+    r = rows.shape[0]
+    size = _rows_bucket(r)
+    tokens = np.zeros((size, self.max_len), np.int32)
+    tokens[:r] = rows
+    lens = np.ones(size, np.int32)
+    lens[:r] = lengths
+    e = self.embedder
+    return np.asarray(embed.text(e.model, e.variables, tokens, lens))[:r]
+
+  def _without_each_word(self, ids: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids (n,) of a text -> (its distinct known words (U,), (U + 1, max_len)
+    rows: the text, then the text without each word, (U + 1,) lengths)."""
+    words = np.unique(ids[ids > text_lib.UNK_ID])
+    keep = np.concatenate([np.ones((1, len(ids)), bool),
+                           ids[None, :] != words[:, None]])  # (U + 1, n)
+    # Each row's kept tokens moved to its front, in order (stable sort).
+    order = np.argsort(~keep, axis=1, kind='stable')
+    lengths = keep.sum(1).astype(np.int32)
+    rows = np.zeros((len(words) + 1, self.max_len), np.int32)
+    packed = ids[order]
+    packed[np.arange(len(ids))[None, :] >= lengths[:, None]] = 0
+    rows[:, :len(ids)] = packed
+    return words, rows, lengths
+
+  def _word_weights(self, ids: np.ndarray, targets: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct known words (U,), (U, T) weights against each of the
+    (T, E) unit targets)."""
+    words, rows, lengths = self._without_each_word(ids)
+    emb = self._embed_token_rows(rows, np.maximum(lengths, 1))
+    sims = emb @ targets.T  # (U + 1, T)
+    # Nothing left without the word: the text had no other direction.
+    sims[1:][lengths[1:] == 0] = 0.0
+    return words, sims[0][None, :] - sims[1:]
+
+  def review_words(self, text: str | None, body_start: int,
+                   query: np.ndarray, excerpt_chars: int) -> dict[str, Any]:
+    """Why a review matched a query embedding (E,): its words' weights and
+    an excerpt around the strongest ones.
+
+    Args:
+      text: the review as the export keeps it (summary line, then body).
+      body_start: where the body starts in it: the word encoders read the
+        body only (`ingest`).
+      query: (E,) the query's unit embedding.
+      excerpt_chars: the excerpt's length.
+
+    Returns:
+      {'why': [{'word', 'weight'}] strongest first, or None with
+      'why_unavailable'; 'excerpt'; 'highlights': [[start, end]] in the
+      excerpt of the shown words that pulled it towards the query}.
+    """
+    if not text:
+      return {'why': None, 'why_unavailable': 'the review text is missing',
+              'excerpt': '', 'highlights': []}
+    shown, _ = text_lib.word_spans(text)
+    if not self.words_available:
+      return dict(_excerpt(shown, [], excerpt_chars), why=None,
+                  why_unavailable='a pretrained text encoder reads word '
+                  'pieces in context: leaving one word out is not defined '
+                  'for it')
+    body = text[body_start:]
+    body_shown, spans = text_lib.word_spans(body)
+    offset = len(shown) - len(body_shown)
+    tokens = text_lib.tokenize(body)[:self.max_len]  # What the model read.
+    words, weights = self._word_weights(self._token_ids(tokens),
+                                        query[None, :])
+    why = _ranked(self.embedder.vocab.words, words, weights[:, 0], TOP_WORDS)
+    pulled = {w['word'] for w in why if w['weight'] > 0}
+    marks = [(s + offset, e + offset) for w, (s, e) in zip(tokens, spans)
+             if w in pulled]
+    return dict(_excerpt(shown, marks, excerpt_chars), why=why)
+
+  def query_words(self, text: str, targets: np.ndarray
+                  ) -> tuple[list[list[dict[str, Any]]], list[str]]:
+    """Why each of (T, E) targets matched a typed query: per target its
+    words' weights, strongest first; and the query's words the vocabulary
+    does not know."""
+    words = text_lib.tokenize(text)
+    unknown = sorted({w for w in words[:self.max_len]
+                      if self.embedder.vocab.encode([w], 1)[0][0]
+                      == text_lib.UNK_ID})
+    if not self.words_available:
+      return [None] * len(targets), unknown
+    ids = self._token_ids(words)
+    found, weights = self._word_weights(ids, targets)
+    return [_ranked(self.embedder.vocab.words, found, weights[:, t],
+                    TOP_WORDS) for t in range(len(targets))], unknown
+
+  # Sounds.
+
+  def sound_groups(self, raw: np.ndarray, z: np.ndarray, targets: np.ndarray
+                   ) -> list[list[dict[str, Any]]]:
+    """Why each of (T, E) targets matched a recording's (F,) raw and
+    standardised descriptors: per target, the groups by weight (each set
+    to its training mean in turn), with the recording's own values of the
+    group furthest from the mean, in training standard deviations."""
+    g = len(self.group_names)
+    variants = np.repeat(z[None, :], g + 1, 0)
+    variants[1:][self.group_index[None, :] == np.arange(g)[:, None]] = 0.0
+    emb = self.embedder.embed_audio(variants)
+    sims = emb @ targets.T  # (G + 1, T)
+    weights = sims[0][None, :] - sims[1:]
+    values = []
+    for i in range(g):
+      members = np.flatnonzero(self.group_index == i)
+      far = members[np.argsort(-np.abs(z[members]), kind='stable')][
+          :GROUP_VALUES]
+      values.append([{'name': self.embedder.names[j],
+                      'value': _finite(raw[j]), 'sd': _finite(z[j])}
+                     for j in far])
+    out = []
+    for t in range(len(targets)):
+      order = np.argsort(-weights[:, t], kind='stable')[:TOP_GROUPS]
+      out.append([{'group': self.group_names[i],
+                   'weight': _finite(weights[i, t]), 'values': values[i]}
+                  for i in order])
+    return out
+
+
+def _finite(x) -> float:
+  x = float(x)
+  return round(x, 6) if np.isfinite(x) else 0.0
+
+
+def _ranked(vocab_words: Sequence[str], ids: np.ndarray, weights: np.ndarray,
+            top: int) -> list[dict[str, Any]]:
+  """The `top` words by |weight| (ties: the first word id), signed."""
+  order = np.argsort(-np.abs(weights), kind='stable')[:top]
+  return [{'word': vocab_words[ids[i]], 'weight': _finite(weights[i])}
+          for i in order]
+
+
+def _excerpt(text: str, marks: list[tuple[int, int]], chars: int
+             ) -> dict[str, Any]:
+  """At most `chars` characters of `text` (about) around the densest of
+  its marked words, cut at spaces, with the marks inside it moved to the
+  excerpt's offsets."""
+  if len(text) <= chars:
+    start, end = 0, len(text)
+  else:
+    # The window that holds the most marks, starting at one of them.
+    starts = [s for s, _ in marks] or [0]
+    best = max(starts, key=lambda s: sum(s <= a < s + chars
+                                         for a, _ in marks))
+    start = max(0, min(best - chars // 4, len(text) - chars))
+    end = start + chars
+    if start:
+      cut = text.find(' ', start, start + 40)
+      start = cut + 1 if cut >= 0 else start
+    if end < len(text):
+      cut = text.rfind(' ', end - 40, end)
+      end = cut if cut > start else end
+  excerpt = ('…' if start else '') + text[start:end] + (
+      '…' if end < len(text) else '')
+  shift = start - (1 if start else 0)
+  return {'excerpt': excerpt,
+          'highlights': [[a - shift, b - shift] for a, b in marks
+                         if a >= start and b <= end]}

@@ -1,0 +1,304 @@
+"""Explanations of the room's answers: leave-one-out, faithful to the model."""
+
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from mardjax.data import input_pipeline
+from mardjax.data import text as text_lib
+from mardjax.models import embed
+from mardjax.models import two_branch
+from mardjax.serve import explain
+from mardjax.serve import web
+from tests.conftest import REAL_AB_DIR, REAL_DOCS
+
+
+@pytest.fixture(scope='module')
+def room(trained_room):
+  return trained_room[2]
+
+
+@pytest.fixture(scope='module')
+def tracks(room):
+  """(N, F) standardised descriptors of the corpus's tracks."""
+  return input_pipeline.load_audio_table(room.embedder.manifest).descriptors
+
+
+def _cos(e, a, b):
+  return float(np.asarray(e.embed_text(a)[0])[0] @ b)
+
+
+def _reviews_with_text(room, n):
+  metas = [m for m in room.bank['review_meta'] if m.get('text')]
+  assert len(metas) >= n
+  return metas[:n]
+
+
+def test_word_weights_equal_embedding_each_text_again(room):
+  """One call over every variant gives what embedding each text without
+  one of its words, one by one, gives: the weight is the fall in cosine."""
+  e, ex = room.embedder, room.explainer
+  rng = np.random.default_rng(0)
+  for meta in _reviews_with_text(room, 3):
+    query = rng.normal(size=e.model.embed_dim).astype(np.float32)
+    query /= np.linalg.norm(query)
+    body = meta['text'][meta['body_start']:]
+    tokens = text_lib.tokenize(body)[:e.config.data.max_len]
+    ids = ex._token_ids(tokens)
+    words, weights = ex._word_weights(ids, query[None, :])
+    assert len(words) == len(set(ids[ids > text_lib.UNK_ID].tolist())) > 1
+    full = _cos(e, ' '.join(tokens), query)
+    for w, weight in zip(words[:6], weights[:6, 0]):
+      rest = ' '.join(t for t, i in zip(tokens, ids) if i != w)
+      want = full - (_cos(e, rest, query) if rest else 0.0)
+      np.testing.assert_allclose(weight, want, atol=2e-5)
+
+
+def test_the_explained_review_is_the_one_in_the_bank(room):
+  """The body the words are taken from embeds to the review's vector in
+  the bank: the explanation is of the review as it was matched."""
+  e = room.embedder
+  for meta in _reviews_with_text(room, 5):
+    row = room.bank['review_meta'].index(meta)
+    body = meta['text'][meta['body_start']:]
+    np.testing.assert_allclose(np.asarray(e.embed_text(body)[0])[0],
+                               room.bank['reviews'][row], atol=2e-5)
+
+
+def test_deleting_the_top_words_lowers_similarity_more_than_random_words(
+    room, tracks):
+  """Over the top 10 reviews of 20 recordings: taking out a review's 3
+  highest-weight words lowers its similarity to the recording more than 3
+  random words of it, in at least 90% of cases."""
+  e, ex = room.embedder, room.explainer
+  rng = np.random.default_rng(1)
+  queries = e.embed_audio(tracks[rng.choice(len(tracks), 20, replace=False)])
+  wins = cases = 0
+  for q in queries:
+    idx, _ = room.bank['review_index'].search(q[None], 10)
+    for i in idx[0]:
+      meta = room.bank['review_meta'][i]
+      if not meta.get('text'):
+        continue
+      tokens = text_lib.tokenize(meta['text'][meta['body_start']:])[
+          :e.config.data.max_len]
+      ids = ex._token_ids(tokens)
+      words, weights = ex._word_weights(ids, q[None, :])
+      if len(words) < 6:
+        continue
+      top = words[np.argsort(-weights[:, 0])[:3]]
+      rand = rng.choice(words, 3, replace=False)
+
+      def without(drop):
+        rest = ' '.join(t for t, j in zip(tokens, ids) if j not in drop)
+        return _cos(e, rest, q)
+
+      wins += without(top) < without(rand)
+      cases += 1
+  assert cases >= 150, cases
+  assert wins / cases >= 0.9, (wins, cases)
+
+
+def test_one_word_and_unknown_word_reviews_get_a_defined_answer(room):
+  e, ex = room.embedder, room.explainer
+  known = e.vocab.words[5]
+  query = np.asarray(e.embed_text(known)[0])[0]
+  out = ex.review_words(f'{known} {known}', 0, query, 300)
+  # Nothing is left without the word: its weight is the whole similarity,
+  # here of the text with itself.
+  assert [w['word'] for w in out['why']] == [known]
+  np.testing.assert_allclose(out['why'][0]['weight'], 1.0, atol=1e-4)
+  assert out['highlights'] == [[0, len(known)],
+                               [len(known) + 1, 2 * len(known) + 1]]
+  # An unknown word is read (as the unknown token) but never weighed.
+  out = ex.review_words(f'{known} zzqxunknown', 0, query, 300)
+  assert [w['word'] for w in out['why']] == [known]
+  assert np.isfinite(out['why'][0]['weight'])
+  assert out['excerpt'] == f'{known} zzqxunknown'
+  out = ex.review_words('zzqxunknown', 0, query, 300)
+  assert out['why'] == [] and out['highlights'] == []
+  out = ex.review_words(None, 0, query, 300)
+  assert out['why'] is None and 'missing' in out['why_unavailable']
+
+
+def test_the_excerpt_is_the_window_around_the_strongest_words(room):
+  e, ex = room.embedder, room.explainer
+  word = e.vocab.words[7]
+  query = np.asarray(e.embed_text(word)[0])[0]
+  # Within the words the model reads (config.data.max_len), far from the
+  # start of a long review.
+  before, after = ' '.join(['zzfill'] * 30), ' '.join(['zzfill'] * 300)
+  summary = 'Summary line. '
+  text = f'{summary}{before} {word} {after} {word}'
+  out = ex.review_words(text, len(summary), query, 120)
+  assert out['why'][0]['word'] == word and out['why'][0]['weight'] > 0
+  assert out['excerpt'].startswith('…') and out['excerpt'].endswith('…')
+  assert len(out['excerpt']) <= 122
+  (a, b), = out['highlights']
+  assert out['excerpt'][a:b] == word
+  # A word of the summary line is shown but was not read: not weighed.
+  out = ex.review_words(f'{word}. {after}', len(word) + 2, query, 120)
+  assert out['why'] == [] and out['highlights'] == []
+
+
+def test_sound_group_weights_are_each_group_at_its_training_mean(room,
+                                                                  tracks):
+  e, ex = room.embedder, room.explainer
+  assert ex.group_names == ['timbre (MFCC means)',
+                            'timbre variation (MFCC covariance)',
+                            'brightness (spectral shape)',
+                            'noisiness (zero crossings, dissonance)']
+  z = tracks[3]
+  targets = room.bank['albums'][:4]
+  got = ex.sound_groups(z * 2, z, targets)
+  full = e.embed_audio(z[None])[0] @ targets.T
+  for t, groups in enumerate(got):
+    assert len(groups) == 4
+    assert [g['weight'] for g in groups] == sorted(
+        [g['weight'] for g in groups], reverse=True)
+    for g in groups:
+      zero = z.copy()
+      zero[np.array(ex.groups) == g['group']] = 0.0
+      want = full[t] - e.embed_audio(zero[None])[0] @ targets[t]
+      np.testing.assert_allclose(g['weight'], want, atol=2e-5)
+      # The values shown are the group's furthest from the mean, in sd.
+      v = g['values'][0]
+      assert explain.group_of(v['name']) == g['group']
+      members = np.array(ex.groups) == g['group']
+      assert abs(v['sd']) == pytest.approx(np.abs(z[members]).max(), 1e-5)
+      assert v['value'] == pytest.approx(2 * v['sd'], 1e-5)
+
+
+def test_setting_the_top_group_to_its_mean_lowers_similarity_most(room,
+                                                                  tracks):
+  """Over the top 10 albums of 20 recordings: the highest-weight group set
+  to its training mean lowers the similarity more than a random other
+  group, in at least 90% of cases (the weights are those falls, so this
+  checks the ranking and the bookkeeping)."""
+  e, ex = room.embedder, room.explainer
+  rng = np.random.default_rng(2)
+  wins = cases = 0
+  for z in tracks[rng.choice(len(tracks), 20, replace=False)]:
+    q = e.embed_audio(z[None])
+    idx, _ = room.bank['album_index'].search(q, 10)
+    targets = room.bank['albums'][idx[0]]
+    for t, groups in enumerate(ex.sound_groups(z, z, targets)):
+      top, other = groups[0]['group'], rng.choice(
+          [g['group'] for g in groups[1:]])
+
+      def at_mean(group):
+        zero = z.copy()
+        zero[np.array(ex.groups) == group] = 0.0
+        return float(e.embed_audio(zero[None])[0] @ targets[t])
+
+      wins += at_mean(top) < at_mean(other)
+      cases += 1
+  assert wins / cases >= 0.9, (wins, cases)
+
+
+def test_a_constant_group_gets_a_defined_weight(room):
+  e, ex = room.embedder, room.explainer
+  z = np.zeros(len(e.names), np.float32)  # Every value at its mean.
+  groups = ex.sound_groups(z, z, room.bank['albums'][:2])
+  for g in groups[0] + groups[1]:
+    assert g['weight'] == 0.0 and all(np.isfinite(v['sd'])
+                                      for v in g['values'])
+
+
+def test_group_names_follow_the_acousticbrainz_namespaces():
+  assert explain.group_of('lowlevel.mfcc.cov[0,1]') == (
+      'timbre variation (MFCC covariance)')
+  assert explain.group_of('lowlevel.mfcc.mean[3]') == 'timbre (MFCC means)'
+  assert explain.group_of('rhythm.bpm') == 'rhythm and tempo'
+  assert explain.group_of('tonal.key_strength') == 'tonal and key'
+  assert explain.group_of('lowlevel.spectral_rolloff.dvar2') == (
+      'brightness (spectral shape)')
+  assert explain.group_of('lowlevel.unheard.mean[2]') == 'lowlevel.unheard'
+
+
+def test_query_words_and_unknown_words(room):
+  e, ex = room.embedder, room.explainer
+  a, b = e.vocab.words[4], e.vocab.words[9]
+  text = f'{a} zzqxunknown {b}'
+  emb = np.asarray(e.embed_text(text)[0])
+  targets = room.bank['albums'][:3]
+  why, unknown = ex.query_words(text, targets)
+  assert unknown == ['zzqxunknown']
+  for t, words in enumerate(why):
+    assert {w['word'] for w in words} == {a, b}
+    for w in words:
+      rest = f'zzqxunknown {b}' if w['word'] == a else f'{a} zzqxunknown'
+      want = float(emb[0] @ targets[t]) - _cos(e, rest, targets[t])
+      np.testing.assert_allclose(w['weight'], want, atol=2e-5)
+
+
+def test_the_lstm_encoder_is_explained_by_the_same_rule(room):
+  """The BiLSTM reads order: each variant is the text with the word's
+  occurrences taken out and the rest closed up, as if typed that way."""
+  e = room.embedder
+  config = e.config.copy_and_resolve_references()
+  config.model.text_encoder = 'lstm'
+  model = two_branch.from_manifest(config, e.manifest)
+  variables = model.init(jax.random.PRNGKey(0), **two_branch.dummy_inputs(
+      config, e.manifest))
+
+  class Lstm:
+    pass
+
+  lstm = Lstm()
+  for name in ('config', 'vocab', 'names', 'text_encoder', 'manifest'):
+    setattr(lstm, name, getattr(e, name))
+  lstm.config, lstm.model, lstm.variables = config, model, variables
+  ex = explain.Explainer(lstm)
+  tokens = [e.vocab.words[i] for i in (5, 9, 5, 12, 30, 9, 2)]
+  ids = ex._token_ids(tokens)
+  query = np.ones(e.model.embed_dim, np.float32) / np.sqrt(e.model.embed_dim)
+  words, weights = ex._word_weights(ids, query[None, :])
+
+  def embed_ids(ts):
+    row = np.zeros((1, config.data.max_len), np.int32)
+    row[0, :len(ts)] = ts
+    return np.asarray(embed.text(model, variables, row,
+                                     np.array([len(ts)], np.int32)))[0]
+
+  full = embed_ids(ids) @ query
+  for w, weight in zip(words, weights[:, 0]):
+    np.testing.assert_allclose(weight, full - embed_ids(ids[ids != w]) @ query,
+                               atol=2e-5)
+
+
+def test_the_api_explains_on_request(room):
+  client = TestClient(web.create_app(room, max_upload_bytes=2_000_000))
+  with open(os.path.join(REAL_AB_DIR, REAL_DOCS[0]), 'rb') as f:
+    data = f.read()
+  r = client.post('/api/query/audio?k=3&explain=true',
+                  files={'file': ('t.json', io.BytesIO(data))})
+  assert r.status_code == 200, r.text
+  body = r.json()
+  assert body['explain_ms'] >= 0
+  for review in body['reviews']:
+    assert review['why'] and {'word', 'weight'} == set(review['why'][0])
+    for a, b in review['highlights']:
+      assert review['excerpt'][a:b].lower() in {
+          w['word'] for w in review['why']}
+  for album in body['albums']:
+    assert len(album['why_audio']) == 4
+  plain = client.post('/api/query/audio?k=3',
+                      files={'file': ('t.json', io.BytesIO(data))}).json()
+  assert 'why' not in plain['reviews'][0] and 'explain_ms' not in plain
+  assert [x['review_id'] for x in plain['reviews']] == [
+      x['review_id'] for x in body['reviews']]
+  word = room.embedder.vocab.words[6]
+  r = client.post('/api/query/text', json={'text': f'{word} zzqxunknown',
+                                           'k': 2, 'explain': True})
+  assert r.status_code == 200, r.text
+  assert r.json()['unknown_words'] == ['zzqxunknown']
+  assert [w['word'] for w in r.json()['albums'][0]['why_words']] == [word]
+  assert client.post('/api/query/text', json={
+      'text': word, 'explain': 'sometimes'}).status_code == 422
+  assert client.post('/api/query/audio?explain=sometimes', files={
+      'file': ('t.json', io.BytesIO(data))}).status_code == 422
