@@ -302,3 +302,20 @@ def test_the_api_explains_on_request(room):
       'text': word, 'explain': 'sometimes'}).status_code == 422
   assert client.post('/api/query/audio?explain=sometimes', files={
       'file': ('t.json', io.BytesIO(data))}).status_code == 422
+
+
+def test_warm_up_compiles_every_program_the_explanations_use(room):
+  """After warm_up, explaining texts of any length compiles nothing."""
+  ex = room.explainer
+  ex.warm_up()
+  before = embed.text._cache_size()
+  rng = np.random.default_rng(3)
+  query = np.ones(room.embedder.model.embed_dim, np.float32)
+  max_len = room.embedder.config.data.max_len
+  for n in (1, 7, 16, 17, 40, max_len, 1000):
+    words = rng.choice(room.embedder.vocab.words[2:], n)
+    ex.review_words(' '.join(words), 0, query, 300)
+  # max_len distinct words: max_len + 1 variants, the largest program.
+  ex.review_words(' '.join(room.embedder.vocab.words[2:2 + max_len]), 0,
+                  query, 300)
+  assert embed.text._cache_size() == before

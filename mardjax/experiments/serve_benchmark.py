@@ -53,6 +53,7 @@ def _serve_child(config, workdir: str, data_dir: str, mard_dir: str,
   import uvicorn  # pylint: disable=g-import-not-at-top
   from mardjax.serve import web  # pylint: disable=g-import-not-at-top
   room = web.Room(config, workdir, data_dir, mard_dir)
+  room.explainer.warm_up()  # As serve_room does, in the background there.
   app = web.app_for(room, config)
   uvicorn.run(app, host='127.0.0.1', port=port, log_level='warning',
               access_log=False)

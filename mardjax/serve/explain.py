@@ -45,8 +45,8 @@ TOP_WORDS = 8
 TOP_GROUPS = 5
 # A group's values shown: those furthest from the training mean.
 GROUP_VALUES = 3
-# Variants embedded per call are padded to one of a few row counts, so that
-# a handful of compiled programs serves every review length.
+# Variants embedded per call are padded to one of a few sizes (powers of
+# two from this), so that a handful of compiled programs serves every text.
 _MIN_ROWS = 16
 
 
@@ -60,8 +60,8 @@ def group_of(name: str) -> str:
                 r'))?(\[[\d,]*\])?$', '', name)
 
 
-def _rows_bucket(n: int) -> int:
-  return max(_MIN_ROWS, 1 << (n - 1).bit_length())
+def _bucket(n: int, floor: int) -> int:
+  return max(floor, 1 << (n - 1).bit_length())
 
 
 class Explainer:
@@ -89,16 +89,37 @@ class Explainer:
 
   def _embed_token_rows(self, rows: np.ndarray, lengths: np.ndarray
                         ) -> np.ndarray:
-    """(R, max_len) token ids + (R,) lengths -> (R, E), rows padded to a
-    bucket so that a few programs serve every size; one call."""
+    """(R, max_len) token ids + (R,) lengths -> (R, E), in one call.
+
+    Rows and positions are both padded to one power of two, b (positions
+    to at most max_len): a text of n tokens has at most n + 1 variants, so
+    one b serves both, and a handful of programs every text
+    (`warm_up`). A short text costs what its length does: the encoders
+    read each row up to its length only, so the answer is the one at
+    max_len positions.
+    """
     r = rows.shape[0]
-    size = _rows_bucket(r)
-    tokens = np.zeros((size, self.max_len), np.int32)
-    tokens[:r] = rows
+    size = _bucket(max(r, int(lengths.max())), _MIN_ROWS)
+    width = min(self.max_len, size)
+    tokens = np.zeros((size, width), np.int32)
+    tokens[:r] = rows[:, :width]
     lens = np.ones(size, np.int32)
     lens[:r] = lengths
     e = self.embedder
     return np.asarray(embed.text(e.model, e.variables, tokens, lens))[:r]
+
+  def warm_up(self) -> None:
+    """Compiles the programs `_embed_token_rows` uses (one per size), so
+    that the first explained answers do not wait for them."""
+    if not self.words_available:
+      return
+    size = _MIN_ROWS
+    while True:  # Up to max_len + 1 rows: a text of max_len distinct words.
+      self._embed_token_rows(np.zeros((size, self.max_len), np.int32),
+                             np.ones(size, np.int32))
+      if size >= self.max_len + 1:
+        break
+      size *= 2
 
   def _without_each_word(self, ids: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

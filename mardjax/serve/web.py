@@ -444,6 +444,8 @@ def serve_room(config: ml_collections.ConfigDict, workdir: str, data_dir: str,
   import uvicorn  # pylint: disable=g-import-not-at-top
   check_address(host, port)  # Before minutes of loading, not after.
   room = Room(config, workdir, data_dir, mard_dir)
+  # The explanations' programs compile while the server starts answering.
+  threading.Thread(target=room.explainer.warm_up, daemon=True).start()
   app = app_for(room, config, host)
   pool = app.state.analysis_pool
 
