@@ -170,3 +170,34 @@ def test_the_flat_size_covers_every_step_of_the_dispatch():
   assert floor == int(min(2 * mean + 4 * np.sqrt(2) * std, 2 * 4))
   assert layout.num_tokens == layouts.flat_size(max(8, floor), 4)
   assert layout.num_tokens >= 8  # Reviews 2 and 4: 4 + 4 tokens read.
+
+
+class _TwoProcesses:
+  """The other process of a two-process run, as `train_step.ProcessSync`
+  answers for it: its words and its sizes."""
+
+  def __init__(self, words, value):
+    self.words, self.value = words, value
+
+  def any(self, mask):
+    other = np.zeros_like(mask)
+    other[self.words] = True
+    return mask | other
+
+  def max(self, value):
+    return max(value, self.value)
+
+
+def test_processes_agree_on_word_lists_and_sizes():
+  """With several processes, every word list holds the words of all of
+  them, and the flat size is the largest any of them needs."""
+  sync = _TwoProcesses(words=[7, 90], value=40)
+  planner = _planner(vocab_size=100, max_len=3, sync=sync, token_bucket=4)
+  (_, idx), = planner.with_plans([_item([[0, 2]])])
+  layout = planner.layout([idx])
+  assert layout.num_tokens == layouts.flat_size(40, 4)  # The other's 40.
+  ids, _ = planner.vocab_ids([idx], layout)
+  words = np.union1d(idx['words'], [7, 90])
+  size = sparse_embedding.list_sizes(len(words), 4)['vocab']
+  np.testing.assert_array_equal(
+      ids, [[sparse_embedding.padded_ids(words, 100, size)]])

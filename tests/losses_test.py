@@ -168,7 +168,8 @@ def test_jit_and_vmap_compatible():
 
 
 @pytest.mark.parametrize('bad', ['some', 'sampled', 'hardest:0', 'all:3',
-                                 'sampled:-1', 'hardest:x'])
+                                 'sampled:-1', 'hardest:x', '', 'al',
+                                 'a:'])
 def test_bad_negative_modes(bad):
   with pytest.raises(ValueError):
     losses.NegativeMode.parse(bad)
@@ -342,7 +343,9 @@ def _reference_active(anchors, cands, ids, margin, hardest_k=None):
 
 
 @pytest.mark.parametrize('negatives,hardest_k', [('all', None),
-                                                 ('hardest:3', 3)])
+                                                 ('hardest:3', 3),
+                                                 # More than any anchor has.
+                                                 ('hardest:20', 20)])
 def test_active_hinges_is_the_fraction_of_active_cross_modal_hinges(
     negatives, hardest_k):
   x, y, ids = _batch(7)
