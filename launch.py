@@ -43,6 +43,11 @@ flags.DEFINE_string('input_dir', None, '--mode=embed: folder of recordings '
                     '(wav, mp3, flac, ogg) and AcousticBrainz .json files.')
 flags.DEFINE_string('output_dir', None,
                     '--mode=embed: where to write (default DIR/embedded).')
+flags.DEFINE_string('text', None, '--mode=query: a typed description.')
+flags.DEFINE_string('file', None, '--mode=query: a recording (wav, mp3, '
+                    'flac, ogg) or an AcousticBrainz .json document.')
+flags.DEFINE_integer('k', 10, '--mode=query: answers of each kind (1 to '
+                     '100).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -90,6 +95,7 @@ def main(argv):
                             host=FLAGS.host, port=FLAGS.port,
                             input_dir=FLAGS.input_dir,
                             output_dir=FLAGS.output_dir,
+                            text=FLAGS.text, file=FLAGS.file, k=FLAGS.k,
                             overridden=overridden)
   except UserError as e:
     logging.error('%s', e)

@@ -243,6 +243,9 @@ def get_config():
   config.serve.allowed_origins = ''
   config.serve.max_upload_mb = 50.0  # Larger uploads are answered 413.
   config.serve.max_query_kb = 64  # Larger text queries are answered 413.
+  # A library of your own tracks searched beside MARD: the output folder of
+  # --mode=embed with this workdir ('' = none).
+  config.serve.library = ''
   # Processes analysing uploaded recordings (0: one per CPU core).
   config.serve.analysis_workers = 0
   # Analyses before a worker process is replaced (Essentia's memory back).

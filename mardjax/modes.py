@@ -32,6 +32,10 @@ class Options:
   port: int = 8000
   input_dir: str | None = None
   output_dir: str | None = None
+  # --mode=query: a typed text or a file, and how many answers.
+  text: str | None = None
+  file: str | None = None
+  k: int = 10
   # Dotted config fields set on the command line (`data.mard_dir`, ...).
   overridden: frozenset[str] = frozenset()
 
@@ -161,6 +165,22 @@ def run_embed(config, workdir: str, opts: Options = Options()
       opts.input_dir, opts.output_dir, opts.show_progress)
 
 
+def run_query(config, workdir: str, opts: Options = Options()
+              ) -> dict[str, Any]:
+  """One explained answer of the listening room, without the server
+  (`serve.query`); the answer as text on stderr, JSON as the result."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from mardjax.serve import query  # pylint: disable=g-import-not-at-top
+  config, _ = stages.adopt_run_config(config, workdir, opts.overridden)
+  out = query.answer(config, workdir,
+                     manifest_lib.data_dir_of(config, workdir),
+                     stages.mard_dir(config, workdir), opts.text, opts.file,
+                     opts.k)
+  if opts.show_progress:
+    print(query.describe(out), file=sys.stderr, flush=True)
+  return out
+
+
 def run_benchmark(config, workdir: str, opts: Options = Options()
                   ) -> dict[str, Any]:
   """`config.benchmark.kind` from `experiments.benchmark.KINDS`."""
@@ -174,7 +194,7 @@ MODES: dict[str, Callable[..., dict[str, Any]]] = {
     'train': run_train, 'eval': run_eval, 'baselines': run_baselines,
     'ablate': run_ablate, 'export': run_export, 'serve': run_serve,
     'embed': run_embed, 'synth': run_synth, 'preprocess': run_preprocess,
-    'benchmark': run_benchmark,
+    'benchmark': run_benchmark, 'query': run_query,
 }
 
 
@@ -205,7 +225,7 @@ def _dirs_written(mode: str, config, workdir: str) -> list[str]:
              os.path.join(workdir, checkpoints.BEST_DIR)]
   if mode == 'eval':
     dirs.append(os.path.join(workdir, 'eval'))
-  if mode in ('export', 'serve'):
+  if mode in ('export', 'serve', 'query'):
     dirs.append(os.path.join(workdir, 'export'))
   return dirs
 

@@ -319,3 +319,101 @@ def test_warm_up_compiles_every_program_the_explanations_use(room):
   ex.review_words(' '.join(room.embedder.vocab.words[2:2 + max_len]), 0,
                   query, 300)
   assert embed.text._cache_size() == before
+
+
+def _library_docs(folder, n):
+  """n AcousticBrainz documents: the real one with its timbre and
+  brightness moved, each differently."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REAL_AB_DIR, REAL_DOCS[0])) as f:
+    doc = json.load(f)
+  rng = np.random.default_rng(0)
+  folder.mkdir()
+  for i in range(n):
+    d = json.loads(json.dumps(doc))
+    mfcc = d['lowlevel']['mfcc']
+    mfcc['mean'] = [v * (1 + 0.3 * rng.normal()) for v in mfcc['mean']]
+    rolloff = d['lowlevel']['spectral_rolloff']
+    rolloff['mean'] *= float(np.exp(0.5 * rng.normal()))
+    (folder / f'track{i:02d}.json').write_text(json.dumps(d))
+
+
+def test_a_served_library_is_searched_and_explained(trained_room,
+                                                    trained_config, tmp_path):
+  """A library of 24 embedded tracks served beside MARD: a typed text and
+  an upload both return tracks of it, explained; a library embedded by
+  another model is refused in one line."""
+  import json  # pylint: disable=g-import-not-at-top
+  from mardjax import modes  # pylint: disable=g-import-not-at-top
+  from mardjax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
+  _, workdir, room = trained_room
+  config = trained_config
+  _library_docs(tmp_path / 'music', 24)
+  out = modes.run_mode('embed', config, workdir, show_progress=False,
+                       input_dir=str(tmp_path / 'music'),
+                       output_dir=str(tmp_path / 'library'))
+  assert out['tracks'] == 24
+  config.serve.library = str(tmp_path / 'library')
+  data_dir = manifest_lib.data_dir_of(config, workdir)
+  lib_room = web.Room(config, workdir, data_dir, room.embedder.config.data.mard_dir)
+  word = room.embedder.vocab.words[6]
+  got = lib_room.text_query(f'{word} music', 5, explain=True)
+  files = [t['file'] for t in got['tracks']]
+  assert len(files) == 5 and all(f.startswith('track') for f in files)
+  assert [t['distance'] for t in got['tracks']] == sorted(
+      t['distance'] for t in got['tracks'])
+  assert {w['word'] for w in got['tracks'][0]['why_words']} <= {word,
+                                                                'music'}
+  with open(os.path.join(REAL_AB_DIR, REAL_DOCS[0])) as f:
+    doc = json.load(f)
+  got = lib_room.descriptor_query(doc, 3, explain=True)
+  assert len(got['tracks']) == 3
+  assert all(len(t['why_audio']) == 4 for t in got['tracks'])
+  # The library's nearest track to one of its own documents is itself.
+  with open(tmp_path / 'music' / 'track07.json') as f:
+    got = lib_room.descriptor_query(json.load(f), 1)
+  assert got['tracks'][0]['file'] == 'track07.json'
+  assert 'tracks' not in room.text_query(word, 2)  # No library, no tracks.
+  info = json.loads((tmp_path / 'library' / 'embed.json').read_text())
+  info['params_sha256'] = '0' * 64
+  (tmp_path / 'library' / 'embed.json').write_text(json.dumps(info))
+  with pytest.raises(web.UserError, match='embedded by another model'):
+    web.Room(config, workdir, data_dir, room.embedder.config.data.mard_dir)
+
+
+def test_query_mode_answers_from_the_command_line(trained_room,
+                                                  trained_config, tmp_path):
+  from mardjax import modes  # pylint: disable=g-import-not-at-top
+  from mardjax.serve import query  # pylint: disable=g-import-not-at-top
+  _, workdir, room = trained_room
+  config = trained_config
+  word = room.embedder.vocab.words[6]
+  out = modes.run_mode('query', config, workdir, show_progress=False,
+                       text=f'{word} zzqxunknown', k=3)
+  assert out['query'] == {'text': f'{word} zzqxunknown'}
+  assert len(out['albums']) == 3 and out['unknown_words'] == ['zzqxunknown']
+  assert out['albums'][0]['why_words'][0]['word'] == word
+  text = query.describe(out)
+  assert 'not known: zzqxunknown' in text and f'why: {word} +' in text
+  doc = os.path.join(REAL_AB_DIR, REAL_DOCS[0])
+  out = modes.run_mode('query', config, workdir, show_progress=False,
+                       file=doc, k=2)
+  assert len(out['reviews']) == 2 and out['reviews'][0]['why'] is not None
+  assert 'Closest reviews:' in query.describe(out)
+  fifo = tmp_path / 'pipe.json'
+  os.mkfifo(fifo)
+  (tmp_path / 'notes.txt').write_text('not music')
+  (tmp_path / 'empty.json').write_text('')
+  for kw, message in (
+      ({}, 'one question'), ({'text': 'a', 'file': doc}, 'one question'),
+      ({'text': word, 'k': 0}, r'--k must be in \[1, 100\]'),
+      ({'text': 'zzqx wvvk'}, 'none of the words'),
+      ({'text': ' '}, 'empty'),
+      ({'file': str(tmp_path / 'missing.json')}, 'cannot be read'),
+      ({'file': str(fifo)}, 'fifo'),
+      ({'file': str(tmp_path / 'notes.txt')}, 'not a recording'),
+      ({'file': str(tmp_path / 'empty.json')}, 'is empty'),
+      ({'file': os.path.join(REAL_AB_DIR, 'bulk_lowlevel_response_sample.json'
+                             )}, 'not an AcousticBrainz')):
+    with pytest.raises(modes.UserError, match=message):
+      modes.run_mode('query', config, workdir, show_progress=False, **kw)

@@ -32,6 +32,7 @@ import numpy as np
 
 from mardjax.serve import analysis_pool as pool_lib
 from mardjax.serve import audio_analysis
+from mardjax.serve import batch_embed
 from mardjax.data import descriptors as desc_lib
 from mardjax.data import mard_io
 from mardjax.serve import embedder as embedder_lib
@@ -53,7 +54,9 @@ def _distance(cosine: float) -> float:
 
 
 class Room:
-  """The model (an `embedder.Embedder`) and the embedding bank, loaded once."""
+  """The model (an `embedder.Embedder`), the embedding bank and, when
+  `config.serve.library` names one, a library of the user's own tracks
+  (the output of `--mode=embed`), loaded once."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                data_dir: str, mard_dir: str):
@@ -62,42 +65,48 @@ class Room:
     self.step = e.step
     bank_dir = os.path.join(workdir, export.EXPORT_DIR)
     ef_search = config.export.hnsw_ef_search
+    fingerprint = checkpoints.params_fingerprint(e.variables['params'])
     try:
       bank = export.load(bank_dir, ef_search)
       info = bank['info']
-      stale = (info['params_sha256'] != checkpoints.params_fingerprint(
-          e.variables['params']) or info['index'] != search_index.settings(
-              config.export))
+      stale = (info['params_sha256'] != fingerprint or info['index'] !=
+               search_index.settings(config.export))
     except UserError:
       stale = True
     if stale:  # Export the state already in hand, not a second restore.
       export.write(config, workdir, mard_dir, e.trained)
       bank = export.load(bank_dir, ef_search)
     self.bank = bank
+    self.library = _load_library(config.serve.library, fingerprint,
+                                 ef_search)
     self.explainer = explain.Explainer(e)
     self._album_rows = {m['album_index']: m for m in bank['album_meta']}
 
   def text_query(self, text: str, k: int, explain: bool = False
                  ) -> dict[str, Any]:
-    """The k albums closest to a typed text; with `explain`, the words of
-    the text that pulled each (`explain.Explainer.query_words`)."""
+    """The k albums (and library tracks) closest to a typed text; with
+    `explain`, the words of the text that pulled each
+    (`explain.Explainer.query_words`)."""
     emb, known, words = self.embedder.embed_text(text)
     albums, rows = self._albums(emb, k)
+    tracks, track_rows = self._tracks(emb, k)
     out = {'albums': albums, 'known_words': known, 'words': words}
+    if self.library:
+      out['tracks'] = tracks
     if explain:
       start = time.perf_counter()
       why, out['unknown_words'] = self.explainer.query_words(
-          text, self.bank['albums'][rows])
-      for album, w in zip(albums, why):
-        album['why_words'] = w
+          text, self._targets(rows, track_rows))
+      for item, w in zip(albums + tracks, why):
+        item['why_words'] = w
       out['explain_ms'] = _ms(start)
     return out
 
   def descriptor_query(self, doc: Any, k: int, explain: bool = False
                        ) -> dict[str, Any]:
-    """The k reviews and albums closest to a recording's low-level
-    document; with `explain`, the words of each review and the descriptor
-    groups behind each album (`explain.Explainer`)."""
+    """The k reviews, albums (and library tracks) closest to a recording's
+    low-level document; with `explain`, the words of each review and the
+    descriptor groups behind each album and track (`explain.Explainer`)."""
     raw, z, version, warnings = self.embedder.read_document(doc)
     emb = self.embedder.embed_audio(z[None])
     idx, scores = self.bank['review_index'].search(emb, k)
@@ -120,14 +129,17 @@ class Room:
             EXCERPT_CHARS))
       reviews.append(row)
     albums, rows = self._albums(emb, k)
+    tracks, track_rows = self._tracks(emb, k)
     out = {'reviews': reviews, 'albums': albums, 'warnings': warnings,
            'descriptors': {n: float(v) for n, v in zip(
                self.embedder.names, raw)},
            'extractor': version}
+    if self.library:
+      out['tracks'] = tracks
     if explain:
-      for album, why in zip(albums, self.explainer.sound_groups(
-          raw, z, self.bank['albums'][rows])):
-        album['why_audio'] = why
+      for item, why in zip(albums + tracks, self.explainer.sound_groups(
+          raw, z, self._targets(rows, track_rows))):
+        item['why_audio'] = why
       out['explain_ms'] = _ms(start)
     return out
 
@@ -139,6 +151,43 @@ class Room:
         'album_index', 'amazon_id', 'artist', 'title', 'genre')},
                  distance=_distance(s))
             for i, s in zip(idx[0], scores[0])], np.asarray(idx[0])
+
+  def _tracks(self, emb: np.ndarray, k: int
+              ) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """(the k closest library tracks' rows, their indices); none without a
+    library."""
+    if not self.library:
+      return [], np.zeros(0, np.int64)
+    lib = self.library
+    idx, scores = lib['track_index'].search(emb, min(k, len(lib['tracks'])))
+    return [dict({key: lib['track_meta'][i].get(key) for key in (
+        'file', 'mbid', 'offset', 'source')}, distance=_distance(s))
+            for i, s in zip(idx[0], scores[0])], np.asarray(idx[0])
+
+  def _targets(self, album_rows: np.ndarray, track_rows: np.ndarray
+               ) -> np.ndarray:
+    """(A + T, E) the vectors of the answered albums, then tracks."""
+    vectors = [self.bank['albums'][album_rows]]
+    if self.library:
+      vectors.append(self.library['tracks'][track_rows])
+    return np.concatenate(vectors)
+
+
+def _load_library(directory: str, fingerprint: str, ef_search: int
+                  ) -> dict[str, Any] | None:
+  """`config.serve.library`: an `--mode=embed` output of this very model,
+  or None when the field is empty."""
+  if not directory:
+    return None
+  library = batch_embed.load(directory, ef_search)
+  if library['info']['params_sha256'] != fingerprint:
+    raise UserError(
+        f'config.serve.library={directory!r} was embedded by another model '
+        f'(parameters {library["info"]["params_sha256"][:12]}…, this one '
+        f'{fingerprint[:12]}…): run --mode=embed again with this workdir.')
+  if not len(library['tracks']):
+    raise UserError(f'config.serve.library={directory!r} holds no tracks.')
+  return library
 
 
 def _ms(start: float) -> float:
