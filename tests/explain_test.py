@@ -236,39 +236,51 @@ def test_query_words_and_unknown_words(room):
       np.testing.assert_allclose(w['weight'], want, atol=2e-5)
 
 
-def test_the_lstm_encoder_is_explained_by_the_same_rule(room):
-  """The BiLSTM reads order: each variant is the text with the word's
-  occurrences taken out and the rest closed up, as if typed that way."""
+@pytest.mark.parametrize('encoder,pooling', [('lstm', 'mean'),
+                                             ('mean', 'idf'),
+                                             ('mean', 'mean')])
+def test_every_word_encoder_is_explained_by_the_same_rule(room, encoder,
+                                                          pooling):
+  """Each variant is the text with the word's occurrences taken out and
+  the rest closed up, as if typed that way, embedded by the model itself:
+  the BiLSTM reads order; the mean encoder's (weighted) mean is computed
+  from the text's sums, and must equal embedding each variant."""
   e = room.embedder
   config = e.config.copy_and_resolve_references()
-  config.model.text_encoder = 'lstm'
+  config.model.text_encoder, config.model.pooling = encoder, pooling
   model = two_branch.from_manifest(config, e.manifest)
   variables = model.init(jax.random.PRNGKey(0), **two_branch.dummy_inputs(
       config, e.manifest))
 
-  class Lstm:
+  class Served:
     pass
 
-  lstm = Lstm()
+  served = Served()
   for name in ('config', 'vocab', 'names', 'text_encoder', 'manifest'):
-    setattr(lstm, name, getattr(e, name))
-  lstm.config, lstm.model, lstm.variables = config, model, variables
-  ex = explain.Explainer(lstm)
-  tokens = [e.vocab.words[i] for i in (5, 9, 5, 12, 30, 9, 2)]
+    setattr(served, name, getattr(e, name))
+  served.config, served.model, served.variables = config, model, variables
+  ex = explain.Explainer(served)
+  assert (ex.table is None) == (encoder == 'lstm')
+  tokens = [e.vocab.words[i] for i in (5, 9, 5, 12, 30, 9, 1, 2)]
   ids = ex._token_ids(tokens)
   query = np.ones(e.model.embed_dim, np.float32) / np.sqrt(e.model.embed_dim)
   words, weights = ex._word_weights(ids, query[None, :])
+  assert list(words) == [2, 5, 9, 12, 30]  # Not the unknown word (1).
 
   def embed_ids(ts):
     row = np.zeros((1, config.data.max_len), np.int32)
     row[0, :len(ts)] = ts
     return np.asarray(embed.text(model, variables, row,
-                                     np.array([len(ts)], np.int32)))[0]
+                                 np.array([len(ts)], np.int32)))[0]
 
   full = embed_ids(ids) @ query
   for w, weight in zip(words, weights[:, 0]):
     np.testing.assert_allclose(weight, full - embed_ids(ids[ids != w]) @ query,
                                atol=2e-5)
+  # One word, said twice: nothing is left without it.
+  words, weights = ex._word_weights(np.array([7, 7], np.int32), query[None])
+  np.testing.assert_allclose(weights[:, 0], [embed_ids([7, 7]) @ query],
+                             atol=2e-5)
 
 
 def test_the_api_explains_on_request(room):
@@ -308,7 +320,9 @@ def test_warm_up_compiles_every_program_the_explanations_use(room):
   """After warm_up, explaining texts of any length compiles nothing."""
   ex = room.explainer
   ex.warm_up()
-  before = embed.text._cache_size()
+  caches = lambda: (embed.text._cache_size(),  # pylint: disable=g-long-lambda
+                    explain._text_head._cache_size())
+  before = caches()
   rng = np.random.default_rng(3)
   query = np.ones(room.embedder.model.embed_dim, np.float32)
   max_len = room.embedder.config.data.max_len
@@ -318,7 +332,7 @@ def test_warm_up_compiles_every_program_the_explanations_use(room):
   # max_len distinct words: max_len + 1 variants, the largest program.
   ex.review_words(' '.join(room.embedder.vocab.words[2:2 + max_len]), 0,
                   query, 300)
-  assert embed.text._cache_size() == before
+  assert caches() == before
 
 
 def _library_docs(folder, n):

@@ -13,9 +13,11 @@ nothing of a text is left without a word, its weight is the whole similarity:
 an empty text has no direction.
 """
 
+import functools
 import re
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from mardjax.data import text as text_lib
@@ -80,6 +82,15 @@ class Explainer:
     self.group_names = names
     index = {g: i for i, g in enumerate(names)}
     self.group_index = np.array([index[g] for g in self.groups])
+    # The mean encoder's pooling is a (weighted) mean of word vectors: a
+    # text without a word is the sums less that word's share, so only the
+    # branch's head runs per variant (`_pooled_without_each_word`).
+    model = embedder.model
+    self.table = None
+    if self.words_available and model.text_encoder == 'mean':
+      self.table = np.asarray(embedder.variables['params']['text_features'][
+          'embed']['embedding'])
+      self.weighted = model.pooling == 'idf'
 
   # Words.
 
@@ -108,18 +119,55 @@ class Explainer:
     e = self.embedder
     return np.asarray(embed.text(e.model, e.variables, tokens, lens))[:r]
 
+  def _head_rows(self, pooled: np.ndarray) -> np.ndarray:
+    """(R, D) pooled word vectors -> (R, E) through the text branch's head,
+    rows padded to a power of two; one call."""
+    r = pooled.shape[0]
+    rows = np.zeros((_bucket(r, _MIN_ROWS), pooled.shape[1]), np.float32)
+    rows[:r] = pooled
+    e = self.embedder
+    return np.asarray(_text_head(e.model, e.variables, rows))[:r]
+
   def warm_up(self) -> None:
-    """Compiles the programs `_embed_token_rows` uses (one per size), so
-    that the first explained answers do not wait for them."""
+    """Compiles the programs the word weights use (one per size), so that
+    the first explained answers do not wait for them."""
     if not self.words_available:
       return
     size = _MIN_ROWS
     while True:  # Up to max_len + 1 rows: a text of max_len distinct words.
-      self._embed_token_rows(np.zeros((size, self.max_len), np.int32),
-                             np.ones(size, np.int32))
+      if self.table is not None:
+        self._head_rows(np.zeros((size, self.table.shape[1] - self.weighted),
+                                 np.float32))
+      else:
+        self._embed_token_rows(np.zeros((size, self.max_len), np.int32),
+                               np.ones(size, np.int32))
       if size >= self.max_len + 1:
         break
       size *= 2
+
+  def _pooled_without_each_word(self, ids: np.ndarray
+                                ) -> tuple[np.ndarray, np.ndarray,
+                                           np.ndarray]:
+    """The mean encoder's pooled vectors of `_without_each_word`'s rows,
+    from the text's sums (in float64): (words (U,), (U + 1, D) pooled
+    vectors, (U + 1,) lengths)."""
+    words = np.unique(ids[ids > text_lib.UNK_ID])
+    counts = (ids[None, :] == words[:, None]).sum(1)  # (U,)
+    rows = self.table[ids].astype(np.float64)  # (n, D [+ score])
+    own = self.table[words].astype(np.float64)  # (U, D [+ score])
+    if self.weighted:  # Softmax of each word's score over the text's words.
+      top = rows[:, -1].max() if len(ids) else 0.0
+      mass, own_mass = np.exp(rows[:, -1] - top), np.exp(own[:, -1] - top)
+      rows, own = rows[:, :-1], own[:, :-1]
+    else:
+      mass, own_mass = np.ones(len(ids)), np.ones(len(words))
+    total, weight = mass @ rows, mass.sum()
+    sums = np.concatenate([total[None], total - (counts * own_mass)[:, None]
+                           * own])
+    weights = np.concatenate([[weight], weight - counts * own_mass])
+    lengths = np.concatenate([[len(ids)], len(ids) - counts])
+    pooled = sums / np.where(lengths > 0, weights, 1.0)[:, None]
+    return words, pooled.astype(np.float32), lengths
 
   def _without_each_word(self, ids: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -141,8 +189,12 @@ class Explainer:
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(distinct known words (U,), (U, T) weights against each of the
     (T, E) unit targets)."""
-    words, rows, lengths = self._without_each_word(ids)
-    emb = self._embed_token_rows(rows, np.maximum(lengths, 1))
+    if self.table is not None:
+      words, pooled, lengths = self._pooled_without_each_word(ids)
+      emb = self._head_rows(pooled)
+    else:
+      words, rows, lengths = self._without_each_word(ids)
+      emb = self._embed_token_rows(rows, np.maximum(lengths, 1))
     sims = emb @ targets.T  # (U + 1, T)
     # Nothing left without the word: the text had no other direction.
     sims[1:][lengths[1:] == 0] = 0.0
@@ -231,6 +283,18 @@ class Explainer:
                    'weight': _finite(weights[i, t]), 'values': values[i]}
                   for i in order])
     return out
+
+
+def _head(module, pooled: jax.Array) -> jax.Array:
+  return module.text_head(pooled, False)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_head(model, variables: dict[str, Any], pooled: jax.Array
+               ) -> jax.Array:
+  """(R, D) pooled word vectors -> (R, E) unit text embeddings: the text
+  branch of `model` after its pooling."""
+  return model.apply(variables, pooled, method=_head)
 
 
 def _finite(x) -> float:
