@@ -19,9 +19,9 @@ from mardjax.train import sparse_embedding
 from tests import step_helpers
 
 
-def _reviews():
+def _reviews(lengths=(3, 1, 4, 2, 5, 2, 3, 1)):
   """Eight reviews of four albums; review r's tokens are 10 r + 2, ... ."""
-  lengths = np.array([3, 1, 4, 2, 5, 2, 3, 1], np.int32)
+  lengths = np.array(lengths, np.int32)
   tokens = np.concatenate([10 * r + 2 + np.arange(n)
                            for r, n in enumerate(lengths)]).astype(np.int32)
   return tables.ReviewTable(tokens=tokens,
@@ -31,7 +31,8 @@ def _reviews():
 
 
 def _planner(positives='local', vocab_size=0, pack_rows=0, token_bucket=0,
-             split_bag=False, max_len=4, vocab_bucket=4, sync=None):
+             split_bag=False, max_len=4, vocab_bucket=4, sync=None,
+             widths=None, reviews=None):
   config = test_config.get_config()
   config.data.max_len = max_len
   config.train.vocab_bucket = vocab_bucket
@@ -39,7 +40,8 @@ def _planner(positives='local', vocab_size=0, pack_rows=0, token_bucket=0,
       step_helpers.cpu_plan(config, 1), positives=positives,
       pack_rows=pack_rows, token_bucket=token_bucket,
       text_layout='split_bag' if split_bag else 'padded')
-  return index_batches.Planner(config, plan, _reviews(), vocab_size, sync)
+  return index_batches.Planner(config, plan, reviews or _reviews(),
+                               vocab_size, sync, widths)
 
 
 def _item(rows):
@@ -116,6 +118,22 @@ def test_a_dispatch_is_stacked_as_the_step_takes_it(pmap, steps):
         np.testing.assert_array_equal(got, want, err_msg=key)
 
 
+def test_positive_list_widths_are_the_runs_and_then_reused():
+  """A run's widths (`step_builder.positive_widths`) are used as given;
+  without them, a width met before is reused by narrower dispatches (one
+  program, not one per width)."""
+  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
+  narrow = {'positives': np.array([[[1, -1], [0, -1]]])}
+  wide = {'positives': np.full((1, 2, 16), -1)}
+  run = train_step.ProgramSizes()
+  run({'positives': 32})
+  planner = _planner('local', widths=run)
+  assert planner.positive_lists([narrow]).shape[-1] == 32
+  planner = _planner('local')
+  assert planner.positive_lists([wide]).shape[-1] == 16
+  assert planner.positive_lists([narrow]).shape[-1] == 16
+
+
 def test_positive_lists_are_widened_with_minus_one():
   planner = _planner('local')
   a = {'positives': np.array([[[1, -1], [0, -1]]])}
@@ -144,6 +162,15 @@ def test_vocab_ids_list_the_padding_word_when_a_row_is_padded():
   layout = planner.layout([idx])
   ids, _ = planner.vocab_ids([idx], layout)
   assert (0 in ids) == (layout.packed_rows * 4 > 8)
+  # An empty review fills its row with padding, even where rows of one
+  # slot (max_len 1) hold exactly as many slots as reviews.
+  planner = _planner(vocab_size=100, max_len=1, pack_rows=1,
+                     reviews=_reviews((1, 0, 1, 1, 1, 1, 1, 1)))
+  (_, idx), = planner.with_plans([_item([[0, 1, 2]])])
+  layout = planner.layout([idx])
+  assert layout.packed_rows == 3
+  ids, _ = planner.vocab_ids([idx], layout)
+  assert 0 in ids
 
 
 def test_rare_count_is_the_most_tokens_beyond_the_bag(monkeypatch):
