@@ -356,6 +356,7 @@ def test_serve_benchmark_over_http(trained_room, trained_config):
   for name in ('text_query', 'text_query_explained'):
     assert 0 < out[name]['p50_ms'] <= out[name]['max_ms']
   assert isinstance(out['explained_upload_growth'], float)
+  assert out['upload_wav_explained']['server_explain_ms'] > 0
   assert isinstance(out['meets_explain_targets'], bool)
   assert out['load']['requests'] > 0 and out['load']['errors'] == 0
   assert out['load']['requests_per_s'] > 0
