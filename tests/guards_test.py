@@ -17,7 +17,7 @@ from mardjax.serve import web
 
 def _room(text_query=None):
   return types.SimpleNamespace(
-      step=7, text_query=text_query or (lambda text, k: {
+      step=7, text_query=text_query or (lambda text, k, explain=False: {
           'albums': [], 'words': text.split(), 'k': k}))
 
 
@@ -45,7 +45,8 @@ def test_non_finite_json_numbers_get_a_422_with_a_finite_detail(body, field):
 
 def test_lone_surrogates_are_refused_where_the_text_enters():
   seen = []
-  client = _client(_room(lambda text, k: seen.append(text) or {}))
+  client = _client(_room(
+      lambda text, k, explain=False: seen.append(text) or {}))
   r = client.post('/api/query/text', content=b'{"text": "rock \\ud800"}',
                   headers={'content-type': 'application/json'})
   assert r.status_code == 422 and 'not valid Unicode' in r.json()['detail']
@@ -62,7 +63,7 @@ def test_lone_surrogates_are_refused_where_the_text_enters():
 def test_an_unexpected_failure_is_a_json_500_and_the_room_keeps_serving():
   calls = []
 
-  def failing(text, k):
+  def failing(text, k, explain=False):
     calls.append(text)
     if len(calls) == 1:
       raise RuntimeError('/srv/secret/path went wrong')

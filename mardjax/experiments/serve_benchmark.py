@@ -220,7 +220,7 @@ def _one_at_a_time(url: str, b, texts: list[str], tmp: str
       result[f'upload_{fmt}'] = dict(_percentiles(times[False]), mb=mb)
       result[f'upload_{fmt}_explained'] = dict(
           _percentiles(times[True]), mb=mb,
-          # Each explained upload right after a plain one: the median of
+          # Each explained upload follows a plain one: the median of
           # the pairs' differences, less noisy than a difference of p50s
           # (the analysis itself varies by more than explaining costs).
           added_ms=round(1000 * float(np.median(added)), 1),
