@@ -12,7 +12,8 @@ survivor. A survivor is either a test still to write or an equivalent mutant
 reason in `equivalent.toml` (by operator and the original line of code).
 Progress is kept under `.mutation/` (not committed), so a run that stops
 resumes where it was. A target whose module changed since it began starts
-again; one whose tests changed runs its survivors again (tests are added or
+again; one whose tests changed runs again its survivors not listed as
+equivalent (tests are added or
 made stronger, so a mutant once killed stays killed). Each target keeps a
 persistent JAX compilation cache there too: a mutant recompiles only the
 programs it changed.
@@ -123,14 +124,21 @@ def _cosmic(*args: str, env=None) -> None:
                   *args[1:]], cwd=ROOT, check=True, env=env)
 
 
-def _retest_survivors(db: str) -> int:
-  """Forgets the survivors' results so the next exec runs them again."""
+def _retest_survivors(target: Target, db: str) -> int:
+  """Forgets the results of the survivors not listed as equivalent (no
+  test can kill those), so that the next exec runs them again."""
+  equivalent = _equivalent().get(target.name, {})
   con = sqlite3.connect(db)
   with con:
-    n = con.execute("DELETE FROM work_results WHERE test_outcome = "
-                    "'SURVIVED'").rowcount
+    rows = con.execute(
+        "SELECT s.job_id, s.operator_name, r.diff FROM mutation_specs s "
+        "JOIN work_results r ON s.job_id = r.job_id "
+        "WHERE r.test_outcome = 'SURVIVED'").fetchall()
+    again = [(job,) for job, operator, diff in rows
+             if (operator, _original_line(diff)) not in equivalent]
+    con.executemany('DELETE FROM work_results WHERE job_id = ?', again)
   con.close()
-  return n
+  return len(again)
 
 
 def run_target(target: Target) -> None:
@@ -156,7 +164,7 @@ def run_target(target: Target) -> None:
     with open(config, 'w') as f:
       f.write(_config(target))
     print(f'[mutation] {target.name}: tests changed, '
-          f'{_retest_survivors(db)} survivors run again', flush=True)
+          f'{_retest_survivors(target, db)} survivors run again', flush=True)
   with open(stamp, 'w') as f:
     f.write(f'{module} {tests}')
   print(f'[mutation] {target.name}: {target.module} against '
