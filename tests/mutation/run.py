@@ -13,8 +13,8 @@ reason in `equivalent.toml` (by operator and the original line of code).
 Progress is kept under `.mutation/` (not committed), so a run that stops
 resumes where it was. A target whose module changed since it began starts
 again; one whose tests changed runs again its survivors not listed as
-equivalent (tests are added or
-made stronger, so a mutant once killed stays killed). Each target keeps a
+equivalent (tests are added or made stronger, so a mutant once killed stays
+killed). Each target keeps a
 persistent JAX compilation cache there too: a mutant recompiles only the
 programs it changed.
 
