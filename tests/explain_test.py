@@ -14,7 +14,7 @@ from mardjax.models import embed
 from mardjax.models import two_branch
 from mardjax.serve import explain
 from mardjax.serve import web
-from tests.conftest import REAL_AB_DIR, REAL_DOCS
+from tests.conftest import REAL_AB_DIR, REAL_DOCS, write_tone
 
 
 @pytest.fixture(scope='module')
@@ -414,6 +414,14 @@ def test_query_mode_answers_from_the_command_line(trained_room,
                        file=doc, k=2)
   assert len(out['reviews']) == 2 and out['reviews'][0]['why'] is not None
   assert 'Closest reviews:' in query.describe(out)
+  write_tone(tmp_path / 'tone.wav', 2.0, 'wav')  # Analysed by Essentia.
+  out = modes.run_mode('query', config, workdir, show_progress=False,
+                       file=str(tmp_path / 'tone.wav'), k=2)
+  assert len(out['albums']) == 2 and len(out['albums'][0]['why_audio']) == 4
+  config.serve.max_audio_seconds = 1.0
+  with pytest.raises(modes.UserError, match='analyses at most 1.0 s'):
+    modes.run_mode('query', config, workdir, show_progress=False,
+                   file=str(tmp_path / 'tone.wav'))
   fifo = tmp_path / 'pipe.json'
   os.mkfifo(fifo)
   (tmp_path / 'notes.txt').write_text('not music')
