@@ -162,6 +162,16 @@ def test_vocab_ids_list_the_padding_word_when_a_row_is_padded():
   layout = planner.layout([idx])
   ids, _ = planner.vocab_ids([idx], layout)
   assert (0 in ids) == (layout.packed_rows * 4 > 8)
+  # Two one-token reviews in one row of four slots: padding.
+  (_, idx), = planner.with_plans([_item([[1, 7]])])
+  layout = planner.layout([idx])
+  assert layout.packed_rows == 1
+  assert 0 in planner.vocab_ids([idx], layout)[0]
+  # Rows of one slot (max_len 1) filled by one-token reviews: none.
+  planner = _planner(vocab_size=100, max_len=1, pack_rows=1)
+  (_, idx), = planner.with_plans([_item([[0, 2]])])
+  layout = planner.layout([idx])
+  assert 0 not in planner.vocab_ids([idx], layout)[0]
   # An empty review fills its row with padding, even where rows of one
   # slot (max_len 1) hold exactly as many slots as reviews.
   planner = _planner(vocab_size=100, max_len=1, pack_rows=1,

@@ -477,3 +477,23 @@ def test_without_gathering_each_device_pairs_its_own_rows(kind):
                                                   shard(ids))]
   np.testing.assert_allclose(float(per.mean()), np.mean(local), rtol=1e-5)
   assert abs(np.mean(local) - float(fn(x, y, ids))) > 1e-3
+
+
+def test_gathered_hardest_negatives_with_listed_positives():
+  """Across four devices each device's anchors (4) meet the global batch's
+  candidates (16): hardest:6 takes 6 negatives of the 16, more than a
+  device holds rows, with the positives listed as training lists them."""
+  x, y, ids = _batch(9, b=16, albums=4)
+  kw = dict(margin=0.3, weights=(1, 0.5, 0.2, 0.1), negatives='hardest:6')
+  lists = losses.positive_lists(ids.reshape(4, 4), True)
+  shard = lambda a: a.reshape(4, -1, *a.shape[1:])
+
+  def per_device(a, t, i, p):
+    return losses.ranking_loss(a, t, i, axis_name='d',
+                               gather_across_devices=True, positives=p,
+                               **kw)[0]
+
+  per = jax.pmap(per_device, axis_name='d')(shard(x), shard(y), shard(ids),
+                                            lists)
+  want = _reference(x, y, ids, 0.3, kw['weights'], hardest_k=6)
+  np.testing.assert_allclose(float(per.mean()), want, rtol=1e-5)
