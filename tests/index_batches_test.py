@@ -207,6 +207,12 @@ def test_the_flat_size_covers_every_step_of_the_dispatch():
   assert floor == int(min(2 * mean + 4 * np.sqrt(2) * std, 2 * 4))
   assert layout.num_tokens == layouts.flat_size(max(8, floor), 4)
   assert layout.num_tokens >= 8  # Reviews 2 and 4: 4 + 4 tokens read.
+  # Below the cap (rows * max_len), the floor is the mean of `rows`
+  # lengths plus 4 standard deviations of their sum.
+  lengths = np.minimum(_reviews().lengths, 5)
+  want = 8 * lengths.mean() + 4 * np.sqrt(8) * lengths.std()
+  assert want < 8 * 5
+  assert _planner(token_bucket=4, max_len=5)._token_floor(8) == int(want)
 
 
 class _TwoProcesses:
