@@ -357,3 +357,66 @@ def test_extra_descriptor_dirs_and_missing_dir(config, tiny_corpus, tmp_path):
 def test_missing_manifest_is_a_clear_error(tmp_path):
   with pytest.raises(UserError, match='run --mode=preprocess'):
     manifest_lib.load(str(tmp_path))
+
+
+def test_skip_descriptions_name_one_group():
+  counts = collections.Counter({'reviews/no_words': 2, 'reviews/duplicate': 1,
+                                'albums/no_audio': 4})
+  assert ingest.describe_skips(counts, 'reviews') == (
+      "reviews skipped: {'no_words': 2, 'duplicate': 1}.")
+  assert ingest.describe_skips(counts, 'tracks') == 'tracks skipped: none.'
+
+
+def test_data_layer_defaults_are_the_default_config():
+  # The data layer reads no configs/ file; its defaults must not drift.
+  from configs import default  # pylint: disable=g-import-not-at-top
+  data = default.get_config().data
+  defaults = ingest.default_data_config()
+  assert {k: data[k] for k in defaults} == defaults.to_dict()
+
+
+def test_a_raw_file_that_is_not_regular_is_one_line(config, tiny_corpus,
+                                                    tmp_path):
+  """A FIFO metadata file is refused without opening it; a link out of the
+  MARD folder is refused with the field that allows it."""
+  meta = os.path.join(tiny_corpus, mard_io.METADATA_FILE)
+  outside = tmp_path / 'elsewhere.json'
+  shutil.move(meta, outside)
+  os.symlink(outside, meta)
+  with pytest.raises(UserError, match='follow_outside_links=True reads it'):
+    ingest.find_sources(config.data, tiny_corpus)
+  config.data.follow_outside_links = True
+  assert ingest.find_sources(config.data, tiny_corpus).files
+  os.remove(meta)
+  os.mkfifo(meta)
+  with pytest.raises(UserError, match='not a regular file') as e:
+    ingest.find_sources(config.data, tiny_corpus)
+  assert 'follow_outside_links' not in str(e.value)
+
+
+def test_tracks_shared_or_listed_twice(config, tiny_corpus):
+  """A track an album lists twice is one track of it; a track two albums
+  list is each album's, and counted as shared; every kept track counts
+  once for its extractor version; progress shows every descriptor file."""
+  meta = os.path.join(tiny_corpus, mard_io.METADATA_FILE)
+  albums = _lines(meta)
+  base = ingest.load(config.data, tiny_corpus, show_progress=False)
+  first = albums[0]
+  kept = {a.album.amazon_id: a for a in base.albums}
+  assert first['amazon-id'] in kept
+  first['songs'] = first['songs'] + first['songs'][:1]  # Listed twice.
+  albums[1]['songs'] = albums[1]['songs'] + first['songs'][:1]  # Shared.
+  with open(meta, 'w') as f:
+    f.write(''.join(json.dumps(a) + '\n' for a in albums))
+  corpus = ingest.load(config.data, tiny_corpus, show_progress=False)
+  assert corpus.counts['tracks_notes/shared_between_albums'] == 1
+  assert corpus.counts['tracks/duplicate_track'] == base.counts[
+      'tracks/duplicate_track']
+  got = {a.album.amazon_id: a for a in corpus.albums}
+  mbid = first['songs'][0]['mbid'].lower()
+  assert got[first['amazon-id']].mbids == kept[first['amazon-id']].mbids
+  assert mbid in got[albums[1]['amazon-id']].mbids
+  assert sum(corpus.extractors.values()) == sum(
+      len(a.mbids) for a in corpus.albums)
+  assert sum(base.extractors.values()) == sum(len(a.mbids)
+                                              for a in base.albums)

@@ -250,8 +250,9 @@ def _collect_tracks(albums: list[mard_io.Album],
 
 def _ordered_tracks(album: mard_io.Album, audio: _AlbumAudio
                     ) -> tuple[list[str], np.ndarray]:
-  """Tracks in album order (songs list), then any others by MBID."""
-  order = [m for _, m in album.songs if m in audio.tracks]
+  """Tracks in album order (songs list), then any others by MBID; a track
+  the list names twice is one track."""
+  order = list(dict.fromkeys(m for _, m in album.songs if m in audio.tracks))
   seen = set(order)
   order += sorted(m for m in audio.tracks if m not in seen)
   return order, np.stack([audio.tracks[m] for m in order])
