@@ -497,3 +497,23 @@ def test_gathered_hardest_negatives_with_listed_positives():
                                             lists)
   want = _reference(x, y, ids, 0.3, kw['weights'], hardest_k=6)
   np.testing.assert_allclose(float(per.mean()), want, rtol=1e-5)
+
+
+def test_config_check_names_the_negatives_field():
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from mardjax.errors import UserError  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config().loss
+  losses.check_config(config)
+  config.negatives = 'hardest:0'
+  with pytest.raises(UserError, match=r"config\.loss\.negatives='hardest:0'"):
+    losses.check_config(config)
+
+
+def test_a_parsed_mode_is_an_immutable_value():
+  """Modes are compared and hashed as values (equal text, equal mode)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  mode = losses.NegativeMode.parse('hardest:3')
+  assert mode == losses.NegativeMode('hardest', 3)
+  assert len({mode, losses.NegativeMode.parse('hardest:3')}) == 1
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    mode.k = 4
