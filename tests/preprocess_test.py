@@ -394,6 +394,16 @@ def test_a_raw_file_that_is_not_regular_is_one_line(config, tiny_corpus,
   assert 'follow_outside_links' not in str(e.value)
 
 
+def test_a_descriptor_directory_that_is_a_file_is_one_line(config,
+                                                           tiny_corpus):
+  expanded = os.path.join(tiny_corpus, mard_io.EXPANDED_DESCRIPTOR_DIR)
+  shutil.rmtree(expanded, ignore_errors=True)
+  with open(expanded, 'w') as f:
+    f.write('not a directory')
+  with pytest.raises(UserError, match='is a file: AcousticBrainz'):
+    ingest.find_sources(config.data, tiny_corpus)
+
+
 def test_tracks_shared_or_listed_twice(config, tiny_corpus):
   """A track an album lists twice is one track of it; a track two albums
   list is each album's, and counted as shared; every kept track counts
@@ -405,7 +415,8 @@ def test_tracks_shared_or_listed_twice(config, tiny_corpus):
   kept = {a.album.amazon_id: a for a in base.albums}
   assert first['amazon-id'] in kept
   first['songs'] = first['songs'] + first['songs'][:1]  # Listed twice.
-  albums[1]['songs'] = albums[1]['songs'] + first['songs'][:1]  # Shared.
+  # Shared, and listed twice by the second album too.
+  albums[1]['songs'] = albums[1]['songs'] + first['songs'][:1] * 2
   with open(meta, 'w') as f:
     f.write(''.join(json.dumps(a) + '\n' for a in albums))
   corpus = ingest.load(config.data, tiny_corpus, show_progress=False)
