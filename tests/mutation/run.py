@@ -152,9 +152,10 @@ def run_target(target: Target) -> None:
                          .encode()).hexdigest()[:16]
   old = open(stamp).read().split() if os.path.exists(stamp) else []
   if len(old) != 2 or old[0] != module or not os.path.exists(db):
-    for path in (db, stamp):
-      if os.path.exists(path):
-        os.remove(path)
+    # The old results are set aside, never deleted: they belong to other
+    # code, but hours of them may still say where the tests are weak.
+    if os.path.exists(db):
+      os.replace(db, f'{db}.{old[0] if old else "unknown"}')
     with open(config, 'w') as f:
       f.write(_config(target))
     _cosmic('cosmic-ray', 'init', config, db)
