@@ -460,6 +460,21 @@ def test_one_real_row_on_four_devices_is_the_global_mean():
   np.testing.assert_allclose(float(per.mean()), want, rtol=1e-5)
 
 
+def test_the_ranking_loss_gathers_only_when_told():
+  x, y, ids = _batch(8, b=16, albums=3)
+  shard = lambda a: a.reshape(4, -1, *a.shape[1:])
+
+  def run(**kw):
+    return jax.pmap(lambda a, t, i: losses.ranking_loss(
+        a, t, i, margin=0.3, weights=(1, 1, 0.5, 0.5), negatives='all',
+        axis_name='d', **kw)[0], axis_name='d')(shard(x), shard(y),
+                                                shard(ids))
+
+  default = run()
+  np.testing.assert_array_equal(default, run(gather_across_devices=False))
+  assert np.abs(default - run(gather_across_devices=True)).max() > 1e-3
+
+
 @pytest.mark.parametrize('kind', ['infonce', 'sigmoid'])
 def test_without_gathering_each_device_pairs_its_own_rows(kind):
   """gather_across_devices defaults to False: under a device axis each

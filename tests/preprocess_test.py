@@ -429,5 +429,54 @@ def test_tracks_shared_or_listed_twice(config, tiny_corpus):
   assert mbid in got[albums[1]['amazon-id']].mbids
   assert sum(corpus.extractors.values()) == sum(
       len(a.mbids) for a in corpus.albums)
+  # Each version as the documents name it ('unknown' only without one).
+  assert corpus.extractors and 'unknown' not in corpus.extractors
   assert sum(base.extractors.values()) == sum(len(a.mbids)
                                               for a in base.albums)
+
+
+def test_extra_descriptor_dirs_relative_absolute_and_empty_items(tmp_path):
+  mard = tmp_path / 'mard'
+  (mard / 'rel').mkdir(parents=True)
+  (tmp_path / 'abs').mkdir()
+  dirs = ingest.descriptor_dirs(str(mard), f' , rel,,{tmp_path / "abs"}, ')
+  assert dirs == [str(mard / 'rel'), str(tmp_path / 'abs')]
+
+
+def test_a_raw_file_that_is_a_socket_gets_no_link_hint(config, tiny_corpus):
+  import socket  # pylint: disable=g-import-not-at-top
+  meta = os.path.join(tiny_corpus, mard_io.METADATA_FILE)
+  os.remove(meta)
+  with socket.socket(socket.AF_UNIX) as s:
+    s.bind(meta)
+    with pytest.raises(UserError, match='not a regular file') as e:
+      ingest.find_sources(config.data, tiny_corpus)
+  assert 'follow_outside_links' not in str(e.value)
+
+
+def test_descriptors_only_through_outside_links_say_how_to_follow_them(
+    config, tiny_corpus, tmp_path):
+  """Every descriptor file a link out of the MARD folder: no album is
+  usable, and the error names the field that follows such links; without
+  any descriptor file, the same error has no such hint."""
+  for name in (mard_io.ORIGINAL_DESCRIPTOR_DIR,
+               mard_io.EXPANDED_DESCRIPTOR_DIR):
+    d = os.path.join(tiny_corpus, name)
+    if not os.path.isdir(d):
+      continue
+    moved = tmp_path / name
+    shutil.move(d, moved)
+    for root, _, files in os.walk(moved):
+      rel = os.path.relpath(root, moved)
+      os.makedirs(os.path.join(d, rel), exist_ok=True)
+      for f in files:
+        os.symlink(os.path.join(root, f), os.path.join(d, rel, f))
+  with pytest.raises(UserError, match='follow_outside_links=True'):
+    ingest.load(config.data, tiny_corpus, show_progress=False)
+  for name in (mard_io.ORIGINAL_DESCRIPTOR_DIR,
+               mard_io.EXPANDED_DESCRIPTOR_DIR):
+    shutil.rmtree(os.path.join(tiny_corpus, name), ignore_errors=True)
+    os.mkdir(os.path.join(tiny_corpus, name))
+  with pytest.raises(UserError, match='No album has a usable') as e:
+    ingest.load(config.data, tiny_corpus, show_progress=False)
+  assert 'follow_outside_links' not in str(e.value)
