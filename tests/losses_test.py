@@ -458,6 +458,14 @@ def test_one_real_row_on_four_devices_is_the_global_mean():
       x.reshape(4, 2, -1), y.reshape(4, 2, -1), ids.reshape(4, 2))
   want = np.log1p(np.exp(-(x[3] @ y[3] / 0.1 - 1.0)))
   np.testing.assert_allclose(float(per.mean()), want, rtol=1e-5)
+  # On one device too: the one pair's loss, not half of it.
+  one = losses.sigmoid_loss(x, y, ids, temperature=0.1, bias=-1.0)
+  np.testing.assert_allclose(float(one), want, rtol=1e-5)
+  # Padding on every device: 0, not 0 / 0.
+  per = jax.pmap(per_device, axis_name='d')(
+      x.reshape(4, 2, -1), y.reshape(4, 2, -1),
+      np.full((4, 2), -1, np.int32))
+  assert (np.asarray(per) == 0).all()
 
 
 def test_the_ranking_loss_gathers_only_when_told():
