@@ -250,6 +250,7 @@ def test_every_kind_of_bad_input_is_counted(config, tiny_corpus, tmp_path,
           _json(reviews[0]),  # A duplicate review id.
           _json(['a', 'list']),
           _json(dict(good, reviewerID='NOAUDIO', **{'amazon-id': 'BNOAUDIO'})),
+          _json(dict(good, reviewerID='NOAUDIO2', **{'amazon-id': 'BNOAUDIO'})),
           _json(dict(good, reviewerID=None, **{'product-id': a0})))
   _append(meta_path,
           _json({'amazon-id': 'BNOAUDIO', 'title': 'Silent', 'songs': [
@@ -294,7 +295,7 @@ def test_every_kind_of_bad_input_is_counted(config, tiny_corpus, tmp_path,
       'unparsable': 2, 'missing_amazon_id': 1, 'missing_review_text': 1,
       'empty_review': 1, 'review_text_not_a_string': 1, 'non_utf8': 1,
       'invalid_unicode': 1, 'unknown_album': 1, 'duplicate_review_id': 1, 'not_an_object': 1,
-      'album_without_audio': 1, 'no_words': 1}
+      'album_without_audio': 2, 'no_words': 1}
   assert report['notes']['reviews'] == {'parsed_python_literal': 1}
   assert skipped['albums'] == {'missing_amazon_id': 1, 'duplicate_album': 1,
                                'unparsable': 1, 'no_descriptor': 1}
@@ -480,3 +481,10 @@ def test_descriptors_only_through_outside_links_say_how_to_follow_them(
   with pytest.raises(UserError, match='No album has a usable') as e:
     ingest.load(config.data, tiny_corpus, show_progress=False)
   assert 'follow_outside_links' not in str(e.value)
+
+
+def test_progress_counts_every_descriptor_file(config, tiny_corpus_master,
+                                               capfd):
+  corpus = ingest.load(config.data, tiny_corpus_master, show_progress=True)
+  n = corpus.counts['input/descriptor_files']
+  assert n > 0 and f'{n}/{n}' in capfd.readouterr().err
