@@ -287,6 +287,10 @@ def test_every_kind_of_bad_input_is_counted(config, tiny_corpus, tmp_path,
   put('stray_document.json', real)  # A document not named by MBID.
   put('bulk-extra.json', {songs[5]: {'0': real}, 'not-an-mbid': {'0': real},
                           'mbid_mapping': {}})
+  # A bulk file whose first recording no album lists: the next is read.
+  put('bulk-unknown-first.json', {
+      '00000000-0000-4000-a000-00000000cafe': {'0': real},
+      songs[6]: {'0': real}})
   report = _run(config, tiny_corpus, tmp_path / 'bad')
   assert all(report['reconcile'].values()), report['reconcile']
   skipped = report['skipped']
@@ -301,9 +305,10 @@ def test_every_kind_of_bad_input_is_counted(config, tiny_corpus, tmp_path,
                                'unparsable': 1, 'no_descriptor': 1}
   assert skipped['descriptor_files'] == {'not_json': 1, 'not_named_by_mbid': 1}
   assert skipped['tracks'] == {
-      'duplicate_track': base_dups + 1,  # songs[5] via the bulk file.
+      # songs[5] and songs[6] via the bulk files.
+      'duplicate_track': base_dups + 2,
       'missing_path': 1, 'wrong_shape': 1, 'non_finite': 1,
-      'not_in_metadata': 1, 'unknown_album': 1, 'bulk_entry_not_mbid': 1}
+      'not_in_metadata': 2, 'unknown_album': 1, 'bulk_entry_not_mbid': 1}
   # The python literal and the review named by product-id are kept.
   assert sum(report['reviews'].values()) == sum(base['reviews'].values()) + 2
   assert report['albums'] == base['albums']
