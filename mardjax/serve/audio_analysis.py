@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mardjax.data import files as files_lib
 from mardjax.data import mard_io
 
 AUDIO_TYPES = ('.wav', '.mp3', '.flac', '.ogg')
@@ -234,27 +235,35 @@ def analyse_bytes(data: bytes, ext: str, max_seconds: float | None = None
       raise type(e)(message) from None
 
 
-def read_file(path: str) -> dict[str, Any]:
+def read_file(path: str, max_bytes: int | None = None,
+              max_seconds: float | None = None) -> dict[str, Any]:
   """A recording or an AcousticBrainz .json file -> a low-level document.
 
+  Only a regular file is read (`files.read_bytes`: a FIFO or a device is
+  refused, not opened), and at most `max_bytes` of it; a recording is
+  analysed up to `max_seconds` (`analyse_bytes`).
+
   Raises:
-    BadAudio: an unreadable recording or an invalid JSON file (the message
-      says why).
+    BadAudio: not a recording or a document, unreadable, empty, invalid JSON
+      or an unreadable recording (the message says why).
     ImportError: a recording, and Essentia is not installed.
   """
   ext = os.path.splitext(path)[1].lower()
-  with open(path, 'rb') as f:
-    data = f.read()
+  if ext not in AUDIO_TYPES + DOCUMENT_TYPES:
+    raise BadAudio(f'not a recording or an AcousticBrainz document (read: '
+                   f'{", ".join(AUDIO_TYPES + DOCUMENT_TYPES)})')
+  try:
+    data = files_lib.read_bytes(path, max_bytes, follow_outside_links=True)
+  except files_lib.Skip as e:
+    raise BadAudio(f'cannot be read: {e}') from None
+  if not data:
+    raise BadAudio('the file is empty')
   if ext in DOCUMENT_TYPES:
     try:
       return mard_io.loads_document(data)
     except ValueError as e:
       raise BadAudio(f'not valid JSON: {e}') from None
-  if ext not in AUDIO_TYPES:
-    raise BadAudio(f'unsupported file type {ext or "(none)"}')
-  if not data:
-    raise BadAudio('the file is empty')
-  return analyse_bytes(data, ext)
+  return analyse_bytes(data, ext, max_seconds)
 
 
 def read_file_or_reason(path: str) -> tuple[dict[str, Any] | None,

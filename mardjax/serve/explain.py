@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from mardjax.data import descriptors as desc_lib
 from mardjax.data import text as text_lib
 from mardjax.models import embed
 
@@ -57,9 +58,8 @@ def group_of(name: str) -> str:
   for group, prefixes in GROUPS:
     if name.startswith(prefixes):
       return group
-  return re.sub(r'(\.(' + '|'.join(('min', 'max', 'mean', 'median', 'var',
-                                     'dmean', 'dmean2', 'dvar', 'dvar2')) +
-                r'))?(\[[\d,]*\])?$', '', name)
+  return re.sub(r'(\.(' + '|'.join(desc_lib.STATS) + r'))?(\[[\d,]*\])?$',
+                '', name)
 
 
 def _bucket(n: int, floor: int) -> int:
@@ -78,9 +78,8 @@ class Explainer:
     self.max_len = embedder.config.data.max_len
     self.words_available = embedder.text_encoder is None
     self.groups = [group_of(n) for n in embedder.names]
-    names = list(dict.fromkeys(self.groups))
-    self.group_names = names
-    index = {g: i for i, g in enumerate(names)}
+    self.group_names = list(dict.fromkeys(self.groups))
+    index = {g: i for i, g in enumerate(self.group_names)}
     self.group_index = np.array([index[g] for g in self.groups])
     # The mean encoder's pooling is a (weighted) mean of word vectors: a
     # text without a word is the sums less that word's share, so only the

@@ -104,11 +104,12 @@ def write(config: ml_collections.ConfigDict, workdir: str, mard_dir: str,
   meta = manifest_lib.read_albums(manifest)
   texts = _review_texts(mard_dir, set(reviews['review_id'].tolist()),
                         files_lib.Policy.from_config(config.data))
-  rows = [{'review_id': rid, 'album_index': int(album), 'split': str(split),
-           'text': texts.get(rid, (None, 0))[0],
-           'body_start': texts.get(rid, (None, 0))[1]}
-          for rid, album, split in zip(reviews['review_id'], reviews['album'],
-                                       reviews['split'])]
+  rows = []
+  for rid, album, split in zip(reviews['review_id'], reviews['album'],
+                               reviews['split']):
+    text, body_start = texts.get(rid, (None, 0))
+    rows.append({'review_id': rid, 'album_index': int(album),
+                 'split': str(split), 'text': text, 'body_start': body_start})
   missing = sum(r['text'] is None for r in rows)
   info = {
       'format_version': FORMAT_VERSION, 'checkpoint': trained.source,

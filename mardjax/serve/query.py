@@ -16,7 +16,6 @@ import ml_collections
 
 from mardjax.data import descriptors as desc_lib
 from mardjax.data import files as files_lib
-from mardjax.data import mard_io
 from mardjax.errors import UserError
 from mardjax.serve import audio_analysis
 from mardjax.serve import guards
@@ -26,24 +25,10 @@ from mardjax.serve import web
 def _document(path: str, config: ml_collections.ConfigDict) -> Any:
   """The low-level document of a recording or an AcousticBrainz file, with
   the room's limits (size, duration)."""
-  ext = os.path.splitext(path)[1].lower()
-  if ext not in audio_analysis.AUDIO_TYPES + audio_analysis.DOCUMENT_TYPES:
-    raise UserError(
-        f'--file={path!r}: not a recording or an AcousticBrainz document '
-        f'(read: {", ".join(audio_analysis.AUDIO_TYPES + audio_analysis.DOCUMENT_TYPES)}).')
   try:
-    data = files_lib.read_bytes(
+    return audio_analysis.read_file(
         path, files_lib.max_bytes(config.serve.max_upload_mb),
-        follow_outside_links=True)
-  except files_lib.Skip as e:
-    raise UserError(f'--file={path!r} cannot be read: {e}') from None
-  if not data:
-    raise UserError(f'--file={path!r} is empty.')
-  try:
-    if ext in audio_analysis.DOCUMENT_TYPES:
-      return mard_io.loads_document(data)
-    return audio_analysis.analyse_bytes(data, ext,
-                                        config.serve.max_audio_seconds)
+        config.serve.max_audio_seconds)
   except ValueError as e:  # BadAudio and TooLong among them.
     raise UserError(f'--file={path!r}: {e}') from None
   except ImportError:

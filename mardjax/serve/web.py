@@ -115,18 +115,19 @@ class Room:
     for i, s in zip(idx[0], scores[0]):
       meta = self.bank['review_meta'][i]
       album = self._album_rows.get(meta['album_index'], {})
-      text = meta.get('text') or ''
       row = {'review_id': meta['review_id'],
-             'excerpt': text[:EXCERPT_CHARS] + (
-                 '…' if len(text) > EXCERPT_CHARS else ''),
              'album': album.get('title'),
              'artist': album.get('artist'),
              'genre': album.get('genre'),
              'distance': _distance(s)}
-      if explain:
+      if explain:  # The excerpt around the review's pulling words.
         row.update(self.explainer.review_words(
             meta.get('text'), meta.get('body_start', 0), emb[0],
             EXCERPT_CHARS))
+      else:
+        text = meta.get('text') or ''
+        row['excerpt'] = text[:EXCERPT_CHARS] + (
+            '…' if len(text) > EXCERPT_CHARS else '')
       reviews.append(row)
     albums, rows = self._albums(emb, k)
     tracks, track_rows = self._tracks(emb, k)
