@@ -197,7 +197,8 @@ def test_sampled_negatives_are_uniform_over_each_anchors_negatives():
   anchors = jnp.array([3, 0, 5, -1, 1], jnp.int32)
   draws = 40_000
   u = jax.random.uniform(jax.random.PRNGKey(0), (len(anchors), draws))
-  index, has_neg = losses._sampled_negatives(anchors, ids, u)
+  blocks = losses.album_blocks(ids, jnp.array([0, 2, 7, 1, 10]))
+  index, has_neg = losses._sampled_negatives(blocks, anchors, u)
   index, ids = np.asarray(index), np.asarray(ids)
   np.testing.assert_array_equal(np.asarray(has_neg),
                                 [True, True, True, False, True])
@@ -392,7 +393,8 @@ def test_a_draw_at_the_top_of_its_range_is_still_a_negative():
   anchors = jnp.array([0, 2, 4], jnp.int32)
   for top in (1.0, np.nextafter(np.float32(1), np.float32(0))):
     u = jnp.full((3, 2), top, jnp.float32)
-    index, has_neg = losses._sampled_negatives(anchors, ids, u)
+    blocks = losses.album_blocks(ids, jnp.array([1, 2, 0]))
+    index, has_neg = losses._sampled_negatives(blocks, anchors, u)
     index = np.asarray(index)
     assert np.asarray(has_neg).all()
     # The last negative in album order: album 4's last row for anchors of
@@ -400,34 +402,130 @@ def test_a_draw_at_the_top_of_its_range_is_still_a_negative():
     np.testing.assert_array_equal(index, [[7, 7], [7, 7], [6, 6]])
 
 
-def test_each_term_draws_its_own_negatives(monkeypatch):
+@pytest.mark.parametrize('listed', [False, True])
+def test_each_term_draws_its_own_negatives_in_the_stacked_terms(listed):
   """Under sampled:K the four terms get four different draws, the slices
-  of one draw of 4 * B * K uniforms: a term sharing another's draws would
-  correlate the two terms' negatives."""
-  seen = {}
-  real = losses.ranking_term
-
-  def record(anchors, cands, a_ids, c_ids, *, uniform, self_index=None,
-             **kw):
-    seen[(anchors is text, cands is text, self_index is not None)] = (
-        np.asarray(uniform))
-    return real(anchors, cands, a_ids, c_ids, uniform=uniform,
-                self_index=self_index, **kw)
-
-  monkeypatch.setattr(losses, 'ranking_term', record)
-  audio, text, ids = _batch(4)
+  of one draw of 4 * B * K uniforms (a term sharing another's draws would
+  correlate the two terms' negatives), and the stacked computation of the
+  terms gives each term as `ranking_term` computes it alone: with all four
+  weights on, and with one term on at a time."""
+  audio, text, ids = _batch(4, b=12)
+  ids[5] = -1
   audio, text = jnp.asarray(audio), jnp.asarray(text)
   key = jax.random.PRNGKey(3)
-  losses.ranking_loss(audio, text, ids, margin=0.2, weights=(1, 1, 1, 1),
-                      negatives='sampled:5', key=key)
-  want = np.asarray(jax.random.uniform(key, (4 * len(ids) * 5,))).reshape(
+  draws = jax.random.uniform(key, (4 * len(ids) * 5,)).reshape(
       4, len(ids), 5)
-  # (anchors are text, candidates are text, neighbourhood term)
-  order = [(False, True, False), (True, False, False), (False, False, True),
-           (True, True, True)]
-  assert sorted(seen) == sorted(order)
-  for term, which in enumerate(order):
-    np.testing.assert_array_equal(seen[which], want[term])
+  lists = losses.positive_lists(ids[None], False)[0] if listed else None
+  rows = jnp.arange(len(ids), dtype=jnp.int32)
+  blocks = losses.album_blocks(jnp.asarray(ids), rows)
+  mode = losses.NegativeMode.parse('sampled:5')
+  alone = {}
+  for term, (name, a_text, c_text, self_) in enumerate(losses.TERMS):
+    alone[name] = float(losses.ranking_term(
+        text if a_text else audio, text if c_text else audio, ids, ids,
+        0.2, mode, uniform=draws[term], self_index=rows if self_ else None,
+        positives=lists, blocks=blocks)[0])
+  assert len(set(alone.values())) == 4
+  _, terms = losses.ranking_loss(audio, text, ids, margin=0.2,
+                                 weights=(1, 1, 1, 1), negatives='sampled:5',
+                                 key=key, positives=lists)
+  for name, value in alone.items():
+    np.testing.assert_allclose(float(terms[name]), value, rtol=1e-6)
+  for term, (name, *_) in enumerate(losses.TERMS):
+    weights = [0.0] * 4
+    weights[term] = 0.5
+    loss, terms = losses.ranking_loss(audio, text, ids, margin=0.2,
+                                      weights=tuple(weights),
+                                      negatives='sampled:5', key=key,
+                                      positives=lists)
+    np.testing.assert_allclose(float(loss), 0.5 * alone[name], rtol=1e-6)
+    assert all(float(v) == 0.0 for k, v in terms.items()
+               if k not in (name, 'active_hinges'))
+
+
+def _searched_blocks(candidate_ids, anchor_ids):
+  """The blocks by binary search, as the loss found them before: the
+  reference the loop-free `album_blocks` must equal bit for bit."""
+  ids = np.sort(candidate_ids, kind='stable')
+  start = np.searchsorted(ids, anchor_ids, side='left')
+  size = np.searchsorted(ids, anchor_ids, side='right') - start
+  return (np.argsort(candidate_ids, kind='stable'), start, size,
+          np.searchsorted(ids, 0, side='left'))
+
+
+@pytest.mark.parametrize('seed,m,albums,padding', [
+    (0, 1, 1, 0), (1, 7, 3, 2), (2, 64, 5, 9), (3, 300, 120, 40),
+    (4, 16, 16, 16), (5, 33, 1, 0), (6, 40, 8, 39)])
+def test_album_blocks_equal_binary_search(seed, m, albums, padding):
+  """Each anchor's block start and size, the sorted order and the padding
+  count equal those binary search gives, for unsorted ids with padding
+  rows (every row padding, one row, one album, albums of one row), and
+  the draws and the step's positive lists made from them equal the
+  host's."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, albums, m).astype(np.int32)
+  ids[rng.permutation(m)[:min(padding, m)]] = -1
+  anchor_index = rng.integers(0, m, 2 * m).astype(np.int32)
+  blocks = losses.album_blocks(jnp.asarray(ids), jnp.asarray(anchor_index))
+  order, start, size, first_real = _searched_blocks(ids, ids[anchor_index])
+  np.testing.assert_array_equal(np.asarray(blocks.order), order)
+  np.testing.assert_array_equal(np.asarray(blocks.start), start)
+  np.testing.assert_array_equal(np.asarray(blocks.size), size)
+  assert int(blocks.padding) == first_real
+  # The draw made from the blocks, against the same formula on the
+  # searched ones.
+  u = rng.random((2 * m, 6)).astype(np.float32)
+  index, has_neg = losses._sampled_negatives(blocks, ids[anchor_index], u)
+  count = np.where(ids[anchor_index] >= 0, m - first_real - size, 0)
+  r = np.clip((u * count[:, None].astype(np.float32)).astype(np.int32), 0,
+              np.maximum(count - 1, 0)[:, None])
+  at = first_real + r
+  at = np.where(at >= start[:, None], at + size[:, None], at)
+  np.testing.assert_array_equal(np.asarray(index),
+                                order[np.minimum(at, m - 1)])
+  np.testing.assert_array_equal(np.asarray(has_neg), count > 0)
+
+
+@pytest.mark.parametrize('across', [False, True])
+def test_positive_lists_made_in_the_step_equal_the_hosts(across):
+  """`device_positive_lists` from the blocks equals `positive_lists`: each
+  row's album's rows in index order, among its device's rows or all
+  devices' (numbered d * b + i), padding rows' lists empty; and so does
+  the loss, lists passed or their width."""
+  rng = np.random.default_rng(7)
+  album = rng.integers(0, 6, (4, 10)).astype(np.int32)
+  album[1, [2, 7]] = -1
+  album[3, :] = -1
+  host = losses.positive_lists(album, across, lambda w: 8)
+  for d in range(4):
+    cands = album.reshape(-1) if across else album[d]
+    rows = np.arange(10, dtype=np.int32) + (10 * d if across else 0)
+    blocks = losses.album_blocks(jnp.asarray(cands), jnp.asarray(rows))
+    made = losses.device_positive_lists(blocks, jnp.asarray(album[d]), 8)
+    np.testing.assert_array_equal(np.asarray(made), host[d])
+  x, y, _ = _batch(8, b=10)
+  kw = dict(margin=0.3, weights=(1, 0.5, 0.25, 0.125), negatives='sampled:4',
+            key=jax.random.PRNGKey(1))
+  local = losses.positive_lists(album, False, lambda w: 8)[1]
+  want = losses.ranking_loss(x, y, album[1], positives=local, **kw)[0]
+  got = losses.ranking_loss(x, y, album[1], positives=8, **kw)[0]
+  assert float(got) == float(want)
+
+
+def test_the_negatives_draw_compiles_to_no_loop():
+  """The blocks, the draw and the step's positive lists compile to one
+  sort and no `while` loop (binary search would add one a search: kernel
+  launches in series on an accelerator)."""
+  def draw(ids, u):
+    rows = jnp.arange(ids.shape[0], dtype=jnp.int32)
+    blocks = losses.album_blocks(ids, rows)
+    return (losses._sampled_negatives(blocks, ids, u),
+            losses.device_positive_lists(blocks, ids, 4))
+  hlo = jax.jit(draw).lower(jnp.zeros(512, jnp.int32),
+                            jnp.zeros((512, 10))).compile().as_text()
+  assert ' while(' not in hlo and 'while' not in hlo.lower().split(
+      'entry')[-1], 'a loop in the draw'
+  assert hlo.count(' sort(') == 1, hlo.count(' sort(')
 
 
 @pytest.mark.parametrize('kind', ['ranking', 'infonce', 'sigmoid'])

@@ -220,3 +220,48 @@ def test_flat_mean_features_equal_padded(weighted, dropout, lazy):
                   flat_review=flat)
   np.testing.assert_allclose(got, padded, rtol=1e-5, atol=1e-6)
   assert np.abs(np.asarray(got[1])).max() == 0  # The empty review.
+
+
+@pytest.mark.parametrize('seed,bucket', [(0, 4), (1, 16), (2, 64), (3, 1)])
+def test_flat_owner_in_the_step_equals_binary_search(seed, bucket):
+  """The step's owners of flat positions (a running sum of ones at the
+  reviews' ends) equal a binary search over the running ends, bit for
+  bit, on the host and jitted, with empty reviews (first, last, in a
+  row), and compile to no loop."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(0, 9, 13).astype(np.int32)
+  lengths[[0, 5, 6, 12]] = 0
+  size = layouts.flat_size(lengths.sum(), bucket)
+  want = np.searchsorted(np.cumsum(lengths), np.arange(size), side='right')
+  np.testing.assert_array_equal(layouts.flat_owner(lengths, size, np), want)
+  owner = jax.jit(layouts.flat_owner, static_argnums=1)
+  np.testing.assert_array_equal(owner(lengths, size), want)
+  hlo = owner.lower(lengths, size).compile().as_text()
+  assert 'while' not in hlo, 'a loop in the flat layout'
+  np.testing.assert_array_equal(
+      layouts.flat_owner(np.zeros(3, np.int32), 4, np), [3, 3, 3, 3])
+
+
+def test_flat_padding_positions_read_no_row():
+  """Flat positions past the last real token read no table row and their
+  gradient goes to none: a non-finite row that only padding would touch
+  (the padding word's, 0 here) leaves the features finite and gets no
+  gradient; the real tokens' rows get theirs."""
+  tokens, lengths = _reviews(4)
+  tokens = np.where(tokens == 0, 1, tokens)  # Word 0 only as padding.
+  tokens[np.arange(tokens.shape[1])[None, :] >= lengths[:, None]] = 0
+  enc = two_branch.MeanEncoder(vocab_size=30, word_dim=5)
+  params = enc.init(jax.random.PRNGKey(0), tokens, lengths)
+  table = params['params']['embed']['embedding'].at[0].set(jnp.nan)
+  flat = layouts.flat_review(lengths[None], bucket=16)[0]
+  assert flat.shape[0] > lengths.sum()
+
+  def total(table):
+    return jnp.sum(enc.apply({'params': {'embed': {'embedding': table}}},
+                             tokens, lengths, flat_review=flat))
+  value, grad = jax.value_and_grad(total)(table)
+  assert np.isfinite(float(value))
+  assert np.asarray(grad[0] == 0).all()
+  real = np.unique(tokens[np.arange(tokens.shape[1])[None, :]
+                          < lengths[:, None]])
+  assert np.abs(np.asarray(grad[real])).sum(1).min() > 0

@@ -61,9 +61,16 @@ def flat_owner(lengths, size: int, xp=jnp):
   """(B,) true lengths -> (size,) int32 review of each flat position, B past
   the last real token: the one formula of the flat layout, on the host
   (`xp=np`, `flat_review`) and in a jitted step (`xp=jnp`): position p
-  belongs to the review whose running end is the first above p."""
-  return xp.searchsorted(xp.cumsum(lengths), xp.arange(size),
-                         side='right').astype(xp.int32)
+  belongs to the review whose running end is the first above p, that is
+  to as many reviews as have ended by p. Counted as a running sum of ones
+  placed at the reviews' ends (a binary search per position would compile
+  to a `while` loop, kernel launches in series on an accelerator)."""
+  ends = xp.minimum(xp.cumsum(lengths), size)
+  if xp is np:
+    ended = np.bincount(ends, minlength=size + 1)
+  else:
+    ended = jnp.zeros((size + 1,), jnp.int32).at[ends].add(1)
+  return xp.cumsum(ended[:size]).astype(xp.int32)
 
 
 def flat_size(tokens: int, bucket: int) -> int:

@@ -208,15 +208,23 @@ def _flat_sum(vectors: jax.Array, tokens: jax.Array, lengths: jax.Array,
     flat_review: (T,) the review of each flat position, B past the end.
   """
   b, length = tokens.shape
+  real = flat_review < b
   review = jnp.minimum(flat_review, b - 1)
   lengths = jnp.minimum(lengths, length)
   starts = jnp.cumsum(lengths) - lengths
   pos = jnp.clip(jnp.arange(flat_review.shape[0]) - starts[review], 0,
                  length - 1)
-  w = jnp.where(flat_review < b, weights[review, pos], 0.0)
-  rows = jnp.take(vectors, tokens[review, pos], axis=0)
-  return jax.ops.segment_sum(rows * w[:, None].astype(rows.dtype), review,
-                             num_segments=b, indices_are_sorted=True)
+  # Positions past the last real token read no row and, in the backward
+  # pass, add to none: their token index is out of range, the gather fills
+  # zeros and its transposed scatter drops them (in range, each step would
+  # add thousands of zeros into one row, one atomic add each on a GPU).
+  word = jnp.where(real, tokens[review, pos], vectors.shape[0])
+  w = jnp.where(real, weights[review, pos], 0.0)
+  rows = jnp.take(vectors, word, axis=0, mode='fill', fill_value=0)
+  # Their review, B, is past the last segment: dropped by the sum.
+  return jax.ops.segment_sum(rows * w[:, None].astype(rows.dtype),
+                             flat_review, num_segments=b,
+                             indices_are_sorted=True)
 
 
 def _split_bag(vectors: jax.Array, slots: jax.Array, weights: jax.Array,

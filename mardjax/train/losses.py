@@ -26,8 +26,9 @@ Negatives per (anchor, positive):
     most violating).
 
 Given each anchor's list of positives (`positive_lists`, made on the host
-with the batch; lists of width W), the hinges are computed for those pairs
-only: (B, W, K) hinges, and under `sampled:K` the distances of the listed
+with the batch, or `device_positive_lists`, in the step from the album ids
+the sampled negatives' draw sorts; lists of width W), the hinges are
+computed for those pairs only: (B, W, K) hinges, and under `sampled:K` the distances of the listed
 and drawn pairs only, from gathered rows, O(B (K + W) D) in all, where the
 hinges of every candidate as a positive are a (B, B, K) array (B^3 under
 `all`). Without lists: a pairwise distance matrix and a `jax.vmap` over
@@ -42,7 +43,7 @@ single-device loss of the whole batch.
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -149,41 +150,106 @@ def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
           jnp.sum(counted) * index.shape[0])
 
 
-def _sampled_negatives(anchor_ids: jax.Array, candidate_ids: jax.Array,
+class AlbumBlocks(NamedTuple):
+  """The candidates grouped by album, seen from each anchor
+  (`album_blocks`): what the sampled negatives' draw and the positive lists
+  made in the step read.
+
+  Attributes:
+    order: (M,) int32 candidate indices sorted by album id, stably: the
+      padding rows (id < 0) first, then one block an album, its rows in
+      index order.
+    start: (N,) int32 where each anchor's album's block starts in `order`.
+    size: (N,) int32 the block's length: the anchor's album's candidates.
+    padding: () int32 how many candidates are padding (they come first).
+  """
+  order: jax.Array
+  start: jax.Array
+  size: jax.Array
+  padding: jax.Array
+
+
+def album_blocks(candidate_ids: jax.Array, anchor_index: jax.Array
+                 ) -> AlbumBlocks:
+  """Each anchor's album block among the candidates sorted by album id.
+
+  One sort, then no search and no loop (a binary search compiles to a
+  `while` of log M iterations, kernel launches in series on an
+  accelerator): a block starts where a sorted id differs from the one
+  before; each position's block start is the running maximum of those
+  starts, its end the running minimum of the ends from the right; an
+  anchor finds its sorted position through the inverse permutation.
+
+  Args:
+    candidate_ids: (M,) album ids (< 0: padding).
+    anchor_index: (N,) each anchor's index among the candidates (its album
+      is the candidate's).
+
+  Returns:
+    The `AlbumBlocks`.
+  """
+  m = candidate_ids.shape[0]
+  order = jnp.argsort(candidate_ids).astype(jnp.int32)  # Stable.
+  ids = candidate_ids[order]
+  at = jnp.arange(m, dtype=jnp.int32)
+  change = ids[1:] != ids[:-1]
+  edge = jnp.ones((1,), bool)
+  first = jnp.concatenate([edge, change])
+  last = jnp.concatenate([change, edge])
+  block_start = jax.lax.cummax(jnp.where(first, at, 0))
+  block_end = jax.lax.cummin(jnp.where(last, at, m - 1), reverse=True)
+  rank = jnp.zeros((m,), jnp.int32).at[order].set(at, unique_indices=True)
+  mine = rank[anchor_index]
+  start = block_start[mine]
+  return AlbumBlocks(order, start, block_end[mine] + 1 - start,
+                     jnp.sum(candidate_ids < 0, dtype=jnp.int32))
+
+
+def _sampled_negatives(blocks: AlbumBlocks, anchor_ids: jax.Array,
                        uniform: jax.Array) -> tuple[jax.Array, jax.Array]:
   """K negatives per anchor, uniform with replacement, in O(1) a draw.
 
   Sorted by album id (padding rows, id < 0, first), an anchor's negatives
   are every real candidate but one contiguous block, its album's. Draw r,
   uniform in [0, count), is the r-th of them in that order: position
-  first_real + r, moved past the block when it reaches it. (Finding the
+  padding + r, moved past the block when it reaches it. (Finding the
   r-th negative in index order instead takes a running count and K x M
   comparisons per anchor, quadratic in the batch: at large batches that
   alone would dominate the step.)
 
   Args:
-    anchor_ids: (N,) album ids (< 0: padding); candidate_ids: (M,).
+    blocks: the candidates' album blocks (`album_blocks`) of N anchors.
+    anchor_ids: (N,) the anchors' album ids (< 0: padding).
     uniform: (N, K) draws in [0, 1).
 
   Returns:
     ((N, K) candidate index of each draw, (N,) whether the anchor has any
     negative; without one its draws mean nothing).
   """
-  m = candidate_ids.shape[0]
-  order = jnp.argsort(candidate_ids)  # Stable: ties in index order.
-  ids = candidate_ids[order]
-  # The anchor's album's block in that order: where it starts, how long
-  # (binary searches, O(N log M); comparing every pair would be O(N M)).
-  start = jnp.searchsorted(ids, anchor_ids, side='left').astype(jnp.int32)
-  size = (jnp.searchsorted(ids, anchor_ids, side='right').astype(jnp.int32)
-          - start)
-  first_real = jnp.searchsorted(ids, 0, side='left').astype(jnp.int32)
-  count = jnp.where(anchor_ids >= 0, m - first_real - size, 0)
+  m = blocks.order.shape[0]
+  start, size = blocks.start, blocks.size
+  count = jnp.where(anchor_ids >= 0, m - blocks.padding - size, 0)
   r = jnp.clip((uniform * count[:, None]).astype(jnp.int32), 0,
                jnp.maximum(count - 1, 0)[:, None])
-  at = first_real + r
+  at = blocks.padding + r
   at = jnp.where(at >= start[:, None], at + size[:, None], at)
-  return order[jnp.minimum(at, m - 1)], count > 0
+  return blocks.order[jnp.minimum(at, m - 1)], count > 0
+
+
+def device_positive_lists(blocks: AlbumBlocks, anchor_ids: jax.Array,
+                          width: int) -> jax.Array:
+  """(N, width) int32 each anchor's positives, made in the step: its album's
+  candidates, itself included, in index order, then -1 (none for a padding
+  anchor); the lists `positive_lists` makes on the host, from the sort
+  the sampled negatives' draw already needs.
+
+  A block longer than `width` is cut to its first `width` rows: the caller
+  chooses `width` at least the longest block (`positive_width`)."""
+  slot = jnp.arange(width, dtype=jnp.int32)
+  m = blocks.order.shape[0]
+  at = jnp.minimum(blocks.start[:, None] + slot, m - 1)
+  keep = (slot < blocks.size[:, None]) & (anchor_ids >= 0)[:, None]
+  return jnp.where(keep, blocks.order[at], -1)
 
 
 # Above this many (anchor, candidate) pairs the sampled hinges' distances
@@ -266,17 +332,17 @@ def _row_distances(anchors: jax.Array, candidates: jax.Array,
 def _listed_hinges(anchors: jax.Array, candidates: jax.Array,
                    anchor_ids: jax.Array, candidate_ids: jax.Array,
                    positives: jax.Array, margin: float, mode: NegativeMode,
-                   uniform: jax.Array | None, self_index: jax.Array | None
+                   sampled: tuple[jax.Array, jax.Array] | None,
+                   self_index: jax.Array
                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """`_anchor_hinges`' four sums over every anchor at once, for the listed
   positives only: (N, W, J) hinges for J negatives an anchor (K, or M
   under `all`) instead of (N, M, J)."""
-  valid = positives >= 0
-  if self_index is not None:  # An anchor is not its own neighbour.
-    valid = valid & (positives != self_index[:, None])
+  # An anchor is not its own neighbour (self_index -1: no such rule).
+  valid = (positives >= 0) & (positives != self_index[:, None])
   listed = jnp.maximum(positives, 0)
   if mode.kind == 'sampled':
-    index, has_neg = _sampled_negatives(anchor_ids, candidate_ids, uniform)
+    index, has_neg = sampled
     if anchors.shape[0] * candidates.shape[0] > _PAIRS_FOR_ROWS:
       # Distances of the listed and drawn pairs only, from gathered rows.
       pos_d = _row_distances(anchors, candidates, listed)
@@ -299,15 +365,39 @@ def _listed_hinges(anchors: jax.Array, candidates: jax.Array,
   return jnp.sum(h), jnp.sum(valid), jnp.sum(h > 0), jnp.sum(counted)
 
 
+def _term_sums(anchors: jax.Array, candidates: jax.Array,
+               anchor_ids: jax.Array, candidate_ids: jax.Array,
+               margin: float, mode: NegativeMode,
+               uniform: jax.Array | None, self_index: jax.Array,
+               positives: jax.Array | None, blocks: AlbumBlocks | None
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One term's (hinge sum, valid pairs, active hinges, hinge slots); the
+  arguments as `ranking_term`'s, `self_index` -1 where no anchor is
+  excluded."""
+  sampled = (_sampled_negatives(blocks, anchor_ids, uniform)
+             if mode.kind == 'sampled' else None)
+  if positives is not None:
+    sums = _listed_hinges(anchors, candidates, anchor_ids, candidate_ids,
+                          positives, margin, mode, sampled, self_index)
+  else:
+    sums = _all_pair_hinges(anchors, candidates, anchor_ids, candidate_ids,
+                            margin, mode, sampled, self_index)
+  return tuple(jnp.sum(x) for x in sums)
+
+
 def ranking_term(anchors: jax.Array, candidates: jax.Array,
                  anchor_ids: jax.Array, candidate_ids: jax.Array,
                  margin: float, mode: NegativeMode,
                  uniform: jax.Array | None = None,
                  self_index: jax.Array | None = None,
                  axis_name: str | None = None,
-                 positives: jax.Array | None = None
+                 positives: jax.Array | None = None,
+                 blocks: AlbumBlocks | None = None
                  ) -> tuple[jax.Array, jax.Array]:
   """One hinge term, averaged over valid (anchor, positive) pairs.
+
+  `ranking_loss` computes its terms together, as one stacked computation
+  of this function's arithmetic.
 
   Args:
     anchors: (N, D) embeddings.
@@ -324,40 +414,37 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
     positives: (N, W) each anchor's positives among the candidates
       (`positive_lists`, -1 past the end; the anchor itself included): the
       hinges are then computed for those pairs only.
+    blocks: `album_blocks` of the candidates for these anchors, needed in
+      `sampled` mode.
 
   Returns:
     (scalar loss, 0 when no anchor has a positive; the fraction of its
     (anchor, positive, negative) hinges that are active, a diagnostic).
   """
-  if positives is not None:
-    sums, counts, active, slots = _listed_hinges(
-        anchors, candidates, anchor_ids, candidate_ids, positives, margin,
-        mode, uniform, self_index)
-  else:
-    sums, counts, active, slots = _all_pair_hinges(
-        anchors, candidates, anchor_ids, candidate_ids, margin, mode,
-        uniform, self_index)
-  return (_global_mean(jnp.sum(sums), jnp.sum(counts), axis_name),
+  if mode.kind == 'sampled' and blocks is None:
+    raise ValueError('negatives=sampled:K needs the album blocks.')
+  if self_index is None:
+    self_index = jnp.full(anchor_ids.shape, -1, jnp.int32)
+  sums, counts, active, slots = _term_sums(
+      anchors, candidates, anchor_ids, candidate_ids, margin, mode, uniform,
+      self_index, positives, blocks)
+  return (_global_mean(sums, counts, axis_name),
           jax.lax.stop_gradient(_global_mean(
-              jnp.sum(active).astype(sums.dtype), jnp.sum(slots),
-              axis_name)))
+              active.astype(sums.dtype), slots, axis_name)))
 
 
 def _all_pair_hinges(anchors: jax.Array, candidates: jax.Array,
                      anchor_ids: jax.Array, candidate_ids: jax.Array,
                      margin: float, mode: NegativeMode,
-                     uniform: jax.Array | None,
-                     self_index: jax.Array | None
+                     sampled: tuple[jax.Array, jax.Array] | None,
+                     self_index: jax.Array
                      ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """`_anchor_hinges` of every anchor against every candidate: (N,) each
   of its four sums."""
   dist = pairwise_distances(anchors, candidates)
   pos, neg = _pair_masks(anchor_ids, candidate_ids)
-  if self_index is not None:
-    pos = pos & (jnp.arange(candidates.shape[0])[None, :] !=
-                 self_index[:, None])
-  sampled = (_sampled_negatives(anchor_ids, candidate_ids, uniform)
-             if mode.kind == 'sampled' else None)
+  pos = pos & (jnp.arange(candidates.shape[0])[None, :] !=
+               self_index[:, None])
   # `sampled` None (other modes) maps as an empty tree.
   per_anchor = jax.vmap(
       lambda d, p, n, s: _anchor_hinges(d, p, n, margin, mode, s))
@@ -387,14 +474,26 @@ def _gather(x: jax.Array, axis_name: str | None) -> jax.Array:
   return jax.lax.all_gather(x, axis_name, tiled=True)
 
 
+# The four terms: (name, anchors are text, candidates are text, an anchor
+# is excluded from its own positives).
+TERMS = (('audio_to_text', False, True, False),
+         ('text_to_audio', True, False, False),
+         ('audio_neighbourhood', False, False, True),
+         ('text_neighbourhood', True, True, True))
+
+
 def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
                  margin: float, weights: tuple[float, float, float, float],
                  negatives: str, key: jax.Array | None = None,
                  axis_name: str | None = None,
                  gather_across_devices: bool = False,
-                 positives: jax.Array | None = None
+                 positives: jax.Array | int | None = None
                  ) -> tuple[jax.Array, dict[str, Any]]:
   """The weighted sum of the four terms (see the module docstring).
+
+  The terms of non-zero weight are one stacked computation (`jax.vmap` over
+  the terms of `ranking_term`'s arithmetic): one set of kernels for all of
+  them, not one a term, and one collective for their counts.
 
   Args:
     audio: (B, D) audio embeddings of this device's rows.
@@ -408,8 +507,10 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
     axis_name: the device axis inside pmap / shard_map.
     gather_across_devices: take positives and negatives from the global batch.
     positives: (B, W) each row's positives among the candidates
-      (`positive_lists`, numbered as the candidates are): hinges over
-      those pairs only; the same list serves the four terms.
+      (`positive_lists`, numbered as the candidates are), or W, an int:
+      the lists made here, from the album ids (`device_positive_lists`; W
+      at least the most rows of one album among the candidates). Hinges
+      over those pairs only; the same list serves the four terms.
 
   Returns:
     (loss, {term name: value, and 'active_hinges': the fraction of the
@@ -423,7 +524,13 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
   cand_ids = _gather(album_ids, gather)
   offset = 0 if gather is None else (
       jax.lax.axis_index(gather) * audio.shape[0])
-  self_index = offset + jnp.arange(audio.shape[0])
+  self_index = (offset + jnp.arange(audio.shape[0])).astype(jnp.int32)
+  blocks = None
+  if mode.kind == 'sampled' or isinstance(positives, int):
+    # Row i's album is candidate self_index[i]'s, in every term.
+    blocks = album_blocks(cand_ids, self_index)
+  if isinstance(positives, int):
+    positives = device_positive_lists(blocks, album_ids, positives)
   # Every term's draws at once, as one flat vector (then shaped: the same
   # bits as a (4, B, K) draw): each draw of random numbers is a threefry
   # hash written out in the program, and XLA's CPU backend compiles the
@@ -432,29 +539,31 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
   # and its gradient several times more slowly than one flat draw (the
   # train benchmark's compile_s; see docs/performance.md).
   draws = (jax.random.uniform(key, (4 * audio.shape[0] * mode.k,)).reshape(
-      4, audio.shape[0], mode.k) if mode.kind == 'sampled' else [None] * 4)
-  term = functools.partial(ranking_term, margin=margin, mode=mode,
-                           axis_name=axis_name, positives=positives)
-  l1, l2, l3, l4 = weights
-  zero = (jnp.zeros((), audio.dtype),) * 2
-  terms = {
-      'audio_to_text': term(audio, cand_text, album_ids, cand_ids,
-                            uniform=draws[0]) if l1 else zero,
-      'text_to_audio': term(text, cand_audio, album_ids, cand_ids,
-                            uniform=draws[1]) if l2 else zero,
-      'audio_neighbourhood': term(audio, cand_audio, album_ids, cand_ids,
-                                  uniform=draws[2], self_index=self_index)
-                             if l3 else zero,
-      'text_neighbourhood': term(text, cand_text, album_ids, cand_ids,
-                                 uniform=draws[3], self_index=self_index)
-                            if l4 else zero,
-  }
-  cross = [terms[k][1] for k, w in (('audio_to_text', l1),
-                                     ('text_to_audio', l2)) if w]
-  terms = {k: v[0] for k, v in terms.items()}
-  terms['active_hinges'] = sum(cross) / max(len(cross), 1)
-  loss = (l1 * terms['audio_to_text'] + l2 * terms['text_to_audio'] +
-          l3 * terms['audio_neighbourhood'] + l4 * terms['text_neighbourhood'])
+      4, audio.shape[0], mode.k) if mode.kind == 'sampled' else None)
+  on = [t for t, w in enumerate(weights) if w]
+  terms = {name: jnp.zeros((), audio.dtype) for name, *_ in TERMS}
+  active = jnp.zeros((), audio.dtype)
+  if on:
+    anchors = jnp.stack([text if TERMS[i][1] else audio for i in on])
+    cands = jnp.stack([cand_text if TERMS[i][2] else cand_audio
+                       for i in on])
+    selves = jnp.stack([self_index if TERMS[i][3] else
+                        jnp.full_like(self_index, -1) for i in on])
+    uniform = None if draws is None else draws[jnp.asarray(on)]
+    sums, counts, hits, slots = jax.vmap(
+        lambda a, c, u, s: _term_sums(a, c, album_ids, cand_ids, margin,
+                                      mode, u, s, positives, blocks))(
+                                          anchors, cands, uniform, selves)
+    values = _global_mean(sums, counts, axis_name)
+    rates = jax.lax.stop_gradient(_global_mean(
+        hits.astype(sums.dtype), slots, axis_name))
+    for j, i in enumerate(on):
+      terms[TERMS[i][0]] = values[j]
+    cross = [j for j, i in enumerate(on) if i < 2]
+    if cross:
+      active = jnp.mean(rates[jnp.asarray(cross)])
+  terms['active_hinges'] = active
+  loss = sum(w * terms[name] for (name, *_), w in zip(TERMS, weights))
   return loss, terms
 
 
