@@ -42,7 +42,6 @@ single-device loss of the whole batch.
 """
 
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
