@@ -23,6 +23,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mardjax import compile_cache
 from mardjax import modes
 from mardjax.errors import UserError
 
@@ -48,6 +49,10 @@ flags.DEFINE_string('file', None, '--mode=query: a recording (wav, mp3, '
                     'flac, ogg) or an AcousticBrainz .json document.')
 flags.DEFINE_integer('k', 10, '--mode=query: answers of each kind (1 to '
                      '100).')
+flags.DEFINE_string(
+    'compile_cache', os.environ.get('MARDJAX_COMPILE_CACHE', 'auto'),
+    "jax's persistent compilation cache: 'auto' (the user's cache "
+    "directory), a directory, or 'off'.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -83,6 +88,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   workdir = os.path.abspath(FLAGS.workdir)
+  compile_cache.enable(FLAGS.compile_cache)
   try:
     if FLAGS.num_processes > 1:
       modes.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes,

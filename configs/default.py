@@ -141,9 +141,10 @@ def get_config():
   # LSTM encoder: reviews packed end to end into rows of max_len, so the
   # LSTM skips padding; rows rounded up to a multiple of this (0: padded).
   config.train.lstm_pack_rows = 8
-  # Batches the host builds ahead, in a thread, while the step runs (0:
-  # none, in the loop's thread); -1: auto (none on CPUs, where the step
-  # already runs asynchronously on the same cores, 2 on accelerators).
+  # Dispatches whose batches the host builds ahead, in a thread, while the
+  # step runs (each steps_per_dispatch batches; 0: none, in the loop's
+  # thread); -1: auto (none on CPUs, where the step already runs
+  # asynchronously on the same cores, 2 on accelerators).
   config.train.prefetch_batches = -1
   # Mean encoder, dense update: training reads only the batch's real tokens,
   # end to end (no padding); their count is rounded up to a multiple of this,
@@ -287,6 +288,9 @@ def get_config():
   config.benchmark.peer = ''
   config.benchmark.embedding_updates = ''
   config.benchmark.lstm_loops = ''
+  # kind=program: the compiled step's operations at each batch size, for
+  # the plan this backend gets (compiled on the machine at hand).
+  config.benchmark.program_backend = 'gpu'
   config.benchmark.pipeline_batches = 200  # Timed input-pipeline batches.
   # 'eval': metrics time after embedding at this scale (MARD: 65,566 albums,
   # ~26,400 held-out test reviews).

@@ -7,7 +7,8 @@
 # with `python -m mardjax.experiments.results render`; the page rendered
 # from this run alone in $OUT/performance.md; and one JSON line per
 # measurement in $OUT/gpu_check.jsonl (and on stdout), the card's name
-# first.
+# first; each command's output in $OUT/logs.tar.gz. Each command has its
+# own time limit, 560 seconds in all.
 #
 # Prepare, in the repository root of a development machine (the device
 # machine reaches no package index):
@@ -39,13 +40,17 @@ if [ -d .gpu/wheels ]; then
     .gpu/wheels/* 2>&1 | tail -2
 fi
 
-# Every JSON line of a command to the log; the rest of its output to
-# $OUT/<name>.log, so a failure says why.
+# Each command's output goes to $LOGS/<name>.out and .log (archived into
+# $OUT/logs.tar.gz at the end, so a failure says why); its JSON lines to the
+# log. A command that runs past its seconds is stopped (rc 124) and the
+# next one runs: one slow part never costs the whole call.
+LOGS=$(mktemp -d /tmp/gpu_check_logs.XXXXXX)
 record() {
-  local name=$1; shift
-  "$@" > "$OUT/$name.out" 2> "$OUT/$name.log"
+  local name=$1 seconds=$2; shift 2
+  timeout --kill-after=10 "$seconds" "$@" > "$LOGS/$name.out" \
+    2> "$LOGS/$name.log"
   local rc=$?
-  grep -h '^{' "$OUT/$name.out" | grep -v '"benchmarks"' | tee -a "$LOG"
+  grep -h '^{' "$LOGS/$name.out" | grep -v '"benchmarks"' | tee -a "$LOG"
   [ $rc = 0 ] || echo "{\"failed\": \"$name\", \"rc\": $rc}" | tee -a "$LOG"
 }
 
@@ -69,16 +74,20 @@ sizes=$(echo $BATCHES | tr ' ' ,)
 # holds only what its steps used, and the rest is the peer's (a variant
 # that runs out of memory is recorded as a failure; the run goes on).
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-record mean $BENCH --config.benchmark.kind=train \
+# What the compiled step is made of, on this card (compiling only).
+record program 60 $BENCH --config.benchmark.kind=program \
+  --config.benchmark.batch_sizes=$sizes
+record mean 180 $BENCH --config.benchmark.kind=train \
   --config.benchmark.encoders=mean --config.benchmark.batch_sizes=$sizes \
   --config.benchmark.min_seconds=$MIN_SECONDS --config.benchmark.peer=$PEER
-record lstm $BENCH --config.benchmark.kind=train \
+record lstm 150 $BENCH --config.benchmark.kind=train \
   --config.benchmark.encoders=lstm --config.benchmark.batch_sizes=$sizes \
   --config.benchmark.lstm_loops=per_direction,bidirectional \
   --config.benchmark.min_seconds=$MIN_SECONDS --config.benchmark.peer=$PEER
 unset XLA_PYTHON_CLIENT_PREALLOCATE
 # The training loop end to end at batch 1,024.
-record train_loop $BENCH --config.benchmark.kind=train_loop \
+record train_loop 150 $BENCH --config.benchmark.kind=train_loop \
   --config.train.batch_size=1024 --config.benchmark.train_loop_steps=$LOOP_STEPS
-record render $PY -m mardjax.experiments.results render \
+record render 20 $PY -m mardjax.experiments.results render \
   --results_dir "$RESULTS" --out "$OUT/performance.md" --readme ''
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"

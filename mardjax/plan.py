@@ -70,7 +70,8 @@ class Plan:
     batch_assembly: 'host' (the host builds each batch and copies it) or
       'device' (the tables live on the device; the host sends indices).
     steps_per_dispatch: training steps in one compiled call (a lax.scan).
-    prefetch_batches: batches a host thread builds ahead (0: none).
+    prefetch_batches: dispatches a host thread builds the batches of
+      ahead (each `steps_per_dispatch` batches; 0: none).
     lstm_loop: the BiLSTM's directions, 'per_direction' (a loop each) or
       'bidirectional' (both in one loop).
     text_layout: the text batch's layout: 'padded' (b, max_len) tokens,

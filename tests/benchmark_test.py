@@ -95,7 +95,7 @@ def test_the_memory_bound_reads_the_benchmarks_own_batch():
   config = test_config.get_config()
   for b in (8, 100):
     config.train.batch_size = b
-    _, reviews, _ = measuring._step_batch(config, 100)
+    _, reviews, _ = measuring.step_batch(config, 100)
     np.testing.assert_array_equal(
         benchmark.review_lengths(b, config.data.max_len), reviews.lengths)
 
@@ -208,3 +208,112 @@ def test_train_loop_benchmark_runs_the_real_loop_without_tensorflow(tmp_path):
       rest / line['step_examples_per_s'], rel=0.01, abs=1e-3)  # 3 decimals.
   assert line['projected_200_epochs_s'] == pytest.approx(
       compile_s + 200 * 300 / rest, rel=0.01)
+
+
+
+def test_host_planning_sends_indices_only():
+  """The train-loop benchmark's host planning, for a plan that assembles
+  the batch on the device (an accelerator's): what a dispatch sends is
+  the batch's review and track rows and nothing else (the positive lists
+  are made in the step), and the host's time per step is measured."""
+  from mardjax import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from mardjax.experiments import train_loop  # pylint: disable=g-import-not-at-top
+  from mardjax.train import step_builder  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.benchmark.update(loop_albums=40, loop_tracks=90, loop_reviews=300,
+                          loop_dev_reviews=30)
+  config.train.update(batch_size=32, embedding_update='dense',
+                      batch_assembly='device', steps_per_dispatch=4)
+  plan = plan_lib.resolve(config, backend='gpu', devices=1, processes=1)
+  assert plan.positives and plan.batch_assembly == 'device'
+  data, _ = train_loop.synthetic_data(config)
+  widths = step_builder.positive_widths(config, plan, data.reviews,
+                                        data.audio)
+  line = train_loop.host_planning(config, plan, data, widths)
+  assert line['bytes_per_dispatch'] == 4 * 2 * 32 * 8  # int64 rows, tracks.
+  assert line['host_ms_per_step'] == pytest.approx(
+      line['host_plan_ms_per_step'] + line['host_dispatch_ms_per_step'],
+      abs=2e-3)
+  assert line['host_plan_ms_per_step'] > 0
+  config.train.update(batch_assembly='host', steps_per_dispatch=1)
+  host_plan = plan_lib.resolve(config, backend='cpu', devices=1, processes=1)
+  assert train_loop.host_planning(config, host_plan, data, widths) == {}
+
+
+_HLO = """HloModule jit_step, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%fused_computation (param_0: f32[4]) -> f32[4] {
+  %param_0 = f32[4]{0} parameter(0)
+  ROOT %add.1 = f32[4]{0} add(f32[4]{0} %param_0, f32[4]{0} %param_0)
+}
+
+%round (p: (u32[2], s32[])) -> (u32[2], s32[]) {
+  %p = (u32[2]{0}, s32[]) parameter(0)
+  %x = u32[2]{0} get-tuple-element((u32[2]{0}, s32[]) %p), index=0
+  %l = u32[2]{0} shift-left(u32[2]{0} %x, u32[2]{0} %x)
+  %r = u32[2]{0} xor(u32[2]{0} %l, u32[2]{0} %x)
+  %i = s32[] get-tuple-element((u32[2]{0}, s32[]) %p), index=1
+  ROOT %t = (u32[2]{0}, s32[]) tuple(u32[2]{0} %r, s32[] %i)
+}
+
+%search (p: (s32[8], s32[])) -> (s32[8], s32[]) {
+  %p = (s32[8]{0}, s32[]) parameter(0)
+  %x = s32[8]{0} get-tuple-element((s32[8]{0}, s32[]) %p), index=0
+  %g = s32[8]{0} gather(s32[8]{0} %x, s32[8]{0} %x), offset_dims={}
+  %i = s32[] get-tuple-element((s32[8]{0}, s32[]) %p), index=1
+  ROOT %t = (s32[8]{0}, s32[]) tuple(s32[8]{0} %g, s32[] %i)
+}
+
+%cond (p: (u32[2], s32[])) -> pred[] {
+  %p = (u32[2]{0}, s32[]) parameter(0)
+  ROOT %c = pred[] constant(false)
+}
+
+ENTRY %main.9 (Arg_0.1: f32[4], Arg_1.2: (u32[2], s32[])) -> f32[4] {
+  %Arg_0.1 = f32[4]{0} parameter(0)
+  %Arg_1.2 = (u32[2]{0}, s32[]) parameter(1)
+  %Arg_2.3 = (s32[8]{0}, s32[]) parameter(2)
+  %c = f32[] constant(1)
+  %w1 = (u32[2]{0}, s32[]) while((u32[2]{0}, s32[]) %Arg_1.2), condition=%cond, body=%round
+  %w2 = (s32[8]{0}, s32[]) while((s32[8]{0}, s32[]) %Arg_2.3), condition=%cond, body=%search
+  %s = (f32[4]{0}, s32[4]{0}) sort(f32[4]{0} %Arg_0.1, s32[4]{0} %Arg_0.1), dimensions={0}
+  %f = f32[4]{0} fusion(f32[4]{0} %Arg_0.1), kind=kLoop, calls=%fused_computation
+  ROOT %m = f32[4]{0} multiply(f32[4]{0} %f, f32[4]{0} %f)
+}
+"""
+
+
+def test_program_counts_read_from_hand_written_hlo():
+  """Entry operations (parameters, constants and tuples aside), fusions,
+  loops (the generator's told from others by their body) and sorts."""
+  from mardjax.experiments import program  # pylint: disable=g-import-not-at-top
+  assert program.hlo_counts(_HLO) == {
+      'ops': 5, 'fusions': 1, 'while_loops': 2, 'sorts': 1,
+      'rng_while_loops': 1}
+
+
+@pytest.mark.slow
+def test_program_benchmark_compares_the_step_with_the_plain_probe(tmp_path):
+  """The step an accelerator's plan runs, compiled here: no loop but the
+  generator's, one sort (the album blocks'), lines for both programs; a
+  step with a binary search in it would count its loop."""
+  from mardjax.experiments import program  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.benchmark.update(kind='program', batch_sizes='16,64')
+  result = modes.run_mode('benchmark', config, str(tmp_path))
+  lines = result['benchmarks']
+  assert [(l['benchmark'], l['batch_size']) for l in lines] == [
+      ('program_plain_probe', 16), ('program_train_step', 16),
+      ('program_plain_probe', 64), ('program_train_step', 64)]
+  ours = lines[-1]
+  assert (ours['plan_backend'], ours['embedding_update']) == ('gpu', 'dense')
+  assert ours['while_loops'] == ours['rng_while_loops']
+  assert ours['sorts'] == 1 and ours['ops'] > 0 and ours['flops'] > 0
+  assert ours['plain_ops'] == lines[-2]['ops']
+  assert isinstance(ours['meets_targets'], bool)
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  searched = jax.jit(lambda a, v: jnp.searchsorted(a, v)).lower(
+      jnp.arange(64), jnp.arange(8)).compile().as_text()
+  counts = program.hlo_counts(searched)
+  assert counts['while_loops'] == 1 and counts['rng_while_loops'] == 0

@@ -51,18 +51,27 @@ def _item(rows):
 
 
 @pytest.mark.parametrize('positives', ['local', 'across'])
-def test_positive_lists_follow_the_plan(positives):
+def test_positive_list_widths_follow_the_plan(positives):
+  """The planner sends no lists, only how many rows one album holds at
+  most among a row's candidates (its device's, or every local device's),
+  and the dispatch's width: the width of the host's lists
+  (`losses.positive_lists`)."""
   planner = _planner(positives)
-  rows = [[0, 1, 2, 7], [3, 4, 6, 5]]
+  # Albums (`_reviews`) [0, 0, 1, 1] and [0, 2, 3, 2]: at most 2 rows of
+  # an album on a device, 3 across the two.
+  rows = [[0, 1, 2, 3], [7, 4, 6, 5]]
   (_, idx), = planner.with_plans([_item(rows)])
   album = _reviews().album[np.array(rows)]
-  np.testing.assert_array_equal(
-      idx['positives'], losses.positive_lists(album, positives == 'across'))
-  # 'across' numbers the global batch: device 1's rows after device 0's.
-  if positives == 'across':
-    assert 3 in idx['positives'][0, 0]  # Review 7 (album 0) on device 0.
-  (_, idx), = _planner('').with_plans([_item(rows)])
+  lists = losses.positive_lists(album, positives == 'across')
   assert 'positives' not in idx
+  assert idx['most_rows'] == (lists >= 0).sum(-1).max() == (
+      3 if positives == 'across' else 2)
+  out, layout = planner([idx], pmap=False)
+  assert 'positives' not in out
+  assert layout.positive_width == lists.shape[-1]
+  (_, idx), = _planner('').with_plans([_item(rows)])
+  assert 'most_rows' not in idx
+  assert _planner('')([idx], pmap=False)[1].positive_width == 0
 
 
 def test_word_lists_are_the_distinct_words_read():
@@ -102,15 +111,11 @@ def test_a_dispatch_is_stacked_as_the_step_takes_it(pmap, steps):
   items = [idx for _, idx in planner.with_plans(
       [_item(rng.permutation(8).reshape(2, 4)) for _ in range(steps)])]
   out, _ = planner(items, pmap=pmap)
+  assert set(out) == {'rows', 'tracks'}
   for s, x in enumerate(items):
     for d in range(2):
-      for key in ('rows', 'tracks', 'positives'):
+      for key in ('rows', 'tracks'):
         want = x[key][d]
-        if key == 'positives':  # Widened to the dispatch's width.
-          got = out[key]
-          width = got.shape[-1]
-          want = np.pad(want, ((0, 0), (0, width - want.shape[-1])),
-                        constant_values=-1)
         if pmap:
           got = out[key][d, s] if steps > 1 else out[key][d]
         else:
@@ -121,28 +126,19 @@ def test_a_dispatch_is_stacked_as_the_step_takes_it(pmap, steps):
 def test_positive_list_widths_are_the_runs_and_then_reused():
   """A run's widths (`step_builder.positive_widths`) are used as given;
   without them, a width met before is reused by narrower dispatches (one
-  program, not one per width)."""
+  program, not one per width); a dispatch's width is its widest step's."""
   from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
-  narrow = {'positives': np.array([[[1, -1], [0, -1]]])}
-  wide = {'positives': np.full((1, 2, 16), -1)}
+  narrow = {'most_rows': np.int64(2)}
+  wide = {'most_rows': np.int64(9)}
   run = train_step.ProgramSizes()
   run({'positives': 32})
   planner = _planner('local', widths=run)
-  assert planner.positive_lists([narrow]).shape[-1] == 32
+  assert planner.positive_width([narrow]) == 32
   planner = _planner('local')
-  assert planner.positive_lists([wide]).shape[-1] == 16
-  assert planner.positive_lists([narrow]).shape[-1] == 16
-
-
-def test_positive_lists_are_widened_with_minus_one():
-  planner = _planner('local')
-  a = {'positives': np.array([[[1, -1], [0, -1]]])}
-  b = {'positives': np.array([[[1, 2, -1, -1], [0, 2, -1, -1]]])}
-  out = planner.positive_lists([a, b])
-  assert out.shape == (2, 1, 2, losses.positive_width(4))
-  np.testing.assert_array_equal(out[0, 0, :, :2], a['positives'][0])
-  assert (out[0, 0, :, 2:] == -1).all()
-  np.testing.assert_array_equal(out[1, 0, :, :4], b['positives'][0])
+  assert planner.positive_width([wide]) == 16
+  assert planner.positive_width([narrow]) == 16
+  assert _planner('local').positive_width([narrow]) == losses.MIN_POSITIVES
+  assert _planner('local').positive_width([narrow, wide, narrow]) == 16
 
 
 def test_vocab_ids_list_the_padding_word_when_a_row_is_padded():

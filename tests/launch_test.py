@@ -101,3 +101,27 @@ def test_train_logs_its_plan_first_and_records_it(tmp_path):
           if line[:1] in 'IWE' and '] ' in line and 'xla_bridge' not in line
           and 'port.cc' not in line]
   assert '] Plan: backend=cpu' in ours[0], ours[:3]
+
+
+@pytest.mark.slow
+def test_a_second_run_reads_its_programs_from_the_compilation_cache(
+    tmp_path, monkeypatch):
+  """--compile_cache=DIR: the first run writes its compiled programs
+  there; a second run of the same config (another workdir) writes none,
+  every program read back; off writes nothing."""
+  cache = tmp_path / 'cache'
+  args = ('--config.train.num_steps=2', '--config.train.eval_every=2',
+          '--config.train.log_every=2', '--config.train.checkpoint_every=2',
+          f'--compile_cache={cache}')
+  run = _launch(tmp_path / 'a', *args)
+  assert run.returncode == 0, run.stderr
+  first = set(os.listdir(cache))
+  assert len(first) >= 3, first  # The step, evaluation, embedding.
+  run = _launch(tmp_path / 'b', *args)
+  assert run.returncode == 0, run.stderr
+  assert set(os.listdir(cache)) == first
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'user_cache'))
+  run = _launch(tmp_path / 'c', *args[:-1], '--compile_cache=off')
+  assert run.returncode == 0, run.stderr
+  assert not (tmp_path / 'user_cache' / 'mardjax').exists()
+  assert not os.path.exists(os.path.join(ROOT, 'off'))

@@ -271,8 +271,10 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
       idx['place'] = place[0]
       layout = layout._replace(
           packed_rows=packing.row_count(used, bucket, len(place[0])))
-    idx['positives'] = prepared['positives']
-    np.testing.assert_array_equal(planned['positives'], idx['positives'])
+    # The host sends lists; the planner their width, and the step makes
+    # them.
+    assert 'positives' not in planned
+    layout = layout._replace(positive_width=prepared['positives'].shape[-1])
     if update != 'dense':
       idx['vocab_ids'] = prepared['vocab_ids']
       np.testing.assert_array_equal(planned['vocab_ids'], idx['vocab_ids'])
@@ -293,8 +295,11 @@ def test_index_step_equals_the_host_step(tiny_records, encoder, bucket,
     assembled = train_step.assemble(tables, idx, 64, layout,
                                     model.vocab_size)
     assert set(assembled) == set(prepared)
+    assert assembled.pop('positives') == layout.positive_width
     for k, v in prepared.items():
-      np.testing.assert_array_equal(np.asarray(assembled[k]), v, err_msg=k)
+      if k != 'positives':
+        np.testing.assert_array_equal(np.asarray(assembled[k]), v,
+                                      err_msg=k)
     b, mb = program(b, tables, idx, key, np.int32(0), layout)
     if int(a.step) == 4:
       break
@@ -357,7 +362,8 @@ def test_flat_layout_sizes_start_at_a_floor():
       tokens=np.ones(int(lengths.sum()), np.int32),
       offsets=np.cumsum(lengths) - lengths, lengths=lengths,
       album=np.zeros(len(lengths), np.int32))
-  planner = index_batches.Planner(config, _plan(config), reviews, 0)
+  planner = index_batches.Planner(
+      config, dataclasses.replace(_plan(config), positives=''), reviews, 0)
   batches = [rng.choice(len(lengths), (1, 1024), replace=False)
              for _ in range(200)]
   sizes = {planner.layout([{'rows': r}]).num_tokens for r in batches}
@@ -453,3 +459,38 @@ def test_bfloat16_compute_trains_with_float32_state(encoder,
     losses[name] = history
   np.testing.assert_allclose(losses['bfloat16'][-1], losses['float32'][-1],
                              rtol=0.2)
+
+
+@pytest.mark.parametrize('embedding_update', ['dense', 'lazy'])
+@pytest.mark.parametrize('learning_rate', [1e30, 1e39])
+def test_a_step_reported_finite_leaves_a_finite_state(embedding_update,
+                                                      learning_rate):
+  """`finite` is 1 only when the state the step wrote is finite: with an
+  absurd learning rate the state goes non-finite within a few steps, and
+  every step before is reported finite only with every leaf of its state
+  finite, also when the rate (finite as a Python float) overflows float32
+  and a finite gradient makes non-finite parameters; a non-finite input is
+  reported at once."""
+  config, raw = _setup(False, 'sampled:4', gather=False,
+                       embedding_update=embedding_update)
+  config.train.learning_rate = learning_rate
+  state = _state(config, raw, None)
+  batch = _prepare(state, raw, 1)
+  step = _step('single', config)
+  reported = []
+  for i in range(8):
+    state, metrics = step(state, batch, jax.random.PRNGKey(i))
+    finite = float(metrics['finite']) == 1.0
+    leaves = jax.tree_util.tree_leaves((state.params, state.opt_state,
+                                        state.embed_opt))
+    if finite:
+      assert all(np.isfinite(np.asarray(x)).all() for x in leaves), i
+    reported.append(finite)
+  # A rate beyond float32's range makes the very first step's state
+  # non-finite (its loss and gradient were computed before, finite).
+  assert reported[0] == (learning_rate < 3e38) and not all(reported)
+  state = _state(config, raw, None)
+  bad = dict(batch, audio=np.where(np.arange(batch['audio'].shape[1]) == 2,
+                                   np.nan, batch['audio']))
+  _, metrics = step(state, bad, jax.random.PRNGKey(0))
+  assert float(metrics['finite']) < 1.0

@@ -59,7 +59,7 @@ SAFETY = 3.0
 
 def review_lengths(batch_size: int, max_len: int):
   """(batch_size,) review lengths of the benchmark's batch, drawn as
-  `_step_batch` (and the PyTorch peer) draw them."""
+  `step_batch` (and the PyTorch peer) draw them."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   return np.clip(rng.lognormal(4.5, 0.7, batch_size), 1, max_len).astype(
@@ -485,6 +485,12 @@ def run_serve(config, workdir: str) -> dict[str, Any]:
       stages.mard_dir(config, workdir))
 
 
+def run_program(config, workdir: str) -> dict[str, Any]:
+  """What the compiled step is made of (`program`)."""
+  from mardjax.experiments import program  # pylint: disable=g-import-not-at-top
+  return program.run_program(config, workdir)
+
+
 def run_train_loop(config, workdir: str) -> dict[str, Any]:
   """The training loop end to end without TensorFlow (`train_loop`)."""
   from mardjax.experiments import train_loop  # pylint: disable=g-import-not-at-top
@@ -495,7 +501,7 @@ def run_train_loop(config, workdir: str) -> dict[str, Any]:
 # (or one line), the measurement alone.
 RUNNERS = {'data': run_data, 'train': run_train, 'pipeline': run_pipeline,
            'eval': run_eval, 'index': run_index, 'serve': run_serve,
-           'train_loop': run_train_loop}
+           'train_loop': run_train_loop, 'program': run_program}
 
 
 def run_recorded(kind: str, config, workdir: str) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def measure(name: str, fn: Callable[..., dict[str, Any]], args: tuple,
   return line
 
 
-def _step_batch(config, vocab_size: int):
+def step_batch(config, vocab_size: int):
   """The train benchmark's batch (`train_step_throughput`), as a host
   batch and as the tables a device-assembled step reads:
   (batch, reviews, audio)."""
@@ -184,7 +184,7 @@ def train_step_throughput(config, encoder: str, steps: int,
   config = config.copy_and_resolve_references()
   config.model.text_encoder = encoder
   b, length = config.train.batch_size, config.data.max_len
-  batch, reviews, audio = _step_batch(config, vocab_size)
+  batch, reviews, audio = step_batch(config, vocab_size)
   plan = plan_lib.resolve(config, devices=1, processes=1)
   model = two_branch.build(config.model, vocab_size,
                            dtype=train_step.compute_dtype(plan),

@@ -305,6 +305,18 @@ KIND_TABLES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
          ('Loop / step, compile excluded',
           'share_of_step_excluding_compile'),
          ('Epoch s', 'epoch_s'))),
+    'program': (
+        'What the compiled train step is made of, for the plan an '
+        'accelerator gets, compiled on the machine named (a property of '
+        'the program, not a speed): top-level operations, fusions, '
+        '`while` loops (those of the random-number generator\'s hash '
+        'apart), sorts and XLA\'s estimates, beside a plain probe of the '
+        'same model and loss.',
+        (('Program', 'benchmark'), ('Batch', 'batch_size'), ('Ops', 'ops'),
+         ('Fusions', 'fusions'), ('While loops', 'while_loops'),
+         ('Of them the generator\'s', 'rng_while_loops'), ('Sorts', 'sorts'),
+         ('GFLOP', 'gflop'), ('GB accessed', 'gb_accessed'),
+         ('Ops / probe\'s', 'ops_vs_plain'))),
     'pipeline': (
         'The input pipeline\'s examples/s against the train step\'s.',
         (('Benchmark', 'benchmark'), ('Batch', 'batch_size'),

@@ -6,13 +6,14 @@ batch is decided here, on the host, from those indices alone:
 
   * `Planner.with_plans`, in the prefetch thread, per batch: where the
     packed LSTM layout puts each review (`packing.plan`), the lazy
-    update's distinct words and each row's positives for the ranking
-    loss's hinges (`losses.positive_lists`);
+    update's distinct words and the most rows one album holds (how wide
+    the ranking loss's lists of positives get);
   * `Planner.__call__`, at dispatch, where the processes of a run can
     agree: the static sizes (`train_step.Layout`) over the dispatch's
-    steps, devices and processes, the lazy update's padded word list, the
-    positive lists' width, and the arrays shaped as the step's wrapper
-    takes them.
+    steps, devices and processes (the positive lists' width among them:
+    the step makes the lists, `losses.device_positive_lists`), the lazy
+    update's padded word list, and the arrays shaped as the step's
+    wrapper takes them.
 
 The step then builds the same batch `train_step.prepare_batch` builds on
 the host, bit for bit (tests/train_step_test.py, tests/train_test.py).
@@ -24,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from mardjax import plan as plan_lib
+from mardjax.data import input_pipeline
 from mardjax.data import tables
 from mardjax.models import layouts
 from mardjax.models import two_branch
@@ -80,14 +82,18 @@ class Planner:
     lazy update, the sorted distinct words of the batch's reviews on all
     local devices, 'words' (k,), and with the split bag-of-words each
     device's distinct words and their token counts, 'device_words'. For
-    the ranking loss, each row's positives, 'positives' (D, b, w)
-    (`losses.positive_lists`, their own width; `__call__` widens them).
+    the ranking loss, the most rows one album holds among a row's
+    candidates (its device's rows, or all local devices'), 'most_rows':
+    the step makes the lists of positives (the host's lists would cost a
+    sort of the batch here and their bytes in each dispatch).
     """
     for position, idx in it:
       idx = dict(idx)
       if self.positives:
-        idx['positives'] = losses.positive_lists(
-            self.reviews.album[idx['rows']], self.positives == 'across')
+        rows = idx['rows']
+        idx['most_rows'] = np.int64(input_pipeline.most_album_rows(
+            self.reviews, rows if self.positives == 'local'
+            else rows.reshape(1, -1)))
       if self.pack_rows:
         idx['place'], used = packing.plan(self.lengths[idx['rows']],
                                           self.max_len)
@@ -126,7 +132,9 @@ class Planner:
       used = max(int(x['packed_rows']) for x in items)
       packed_rows = packing.row_count(self._max(used), self.pack_rows,
                                       items[0]['rows'].shape[-1])
-    return train_step.Layout(num_tokens, packed_rows, self.album_tracks)
+    width = self.positive_width(items) if self.positives else 0
+    return train_step.Layout(num_tokens, packed_rows, self.album_tracks,
+                             positive_width=width)
 
   def _token_floor(self, rows: int) -> int:
     """The flat layout's smallest size: a batch of `rows` reviews holds
@@ -178,15 +186,13 @@ class Planner:
         w, self.vocab_size, size['vocab']), (d, size['vocab']))
                      for w in words]), sizes
 
-  def positive_lists(self, items: list[dict[str, np.ndarray]]
-                     ) -> np.ndarray:
-    """(n, D, b, W) the steps' positive lists, widened with -1 to the
-    width every step, process and compiled program agree on."""
-    width = train_step.program_width(
-        max(x['positives'].shape[-1] for x in items), self.sync, self.widths)
-    return np.stack([np.pad(x['positives'], ((0, 0), (0, 0), (
-        0, width - x['positives'].shape[-1])), constant_values=-1)
-                     for x in items])
+  def positive_width(self, items: list[dict[str, np.ndarray]]) -> int:
+    """The width of the steps' positive lists: the longest any step,
+    device or process needs, widened to the width a compiled program
+    agrees on (`train_step.program_width`)."""
+    return train_step.program_width(
+        losses.positive_width(max(int(x['most_rows']) for x in items)),
+        self.sync, self.widths)
 
   def rare_count(self, items: list[dict[str, np.ndarray]],
                  words: list[np.ndarray]) -> int:
@@ -211,8 +217,6 @@ class Planner:
     """
     idx = {k: np.stack([x[k] for x in items])
            for k in ('rows', 'tracks', 'place') if k in items[0]}
-    if self.positives:
-      idx['positives'] = self.positive_lists(items)
     sizes = self.layout(items)
     if self.vocab_size:
       idx['vocab_ids'], sizes = self.vocab_ids(items, sizes)

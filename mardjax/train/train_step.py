@@ -247,10 +247,12 @@ def program_width(width: int, sync: ProcessSync | None = None,
 
 def compute_loss(audio: jax.Array, text: jax.Array, album: jax.Array,
                  key: jax.Array, loss_config: ml_collections.ConfigDict,
-                 axis_name: str | None, positives: jax.Array | None = None
+                 axis_name: str | None,
+                 positives: jax.Array | int | None = None
                  ) -> tuple[jax.Array, dict[str, Any]]:
   """The configured loss of one device's embeddings; (loss, terms).
-  `positives`: the batch's positive lists (`prepare_batch`), if any."""
+  `positives`: the batch's positive lists (`prepare_batch`), or their
+  width (`assemble`: the loss makes them), if any."""
   gather = loss_config.gather_across_devices and axis_name is not None
   return losses.LOSSES[loss_config.kind](
       audio, text, album, config=loss_config, key=key, axis_name=axis_name,
@@ -262,19 +264,25 @@ _DROPOUT_STREAM = 0x5D
 
 
 def all_finite(tree) -> jax.Array:
-  """() bool: every element of every array of `tree` is finite."""
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                            for x in jax.tree_util.tree_leaves(tree)]))
+  """() bool: every element of every array of `tree` is finite (True for
+  an empty tree)."""
+  return jnp.all(jnp.stack([jnp.bool_(True)] + [
+      jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def _update(state: TrainState, params, grads, row_grads,
             vocab_ids: jax.Array | None):
-  """The optimizer update; returns (new state, gradient norm, what changed).
+  """The optimizer update; returns (new state, gradient norm, what the
+  step's finiteness check reads besides: the new parameters, or under lazy
+  updates the dense ones).
 
   Under lazy updates `params` are all but the embedding table, whose rows
   `vocab_ids` get `row_grads`; otherwise `params` are all of them.
   """
   if vocab_ids is None:
+    # The new parameters are read back: a finite gradient does not make
+    # them finite when the learning rate times the update overflows
+    # float32 (a rate finite in float64, beyond float32's range).
     new_state = state.apply_gradients(grads=grads)
     return new_state, optax.global_norm(grads), new_state.params
   # Every device holds the same vocab_ids, so the averaged row gradients
@@ -309,7 +317,8 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
       under lazy embedding updates 'slots' (b, L) and 'vocab_ids' (U,)
       in place of 'tokens'; packed (LSTM) batches hold (R, L) token rows
       and the packing markers; for the ranking loss's hinges
-      'positives' (b, W) (`prepare_batch`).
+      'positives' (b, W) (`prepare_batch`), or W, the lists made in
+      the step (`assemble`).
     key: PRNG key for this step (same on every device; folded per device).
     loss_config: config.loss.
     axis_name: device axis name, or None on one device.
@@ -430,11 +439,15 @@ class Layout(NamedTuple):
       `album_tracks` tracks (`tables.AudioTable.sequences`).
     rare_tokens: not None: the lazy update's split bag-of-words,
       'rare_tokens' (rare_tokens,) (`sparse_embedding.compact_batch`).
+    positive_width: > 0: the ranking loss's lists of each row's positives
+      are made in the step, this wide (`losses.device_positive_lists`;
+      what `prepare_batch` sends as 'positives' (b, W)).
   """
   num_tokens: int = 0
   packed_rows: int = 0
   album_tracks: int = 0
   rare_tokens: int | None = None
+  positive_width: int = 0
 
 
 def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
@@ -451,7 +464,9 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
   the lazy update, given idx 'vocab_ids' (U,) (the batch's distinct words,
   `sparse_embedding.padded_ids`) and the table's `vocab_size`, 'slots'
   in place of the tokens (and 'rare_tokens' with `layout.rare_tokens`);
-  idx 'positives' (b, W), the planner's positive lists, passed on."""
+  'positives', the width W of the positive lists the loss makes
+  (`layout.positive_width`), where `prepare_batch` sends the (b, W)
+  lists."""
   rows = idx['rows']
   lengths = tables.lengths[rows]
   pos = jnp.arange(max_len)
@@ -474,8 +489,8 @@ def assemble(tables: DeviceTables, idx: dict[str, jax.Array], max_len: int,
   if layout.packed_rows:
     batch.update(packing.pack_on_device(tokens, jnp.minimum(lengths, max_len),
                                         idx['place'], layout.packed_rows))
-  if 'positives' in idx:
-    batch['positives'] = idx['positives']
+  if layout.positive_width:
+    batch['positives'] = layout.positive_width
   if 'vocab_ids' in idx:
     batch['slots'] = sparse_embedding.slots_on_device(
         batch.pop('tokens'), idx['vocab_ids'], vocab_size)

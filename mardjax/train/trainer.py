@@ -119,6 +119,17 @@ class _Run:
     return len(recalls) - 1 - recalls.index(max(recalls)) if recalls else 0
 
 
+def batch_order(config: ml_collections.ConfigDict, plan: plan_lib.Plan
+                ) -> dict[str, Any]:
+  """The arguments of this process's batch order
+  (`input_pipeline.train_batches`, `train_indices`), but where it starts."""
+  t = config.train
+  return dict(batch_size=t.batch_size // plan.processes,
+              num_devices=plan.devices, seed=config.seed,
+              neighbourhood=t.neighbourhood_sampling,
+              reviews_per_album=t.reviews_per_album)
+
+
 def _setup(config: ml_collections.ConfigDict, workdir: str,
            data: TrainingData, make_evaluator: EvaluatorFactory,
            plan: plan_lib.Plan) -> _Run:
@@ -129,10 +140,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
       config, manifest,
       bn_axis_name=train_step.AXIS if plan.parallel else None,
       dtype=train_step.compute_dtype(plan), lstm_loop=plan.lstm_loop)
-  order = dict(batch_size=t.batch_size // plan.processes,
-               num_devices=plan.devices, seed=config.seed,
-               neighbourhood=t.neighbourhood_sampling,
-               reviews_per_album=t.reviews_per_album)
+  order = batch_order(config, plan)
 
   def batches(epoch, batch):
     return input_pipeline.train_batches(
@@ -346,10 +354,13 @@ def _dispatch_size(run: _Run, step: int) -> int:
 def _loop(run: _Run) -> None:
   """Steps from the restored position to `run.steps`, with logging,
   checkpoints and periodic evaluation."""
-  # Built in a thread, the plan's prefetch_batches ahead, while the step
-  # computes.
+  # Built in a thread while the step computes, the plan's prefetch_batches
+  # dispatches ahead: a dispatch takes steps_per_dispatch batches at once,
+  # so a queue of fewer would leave the thread one dispatch's work behind
+  # at each.
   it = prefetch.prefetch(run.batches(*run.position),
-                         run.plan.prefetch_batches)
+                         run.plan.prefetch_batches *
+                         max(1, run.plan.steps_per_dispatch))
   try:
     _steps(run, it)
   finally:
