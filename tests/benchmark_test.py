@@ -230,7 +230,7 @@ def test_host_planning_sends_indices_only():
   widths = step_builder.positive_widths(config, plan, data.reviews,
                                         data.audio)
   line = train_loop.host_planning(config, plan, data, widths)
-  assert line['bytes_per_dispatch'] == 4 * 2 * 32 * 8  # int64 rows, tracks.
+  assert line['bytes_per_dispatch'] == 4 * 2 * 32 * 4  # int32 rows, tracks.
   assert line['host_ms_per_step'] == pytest.approx(
       line['host_plan_ms_per_step'] + line['host_dispatch_ms_per_step'],
       abs=2e-3)

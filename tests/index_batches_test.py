@@ -112,6 +112,7 @@ def test_a_dispatch_is_stacked_as_the_step_takes_it(pmap, steps):
       [_item(rng.permutation(8).reshape(2, 4)) for _ in range(steps)])]
   out, _ = planner(items, pmap=pmap)
   assert set(out) == {'rows', 'tracks'}
+  assert all(x.dtype == np.int32 for x in out.values())  # As on device.
   for s, x in enumerate(items):
     for d in range(2):
       for key in ('rows', 'tracks'):

@@ -215,7 +215,9 @@ class Planner:
     them: under pmap (D, b, ...) for one step, (D, n, b, ...) for several;
     otherwise (D * b, ...) and (n, D * b, ...) (one device or a mesh).
     """
-    idx = {k: np.stack([x[k] for x in items])
+    # int32, as the device holds them (jax's default integers): sent as
+    # drawn (int64), they would be converted on the host at every dispatch.
+    idx = {k: np.stack([x[k] for x in items]).astype(np.int32, copy=False)
            for k in ('rows', 'tracks', 'place') if k in items[0]}
     sizes = self.layout(items)
     if self.vocab_size:
