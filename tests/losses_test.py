@@ -638,3 +638,18 @@ def test_a_parsed_mode_is_an_immutable_value():
   assert len({mode, losses.NegativeMode.parse('hardest:3')}) == 1
   with pytest.raises(dataclasses.FrozenInstanceError):
     mode.k = 4
+
+
+def test_a_sampled_term_needs_its_album_blocks():
+  """`ranking_term` under sampled:K refuses to run without the candidates'
+  album blocks (its draws are made from them), and the other modes need
+  none."""
+  x, y, ids = _batch(3)
+  with pytest.raises(ValueError, match='album blocks'):
+    losses.ranking_term(x, y, ids, ids, 0.2,
+                        losses.NegativeMode.parse('sampled:3'),
+                        uniform=jnp.zeros((len(ids), 3)))
+  for mode in ('all', 'hardest:2'):
+    loss, _ = losses.ranking_term(x, y, ids, ids, 0.2,
+                                  losses.NegativeMode.parse(mode))
+    assert np.isfinite(float(loss))
