@@ -291,6 +291,9 @@ def get_config():
   # kind=program: the compiled step's operations at each batch size, for
   # the plan this backend gets (compiled on the machine at hand).
   config.benchmark.program_backend = 'gpu'
+  # kind=scaling: device counts, each in a child process with that many
+  # devices (forced host devices on a CPU).
+  config.benchmark.scaling_devices = '1,2,4,8'
   config.benchmark.pipeline_batches = 200  # Timed input-pipeline batches.
   # 'eval': metrics time after embedding at this scale (MARD: 65,566 albums,
   # ~26,400 held-out test reviews).

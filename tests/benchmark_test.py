@@ -317,3 +317,42 @@ def test_program_benchmark_compares_the_step_with_the_plain_probe(tmp_path):
       jnp.arange(64), jnp.arange(8)).compile().as_text()
   counts = program.hlo_counts(searched)
   assert counts['while_loops'] == 1 and counts['rng_while_loops'] == 0
+
+
+def test_collective_bytes_read_from_hand_written_hlo():
+  """Shapes' bytes (tuples, scalars, bfloat16) and each collective counted
+  once: the -start half of an asynchronous one, not its -done half."""
+  from mardjax.experiments import scaling  # pylint: disable=g-import-not-at-top
+  assert scaling.shape_bytes('f32[4,8]{1,0}') == 128
+  assert scaling.shape_bytes('(bf16[3]{0}, s32[]) ') == 10
+  hlo = '\n'.join([
+      '  %a = f32[10,2]{1,0} all-reduce(f32[10,2]{1,0} %x), to_apply=%sum',
+      '  %s = (f32[6]{0}, u32[]) all-gather-start(f32[3]{0} %y)',
+      '  %d = f32[6]{0} all-gather-done((f32[6]{0}, u32[]) %s)',
+      '  %r = f32[2]{0} reduce-scatter(f32[4]{0} %z), dimensions={0}',
+      '  %m = f32[10,2]{1,0} multiply(f32[10,2]{1,0} %a, f32[10,2]{1,0} %a)'])
+  assert scaling.collective_bytes(hlo) == (80 + 28 + 8, 3)
+
+
+@pytest.mark.slow
+def test_scaling_benchmark_reads_each_device_counts_program(tmp_path):
+  """A child process per device count: one device moves nothing between
+  devices; two average at least every parameter's gradient each step; the
+  state per device is compared with one device's."""
+  config = test_config.get_config()
+  config.benchmark.update(kind='scaling', scaling_devices='1,2',
+                          loop_albums=40, loop_tracks=90, loop_reviews=300,
+                          loop_dev_reviews=30)
+  config.train.batch_size = 16
+  lines = modes.run_mode('benchmark', config, str(tmp_path))['benchmarks']
+  one, two = lines
+  assert (one['devices'], two['devices']) == (1, 2)
+  assert one['collective_bytes_per_step'] == 0 and one['collectives'] == 0
+  assert one['state_share_of_one_device'] == 1.0
+  # Adam's state is two moments of every parameter beside it (and a count).
+  params = (one['state_bytes_per_device'] - 8) / 3
+  assert two['collective_bytes_per_step'] >= params
+  assert two['state_share_of_one_device'] == pytest.approx(
+      two['state_bytes_per_device'] / one['state_bytes_per_device'],
+      abs=1e-3)
+  assert two['bytes_per_dispatch'] > 0 and two['host_ms_per_step'] > 0

@@ -491,6 +491,13 @@ def run_program(config, workdir: str) -> dict[str, Any]:
   return program.run_program(config, workdir)
 
 
+def run_scaling(config, workdir: str) -> dict[str, Any]:
+  """Per-device state, collectives and host work by device count
+  (`scaling`)."""
+  from mardjax.experiments import scaling  # pylint: disable=g-import-not-at-top
+  return scaling.run_scaling(config, workdir)
+
+
 def run_train_loop(config, workdir: str) -> dict[str, Any]:
   """The training loop end to end without TensorFlow (`train_loop`)."""
   from mardjax.experiments import train_loop  # pylint: disable=g-import-not-at-top
@@ -501,7 +508,8 @@ def run_train_loop(config, workdir: str) -> dict[str, Any]:
 # (or one line), the measurement alone.
 RUNNERS = {'data': run_data, 'train': run_train, 'pipeline': run_pipeline,
            'eval': run_eval, 'index': run_index, 'serve': run_serve,
-           'train_loop': run_train_loop, 'program': run_program}
+           'train_loop': run_train_loop, 'program': run_program,
+           'scaling': run_scaling}
 
 
 def run_recorded(kind: str, config, workdir: str) -> dict[str, Any]:

@@ -1,0 +1,194 @@
+"""`benchmark.kind=scaling`: what one step costs each device and the host
+as the device count grows, read from the compiled program.
+
+For each count N of `benchmark.scaling_devices` a child process is started
+with N devices (on a CPU, N forced host devices:
+`--xla_force_host_platform_device_count`), which builds training's own
+step for the plan N devices of `benchmark.program_backend` get, at the
+config's global batch, compiles it (one step, the batch assembled on the
+devices), and prints one line:
+
+  * `state_bytes_per_device`: the parameters and optimizer state one
+    device holds;
+  * `collective_bytes_per_step`: the bytes the step's collectives
+    (all-reduce, all-gather, reduce-scatter, all-to-all,
+    collective-permute) produce on one device, from the compiled program,
+    and `collectives`, how many there are;
+  * `host_ms_per_step` and `bytes_per_dispatch`: the host's planning per
+    step and what a dispatch sends (`train_loop.host_planning`, on tables
+    of `benchmark.loop_*` size);
+  * `state_share_of_one_device`: `state_bytes_per_device` over the
+    one-device figure of the same run (replicated state: 1.0; sharded
+    optimizer state over N devices: towards 1/N of the moments).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+from mardjax.errors import UserError
+
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
+               'collective-permute')
+_BYTES = {'f64': 8, 's64': 8, 'u64': 8, 'f32': 4, 's32': 4, 'u32': 4,
+          'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 's8': 1, 'u8': 1,
+          'pred': 1}
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape's text: 'f32[4,8]{1,0}' or a tuple of them."""
+  total = 0
+  for dtype, dims in re.findall(r'\b([a-z]+\d*)\[([\d,]*)\]', shape):
+    if dtype in _BYTES:
+      total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(',')
+                                            if d] or [1]))
+  return total
+
+
+def collective_bytes(hlo: str) -> tuple[int, int]:
+  """(bytes the collectives of an HLO module's text produce, how many)
+  (the `-start` halves of asynchronous ones counted, their `-done`
+  halves not)."""
+  total = count = 0
+  for line in hlo.splitlines():
+    head, eq, rest = line.strip().partition(' = ')
+    if not eq:
+      continue
+    match = re.match(r'(\(.*?\)|\S+)\s+([\w-]+)\(', rest)
+    if not match:
+      continue
+    op = match.group(2)
+    base = op[:-len('-start')] if op.endswith('-start') else op
+    if base in COLLECTIVES:
+      count += 1
+      total += shape_bytes(match.group(1))
+  return total, count
+
+
+def _bytes_per_device(tree) -> int:
+  """Bytes of `tree` on one device: a placed array's first shard, a host
+  array whole (pmap copies it to every device)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  total = 0
+  for x in jax.tree_util.tree_leaves(tree):
+    shards = getattr(x, 'addressable_shards', None)
+    total += int(shards[0].data.nbytes if shards else np.asarray(x).nbytes)
+  return total
+
+
+def child(config, devices: int) -> dict[str, Any]:
+  """The line for `devices` devices, in a process that has them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mardjax import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from mardjax.experiments import measuring  # pylint: disable=g-import-not-at-top
+  from mardjax.experiments import program  # pylint: disable=g-import-not-at-top
+  from mardjax.experiments import train_loop  # pylint: disable=g-import-not-at-top
+  from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
+  from mardjax.train import index_batches  # pylint: disable=g-import-not-at-top
+  from mardjax.train import step_builder  # pylint: disable=g-import-not-at-top
+  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
+  if jax.local_device_count() != devices:
+    raise RuntimeError(f'{jax.local_device_count()} devices, not {devices}')
+  b = config.benchmark
+  vocab = config.data.vocab_size + 2
+  batch_size = config.train.batch_size
+  batch, reviews, audio = measuring.step_batch(config, vocab)
+  plan = plan_lib.resolve(config, backend=b.program_backend, devices=devices,
+                          processes=1)
+  model = two_branch.build(
+      config.model, vocab, dtype=train_step.compute_dtype(plan),
+      bn_axis_name=train_step.AXIS if plan.parallel else None,
+      lstm_loop=plan.lstm_loop)
+  sample = {k: v[:batch_size // devices] for k, v in batch.items()}
+  state = train_step.create_state(model, config, plan, jax.random.PRNGKey(0),
+                                  sample)
+  lazy = train_step.lazy_embedding(plan, state.params)
+  planner = index_batches.Planner(config, plan, reviews, vocab if lazy else 0)
+  rows = np.arange(batch_size).reshape(devices, -1)
+  (_, item), = planner.with_plans(iter([((0, 0), {'rows': rows,
+                                                  'tracks': rows})]))
+  pmap = plan.parallelism == 'pmap'
+  idx, layout = planner([item], pmap=pmap)
+  tables = train_step.device_tables(reviews, audio, config.data.max_len)
+  mesh = None
+  if pmap:
+    tables = train_step.replicate_tables(tables)
+  elif plan.parallelism == 'shard_map':
+    mesh = train_step.make_mesh()
+    replicated = jax.sharding.NamedSharding(mesh,
+                                            jax.sharding.PartitionSpec())
+    tables = jax.device_put(tables, replicated)
+    state = jax.device_put(state, replicated)
+    idx = train_step.shard_batch(
+        {k: v.reshape(devices, -1, *v.shape[1:]) for k, v in idx.items()},
+        mesh)
+  fn = train_step.step_program(plan.parallelism, config.loss,
+                               max_len=config.data.max_len,
+                               device_assembly=True, mesh=mesh)
+  state_bytes = _bytes_per_device((state.params, state.opt_state,
+                                   state.embed_opt))
+  compiled = fn.lower(state, tables, idx, jax.random.PRNGKey(1), np.int32(0),
+                      layout).compile()
+  hlo = compiled.as_text()
+  moved, count = collective_bytes(hlo)
+  data, _ = train_loop.synthetic_data(config)
+  widths = step_builder.positive_widths(config, plan, data.reviews,
+                                        data.audio)
+  host = train_loop.host_planning(config, plan, data, widths)
+  return dict(
+      {'benchmark': 'scaling', 'devices': devices,
+       'device': jax.devices()[0].platform, 'plan_backend': plan.backend,
+       'parallelism': plan.parallelism, 'batch_size': batch_size,
+       'embedding_update': plan.embedding_update,
+       'state_bytes_per_device': state_bytes,
+       'collective_bytes_per_step': moved, 'collectives': count,
+       'ops': program.hlo_counts(hlo)['ops']}, **host)
+
+
+def run_scaling(config, workdir: str) -> dict[str, Any]:
+  """One line per device count of `benchmark.scaling_devices`, each from
+  a child process with that many devices."""
+  del workdir
+  counts = [int(x) for x in config.benchmark.scaling_devices.split(',')
+            if x.strip()]
+  if not counts or min(counts) < 1:
+    raise UserError('config.benchmark.scaling_devices: device counts of 1 '
+                    f'or more, comma-separated (got '
+                    f'{config.benchmark.scaling_devices!r}).')
+  lines = []
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  for n in counts:
+    env = dict(os.environ)
+    flags = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                     if 'force_host_platform_device_count' not in f)
+    env['XLA_FLAGS'] = (
+        f'{flags} --xla_force_host_platform_device_count={n}').strip()
+    code = ('import json, sys, ml_collections\n'
+            'from mardjax.experiments import scaling\n'
+            'config = ml_collections.ConfigDict(json.loads(sys.stdin.read()))\n'
+            f'print(json.dumps(scaling.child(config, {n})))\n')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=root, env=env,
+                          input=config.copy_and_resolve_references().to_json(), capture_output=True,
+                          text=True, timeout=1800)
+    out = [l for l in proc.stdout.splitlines() if l.startswith('{')]
+    if proc.returncode or not out:
+      tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+      line = {'benchmark': 'scaling', 'devices': n,
+              'error': f'exit code {proc.returncode}: {tail}'}
+    else:
+      line = json.loads(out[-1])
+    lines.append(line)
+  one = next((l for l in lines if l.get('devices') == 1
+              and 'state_bytes_per_device' in l), None)
+  for line in lines:
+    if one and 'state_bytes_per_device' in line:
+      line['state_share_of_one_device'] = round(
+          line['state_bytes_per_device'] / one['state_bytes_per_device'], 3)
+    print(json.dumps(line, sort_keys=True), flush=True)
+  return {'benchmarks': lines}
