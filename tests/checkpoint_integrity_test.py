@@ -3,10 +3,12 @@ verified at restore, divergence naming only intact checkpoints, and reading
 modes falling back from a best-by-recall checkpoint that is not intact."""
 
 import glob
+import hashlib
 import json
 import logging
 import os
 import shutil
+import types
 
 import jax
 import numpy as np
@@ -106,15 +108,28 @@ def test_damaged_array_bytes_are_set_aside_for_the_previous_step(
 
 def test_checksums_are_of_every_array_and_catch_a_missing_record(tmp_path,
                                                                  caplog):
+  """Every saved array has a checksum: the blake2b-256 that the record names,
+  of its dtype's name, its shape (a scalar's as (1,)) and its bytes, so that
+  another version of mardjax, or any tool, can verify the files. A
+  checkpoint of the current format without its checksums is not trusted."""
   rng = np.random.default_rng(1)
   directory = str(tmp_path / checkpoints.CHECKPOINT_DIR)
   ckpt = checkpoints.Checkpoints(directory, keep=3, async_save=False)
+  saved = {}
   for step in (1, 2):
-    ckpt.save(step, _state(step, rng), {'step': step})
+    saved[step] = _state(step, rng)
+    ckpt.save(step, saved[step], {'step': step})
   with open(os.path.join(directory, '2', checkpoints.DIGEST_ITEM,
                          'metadata')) as f:
     record = json.load(f)
   assert sorted(record['arrays']) == ['bias', 'step', 'table']
+  assert record['algorithm'] == 'blake2b-256'
+  for name, x in saved[2].items():
+    x = np.atleast_1d(x)  # As hashed: a scalar has the shape (1,).
+    digest = hashlib.blake2b(f'{x.dtype.name}{x.shape}'.encode() +
+                             x.tobytes(), digest_size=32)
+    assert record['arrays'][name] == digest.hexdigest()
+    assert record['dtypes'][name] == x.dtype.name
   # A current checkpoint without its checksums is not trusted.
   shutil.rmtree(os.path.join(directory, '2', checkpoints.DIGEST_ITEM))
   with caplog.at_level('WARNING'):
@@ -151,10 +166,13 @@ def test_checkpoints_from_before_checksums_load_with_one_warning(tmp_path,
 
 
 def test_restore_best_takes_the_intact_step_with_the_best_recall(tmp_path):
+  """`restore_best` ranks a checkpoint by the dev recall@10 recorded for its
+  own step (not by an earlier step's in its history): the best first, then
+  those not evaluated at their step, newest first."""
   rng = np.random.default_rng(3)
   directory = str(tmp_path / checkpoints.CHECKPOINT_DIR)
   ckpt = checkpoints.Checkpoints(directory, keep=5, async_save=False)
-  recalls = {2: 0.3, 4: 0.5, 6: 0.4, 8: None}
+  recalls = {2: 0.5, 4: None, 6: 0.3, 8: None}
   history = []
   for step, recall in recalls.items():
     if recall is not None:
@@ -162,11 +180,70 @@ def test_restore_best_takes_the_intact_step_with_the_best_recall(tmp_path):
     ckpt.save(step, _state(step, rng), {'step': step,
                                         'history': list(history)})
   target = _zeros_like(_state(0, rng))
-  assert ckpt.restore_best(target)[0] == 4
-  _damage(os.path.join(directory, '4'), 'flip')
-  assert ckpt.restore_best(target)[0] == 6
-  assert ckpt.restore_latest(target)[0] == 8
+  for best in (2, 6, 8):
+    assert ckpt.restore_best(target)[0] == best
+    _damage(os.path.join(directory, str(best)), 'flip')
+  assert ckpt.restore_latest(target)[0] == 4
   ckpt.close()
+
+
+def test_checksums_of_an_unknown_algorithm_are_not_trusted(tmp_path, caplog):
+  """A record of checksums by another algorithm than this code's verifies
+  nothing: the checkpoint is set aside for the previous one, with a warning
+  that quotes the error whole up to 300 characters, and its first 300
+  followed by '...' beyond."""
+  rng = np.random.default_rng(4)
+  directory = str(tmp_path / checkpoints.CHECKPOINT_DIR)
+  ckpt = checkpoints.Checkpoints(directory, keep=3, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step, rng), {'step': step})
+  errors = {}
+  for step, length in ((2, 300), (3, 301)):
+    path = os.path.join(directory, str(step), checkpoints.DIGEST_ITEM,
+                        'metadata')
+    with open(path) as f:
+      record = json.load(f)
+    # Sorts after 'blake2b-256'.
+    record['algorithm'] = 'sha256-'.ljust(
+        length - len("unknown checksum algorithm ''"), 'x')
+    with open(path, 'w') as f:
+      json.dump(record, f)
+    errors[step] = f'unknown checksum algorithm {record["algorithm"]!r}'
+    assert len(errors[step]) == length
+  with caplog.at_level('WARNING'):
+    step, state, _ = ckpt.restore_latest(_zeros_like(_state(0, rng)))
+  ckpt.close()
+  assert step == 1 and float(state['bias'][0]) == 1
+  (newest,), (older,) = (_warnings(caplog, f'{directory}/{step} is unreadable')
+                         for step in (3, 2))
+  assert f'(ChecksumMismatch: {errors[3][:300]}...), falling back' in newest
+  assert f'(ChecksumMismatch: {errors[2]}), falling back' in older
+
+
+def test_a_step_set_aside_again_keeps_every_copy(tmp_path, monkeypatch):
+  """A checkpoint set aside goes to unreadable_checkpoints/<step>-<unix
+  time> beside its directory (a best-by-recall one's to best-<step>-<time>);
+  the same step set aside again within that second goes to .2, then .3: no
+  copy set aside is overwritten."""
+  monkeypatch.setattr(checkpoints, 'time',
+                      types.SimpleNamespace(time=lambda: 1700000000.75))
+  root = tmp_path / 'unreadable_checkpoints'
+  names = ['2-1700000000', '2-1700000000.2', '2-1700000000.3']
+  ckpt = checkpoints.Checkpoints(str(tmp_path / checkpoints.CHECKPOINT_DIR),
+                                 keep=3, async_save=False)
+  for n, name in enumerate(names):
+    ckpt.save(2, {'x': np.full(3, n, np.float32)}, {'step': 2, 'n': n})
+    assert ckpt.set_aside(2, 'is damaged') == str(root / name)
+  ckpt.close()
+  best = checkpoints.Checkpoints(str(tmp_path / checkpoints.BEST_DIR), keep=1,
+                                 async_save=False)
+  best.save(2, {'x': np.zeros(3, np.float32)}, {'step': 2, 'n': 'best'})
+  assert best.set_aside(2, 'is damaged') == str(root / 'best-2-1700000000')
+  best.close()
+  assert sorted(os.listdir(root)) == [*names, 'best-2-1700000000']
+  for n, name in enumerate(names):
+    with open(root / name / 'meta' / 'metadata') as f:
+      assert json.load(f)['n'] == n
 
 
 @pytest.mark.slow
