@@ -256,3 +256,21 @@ def test_single_track_albums_take_part_in_neighbourhood_sampling(
   audio = batch['audio'].reshape(-1, 2, 369)
   assert np.all(album[:, 0] == album[:, 1])
   np.testing.assert_array_equal(audio[:, 0], audio[:, 1])
+
+
+@pytest.mark.parametrize('seed,high,n', [(0, 10, 1000), (1, 70_000, 5000),
+                                         (2, 2**32 - 1, 3000), (3, 1, 7),
+                                         (4, 2**16, 4096)])
+def test_stable_argsort_is_numpys_stable_order(seed, high, n):
+  """The two-digit radix order equals numpy's stable argsort on ids with
+  many repeats, ids across the 16-bit boundary and up to 2**32 - 1, and
+  falls back to it for negative, wider, float and empty keys."""
+  rng = np.random.default_rng(seed)
+  keys = rng.integers(0, high, n, dtype=np.int64).astype(
+      np.uint32 if high > 2**31 else np.int32)
+  np.testing.assert_array_equal(input_pipeline.stable_argsort(keys),
+                                np.argsort(keys, kind='stable'))
+  for other in (np.array([3, -1, 3, 0]), np.array([2**40, 1, 2**40]),
+                np.array([0.5, 0.25, 0.5]), np.zeros(0, np.int32)):
+    np.testing.assert_array_equal(input_pipeline.stable_argsort(other),
+                                  np.argsort(other, kind='stable'))
