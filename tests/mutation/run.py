@@ -141,8 +141,25 @@ def _retest_survivors(target: Target, db: str) -> int:
   return len(again)
 
 
+def unchanged_since_commit(module: str, root: str = ROOT) -> bool:
+  """Whether `module` is as the checkout's last commit has it (a run
+  stopped midway leaves its last mutant written into the module)."""
+  return subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', module],
+                        cwd=root).returncode == 0
+
+
 def run_target(target: Target) -> None:
-  """Runs (or resumes) the target's mutants."""
+  """Runs (or resumes) the target's mutants.
+
+  Raises:
+    SystemExit: the module differs from the last commit: resuming would
+      take a mutant left in it for the code (and set every result aside).
+  """
+  if not unchanged_since_commit(target.module):
+    raise SystemExit(
+        f'[mutation] {target.module} differs from the last commit: a run '
+        f'stopped midway leaves a mutant in it. Restore it (git checkout -- '
+        f'{target.module}) or commit the change, then run again.')
   os.makedirs(SESSIONS, exist_ok=True)
   config = os.path.join(SESSIONS, f'{target.name}.toml')
   db = os.path.join(SESSIONS, f'{target.name}.sqlite')
