@@ -50,9 +50,9 @@ flags.DEFINE_string('file', None, '--mode=query: a recording (wav, mp3, '
 flags.DEFINE_integer('k', 10, '--mode=query: answers of each kind (1 to '
                      '100).')
 flags.DEFINE_string(
-    'compile_cache', os.environ.get('MARDJAX_COMPILE_CACHE', 'auto'),
-    "jax's persistent compilation cache: 'auto' (the user's cache "
-    "directory), a directory, or 'off'.")
+    'compile_cache', compile_cache.flag_default(),
+    "jax's persistent compilation cache: a directory (compiled programs "
+    "kept for the next run), or 'off'.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

@@ -6,10 +6,10 @@ compiled programs are written to a directory and a later run of the same
 program (same code, shapes, flags, jax version and device) reads them back
 instead of compiling: a second run of a config compiles nothing.
 
-`launch.py --compile_cache=auto` (the default) uses the user's cache
-directory (`$XDG_CACHE_HOME/mardjax/jax`, else `~/.cache/mardjax/jax`);
-a path uses that directory; `off` (or an empty value) turns it off. The
-environment variable `MARDJAX_COMPILE_CACHE` sets the default.
+`launch.py --compile_cache=DIR` keeps them in DIR, by default the user's
+cache directory (`default_dir`: `$XDG_CACHE_HOME/mardjax/jax`, else
+`~/.cache/mardjax/jax`; the environment variable `MARDJAX_COMPILE_CACHE`
+sets another default); `off` (or an empty value) turns the cache off.
 """
 
 import os
@@ -29,14 +29,18 @@ def default_dir() -> str:
   return os.path.join(base, 'mardjax', 'jax')
 
 
+def flag_default() -> str:
+  """The flag's default: `MARDJAX_COMPILE_CACHE`, else `default_dir()`."""
+  return os.environ.get('MARDJAX_COMPILE_CACHE') or default_dir()
+
+
 def resolve(setting: str) -> str | None:
-  """The cache directory `setting` names: 'auto' -> `default_dir()`,
-  'off' or '' -> None, else the path itself."""
+  """The cache directory `setting` names: 'off' or '' -> None, else the
+  path itself (`~` expanded, made absolute)."""
   setting = (setting or '').strip()
   if setting.lower() in ('', 'off', 'none', 'false', '0'):
     return None
-  return default_dir() if setting == 'auto' else os.path.abspath(
-      os.path.expanduser(setting))
+  return os.path.abspath(os.path.expanduser(setting))
 
 
 def enable(setting: str) -> str | None:

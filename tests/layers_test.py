@@ -43,13 +43,15 @@ CONFIGS = os.path.join(ROOT, 'configs')
 LAYERS = ('common', 'data', 'models', 'train', 'evaluation', 'serve',
           'config_check', 'stages', 'experiments', 'modes', 'launch')
 # Modules of the package's root, by layer (sub-packages are their own).
-ROOT_MODULES = {'errors': 'common', 'progress': 'common', 'xla_env': 'common',
+ROOT_MODULES = {'compile_cache': 'common', 'errors': 'common',
+                'progress': 'common', 'xla_env': 'common',
                 'plan': 'common', 'config_check': 'config_check',
                 'stages': 'stages', 'modes': 'modes'}
 # From the training layer, these layers import only `TRAIN_GATEWAY`.
 GATEWAY_LAYERS = ('evaluation', 'serve')
 TRAIN_GATEWAY = 'mardjax.train.checkpoints'
-LAUNCH_IMPORTS = ('mardjax.modes', 'mardjax.xla_env', 'mardjax.errors')
+LAUNCH_IMPORTS = ('mardjax.modes', 'mardjax.xla_env', 'mardjax.errors',
+                  'mardjax.compile_cache')
 LONG_FUNCTION_LINES = 80
 
 

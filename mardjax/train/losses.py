@@ -481,6 +481,43 @@ TERMS = (('audio_to_text', False, True, False),
          ('text_neighbourhood', True, True, True))
 
 
+def _stacked_terms(on: list[int], embeddings: tuple[jax.Array, ...],
+                   album_ids: jax.Array, cand_ids: jax.Array,
+                   self_index: jax.Array, draws: jax.Array | None,
+                   margin: float, mode: NegativeMode,
+                   positives: jax.Array | None, blocks: AlbumBlocks | None,
+                   axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+  """The terms `on` (indices into `TERMS`) as one computation: `jax.vmap`
+  of `_term_sums` over the terms' stacked anchors and candidates.
+
+  Args:
+    on: the terms to compute, in order.
+    embeddings: (audio, text) (B, D) and their candidates (M, D).
+    draws: (4, B, K) every term's uniform draws (sampled mode), or None.
+    The rest as `ranking_loss` has them.
+
+  Returns:
+    ((len(on),) each term's loss; () the active fraction of the
+    cross-modal terms' hinges among them, 0 when none is on).
+  """
+  audio, text, cand_audio, cand_text = embeddings
+  anchors = jnp.stack([text if TERMS[i][1] else audio for i in on])
+  cands = jnp.stack([cand_text if TERMS[i][2] else cand_audio for i in on])
+  selves = jnp.stack([self_index if TERMS[i][3] else
+                      jnp.full_like(self_index, -1) for i in on])
+  uniform = None if draws is None else draws[jnp.asarray(on)]
+  sums, counts, hits, slots = jax.vmap(
+      lambda a, c, u, s: _term_sums(a, c, album_ids, cand_ids, margin, mode,
+                                    u, s, positives, blocks))(
+                                        anchors, cands, uniform, selves)
+  rates = jax.lax.stop_gradient(_global_mean(
+      hits.astype(sums.dtype), slots, axis_name))
+  cross = [j for j, i in enumerate(on) if i < 2]
+  active = (jnp.mean(rates[jnp.asarray(cross)]) if cross
+            else jnp.zeros((), audio.dtype))
+  return _global_mean(sums, counts, axis_name), active
+
+
 def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
                  margin: float, weights: tuple[float, float, float, float],
                  negatives: str, key: jax.Array | None = None,
@@ -543,24 +580,10 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
   terms = {name: jnp.zeros((), audio.dtype) for name, *_ in TERMS}
   active = jnp.zeros((), audio.dtype)
   if on:
-    anchors = jnp.stack([text if TERMS[i][1] else audio for i in on])
-    cands = jnp.stack([cand_text if TERMS[i][2] else cand_audio
-                       for i in on])
-    selves = jnp.stack([self_index if TERMS[i][3] else
-                        jnp.full_like(self_index, -1) for i in on])
-    uniform = None if draws is None else draws[jnp.asarray(on)]
-    sums, counts, hits, slots = jax.vmap(
-        lambda a, c, u, s: _term_sums(a, c, album_ids, cand_ids, margin,
-                                      mode, u, s, positives, blocks))(
-                                          anchors, cands, uniform, selves)
-    values = _global_mean(sums, counts, axis_name)
-    rates = jax.lax.stop_gradient(_global_mean(
-        hits.astype(sums.dtype), slots, axis_name))
-    for j, i in enumerate(on):
-      terms[TERMS[i][0]] = values[j]
-    cross = [j for j, i in enumerate(on) if i < 2]
-    if cross:
-      active = jnp.mean(rates[jnp.asarray(cross)])
+    values, active = _stacked_terms(
+        on, (audio, text, cand_audio, cand_text), album_ids, cand_ids,
+        self_index, draws, margin, mode, positives, blocks, axis_name)
+    terms.update({TERMS[i][0]: values[j] for j, i in enumerate(on)})
   terms['active_hinges'] = active
   loss = sum(w * terms[name] for (name, *_), w in zip(TERMS, weights))
   return loss, terms
