@@ -218,7 +218,7 @@ def machine_label(m: dict[str, Any]) -> str:
 # the same values of these keys: the same measurement, taken again.
 ROW_IDENTITY = ('benchmark', 'encoder', 'text_encoder', 'batch_size',
                 'embedding_update', 'lstm_loop', 'preset', 'vectors',
-                'reviews', 'albums')
+                'reviews', 'albums', 'devices')
 
 Run = tuple[dict[str, Any], list[dict[str, Any]]]  # (run, its lines)
 
@@ -317,6 +317,17 @@ KIND_TABLES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
          ('Of them the generator\'s', 'rng_while_loops'), ('Sorts', 'sorts'),
          ('GFLOP', 'gflop'), ('GB accessed', 'gb_accessed'),
          ('Ops / probe\'s', 'ops_vs_plain'))),
+    'scaling': (
+        'Per device count (forced host devices on a CPU), the state one '
+        'device holds, the bytes of one step\'s collectives read from the '
+        'compiled program, and the host\'s planning per step.',
+        (('Devices', 'devices'), ('Parallelism', 'parallelism'),
+         ('Batch', 'batch_size'),
+         ('State bytes / device', 'state_bytes_per_device'),
+         ('Of one device\'s', 'state_share_of_one_device'),
+         ('Collective bytes / step', 'collective_bytes_per_step'),
+         ('Collectives', 'collectives'), ('Host ms / step', 'host_ms_per_step'),
+         ('Bytes / dispatch', 'bytes_per_dispatch'))),
     'pipeline': (
         'The input pipeline\'s examples/s against the train step\'s.',
         (('Benchmark', 'benchmark'), ('Batch', 'batch_size'),
