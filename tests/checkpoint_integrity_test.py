@@ -359,3 +359,19 @@ def test_a_divergence_names_only_a_checkpoint_that_reads_back_intact(
   assert sorted(os.listdir(directory)) == ['5']
   assert [d.split('-')[0] for d in os.listdir(
       tmp_path / 'unreadable_checkpoints')] == ['10']
+
+
+def test_restored_values_come_back_in_their_saved_dtype_when_exact():
+  """A restore target of another type (a Python int for the step
+  counter, or a float where an integer was saved) gives the saved dtype
+  back when the values convert exactly, so that the digest can match; an
+  inexact value is left as it is (and then fails its digest)."""
+  for value, saved in ((np.int64(7), 'int32'), (np.float32([1, 2]), 'int32'),
+                       (np.int32([3]), 'float32'), (np.int32([3]), 'int32')):
+    out = checkpoints._as_saved(value, saved)  # pylint: disable=protected-access
+    assert out.dtype.name == saved, (value, saved)
+    np.testing.assert_array_equal(out, value)
+  inexact = np.float32([1.5])
+  assert checkpoints._as_saved(inexact, 'int32').dtype.name == 'float32'  # pylint: disable=protected-access
+  kept = checkpoints._as_saved(inexact, None)  # pylint: disable=protected-access
+  assert kept.dtype.name == 'float32' and kept[0] == 1.5  # No record.
