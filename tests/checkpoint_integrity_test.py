@@ -375,3 +375,31 @@ def test_restored_values_come_back_in_their_saved_dtype_when_exact():
   assert checkpoints._as_saved(inexact, 'int32').dtype.name == 'float32'  # pylint: disable=protected-access
   kept = checkpoints._as_saved(inexact, None)  # pylint: disable=protected-access
   assert kept.dtype.name == 'float32' and kept[0] == 1.5  # No record.
+
+
+def test_the_fallback_from_a_damaged_best_takes_the_best_rolling_step(
+    trained_room, tmp_path, caplog):
+  """With the best checkpoint damaged, a reading mode falls back to the
+  rolling checkpoint of the best dev recall, not merely the newest: an
+  older rolling step recorded as better (0.99) is the one read."""
+  config, workdir, _ = copy_trained_run(trained_room, tmp_path)
+  rolling_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+  newest = checkpoints.load_for_inference(
+      config, workdir, directory=checkpoints.CHECKPOINT_DIR)
+  ckpt = checkpoints.Checkpoints(rolling_dir, keep=5, async_save=False)
+  meta = ckpt.manager.restore(newest.step, args=checkpoints.ocp.args.Composite(
+      meta=checkpoints.ocp.args.JsonRestore()))['meta']
+  older = newest.step - 1
+  assert (checkpoints._own_recall(meta, newest.step) or 0) < 0.99  # pylint: disable=protected-access
+  ckpt.save(older, jax.tree_util.tree_map(np.array, newest.variables),
+            dict(meta, history=[{'step': older, 'recall@10': 0.99}]))
+  ckpt.close()
+  best_dir = os.path.join(workdir, checkpoints.BEST_DIR)
+  (best_step,) = (int(d) for d in os.listdir(best_dir) if d.isdigit())
+  _damage(os.path.join(best_dir, str(best_step)), 'flip')
+  with caplog.at_level('WARNING'):
+    trained = checkpoints.load_for_inference(config, workdir)
+  assert (trained.source, trained.step) == (checkpoints.CHECKPOINT_DIR,
+                                            older)
+  (line,) = _warnings(caplog, 'holds no intact checkpoint')
+  assert f'using step {older} of ' in line and 'recall@10 0.9900' in line

@@ -125,6 +125,21 @@ def test_a_save_writes_each_array_in_the_dtype_it_now_has(tmp_path):
     assert json.load(f)['dtypes'] == {'x': 'float32'}
 
 
+def test_a_save_writes_each_array_in_the_shape_it_now_has(tmp_path):
+  """An array that shrinks between two saves of one `Checkpoints` (its
+  host buffer from the first save is larger) is written and restored in
+  its new shape."""
+  ckpt = checkpoints.Checkpoints(str(tmp_path / 'ckpt'), keep=3,
+                                 async_save=False)
+  ckpt.save(1, {'x': np.arange(8, dtype=np.float32)}, {'step': 1})
+  short = np.arange(4, dtype=np.float32) + 0.5
+  ckpt.save(2, {'x': short}, {'step': 2})
+  step, restored, _ = ckpt.restore_latest({'x': np.zeros(4, np.float32)})
+  ckpt.close()
+  assert step == 2
+  np.testing.assert_array_equal(restored['x'], short)
+
+
 def test_a_restore_reads_the_whole_saved_state_unless_partial(tmp_path):
   """`restore_latest` fills a target from a checkpoint only when the target
   is the whole saved state: one lacking part of it (a run resumed without
