@@ -126,18 +126,19 @@ def test_a_save_writes_each_array_in_the_dtype_it_now_has(tmp_path):
 
 
 def test_a_save_writes_each_array_in_the_shape_it_now_has(tmp_path):
-  """An array that shrinks between two saves of one `Checkpoints` (its
-  host buffer from the first save is larger) is written and restored in
-  its new shape."""
+  """An array that shrinks, then grows, between saves of one
+  `Checkpoints` (its host buffer from the save before is larger, then
+  smaller) is written and restored in its new shape each time."""
   ckpt = checkpoints.Checkpoints(str(tmp_path / 'ckpt'), keep=3,
                                  async_save=False)
   ckpt.save(1, {'x': np.arange(8, dtype=np.float32)}, {'step': 1})
-  short = np.arange(4, dtype=np.float32) + 0.5
-  ckpt.save(2, {'x': short}, {'step': 2})
-  step, restored, _ = ckpt.restore_latest({'x': np.zeros(4, np.float32)})
+  for step, size in ((2, 4), (3, 6)):
+    x = np.arange(size, dtype=np.float32) + 0.5
+    ckpt.save(step, {'x': x}, {'step': step})
+    got, restored, _ = ckpt.restore_latest({'x': np.zeros(size, np.float32)})
+    assert got == step
+    np.testing.assert_array_equal(restored['x'], x)
   ckpt.close()
-  assert step == 2
-  np.testing.assert_array_equal(restored['x'], short)
 
 
 def test_a_restore_reads_the_whole_saved_state_unless_partial(tmp_path):
