@@ -37,27 +37,30 @@ _BOOKKEEPING = frozenset({'parameter', 'constant', 'get-tuple-element',
                           'tuple', 'bitcast'})
 
 
+def instruction(line: str) -> tuple[str, str] | None:
+  """(shape text, opcode) of one HLO instruction line, or None for a line
+  that is not one (a header, a comment, a closing brace)."""
+  head, eq, rest = line.strip().partition(' = ')
+  if not eq or not head or head.startswith('//'):
+    return None
+  rest = rest.lstrip()
+  if rest.startswith('('):  # A tuple shape: up to its closing paren.
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += {'(': 1, ')': -1}.get(ch, 0)
+      if depth == 0:
+        shape, rest = rest[:i + 1], rest[i + 1:]
+        break
+  else:
+    shape, _, rest = rest.partition(' ')
+  match = re.match(r'\s*([\w-]+)\(', rest)
+  return (shape, match.group(1)) if match else None
+
+
 def _instructions(block: str) -> list[str]:
   """The opcodes of one HLO computation's instructions, in order."""
-  ops = []
-  for line in block.splitlines():
-    head, eq, rest = line.strip().partition(' = ')
-    if not eq or not head or head.startswith('//'):
-      continue
-    rest = rest.lstrip()
-    if rest.startswith('('):  # A tuple shape: skip to its closing paren.
-      depth = 0
-      for i, ch in enumerate(rest):
-        depth += {'(': 1, ')': -1}.get(ch, 0)
-        if depth == 0:
-          rest = rest[i + 1:]
-          break
-    else:
-      rest = rest.partition(' ')[2]
-    match = re.match(r'\s*([\w-]+)\(', rest)
-    if match:
-      ops.append(match.group(1))
-  return ops
+  return [parsed[1] for parsed in map(instruction, block.splitlines())
+          if parsed]
 
 
 def _computations(hlo: str) -> dict[str, str]:
@@ -198,9 +201,12 @@ def plain_probe(config, batch_size: int, vocab_size: int):
   return jax.jit(step, donate_argnums=(0, 1)), args
 
 
-def our_step(config, batch_size: int, vocab_size: int, backend: str):
-  """Training's own one-step program for the plan `backend` gets, batch
-  assembled on the device: (jitted program, its arguments, the plan)."""
+def our_step(config, batch_size: int, vocab_size: int, backend: str,
+             devices: int = 1):
+  """Training's own one-step program for the plan `backend` gets on
+  `devices` devices (the process must have them), batch assembled on the
+  device: (jitted program, its arguments placed as the step takes them,
+  the plan)."""
   import jax  # pylint: disable=g-import-not-at-top
   from mardjax import plan as plan_lib  # pylint: disable=g-import-not-at-top
   from mardjax.experiments import measuring  # pylint: disable=g-import-not-at-top
@@ -210,23 +216,39 @@ def our_step(config, batch_size: int, vocab_size: int, backend: str):
   config = config.copy_and_resolve_references()
   config.train.batch_size = batch_size
   batch, reviews, audio = measuring.step_batch(config, vocab_size)
-  plan = plan_lib.resolve(config, backend=backend, devices=1, processes=1)
-  model = two_branch.build(config.model, vocab_size,
-                           dtype=train_step.compute_dtype(plan),
-                           lstm_loop=plan.lstm_loop)
+  plan = plan_lib.resolve(config, backend=backend, devices=devices,
+                          processes=1)
+  model = two_branch.build(
+      config.model, vocab_size, dtype=train_step.compute_dtype(plan),
+      bn_axis_name=train_step.AXIS if plan.parallel else None,
+      lstm_loop=plan.lstm_loop)
+  sample = {k: v[:batch_size // devices] for k, v in batch.items()}
   state = train_step.create_state(model, config, plan, jax.random.PRNGKey(0),
-                                  batch)
+                                  sample)
   lazy = train_step.lazy_embedding(plan, state.params)
   planner = index_batches.Planner(config, plan, reviews,
                                   vocab_size if lazy else 0)
-  (_, item), = planner.with_plans(iter([((0, 0), {
-      'rows': np.arange(batch_size)[None],
-      'tracks': np.arange(batch_size)[None]})]))
-  idx, layout = planner([item], pmap=False)
+  rows = np.arange(batch_size).reshape(devices, -1)
+  (_, item), = planner.with_plans(iter([((0, 0), {'rows': rows,
+                                                  'tracks': rows})]))
+  pmap = plan.parallelism == 'pmap'
+  idx, layout = planner([item], pmap=pmap)
   tables = train_step.device_tables(reviews, audio, config.data.max_len)
-  program = train_step.step_program('single', config.loss,
+  mesh = None
+  if pmap:
+    tables = train_step.replicate_tables(tables)
+  elif plan.parallelism == 'shard_map':
+    mesh = train_step.make_mesh()
+    replicated = jax.sharding.NamedSharding(mesh,
+                                            jax.sharding.PartitionSpec())
+    tables = jax.device_put(tables, replicated)
+    state = jax.device_put(state, replicated)
+    idx = train_step.shard_batch(
+        {k: v.reshape(devices, -1, *v.shape[1:]) for k, v in idx.items()},
+        mesh)
+  program = train_step.step_program(plan.parallelism, config.loss,
                                     max_len=config.data.max_len,
-                                    device_assembly=True)
+                                    device_assembly=True, mesh=mesh)
   return program, (state, tables, idx, jax.random.PRNGKey(1), np.int32(0),
                    layout), plan
 

@@ -54,19 +54,15 @@ def collective_bytes(hlo: str) -> tuple[int, int]:
   """(bytes the collectives of an HLO module's text produce, how many)
   (the `-start` halves of asynchronous ones counted, their `-done`
   halves not)."""
+  from mardjax.experiments import program  # pylint: disable=g-import-not-at-top
   total = count = 0
-  for line in hlo.splitlines():
-    head, eq, rest = line.strip().partition(' = ')
-    if not eq:
+  for parsed in map(program.instruction, hlo.splitlines()):
+    if parsed is None:
       continue
-    match = re.match(r'(\(.*?\)|\S+)\s+([\w-]+)\(', rest)
-    if not match:
-      continue
-    op = match.group(2)
-    base = op[:-len('-start')] if op.endswith('-start') else op
-    if base in COLLECTIVES:
+    shape, op = parsed
+    if op.removesuffix('-start') in COLLECTIVES:
       count += 1
-      total += shape_bytes(match.group(1))
+      total += shape_bytes(shape)
   return total, count
 
 
@@ -84,56 +80,19 @@ def _bytes_per_device(tree) -> int:
 def child(config, devices: int) -> dict[str, Any]:
   """The line for `devices` devices, in a process that has them."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mardjax import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  from mardjax.experiments import measuring  # pylint: disable=g-import-not-at-top
   from mardjax.experiments import program  # pylint: disable=g-import-not-at-top
   from mardjax.experiments import train_loop  # pylint: disable=g-import-not-at-top
-  from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
-  from mardjax.train import index_batches  # pylint: disable=g-import-not-at-top
   from mardjax.train import step_builder  # pylint: disable=g-import-not-at-top
-  from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
   if jax.local_device_count() != devices:
     raise RuntimeError(f'{jax.local_device_count()} devices, not {devices}')
   b = config.benchmark
-  vocab = config.data.vocab_size + 2
-  batch_size = config.train.batch_size
-  batch, reviews, audio = measuring.step_batch(config, vocab)
-  plan = plan_lib.resolve(config, backend=b.program_backend, devices=devices,
-                          processes=1)
-  model = two_branch.build(
-      config.model, vocab, dtype=train_step.compute_dtype(plan),
-      bn_axis_name=train_step.AXIS if plan.parallel else None,
-      lstm_loop=plan.lstm_loop)
-  sample = {k: v[:batch_size // devices] for k, v in batch.items()}
-  state = train_step.create_state(model, config, plan, jax.random.PRNGKey(0),
-                                  sample)
-  lazy = train_step.lazy_embedding(plan, state.params)
-  planner = index_batches.Planner(config, plan, reviews, vocab if lazy else 0)
-  rows = np.arange(batch_size).reshape(devices, -1)
-  (_, item), = planner.with_plans(iter([((0, 0), {'rows': rows,
-                                                  'tracks': rows})]))
-  pmap = plan.parallelism == 'pmap'
-  idx, layout = planner([item], pmap=pmap)
-  tables = train_step.device_tables(reviews, audio, config.data.max_len)
-  mesh = None
-  if pmap:
-    tables = train_step.replicate_tables(tables)
-  elif plan.parallelism == 'shard_map':
-    mesh = train_step.make_mesh()
-    replicated = jax.sharding.NamedSharding(mesh,
-                                            jax.sharding.PartitionSpec())
-    tables = jax.device_put(tables, replicated)
-    state = jax.device_put(state, replicated)
-    idx = train_step.shard_batch(
-        {k: v.reshape(devices, -1, *v.shape[1:]) for k, v in idx.items()},
-        mesh)
-  fn = train_step.step_program(plan.parallelism, config.loss,
-                               max_len=config.data.max_len,
-                               device_assembly=True, mesh=mesh)
+  fn, args, plan = program.our_step(
+      config, config.train.batch_size, config.data.vocab_size + 2,
+      b.program_backend, devices)
+  state = args[0]
   state_bytes = _bytes_per_device((state.params, state.opt_state,
                                    state.embed_opt))
-  compiled = fn.lower(state, tables, idx, jax.random.PRNGKey(1), np.int32(0),
-                      layout).compile()
+  compiled = fn.lower(*args).compile()
   hlo = compiled.as_text()
   moved, count = collective_bytes(hlo)
   data, _ = train_loop.synthetic_data(config)
@@ -143,7 +102,8 @@ def child(config, devices: int) -> dict[str, Any]:
   return dict(
       {'benchmark': 'scaling', 'devices': devices,
        'device': jax.devices()[0].platform, 'plan_backend': plan.backend,
-       'parallelism': plan.parallelism, 'batch_size': batch_size,
+       'parallelism': plan.parallelism,
+       'batch_size': config.train.batch_size,
        'embedding_update': plan.embedding_update,
        'state_bytes_per_device': state_bytes,
        'collective_bytes_per_step': moved, 'collectives': count,

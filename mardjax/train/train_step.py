@@ -264,10 +264,9 @@ _DROPOUT_STREAM = 0x5D
 
 
 def all_finite(tree) -> jax.Array:
-  """() bool: every element of every array of `tree` is finite (True for
-  an empty tree)."""
-  return jnp.all(jnp.stack([jnp.bool_(True)] + [
-      jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+  """() bool: every element of every array of `tree` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def _update(state: TrainState, params, grads, row_grads,
