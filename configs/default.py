@@ -167,6 +167,15 @@ def get_config():
   config.train.num_steps = 0
   config.train.num_epochs = 200
   config.train.parallelism = 'pmap'  # 'pmap' or 'shard_map'.
+  # shard_map: 'sharded' splits the optimizer's large leaves (the word
+  # table's Adam moments) by rows over the devices: each device keeps and
+  # updates 1/N of them, from a reduce-scatter of the gradient, and the
+  # updated rows are gathered back; 'replicated' keeps the whole state on
+  # every device; 'auto' is 'sharded' under shard_map on one process.
+  config.train.optimizer_sharding = 'auto'
+  # Leaves of at least this many elements are sharded (each sharded leaf
+  # costs two collectives a step, worth it only for the large ones).
+  config.train.optimizer_shard_min_size = 65536
   config.train.neighbourhood_sampling = True  # 2+ reviews per album a batch.
   config.train.reviews_per_album = 2  # Group size under neighbourhood sampling.
   config.train.log_every = 50  # Steps between progress lines / metrics.
@@ -294,6 +303,9 @@ def get_config():
   # kind=scaling: device counts, each in a child process with that many
   # devices (forced host devices on a CPU).
   config.benchmark.scaling_devices = '1,2,4,8'
+  # ... in each of these parallel forms ('pmap': replicated state;
+  # 'shard_map': the optimizer state as train.optimizer_sharding has it).
+  config.benchmark.scaling_forms = 'pmap,shard_map'
   config.benchmark.pipeline_batches = 200  # Timed input-pipeline batches.
   # 'eval': metrics time after embedding at this scale (MARD: 65,566 albums,
   # ~26,400 held-out test reviews).

@@ -93,6 +93,7 @@ _RANGES = (
     ('train.token_bucket', _at_least(0), 'at least 0'),
     ('train.prefetch_batches', _at_least(-1), 'at least -1 (-1: auto)'),
     ('train.steps_per_dispatch', _at_least(0), 'at least 0 (0: auto)'),
+    ('train.optimizer_shard_min_size', _at_least(1), 'at least 1'),
     ('eval.bootstrap', _at_least(0), 'at least 0'),
     ('eval.train_sample', _at_least(0), 'at least 0 (0: off)'),
     ('export.hnsw_m', _at_least(2), 'at least 2'),
@@ -163,6 +164,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'train.parallelism', PARALLELISM)
   _choice(config, 'train.embedding_update', EMBEDDING_UPDATES)
   _choice(config, 'train.batch_assembly', BATCH_ASSEMBLY)
+  _choice(config, 'train.optimizer_sharding', plan_lib.OPTIMIZER_SHARDINGS)
   _choice(config, 'train.lr_scaling', LR_SCALING)
   _choice(config, 'train.compute_dtype', plan_lib.COMPUTE_DTYPES)
   _choice(config, 'train.lr_schedule', LR_SCHEDULES)

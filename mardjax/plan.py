@@ -28,6 +28,7 @@ BATCH_ASSEMBLIES = (AUTO, 'host', 'device')
 LSTM_LOOPS = (AUTO, 'per_direction', 'bidirectional')
 PARALLELISMS = ('pmap', 'shard_map')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+OPTIMIZER_SHARDINGS = (AUTO, 'replicated', 'sharded')
 # The text encoder's batch layouts (`Plan.text_layout`).
 TEXT_LAYOUTS = ('padded', 'flat', 'split_bag', 'packed', 'features')
 
@@ -84,6 +85,9 @@ class Plan:
     compute_dtype: 'float32' or 'bfloat16', of products and activations.
     positives: the ranking loss's positive lists: 'local' (among a
       device's rows), 'across' (among every device's), or '' (none).
+    optimizer_sharding: 'sharded' (shard_map: the large optimizer leaves'
+      moments split by rows over the devices, `train.sharded_optimizer`)
+      or 'replicated'.
   """
   backend: str
   devices: int
@@ -99,6 +103,7 @@ class Plan:
   token_bucket: int
   compute_dtype: str
   positives: str
+  optimizer_sharding: str = 'replicated'
 
   @property
   def parallel(self) -> bool:
@@ -191,6 +196,26 @@ def _text_layout(config: ml_collections.ConfigDict, update: str
   return 'features', 0, 0
 
 
+def _optimizer_sharding(config: ml_collections.ConfigDict, parallelism: str,
+                        processes: int) -> str:
+  """'sharded' under shard_map on one process ('auto' or asked for), else
+  'replicated'. pmap takes the state unreplicated, one copy a device, and
+  one device has nothing to share its state with."""
+  wanted = _choice('train.optimizer_sharding', config.train.optimizer_sharding,
+                   OPTIMIZER_SHARDINGS)
+  if wanted == 'replicated' or parallelism == 'single':
+    return 'replicated'
+  if parallelism == 'shard_map' and processes == 1:
+    return 'sharded'
+  if wanted == AUTO:
+    return 'replicated'
+  raise UserError(
+      "config.train.optimizer_sharding='sharded' needs "
+      "train.parallelism='shard_map' on one process (this run: "
+      f"{parallelism} on {processes} process(es)): use 'auto' or "
+      "'replicated'.")
+
+
 def _positives(config: ml_collections.ConfigDict, parallel: bool,
                processes: int) -> str:
   """The ranking loss's hinges over each row's positives only, 'across' the
@@ -244,4 +269,5 @@ def resolve(config: ml_collections.ConfigDict, backend: str | None = None,
       pack_rows=pack_rows, token_bucket=token_bucket,
       compute_dtype=_choice('train.compute_dtype', t.compute_dtype,
                             COMPUTE_DTYPES),
-      positives=_positives(config, parallelism != 'single', processes))
+      positives=_positives(config, parallelism != 'single', processes),
+      optimizer_sharding=_optimizer_sharding(config, parallelism, processes))

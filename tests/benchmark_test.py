@@ -336,23 +336,34 @@ def test_collective_bytes_read_from_hand_written_hlo():
 
 @pytest.mark.slow
 def test_scaling_benchmark_reads_each_device_counts_program(tmp_path):
-  """A child process per device count: one device moves nothing between
-  devices; two average at least every parameter's gradient each step; the
-  state per device is compared with one device's."""
+  """A child process per device count and parallel form: one device moves
+  nothing between devices; two average at least every parameter's
+  gradient each step; the state per device is compared with one device's,
+  and under shard_map the large leaves' Adam moments are split in two."""
   config = test_config.get_config()
   config.benchmark.update(kind='scaling', scaling_devices='1,2',
                           loop_albums=40, loop_tracks=90, loop_reviews=300,
                           loop_dev_reviews=30)
   config.train.batch_size = 16
+  config.train.optimizer_shard_min_size = 1024
   lines = modes.run_mode('benchmark', config, str(tmp_path))['benchmarks']
-  one, two = lines
-  assert (one['devices'], two['devices']) == (1, 2)
+  one, two, split = lines
+  assert (one['devices'], two['devices'], split['devices']) == (1, 2, 2)
+  assert (two['parallelism'], two['optimizer_sharding']) == (
+      'pmap', 'replicated')
+  assert (split['parallelism'], split['optimizer_sharding']) == (
+      'shard_map', 'sharded')
   assert one['collective_bytes_per_step'] == 0 and one['collectives'] == 0
   assert one['state_share_of_one_device'] == 1.0
   # Adam's state is two moments of every parameter beside it (and a count).
   params = (one['state_bytes_per_device'] - 8) / 3
-  assert two['collective_bytes_per_step'] >= params
-  assert two['state_share_of_one_device'] == pytest.approx(
-      two['state_bytes_per_device'] / one['state_bytes_per_device'],
-      abs=1e-3)
-  assert two['bytes_per_dispatch'] > 0 and two['host_ms_per_step'] > 0
+  for line in (two, split):
+    assert line['collective_bytes_per_step'] >= params
+    assert line['state_share_of_one_device'] == pytest.approx(
+        line['state_bytes_per_device'] / one['state_bytes_per_device'],
+        abs=1e-3)
+    assert line['bytes_per_dispatch'] > 0 and line['host_ms_per_step'] > 0
+  assert two['state_share_of_one_device'] == 1.0
+  # Most parameters are in leaves of 1,024 elements or more (the word
+  # table, the heads' first layers): their moments are halved.
+  assert 0.5 < split['state_share_of_one_device'] < 0.75

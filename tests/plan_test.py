@@ -84,6 +84,30 @@ def test_parallelism_layout_and_positive_lists():
   assert _plan(config).positives == ''
 
 
+def test_optimizer_state_is_sharded_under_shard_map_on_one_process():
+  config = test_config.get_config()
+  assert config.train.optimizer_sharding == 'auto'
+  assert _plan(config, devices=4).optimizer_sharding == 'replicated'  # pmap
+  config.train.parallelism = 'shard_map'
+  assert _plan(config, 'gpu', devices=4).optimizer_sharding == 'sharded'
+  assert _plan(config, devices=1).optimizer_sharding == 'replicated'
+  config.train.batch_assembly = 'host'  # shard_map across processes.
+  assert _plan(config, devices=2,
+               processes=2).optimizer_sharding == 'replicated'
+  config.train.optimizer_sharding = 'sharded'
+  with pytest.raises(UserError, match="optimizer_sharding='sharded' needs"):
+    _plan(config, devices=2, processes=2)
+  config.train.optimizer_sharding = 'replicated'
+  assert _plan(config, devices=4).optimizer_sharding == 'replicated'
+  config.train.parallelism = 'pmap'
+  config.train.optimizer_sharding = 'sharded'
+  with pytest.raises(UserError, match="parallelism='shard_map'"):
+    _plan(config, devices=4)
+  config.train.optimizer_sharding = 'zero'
+  with pytest.raises(UserError, match='optimizer_sharding'):
+    _plan(config, devices=4)
+
+
 def test_combinations_not_served_are_one_clear_error():
   config = test_config.get_config()
   config.train.steps_per_dispatch = 8

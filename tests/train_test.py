@@ -293,6 +293,72 @@ def test_resumed_run_ends_with_the_same_parameters(tiny_records, tmp_path,
   _params_close(straight.opt_state, resumed.opt_state)
 
 
+_SHARDED_RUN = (
+    'import sys\n'
+    'import jax\n'
+    'import numpy as np\n'
+    'from configs import test as test_config\n'
+    'from mardjax import stages\n'
+    'workdir, steps, sharding, out, data_dir = sys.argv[1:]\n'
+    'config = test_config.get_config()\n'
+    'config.train.update(num_steps=int(steps), eval_every=1000,\n'
+    '    checkpoint_every=10, log_every=1000, parallelism="shard_map",\n'
+    '    embedding_update="dense", optimizer_sharding=sharding,\n'
+    '    optimizer_shard_min_size=1024)\n'
+    '# Nothing that depends on how the batch is split over the devices.\n'
+    'config.model.batch_norm = False\n'
+    'config.loss.negatives = "all"\n'
+    'config.loss.gather_across_devices = True\n'
+    'state, m = stages.train_and_evaluate(config, workdir, data_dir)\n'
+    'np.savez(out, *[np.asarray(x) for x in jax.tree_util.tree_leaves(\n'
+    '    (state.params, state.opt_state))])\n'
+    'print(m["plan"]["optimizer_sharding"], m["resumed_from"],\n'
+    '      jax.local_device_count())\n')
+
+
+@pytest.mark.slow
+def test_sharded_optimizer_state_resumes_on_another_device_count(
+    tiny_records, tmp_path):
+  """A run with its optimizer state sharded over 4 devices checkpoints the
+  moments in the parameters' shapes: the checkpoint reads back unchanged on
+  2 devices (where the word table's 502 rows pad differently) and on one,
+  and training resumed there ends where the uninterrupted 4-device run
+  does (within float round-off: the devices sum in another order; the
+  loss gathers every device's rows, so its value does not depend on the
+  split)."""
+  data_dir, _ = tiny_records
+
+  def run(workdir, steps, devices, sharding='sharded'):
+    out = str(tmp_path / f'{os.path.basename(workdir)}-{steps}-{devices}.npz')
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    proc = subprocess.run(
+        [sys.executable, '-c', _SHARDED_RUN, str(workdir), str(steps),
+         sharding, out, data_dir],
+        cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan, resumed, seen = proc.stdout.split()[-3:]
+    assert int(seen) == devices
+    with np.load(out) as f:
+      return plan, int(resumed), [f[k] for k in sorted(
+          f.files, key=lambda k: int(k.split('_')[1]))]
+
+  plan, _, straight = run(tmp_path / 'a', 20, 4)
+  assert plan == 'sharded'
+  _, _, half = run(tmp_path / 'b', 10, 4)
+  for devices in (2, 1):
+    moved = tmp_path / f'b{devices}'
+    shutil.copytree(tmp_path / 'b', moved)
+    plan, resumed, again = run(moved, 10, devices)
+    assert plan == ('sharded' if devices > 1 else 'replicated')
+    assert resumed == 10
+    for x, y in zip(half, again):  # Read back as it was saved.
+      np.testing.assert_array_equal(x, y)
+    _, resumed, ended = run(moved, 20, devices)
+    assert resumed == 10
+    _params_close(straight, ended, atol=2e-4)
+
+
 @pytest.mark.slow
 def test_unreadable_newest_checkpoint_falls_back(tiny_records, tmp_path,
                                                  caplog):

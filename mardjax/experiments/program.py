@@ -212,6 +212,7 @@ def our_step(config, batch_size: int, vocab_size: int, backend: str,
   from mardjax.experiments import measuring  # pylint: disable=g-import-not-at-top
   from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
   from mardjax.train import index_batches  # pylint: disable=g-import-not-at-top
+  from mardjax.train import step_builder  # pylint: disable=g-import-not-at-top
   from mardjax.train import train_step  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.train.batch_size = batch_size
@@ -239,16 +240,16 @@ def our_step(config, batch_size: int, vocab_size: int, backend: str,
     tables = train_step.replicate_tables(tables)
   elif plan.parallelism == 'shard_map':
     mesh = train_step.make_mesh()
-    replicated = jax.sharding.NamedSharding(mesh,
-                                            jax.sharding.PartitionSpec())
-    tables = jax.device_put(tables, replicated)
-    state = jax.device_put(state, replicated)
+    tables = jax.device_put(tables, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
     idx = train_step.shard_batch(
         {k: v.reshape(devices, -1, *v.shape[1:]) for k, v in idx.items()},
         mesh)
+  state, sharding = step_builder.placed_state(plan, config, state, mesh)
   program = train_step.step_program(plan.parallelism, config.loss,
                                     max_len=config.data.max_len,
-                                    device_assembly=True, mesh=mesh)
+                                    device_assembly=True, mesh=mesh,
+                                    sharding=sharding)
   return program, (state, tables, idx, jax.random.PRNGKey(1), np.int32(0),
                    layout), plan
 

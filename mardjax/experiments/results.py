@@ -218,7 +218,8 @@ def machine_label(m: dict[str, Any]) -> str:
 # the same values of these keys: the same measurement, taken again.
 ROW_IDENTITY = ('benchmark', 'encoder', 'text_encoder', 'batch_size',
                 'embedding_update', 'lstm_loop', 'preset', 'vectors',
-                'reviews', 'albums', 'devices')
+                'reviews', 'albums', 'devices', 'parallelism',
+                'optimizer_sharding')
 
 Run = tuple[dict[str, Any], list[dict[str, Any]]]  # (run, its lines)
 
@@ -322,7 +323,7 @@ KIND_TABLES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         'device holds, the bytes of one step\'s collectives read from the '
         'compiled program, and the host\'s planning per step.',
         (('Devices', 'devices'), ('Parallelism', 'parallelism'),
-         ('Batch', 'batch_size'),
+         ('Optimizer state', 'optimizer_sharding'), ('Batch', 'batch_size'),
          ('State bytes / device', 'state_bytes_per_device'),
          ('Of one device\'s', 'state_share_of_one_device'),
          ('Collective bytes / step', 'collective_bytes_per_step'),

@@ -1,8 +1,10 @@
 """`benchmark.kind=scaling`: what one step costs each device and the host
 as the device count grows, read from the compiled program.
 
-For each count N of `benchmark.scaling_devices` a child process is started
-with N devices (on a CPU, N forced host devices:
+For each count N of `benchmark.scaling_devices` and each parallel form of
+`benchmark.scaling_forms` ('pmap': the state replicated; 'shard_map': the
+optimizer state sharded where the plan shards it) a child process is
+started with N devices (on a CPU, N forced host devices:
 `--xla_force_host_platform_device_count`), which builds training's own
 step for the plan N devices of `benchmark.program_backend` get, at the
 config's global batch, compiles it (one step, the batch assembled on the
@@ -78,7 +80,8 @@ def _bytes_per_device(tree) -> int:
 
 
 def child(config, devices: int) -> dict[str, Any]:
-  """The line for `devices` devices, in a process that has them."""
+  """The line for `devices` devices and the config's parallelism, in a
+  process that has them."""
   import jax  # pylint: disable=g-import-not-at-top
   from mardjax.experiments import program  # pylint: disable=g-import-not-at-top
   from mardjax.experiments import train_loop  # pylint: disable=g-import-not-at-top
@@ -103,6 +106,7 @@ def child(config, devices: int) -> dict[str, Any]:
       {'benchmark': 'scaling', 'devices': devices,
        'device': jax.devices()[0].platform, 'plan_backend': plan.backend,
        'parallelism': plan.parallelism,
+       'optimizer_sharding': plan.optimizer_sharding,
        'batch_size': config.train.batch_size,
        'embedding_update': plan.embedding_update,
        'state_bytes_per_device': state_bytes,
@@ -111,19 +115,25 @@ def child(config, devices: int) -> dict[str, Any]:
 
 
 def run_scaling(config, workdir: str) -> dict[str, Any]:
-  """One line per device count of `benchmark.scaling_devices`, each from
-  a child process with that many devices."""
+  """One line per device count of `benchmark.scaling_devices` and form of
+  `benchmark.scaling_forms`, each from a child process with that many
+  devices (one device: one line, the single-device step)."""
   del workdir
-  counts = [int(x) for x in config.benchmark.scaling_devices.split(',')
-            if x.strip()]
+  b = config.benchmark
+  counts = [int(x) for x in b.scaling_devices.split(',') if x.strip()]
   if not counts or min(counts) < 1:
     raise UserError('config.benchmark.scaling_devices: device counts of 1 '
                     f'or more, comma-separated (got '
-                    f'{config.benchmark.scaling_devices!r}).')
+                    f'{b.scaling_devices!r}).')
+  forms = [x.strip() for x in b.scaling_forms.split(',') if x.strip()]
+  if not forms or set(forms) - {'pmap', 'shard_map'}:
+    raise UserError("config.benchmark.scaling_forms: 'pmap' and/or "
+                    f"'shard_map', comma-separated (got {b.scaling_forms!r}).")
   lines = []
   root = os.path.dirname(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))))
-  for n in counts:
+  for n, form in [(n, f) for n in counts for f in (forms[:1] if n == 1
+                                                    else forms)]:
     env = dict(os.environ)
     flags = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
                      if 'force_host_platform_device_count' not in f)
@@ -133,13 +143,15 @@ def run_scaling(config, workdir: str) -> dict[str, Any]:
             'from mardjax.experiments import scaling\n'
             'config = ml_collections.ConfigDict(json.loads(sys.stdin.read()))\n'
             f'print(json.dumps(scaling.child(config, {n})))\n')
+    form_config = config.copy_and_resolve_references()
+    form_config.train.parallelism = form
     proc = subprocess.run([sys.executable, '-c', code], cwd=root, env=env,
-                          input=config.copy_and_resolve_references().to_json(), capture_output=True,
+                          input=form_config.to_json(), capture_output=True,
                           text=True, timeout=1800)
     out = [l for l in proc.stdout.splitlines() if l.startswith('{')]
     if proc.returncode or not out:
       tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
-      line = {'benchmark': 'scaling', 'devices': n,
+      line = {'benchmark': 'scaling', 'devices': n, 'parallelism': form,
               'error': f'exit code {proc.returncode}: {tail}'}
     else:
       line = json.loads(out[-1])

@@ -11,6 +11,7 @@ placed on the devices. The training loop and the benchmarks use this and
 nothing beneath it.
 """
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -40,10 +41,14 @@ class Step(NamedTuple):
       gives them, 'finite' the least over the dispatch.
     planner: device assembly's host planner (its `with_plans` belongs in
       the iterator, off the step's path); None on the host path.
+    saveable: fn(state) -> the state as checkpoints hold it (the sharded
+      optimizer moments unpadded, `train_step.saveable_state`; the state
+      itself when nothing is sharded).
   """
   state: Any
   run: Callable
   planner: index_batches.Planner | None
+  saveable: Callable = lambda state: state
 
 
 def process_sync() -> train_step.ProcessSync | None:
@@ -75,13 +80,26 @@ def positive_widths(config: ml_collections.ConfigDict, plan: plan_lib.Plan,
 
 
 def _replicated(mesh, tree):
-  """`tree` copied to every device of `mesh` (a restored state lives on one
-  device)."""
+  """`tree` copied to every device of `mesh`."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def placed_state(plan: plan_lib.Plan, config: ml_collections.ConfigDict,
+                 state: train_step.TrainState, mesh
+                 ) -> tuple[train_step.TrainState, Any]:
+  """The state where the plan's step takes it (a restored or created state
+  lives on one device): on shard_map's `mesh`, replicated but for the
+  optimizer moments the plan shards (`train_step.optimizer_sharding`);
+  elsewhere as it is. Returns (state, the step's sharding or None)."""
+  if mesh is None:
+    return state, None
+  sharding = train_step.optimizer_sharding(
+      state, plan, config.train.optimizer_shard_min_size)
+  return train_step.place_state(state, mesh, sharding), sharding
+
+
 def _device_assembled(plan, config, state, reviews, audio, base_key, widths,
-                      mesh) -> Step:
+                      mesh, sharding) -> Step:
   """The step fed indices: the tables copied to the devices once."""
   max_len = config.data.max_len
   device_tables = train_step.device_tables(reviews, audio, max_len)
@@ -97,7 +115,7 @@ def _device_assembled(plan, config, state, reviews, audio, base_key, widths,
       process_sync(), widths)
   programs = {scan: train_step.step_program(
       plan.parallelism, config.loss, max_len=max_len, device_assembly=True,
-      scan=scan, mesh=mesh) for scan in (False, True)}
+      scan=scan, mesh=mesh, sharding=sharding) for scan in (False, True)}
 
   def run(s, items, step0):
     idx, layout = planner(items, pmap)
@@ -106,11 +124,13 @@ def _device_assembled(plan, config, state, reviews, audio, base_key, widths,
   return Step(state, run, planner)
 
 
-def _host_assembled(plan, config, state, base_key, widths, mesh) -> Step:
+def _host_assembled(plan, config, state, base_key, widths, mesh,
+                    sharding) -> Step:
   """The step fed batches the host prepares and copies, one a dispatch."""
   sync = process_sync()
   sizes = train_step.ProgramSizes(sync)
-  program = train_step.step_program(plan.parallelism, config.loss, mesh=mesh)
+  program = train_step.step_program(plan.parallelism, config.loss, mesh=mesh,
+                                    sharding=sharding)
   if plan.parallelism == 'pmap':
     def place(b):
       return b
@@ -149,9 +169,12 @@ def build_step(plan: plan_lib.Plan, config: ml_collections.ConfigDict,
       each batch's own.
   """
   mesh = train_step.make_mesh() if plan.parallelism == 'shard_map' else None
-  if mesh is not None:
-    state = _replicated(mesh, state)
+  state, sharding = placed_state(plan, config, state, mesh)
   if plan.batch_assembly == 'device':
-    return _device_assembled(plan, config, state, reviews, audio, base_key,
-                             widths, mesh)
-  return _host_assembled(plan, config, state, base_key, widths, mesh)
+    step = _device_assembled(plan, config, state, reviews, audio, base_key,
+                             widths, mesh, sharding)
+  else:
+    step = _host_assembled(plan, config, state, base_key, widths, mesh,
+                           sharding)
+  return step._replace(saveable=functools.partial(
+      train_step.saveable_state, sharding=sharding))

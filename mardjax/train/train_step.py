@@ -46,6 +46,7 @@ from mardjax.data import tables as data_tables
 from mardjax.models import layouts
 from mardjax.train import losses
 from mardjax.train import packing
+from mardjax.train import sharded_optimizer
 from mardjax.train import sparse_embedding
 
 AXIS = 'data'
@@ -269,44 +270,72 @@ def all_finite(tree) -> jax.Array:
                             for x in jax.tree_util.tree_leaves(tree)]))
 
 
+def _optimizer_step(tx, opt_state, params, grads, sharding, axis_name):
+  """optax's update of `params` (the optimizer's tree): (new params, new
+  optimizer state, gradient norm). With `sharding`, `grads` are this
+  device's shares (`sharded_optimizer.reduce_gradients`) and the moments
+  its rows."""
+  if sharding is not None:
+    return sharded_optimizer.apply_updates(tx, opt_state, params, grads,
+                                           sharding, axis_name)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return (optax.apply_updates(params, updates), opt_state,
+          optax.global_norm(grads))
+
+
 def _update(state: TrainState, params, grads, row_grads,
-            vocab_ids: jax.Array | None):
+            vocab_ids: jax.Array | None, sharding=None, axis_name=None):
   """The optimizer update; returns (new state, gradient norm, what the
   step's finiteness check reads besides: the new parameters, or under lazy
   updates the dense ones).
 
   Under lazy updates `params` are all but the embedding table, whose rows
-  `vocab_ids` get `row_grads`; otherwise `params` are all of them.
+  `vocab_ids` get `row_grads`; otherwise `params` are all of them. With
+  `sharding` (`sharded_optimizer.Sharding`) the large leaves' moments are
+  this device's rows and `grads` its shares of theirs.
   """
+  new_params, opt_state, grad_norm = _optimizer_step(
+      state.tx, state.opt_state, params, grads, sharding, axis_name)
   if vocab_ids is None:
     # The new parameters are read back: a finite gradient does not make
     # them finite when the learning rate times the update overflows
     # float32 (a rate finite in float64, beyond float32's range).
-    new_state = state.apply_gradients(grads=grads)
-    return new_state, optax.global_norm(grads), new_state.params
+    new_state = state.replace(step=state.step + 1, params=new_params,
+                              opt_state=opt_state)
+    return new_state, grad_norm, new_params
   # Every device holds the same vocab_ids, so the averaged row gradients
   # are the rows of the averaged dense gradient.
   table, _ = sparse_embedding.split_table(state.params)
-  opt_updates, opt_state = state.tx.update(grads, state.opt_state, params)
-  params = optax.apply_updates(params, opt_updates)
   table, embed_opt = state.embed_tx(table, state.embed_opt, vocab_ids,
                                     row_grads, state.step + 1)
   new_state = state.replace(
       step=state.step + 1, opt_state=opt_state, embed_opt=embed_opt,
-      params=sparse_embedding.merge_table(table, params))
-  grad_norm = jnp.sqrt(optax.global_norm(grads) ** 2
-                       + jnp.sum(row_grads ** 2))
+      params=sparse_embedding.merge_table(table, new_params))
+  grad_norm = jnp.sqrt(grad_norm ** 2 + jnp.sum(row_grads ** 2))
   # Only the batch's rows of the table changed, and a finite gradient norm
   # (checked with what this returns) makes their Adam moments and update
   # finite; the rows were finite before (the step before was checked), so
   # they are after. Reading them back to check would cost a twentieth of a
   # CPU step.
-  return new_state, grad_norm, params
+  return new_state, grad_norm, new_params
+
+
+def _average_gradients(grads, row_grads, axis_name: str | None,
+                       sharding: sharded_optimizer.Sharding | None):
+  """The gradients averaged over the devices: whole (an all-reduce), or
+  for the sharded leaves this device's rows (a reduce-scatter)."""
+  if sharding is not None:
+    return (sharded_optimizer.reduce_gradients(grads, sharding, axis_name),
+            jax.lax.pmean(row_grads, axis_name))
+  if axis_name is not None:
+    return jax.lax.pmean((grads, row_grads), axis_name)
+  return grads, row_grads
 
 
 def per_device_step(state: TrainState, batch: dict[str, jax.Array],
                     key: jax.Array, *, loss_config: ml_collections.ConfigDict,
-                    axis_name: str | None
+                    axis_name: str | None,
+                    sharding: sharded_optimizer.Sharding | None = None
                     ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's share of the batch.
 
@@ -321,6 +350,9 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
     key: PRNG key for this step (same on every device; folded per device).
     loss_config: config.loss.
     axis_name: device axis name, or None on one device.
+    sharding: the optimizer state's rows split over `axis_name`
+      (`sharded_optimizer`; the state holds this device's rows of the
+      sharded moments), or None: replicated.
 
   Returns:
     (new state, metrics averaged over devices); metrics['finite'] is 1.0
@@ -364,10 +396,11 @@ def per_device_step(state: TrainState, batch: dict[str, jax.Array],
 
   (loss, (terms, updates)), (grads, row_grads) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(params, rows)
-  if axis_name is not None:
-    grads, row_grads = jax.lax.pmean((grads, row_grads), axis_name)
+  grads, row_grads = _average_gradients(grads, row_grads, axis_name,
+                                        sharding)
   new_state, grad_norm, changed = _update(state, params, grads, row_grads,
-                                          batch.get('vocab_ids'))
+                                          batch.get('vocab_ids'), sharding,
+                                          axis_name)
   if has_bn:
     new_state = new_state.replace(batch_stats=updates['batch_stats'])
     changed = (changed, updates['batch_stats'])
@@ -520,7 +553,9 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def _program_body(loss_config, max_len: int, axis_name: str | None,
-                  device_assembly: bool, scan: bool) -> Callable:
+                  device_assembly: bool, scan: bool,
+                  sharding: sharded_optimizer.Sharding | None = None
+                  ) -> Callable:
   """body(state, tables, inputs, base_key, step0, layout) -> (state,
   metrics) on one device's share: `inputs` is the batch itself (host
   assembly) or the indices `assemble` builds it from (device assembly);
@@ -533,7 +568,7 @@ def _program_body(loss_config, max_len: int, axis_name: str | None,
                     if state.embed_tx is not None else 0)
       inputs = assemble(tables, inputs, max_len, layout, vocab_size)
     return per_device_step(state, inputs, key, loss_config=loss_config,
-                           axis_name=axis_name)
+                           axis_name=axis_name, sharding=sharding)
 
   def body(state, tables, inputs, base_key, step0, layout):
     if not scan:
@@ -553,7 +588,9 @@ def _program_body(loss_config, max_len: int, axis_name: str | None,
 
 def step_program(parallelism: str, loss_config, *, max_len: int = 0,
                  device_assembly: bool = False, scan: bool = False,
-                 mesh: Mesh | None = None) -> Callable:
+                 mesh: Mesh | None = None,
+                 sharding: sharded_optimizer.Sharding | None = None
+                 ) -> Callable:
   """The compiled train step of one form:
   fn(state, tables, inputs, base_key, step0, layout) -> (state, metrics).
 
@@ -571,6 +608,9 @@ def step_program(parallelism: str, loss_config, *, max_len: int = 0,
     scan: inputs carry n steps on an axis after the device axis (pmap:
       (D, n, b, ...); otherwise (n, D * b, ...)), run in one dispatch.
     mesh: shard_map's mesh (`make_mesh`).
+    sharding: shard_map only: the optimizer leaves whose moments are split
+      by rows over the mesh (`sharded_optimizer`; the state placed by
+      `place_state`), or None: the whole state replicated.
 
   base_key is a PRNG key, step0 an int32 scalar (the first step's number),
   `layout` a static `Layout`. The jit forms donate the incoming state: the
@@ -580,7 +620,10 @@ def step_program(parallelism: str, loss_config, *, max_len: int = 0,
   multi-process runs ("Array has been deleted").
   """
   axis = None if parallelism == 'single' else AXIS
-  body = _program_body(loss_config, max_len, axis, device_assembly, scan)
+  if sharding is not None and parallelism != 'shard_map':
+    raise ValueError('A sharded optimizer state needs the shard_map step.')
+  body = _program_body(loss_config, max_len, axis, device_assembly, scan,
+                       sharding)
   if parallelism == 'pmap':
     return jax.pmap(body, axis_name=AXIS,
                     in_axes=(None, 0 if device_assembly else None, 0, None,
@@ -592,13 +635,69 @@ def step_program(parallelism: str, loss_config, *, max_len: int = 0,
     # them. (With varying-axis checking on, grads of replicated params come
     # out already summed over devices and the body would need another form.)
     def sharded(state, tables, inputs, base_key, step0, layout):
+      specs = state_specs(state, sharding)
       return jax.shard_map(
           functools.partial(body, layout=layout), mesh=mesh,
-          in_specs=(P(), P(), P(None, AXIS) if scan else P(AXIS), P(), P()),
-          out_specs=(P(), P()), check_vma=False)(
+          in_specs=(specs, P(), P(None, AXIS) if scan else P(AXIS), P(),
+                    P()),
+          out_specs=(specs, P()), check_vma=False)(
               state, tables, inputs, base_key, step0)
     return jax.jit(sharded, donate_argnums=0, static_argnums=5)
   return jax.jit(body, donate_argnums=0, static_argnums=5)
+
+
+def optimizer_params(state: TrainState):
+  """The tree the state's optax transformation updates: every parameter,
+  or under lazy embedding updates all but the table."""
+  if state.embed_tx is None:
+    return state.params
+  return sparse_embedding.split_table(state.params)[1]
+
+
+def state_specs(state: TrainState,
+                sharding: sharded_optimizer.Sharding | None):
+  """shard_map's partition specs of the state: replicated, but for the
+  sharded optimizer moments (`sharded_optimizer.state_specs`)."""
+  specs = jax.tree_util.tree_map(lambda _: P(), state)
+  if sharding is None:
+    return specs
+  return specs.replace(opt_state=sharded_optimizer.state_specs(
+      state.tx, state.opt_state, optimizer_params(state), sharding, AXIS))
+
+
+def place_state(state: TrainState, mesh: Mesh,
+                sharding: sharded_optimizer.Sharding | None) -> TrainState:
+  """The state on `mesh` as `step_program`'s shard_map form takes it:
+  replicated, with the sharded moments padded and split by rows."""
+  whole = NamedSharding(mesh, P())
+  if sharding is None:
+    return jax.device_put(state, whole)
+  opt_state = sharded_optimizer.place(
+      state.tx, state.opt_state, optimizer_params(state), sharding, mesh)
+  rest = jax.device_put(state.replace(opt_state=None), whole)
+  return rest.replace(opt_state=opt_state)
+
+
+def saveable_state(state: TrainState,
+                   sharding: sharded_optimizer.Sharding | None
+                   ) -> TrainState:
+  """The state as checkpoints hold it whatever the device count: the
+  sharded moments unpadded, in their parameters' shapes."""
+  if sharding is None:
+    return state
+  return state.replace(opt_state=sharded_optimizer.unpadded(
+      state.tx, state.opt_state, optimizer_params(state), sharding))
+
+
+def optimizer_sharding(state: TrainState, plan: plan_lib.Plan,
+                       min_size: int) -> sharded_optimizer.Sharding | None:
+  """The plan's optimizer sharding for this state: the large leaves of
+  `optimizer_params` (`sharded_optimizer.plan`) under
+  plan.optimizer_sharding == 'sharded', else None."""
+  if plan.optimizer_sharding != 'sharded':
+    return None
+  return sharded_optimizer.plan(optimizer_params(state), plan.devices,
+                                min_size)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh

@@ -103,6 +103,8 @@ class _Run:
   # steps/s of each log window after the first (which holds compilation).
   window_rates: list[float] = dataclasses.field(default_factory=list)
   clock: timing.Clock = dataclasses.field(default_factory=timing.Clock)
+  # The state as checkpoints hold it (`step_builder.Step.saveable`).
+  saveable: Callable = lambda state: state
 
   def meta(self, step: int) -> dict[str, Any]:
     return {'step': step, 'position': list(self.position),
@@ -182,7 +184,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
       plan, config, run.state, reviews, audio,
       jax.random.PRNGKey(config.seed + 1),
       step_builder.positive_widths(config, plan, reviews, audio))
-  run.state, run.step_fn = step.state, step.run
+  run.state, run.step_fn, run.saveable = step.state, step.run, step.saveable
   if step.planner is not None:  # Indices, planned in the iterator.
     def indices(epoch, batch):
       return step.planner.with_plans(input_pipeline.train_indices(
@@ -403,7 +405,7 @@ def _steps(run: _Run, it: Iterator) -> None:
           run.evals_since_best() >= patience)
     if save_now or run.stopped_early:
       with run.clock.part('checkpoint'):
-        run.ckpt.save(step, run.state, run.meta(step))
+        run.ckpt.save(step, run.saveable(run.state), run.meta(step))
     if run.stopped_early:
       logging.info('Stopping early at step %d: dev recall@10 has not '
                    'improved for %d evaluations (best %.4f at step %d).',
@@ -477,7 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  plan=plan.asdict(),
                  steady_steps_per_s=round(float(np.median(run.window_rates)),
                                           2) if run.window_rates else None)
-  return run.state, metrics
+  return run.saveable(run.state), metrics
 
 
 def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
