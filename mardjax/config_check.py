@@ -96,6 +96,8 @@ _RANGES = (
     ('train.optimizer_shard_min_size', _at_least(1), 'at least 1'),
     ('eval.bootstrap', _at_least(0), 'at least 0'),
     ('eval.train_sample', _at_least(0), 'at least 0 (0: off)'),
+    ('eval.validation_fraction', _fraction(False),
+     'a number in [0, 1) (0: select on the dev split)'),
     ('export.hnsw_m', _at_least(2), 'at least 2'),
     ('export.hnsw_ef_construction', _at_least(1), 'at least 1'),
     ('export.hnsw_ef_search', _at_least(1), 'at least 1'),

@@ -2,6 +2,8 @@
 
 import random
 
+import numpy as np
+
 from mardjax.data import splits
 
 
@@ -41,3 +43,24 @@ def test_fractions_are_half_open(monkeypatch):
   monkeypatch.setattr(splits, 'hash_unit', lambda *_: 0.2499)
   assert splits.album_split('B1', 0.25, 's') == splits.TEST
   assert splits.review_split('r1', splits.TRAIN, 0.25, 's') == splits.DEV
+
+
+def test_validation_is_a_stable_draw_apart_from_the_dev_split():
+  ids = [f'B{i % 300:04d}/A{i:07d}' for i in range(6000)]
+  held = splits.in_validation(ids, 0.1, 's')
+  assert held.dtype == bool and held.shape == (6000,)
+  assert 500 < held.sum() < 700
+  # The same answer for bytes ids (as records hold them), in any order.
+  np.testing.assert_array_equal(
+      splits.in_validation([i.encode() for i in ids], 0.1, 's'), held)
+  order = np.random.default_rng(0).permutation(6000)
+  np.testing.assert_array_equal(
+      splits.in_validation([ids[j] for j in order], 0.1, 's'), held[order])
+  # Its own draw: not the dev split's reviews, nor another salt's.
+  dev = np.array([splits.review_split(i, splits.TRAIN, 0.1, 's') ==
+                  splits.DEV for i in ids])
+  assert 0 < (held & dev).sum() < 0.03 * len(ids)
+  assert (splits.in_validation(ids, 0.1, 't') != held).sum() > 500
+  assert not splits.in_validation(ids, 0.0, 's').any()
+  assert splits.in_validation(ids, 0.9999999, 's').all()
+  assert splits.in_validation([], 0.1, 's').shape == (0,)

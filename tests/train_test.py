@@ -121,8 +121,8 @@ def test_training_learns_and_reports_recall(tiny_records, tmp_path, caplog):
 def _scripted_evaluator(recalls):
   """An evaluator factory whose recall@10 follows `recalls` (then repeats
   the last), the rest of its metrics real."""
-  def make(config, model, manifest, audio):
-    real = evaluate.dev_evaluator(config, model, manifest, audio)
+  def make(config, model, manifest, audio, reviews):
+    real = evaluate.dev_evaluator(config, model, manifest, audio, reviews)
     script = list(recalls)
 
     def evaluator(variables):
@@ -140,6 +140,8 @@ def test_early_stopping_reports_the_best_model_and_stays_stopped(
   data_dir, _ = tiny_records
   config = _config(num_steps=40, eval_every=5, log_every=5,
                    checkpoint_every=5, early_stop_patience=2)
+  # Selection on dev: the scripted recall is also the reported one.
+  config.eval.validation_fraction = 0.0
   workdir = str(tmp_path)
   # Evaluations at steps 0, 5, 10, 15: best at 5, then two without gain.
   state, metrics = trainer.train_and_evaluate(
@@ -167,6 +169,58 @@ def test_early_stopping_reports_the_best_model_and_stays_stopped(
       _scripted_evaluator([0.1, 0.3, 0.2, 0.2]))
   assert int(state.step) == 40 and metrics['stopped_early'] is False
   assert metrics['model_step'] == 5
+
+
+@pytest.mark.slow
+def test_model_selection_reads_reviews_held_out_of_training(tiny_records,
+                                                           tmp_path):
+  """`eval.validation_fraction` holds training reviews out of training (the
+  same ones every run, by review hash); the best checkpoint is chosen by
+  recall on them, and the run reports that model's dev metrics, as
+  evaluating its checkpoint gives them. With 0, dev is read for both."""
+  from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mardjax.data import splits  # pylint: disable=g-import-not-at-top
+  from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  data_dir, manifest = tiny_records
+  config = _config(num_steps=20, eval_every=10, log_every=10,
+                   checkpoint_every=10)
+  assert config.eval.validation_fraction == 0.1
+  data = trainer.load_training_data(config, data_dir)
+  train = input_pipeline.load_reviews(manifest, 'train',
+                                      config.data.max_len)
+  held = splits.in_validation(train['review_id'], 0.1,
+                              config.data.split_salt)
+  assert 0 < held.sum() < len(held) // 4
+  # The same reviews (tf.data interleaves the files: another order).
+  mine, theirs = (np.argsort(data.validation['review_id']),
+                  np.argsort(train['review_id'][held]))
+  np.testing.assert_array_equal(data.validation['review_id'][mine],
+                                train['review_id'][held][theirs])
+  np.testing.assert_array_equal(data.validation['tokens'][mine],
+                                train['tokens'][held][theirs])
+  assert len(data.reviews) == (~held).sum()
+  np.testing.assert_array_equal(np.sort(data.reviews.album),
+                                np.sort(train['album'][~held]))
+  _, metrics = stages.train_and_evaluate(config, str(tmp_path / 'v'),
+                                         data_dir)
+  selection = metrics['selection']
+  assert selection['split'] == 'validation'
+  assert selection['step'] == metrics['model_step']
+  best = max(metrics['history'], key=lambda h: h['recall@10'])
+  assert selection['recall@10'] == best['recall@10']
+  dev = evaluate.evaluate_checkpoint(config, str(tmp_path / 'v'), data_dir)
+  assert dev['step'] == metrics['model_step']
+  assert dev['recall@10'] == pytest.approx(metrics['recall@10'])
+  assert dev['num_queries'] == metrics['num_queries'] != len(
+      data.validation['album'])
+  config.eval.validation_fraction = 0.0
+  _, metrics = stages.train_and_evaluate(config, str(tmp_path / 'd'),
+                                         data_dir)
+  assert metrics['selection']['split'] == 'dev'
+  assert metrics['selection']['recall@10'] == metrics['recall@10']
+  config.eval.validation_fraction = 1e-9
+  with pytest.raises(UserError, match='holds out none of the'):
+    trainer.load_training_data(config, data_dir)
 
 
 def test_eval_of_a_split_without_reviews_is_a_clear_error(tiny_corpus_master,
@@ -427,6 +481,9 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(tiny_records,
     ('train.reviews_per_album', 3, 'multiple of'),
     ('train.prefetch_batches', -2, 'at least -1'),
     ('loss.kind', 'hinge', 'loss.kind'),
+    ('eval.validation_fraction', 1.0, r'validation_fraction.*\[0, 1\)'),
+    ('train.optimizer_sharding', 'zero', 'optimizer_sharding'),
+    ('train.optimizer_shard_min_size', 0, 'optimizer_shard_min_size'),
 ])
 def test_bad_configs_fail_before_compiling(field, value, message):
   config = test_config.get_config()

@@ -45,6 +45,7 @@ import numpy as np
 
 from mardjax.data import descriptors as desc_lib
 from mardjax.data import manifest as manifest_lib
+from mardjax.data import splits
 from mardjax.data import tables
 
 
@@ -107,13 +108,15 @@ def load_reviews(manifest: manifest_lib.Manifest, split: str,
   return out
 
 
-def load_review_table(manifest: manifest_lib.Manifest, max_len: int,
-                      split: str = 'train', process_index: int = 0,
-                      process_count: int = 1) -> tables.ReviewTable:
-  """Reads a split's reviews of this process's albums through tf.data."""
+def _review_blocks(manifest: manifest_lib.Manifest, split: str,
+                   max_len: int) -> Iterator[dict[str, np.ndarray]]:
+  """A split's reviews in blocks of up to 1,024, parsed by tf.data
+  (`records.parse_reviews_batch`), in file order."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   records = _records()
   files = manifest.paths('reviews', split)
+  if not files:
+    return
   feature_dim = manifest.feature_dim
   ds = tf.data.Dataset.from_tensor_slices(files)
   ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
@@ -123,9 +126,22 @@ def load_review_table(manifest: manifest_lib.Manifest, max_len: int,
           lambda s: records.parse_reviews_batch(s, max_len, feature_dim)),
       num_parallel_calls=tf.data.AUTOTUNE,
       deterministic=True).prefetch(tf.data.AUTOTUNE)
+  yield from ds.as_numpy_iterator()
+
+
+def load_review_table(manifest: manifest_lib.Manifest, max_len: int,
+                      split: str = 'train', process_index: int = 0,
+                      process_count: int = 1,
+                      validation: tuple[float, str] = (0.0, '')
+                      ) -> tables.ReviewTable:
+  """Reads a split's reviews of this process's albums through tf.data;
+  `validation` (fraction, salt): without the reviews held out for model
+  selection (`splits.in_validation`)."""
+  feature_dim = manifest.feature_dim
   tokens, lengths, album, features = [], [], [], []
-  for block in ds.as_numpy_iterator():
-    keep = block['album'] % process_count == process_index
+  for block in _review_blocks(manifest, split, max_len):
+    keep = ((block['album'] % process_count == process_index)
+            & ~splits.in_validation(block['review_id'], *validation))
     mask = (np.arange(max_len)[None, :] < block['lengths'][keep][:, None])
     tokens.append(block['tokens'][keep][mask])
     lengths.append(block['lengths'][keep])
@@ -141,6 +157,30 @@ def load_review_table(manifest: manifest_lib.Manifest, max_len: int,
       features=(np.concatenate(features) if features else
                 np.zeros((0, feature_dim), np.float32)) if feature_dim
       else None)
+
+
+def load_validation_reviews(manifest: manifest_lib.Manifest, max_len: int,
+                            fraction: float, salt: str
+                            ) -> dict[str, np.ndarray]:
+  """The training reviews held out for model selection
+  (`splits.in_validation`), every process's, as `load_reviews` gives a
+  split."""
+  feature_dim = manifest.feature_dim
+  parts = {k: [] for k in ('tokens', 'lengths', 'album', 'review_id')}
+  if feature_dim:
+    parts['text_features'] = []
+  for block in _review_blocks(manifest, 'train', max_len):
+    held = splits.in_validation(block['review_id'], fraction, salt)
+    for k in parts:
+      parts[k].append(block[k][held])
+  empty = {'tokens': np.zeros((0, max_len), np.int32),
+           'lengths': np.zeros(0, np.int32), 'album': np.zeros(0, np.int32),
+           'review_id': np.zeros(0, object),
+           'text_features': np.zeros((0, feature_dim), np.float32)}
+  out = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
+  out['review_id'] = np.asarray([i.decode() for i in out['review_id']],
+                                object)
+  return out
 
 
 def stable_argsort(keys: np.ndarray) -> np.ndarray:

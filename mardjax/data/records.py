@@ -107,7 +107,7 @@ def parse_reviews_batch(serialized: tf.Tensor, max_len: int,
 
   Returns:
     {'tokens': (n, max_len) int32 zero-padded, 'lengths': (n,) int32 (at
-    most max_len), 'album': (n,) int32}, and 'text_features' (n,
+    most max_len), 'album': (n,) int32, 'review_id': (n,) string}, and 'text_features' (n,
     feature_dim) float32 when feature_dim > 0. Parsing a batch at once is
     one vectorised op per feature instead of one per record.
   """
@@ -119,7 +119,8 @@ def parse_reviews_batch(serialized: tf.Tensor, max_len: int,
   tokens = tf.pad(tokens, [[0, 0], [0, max_len - tf.shape(tokens)[1]]])
   out = {'tokens': tokens,
          'lengths': tf.cast(tf.minimum(ex['length'], max_len), tf.int32),
-         'album': tf.cast(ex['album_index'], tf.int32)}
+         'album': tf.cast(ex['album_index'], tf.int32),
+         'review_id': ex['review_id']}
   if feature_dim:
     out['text_features'] = ex['text_features']
   return out

@@ -82,13 +82,17 @@ def per_genre(counts: tuple[np.ndarray, ...], query_genres: np.ndarray,
 
 def dev_evaluator(config: ml_collections.ConfigDict,
                   model: two_branch.TwoBranch,
-                  manifest: manifest_lib.Manifest, audio: tables.AudioTable
+                  manifest: manifest_lib.Manifest, audio: tables.AudioTable,
+                  reviews: dict[str, np.ndarray] | None = None
                   ) -> Callable[[dict[str, Any]], dict[str, Any]]:
   """The training loop's periodic check: variables -> review -> album
-  metrics on the dev split (reads the dev reviews once, here); with
-  `config.eval.train_sample` > 0 also 'train_recall@K' on that many
-  training reviews (a seeded sample), to tell learning from memorising."""
-  dev = input_pipeline.load_reviews(manifest, 'dev', config.data.max_len)
+  metrics on `reviews` (the training reviews held out for model selection,
+  `trainer.TrainingData.validation`), or with None on the dev split (read
+  once, here); with `config.eval.train_sample` > 0 also 'train_recall@K'
+  on that many training reviews (a seeded sample), to tell learning from
+  memorising."""
+  dev = (input_pipeline.load_reviews(manifest, 'dev', config.data.max_len)
+         if reviews is None else reviews)
   max_tracks = two_branch.album_tracks(config)
   sample = None
   if config.eval.train_sample:
@@ -119,7 +123,7 @@ def load_genres(manifest: manifest_lib.Manifest) -> np.ndarray:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         data_dir: str | None = None) -> dict[str, Any]:
-  """Full evaluation of the run's model: its best-by-dev-recall checkpoint
+  """Full evaluation of the run's model: its best-by-recall checkpoint
   when it kept one (what training reports, export and serving use), else
   its newest readable checkpoint.
 

@@ -366,8 +366,8 @@ def _plot(results: list[dict[str, Any]], path: str) -> None:
                   [100 * h['recall@10'] for h in r['history']],
                   marker='o', label=r['row'])
   curves.set_xlabel('training step')
-  curves.set_ylabel('dev R@10 (%)')
-  curves.set_title('Dev recall over training')
+  curves.set_ylabel('selection R@10 (%)')
+  curves.set_title('Recall over training (the split selection reads)')
   curves.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

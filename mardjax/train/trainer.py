@@ -2,10 +2,12 @@
 
 `train_and_evaluate(config, workdir, data_dir, make_evaluator)` trains the
 configured model on the preprocessed TFRecords in `data_dir`, resuming from
-the newest readable checkpoint in `workdir/checkpoints`, checks dev recall@K
-every `config.train.eval_every` steps with the evaluator it is handed (the
-best-by-recall checkpoint is kept apart in `workdir/best`), and returns the
-final state and metrics.
+the newest readable checkpoint in `workdir/checkpoints`, checks recall@K
+every `config.train.eval_every` steps with the evaluator it is handed, on the
+selection split (the training reviews held out by
+`config.eval.validation_fraction`, or dev when it is 0; the best-by-recall
+checkpoint is kept apart in `workdir/best`), and returns the final state and
+the dev metrics of that best model.
 
 The evaluator comes from the layer above (`mardjax.evaluation.evaluate.
 dev_evaluator`, wired by `mardjax.stages.train_and_evaluate`): training never
@@ -42,37 +44,65 @@ from mardjax.train import train_step
 
 
 class TrainingData(NamedTuple):
-  """What the loop trains on: the manifest and this process's tables."""
+  """What the loop trains on: the manifest and this process's tables; and
+  `validation`, the training reviews held out for model selection (every
+  process's, as `input_pipeline.load_reviews` gives a split), or None:
+  selection reads the dev split."""
   manifest: manifest_lib.Manifest
   audio: tables.AudioTable
   reviews: tables.ReviewTable
+  validation: dict[str, np.ndarray] | None = None
 
 
 def load_training_data(config: ml_collections.ConfigDict, data_dir: str
                        ) -> TrainingData:
-  """The records of `data_dir`, read once through tf.data into tables."""
+  """The records of `data_dir`, read once through tf.data into tables,
+  less the reviews `config.eval.validation_fraction` holds out of training
+  (`splits.in_validation`).
+
+  Raises:
+    UserError: the fraction holds out no review (too few training reviews
+      for it: raise it, or set it to 0 to select on the dev split).
+  """
   manifest = manifest_lib.load(data_dir)
+  fraction = config.eval.validation_fraction
+  held_out = (fraction, config.data.split_salt)
+  validation = None
+  if fraction > 0:
+    validation = input_pipeline.load_validation_reviews(
+        manifest, config.data.max_len, *held_out)
+    if not len(validation['album']):
+      raise UserError(
+          f'config.eval.validation_fraction={fraction} holds out none of the '
+          f'{manifest.counts.reviews["train"]} training reviews for model '
+          'selection: raise it, or set it to 0 to select on the dev split.')
   return TrainingData(manifest, input_pipeline.load_audio_table(manifest),
                       input_pipeline.load_review_table(
                           manifest, config.data.max_len,
                           process_index=jax.process_index(),
-                          process_count=jax.process_count()))
+                          process_count=jax.process_count(),
+                          validation=held_out),
+                      validation)
 
 
 # variables -> metrics with 'recall@1', 'recall@5', 'recall@10'.
 Evaluator = Callable[[dict[str, Any]], dict[str, Any]]
-# (config, model, manifest, audio table) -> Evaluator; called once per run.
+# (config, model, manifest, audio table, reviews) -> Evaluator on those
+# reviews (`TrainingData.validation`), or on the dev split with None.
 EvaluatorFactory = Callable[[ml_collections.ConfigDict, two_branch.TwoBranch,
-                             manifest_lib.Manifest, tables.AudioTable],
-                            Evaluator]
+                             manifest_lib.Manifest, tables.AudioTable,
+                             dict[str, np.ndarray] | None], Evaluator]
 
 
 def total_steps(config: ml_collections.ConfigDict,
-                manifest: manifest_lib.Manifest) -> int:
+                manifest: manifest_lib.Manifest, held_out: int = 0) -> int:
+  """`train.num_steps`, or `train.num_epochs` over the training reviews
+  less the `held_out` for model selection."""
   t = config.train
   if t.num_steps > 0:
     return int(t.num_steps)
-  per_epoch = max(1, manifest.counts.reviews['train'] // t.batch_size)
+  per_epoch = max(1, (manifest.counts.reviews['train'] - held_out)
+                  // t.batch_size)
   return int(math.ceil(t.num_epochs * per_epoch))
 
 
@@ -105,6 +135,8 @@ class _Run:
   clock: timing.Clock = dataclasses.field(default_factory=timing.Clock)
   # The state as checkpoints hold it (`step_builder.Step.saveable`).
   saveable: Callable = lambda state: state
+  # The split model selection reads: 'validation' or 'dev'.
+  selection: str = 'dev'
 
   def meta(self, step: int) -> dict[str, Any]:
     return {'step': step, 'position': list(self.position),
@@ -136,7 +168,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
            data: TrainingData, make_evaluator: EvaluatorFactory,
            plan: plan_lib.Plan) -> _Run:
   """Builds the model and state from the data, restores, builds the step."""
-  manifest, audio, reviews = data
+  manifest, audio, reviews = data.manifest, data.audio, data.reviews
+  held_out = 0 if data.validation is None else len(data.validation['album'])
   t = config.train
   model = two_branch.from_manifest(
       config, manifest,
@@ -157,7 +190,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
   state = train_step.create_state(model, config, plan,
                                   jax.random.PRNGKey(config.seed),
                                   {k: v[0] for k, v in first.items()},
-                                  num_steps=total_steps(config, manifest))
+                                  num_steps=total_steps(config, manifest,
+                                                        held_out))
   if config.model.pooling == 'idf':
     state = train_step.set_word_scores(state, _idf(reviews, manifest))
   run = _Run(
@@ -166,7 +200,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
       # Evaluated in float32 whatever the training dtype, so that dev
       # figures compare across runs.
       evaluator=make_evaluator(config, model.clone(dtype=jnp.float32),
-                               manifest, audio),
+                               manifest, audio, data.validation),
       ckpt=checkpoints.Checkpoints(
           os.path.join(workdir, checkpoints.CHECKPOINT_DIR),
           t.keep_checkpoints),
@@ -178,7 +212,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
           async_save=jax.process_count() == 1),
       writer=progress.metric_writer(workdir,
                                     just_logging=jax.process_index() > 0),
-      steps=total_steps(config, manifest))
+      steps=total_steps(config, manifest, held_out),
+      selection='dev' if data.validation is None else 'validation')
   _restore(run)
   step = step_builder.build_step(
       plan, config, run.state, reviews, audio,
@@ -225,15 +260,16 @@ def _restore(run: _Run) -> None:
 
 
 def _evaluate(run: _Run, step: int) -> dict[str, Any]:
-  """Dev metrics of the current state, logged; keeps the best-by-recall
-  checkpoint."""
+  """Metrics of the current state on the selection split, logged; keeps
+  the best-by-recall checkpoint."""
   with run.clock.part('eval'):
     result = run.evaluator(checkpoints.inference_variables(run.state))
-  run.writer.write_scalars(step, {f'dev/{k}': v for k, v in result.items()})
+  run.writer.write_scalars(step, {f'{run.selection}/{k}': v
+                                  for k, v in result.items()})
   run.history.append({'step': step, **{k: result[k] for k in (
       'recall@1', 'recall@5', 'recall@10', 'train_recall@10')
                                         if k in result}})
-  logging.info('step %d dev %s', step, json.dumps(result))
+  logging.info('step %d %s %s', step, run.selection, json.dumps(result))
   if result['recall@10'] > run.best_recall:
     run.best_recall = result['recall@10']
     run.best_eval = {'step': step, **result}
@@ -426,15 +462,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: checkpoints, best checkpoint and TensorBoard events go here.
     data: the preprocessed records' directory, or tables already in memory
       (the train-loop benchmark's, which needs no TensorFlow).
-    make_evaluator: builds the dev evaluator once per run.
+    make_evaluator: builds the selection split's evaluator once per run
+      (and a dev evaluator at the end when selection reads validation).
     plan: the run's execution plan; None: `mardjax.plan.resolve(config)`.
 
   Returns:
     (state, metrics): the dev metrics of the run's model, the best
-    evaluation's (kept in `best/`, which eval, export and serve read), with
-    'model_step' (the step it is from), 'last' (the last evaluation's step
-    and recall@K), 'stopped_early', 'steps' (the last step trained),
-    'resumed_from', 'best_dev_recall_at_10', 'history', 'params_sha256',
+    evaluation's on the selection split (kept in `best/`, which eval,
+    export and serve read), with 'model_step' (the step it is from),
+    'selection' (the split, 'validation' or 'dev', that step and its
+    recall@K there), 'last' (the last evaluation's step and recall@K on
+    the selection split), 'stopped_early', 'steps' (the last step
+    trained), 'resumed_from', 'history' (the selection split's recall@K at
+    each evaluation), 'params_sha256',
     'seconds' (wall time of the loop; of evaluation and checkpointing in
     the whole run, step 0's included; 'loop_eval' and 'loop_checkpoint':
     theirs within the loop; 'loop_compile': jax compiling within it, with
@@ -465,14 +505,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       run.best.close()
   # Checkpoints from before the best evaluation was recorded: the last.
   best = run.best_eval or {'step': run.steps, **last}
-  metrics = {k: v for k, v in best.items() if k != 'step'}
+  metrics = _dev_metrics(run, best, make_evaluator, data)
   run.writer.flush()
   metrics = dict(metrics, model_step=best['step'],
                  last={'step': run.steps, **{k: last[k] for k in (
                      'recall@1', 'recall@5', 'recall@10')}},
                  stopped_early=run.stopped_early,
                  steps=run.steps, resumed_from=run.start_step,
-                 best_dev_recall_at_10=run.best_recall, history=run.history,
+                 selection={'split': run.selection, 'step': best['step'],
+                            **{k: best[k] for k in (
+                                'recall@1', 'recall@5', 'recall@10')}},
+                 history=run.history,
                  params_sha256=checkpoints.params_fingerprint(
                      run.state.params),
                  seconds=run.clock.rounded(), compiles=run.clock.compiles,
@@ -480,6 +523,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  steady_steps_per_s=round(float(np.median(run.window_rates)),
                                           2) if run.window_rates else None)
   return run.saveable(run.state), metrics
+
+
+def _dev_metrics(run: _Run, best: dict[str, Any],
+                 make_evaluator: EvaluatorFactory,
+                 data: TrainingData) -> dict[str, Any]:
+  """The dev metrics of the run's model (the best evaluation's): that
+  evaluation's own when selection read the dev split, else the best
+  checkpoint evaluated on dev now."""
+  if run.selection == 'dev':
+    return {k: v for k, v in best.items() if k != 'step'}
+  trained = checkpoints.load_for_inference(run.config, run.workdir,
+                                           run.manifest)
+  with run.clock.part('eval'):
+    dev = make_evaluator(run.config, trained.model, run.manifest, data.audio,
+                         None)(trained.variables)
+  logging.info('step %d (the model) dev %s', best['step'], json.dumps(dev))
+  return dev
 
 
 def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
