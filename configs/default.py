@@ -63,6 +63,16 @@ def get_config():
   config.data.synth_num_albums = 0
   config.data.synth_num_reviews = 0
   config.data.synth_num_tracks = 0
+  # How the catalogue reads and sounds (mardjax.data.synth.Style; these
+  # defaults write the original corpus): the spread of reviews and tracks
+  # over albums (log-normal sigmas), the fraction of single-track albums,
+  # the noise of a reviewer's impression of the sound (larger: words follow
+  # the sound less), and the shares of sentences on the sound, the genre,
+  # off-topic matters, opinion, and naming the album (< 0: within filler).
+  config.data.synth_style = ml_collections.ConfigDict(dict(
+      review_tail=1.3, track_tail=0.6, single_track=0.0,
+      impression_noise=0.6, trait=0.45, genre=0.10, offtopic=0.13,
+      opinion=0.10, naming=-1.0))
 
   # --- Model (paper sizes) -------------------------------------------------
   config.model = ml_collections.ConfigDict()

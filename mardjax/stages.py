@@ -48,13 +48,14 @@ def synthesize(config: ml_collections.ConfigDict, workdir: str,
     `synth.generate`'s report (sizes, whether it was reused).
 
   Raises:
-    UserError: bad `data.synth_*` sizes, or a directory that holds a MARD
+    UserError: bad `data.synth_*` sizes or style, or a directory that holds a MARD
       corpus mardjax did not generate.
   """
   from mardjax.data import mard_io  # pylint: disable=g-import-not-at-top
   from mardjax.data import synth  # pylint: disable=g-import-not-at-top
   try:
     sizes = synth.sizes_from_config(config.data)
+    style = synth.style_from_config(config.data)
   except ValueError as e:
     raise UserError(f'config.data.synth_*: {e}') from None
   out = mard_dir(config, workdir)
@@ -67,7 +68,7 @@ def synthesize(config: ml_collections.ConfigDict, workdir: str,
                     'generate; refusing to overwrite it with synthetic data.')
   return synth.generate(out, sizes, seed=config.data.synth_seed,
                         num_workers=config.data.num_workers,
-                        show_progress=show_progress)
+                        show_progress=show_progress, style=style)
 
 
 def preprocess(config: ml_collections.ConfigDict, workdir: str,

@@ -168,3 +168,82 @@ def test_review_words_follow_the_audio(tmp_path):
   rank = lambda v: np.argsort(np.argsort(v))
   rho = np.corrcoef(rank(xs), rank(ys))[0, 1]
   assert rho > 0.3, rho
+
+
+# The digest of the corpus below as the generator wrote it before it had
+# styles: the default style must keep writing it byte for byte.
+_ORIGINAL_DIGEST = (
+    '98030dd0bd6601227f1f0e5edcd83a4ba71e57e7c763c1ceaab56db031ebee99')
+
+
+def test_the_default_style_writes_the_original_corpus(tmp_path, config):
+  assert synth.style_from_config(config.data) == synth.Style()
+  synth.generate(str(tmp_path / 'a'), synth.SynthSizes(30, 90, 80), seed=3,
+                 show_progress=False)
+  assert _tree_digest(tmp_path / 'a') == _ORIGINAL_DIGEST
+
+
+def _sentences(path):
+  return [s for r in _lines(os.path.join(path, mard_io.REVIEWS_FILE))
+          for s in r['reviewText'].split('. ')]
+
+
+def test_each_style_knob_changes_what_it_names(tmp_path):
+  """Single-track albums, the spread of reviews, the sentence mix and the
+  naming of albums each move as set; a noisier impression changes the
+  reviews' words and nothing of the sound or the catalogue."""
+  sizes = synth.SynthSizes(200, 1000, 900)
+
+  def corpus(name, **style):
+    out = str(tmp_path / name)
+    synth.generate(out, sizes, seed=5, show_progress=False,
+                   style=synth.Style(**style))
+    return out
+  base = corpus('base')
+  albums = list(_lines(os.path.join(base, mard_io.METADATA_FILE)))
+  single = list(_lines(os.path.join(corpus('single', single_track=0.5),
+                                    mard_io.METADATA_FILE)))
+  ones = lambda rows: np.mean([len(a['songs']) == 1 for a in rows])
+  assert ones(single) > ones(albums) + 0.3
+  per_album = lambda path: np.bincount(np.unique(
+      [r['amazon-id'] for r in _lines(os.path.join(path,
+                                                   mard_io.REVIEWS_FILE))],
+      return_inverse=True)[1])
+  assert (np.mean(per_album(corpus('tail', review_tail=2.5)) == 1) >
+          np.mean(per_album(base) == 1) + 0.1)
+  offtopic = {s.rstrip('.') for group in synth._NOISE.values()  # pylint: disable=protected-access
+              for s in group}
+  share = lambda path: np.mean([s.rstrip('.') in offtopic
+                                for s in _sentences(path)])
+  assert 0.08 < share(base) < 0.18
+  assert share(corpus('chatty', trait=0.2, offtopic=0.5)) > 0.4
+  artists = {a['amazon-id']: a['artist'] for a in albums}
+  named = lambda path: np.mean([
+      artists[r['amazon-id']] in r['reviewText']
+      for r in _lines(os.path.join(path, mard_io.REVIEWS_FILE))])
+  assert named(corpus('never', naming=0.0)) == 0
+  assert named(corpus('often', naming=0.3)) > named(base) + 0.2
+  noisy = corpus('noisy', impression_noise=2.0)
+  for f in (mard_io.METADATA_FILE, mard_io.ORIGINAL_DESCRIPTOR_DIR,
+            mard_io.EXPANDED_DESCRIPTOR_DIR):
+    assert _tree_digest_of(os.path.join(noisy, f)) == _tree_digest_of(
+        os.path.join(base, f))
+  assert _sentences(noisy) != _sentences(base)
+
+
+def _tree_digest_of(path):
+  if os.path.isdir(path):
+    return _tree_digest(path)
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.parametrize('field,value', [
+    ('single_track', 1.5), ('review_tail', -1.0), ('trait', 0.9),
+    ('offtopic', -0.1)])
+def test_a_style_out_of_range_is_refused(config, tmp_path, field, value):
+  from mardjax import stages  # pylint: disable=g-import-not-at-top
+  from mardjax.errors import UserError  # pylint: disable=g-import-not-at-top
+  config.data.synth_style[field] = value
+  with pytest.raises(UserError, match=f'config.data.synth_.*{field}'):
+    stages.synthesize(config, str(tmp_path), show_progress=False)

@@ -29,6 +29,14 @@ Reviews per album and tracks per album are heavy-tailed; review lengths are
 log-normal. Retrieval is learnable (text and audio share z) but not trivial
 (both views are noisy, and much of each review is unrelated to the sound).
 
+How a catalogue reads and sounds is a `Style` (`config.data.synth_style`):
+how heavy-tailed reviews and tracks per album are, how many albums hold a
+single track, how closely a review's words follow the sound, and the share
+of each kind of sentence (the sound, the genre, off-topic talk, opinion,
+naming the album's artist, title or songs). Its defaults write the corpus
+this generator has always written, byte for byte; the corpus suite
+(`mardjax.experiments.suite`) varies them.
+
 Everything is deterministic given the seed: each album draws from its own
 random stream, so the output does not depend on the number of workers.
 """
@@ -246,6 +254,69 @@ class SynthSizes:
   num_albums: int
   num_reviews: int
   num_tracks: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+  """How a synthetic catalogue reads and sounds; the defaults are the
+  generator's original corpus.
+
+  Attributes:
+    review_tail: sigma of the log-normal weights that spread the reviews
+      over albums (larger: more albums with one review, a few with many).
+    track_tail: the same for tracks.
+    single_track: fraction of albums given exactly one track (as MARD's
+      original release has), drawn apart from the other draws.
+    impression_noise: sd of each reviewer's impression around the album's
+      latent traits, which the describing words follow (larger: a weaker
+      link between sound and words).
+    trait, genre, offtopic, opinion: shares of a review's sentences that
+      describe the sound, name a genre, talk of shipping, price, packaging
+      or gifts, or give an opinion.
+    naming: share of sentences that name the album's artist, title or one
+      of its songs; the rest are filler. Below 0: naming sentences are
+      among the filler as the original corpus has them (3 of 18 filler
+      sentences).
+  """
+  review_tail: float = 1.3
+  track_tail: float = 0.6
+  single_track: float = 0.0
+  impression_noise: float = 0.6
+  trait: float = 0.45
+  genre: float = 0.10
+  offtopic: float = 0.13
+  opinion: float = 0.10
+  naming: float = -1.0
+
+  def check(self) -> None:
+    """Raises ValueError naming the first field out of range."""
+    shares = (self.trait, self.genre, self.offtopic, self.opinion,
+              max(self.naming, 0.0))
+    for name in ('review_tail', 'track_tail', 'impression_noise'):
+      if not 0 <= getattr(self, name) < 10:
+        raise ValueError(f'{name}={getattr(self, name)} must be in [0, 10).')
+    if not 0 <= self.single_track <= 1:
+      raise ValueError(f'single_track={self.single_track} must be in [0, 1].')
+    if min(shares) < 0 or sum(shares) > 1 + 1e-9:
+      raise ValueError('the sentence shares (trait, genre, offtopic, opinion, '
+                       f'naming) {shares} must be >= 0 and sum to at most 1.')
+
+  def bounds(self) -> tuple[float, ...]:
+    """The running sums of the sentence shares, rounded so that the
+    defaults give the original corpus's bounds exactly."""
+    shares = [self.trait, self.genre, self.offtopic, self.opinion]
+    if self.naming >= 0:
+      shares.append(self.naming)
+    return tuple(round(float(x), 12) for x in np.cumsum(shares))
+
+
+def style_from_config(data_config) -> Style:
+  """`config.data.synth_style` as a `Style` (unknown fields are refused by
+  the config itself); raises ValueError for a value out of range."""
+  style = Style(**{k: float(v) for k, v in
+                   data_config.get('synth_style', {}).items()})
+  style.check()
+  return style
 
 
 def sizes_from_config(data_config) -> SynthSizes:
@@ -527,7 +598,8 @@ class _Draws:
 
 
 def _review_text(draws: _Draws, album: dict, z: np.ndarray,
-                 rating: int, n_sent: int) -> str:
+                 rating: int, n_sent: int,
+                 bounds: tuple[float, ...] = Style().bounds()) -> str:
   """One review: noisy descriptions of the album's latent traits + the rest.
 
   Args:
@@ -536,6 +608,7 @@ def _review_text(draws: _Draws, album: dict, z: np.ndarray,
     z: (len(LATENT),) this reviewer's impression of the album's latent vector.
     rating: 1..5.
     n_sent: number of sentences.
+    bounds: `Style.bounds()`: where each kind of sentence ends on [0, 1).
   """
   rare, rare_cdf = _rare_words()
   salience = np.cumsum(np.abs(z) + 0.2)
@@ -544,7 +617,7 @@ def _review_text(draws: _Draws, album: dict, z: np.ndarray,
   sentences = []
   for _ in range(n_sent):
     r = draws.unit()
-    if r < 0.45:  # Describe a salient trait.
+    if r < bounds[0]:  # Describe a salient trait.
       k = draws.weighted(salience)
       dim = LATENT[k]
       pole = int(z[k] + 0.8 * (draws.unit() - 0.5) > 0)
@@ -554,24 +627,50 @@ def _review_text(draws: _Draws, album: dict, z: np.ndarray,
       sentences.append(draws.pick(_DESCRIBE).format(
           adj=draws.pick(words), adj2=draws.pick(words),
           noun=draws.pick(_NOUN_LISTS[dim]), inst=draws.pick(inst)))
-    elif r < 0.55:
+    elif r < bounds[1]:
       genre = (album['root-genre'] if draws.unit() < 0.85 else
                draws.pick(list(GENRES)))
       gw = _GENRE_LISTS[genre]
       sentences.append(draws.pick(_GENRE_SENT).format(
           g1=draws.pick(gw), g2=draws.pick(gw)))
-    elif r < 0.68:
+    elif r < bounds[2]:
       sentences.append(draws.pick(draws.pick(_NOISE_LISTS)))
-    elif r < 0.78:
+    elif r < bounds[3]:
       sentences.append(draws.pick(_OPINION[rating]))
+    elif len(bounds) > 4 and r < bounds[4]:
+      sentences.append(_naming_sentence(draws, album))
     else:
-      sentences.append(draws.pick(_FILLER).format(
+      sentences.append(draws.pick(
+          _FILLER if len(bounds) == 4 else _PLAIN_FILLER).format(
           n=2 + int(draws.unit() * 18), title_word=draws.pick(title_words),
           artist=album['artist'], ordinal=draws.pick(_ORDINALS),
           year=1970 + int(draws.unit() * 45),
           rare=rare[draws.weighted(rare_cdf)].title(),
           rare2=rare[draws.weighted(rare_cdf)]))
   return ' '.join(sentences)
+
+
+# Filler that names nothing of the album (`Style.naming` >= 0 draws the
+# naming sentences apart).
+_PLAIN_FILLER = tuple(f for f in _FILLER
+                      if '{artist}' not in f and '{title_word}' not in f)
+_NAMING = (
+    '{artist} have done it again.',
+    'This is the {ordinal} album I bought from {artist}.',
+    'My favorite track is {title_word} but they are all good.',
+    '{title} is the best thing {artist} ever released.',
+    'The song {song} alone is worth the price.',
+    'I keep coming back to {song} and {song2}.',
+)
+
+
+def _naming_sentence(draws: _Draws, album: dict) -> str:
+  """A sentence naming the album's artist, a title word, or its songs."""
+  songs = [s['title'] for s in album.get('songs', [])] or [album['title']]
+  return draws.pick(_NAMING).format(
+      artist=album['artist'], ordinal=draws.pick(_ORDINALS),
+      title_word=draws.pick(album['title'].split()), title=album['title'],
+      song=draws.pick(songs), song2=draws.pick(songs))
 
 
 def _ids_for_albums(seed: int, start: int, count: int):
@@ -589,6 +688,7 @@ class _Chunk(NamedTuple):
   out_dir: str
   chunk_id: int
   reviewer_pool: np.ndarray  # Reviewer ids to draw from.
+  style: Style = Style()
 
 
 class _Files(NamedTuple):
@@ -675,7 +775,8 @@ def _track_documents(rng, physics, album: dict[str, Any],
 
 
 def _reviews(rng, album: dict[str, Any], z_album: np.ndarray,
-             num_reviews: int, reviewer_pool: np.ndarray) -> list[bytes]:
+             num_reviews: int, reviewer_pool: np.ndarray,
+             style: Style = Style()) -> list[bytes]:
   """The album's review lines: distinct reviewers, ratings around a hidden
   quality, texts from each reviewer's noisy impression of the album."""
   reviewers = rng.choice(reviewer_pool, size=num_reviews, replace=False)
@@ -684,7 +785,8 @@ def _reviews(rng, album: dict[str, Any], z_album: np.ndarray,
   ratings = np.clip(np.round(4.2 + 0.6 * quality + rng.normal(0, 1, nr)),
                     1, 5).astype(int).tolist()
   times = rng.integers(946684800, 1404172800, nr).tolist()  # 2000..2014.
-  impressions = z_album + rng.normal(0, 0.6, (nr, len(LATENT)))
+  impressions = z_album + rng.normal(0, style.impression_noise,
+                                     (nr, len(LATENT)))
   # Log-normal sentence counts: median ~11 sentences (~90 words); about 2%
   # of reviews run past 400 words, as long Amazon reviews do.
   n_sents = np.maximum(1, np.round(np.exp(rng.normal(2.4, 0.7, nr)))
@@ -701,7 +803,7 @@ def _reviews(rng, album: dict[str, Any], z_album: np.ndarray,
             _SYLLABLES),
         'helpful': [int(draws.unit() * (helpful[j] + 1)), helpful[j]],
         'reviewText': _review_text(draws, album, impressions[j],
-                                   ratings[j], n_sents[j]),
+                                   ratings[j], n_sents[j], style.bounds()),
         'overall': float(ratings[j]),
         'summary': draws.pick(_OPINION[ratings[j]]),
         'unixReviewTime': times[j],
@@ -723,7 +825,7 @@ def _generate_chunk(job: _Chunk) -> tuple[bytes, bytes, collections.Counter]:
     meta_lines.append(_metadata_line(album))
     _track_documents(rng, physics, album, z_album, files)
     lines = _reviews(rng, album, z_album, int(job.n_reviews[i]),
-                     job.reviewer_pool)
+                     job.reviewer_pool, job.style)
     review_lines.extend(lines)
     files.counts['albums'] += 1
     files.counts['reviews'] += len(lines)
@@ -748,9 +850,9 @@ def _heavy_tailed_counts(rng, n_items: int, total: int, sigma: float):
 
 
 def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
-             num_workers: int = 1, show_progress: bool = True
-             ) -> dict[str, Any]:
-  """Writes a synthetic MARD corpus into `out_dir`.
+             num_workers: int = 1, show_progress: bool = True,
+             style: Style = Style()) -> dict[str, Any]:
+  """Writes a synthetic MARD corpus of `style` into `out_dir`.
 
   Idempotent: when `out_dir` already holds a complete corpus of the same
   sizes and seed, nothing is rewritten. The corpus is written into a hidden
@@ -767,6 +869,8 @@ def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
   marker = os.path.join(out_dir, DONE_MARKER)
   wanted = {'sizes': dataclasses.asdict(sizes), 'seed': seed,
             'generator_version': 1}
+  if style != Style():  # The original corpus's request stays as it was.
+    wanted['style'] = dataclasses.asdict(style)
   if os.path.exists(marker):
     with open(marker) as f:
       done = json.load(f)
@@ -777,7 +881,7 @@ def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
   # run, never a half corpus where a MARD directory is expected.
   with files_lib.whole_folder(out_dir) as tmp:
     summary = _generate_into(tmp, sizes, seed, num_workers, show_progress,
-                             wanted)
+                             wanted, style)
     summary['mard_dir'] = out_dir
     with open(os.path.join(tmp, DONE_MARKER), 'w') as f:
       json.dump({'request': wanted, 'summary': summary}, f)
@@ -787,7 +891,7 @@ def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
 
 def _generate_into(out_dir: str, sizes: SynthSizes, seed: int,
                    num_workers: int, show_progress: bool,
-                   wanted: dict[str, Any]) -> dict[str, Any]:
+                   wanted: dict[str, Any], style: Style) -> dict[str, Any]:
   """Writes the corpus into the fresh folder `out_dir`; returns its summary."""
   with open(os.path.join(out_dir, STARTED_MARKER), 'w') as f:
     json.dump({'request': wanted}, f)  # First: the folder is ours.
@@ -801,14 +905,21 @@ def _generate_into(out_dir: str, sizes: SynthSizes, seed: int,
   names = list(GENRES)
   weights = np.array([GENRES[g][1] for g in names], np.float64)
   genres = rng.choice(len(names), size=sizes.num_albums, p=weights / weights.sum())
-  n_reviews = _heavy_tailed_counts(rng, sizes.num_albums, sizes.num_reviews, 1.3)
-  n_tracks = _heavy_tailed_counts(rng, sizes.num_albums, sizes.num_tracks, 0.6)
+  n_reviews = _heavy_tailed_counts(rng, sizes.num_albums, sizes.num_reviews,
+                                   style.review_tail)
+  n_tracks = _heavy_tailed_counts(rng, sizes.num_albums, sizes.num_tracks,
+                                  style.track_tail)
+  if style.single_track > 0:  # Its own stream: the other draws stay put.
+    single = np.random.default_rng([seed, 2**31 - 2]).random(
+        sizes.num_albums) < style.single_track
+    n_tracks[single] = 1
   reviewer_pool = max(sizes.num_reviews // 3, int(n_reviews.max()) * 2)
   jobs = []
   for chunk_id, lo in enumerate(range(0, sizes.num_albums, _ALBUMS_PER_CHUNK)):
     hi = min(lo + _ALBUMS_PER_CHUNK, sizes.num_albums)
     jobs.append(_Chunk(seed, lo, genres[lo:hi], n_reviews[lo:hi],
-                       n_tracks[lo:hi], out_dir, chunk_id, reviewer_pool))
+                       n_tracks[lo:hi], out_dir, chunk_id, reviewer_pool,
+                       style))
 
   totals = collections.Counter()
   meta_path = os.path.join(out_dir, mard_io.METADATA_FILE)
