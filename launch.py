@@ -1,6 +1,6 @@
 """mardjax entry point: `python launch.py --config configs/default.py --workdir DIR`.
 
-Modes (`--mode`): train (default), eval, baselines, ablate, export, serve,
+Modes (`--mode`): train (default), eval, baselines, ablate, suite, export, serve,
 embed, synth, preprocess, benchmark. Every
 mode prints one JSON object as the last line of stdout and writes the same
 object to DIR/<mode>.json. Config fields are overridden with

@@ -229,6 +229,15 @@ def get_config():
   config.baselines.wsabie_learning_rate = 1e-2
   config.baselines.wsabie_margin = 0.1
 
+  # --- The corpus suite (--mode=suite) --------------------------------------
+  config.suite = ml_collections.ConfigDict()
+  # Corpora of mardjax.experiments.suite.CORPORA, comma-separated ('': all).
+  config.suite.corpora = ''
+  config.suite.seeds = '0,1,2'  # One training run per seed per corpus.
+  config.suite.scale = 1.0  # Multiplies every corpus's sizes.
+  # Epochs of each run (0: the config's train.num_epochs / num_steps).
+  config.suite.num_epochs = 0
+
   # --- Table 1 (--mode=ablate) ----------------------------------------------
   config.ablate = ml_collections.ConfigDict()
   # Training steps per row (0: each row's own schedule, the paper's 200

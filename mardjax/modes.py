@@ -134,6 +134,13 @@ def run_ablate(config, workdir: str, opts: Options = Options()
   return ablation.run_table1(config, workdir, opts.show_progress)
 
 
+def run_suite(config, workdir: str, opts: Options = Options()
+              ) -> dict[str, Any]:
+  """The config on every corpus of the suite (`experiments.suite`)."""
+  from mardjax.experiments import suite  # pylint: disable=g-import-not-at-top
+  return suite.run_suite(config, workdir, opts.show_progress)
+
+
 def run_export(config, workdir: str, opts: Options = Options()
                ) -> dict[str, Any]:
   """The trained space as plain files (`serve.export`)."""
@@ -192,7 +199,8 @@ def run_benchmark(config, workdir: str, opts: Options = Options()
 # --mode name -> function(config, workdir, Options) -> JSON-able dict.
 MODES: dict[str, Callable[..., dict[str, Any]]] = {
     'train': run_train, 'eval': run_eval, 'baselines': run_baselines,
-    'ablate': run_ablate, 'export': run_export, 'serve': run_serve,
+    'ablate': run_ablate, 'suite': run_suite, 'export': run_export,
+    'serve': run_serve,
     'embed': run_embed, 'synth': run_synth, 'preprocess': run_preprocess,
     'benchmark': run_benchmark, 'query': run_query,
 }

@@ -375,8 +375,8 @@ def test_sharded_optimizer_state_resumes_on_another_device_count(
     tiny_records, tmp_path):
   """A run with its optimizer state sharded over 4 devices checkpoints the
   moments in the parameters' shapes: the checkpoint reads back unchanged on
-  2 devices (where the word table's 502 rows pad differently) and on one,
-  and training resumed there ends where the uninterrupted 4-device run
+  2 devices (where the word table's 502 rows pad differently), and
+  training resumed there ends where the uninterrupted 4-device run
   does (within float round-off: the devices sum in another order; the
   loss gathers every device's rows, so its value does not depend on the
   split)."""
@@ -400,17 +400,13 @@ def test_sharded_optimizer_state_resumes_on_another_device_count(
   plan, _, straight = run(tmp_path / 'a', 20, 4)
   assert plan == 'sharded'
   _, _, half = run(tmp_path / 'b', 10, 4)
-  for devices in (2, 1):
-    moved = tmp_path / f'b{devices}'
-    shutil.copytree(tmp_path / 'b', moved)
-    plan, resumed, again = run(moved, 10, devices)
-    assert plan == ('sharded' if devices > 1 else 'replicated')
-    assert resumed == 10
-    for x, y in zip(half, again):  # Read back as it was saved.
-      np.testing.assert_array_equal(x, y)
-    _, resumed, ended = run(moved, 20, devices)
-    assert resumed == 10
-    _params_close(straight, ended, atol=2e-4)
+  plan, resumed, again = run(tmp_path / 'b', 10, 2)
+  assert (plan, resumed) == ('sharded', 10)
+  for x, y in zip(half, again):  # Read back as it was saved.
+    np.testing.assert_array_equal(x, y)
+  _, resumed, ended = run(tmp_path / 'b', 20, 2)
+  assert resumed == 10
+  _params_close(straight, ended, atol=2e-4)
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ keeps its own optimiser, schedule and loss). Every row trains on the same data (
 and seed of the config given to launch.py) for `config.ablate.num_steps`
 steps (a budget: small on a CPU, the paper's 200 epochs on a GPU with
 `--config.ablate.num_steps=0`, which keeps each row's own epoch count), and
-reports dev recall of its model (the best of its evaluations, `model_step`).
+reports dev recall of its model (the best of its evaluations on the
+selection split, `model_step`).
 Outputs in the workdir: `ablation.md`, `ablation.csv`, `ablation.png`, one
 sub-directory per row.
 
@@ -292,10 +293,12 @@ def _write(results: list[dict[str, Any]], workdir: str,
       f'Budget: {config.ablate.num_steps or "each row’s own"} steps per row'
       + (f' ({config.ablate.row_steps})' if config.ablate.row_steps else '')
       + (f', stopping after {config.train.early_stop_patience} evaluations '
-         f'without a better dev R@10' if config.train.early_stop_patience
+         f'without a better selection R@10' if config.train.early_stop_patience
          else '')
       + f', batch {config.train.batch_size}; each row\'s model is its best '
-      f'dev evaluation (step in `model step`), measured on the {split} split '
+      f'evaluation on held-out training reviews (or dev, as '
+      f'eval.validation_fraction says; step in `model step`), evaluated on '
+      f'the {split} split '
       'with a 95% bootstrap interval of R@10; paper figures from its '
       'Table 1 (real MARD, 200 epochs).',
       '',

@@ -144,9 +144,7 @@ def benchmark_train_loop(config, workdir: str) -> dict[str, Any]:
   generate_s = time.perf_counter() - start
 
   def make_evaluator(cfg, model, manifest, audio, reviews):
-    # The generated tables hold no held-out training reviews: selection
-    # reads the generated dev reviews.
-    del manifest, reviews
+    del manifest, reviews  # No held-out training reviews: the dev ones.
     return lambda variables: evaluate.evaluate(
         variables, model, audio, dev, max_tracks=two_branch.album_tracks(cfg))
 
