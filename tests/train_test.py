@@ -214,6 +214,10 @@ def test_model_selection_reads_reviews_held_out_of_training(tiny_records,
   assert dev['num_queries'] == metrics['num_queries'] != len(
       data.validation['album'])
   config.eval.validation_fraction = 0.0
+  # The run held out other reviews: it is not resumed with these.
+  with pytest.raises(UserError, match=r'held out eval.validation_fraction='
+                     r'0.1 .* this config holds out 0.0'):
+    stages.train_and_evaluate(config, str(tmp_path / 'v'), data_dir)
   _, metrics = stages.train_and_evaluate(config, str(tmp_path / 'd'),
                                          data_dir)
   assert metrics['selection']['split'] == 'dev'

@@ -242,9 +242,11 @@ def _idf(reviews: tables.ReviewTable, manifest: manifest_lib.Manifest
 
 def _restore(run: _Run) -> None:
   """Continues from the newest readable checkpoint, when there is one."""
-  restored = run.ckpt.restore_latest(
-      run.state, check_meta=lambda m: checkpoints.check_same_data(
-          m, run.manifest.sha256, run.workdir))
+  def check(meta):
+    checkpoints.check_same_data(meta, run.manifest.sha256, run.workdir)
+    _check_same_selection(meta, run.config.eval.validation_fraction,
+                          run.workdir)
+  restored = run.ckpt.restore_latest(run.state, check_meta=check)
   if restored is None:
     return
   run.start_step, run.state, meta = restored
@@ -257,6 +259,26 @@ def _restore(run: _Run) -> None:
                  if h['step'] <= run.start_step]
   logging.info('Resumed from step %d at input position %s.', run.start_step,
                run.position)
+
+
+def _check_same_selection(meta: dict[str, Any], fraction: float,
+                          workdir: str) -> None:
+  """Refuses to resume a run that held out another share of the training
+  reviews (runs from before the field selected on dev: 0): its training
+  data, input order and best recall belong to that share.
+
+  Raises:
+    UserError: the fractions differ.
+  """
+  stored = json.loads(meta.get('config') or '{}').get('eval', {}).get(
+      'validation_fraction', 0.0)
+  if stored != fraction:
+    raise UserError(
+        f'{workdir} holds a run that held out eval.validation_fraction='
+        f'{stored} of the training reviews for model selection, and this '
+        f'config holds out {fraction}: resume it with '
+        f'--config.eval.validation_fraction={stored}, or train in another '
+        'workdir.')
 
 
 def _evaluate(run: _Run, step: int) -> dict[str, Any]:
