@@ -192,7 +192,7 @@ def test_each_style_knob_changes_what_it_names(tmp_path):
   """Single-track albums, the spread of reviews, the sentence mix and the
   naming of albums each move as set; a noisier impression changes the
   reviews' words and nothing of the sound or the catalogue."""
-  sizes = synth.SynthSizes(200, 1000, 900)
+  sizes = synth.SynthSizes(120, 600, 540)
 
   def corpus(name, **style):
     out = str(tmp_path / name)
