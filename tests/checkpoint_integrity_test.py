@@ -189,22 +189,23 @@ def test_restore_best_takes_the_intact_step_with_the_best_recall(tmp_path):
 
 def test_checksums_of_an_unknown_algorithm_are_not_trusted(tmp_path, caplog):
   """A record of checksums by another algorithm than this code's verifies
-  nothing: the checkpoint is set aside for the previous one, with a warning
-  that quotes the error whole up to 300 characters, and its first 300
-  followed by '...' beyond."""
+  nothing, whether its name sorts before or after this code's: the
+  checkpoint is set aside for the previous one, with a warning that quotes
+  the error whole up to 300 characters, and its first 300 followed by '...'
+  beyond."""
   rng = np.random.default_rng(4)
   directory = str(tmp_path / checkpoints.CHECKPOINT_DIR)
-  ckpt = checkpoints.Checkpoints(directory, keep=3, async_save=False)
-  for step in (1, 2, 3):
+  ckpt = checkpoints.Checkpoints(directory, keep=4, async_save=False)
+  for step in (1, 2, 3, 4):
     ckpt.save(step, _state(step, rng), {'step': step})
   errors = {}
-  for step, length in ((2, 300), (3, 301)):
+  for step, length in ((2, 300), (3, 301), (4, 38)):
     path = os.path.join(directory, str(step), checkpoints.DIGEST_ITEM,
                         'metadata')
     with open(path) as f:
       record = json.load(f)
-    # Sorts after 'blake2b-256'.
-    record['algorithm'] = 'sha256-'.ljust(
+    # 'sha256-...' sorts after 'blake2b-256', 'adler32' before it.
+    record['algorithm'] = ('adler32' if step == 4 else 'sha256-').ljust(
         length - len("unknown checksum algorithm ''"), 'x')
     with open(path, 'w') as f:
       json.dump(record, f)
@@ -214,8 +215,10 @@ def test_checksums_of_an_unknown_algorithm_are_not_trusted(tmp_path, caplog):
     step, state, _ = ckpt.restore_latest(_zeros_like(_state(0, rng)))
   ckpt.close()
   assert step == 1 and float(state['bias'][0]) == 1
-  (newest,), (older,) = (_warnings(caplog, f'{directory}/{step} is unreadable')
-                         for step in (3, 2))
+  (short,), (newest,), (older,) = (
+      _warnings(caplog, f'{directory}/{step} is unreadable')
+      for step in (4, 3, 2))
+  assert f'(ChecksumMismatch: {errors[4]}), falling back' in short
   assert f'(ChecksumMismatch: {errors[3][:300]}...), falling back' in newest
   assert f'(ChecksumMismatch: {errors[2]}), falling back' in older
 
@@ -240,7 +243,15 @@ def test_a_step_set_aside_again_keeps_every_copy(tmp_path, monkeypatch):
   best.save(2, {'x': np.zeros(3, np.float32)}, {'step': 2, 'n': 'best'})
   assert best.set_aside(2, 'is damaged') == str(root / 'best-2-1700000000')
   best.close()
-  assert sorted(os.listdir(root)) == [*names, 'best-2-1700000000']
+  # Any other directory's name prefixes its steps too ('rolling' sorts
+  # after 'checkpoints').
+  other = checkpoints.Checkpoints(str(tmp_path / 'rolling'), keep=1,
+                                  async_save=False)
+  other.save(2, {'x': np.ones(3, np.float32)}, {'step': 2, 'n': 'other'})
+  assert other.set_aside(2, 'is damaged') == str(root / 'rolling-2-1700000000')
+  other.close()
+  assert sorted(os.listdir(root)) == [*names, 'best-2-1700000000',
+                                      'rolling-2-1700000000']
   for n, name in enumerate(names):
     with open(root / name / 'meta' / 'metadata') as f:
       assert json.load(f)['n'] == n
@@ -394,6 +405,10 @@ def test_the_fallback_from_a_damaged_best_takes_the_best_rolling_step(
   ckpt.save(older, jax.tree_util.tree_map(np.array, newest.variables),
             dict(meta, history=[{'step': older, 'recall@10': 0.99}]))
   ckpt.close()
+  # Read by name, the rolling checkpoints give their newest, not their best.
+  assert checkpoints.load_for_inference(
+      config, workdir, directory=checkpoints.CHECKPOINT_DIR).step == (
+          newest.step)
   best_dir = os.path.join(workdir, checkpoints.BEST_DIR)
   (best_step,) = (int(d) for d in os.listdir(best_dir) if d.isdigit())
   _damage(os.path.join(best_dir, str(best_step)), 'flip')

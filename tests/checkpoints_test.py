@@ -46,7 +46,9 @@ def test_checkpoints_of_the_first_format_still_load(trained_room, tmp_path):
   for path in metas:  # Format 1 wrote no format_version.
     with open(path) as f:
       meta = json.load(f)
-    assert meta.pop('format_version') == checkpoints.FORMAT_VERSION
+    # This code writes format 3 (checksums and dtypes): a mardjax of
+    # format 3 reads its records, and a new format takes a new number.
+    assert meta.pop('format_version') == checkpoints.FORMAT_VERSION == 3
     with open(path, 'w') as f:
       json.dump(meta, f)
   trained = checkpoints.load_for_inference(config, workdir)
@@ -190,20 +192,20 @@ def test_params_fingerprints_are_equal_only_for_identical_parameters():
 
 def test_the_run_config_comes_from_the_newest_readable_record(tmp_path):
   """`run_config` gives the config of the newest checkpoint whose record
-  reads back, past newer ones that do not, which it leaves in place; a
-  restore goes past them too, and sets them aside."""
+  reads back (not an older one), past newer ones that do not, which it
+  leaves in place; a restore goes past them too, and sets them aside."""
   directory = tmp_path / checkpoints.CHECKPOINT_DIR
   ckpt = checkpoints.Checkpoints(str(directory), keep=3, async_save=False)
-  for step in (1, 2):
+  for step in (1, 2, 3):
     ckpt.save(step, {'x': np.full(3, step, np.float32)},
               {'step': step, 'config': json.dumps({'seed': step})})
-  os.remove(directory / '2' / 'meta' / 'metadata')
-  assert checkpoints.run_config(str(tmp_path)) == {'seed': 1}
-  assert sorted(os.listdir(directory)) == ['1', '2']
+  os.remove(directory / '3' / 'meta' / 'metadata')
+  assert checkpoints.run_config(str(tmp_path)) == {'seed': 2}
+  assert sorted(os.listdir(directory)) == ['1', '2', '3']
   step, state, _ = ckpt.restore_latest({'x': np.zeros(3, np.float32)})
   ckpt.close()
-  assert step == 1 and float(state['x'][0]) == 1
-  assert os.listdir(directory) == ['1']
+  assert step == 2 and float(state['x'][0]) == 2
+  assert sorted(os.listdir(directory)) == ['1', '2']
 
 
 class _OneOfTwoProcesses:

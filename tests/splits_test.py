@@ -43,6 +43,9 @@ def test_fractions_are_half_open(monkeypatch):
   monkeypatch.setattr(splits, 'hash_unit', lambda *_: 0.2499)
   assert splits.album_split('B1', 0.25, 's') == splits.TEST
   assert splits.review_split('r1', splits.TRAIN, 0.25, 's') == splits.DEV
+  assert splits.in_validation(['r1'], 0.25, 's').tolist() == [True]
+  monkeypatch.setattr(splits, 'hash_unit', lambda *_: 0.25)
+  assert splits.in_validation(['r1'], 0.25, 's').tolist() == [False]
 
 
 def test_validation_is_a_stable_draw_apart_from_the_dev_split():

@@ -9,7 +9,10 @@ Ray (requirements-dev.txt) writes each mutant into the module in turn and
 runs those tests: a mutant the tests fail on is killed, one they pass is a
 survivor. A survivor is either a test still to write or an equivalent mutant
 (the program behaves the same, e.g. `x * 1` -> `x / 1`), listed with its
-reason in `equivalent.toml` (by operator and the original line of code).
+reason in `equivalent.toml` (by operator and the original line of code). A
+mutant that only a slower test outside the target's reaches (several
+processes) is listed there too, with `killed_by` naming that test, run on it
+by hand: the report counts it killed and names the test.
 Progress is kept under `.mutation/` (not committed), so a run that stops
 resumes where it was. A target whose module changed since it began starts
 again; one whose tests changed runs again its survivors not listed as
@@ -135,7 +138,7 @@ def _retest_survivors(target: Target, db: str) -> int:
         "JOIN work_results r ON s.job_id = r.job_id "
         "WHERE r.test_outcome = 'SURVIVED'").fetchall()
     again = [(job,) for job, operator, diff in rows
-             if _why_equivalent(equivalent, operator, diff) is None]
+             if _listed(equivalent, operator, diff) is None]
     con.executemany('DELETE FROM work_results WHERE job_id = ?', again)
   con.close()
   return len(again)
@@ -216,15 +219,31 @@ def _original_line(diff: str) -> str:
   return removed[0] if removed else ''
 
 
-def _why_equivalent(entries: list[dict[str, str]], operator: str,
-                    diff: str) -> str | None:
-  """Why a surviving mutant is equivalent, or None when it is not listed."""
+def _listed(entries: list[dict[str, str]], operator: str,
+            diff: str) -> dict[str, str] | None:
+  """The entry of equivalent.toml for a surviving mutant, or None."""
   code, mutant = _original_line(diff), ' '.join(_changed_lines(diff, '+'))
   for e in entries:
     if (e['operator'] == operator and e['code'].strip() == code and
         e.get('mutant', mutant).strip() == mutant):
-      return e['why']
+      return e
   return None
+
+
+def _why_equivalent(entries: list[dict[str, str]], operator: str,
+                    diff: str) -> str | None:
+  """Why a surviving mutant is equivalent, or None when it is not listed
+  as equivalent (not listed, or killed by a test outside the target's)."""
+  e = _listed(entries, operator, diff)
+  return e['why'] if e and 'killed_by' not in e else None
+
+
+def _killed_by(entries: list[dict[str, str]], operator: str,
+               diff: str) -> str | None:
+  """The test outside the target's that kills a surviving mutant, with
+  why only it reaches it; None when not listed so."""
+  e = _listed(entries, operator, diff)
+  return f'{e["killed_by"]}: {e["why"]}' if e and 'killed_by' in e else None
 
 
 def _outcomes(db: str) -> list[dict]:
@@ -296,23 +315,28 @@ def write_report() -> str:
     rows = [r for r in _outcomes(db) if r['worker'] != 'SKIPPED']
     done = [r for r in rows if r['outcome'] is not None]
     # An incompetent mutant (one that cannot even import) is caught too.
-    killed = [r for r in done if r['outcome'] in ('KILLED', 'INCOMPETENT')]
+    outside = [r for r in done if r['outcome'] == 'SURVIVED' and
+               _killed_by(eq, r['operator'], r['diff']) is not None]
+    killed = [r for r in done
+              if r['outcome'] in ('KILLED', 'INCOMPETENT')] + outside
     same = [r for r in done if r['outcome'] == 'SURVIVED' and
             _why_equivalent(eq, r['operator'], r['diff']) is not None]
     survived = [r for r in done if r['outcome'] == 'SURVIVED' and r not in
-                same]
+                same and r not in outside]
     scored = len(done) - len(same)
     score = f'{100 * len(killed) / scored:.1f}%' if scored else '-'
     lines.append(f'| `{target.module}` | {_tests_label(target)} | '
                  f'{len(rows)} | {len(killed)} | {len(same)} | '
                  f'{len(survived)} | {len(rows) - len(done)} | {score} | '
                  f'{code} |')
-    for title, group in (('survived', survived), ('equivalent', same)):
+    for title, group in (('survived', survived), ('equivalent', same),
+                         ('killed by other tests', outside)):
       if not group:
         continue
       details += ['', f'## {target.name}: {title}', '']
       for r in sorted(group, key=lambda r: (r['line'], r['operator'])):
-        why = _why_equivalent(eq, r['operator'], r['diff'])
+        why = (_why_equivalent(eq, r['operator'], r['diff']) or
+               _killed_by(eq, r['operator'], r['diff']))
         why = f' — {why}' if why else ''
         details.append(f'* line {r["line"]}, `{r["operator"]}` '
                        f'(occurrence {r["occurrence"]}){why}')
