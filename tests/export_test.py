@@ -57,7 +57,7 @@ def test_export_round_trip(tiny_corpus_master, tmp_path):
   top, _ = bank['album_index'].search(bank['reviews'][dev], k=10)
   hit = [row_of[bank['review_meta'][i]['album_index']] in t
          for i, t in zip(dev, top)]
-  assert np.mean(hit) == pytest.approx(best['recall@10'], abs=0.02)
+  assert np.mean(hit) == pytest.approx(trained['recall@10'], abs=0.02)
 
   # The approximate index: written beside the banks, read back, and on a
   # bank this small it finds what exact search finds.

@@ -65,6 +65,7 @@ def test_the_suite_trains_every_corpus_and_seed_beside_the_baselines(
   config.train.update(num_steps=10, eval_every=5, log_every=5,
                       checkpoint_every=5)
   config.eval.bootstrap = 50
+  config.eval.validation_fraction = 0.1  # The default's (tests: dev).
   config.baselines.update(wsabie_steps=50, text_dim=32, cca_dims=(8,))
   out = modes.run_mode('suite', config, str(tmp_path))
   rows = out['rows']

@@ -181,10 +181,12 @@ def test_model_selection_reads_reviews_held_out_of_training(tiny_records,
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from mardjax.data import splits  # pylint: disable=g-import-not-at-top
   from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
   data_dir, manifest = tiny_records
   config = _config(num_steps=20, eval_every=10, log_every=10,
                    checkpoint_every=10)
-  assert config.eval.validation_fraction == 0.1
+  config.eval.validation_fraction = 0.1
+  assert default.get_config().eval.validation_fraction == 0.1
   data = trainer.load_training_data(config, data_dir)
   train = input_pipeline.load_reviews(manifest, 'train',
                                       config.data.max_len)
@@ -607,6 +609,8 @@ def test_the_best_config_trains_and_beats_chance(tiny_records, tmp_path):
   config = best.get_config()
   small = test_config.get_config()
   config.data = small.data
+  # The tiny corpus's selection, on dev (configs/test.py says why).
+  config.eval.validation_fraction = small.eval.validation_fraction
   for field in ('word_dim', 'hidden_dim', 'embed_dim', 'lstm_dim'):
     config.model[field] = small.model[field]
   config.train.update(batch_size=32, num_steps=150, warmup_steps=10,
