@@ -55,6 +55,12 @@ def test_the_report_counts_each_survivor_as_listed(tmp_path, monkeypatch):
   (tmp_path / 'pkg' / 'm.py').write_text('x = 1\n')
   (tmp_path / 'tests').mkdir()
   (tmp_path / 'tests' / 'm_test.py').write_text('')
+  # Progress measured on other code is not reported as this code's.
+  (sessions / 'm.fingerprint').write_text('0123 4567')
+  stale = run.write_report()
+  assert 'not run yet' in next(l for l in stale.splitlines()
+                               if l.startswith('| `pkg/m.py`'))
+  (sessions / 'm.fingerprint').write_text(' '.join(run._stamp(target)))  # pylint: disable=protected-access
   text = run.write_report()
   row = next(l for l in text.splitlines() if l.startswith('| `pkg/m.py`'))
   # mutants, killed (1 + the one killed outside), equivalent, survived,
