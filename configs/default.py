@@ -138,11 +138,10 @@ def get_config():
   # benchmark; see docs/performance.md).
   config.train.vocab_bucket = 1024
   # Where each step's batch is built: 'device' (the data copied to the
-  # devices once, indices sent per step; every model, but not shard_map
-  # across processes), 'host', or 'auto' (device where it serves, but host
-  # for the lazy update on CPUs, where the device is the host's own cores
-  # and gathers moved into the step lengthen it; chosen by the train_loop
-  # benchmark; see docs/performance.md).
+  # devices once, indices sent per step; every model), 'host', or 'auto'
+  # (device, but host for the lazy update on CPUs, where the device is the
+  # host's own cores and gathers moved into the step lengthen it; chosen by
+  # the train_loop benchmark; see docs/performance.md).
   config.train.batch_assembly = 'auto'
   # Steps per dispatch (a lax.scan in one program) with batches assembled on
   # the device; 0: auto (1 on CPUs; on accelerators the largest count, up to
@@ -176,12 +175,14 @@ def get_config():
   # training reviews (paper: 200 epochs).
   config.train.num_steps = 0
   config.train.num_epochs = 200
-  config.train.parallelism = 'pmap'  # 'pmap' or 'shard_map'.
+  # 'pmap' or 'shard_map' (one process: its mesh holds this process's
+  # devices).
+  config.train.parallelism = 'pmap'
   # shard_map: 'sharded' splits the optimizer's large leaves (the word
   # table's Adam moments) by rows over the devices: each device keeps and
   # updates 1/N of them, from a reduce-scatter of the gradient, and the
   # updated rows are gathered back; 'replicated' keeps the whole state on
-  # every device; 'auto' is 'sharded' under shard_map on one process.
+  # every device; 'auto' is 'sharded' under shard_map.
   config.train.optimizer_sharding = 'auto'
   # Leaves of at least this many elements are sharded (each sharded leaf
   # costs two collectives a step, worth it only for the large ones).

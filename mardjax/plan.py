@@ -142,16 +142,9 @@ def lstm_loop(model_config: ml_collections.ConfigDict, backend: str) -> str:
 
 def _batch_assembly(config: ml_collections.ConfigDict, parallelism: str,
                     processes: int, update: str, backend: str) -> str:
+  del parallelism, processes  # Every parallel form served assembles both ways.
   wanted = _choice('train.batch_assembly', config.train.batch_assembly,
                    BATCH_ASSEMBLIES)
-  # A table replicated over a mesh would have to be the same in every
-  # process; under shard_map across processes each holds its own rows.
-  if parallelism == 'shard_map' and processes > 1:
-    if wanted == 'device':
-      raise UserError("config.train.batch_assembly='device' does not serve "
-                      "shard_map across processes yet: use 'host' or "
-                      "'auto'.")
-    return 'host'
   if wanted == AUTO:
     return backend_defaults(backend)['batch_assembly'][update]
   return wanted
@@ -198,22 +191,22 @@ def _text_layout(config: ml_collections.ConfigDict, update: str
 
 def _optimizer_sharding(config: ml_collections.ConfigDict, parallelism: str,
                         processes: int) -> str:
-  """'sharded' under shard_map on one process ('auto' or asked for), else
-  'replicated'. pmap takes the state unreplicated, one copy a device, and
-  one device has nothing to share its state with."""
+  """'sharded' under shard_map ('auto' or asked for; served on one
+  process), else 'replicated'. pmap takes the state unreplicated, one copy
+  a device, and one device has nothing to share its state with."""
+  del processes  # shard_map runs on one process (`resolve`).
   wanted = _choice('train.optimizer_sharding', config.train.optimizer_sharding,
                    OPTIMIZER_SHARDINGS)
   if wanted == 'replicated' or parallelism == 'single':
     return 'replicated'
-  if parallelism == 'shard_map' and processes == 1:
+  if parallelism == 'shard_map':
     return 'sharded'
   if wanted == AUTO:
     return 'replicated'
   raise UserError(
       "config.train.optimizer_sharding='sharded' needs "
-      "train.parallelism='shard_map' on one process (this run: "
-      f"{parallelism} on {processes} process(es)): use 'auto' or "
-      "'replicated'.")
+      f"train.parallelism='shard_map' (this run: {parallelism}): use 'auto' "
+      "or 'replicated'.")
 
 
 def _positives(config: ml_collections.ConfigDict, parallel: bool,
@@ -251,6 +244,13 @@ def resolve(config: ml_collections.ConfigDict, backend: str | None = None,
   t = config.train
   parallelism = ('single' if devices * processes == 1 else
                  _choice('train.parallelism', t.parallelism, PARALLELISMS))
+  if parallelism == 'shard_map' and processes > 1:
+    # The step's mesh holds one process's devices: under shard_map the
+    # processes would each train alone, never averaging their gradients.
+    raise UserError("config.train.parallelism='shard_map' across processes "
+                    "is not served: each process's mesh would hold only its "
+                    "own devices and the processes would not average their "
+                    "gradients; use 'pmap' (the default).")
   update = _choice('train.embedding_update', t.embedding_update,
                    EMBEDDING_UPDATES)
   if update == AUTO:

@@ -61,7 +61,7 @@ def test_parallelism_layout_and_positive_lists():
   assert not _plan(config).parallel
   assert _plan(config, devices=4).parallelism == 'pmap'
   config.train.parallelism = 'shard_map'
-  assert _plan(config, devices=2, processes=2).parallelism == 'shard_map'
+  assert _plan(config, devices=2).parallelism == 'shard_map'
   # The mean encoder: split bag under the lazy update, flat under dense.
   assert _plan(config).text_layout == 'split_bag'
   config.train.embedding_update = 'dense'
@@ -79,6 +79,7 @@ def test_parallelism_layout_and_positive_lists():
   config.loss.gather_across_devices = True
   assert _plan(config).positives == 'local'
   assert _plan(config, devices=4).positives == 'across'
+  config.train.parallelism = 'pmap'  # Across processes.
   assert _plan(config, devices=4, processes=2).positives == ''
   config.loss.kind = 'infonce'
   assert _plan(config).positives == ''
@@ -91,12 +92,6 @@ def test_optimizer_state_is_sharded_under_shard_map_on_one_process():
   config.train.parallelism = 'shard_map'
   assert _plan(config, 'gpu', devices=4).optimizer_sharding == 'sharded'
   assert _plan(config, devices=1).optimizer_sharding == 'replicated'
-  config.train.batch_assembly = 'host'  # shard_map across processes.
-  assert _plan(config, devices=2,
-               processes=2).optimizer_sharding == 'replicated'
-  config.train.optimizer_sharding = 'sharded'
-  with pytest.raises(UserError, match="optimizer_sharding='sharded' needs"):
-    _plan(config, devices=2, processes=2)
   config.train.optimizer_sharding = 'replicated'
   assert _plan(config, devices=4).optimizer_sharding == 'replicated'
   config.train.parallelism = 'pmap'
@@ -116,8 +111,12 @@ def test_combinations_not_served_are_one_clear_error():
   config.train.batch_assembly = 'device'
   assert _plan(config).steps_per_dispatch == 8
   config.train.parallelism = 'shard_map'
-  with pytest.raises(UserError, match='shard_map across processes'):
-    _plan(config, devices=2, processes=2)
+  for assembly in ('device', 'host'):  # Each process would train alone.
+    config.train.batch_assembly = assembly
+    with pytest.raises(UserError, match='shard_map.* across processes is not'
+                       ' served'):
+      _plan(config, devices=2, processes=2)
+  config.train.batch_assembly = 'device'
   config.model.lstm_loop = 'fused'
   with pytest.raises(UserError, match="lstm_loop='fused'"):
     _plan(config)
