@@ -140,9 +140,8 @@ def lstm_loop(model_config: ml_collections.ConfigDict, backend: str) -> str:
   return backend_defaults(backend)['lstm_loop'] if loop == AUTO else loop
 
 
-def _batch_assembly(config: ml_collections.ConfigDict, parallelism: str,
-                    processes: int, update: str, backend: str) -> str:
-  del parallelism, processes  # Every parallel form served assembles both ways.
+def _batch_assembly(config: ml_collections.ConfigDict, update: str,
+                    backend: str) -> str:
   wanted = _choice('train.batch_assembly', config.train.batch_assembly,
                    BATCH_ASSEMBLIES)
   if wanted == AUTO:
@@ -189,12 +188,11 @@ def _text_layout(config: ml_collections.ConfigDict, update: str
   return 'features', 0, 0
 
 
-def _optimizer_sharding(config: ml_collections.ConfigDict, parallelism: str,
-                        processes: int) -> str:
+def _optimizer_sharding(config: ml_collections.ConfigDict,
+                        parallelism: str) -> str:
   """'sharded' under shard_map ('auto' or asked for; served on one
   process), else 'replicated'. pmap takes the state unreplicated, one copy
   a device, and one device has nothing to share its state with."""
-  del processes  # shard_map runs on one process (`resolve`).
   wanted = _choice('train.optimizer_sharding', config.train.optimizer_sharding,
                    OPTIMIZER_SHARDINGS)
   if wanted == 'replicated' or parallelism == 'single':
@@ -255,7 +253,7 @@ def resolve(config: ml_collections.ConfigDict, backend: str | None = None,
                    EMBEDDING_UPDATES)
   if update == AUTO:
     update = backend_defaults(backend)['embedding_update']
-  assembly = _batch_assembly(config, parallelism, processes, update, backend)
+  assembly = _batch_assembly(config, update, backend)
   prefetch = int(t.prefetch_batches)
   layout, pack_rows, token_bucket = _text_layout(config, update)
   return Plan(
@@ -270,4 +268,4 @@ def resolve(config: ml_collections.ConfigDict, backend: str | None = None,
       compute_dtype=_choice('train.compute_dtype', t.compute_dtype,
                             COMPUTE_DTYPES),
       positives=_positives(config, parallelism != 'single', processes),
-      optimizer_sharding=_optimizer_sharding(config, parallelism, processes))
+      optimizer_sharding=_optimizer_sharding(config, parallelism))

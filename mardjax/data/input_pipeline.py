@@ -131,48 +131,55 @@ def _review_blocks(manifest: manifest_lib.Manifest, split: str,
 
 def load_review_table(manifest: manifest_lib.Manifest, max_len: int,
                       split: str = 'train', process_index: int = 0,
-                      process_count: int = 1,
-                      validation: tuple[float, str] = (0.0, '')
-                      ) -> tables.ReviewTable:
-  """Reads a split's reviews of this process's albums through tf.data;
-  `validation` (fraction, salt): without the reviews held out for model
-  selection (`splits.in_validation`)."""
+                      process_count: int = 1) -> tables.ReviewTable:
+  """Reads a split's reviews of this process's albums through tf.data."""
+  return _read_reviews(manifest, split, max_len, process_index,
+                       process_count, 0.0, '')[0]
+
+
+def load_training_reviews(manifest: manifest_lib.Manifest, max_len: int,
+                          fraction: float, salt: str, process_index: int = 0,
+                          process_count: int = 1
+                          ) -> tuple[tables.ReviewTable,
+                                     dict[str, np.ndarray]]:
+  """The training reviews of this process's albums less those held out for
+  model selection (`splits.in_validation`), and the held-out ones of every
+  process, as `load_reviews` gives a split: one pass over the records."""
+  return _read_reviews(manifest, 'train', max_len, process_index,
+                       process_count, fraction, salt)
+
+
+def _read_reviews(manifest: manifest_lib.Manifest, split: str, max_len: int,
+                  process_index: int, process_count: int, fraction: float,
+                  salt: str
+                  ) -> tuple[tables.ReviewTable, dict[str, np.ndarray]]:
+  """(this process's table of the split's reviews not held out, the
+  held-out reviews of every process as padded arrays)."""
   feature_dim = manifest.feature_dim
   tokens, lengths, album, features = [], [], [], []
+  parts = {k: [] for k in ('tokens', 'lengths', 'album', 'review_id')}
+  if feature_dim:
+    parts['text_features'] = []
   for block in _review_blocks(manifest, split, max_len):
-    keep = ((block['album'] % process_count == process_index)
-            & ~splits.in_validation(block['review_id'], *validation))
+    held = splits.in_validation(block['review_id'], fraction, salt)
+    keep = (block['album'] % process_count == process_index) & ~held
     mask = (np.arange(max_len)[None, :] < block['lengths'][keep][:, None])
     tokens.append(block['tokens'][keep][mask])
     lengths.append(block['lengths'][keep])
     album.append(block['album'][keep])
     if feature_dim:
       features.append(block['text_features'][keep])
+    for k in parts:
+      parts[k].append(block[k][held])
   lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
   offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]])
-  return tables.ReviewTable(
+  table = tables.ReviewTable(
       tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
       offsets=offsets.astype(np.int64), lengths=lengths,
       album=np.concatenate(album) if album else np.zeros(0, np.int32),
       features=(np.concatenate(features) if features else
                 np.zeros((0, feature_dim), np.float32)) if feature_dim
       else None)
-
-
-def load_validation_reviews(manifest: manifest_lib.Manifest, max_len: int,
-                            fraction: float, salt: str
-                            ) -> dict[str, np.ndarray]:
-  """The training reviews held out for model selection
-  (`splits.in_validation`), every process's, as `load_reviews` gives a
-  split."""
-  feature_dim = manifest.feature_dim
-  parts = {k: [] for k in ('tokens', 'lengths', 'album', 'review_id')}
-  if feature_dim:
-    parts['text_features'] = []
-  for block in _review_blocks(manifest, 'train', max_len):
-    held = splits.in_validation(block['review_id'], fraction, salt)
-    for k in parts:
-      parts[k].append(block[k][held])
   empty = {'tokens': np.zeros((0, max_len), np.int32),
            'lengths': np.zeros(0, np.int32), 'album': np.zeros(0, np.int32),
            'review_id': np.zeros(0, object),
@@ -180,7 +187,7 @@ def load_validation_reviews(manifest: manifest_lib.Manifest, max_len: int,
   out = {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}
   out['review_id'] = np.asarray([i.decode() for i in out['review_id']],
                                 object)
-  return out
+  return table, out
 
 
 def stable_argsort(keys: np.ndarray) -> np.ndarray:

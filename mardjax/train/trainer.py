@@ -66,23 +66,16 @@ def load_training_data(config: ml_collections.ConfigDict, data_dir: str
   """
   manifest = manifest_lib.load(data_dir)
   fraction = config.eval.validation_fraction
-  held_out = (fraction, config.data.split_salt)
-  validation = None
-  if fraction > 0:
-    validation = input_pipeline.load_validation_reviews(
-        manifest, config.data.max_len, *held_out)
-    if not len(validation['album']):
-      raise UserError(
-          f'config.eval.validation_fraction={fraction} holds out none of the '
-          f'{manifest.counts.reviews["train"]} training reviews for model '
-          'selection: raise it, or set it to 0 to select on the dev split.')
+  reviews, validation = input_pipeline.load_training_reviews(
+      manifest, config.data.max_len, fraction, config.data.split_salt,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  if fraction > 0 and not len(validation['album']):
+    raise UserError(
+        f'config.eval.validation_fraction={fraction} holds out none of the '
+        f'{manifest.counts.reviews["train"]} training reviews for model '
+        'selection: raise it, or set it to 0 to select on the dev split.')
   return TrainingData(manifest, input_pipeline.load_audio_table(manifest),
-                      input_pipeline.load_review_table(
-                          manifest, config.data.max_len,
-                          process_index=jax.process_index(),
-                          process_count=jax.process_count(),
-                          validation=held_out),
-                      validation)
+                      reviews, validation if fraction > 0 else None)
 
 
 # variables -> metrics with 'recall@1', 'recall@5', 'recall@10'.
