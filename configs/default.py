@@ -238,6 +238,9 @@ def get_config():
   config.suite.scale = 1.0  # Multiplies every corpus's sizes.
   # Epochs of each run (0: the config's train.num_epochs / num_steps).
   config.suite.num_epochs = 0
+  # A recipe trained beside the config on the same data and seeds, as a
+  # module with get_config() ('': none); the paper's by default.
+  config.suite.reference = 'configs.default'
 
   # --- Table 1 (--mode=ablate) ----------------------------------------------
   config.ablate = ml_collections.ConfigDict()

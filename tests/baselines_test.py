@@ -170,3 +170,45 @@ def test_unknown_ablation_rows_are_named(tiny_corpus_master, tmp_path):
   config.ablate.rows = 'bi_nonlinear,best_row'
   with pytest.raises(UserError, match="unknown rows \\['best_row'\\]"):
     ablation.run_table1(config, str(tmp_path), show_progress=False)
+
+
+def test_the_fit_reads_the_reviews_the_model_trains_on(tiny_records):
+  """The training reviews less the share held out for model selection
+  (the same draw as the trainer's), so model and baselines learn from the
+  same reviews."""
+  from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mardjax.data import splits  # pylint: disable=g-import-not-at-top
+  data_dir, manifest = tiny_records
+  config = test_config.get_config()
+  config.eval.validation_fraction = 0.3
+  every = np.arange(manifest.counts.albums)
+  pairs = baselines._training_pairs(config, manifest, every)
+  train = input_pipeline.load_reviews(manifest, 'train', config.data.max_len)
+  held = splits.in_validation(train['review_id'], 0.3,
+                              config.data.split_salt)
+  assert 0 < held.sum() < len(held)
+  np.testing.assert_array_equal(pairs['review_id'],
+                                train['review_id'][~held])
+  np.testing.assert_array_equal(pairs['tokens'], train['tokens'][~held])
+  # Albums without tracks (row -1) are left out too.
+  no_tracks = every.copy()
+  no_tracks[train['album'][0]] = -1
+  pairs = baselines._training_pairs(config, manifest, no_tracks)
+  assert train['album'][0] not in pairs['album']
+
+
+@pytest.mark.slow
+def test_one_fit_scores_every_split_as_a_fit_per_split(tiny_records):
+  data_dir, _ = tiny_records
+  config = test_config.get_config()
+  config.baselines.update(text_dim=16, cca_dims=(4,), wsabie_steps=30)
+  config.eval.bootstrap = 20
+  both = baselines.baselines_on_splits(config, data_dir, ('dev', 'test'))
+  for split in ('dev', 'test'):
+    config.eval.split = split
+    alone = baselines.evaluate_baselines(config, data_dir)
+    assert alone['split'] == split
+    strip = lambda rows: [{k: v for k, v in r.items() if 'seconds' not in k}
+                          for r in rows]
+    assert strip(both[split]) == strip(alone['baselines'])
+  assert (both['dev'][1]['num_queries'] != both['test'][1]['num_queries'])

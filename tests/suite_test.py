@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from configs import best as best_config
 from configs import test as test_config
 from mardjax import modes
 from mardjax.data import manifest as manifest_lib
@@ -47,7 +48,10 @@ def test_a_corpus_config_scales_sizes_and_sets_its_style():
 @pytest.mark.parametrize('field,value,message', [
     ('corpora', 'small,huge', 'unknown corpora'),
     ('seeds', 'a,b', 'seeds'), ('seeds', '', 'seeds'),
-    ('scale', 0.0, 'scale')])
+    ('scale', 0.0, 'scale'),
+    ('reference', 'configs.nowhere', 'suite.reference'),
+    # The paper's 10 sampled negatives among 32 / 4 devices' rows.
+    ('reference', 'configs.default', 'loss.negatives')])
 def test_bad_suite_fields_fail_before_any_work(tmp_path, field, value,
                                                message):
   config = test_config.get_config()
@@ -57,12 +61,75 @@ def test_bad_suite_fields_fail_before_any_work(tmp_path, field, value,
   assert not os.listdir(tmp_path)
 
 
+def test_the_reference_keeps_its_recipe_on_the_base_data_and_sizes():
+  base = test_config.get_config()
+  base.seed = 7
+  base.data.synth_num_albums = 123
+  ref = suite.reference_config(base, 'configs.best')
+  best = best_config.get_config()
+  # Its own recipe ...
+  for field in ('negatives', 'weights', 'margin'):
+    assert ref.loss[field] == best.loss[field]
+  assert ref.model.word_dropout == best.model.word_dropout == 0.5
+  assert (ref.train.learning_rate, ref.train.num_epochs,
+          ref.train.early_stop_patience) == (
+              best.train.learning_rate, best.train.num_epochs,
+              best.train.early_stop_patience)
+  # ... on the base's data, evaluation, seed and model sizes.
+  assert ref.data.synth_num_albums == 123 and ref.seed == 7
+  assert ref.data.to_dict() == base.data.to_dict()
+  assert ref.eval.to_dict() == base.eval.to_dict()
+  assert (ref.model.word_dim, ref.model.embed_dim) == (16, 16)
+  assert ref.train.batch_size == base.train.batch_size == 32
+  assert base.loss.negatives == 'sampled:5'  # The base untouched.
+
+
+def _corpus(runs, reference_runs=None):
+  def run(dev, dev_ci):  # No interval without a bootstrap, as on test.
+    return {'dev': {'recall@10': dev, **(
+        {'recall@10_ci95': dev_ci} if dev_ci else {})},
+            'test': {'recall@10': dev / 2}}
+  corpus = {'corpus': 'small', 'runs': [run(*r) for r in runs],
+            'baselines': {'dev': {'cca-50': {'recall@10': 0.2},
+                                  'wsabie': {'recall@10': 0.25}},
+                          'test': {'wsabie': {'recall@10': 0.1}}}}
+  if reference_runs:
+    corpus['reference'] = {'config': 'configs.default',
+                           'runs': [run(*r) for r in reference_runs]}
+  return corpus
+
+
+def test_a_row_against_the_baselines_and_the_reference():
+  corpus = _corpus([(0.30, [0.25, 0.35]), (0.40, [0.33, 0.47])],
+                   [(0.36, [0.30, 0.42]), (0.38, [0.32, 0.44])])
+  row = suite.summarize(corpus, 'dev')
+  assert row['recall@10'] == pytest.approx(0.35)
+  assert row['ci95'] == pytest.approx([0.29, 0.41])
+  assert row['best_baseline'] == 'wsabie'
+  assert row['ratio'] == pytest.approx(0.35 / 0.25)
+  # Reference 0.37 with interval 0.31-0.43: 0.35 is within its half width.
+  assert row['reference_recall@10'] == pytest.approx(0.37)
+  assert row['reference_ci95'] == pytest.approx([0.31, 0.43])
+  assert row['within_reference']
+  # 0.32 against 0.37 with 0.33-0.41: within the whole width, not the half.
+  below = _corpus([(0.32, [0.25, 0.39])], [(0.37, [0.33, 0.41])])
+  assert not suite.summarize(below, 'dev')['within_reference']
+  assert 'reference' not in suite.summarize(_corpus([(0.3, None)]), 'dev')
+  # Without intervals (no bootstrap), the test split's row.
+  test_row = suite.summarize(corpus, 'test')
+  assert test_row['ci95'] is None
+  assert test_row['ratio'] == pytest.approx(0.175 / 0.1)
+
+
 @pytest.mark.slow
 def test_the_suite_trains_every_corpus_and_seed_beside_the_baselines(
-    tmp_path):
+    tmp_path, monkeypatch):
   config = test_config.get_config()
-  config.suite.update(corpora='sparse_400', seeds='0,1', scale=0.1)
-  config.train.update(num_steps=10, eval_every=5, log_every=5,
+  # The reference: the paper's recipe at the same budget (2 epochs).
+  config.suite.update(corpora='named_1000', seeds='0,1', scale=0.1,
+                      num_epochs=2, reference='configs.default')
+  # 16 rows a device: room for the paper's 10 sampled negatives.
+  config.train.update(batch_size=64, eval_every=5, log_every=5,
                       checkpoint_every=5)
   config.eval.bootstrap = 50
   config.eval.validation_fraction = 0.1  # The default's (tests: dev).
@@ -70,13 +137,13 @@ def test_the_suite_trains_every_corpus_and_seed_beside_the_baselines(
   out = modes.run_mode('suite', config, str(tmp_path))
   rows = out['rows']
   assert [(r['corpus'], r['split']) for r in rows] == [
-      ('sparse_400', 'dev'), ('sparse_400', 'test')]
+      ('named_1000', 'dev'), ('named_1000', 'test')]
   with open(tmp_path / 'suite.json') as f:
     (corpus,) = json.load(f)['corpora']
   # The corpus's own data, in its size and style.
-  manifest = manifest_lib.load(os.path.join(tmp_path, 'sparse_400', 'data'))
-  assert manifest.counts.albums == corpus['albums'] == 40
-  assert corpus['style'] == suite.CORPORA['sparse_400'][3]
+  manifest = manifest_lib.load(os.path.join(tmp_path, 'named_1000', 'data'))
+  assert manifest.counts.albums == corpus['albums'] == 100
+  assert corpus['style'] == suite.CORPORA['named_1000'][3]
   assert [r['seed'] for r in corpus['runs']] == [0, 1]
   assert all(r['selection']['split'] == 'validation' for r in corpus['runs'])
   for row in rows:
@@ -92,4 +159,24 @@ def test_the_suite_trains_every_corpus_and_seed_beside_the_baselines(
   assert (corpus['runs'][0]['dev']['num_queries'] !=
           corpus['runs'][0]['test']['num_queries'])
   table = (tmp_path / 'suite.md').read_text()
-  assert table.count('| sparse_400 |') == 2
+  assert table.count('| named_1000 |') == 2
+  # The reference: its own runs, seeds and figures beside the config's.
+  ref_runs = corpus['reference']['runs']
+  assert [r['seed'] for r in ref_runs] == [0, 1]
+  assert {r['run_dir'] for r in ref_runs}.isdisjoint(
+      r['run_dir'] for r in corpus['runs'])
+  for row in rows:
+    assert row['reference_recall@10'] == pytest.approx(np.mean(
+        [r[row['split']]['recall@10'] for r in ref_runs]))
+  assert 'configs.default' in table
+  assert table.count('| within |') + table.count('| below |') == 2
+
+  # Again in the same workdir: every run and the baselines are read back,
+  # nothing trained or fitted, the same figures.
+  from mardjax import stages  # pylint: disable=g-import-not-at-top
+  from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
+  def refuse(*args, **kwargs):
+    raise AssertionError('trained or fitted again')
+  monkeypatch.setattr(stages, 'train_and_evaluate', refuse)
+  monkeypatch.setattr(baselines, 'baselines_on_splits', refuse)
+  assert modes.run_mode('suite', config, str(tmp_path))['rows'] == rows

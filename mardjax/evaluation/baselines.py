@@ -14,6 +14,11 @@ Text vectors: the mean of GloVe vectors of a review's words when
 the review's word ids followed by truncated SVD to `baselines.text_dim`
 dimensions, both fitted on training reviews only.
 
+Every baseline is fitted on the reviews the model trains on: the training
+split less the share `eval.validation_fraction` holds out for the model's
+selection, so model and baselines learn from the same reviews. One fit
+serves every split evaluated (`baselines_on_splits`).
+
 Every row reports the evaluator's metrics (`mardjax.evaluation.metrics`): review ->
 album and album -> review recall@K with their random expectation, median
 rank and MRR.
@@ -22,7 +27,7 @@ rank and MRR.
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,7 @@ from scipy import sparse
 from mardjax.data import input_pipeline
 from mardjax.evaluation import metrics
 from mardjax.data import manifest as manifest_lib
+from mardjax.data import splits
 from mardjax.data import tables
 from mardjax.errors import UserError
 
@@ -291,21 +297,48 @@ def random_row(num_albums: int, held_out: dict[str, np.ndarray],
 
 def evaluate_baselines(config: ml_collections.ConfigDict, data_dir: str
                        ) -> dict[str, Any]:
-  """Every baseline on config.eval.split; returns {'baselines': [rows]}."""
-  cfg = config.baselines
+  """Every baseline on config.eval.split; returns {'split', 'baselines':
+  [rows]}."""
   split = config.eval.split
-  manifest = manifest_lib.load(data_dir)
-  audio = input_pipeline.load_audio_table(manifest)
+  return {'split': split,
+          'baselines': baselines_on_splits(config, data_dir, (split,))[split]}
+
+
+def _training_pairs(config: ml_collections.ConfigDict,
+                    manifest: manifest_lib.Manifest, row_of: np.ndarray
+                    ) -> dict[str, np.ndarray]:
+  """The training reviews the model trains on (the split's, less the share
+  `eval.validation_fraction` holds out for its model selection) whose
+  album has tracks."""
   train = input_pipeline.load_reviews(manifest, 'train', config.data.max_len)
-  held_out = input_pipeline.load_reviews(manifest, split,
-                                         config.data.max_len)
-  if not len(held_out['album']):
-    raise UserError(f'The {split!r} split holds no held-out reviews.')
+  keep = (row_of[train['album']] >= 0) & ~splits.in_validation(
+      train['review_id'], config.eval.validation_fraction,
+      config.data.split_salt)
+  return {k: v[keep] for k, v in train.items()}
+
+
+def baselines_on_splits(config: ml_collections.ConfigDict, data_dir: str,
+                        split_names: Sequence[str]
+                        ) -> dict[str, list[dict[str, Any]]]:
+  """Every baseline fitted once, on the reviews the model trains on, and
+  evaluated on each split of `split_names`: {split: [rows]}.
+
+  Raises:
+    UserError: a split holds no reviews.
+  """
+  cfg = config.baselines
+  manifest = manifest_lib.load(data_dir)
+  held = {}
+  for split in split_names:
+    held[split] = input_pipeline.load_reviews(manifest, split,
+                                              config.data.max_len)
+    if not len(held[split]['album']):
+      raise UserError(f'The {split!r} split holds no held-out reviews.')
+  audio = input_pipeline.load_audio_table(manifest)
   albums, album_audio = _album_audio(audio)
   row_of = np.full(manifest.counts.albums, -1)
   row_of[albums] = np.arange(len(albums))
-  keep = row_of[train['album']] >= 0
-  train = {k: v[keep] for k, v in train.items()}
+  train = _training_pairs(config, manifest, row_of)
   pair_album = row_of[train['album']]
 
   start = time.time()
@@ -315,24 +348,30 @@ def evaluate_baselines(config: ml_collections.ConfigDict, data_dir: str
   else:
     texter = TfidfSvd(manifest.vocab.size, cfg.text_dim, config.seed)
   texter.fit(train)
-  train_text, held_text = texter(train), texter(held_out)
-  rows = [{'baseline': 'text features', 'name': texter.name,
-           'dim': int(train_text.shape[1]),
-           'seconds': round(time.time() - start, 2)}]
+  train_text = texter(train)
+  held_text = {split: texter(reviews) for split, reviews in held.items()}
+  features = {'baseline': 'text features', 'name': texter.name,
+              'dim': int(train_text.shape[1]),
+              'seconds': round(time.time() - start, 2)}
+  # name -> (album embeddings (C, d), text map, fit seconds).
+  fitted = {}
   for dim in cfg.cca_dims:
     start = time.time()
     cca = CCA(dim, cfg.cca_reg).fit(album_audio[pair_album], train_text)
-    fit_s = time.time() - start
-    rows.append(dict(_score(f'cca-{dim}', cca.audio(album_audio), albums,
-                            cca.text(held_text), held_out,
-                            config.eval.bootstrap),
-                     fit_seconds=round(fit_s, 2), text=texter.name))
+    fitted[f'cca-{dim}'] = (cca.audio(album_audio), cca.text,
+                            time.time() - start)
   start = time.time()
   params = train_wsabie(train_text, pair_album, album_audio, cfg, config.seed)
-  fit_s = time.time() - start
-  rows.append(dict(_score('wsabie', _unit(album_audio @ params['audio']),
-                          albums, _unit(held_text @ params['text']),
-                          held_out, config.eval.bootstrap),
-                   fit_seconds=round(fit_s, 2), text=texter.name))
-  rows.append(random_row(len(albums), held_out))
-  return {'split': split, 'baselines': rows}
+  fitted['wsabie'] = (_unit(album_audio @ params['audio']),
+                      lambda y: _unit(y @ params['text']), time.time() - start)
+  out = {}
+  for split, reviews in held.items():
+    rows = [dict(features)]
+    for name, (album_emb, text_map, fit_s) in fitted.items():
+      rows.append(dict(_score(name, album_emb, albums,
+                              text_map(held_text[split]), reviews,
+                              config.eval.bootstrap),
+                       fit_seconds=round(fit_s, 2), text=texter.name))
+    rows.append(random_row(len(albums), reviews))
+    out[split] = rows
+  return out

@@ -12,26 +12,40 @@ For each corpus of `config.suite.corpora` (default: all): the corpus is
 generated and preprocessed under `WORKDIR/<corpus>/`; for each seed of
 `config.suite.seeds` the launch config trains there (seed = that seed) and
 its model is evaluated on dev and test (both with 95% bootstrap intervals,
-`evaluate.evaluate_checkpoint`); the baselines run once on each split. The
-table (`WORKDIR/suite.md`, rows per corpus and split: the config's mean
-recall@10 over seeds, the mean of the seeds' intervals, the best baseline
-and the ratio) and every figure (`suite.json`) are written as each corpus
-ends, so an interrupted suite keeps what it measured.
+`evaluate.evaluate_checkpoint`); so does the reference recipe
+(`config.suite.reference`, the paper's by default: `reference_config`);
+the baselines are fitted once, on the reviews the models train on, and
+scored on both splits. The table (`WORKDIR/suite.md`, rows per corpus and
+split: the config's mean recall@10 over seeds, the mean of the seeds'
+intervals, the best baseline and the ratio, the reference's mean and
+interval) and every figure (`suite.json`) are written as each corpus ends,
+so an interrupted suite keeps what it measured.
+
+Each run lives under `WORKDIR/<corpus>/runs/<fingerprint of its config>/`
+and each corpus's baselines in `baselines-<fingerprint>.json`: a suite run
+again, or another config's suite in the same workdir (the next recipe
+tried), reads back every run and fit it shares (the reference's, the
+baselines) instead of training it again, and an interrupted run resumes
+from its checkpoints.
 
 `config.suite.scale` multiplies every corpus's sizes (tests use a small
 one); `config.suite.num_epochs` (> 0) sets each run's epochs, else the
 config's `train.num_epochs` / `train.num_steps` apply.
 """
 
+import hashlib
+import importlib
 import json
 import os
 import time
 from typing import Any
 
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
 
+from mardjax import config_check
 from mardjax import stages
 from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
@@ -101,89 +115,215 @@ def _figures(result: dict[str, Any]) -> dict[str, Any]:
           if k in result}
 
 
-def run_corpus(config: ml_collections.ConfigDict, name: str, workdir: str,
-               show_progress: bool = True) -> dict[str, Any]:
-  """One corpus: generated, preprocessed, trained with each seed and
-  evaluated on dev and test, and the baselines on both splits."""
-  from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
+def _digest(config: ml_collections.ConfigDict) -> str:
+  """A config's fingerprint, less the suite's own fields (they shape which
+  runs happen, not what one run does)."""
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    del cfg['suite']
+  return hashlib.sha256(cfg.to_json(sort_keys=True).encode()).hexdigest()[:12]
+
+
+def reference_config(base: ml_collections.ConfigDict, module: str
+                     ) -> ml_collections.ConfigDict:
+  """The reference recipe (`config.suite.reference`, e.g. the paper's,
+  'configs.default') as the suite trains it beside `base`: its own
+  model switches, loss, optimiser, schedule and budget, with the base's
+  data, evaluation, baselines, seed, model sizes and batch (as Table 1's
+  rows take them: configs/test.py's in tests), and the base's settings
+  that change only how fast a run goes."""
+  try:
+    config = importlib.import_module(module).get_config()
+  except (ImportError, AttributeError) as e:
+    raise UserError(f'config.suite.reference={module!r}: not a config '
+                    f'module with get_config() ({e}).') from e
+  for section in ('data', 'eval', 'baselines', 'suite'):
+    config[section] = base[section].copy_and_resolve_references()
+  config.seed = base.seed
+  for field in ('word_dim', 'hidden_dim', 'embed_dim', 'lstm_dim',
+                'max_tracks', 'lstm_loop'):
+    config.model[field] = base.model[field]
+  for field in ('batch_size', 'compute_dtype', 'parallelism',
+                'steps_per_dispatch',
+                'prefetch_batches', 'log_every', 'checkpoint_every',
+                'keep_checkpoints'):
+    config.train[field] = base.train[field]
+  return config
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value: dict[str, Any]) -> None:
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def _train_seed(cfg: ml_collections.ConfigDict, root: str, data_dir: str,
+                seed: int, name: str) -> dict[str, Any]:
+  """One seed's run of `cfg` on the corpus under `root`, evaluated on dev
+  and test; a run of the same config and seed done before (by this suite
+  or another config's: a reference) is read back, not trained again."""
   from mardjax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  run_cfg = cfg.copy_and_resolve_references()
+  run_cfg.seed = seed
+  run_dir = os.path.join(root, 'runs', _digest(run_cfg))
+  done = _read_json(os.path.join(run_dir, 'suite_run.json'))
+  if done is not None:
+    logging.info('suite: %s, seed %d: done before (%s)', name, seed, run_dir)
+    return done
+  start = time.time()
+  logging.info('suite: %s, seed %d (%s)', name, seed, run_dir)
+  _, metrics = stages.train_and_evaluate(run_cfg, run_dir, data_dir)
+  run = {'seed': seed, 'model_step': metrics['model_step'],
+         'steps': metrics['steps'], 'selection': metrics['selection'],
+         'run_dir': os.path.relpath(run_dir, root)}
+  for split in ('dev', 'test'):
+    run_cfg.eval.split = split
+    run[split] = _figures(evaluate.evaluate_checkpoint(run_cfg, run_dir,
+                                                       data_dir))
+  run['seconds'] = round(time.time() - start, 1)
+  _write_json(os.path.join(run_dir, 'suite_run.json'), run)
+  return run
+
+
+def _baselines(cfg: ml_collections.ConfigDict, root: str, data_dir: str
+               ) -> dict[str, dict[str, Any]]:
+  """The baselines fitted once on the corpus and scored on dev and test
+  (read back when fitted before with the same data and settings)."""
+  from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
+  key = ml_collections.ConfigDict({
+      'data': cfg.data, 'baselines': cfg.baselines, 'seed': cfg.seed,
+      'validation_fraction': cfg.eval.validation_fraction,
+      'bootstrap': cfg.eval.bootstrap, 'suite': {}})
+  path = os.path.join(root, f'baselines-{_digest(key)}.json')
+  done = _read_json(path)
+  if done is None:
+    rows = baselines.baselines_on_splits(cfg, data_dir, ('dev', 'test'))
+    done = {split: {r['baseline']: _figures(r) for r in split_rows
+                    if 'recall@10' in r and r['baseline'] != 'random'}
+            for split, split_rows in rows.items()}
+    _write_json(path, done)
+  return done
+
+
+def _corpus_run_config(config: ml_collections.ConfigDict, name: str
+                       ) -> ml_collections.ConfigDict:
   cfg = corpus_config(config, name, config.suite.scale)
   if config.suite.num_epochs > 0:
     cfg.train.num_steps = 0
     cfg.train.num_epochs = config.suite.num_epochs
+  return cfg
+
+
+def run_corpus(config: ml_collections.ConfigDict, name: str, workdir: str,
+               show_progress: bool = True) -> dict[str, Any]:
+  """One corpus: generated, preprocessed, trained with each seed and
+  evaluated on dev and test, the reference recipe likewise
+  (`config.suite.reference`, unless ''), and the baselines on both
+  splits."""
+  cfg = _corpus_run_config(config, name)
   root = os.path.join(workdir, name)
   stages.preprocess(cfg, root, show_progress=show_progress)
   data_dir = manifest_lib.data_dir_of(cfg, root)
   out = {'corpus': name, 'albums': cfg.data.synth_num_albums,
          'reviews': cfg.data.synth_num_reviews,
          'style': dict(CORPORA[name][3]), 'runs': [], 'baselines': {}}
-  for seed in _seeds(config):
-    start = time.time()
-    run_cfg = cfg.copy_and_resolve_references()
-    run_cfg.seed = seed
-    run_dir = os.path.join(root, f'seed{seed}')
-    logging.info('suite: %s, seed %d', name, seed)
-    _, metrics = stages.train_and_evaluate(run_cfg, run_dir, data_dir)
-    run = {'seed': seed, 'model_step': metrics['model_step'],
-           'steps': metrics['steps'], 'selection': metrics['selection']}
-    for split in ('dev', 'test'):
-      run_cfg.eval.split = split
-      run[split] = _figures(evaluate.evaluate_checkpoint(run_cfg, run_dir,
-                                                         data_dir))
-    run['seconds'] = round(time.time() - start, 1)
-    out['runs'].append(run)
-  for split in ('dev', 'test'):
-    base_cfg = cfg.copy_and_resolve_references()
-    base_cfg.eval.split = split
-    rows = baselines.evaluate_baselines(base_cfg, data_dir)['baselines']
-    out['baselines'][split] = {
-        r['baseline']: _figures(r) for r in rows
-        if 'recall@10' in r and r['baseline'] != 'random'}
+  out['runs'] = [_train_seed(cfg, root, data_dir, seed, name)
+                 for seed in _seeds(config)]
+  if config.suite.reference:
+    ref = _corpus_run_config(reference_config(config,
+                                              config.suite.reference), name)
+    out['reference'] = {
+        'config': config.suite.reference,
+        'runs': [_train_seed(ref, root, data_dir, seed,
+                             f'{name} ({config.suite.reference})')
+                 for seed in _seeds(config)]}
+  out['baselines'] = _baselines(cfg, root, data_dir)
   return out
+
+
+def _mean_over_seeds(runs: list[dict[str, Any]], split: str
+                     ) -> tuple[float, list[float] | None]:
+  """(mean recall@10 over the runs, the mean of their 95% intervals)."""
+  recalls = [r[split]['recall@10'] for r in runs]
+  cis = [r[split]['recall@10_ci95'] for r in runs
+         if 'recall@10_ci95' in r[split]]
+  ci = ([float(np.mean([c[0] for c in cis])),
+         float(np.mean([c[1] for c in cis]))] if cis else None)
+  return float(np.mean(recalls)), ci
 
 
 def summarize(corpus: dict[str, Any], split: str) -> dict[str, Any]:
   """One table row: the config's mean recall@10 over seeds, the mean of
-  its seeds' 95% intervals, the best baseline's and the ratio."""
-  recalls = [r[split]['recall@10'] for r in corpus['runs']]
-  cis = [r[split]['recall@10_ci95'] for r in corpus['runs']
-         if 'recall@10_ci95' in r[split]]
+  its seeds' 95% intervals, the best baseline's and the ratio; with a
+  reference recipe, its mean and interval too, and whether the config is
+  at most the half width of the reference's interval below it
+  ('within_reference')."""
+  mean, ci = _mean_over_seeds(corpus['runs'], split)
   best_name, best = max(corpus['baselines'][split].items(),
                         key=lambda kv: kv[1]['recall@10'])
-  mean = float(np.mean(recalls))
-  return {'corpus': corpus['corpus'], 'split': split, 'recall@10': mean,
-          'seeds': len(recalls),
-          'ci95': [float(np.mean([c[0] for c in cis])),
-                   float(np.mean([c[1] for c in cis]))] if cis else None,
-          'best_baseline': best_name,
-          'best_baseline_recall@10': best['recall@10'],
-          'ratio': mean / best['recall@10'] if best['recall@10'] else None}
+  row = {'corpus': corpus['corpus'], 'split': split, 'recall@10': mean,
+         'seeds': len(corpus['runs']), 'ci95': ci,
+         'best_baseline': best_name,
+         'best_baseline_recall@10': best['recall@10'],
+         'ratio': mean / best['recall@10'] if best['recall@10'] else None}
+  if 'reference' in corpus:
+    ref, ref_ci = _mean_over_seeds(corpus['reference']['runs'], split)
+    slack = (ref_ci[1] - ref_ci[0]) / 2 if ref_ci else 0.0
+    row.update({'reference': corpus['reference']['config'],
+                'reference_recall@10': ref, 'reference_ci95': ref_ci,
+                'within_reference': bool(mean >= ref - slack)})
+  return row
 
 
-def _write(corpora: list[dict[str, Any]], workdir: str,
-           config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  rows = [summarize(c, s) for c in corpora for s in ('dev', 'test')]
+def _table(rows: list[dict[str, Any]], albums: dict[str, int],
+           config: ml_collections.ConfigDict) -> list[str]:
   pct = lambda x: f'{100 * x:.1f}'
+  interval = lambda ci: f'{pct(ci[0])}-{pct(ci[1])}' if ci else ''
+  reference = config.suite.reference
   lines = [
       '# The corpus suite: review -> album recall@10 (%)', '',
       f'Seeds {config.suite.seeds}; each run\'s model is its best '
       'evaluation on held-out training reviews (or dev, as '
       '`eval.validation_fraction` says); `dev` holds reviews of training '
       'albums, `test` albums never seen in training. The interval is the '
-      'mean over seeds of each seed\'s 95% bootstrap interval.', '',
-      '| corpus | albums | split | config R@10 | 95% interval | best '
-      'baseline | its R@10 | ratio |',
-      '| --- | ---: | --- | ---: | --- | --- | ---: | ---: |']
-  albums = {c['corpus']: c['albums'] for c in corpora}
+      'mean over seeds of each seed\'s 95% bootstrap interval.']
+  head = ('| corpus | albums | split | config R@10 | 95% interval | best '
+          'baseline | its R@10 | ratio |')
+  rule = '| --- | ---: | --- | ---: | --- | --- | ---: | ---: |'
+  if reference:
+    lines[-1] += (f' `{reference}` is the reference recipe, trained with the '
+                  'same seeds on the same data; "within" when the config is '
+                  'no more than the half width of its interval below it.')
+    head += ' reference R@10 | its interval | vs reference |'
+    rule += ' ---: | --- | --- |'
+  lines += ['', head, rule]
   for r in rows:
-    ci = (f'{pct(r["ci95"][0])}-{pct(r["ci95"][1])}' if r['ci95'] else '')
     ratio = f'{r["ratio"]:.2f}x' if r['ratio'] is not None else '-'
-    lines.append(
-        f'| {r["corpus"]} | {albums[r["corpus"]]:,} | {r["split"]} | '
-        f'{pct(r["recall@10"])} | {ci} | {r["best_baseline"]} | '
-        f'{pct(r["best_baseline_recall@10"])} | {ratio} |')
+    line = (f'| {r["corpus"]} | {albums[r["corpus"]]:,} | {r["split"]} | '
+            f'{pct(r["recall@10"])} | {interval(r["ci95"])} | '
+            f'{r["best_baseline"]} | {pct(r["best_baseline_recall@10"])} | '
+            f'{ratio} |')
+    if reference:
+      line += (f' {pct(r["reference_recall@10"])} | '
+               f'{interval(r["reference_ci95"])} | '
+               f'{"within" if r["within_reference"] else "below"} |')
+    lines.append(line)
+  return lines
+
+
+def _write(corpora: list[dict[str, Any]], workdir: str,
+           config: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  rows = [summarize(c, s) for c in corpora for s in ('dev', 'test')]
+  albums = {c['corpus']: c['albums'] for c in corpora}
   with open(os.path.join(workdir, 'suite.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+    f.write('\n'.join(_table(rows, albums, config)) + '\n')
   with open(os.path.join(workdir, 'suite.json'), 'w') as f:
     json.dump({'corpora': corpora, 'rows': rows}, f, indent=1)
   return rows
@@ -196,6 +336,13 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str,
   names, _ = _names(config), _seeds(config)
   if not config.suite.scale > 0:
     raise UserError(f'config.suite.scale={config.suite.scale}: must be > 0.')
+  # Both recipes checked as training will check them, before any corpus.
+  recipes = [config]
+  if config.suite.reference:
+    recipes.append(reference_config(config, config.suite.reference))
+  for recipe in recipes:
+    config_check.validate(recipe, jax.local_device_count(),
+                          jax.process_count())
   corpora, rows = [], []
   for name in names:
     corpora.append(run_corpus(config, name, workdir, show_progress))
