@@ -22,45 +22,37 @@ from mardjax.train import checkpoints
 
 # The first bytes of an OCDBT b-tree node; the other data files hold the
 # arrays' bytes.
-_BTREE_MAGIC = bytes.fromhex('0cdb20de')
-
-
 def _config(**train):
   config = test_config.get_config()
   config.train.update(train)
   return config
 
 
-def _array_files(step_dir):
-  """The files of a saved state that hold array bytes, largest first."""
+def _array_file(step_dir):
+  """The largest file of a saved state's data folders: mostly the arrays'
+  bytes. (OCDBT writes b-tree nodes into data files too, sometimes at the
+  start of the file that holds the arrays, as the writes' order falls: a
+  file's first bytes do not say whether it holds arrays.)"""
   files = [p for p in glob.glob(os.path.join(step_dir, 'state', '**', 'd',
                                              '*'), recursive=True)
            if os.path.isfile(p)]
-  data = []
-  for path in files:
-    with open(path, 'rb') as f:
-      if f.read(4) != _BTREE_MAGIC:
-        data.append(path)
-  assert data, f'no array data file under {step_dir}'
-  return sorted(data, key=os.path.getsize, reverse=True)
+  assert files, f'no data file under {step_dir}'
+  return max(files, key=os.path.getsize)
 
 
 def _damage(step_dir, how):
-  """'flip': four bytes inverted in the middle of the largest array file;
-  'zero': every array file overwritten with zeros (sizes kept)."""
-  files = _array_files(step_dir)
-  if how == 'flip':
-    size = os.path.getsize(files[0])
-    with open(files[0], 'r+b') as f:
-      f.seek(size // 2)
-      data = f.read(4)
-      f.seek(size // 2)
-      f.write(bytes(b ^ 0xFF for b in data))
-  else:
-    for path in files:
-      size = os.path.getsize(path)
-      with open(path, 'wb') as f:
-        f.write(b'\0' * size)
+  """Other bytes in the middle of the largest data file, its size kept:
+  'flip' inverts four, 'zero' zeroes a run of them (4 KiB, or an eighth
+  of the file if smaller), well inside the arrays' bytes."""
+  path = _array_file(step_dir)
+  size = os.path.getsize(path)
+  run = 4 if how == 'flip' else min(4096, size // 8)
+  with open(path, 'r+b') as f:
+    f.seek(size // 2)
+    data = f.read(run)
+    f.seek(size // 2)
+    f.write(bytes(b ^ 0xFF for b in data) if how == 'flip'
+            else bytes(len(data)))
 
 
 def _warnings(caplog, text):

@@ -1,8 +1,10 @@
 """Shared fixtures. Several CPU devices are forced before jax/tf import."""
 
 import atexit
+import gc
 import os
 import shutil
+import sys
 import tempfile
 
 # Must happen before jax (or tensorflow, which may import it) is imported.
@@ -46,6 +48,21 @@ def write_tone(path, seconds, fmt, freq=440.0):
   es.MonoWriter(filename=str(path), format=fmt, sampleRate=sr)(
       x.astype(np.float32))
   return path.read_bytes()
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _release_compiled_programs():
+  """Drops JAX's caches of compiled programs after each test file. Each
+  program XLA compiles for the CPU keeps memory mappings of its machine
+  code while a cache holds it, and one process that runs the whole suite
+  (`-n 0`) would otherwise gather them past the kernel's limit on
+  mappings (vm.max_map_count, 65,530 by default), where the next compile
+  fails with a segmentation fault. A program needed again is read back
+  from the session's compilation cache."""
+  yield
+  if 'jax' in sys.modules:
+    sys.modules['jax'].clear_caches()
+    gc.collect()
 
 
 def pytest_xdist_auto_num_workers(config):
