@@ -119,8 +119,9 @@ def _digest(config: ml_collections.ConfigDict) -> str:
   """A config's fingerprint, less the suite's own fields (they shape which
   runs happen, not what one run does)."""
   cfg = config.copy_and_resolve_references()
-  with cfg.unlocked():
-    del cfg['suite']
+  if 'suite' in cfg:
+    with cfg.unlocked():
+      del cfg['suite']
   return hashlib.sha256(cfg.to_json(sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -200,7 +201,7 @@ def _baselines(cfg: ml_collections.ConfigDict, root: str, data_dir: str
   key = ml_collections.ConfigDict({
       'data': cfg.data, 'baselines': cfg.baselines, 'seed': cfg.seed,
       'validation_fraction': cfg.eval.validation_fraction,
-      'bootstrap': cfg.eval.bootstrap, 'suite': {}})
+      'bootstrap': cfg.eval.bootstrap})
   path = os.path.join(root, f'baselines-{_digest(key)}.json')
   done = _read_json(path)
   if done is None:
