@@ -364,6 +364,14 @@ def test_scaling_benchmark_reads_each_device_counts_program(tmp_path):
         abs=1e-3)
     assert line['bytes_per_dispatch'] > 0 and line['host_ms_per_step'] > 0
   assert two['state_share_of_one_device'] == 1.0
+  assert two['optimizer_share_of_one_device'] == 1.0
+  # Adam's moments are twice the parameters, and its counts are scalars.
+  assert one['optimizer_bytes_per_device'] == pytest.approx(
+      2 * params + 8, abs=8)
   # Most parameters are in leaves of 1,024 elements or more (the word
   # table, the heads' first layers): their moments are halved.
   assert 0.5 < split['state_share_of_one_device'] < 0.75
+  assert 0.5 <= split['optimizer_share_of_one_device'] < 0.6
+  assert split['optimizer_share_of_one_device'] == pytest.approx(
+      split['optimizer_bytes_per_device'] / one['optimizer_bytes_per_device'],
+      abs=1e-3)

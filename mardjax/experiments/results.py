@@ -320,12 +320,15 @@ KIND_TABLES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
          ('Ops / probe\'s', 'ops_vs_plain'))),
     'scaling': (
         'Per device count (forced host devices on a CPU), the state one '
-        'device holds, the bytes of one step\'s collectives read from the '
+        'device holds (parameters and optimizer state, and the optimizer '
+        'state alone), the bytes of one step\'s collectives read from the '
         'compiled program, and the host\'s planning per step.',
         (('Devices', 'devices'), ('Parallelism', 'parallelism'),
          ('Optimizer state', 'optimizer_sharding'), ('Batch', 'batch_size'),
          ('State bytes / device', 'state_bytes_per_device'),
-         ('Of one device\'s', 'state_share_of_one_device'),
+         ('State / one device\'s', 'state_share_of_one_device'),
+         ('Optimizer bytes / device', 'optimizer_bytes_per_device'),
+         ('Optimizer / one device\'s', 'optimizer_share_of_one_device'),
          ('Collective bytes / step', 'collective_bytes_per_step'),
          ('Collectives', 'collectives'), ('Host ms / step', 'host_ms_per_step'),
          ('Bytes / dispatch', 'bytes_per_dispatch'))),

@@ -19,9 +19,12 @@ devices), and prints one line:
   * `host_ms_per_step` and `bytes_per_dispatch`: the host's planning per
     step and what a dispatch sends (`train_loop.host_planning`, on tables
     of `benchmark.loop_*` size);
-  * `state_share_of_one_device`: `state_bytes_per_device` over the
-    one-device figure of the same run (replicated state: 1.0; sharded
-    optimizer state over N devices: towards 1/N of the moments).
+  * `optimizer_bytes_per_device`: of them, the optimizer state's (Adam's
+    moments and count, the lazy update's included);
+  * `state_share_of_one_device` and `optimizer_share_of_one_device`:
+    those bytes over the one-device figures of the same run (replicated
+    state: 1.0; the optimizer state sharded over N devices: towards 1/N,
+    the small leaves it keeps whole aside).
 """
 
 import json
@@ -93,8 +96,8 @@ def child(config, devices: int) -> dict[str, Any]:
       config, config.train.batch_size, config.data.vocab_size + 2,
       b.program_backend, devices)
   state = args[0]
-  state_bytes = _bytes_per_device((state.params, state.opt_state,
-                                   state.embed_opt))
+  optimizer_bytes = _bytes_per_device((state.opt_state, state.embed_opt))
+  state_bytes = _bytes_per_device(state.params) + optimizer_bytes
   compiled = fn.lower(*args).compile()
   hlo = compiled.as_text()
   moved, count = collective_bytes(hlo)
@@ -110,6 +113,7 @@ def child(config, devices: int) -> dict[str, Any]:
        'batch_size': config.train.batch_size,
        'embedding_update': plan.embedding_update,
        'state_bytes_per_device': state_bytes,
+       'optimizer_bytes_per_device': optimizer_bytes,
        'collective_bytes_per_step': moved, 'collectives': count,
        'ops': program.hlo_counts(hlo)['ops']}, **host)
 
@@ -160,7 +164,8 @@ def run_scaling(config, workdir: str) -> dict[str, Any]:
               and 'state_bytes_per_device' in l), None)
   for line in lines:
     if one and 'state_bytes_per_device' in line:
-      line['state_share_of_one_device'] = round(
-          line['state_bytes_per_device'] / one['state_bytes_per_device'], 3)
+      for k in ('state', 'optimizer'):
+        line[f'{k}_share_of_one_device'] = round(
+            line[f'{k}_bytes_per_device'] / one[f'{k}_bytes_per_device'], 3)
     print(json.dumps(line, sort_keys=True), flush=True)
   return {'benchmarks': lines}
