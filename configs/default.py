@@ -145,7 +145,8 @@ def get_config():
   config.train.batch_assembly = 'auto'
   # Steps per dispatch (a lax.scan in one program) with batches assembled on
   # the device; 0: auto (1 on CPUs; on accelerators the largest count, up to
-  # 32, that divides log_every, checkpoint_every and eval_every: 25 here).
+  # 32, that divides log_every, checkpoint_every and eval_every, 25 here, and
+  # holds at most 65,536 examples of one process: 5 at batch 8,192).
   config.train.steps_per_dispatch = 0
   # LSTM encoder: reviews packed end to end into rows of max_len, so the
   # LSTM skips padding; rows rounded up to a multiple of this (0: padded).

@@ -53,6 +53,12 @@ BACKEND_DEFAULTS = {
     'accelerator': {'embedding_update': 'dense',
                     'batch_assembly': {'lazy': 'device', 'dense': 'device'},
                     'max_steps_per_dispatch': 32, 'prefetch_batches': 2,
+                    # Several steps per dispatch amortise the launch of a
+                    # program over short steps; at large batches a step
+                    # is long enough alone, and fewer steps per dispatch
+                    # keep each transfer of indices and the prefetch
+                    # queue small and the host's planning ahead short.
+                    'max_dispatch_examples': 65536,
                     'lstm_loop': 'bidirectional'},
 }
 
@@ -150,11 +156,12 @@ def _batch_assembly(config: ml_collections.ConfigDict, update: str,
 
 
 def _steps_per_dispatch(config: ml_collections.ConfigDict, assembly: str,
-                        backend: str) -> int:
+                        backend: str, processes: int) -> int:
   """`train.steps_per_dispatch`, or with 0 the largest count up to the
   backend's most that divides the log, checkpoint and evaluation
   intervals (a dispatch that would cross one falls back to single steps,
-  one more program). Several steps need batches assembled on the device."""
+  one more program) and holds at most the backend's most examples of one
+  process. Several steps need batches assembled on the device."""
   t = config.train
   n = int(t.steps_per_dispatch)
   if assembly != 'device':
@@ -166,7 +173,11 @@ def _steps_per_dispatch(config: ml_collections.ConfigDict, assembly: str,
   if n:
     return n
   every = math.gcd(t.log_every, t.checkpoint_every, t.eval_every)
-  most = backend_defaults(backend)['max_steps_per_dispatch']
+  defaults = backend_defaults(backend)
+  most = defaults['max_steps_per_dispatch']
+  if 'max_dispatch_examples' in defaults:
+    most = min(most, max(1, defaults['max_dispatch_examples'] * processes
+                         // max(int(t.batch_size), 1)))
   return max(d for d in range(1, most + 1) if every % d == 0)
 
 
@@ -260,7 +271,8 @@ def resolve(config: ml_collections.ConfigDict, backend: str | None = None,
       backend=backend, devices=devices, processes=processes,
       parallelism=parallelism, embedding_update=update,
       batch_assembly=assembly,
-      steps_per_dispatch=_steps_per_dispatch(config, assembly, backend),
+      steps_per_dispatch=_steps_per_dispatch(config, assembly, backend,
+                                             processes),
       prefetch_batches=(prefetch if prefetch >= 0 else
                         backend_defaults(backend)['prefetch_batches']),
       lstm_loop=lstm_loop(config.model, backend), text_layout=layout,

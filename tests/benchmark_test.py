@@ -235,6 +235,16 @@ def test_host_planning_sends_indices_only():
       line['host_plan_ms_per_step'] + line['host_dispatch_ms_per_step'],
       abs=2e-3)
   assert line['host_plan_ms_per_step'] > 0
+  # Each step's share of its epoch's order is counted: at large batches an
+  # epoch has few steps.
+  from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  assert line['steps_per_epoch'] == len(input_pipeline.epoch_order(
+      data.reviews, data.audio, batch_size=32, seed=config.seed, epoch=0,
+      neighbourhood=config.train.neighbourhood_sampling,
+      reviews_per_album=config.train.reviews_per_album))
+  assert line['epoch_order_ms'] > 0
+  assert line['host_plan_ms_per_step'] >= (
+      line['epoch_order_ms'] / line['steps_per_epoch'] - 1e-3)
   config.train.update(batch_assembly='host', steps_per_dispatch=1)
   host_plan = plan_lib.resolve(config, backend='cpu', devices=1, processes=1)
   assert train_loop.host_planning(config, host_plan, data, widths) == {}

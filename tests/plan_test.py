@@ -55,6 +55,21 @@ def test_auto_steps_per_dispatch_divides_the_intervals():
   assert _plan(config, 'cpu').steps_per_dispatch == 1
 
 
+def test_auto_steps_per_dispatch_caps_the_examples_of_a_dispatch():
+  """At large batches a step is long enough alone: a dispatch holds at
+  most 65,536 examples of one process, so its indices stay small."""
+  config = default.get_config()  # Intervals 50/1000/1000: divisors of 50.
+  for batch, steps in ((1024, 25), (2048, 25), (4096, 10), (8192, 5),
+                       (65536, 1), (131072, 1)):
+    config.train.batch_size = batch
+    assert _plan(config, 'gpu').steps_per_dispatch == steps, batch
+  # The cap is per process: two processes of 8,192 each.
+  config.train.batch_size = 16384
+  assert _plan(config, 'gpu', processes=2).steps_per_dispatch == 5
+  config.train.steps_per_dispatch = 25  # Asked for: not capped.
+  assert _plan(config, 'gpu').steps_per_dispatch == 25
+
+
 def test_parallelism_layout_and_positive_lists():
   config = test_config.get_config()
   assert _plan(config).parallelism == 'single'

@@ -97,39 +97,65 @@ def synthetic_data(config, seed: int = 0
 
 # Dispatches whose host planning `host_planning` times.
 PLANNED_DISPATCHES = 8
+# Draws of an epoch's order `host_planning` times (the median counts).
+ORDER_DRAWS = 3
 
 
 def host_planning(config, plan: plan_lib.Plan, data: trainer.TrainingData,
                   widths) -> dict[str, Any]:
   """What the host does per step for a step that assembles its batch on
-  the device, on the loop's own batch order: the prefetch thread's plans
-  (`Planner.with_plans`, with drawing the batch's indices,
-  `input_pipeline.train_indices`) and the dispatch's
-  (`Planner.__call__`), in ms per step, and the bytes of the arrays a
-  dispatch sends to the device. {} when the host assembles the batch."""
+  the device, on the loop's own batch order, in ms per step, and the bytes
+  of the arrays a dispatch sends to the device. {} when the host assembles
+  the batch.
+
+  The prefetch thread's work per step (`host_plan_ms_per_step`) is each
+  batch's own (`input_pipeline.train_indices` and `Planner.with_plans`,
+  timed over the batches that draw no epoch order) plus the epoch's order
+  (`input_pipeline.epoch_order`, `epoch_order_ms`) shared by the epoch's
+  `steps_per_epoch` steps: at large batches an epoch has few steps and its
+  order is a large part of the host's work. The dispatch's
+  (`host_dispatch_ms_per_step`) is `Planner.__call__`'s.
+  """
   if plan.batch_assembly != 'device':
     return {}
   vocab = config.data.vocab_size + 2 if plan.embedding_update == 'lazy' else 0
   planner = index_batches.Planner(config, plan, data.reviews, vocab,
                                   widths=widths)
   n = max(1, plan.steps_per_dispatch)
-  it = planner.with_plans(input_pipeline.train_indices(
-      data.reviews, data.audio, **trainer.batch_order(config, plan)))
-  next(it)  # The epoch's order is drawn once, at its first batch.
-  thread_s = call_s = 0.0
-  sent = 0
-  for _ in range(PLANNED_DISPATCHES):
+  order = trainer.batch_order(config, plan)
+  draws = []
+  for epoch in range(ORDER_DRAWS):
     start = time.perf_counter()
-    items = [idx for _, (_, idx) in zip(range(n), it)]
-    thread_s += time.perf_counter() - start
+    epoch_steps = len(input_pipeline.epoch_order(
+        data.reviews, data.audio, batch_size=order['batch_size'],
+        seed=order['seed'], epoch=epoch, neighbourhood=order['neighbourhood'],
+        reviews_per_album=order['reviews_per_album']))
+    draws.append(time.perf_counter() - start)
+  draw_s = float(np.median(draws))
+  it = planner.with_plans(input_pipeline.train_indices(
+      data.reviews, data.audio, **order))
+  batch_s, fetch_s, call_s, sent = [], [], 0.0, 0
+  for _ in range(PLANNED_DISPATCHES):
+    items = []
+    for _ in range(n):
+      start = time.perf_counter()
+      (_, batch), idx = next(it)
+      # The first batch of an epoch draws the epoch's order as well.
+      (fetch_s if batch == 0 else batch_s).append(time.perf_counter() - start)
+      items.append(idx)
     start = time.perf_counter()
     idx, _ = planner(items, plan.parallelism == 'pmap')
     call_s += time.perf_counter() - start
     sent = max(sent, sum(np.asarray(x).nbytes for x in idx.values()))
-  steps = PLANNED_DISPATCHES * n
-  return {'host_plan_ms_per_step': round(1e3 * thread_s / steps, 3),
-          'host_dispatch_ms_per_step': round(1e3 * call_s / steps, 3),
-          'host_ms_per_step': round(1e3 * (thread_s + call_s) / steps, 3),
+  per_batch = (float(np.mean(batch_s)) if batch_s else
+               max(float(np.mean(fetch_s)) - draw_s, 0.0))
+  thread_ms = 1e3 * (per_batch + draw_s / max(epoch_steps, 1))
+  dispatch_ms = 1e3 * call_s / (PLANNED_DISPATCHES * n)
+  return {'host_plan_ms_per_step': round(thread_ms, 3),
+          'host_dispatch_ms_per_step': round(dispatch_ms, 3),
+          'host_ms_per_step': round(thread_ms + dispatch_ms, 3),
+          'epoch_order_ms': round(1e3 * draw_s, 3),
+          'steps_per_epoch': epoch_steps,
           'bytes_per_dispatch': int(sent)}
 
 
