@@ -95,10 +95,10 @@ def synthetic_data(config, seed: int = 0
   return trainer.TrainingData(manifest, audio, reviews), dev
 
 
-# Dispatches whose host planning `host_planning` times.
-PLANNED_DISPATCHES = 8
+# Steps whose host planning `host_planning` times (whole dispatches).
+PLANNED_STEPS = 200
 # Draws of an epoch's order `host_planning` times (the median counts).
-ORDER_DRAWS = 3
+ORDER_DRAWS = 5
 
 
 def host_planning(config, plan: plan_lib.Plan, data: trainer.TrainingData,
@@ -135,7 +135,8 @@ def host_planning(config, plan: plan_lib.Plan, data: trainer.TrainingData,
   it = planner.with_plans(input_pipeline.train_indices(
       data.reviews, data.audio, **order))
   batch_s, fetch_s, call_s, sent = [], [], 0.0, 0
-  for _ in range(PLANNED_DISPATCHES):
+  dispatches = -(-PLANNED_STEPS // n)
+  for _ in range(dispatches):
     items = []
     for _ in range(n):
       start = time.perf_counter()
@@ -150,7 +151,7 @@ def host_planning(config, plan: plan_lib.Plan, data: trainer.TrainingData,
   per_batch = (float(np.mean(batch_s)) if batch_s else
                max(float(np.mean(fetch_s)) - draw_s, 0.0))
   thread_ms = 1e3 * (per_batch + draw_s / max(epoch_steps, 1))
-  dispatch_ms = 1e3 * call_s / (PLANNED_DISPATCHES * n)
+  dispatch_ms = 1e3 * call_s / (dispatches * n)
   return {'host_plan_ms_per_step': round(thread_ms, 3),
           'host_dispatch_ms_per_step': round(dispatch_ms, 3),
           'host_ms_per_step': round(thread_ms + dispatch_ms, 3),
