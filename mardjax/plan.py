@@ -48,8 +48,8 @@ BACKEND_DEFAULTS = {
             # moved into the step lengthens it on shared cores); the
             # dense update assembles on the device.
             'batch_assembly': {'lazy': 'host', 'dense': 'device'},
-            'max_steps_per_dispatch': 1, 'prefetch_batches': 0,
-            'lstm_loop': 'per_direction'},
+            'max_steps_per_dispatch': 1, 'max_dispatch_examples': 65536,
+            'prefetch_batches': 0, 'lstm_loop': 'per_direction'},
     'accelerator': {'embedding_update': 'dense',
                     'batch_assembly': {'lazy': 'device', 'dense': 'device'},
                     'max_steps_per_dispatch': 32, 'prefetch_batches': 2,
@@ -174,10 +174,9 @@ def _steps_per_dispatch(config: ml_collections.ConfigDict, assembly: str,
     return n
   every = math.gcd(t.log_every, t.checkpoint_every, t.eval_every)
   defaults = backend_defaults(backend)
-  most = defaults['max_steps_per_dispatch']
-  if 'max_dispatch_examples' in defaults:
-    most = min(most, max(1, defaults['max_dispatch_examples'] * processes
-                         // max(int(t.batch_size), 1)))
+  most = min(defaults['max_steps_per_dispatch'],
+             max(1, defaults['max_dispatch_examples'] * processes
+                 // max(int(t.batch_size), 1)))
   return max(d for d in range(1, most + 1) if every % d == 0)
 
 
