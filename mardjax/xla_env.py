@@ -20,11 +20,24 @@ are installed, the LLVM option that restores the native atomic is added
 an atomic sum, as before 0.10.2). The workaround rests on the reports
 above; a GPU benchmark record names the jax version it ran with
 (docs/performance.md).
+
+On CPU-only installs with glibc, freed memory is kept for reuse
+(`keep_freed_memory`). XLA's CPU runtime allocates each execution's
+buffers anew and frees them after it, tens of megabytes a `mean` step at
+large batches; glibc hands blocks that large to fresh `mmap` pages (or,
+from the runtime's worker threads, to per-thread heaps it trims), so every
+step pays a page fault and the kernel's zeroing for each page it touches,
+where a step served from a heap that keeps its memory touches none
+(the train benchmark; see docs/performance.md). The price is that a
+process keeps its peak heap until it exits. Accelerator installs are left
+alone: their steps' buffers live on the device.
 """
 
+import ctypes
 import importlib.metadata
 import importlib.util
 import os
+import platform
 import re
 
 DEFAULTS = ('--xla_cpu_enable_concurrency_optimized_scheduler=false',)
@@ -48,6 +61,33 @@ def _jax_version() -> tuple[int, ...] | None:
 def _cuda_plugin_installed() -> bool:
   return any(importlib.util.find_spec(f'jax_cuda{v}_plugin') is not None
              for v in (12, 13))
+
+
+def _accelerator_installed() -> bool:
+  """A CUDA plugin or libtpu: jax would run the steps on a device."""
+  return (_cuda_plugin_installed()
+          or importlib.util.find_spec('libtpu') is not None)
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# Set to any value, the system allocator's own settings are kept.
+SYSTEM_MALLOC_ENV = 'MARDJAX_SYSTEM_MALLOC'
+
+
+def keep_freed_memory() -> bool:
+  """Has glibc keep freed memory in one heap for reuse (module docstring):
+  one arena for every thread, no block handed to `mmap`, the heap's top
+  never given back. Skipped (False) where an accelerator plugin is
+  installed, on other C libraries, or with `SYSTEM_MALLOC_ENV` set; call
+  it before threads start allocating (before jax is imported)."""
+  if (os.environ.get(SYSTEM_MALLOC_ENV) or _accelerator_installed()
+      or platform.libc_ver()[0] != 'glibc'):
+    return False
+  mallopt = ctypes.CDLL(None).mallopt
+  return all(mallopt(param, value) == 1 for param, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
+      (_M_TRIM_THRESHOLD, 2**31 - 1)))  # The largest an int holds.
 
 
 def _with_extra_option(flags: str, option: str) -> str:
@@ -75,7 +115,9 @@ def gpu_scatter_workaround(flags: str) -> str:
 
 def apply_defaults() -> None:
   """Adds each default to XLA_FLAGS unless the user already set that flag,
-  and the GPU scatter workaround where it applies."""
+  and the GPU scatter workaround where it applies; keeps freed memory for
+  reuse where that applies (`keep_freed_memory`)."""
+  keep_freed_memory()
   flags = os.environ.get('XLA_FLAGS', '')
   for flag in DEFAULTS:
     if flag.split('=')[0] not in flags:

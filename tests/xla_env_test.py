@@ -2,6 +2,9 @@
 only where the installed jax needs it."""
 
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +70,61 @@ def test_apply_defaults_adds_the_gpu_workaround(slow_scatter_gpu):
   assert os.environ['XLA_FLAGS'] == (
       '--a=1 --xla_cpu_enable_concurrency_optimized_scheduler=false '
       '--xla_backend_extra_options=-nvptx-allow-ftz-atomics')
+
+
+# A fresh process whose worker thread (as XLA's runtime runs a step)
+# allocates, touches and frees blocks of 1 to 8 MiB and one larger than
+# glibc's largest mmap threshold, 112 MiB a round; it
+# prints whether the setting was applied and the page faults of the later
+# rounds per round. numpy's huge-page advice is off, so that a fault is
+# one 4 KiB page, as in XLA's own buffers.
+_FAULTS_PER_ROUND = '''
+import resource, threading
+from mardjax import xla_env
+print(xla_env.keep_freed_memory())
+import numpy as np
+def rounds(n):
+  for _ in range(n):
+    blocks = [np.empty((1 << 20) * (1 + i % 8), np.uint8) for i in range(16)]
+    blocks.append(np.empty(40 << 20, np.uint8))
+    for a in blocks:
+      a[::4096] = 1
+    del a, blocks
+def run(n):
+  t = threading.Thread(target=rounds, args=(n,))
+  t.start()
+  t.join()
+run(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+run(5)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+'''
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
+def test_freed_memory_is_reused_without_page_faults():
+  """With the setting, freed blocks are served again from the heap (no
+  page faults); with the system's own settings a round faults thousands
+  of its 28,672 pages in again."""
+  def run(env):
+    out = subprocess.run([sys.executable, '-c', _FAULTS_PER_ROUND],
+                         env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__)))).stdout.split()
+    return out[0], float(out[1])
+
+  env = {k: v for k, v in os.environ.items()
+         if k != xla_env.SYSTEM_MALLOC_ENV}
+  env['NUMPY_MADVISE_HUGEPAGE'] = '0'
+  if xla_env._accelerator_installed():  # pylint: disable=protected-access
+    pytest.skip('an accelerator plugin is installed here: the setting is '
+                'skipped (checked with a stubbed install below)')
+  applied, kept = run(env)
+  assert applied == 'True' and kept < 100
+  applied, system = run(dict(env, **{xla_env.SYSTEM_MALLOC_ENV: '1'}))
+  assert applied == 'False' and system > 1000
+
+
+def test_freed_memory_setting_is_skipped_with_an_accelerator(monkeypatch):
+  monkeypatch.setattr(xla_env, '_accelerator_installed', lambda: True)
+  assert xla_env.keep_freed_memory() is False

@@ -252,12 +252,14 @@ def device_positive_lists(blocks: AlbumBlocks, anchor_ids: jax.Array,
 
 
 # Above this many (anchor, candidate) pairs the sampled hinges' distances
-# are computed from gathered rows, pair by pair, not as a whole matrix: at
-# batch 8,192 the matrix is 67 million distances a term, of which a few
-# hundred thousand are read. Below, the matrix: at small batches it is
-# cheap, and gathered rows cost the gradient a scatter into the rows (the
-# train benchmark at batch 128; see docs/performance.md).
-_PAIRS_FOR_ROWS = 2048 * 2048
+# are computed from gathered rows, pair by pair, not as a whole matrix: an
+# anchor reads its W positives and K draws, a few dozen of the row's
+# distances (at batch 8,192 the matrix is 67 million distances a term, of
+# which a few hundred thousand are read). Up to batch 512, the matrix: it
+# is cheap there, and gathered rows cost the gradient a scatter into the
+# rows (the train benchmark at batch 128 to 1,024; see
+# docs/performance.md).
+_PAIRS_FOR_ROWS = 512 * 512
 
 
 # The narrowest positive list (`positive_lists`): under neighbourhood
