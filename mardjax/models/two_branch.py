@@ -240,11 +240,15 @@ def _split_bag(vectors: jax.Array, slots: jax.Array, weights: jax.Array,
   """
   b, length = slots.shape
   head = min(layouts.BAG_SLOTS, vectors.shape[0])
-  # Tokens of the other rows land in one extra column, dropped.
-  bag = jnp.zeros((b, head + 1), vectors.dtype).at[
-      jnp.arange(b)[:, None], jnp.minimum(slots, head)].add(
-          weights.astype(vectors.dtype))
-  out = bag[:, :head] @ vectors[:head]
+  # One flat index per token, its cell of the row-major (b, head) bag; the
+  # tokens of the other rows get an index past the end and are dropped (no
+  # (b * L, 2) index array to build, no extra column to slice off).
+  cell = jnp.where(slots < head,
+                   jnp.arange(b, dtype=slots.dtype)[:, None] * head + slots,
+                   b * head)
+  bag = jnp.zeros((b * head,), vectors.dtype).at[cell.ravel()].add(
+      weights.astype(vectors.dtype).ravel(), mode='drop').reshape(b, head)
+  out = bag @ vectors[:head]
   # Padding entries (past the end) read no row, and in the backward pass
   # add to none: their slot is out of range too.
   flat_slots = jnp.ravel(slots).at[rare_tokens].get(
