@@ -222,9 +222,12 @@ def lazy_adam(table: jax.Array, state: LazyAdamState, vocab_ids: jax.Array,
     (new table, new moments).
   """
   moments = state.moments
-  for plane, (decay, update) in enumerate(
-      ((b1, (1 - b1) * row_grads), (b2, (1 - b2) * row_grads * row_grads))):
-    moments = _decay_rows(moments, vocab_ids, plane, decay, update)
+  # Each moment's update is its scatter's combiner, applied to the raw
+  # gradient rows: no (U, D) update array is written and read per moment.
+  for plane, combine in enumerate((
+      lambda old, g: b1 * old + (1 - b1) * g,
+      lambda old, g: b2 * old + (1 - b2) * g * g)):
+    moments = _update_rows(moments, vocab_ids, plane, combine, row_grads)
   new = gather_rows(moments, vocab_ids)
   count = count.astype(row_grads.dtype)
   mu_hat = new[:, 0] / (1 - b1 ** count)
@@ -244,15 +247,18 @@ _PLANE_ROWS = jax.lax.ScatterDimensionNumbers(
     scatter_dims_to_operand_dims=(0, 1))
 
 
-def _decay_rows(moments: jax.Array, vocab_ids: jax.Array, plane: int,
-                decay: float, update: jax.Array) -> jax.Array:
-  """moments[vocab_ids, plane] = decay * moments[vocab_ids, plane] + update.
+def _update_rows(moments: jax.Array, vocab_ids: jax.Array, plane: int,
+                 combine: Callable[[jax.Array, jax.Array], jax.Array],
+                 grads: jax.Array) -> jax.Array:
+  """moments[vocab_ids, plane] = combine(moments[vocab_ids, plane], grads).
 
   One scatter whose combiner is the moment's own update, so each row is
-  read and written once where it lies. Gathering the old rows, computing
-  the new ones and scattering them back (`.at[].set`) passes the rows
-  through two more (U, D) arrays, a visible part of a `mean` step on CPUs
-  (the train benchmark; see docs/performance.md).
+  read and written once where it lies, and the gradient rows are its
+  update operand as they are. Gathering the old rows, computing the new
+  ones and scattering them back (`.at[].set`) passes the rows through more
+  (U, D) arrays, and so does an update array computed before the scatter
+  (`(1 - b1) * g`), a visible part of a `mean` step on CPUs (the train
+  benchmark; see docs/performance.md).
   `jax.lax.scatter_p` is the primitive behind `.at[]`, which offers only
   fixed combiners (add, multiply, min, max, replace).
 
@@ -260,15 +266,14 @@ def _decay_rows(moments: jax.Array, vocab_ids: jax.Array, plane: int,
     moments: (V, 2, D).
     vocab_ids: (U,) distinct row ids; ids >= V are dropped.
     plane: which of the two (V, D) planes.
-    decay: the moment's decay rate.
-    update: (U, D) what is added after the decay.
+    combine: (old, gradient) -> new, elementwise on scalars.
+    grads: (U, D) the rows' gradient.
   """
   scalar = jax.ShapeDtypeStruct((), moments.dtype)
-  combine = jax.make_jaxpr(lambda old, new: decay * old + new)(scalar,
-                                                                scalar)
+  combiner = jax.make_jaxpr(combine)(scalar, scalar)
   index = jnp.stack([vocab_ids, jnp.full_like(vocab_ids, plane)], 1)
   return jax.lax.scatter_p.bind(
-      moments, index, update.astype(moments.dtype),
-      update_jaxpr=combine.jaxpr, update_consts=tuple(combine.consts),
+      moments, index, grads.astype(moments.dtype),
+      update_jaxpr=combiner.jaxpr, update_consts=tuple(combiner.consts),
       dimension_numbers=_PLANE_ROWS, indices_are_sorted=False,
       unique_indices=True, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
