@@ -325,7 +325,11 @@ def _row_distances(anchors: jax.Array, candidates: jax.Array,
   """(N, J) Euclidean distances from anchor n to candidates index[n] (as
   `pairwise_distances` computes them, pair by pair)."""
   rows = candidates[index]  # (N, J, D)
-  sq = (jnp.sum(anchors * anchors, -1)[:, None] + jnp.sum(rows * rows, -1)
+  # The candidates' squared norms are taken once per candidate and read by
+  # index: the gathered rows then enter one product only, and their
+  # gradient is that product's alone (no second (N, J, D) term to add).
+  sq = (jnp.sum(anchors * anchors, -1)[:, None]
+        + jnp.sum(candidates * candidates, -1)[index]
         - 2.0 * jnp.einsum('nd,njd->nj', anchors, rows))
   return jnp.sqrt(jnp.maximum(sq, _MIN_SQUARED_DISTANCE))
 
