@@ -74,10 +74,10 @@ def test_apply_defaults_adds_the_gpu_workaround(slow_scatter_gpu):
 
 # A fresh process whose worker thread (as XLA's runtime runs a step)
 # allocates, touches and frees blocks of 1 to 8 MiB and one larger than
-# glibc's largest mmap threshold, 112 MiB a round; it
-# prints whether the setting was applied and the page faults of the later
-# rounds per round. numpy's huge-page advice is off, so that a fault is
-# one 4 KiB page, as in XLA's own buffers.
+# glibc's largest mmap threshold, 112 MiB a round; it prints whether the
+# setting was applied and the page faults of the later rounds per round.
+# numpy's huge-page advice is off, so that a fault is one 4 KiB page, as
+# in XLA's own buffers.
 _FAULTS_PER_ROUND = '''
 import resource, threading
 from mardjax import xla_env
