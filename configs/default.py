@@ -96,6 +96,9 @@ def get_config():
   # 'auto' (see two_branch.lstm_loop). The same function and parameters.
   config.model.lstm_loop = 'auto'
   config.model.linear = False  # One Dense per branch (WSABIE-like row).
+  # A Dense beside each head's Dense-ReLU-Dense, the two summed (a residual
+  # linear path; ignored with `linear`).
+  config.model.linear_path = False
   config.model.batch_norm = True  # BN after the last linear layer (Wang et al.).
 
   # --- Loss -----------------------------------------------------------------

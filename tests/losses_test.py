@@ -169,10 +169,48 @@ def test_jit_and_vmap_compatible():
 
 @pytest.mark.parametrize('bad', ['some', 'sampled', 'hardest:0', 'all:3',
                                  'sampled:-1', 'hardest:x', '', 'al',
-                                 'a:'])
+                                 'a:', 'hardest:3+', 'hardest:3+sampled:0',
+                                 'sampled:3+sampled:2', 'all+sampled:2',
+                                 'hardest:3+hardest:2', 'hardest:3+sampled'])
 def test_bad_negative_modes(bad):
   with pytest.raises(ValueError):
     losses.NegativeMode.parse(bad)
+
+
+def test_a_mixed_mode_parses_into_its_two_counts():
+  mode = losses.NegativeMode.parse('hardest:10+sampled:5')
+  assert (mode.kind, mode.k, mode.sampled, mode.draws) == ('hardest', 10, 5, 5)
+  assert losses.NegativeMode.parse('sampled:7').draws == 7
+  assert losses.NegativeMode.parse('hardest:7').draws == 0
+
+
+@pytest.mark.parametrize('listed', [False, True])
+def test_mixed_negatives_add_the_hardest_and_the_sampled_hinges(listed):
+  """Every (anchor, positive) pair's hinges against its K hardest and its
+  S uniform negatives: the two modes' losses summed (the same draws: one
+  key), with the neighbourhood terms, padding and listed positives."""
+  x, y, ids = _batch(4, b=12, albums=4)
+  ids[5] = -1
+  kw = dict(margin=0.4, weights=(1, 0.7, 0.3, 0.2),
+            key=jax.random.PRNGKey(3),
+            positives=losses.positive_lists(ids[None], False)[0]
+            if listed else None)
+  both, terms = losses.ranking_loss(x, y, ids, negatives='hardest:2+sampled:3',
+                                    **kw)
+  hard, hard_terms = losses.ranking_loss(x, y, ids, negatives='hardest:2',
+                                         **kw)
+  drawn, drawn_terms = losses.ranking_loss(x, y, ids, negatives='sampled:3',
+                                           **kw)
+  np.testing.assert_allclose(float(both), float(hard) + float(drawn),
+                             rtol=1e-5)
+  for name in ('audio_to_text', 'text_neighbourhood'):
+    np.testing.assert_allclose(
+        float(terms[name]), float(hard_terms[name]) + float(drawn_terms[name]),
+        rtol=1e-5)
+  assert float(drawn) > 0 and float(hard) > 0
+  with pytest.raises(ValueError, match='PRNG key'):
+    losses.ranking_loss(x, y, ids, negatives='hardest:2+sampled:3',
+                        **dict(kw, key=None))
 
 
 def test_sampled_draws_only_negatives():
@@ -236,7 +274,8 @@ def test_positive_lists_hand_computed():
 @pytest.mark.parametrize('seed,negatives,rows', [
     (0, 'sampled:5', False), (1, 'sampled:5', False), (0, 'sampled:5', True),
     (2, 'sampled:5', True), (0, 'hardest:3', False), (1, 'hardest:30', False),
-    (2, 'all', False)])
+    (2, 'all', False), (0, 'hardest:3+sampled:4', False),
+    (1, 'hardest:2+sampled:5', True)])
 def test_listed_positives_give_the_loss_over_every_pair(seed, negatives,
                                                         rows, monkeypatch):
   """The hinges over each anchor's listed positives equal those over every

@@ -44,6 +44,26 @@ def test_shapes_and_unit_norm(encoder, linear, bn):
     assert 'batch_stats' in state
 
 
+def test_linear_path_adds_a_linear_map_of_the_input():
+  head = two_branch.Head(hidden_dim=16, embed_dim=4, linear_path=True)
+  x = np.random.default_rng(2).normal(size=(3, 5)).astype(np.float32)
+  v = head.init(jax.random.PRNGKey(0), x, train=False)
+  p = v['params']
+  assert p['skip']['kernel'].shape == (5, 4) and 'bias' not in p['skip']
+  hidden = np.maximum(x @ p['hidden']['kernel'] + p['hidden']['bias'], 0)
+  want = (hidden @ p['out']['kernel'] + p['out']['bias']
+          + x @ p['skip']['kernel'])
+  want /= np.linalg.norm(want, axis=-1, keepdims=True)
+  np.testing.assert_allclose(head.apply(v, x, train=False), want,
+                             rtol=1e-5, atol=1e-6)
+  # The linear row keeps its one Dense: the path only sits beside the
+  # non-linear head.
+  linear = two_branch.Head(hidden_dim=16, embed_dim=4, linear=True,
+                           linear_path=True)
+  assert set(linear.init(jax.random.PRNGKey(0), x, train=False)['params']) == {
+      'out'}
+
+
 @pytest.mark.parametrize('encoder', ['mean', 'lstm'])
 def test_padding_does_not_change_the_text_embedding(encoder):
   model = _model(text_encoder=encoder, batch_norm=False)

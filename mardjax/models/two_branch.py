@@ -20,6 +20,9 @@ parameters.
   computed by a frozen encoder and stored beside the tokens: input
   `text_features` (B, F)).
 * `linear=True`: one Dense per branch (the WSABIE-like ablation row).
+  `linear_path=True`: a Dense from the head's input added to the
+  Dense-ReLU-Dense output before BatchNorm (a residual linear map beside
+  the non-linear one).
 
 BatchNorm follows Wang et al. (after the last linear layer); its statistics
 are averaged over `bn_axis_name` when training data-parallel.
@@ -55,6 +58,10 @@ class Head(nn.Module):
   hidden_dim: int
   embed_dim: int
   linear: bool = False
+  # A linear map of the input added to the non-linear one's output: what
+  # is linear in the input (the part that carries over to albums never
+  # seen in training) need not be fitted through the ReLU layer.
+  linear_path: bool = False
   batch_norm: bool = False
   bn_axis_name: str | None = None
   dropout: float = 0.0  # On the hidden layer, in training.
@@ -62,6 +69,7 @@ class Head(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    inputs = x
     if not self.linear:
       x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype,
                            name='hidden')(x))
@@ -71,6 +79,9 @@ class Head(nn.Module):
     # round-off (which Adam then amplifies into real updates).
     x = nn.Dense(self.embed_dim, use_bias=not self.batch_norm,
                  dtype=self.dtype, name='out')(x)
+    if self.linear_path and not self.linear:
+      x = x + nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                       name='skip')(inputs)
     if self.batch_norm:
       # Statistics in float32 whatever the dtype (flax promotes them).
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
@@ -369,6 +380,7 @@ class TwoBranch(nn.Module):
   lstm_dim: int = 256
   lstm_loop: str = 'per_direction'  # BiLSTMEncoder's `loop`.
   linear: bool = False
+  linear_path: bool = False  # Head's `linear_path`.
   batch_norm: bool = False
   bn_axis_name: str | None = None
   pooling: str = 'mean'  # Mean encoder: 'mean' or 'idf' (weighted).
@@ -380,7 +392,8 @@ class TwoBranch(nn.Module):
 
   def setup(self):
     head = dict(hidden_dim=self.hidden_dim, embed_dim=self.embed_dim,
-                linear=self.linear, batch_norm=self.batch_norm,
+                linear=self.linear, linear_path=self.linear_path,
+                batch_norm=self.batch_norm,
                 bn_axis_name=self.bn_axis_name, dropout=self.dropout,
                 dtype=self.dtype)
     self.audio_head = Head(**head)
@@ -495,6 +508,7 @@ def build(model_config, vocab_size: int, bn_axis_name: str | None = None,
                    lstm_loop=lstm_loop or plan_lib.lstm_loop(
                        model_config, jax.default_backend()),
                    linear=model_config.linear,
+                   linear_path=model_config.linear_path,
                    batch_norm=model_config.batch_norm,
                    bn_axis_name=bn_axis_name,
                    pooling=model_config.pooling,

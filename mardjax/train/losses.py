@@ -23,7 +23,11 @@ Negatives per (anchor, positive):
     (anchor, positive) pair (the paper: K = 10); the pairs of one anchor
     share its K draws;
   * `hardest:K`: the K negatives closest to the anchor (Wang et al.'s top-K
-    most violating).
+    most violating);
+  * `hardest:K+sampled:S`: those K and S drawn uniformly beside them: the
+    hardest keep the hinges active, the uniform ones keep every wrong
+    album in view (what holds for albums never seen in training is the
+    coarse layout of the space, which the hardest alone never look at).
 
 Given each anchor's list of positives (`positive_lists`, made on the host
 with the batch, or `device_positive_lists`, in the step from the album ids
@@ -59,19 +63,32 @@ _BIG = 1e9
 
 @dataclasses.dataclass(frozen=True)
 class NegativeMode:
-  """Parsed `negatives` config value: kind in {all, sampled, hardest}, k."""
+  """Parsed `negatives` config value: kind in {all, sampled, hardest}, k,
+  and under `hardest` the uniform negatives drawn beside the k hardest."""
   kind: str
   k: int = 0
+  sampled: int = 0
+
+  @property
+  def draws(self) -> int:
+    """Uniform draws an anchor needs (0: no draw, no album blocks)."""
+    return self.k if self.kind == 'sampled' else self.sampled
 
   @classmethod
   def parse(cls, text: str) -> 'NegativeMode':
-    kind, _, k = text.partition(':')
-    if kind == 'all' and not k:
+    first, plus, second = text.partition('+')
+    kind, _, k = first.partition(':')
+    extra, _, s = second.partition(':')
+    if kind == 'all' and not k and not plus:
       return cls('all')
     if kind in ('sampled', 'hardest') and k.isdigit() and int(k) > 0:
-      return cls(kind, int(k))
-    raise ValueError(f'negatives={text!r}: use all, sampled:K or hardest:K '
-                     '(K a positive integer).')
+      if not plus:
+        return cls(kind, int(k))
+      if (kind == 'hardest' and extra == 'sampled' and s.isdigit()
+          and int(s) > 0):
+        return cls(kind, int(k), int(s))
+    raise ValueError(f'negatives={text!r}: use all, sampled:K, hardest:K '
+                     'or hardest:K+sampled:S (K, S positive integers).')
 
 
 def pairwise_distances(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -111,7 +128,7 @@ def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
     pos, neg: (M,) bool masks of positive and negative candidates.
     margin: m.
     mode: how negatives are chosen.
-    sampled: (sampled mode only) the (K,) candidate indices of the
+    sampled: (with uniform draws only) the (K,) candidate indices of the
       anchor's sampled negatives (`_sampled_negatives`) and whether it has
       any negative.
 
@@ -130,23 +147,26 @@ def _anchor_hinges(dist_row: jax.Array, pos: jax.Array, neg: jax.Array,
     # (M_pos, M_neg): hinge of positive j against negative k.
     h = jax.nn.relu(margin + dist_row[:, None] - dist_row[None, :])
     return result(h, pos[:, None] & neg[None, :])
-  if mode.kind == 'hardest':
-    # The K negatives closest to the anchor (same for every positive).
-    neg_d, valid = _hardest_negatives(dist_row, neg, mode.k)
-    h = jax.nn.relu(margin + dist_row[:, None] - neg_d[None, :])
-    return result(h, pos[:, None] & valid[None, :])
   # Sampled: drawn once per anchor and used for each of its positives:
   # every (anchor, positive) pair still meets K uniform negatives (the
   # expected loss is unchanged); drawing per pair would cost M times the
   # random numbers, each a threefry hash computed in the step.
   # (K, M): each draw against every candidate, reduced along the long,
   # contiguous axis; a candidate counts when it is a positive.
-  index, has_neg = sampled
-  counted = pos & has_neg
-  h = jax.nn.relu(margin + dist_row[None, :] - dist_row[index][:, None]
-                  ) * counted[None, :]
-  return (jnp.sum(h), num_pos, jnp.sum(h > 0),
-          jnp.sum(counted) * index.shape[0])
+  drawn = (0.0, 0, 0)
+  if sampled is not None:
+    index, has_neg = sampled
+    counted = pos & has_neg
+    h = jax.nn.relu(margin + dist_row[None, :] - dist_row[index][:, None]
+                    ) * counted[None, :]
+    drawn = (jnp.sum(h), jnp.sum(h > 0), jnp.sum(counted) * index.shape[0])
+  if mode.kind == 'sampled':
+    return drawn[0], num_pos, drawn[1], drawn[2]
+  # The K negatives closest to the anchor (same for every positive).
+  neg_d, valid = _hardest_negatives(dist_row, neg, mode.k)
+  h = jax.nn.relu(margin + dist_row[:, None] - neg_d[None, :])
+  total, _, hits, slots = result(h, pos[:, None] & valid[None, :])
+  return total + drawn[0], num_pos, hits + drawn[1], slots + drawn[2]
 
 
 class AlbumBlocks(NamedTuple):
@@ -363,6 +383,12 @@ def _listed_hinges(anchors: jax.Array, candidates: jax.Array,
     pos_d = jnp.take_along_axis(dist, listed, 1)
     if mode.kind == 'hardest':
       neg_d, neg_ok = _hardest_negatives(dist, neg, mode.k)
+      if sampled is not None:  # The uniform draws beside the hardest.
+        index, has_neg = sampled
+        neg_d = jnp.concatenate(
+            [neg_d, jnp.take_along_axis(dist, index, 1)], 1)
+        neg_ok = jnp.concatenate([neg_ok, jnp.broadcast_to(
+            has_neg[:, None], index.shape)], 1)
     else:
       neg_d, neg_ok = dist, neg
   counted = valid[:, :, None] & neg_ok[:, None, :]
@@ -380,7 +406,7 @@ def _term_sums(anchors: jax.Array, candidates: jax.Array,
   arguments as `ranking_term`'s, `self_index` -1 where no anchor is
   excluded."""
   sampled = (_sampled_negatives(blocks, anchor_ids, uniform)
-             if mode.kind == 'sampled' else None)
+             if mode.draws else None)
   if positives is not None:
     sums = _listed_hinges(anchors, candidates, anchor_ids, candidate_ids,
                           positives, margin, mode, sampled, self_index)
@@ -411,23 +437,23 @@ def ranking_term(anchors: jax.Array, candidates: jax.Array,
     candidate_ids: (M,) album id of each candidate; < 0 = padding.
     margin: m.
     mode: negatives.
-    uniform: (N, K) draws in [0, 1) choosing each anchor's K negatives in
-      `sampled` mode.
+    uniform: (N, K) draws in [0, 1) choosing each anchor's K uniform
+      negatives (`mode.draws` of them).
     self_index: (N,) index of each anchor among the candidates, for the
       neighbourhood terms (an anchor is not its own positive); None otherwise.
     axis_name: device axis; the mean is then over the global batch's pairs.
     positives: (N, W) each anchor's positives among the candidates
       (`positive_lists`, -1 past the end; the anchor itself included): the
       hinges are then computed for those pairs only.
-    blocks: `album_blocks` of the candidates for these anchors, needed in
-      `sampled` mode.
+    blocks: `album_blocks` of the candidates for these anchors, needed
+      for uniform draws.
 
   Returns:
     (scalar loss, 0 when no anchor has a positive; the fraction of its
     (anchor, positive, negative) hinges that are active, a diagnostic).
   """
-  if mode.kind == 'sampled' and blocks is None:
-    raise ValueError('negatives=sampled:K needs the album blocks.')
+  if mode.draws and blocks is None:
+    raise ValueError('Uniform negatives need the album blocks.')
   if self_index is None:
     self_index = jnp.full(anchor_ids.shape, -1, jnp.int32)
   sums, counts, active, slots = _term_sums(
@@ -499,7 +525,7 @@ def _stacked_terms(on: list[int], embeddings: tuple[jax.Array, ...],
   Args:
     on: the terms to compute, in order.
     embeddings: (audio, text) (B, D) and their candidates (M, D).
-    draws: (4, B, K) every term's uniform draws (sampled mode), or None.
+    draws: (4, B, K) every term's uniform draws (`mode.draws`), or None.
     The rest as `ranking_loss` has them.
 
   Returns:
@@ -544,8 +570,8 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
     album_ids: (B,) album ids; negative = padding row.
     margin: m (paper: 0.05).
     weights: (l1, l2, l3, l4).
-    negatives: `all`, `sampled:K` or `hardest:K`.
-    key: PRNG key, needed for `sampled:K`.
+    negatives: `all`, `sampled:K`, `hardest:K` or `hardest:K+sampled:S`.
+    key: PRNG key, needed for uniform draws.
     axis_name: the device axis inside pmap / shard_map.
     gather_across_devices: take positives and negatives from the global batch.
     positives: (B, W) each row's positives among the candidates
@@ -559,8 +585,8 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
     cross-modal terms' hinges that are active, a diagnostic}).
   """
   mode = NegativeMode.parse(negatives)
-  if mode.kind == 'sampled' and key is None:
-    raise ValueError('negatives=sampled:K needs a PRNG key.')
+  if mode.draws and key is None:
+    raise ValueError(f'negatives={negatives} needs a PRNG key.')
   gather = axis_name if gather_across_devices else None
   cand_audio, cand_text = _gather(audio, gather), _gather(text, gather)
   cand_ids = _gather(album_ids, gather)
@@ -568,7 +594,7 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
       jax.lax.axis_index(gather) * audio.shape[0])
   self_index = (offset + jnp.arange(audio.shape[0])).astype(jnp.int32)
   blocks = None
-  if mode.kind == 'sampled' or isinstance(positives, int):
+  if mode.draws or isinstance(positives, int):
     # Row i's album is candidate self_index[i]'s, in every term.
     blocks = album_blocks(cand_ids, self_index)
   if isinstance(positives, int):
@@ -580,8 +606,9 @@ def ranking_loss(audio: jax.Array, text: jax.Array, album_ids: jax.Array, *,
   # (split, then drawn in a vmap), or one (4, B, K) draw, compiles the loss
   # and its gradient several times more slowly than one flat draw (the
   # train benchmark's compile_s; see docs/performance.md).
-  draws = (jax.random.uniform(key, (4 * audio.shape[0] * mode.k,)).reshape(
-      4, audio.shape[0], mode.k) if mode.kind == 'sampled' else None)
+  draws = (jax.random.uniform(key, (4 * audio.shape[0] * mode.draws,)
+                              ).reshape(4, audio.shape[0], mode.draws)
+           if mode.draws else None)
   on = [t for t, w in enumerate(weights) if w]
   terms = {name: jnp.zeros((), audio.dtype) for name, *_ in TERMS}
   active = jnp.zeros((), audio.dtype)
