@@ -107,7 +107,8 @@ def get_config():
   config.loss.margin = 0.05  # m of the hinge terms.
   # Weights of audio->text, text->audio, audio-audio and text-text terms.
   config.loss.weights = (1.0, 1.0, 0.1, 0.1)
-  config.loss.negatives = 'sampled:10'  # 'all', 'sampled:K' or 'hardest:K'.
+  # 'all', 'sampled:K', 'hardest:K' or 'hardest:K+sampled:S' (both).
+  config.loss.negatives = 'sampled:10'
   config.loss.temperature = 0.07  # InfoNCE / sigmoid.
   config.loss.sigmoid_bias = -10.0  # Sigmoid loss bias init.
   config.loss.gather_across_devices = False  # Negatives from the global batch.

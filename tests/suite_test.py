@@ -70,7 +70,8 @@ def test_the_reference_keeps_its_recipe_on_the_base_data_and_sizes():
   # Its own recipe ...
   for field in ('negatives', 'weights', 'margin'):
     assert ref.loss[field] == best.loss[field]
-  assert ref.model.word_dropout == best.model.word_dropout == 0.5
+  assert ref.model.word_dropout == best.model.word_dropout == 0.7
+  assert ref.model.linear and best.model.linear
   assert (ref.train.learning_rate, ref.train.num_epochs,
           ref.train.early_stop_patience) == (
               best.train.learning_rate, best.train.num_epochs,

@@ -615,9 +615,10 @@ def test_the_best_config_trains_and_beats_chance(tiny_records, tmp_path):
     config.model[field] = small.model[field]
   config.train.update(batch_size=32, num_steps=150, warmup_steps=10,
                       eval_every=50, log_every=50, checkpoint_every=50)
-  # 8 rows per device of the 4 forced CPU devices: fewer hardest negatives.
-  assert config.loss.negatives.startswith('hardest:')
-  config.loss.negatives = 'hardest:5'
+  # 8 rows per device of the 4 forced CPU devices: fewer hardest negatives
+  # (and as many uniform ones).
+  assert config.loss.negatives == 'hardest:10+sampled:10'
+  config.loss.negatives = 'hardest:5+sampled:5'
   config_check.validate(config, jax.local_device_count())
   _, metrics = stages.train_and_evaluate(config, str(tmp_path), data_dir)
   assert metrics['recall@10'] > 2 * metrics['random_recall@10']
