@@ -8,7 +8,7 @@ table); the paper's best row stays in `configs/default.py` and
 
 * linear heads (one Dense per branch, as the paper's linear row): the
   non-linear heads fit the training albums better and carry over to new
-  albums worse (docs/recipe.md has the variants measured);
+  albums worse (docs/recipe.md has the variants tried);
 * negatives: the 10 hardest wrong albums per (anchor, positive) and 10
   uniform ones beside them: the hardest keep the hinges active (the
   uniform ones alone are mostly past the margin after a few epochs), the

@@ -613,7 +613,9 @@ def test_the_best_config_trains_and_beats_chance(tiny_records, tmp_path):
   config.eval.validation_fraction = small.eval.validation_fraction
   for field in ('word_dim', 'hidden_dim', 'embed_dim', 'lstm_dim'):
     config.model[field] = small.model[field]
-  config.train.update(batch_size=32, num_steps=150, warmup_steps=10,
+  # Linear heads reading 30% of the words learn more slowly than the
+  # non-linear ones at this size: 300 steps, where 150 fell short.
+  config.train.update(batch_size=32, num_steps=300, warmup_steps=10,
                       eval_every=50, log_every=50, checkpoint_every=50)
   # 8 rows per device of the 4 forced CPU devices: fewer hardest negatives
   # (and as many uniform ones).
@@ -622,7 +624,7 @@ def test_the_best_config_trains_and_beats_chance(tiny_records, tmp_path):
   config_check.validate(config, jax.local_device_count())
   _, metrics = stages.train_and_evaluate(config, str(tmp_path), data_dir)
   assert metrics['recall@10'] > 2 * metrics['random_recall@10']
-  assert metrics['model_step'] in (0, 50, 100, 150)
+  assert metrics['model_step'] in range(0, 301, 50)
   # Its recipe differs from the paper's where the README says it does.
   paper = test_config.get_config()
   assert (config.loss.negatives, config.model.word_dropout,
