@@ -122,6 +122,34 @@ def test_a_row_against_the_baselines_and_the_reference():
   assert test_row['ratio'] == pytest.approx(0.175 / 0.1)
 
 
+def test_a_run_from_before_a_field_existed_is_the_same_run():
+  defaults = {'train.lr': 1e-3, 'loss.new': 'off'}
+  stored = {'train.lr': 1e-3, 'model.dim': 8}
+  wanted = {'train.lr': 1e-3, 'model.dim': 8}
+  assert suite.same_run(stored, wanted, defaults)
+  # A field added since, at its default: what the run did then.
+  assert suite.same_run(stored, dict(wanted, **{'loss.new': 'off'}), defaults)
+  # Set otherwise, or with no default to read: another run.
+  assert not suite.same_run(stored, dict(wanted, **{'loss.new': 'on'}),
+                            defaults)
+  assert not suite.same_run(stored, dict(wanted, **{'loss.other': 1}),
+                            defaults)
+  # A value that differs, or a field the configs dropped: another run.
+  assert not suite.same_run(stored, dict(wanted, **{'train.lr': 3e-3}),
+                            defaults)
+  assert not suite.same_run(dict(stored, **{'loss.gone': 1}), wanted,
+                            defaults)
+
+
+def test_fields_flatten_a_config_less_the_suite():
+  config = test_config.get_config()
+  fields = suite._fields(config)
+  assert fields['loss.weights'] == list(config.loss.weights)
+  assert fields['train.batch_size'] == config.train.batch_size
+  assert not any(k.startswith('suite.') for k in fields)
+  assert suite._fields(json.loads(config.to_json())) == fields
+
+
 @pytest.mark.slow
 def test_the_suite_trains_every_corpus_and_seed_beside_the_baselines(
     tmp_path, monkeypatch):
@@ -181,3 +209,25 @@ def test_the_suite_trains_every_corpus_and_seed_beside_the_baselines(
   monkeypatch.setattr(stages, 'train_and_evaluate', refuse)
   monkeypatch.setattr(baselines, 'baselines_on_splits', refuse)
   assert modes.run_mode('suite', config, str(tmp_path))['rows'] == rows
+
+  # Runs made before a field existed (under other fingerprints, their
+  # configs without it) are read back while the field keeps its default:
+  # one by the config file beside it, one (older still) by its checkpoints.
+  runs = tmp_path / 'named_1000' / 'runs'
+  for i, name in enumerate(sorted(os.listdir(runs))):
+    path = runs / name / suite.CONFIG_FILE
+    if i == 0:
+      path.unlink()
+    else:
+      stored = json.loads(path.read_text())
+      assert stored['model']['linear_path'] is False  # The default.
+      del stored['model']['linear_path']
+      path.write_text(json.dumps(stored))
+    old = runs / f'old{i}'
+    os.rename(runs / name, old)
+    record = json.loads((old / 'suite_run.json').read_text())
+    record['run_dir'] = os.path.relpath(old, tmp_path / 'named_1000')
+    (old / 'suite_run.json').write_text(json.dumps(record))
+  again = modes.run_mode('suite', config, str(tmp_path))['rows']
+  assert [{k: v for k, v in r.items() if k != 'run_dir'} for r in again] == [
+      {k: v for k, v in r.items() if k != 'run_dir'} for r in rows]

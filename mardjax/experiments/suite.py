@@ -26,7 +26,9 @@ and each corpus's baselines in `baselines-<fingerprint>.json`: a suite run
 again, or another config's suite in the same workdir (the next recipe
 tried), reads back every run and fit it shares (the reference's, the
 baselines) instead of training it again, and an interrupted run resumes
-from its checkpoints.
+from its checkpoints. A run made before a field was added to the configs
+is read back too while that field keeps its default (`same_run`; each
+run's `suite_config.json`, or its checkpoints' record, holds its fields).
 
 `config.suite.scale` multiplies every corpus's sizes (tests use a small
 one); `config.suite.num_epochs` (> 0) sets each run's epochs, else the
@@ -49,6 +51,9 @@ from mardjax import config_check
 from mardjax import stages
 from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
+
+# Beside each run's suite_run.json: the config it trained with.
+CONFIG_FILE = 'suite_config.json'
 
 # name -> (albums, reviews, tracks, style fields). The first keeps every
 # style default: the quick start's corpus at its sizes.
@@ -125,6 +130,74 @@ def _digest(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(cfg.to_json(sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _fields(config: ml_collections.ConfigDict | dict[str, Any]
+            ) -> dict[str, Any]:
+  """{'section.field': value} of a config (or its JSON), less the suite's
+  own fields, values as JSON reads them back."""
+  if isinstance(config, ml_collections.ConfigDict):
+    config = json.loads(config.copy_and_resolve_references().to_json())
+  out = {}
+  def walk(tree, prefix):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        walk(value, f'{prefix}{key}.')
+      else:
+        out[prefix + key] = value
+  walk({k: v for k, v in config.items() if k != 'suite'}, '')
+  return out
+
+
+def same_run(stored: dict[str, Any], wanted: dict[str, Any],
+             defaults: dict[str, Any]) -> bool:
+  """Whether a run trained with the fields `stored` is the run the fields
+  `wanted` ask for (all three `_fields` dicts): equal in every field the
+  run had, and every field added to the configs since at its default
+  (`defaults`, `configs.default`'s), which keeps what runs did before the
+  field existed. A field the run had that the configs dropped: not the
+  same (what it did may be gone)."""
+  if not stored.keys() <= wanted.keys():
+    return False
+  return all(stored[k] == v if k in stored else
+             (k in defaults and defaults[k] == v) for k, v in wanted.items())
+
+
+def _default_fields() -> dict[str, Any]:
+  try:
+    return _fields(importlib.import_module('configs.default').get_config())
+  except ImportError:  # Not run from the repository: exact matches only.
+    return {}
+
+
+def _run_fields(run_dir: str) -> dict[str, Any] | None:
+  """The fields a finished run trained with: its `CONFIG_FILE`, else (runs
+  from before the file) its checkpoints' record."""
+  from mardjax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  config = _read_json(os.path.join(run_dir, CONFIG_FILE))
+  if config is None:
+    config = checkpoints.run_config(run_dir)
+  return None if config is None else _fields(config)
+
+
+def _earlier_run(run_cfg: ml_collections.ConfigDict, root: str
+                 ) -> dict[str, Any] | None:
+  """A finished run under `root` of the run `run_cfg` asks for, made
+  before a field of the configs existed (so under another fingerprint):
+  adding a field at its old behaviour keeps every run trained before."""
+  runs = os.path.join(root, 'runs')
+  if not os.path.isdir(runs):
+    return None
+  wanted, defaults = _fields(run_cfg), _default_fields()
+  for name in sorted(os.listdir(runs)):
+    run_dir = os.path.join(runs, name)
+    done = _read_json(os.path.join(run_dir, 'suite_run.json'))
+    if done is None:
+      continue
+    stored = _run_fields(run_dir)
+    if stored is not None and same_run(stored, wanted, defaults):
+      return done
+  return None
+
+
 def reference_config(base: ml_collections.ConfigDict, module: str
                      ) -> ml_collections.ConfigDict:
   """The reference recipe (`config.suite.reference`, e.g. the paper's,
@@ -174,12 +247,17 @@ def _train_seed(cfg: ml_collections.ConfigDict, root: str, data_dir: str,
   run_cfg = cfg.copy_and_resolve_references()
   run_cfg.seed = seed
   run_dir = os.path.join(root, 'runs', _digest(run_cfg))
-  done = _read_json(os.path.join(run_dir, 'suite_run.json'))
+  done = (_read_json(os.path.join(run_dir, 'suite_run.json'))
+          or _earlier_run(run_cfg, root))
   if done is not None:
-    logging.info('suite: %s, seed %d: done before (%s)', name, seed, run_dir)
+    logging.info('suite: %s, seed %d: done before (%s)', name, seed,
+                 os.path.join(root, done['run_dir']))
     return done
   start = time.time()
   logging.info('suite: %s, seed %d (%s)', name, seed, run_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  _write_json(os.path.join(run_dir, CONFIG_FILE),
+              json.loads(run_cfg.to_json()))
   _, metrics = stages.train_and_evaluate(run_cfg, run_dir, data_dir)
   run = {'seed': seed, 'model_step': metrics['model_step'],
          'steps': metrics['steps'], 'selection': metrics['selection'],
