@@ -190,7 +190,8 @@ def _earlier_run(run_cfg: ml_collections.ConfigDict, root: str
   for name in sorted(os.listdir(runs)):
     run_dir = os.path.join(runs, name)
     done = _read_json(os.path.join(run_dir, 'suite_run.json'))
-    if done is None:
+    # Another seed's run is another run: its config is not read.
+    if done is None or done['seed'] != run_cfg.seed:
       continue
     stored = _run_fields(run_dir)
     if stored is not None and same_run(stored, wanted, defaults):
