@@ -194,6 +194,11 @@ def get_config():
   config.train.optimizer_shard_min_size = 65536
   config.train.neighbourhood_sampling = True  # 2+ reviews per album a batch.
   config.train.reviews_per_album = 2  # Group size under neighbourhood sampling.
+  # An album with fewer training reviews than a group (most of MARD's), or
+  # reviews beyond whole groups: True completes its last group by repeating
+  # its reviews, so every review trains each epoch; False leaves them out
+  # (single-review albums never train).
+  config.train.fill_groups = False
   config.train.log_every = 50  # Steps between progress lines / metrics.
   config.train.checkpoint_every = 1000  # Steps between checkpoints.
   config.train.keep_checkpoints = 3

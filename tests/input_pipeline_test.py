@@ -64,6 +64,40 @@ def test_an_epoch_uses_each_review_at_most_once(tiny_records, table,
       assert want - 16 < len(flat) <= want
 
 
+def test_filled_groups_train_every_review_of_every_album():
+  """Albums of 1, 2, 3 and 5 reviews and one without tracks, by hand: with
+  `fill` every review of an album with tracks is in the epoch, each group
+  is one album's, and a short group repeats its album's reviews; without
+  it the single-review album and the odd reviews sit out."""
+  album = np.array([0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 4], np.int32)
+  reviews = tables.ReviewTable(tokens=np.zeros(1, np.int32),
+                               offsets=np.zeros(len(album), np.int64),
+                               lengths=np.ones(len(album), np.int32),
+                               album=album)
+  audio = tables.AudioTable(np.zeros((4, 3), np.float32),
+                            np.array([0, 1, 2, 3, 4]),
+                            np.array([1, 1, 1, 1, 0]))
+  for epoch in range(3):
+    kw = dict(batch_size=2, seed=0, epoch=epoch, neighbourhood=True,
+              reviews_per_album=2)
+    filled = input_pipeline.epoch_order(reviews, audio, fill=True, **kw)
+    groups = filled.reshape(-1, 2)
+    # ceil(size / 2) groups of albums 0-3; album 4 has no track.
+    assert len(groups) == 1 + 1 + 2 + 3
+    assert np.all(album[groups[:, 0]] == album[groups[:, 1]])
+    assert set(filled.ravel()) == set(range(11))
+    np.testing.assert_array_equal(groups[album[groups[:, 0]] == 0], [[0, 0]])
+    for a, size in ((1, 2), (2, 3), (3, 5)):
+      rows = groups[album[groups[:, 0]] == a].ravel()
+      assert len(set(rows)) == size  # Each review, the repeats its own.
+    plain = input_pipeline.epoch_order(reviews, audio, **kw)
+    assert 0 not in plain and 11 not in plain
+    assert len(plain.ravel()) == 2 + 2 + 4
+  # Album 0 never trains without `fill`; album 4 has no track to train.
+  assert input_pipeline.left_out(reviews, audio, 2) == (1, 1)
+  assert input_pipeline.left_out(reviews, audio, 3) == (2, 3)
+
+
 def test_audio_table_is_normalised_with_training_statistics(tiny_records,
                                                             table):
   _, manifest = tiny_records

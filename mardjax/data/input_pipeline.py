@@ -23,10 +23,13 @@ shuffled and batched, and each group gets that many distinct tracks of its
 album where it has them (an album with fewer tracks repeats them: MARD's
 original release has one track per album). Every album in a batch then has
 at least two reviews, and two tracks where it has two, so the
-neighbourhood terms of the loss have in-batch positives. Albums with a track
-and at least two training reviews take part; an album's reviews beyond a
-multiple of the group size sit out that epoch (a different random subset
-each epoch).
+neighbourhood terms of the loss have in-batch positives. With `fill`
+(`train.fill_groups`) every album with a track takes part with all its
+reviews: an album's last group is completed with its first reviews of the
+epoch, so a single-review album (most of MARD's) trains as a group of that
+review twice. Without it, albums with a track and at least two training
+reviews take part, and an album's reviews beyond a multiple of the group
+size sit out that epoch (a different random subset each epoch).
 
 Determinism: epoch e of seed s is always the same sequence of batches (its
 order and track draws are seeded by (s, e) and the batch number), so a
@@ -218,11 +221,14 @@ def stable_argsort(keys: np.ndarray) -> np.ndarray:
 
 def epoch_order(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
                 batch_size: int, seed: int, epoch: int, neighbourhood: bool,
-                reviews_per_album: int) -> np.ndarray:
+                reviews_per_album: int, fill: bool = False) -> np.ndarray:
   """The review indices of every batch of one epoch, (num_batches, batch_size).
 
   Under neighbourhood sampling each run of `reviews_per_album` consecutive
-  entries of a batch row is one album's group.
+  entries of a batch row is one album's group. `fill`: every review of an
+  album with a track takes part, an album's last group completed with its
+  first reviews of the epoch (a single-review album's group repeats that
+  review); else an album's reviews beyond whole groups sit out the epoch.
   """
   rng = np.random.default_rng([seed, epoch, 11])
   perm = rng.permutation(len(reviews))
@@ -238,14 +244,34 @@ def epoch_order(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
   order, albums = perm[by_album], key[by_album]
   first = np.flatnonzero(np.r_[True, albums[1:] != albums[:-1]])
   size = np.diff(np.r_[first, len(order)])
-  # Each album's first size // r * r reviews, in whole groups of r.
-  keep = np.arange(len(order)) < np.repeat(first + size // r * r, size)
-  groups = order[keep].reshape(-1, r)
+  if fill:
+    # ceil(size / r) groups per album; slot p of an album reads its review
+    # p % size, so the last group wraps around to the album's first ones.
+    count = -(-size // r)
+    album = np.repeat(np.arange(len(first)), count)
+    group = np.arange(len(album)) - np.repeat(np.cumsum(count) - count, count)
+    slot = group[:, None] * r + np.arange(r)[None, :]
+    groups = order[first[album][:, None] + slot % size[album][:, None]]
+  else:
+    # Each album's first size // r * r reviews, in whole groups of r.
+    keep = np.arange(len(order)) < np.repeat(first + size // r * r, size)
+    groups = order[keep].reshape(-1, r)
   # `take` copies whole rows, several times faster than indexing by rows.
   groups = np.take(groups, rng.permutation(len(groups)), axis=0)
   per_batch = batch_size // r
   n = len(groups) // per_batch
   return groups[:n * per_batch].reshape(n, batch_size)
+
+
+def left_out(reviews: tables.ReviewTable, audio: tables.AudioTable,
+             reviews_per_album: int) -> tuple[int, int]:
+  """(albums, reviews) that neighbourhood sampling without `fill` never
+  trains: the albums with a track and fewer training reviews than a
+  group. (Reviews beyond whole groups rotate from epoch to epoch.)"""
+  counts = np.bincount(reviews.album, minlength=len(audio.counts))
+  counts = counts[:len(audio.counts)][audio.counts >= 1]
+  short = (counts >= 1) & (counts < reviews_per_album)
+  return int(short.sum()), int(counts[short].sum())
 
 
 def most_album_rows(reviews: tables.ReviewTable, order: np.ndarray) -> int:
@@ -311,7 +337,8 @@ def pair_audio(album: np.ndarray, audio: tables.AudioTable, seed: int,
 def train_indices(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
                   batch_size: int, num_devices: int, seed: int,
                   neighbourhood: bool, reviews_per_album: int,
-                  start_epoch: int = 0, start_batch: int = 0
+                  fill: bool = False, start_epoch: int = 0,
+                  start_batch: int = 0
                   ) -> Iterator[tuple[tuple[int, int], dict[str, np.ndarray]]]:
   """The batches of `train_batches` as indices into the tables: what a
   step that assembles its batch on the device needs from the host.
@@ -328,7 +355,7 @@ def train_indices(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
   while True:
     order = epoch_order(reviews, audio, batch_size=batch_size, seed=seed,
                         epoch=epoch, neighbourhood=neighbourhood,
-                        reviews_per_album=r)
+                        reviews_per_album=r, fill=fill)
     if not len(order):
       raise ValueError(
           'An epoch produced no batch: fewer training reviews than '
@@ -347,8 +374,8 @@ def train_indices(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
 def train_batches(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
                   batch_size: int, num_devices: int, max_len: int, seed: int,
                   neighbourhood: bool, reviews_per_album: int,
-                  start_epoch: int = 0, start_batch: int = 0,
-                  album_tracks: int = 0
+                  fill: bool = False, start_epoch: int = 0,
+                  start_batch: int = 0, album_tracks: int = 0
                   ) -> Iterator[tuple[tuple[int, int], dict[str, np.ndarray]]]:
   """Endless training batches from position (start_epoch, start_batch).
 
@@ -361,6 +388,7 @@ def train_batches(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
     seed: seeds every epoch's order and track draws.
     neighbourhood: neighbourhood sampling (module docstring).
     reviews_per_album: group size under neighbourhood sampling.
+    fill: every review takes part (`epoch_order`).
     start_epoch, start_batch: where to start (a checkpoint's position).
     album_tracks: > 0 pairs each review with its album's first
       `album_tracks` tracks (the album LSTM): 'audio' is then (D, b, T, A)
@@ -377,8 +405,8 @@ def train_batches(reviews: tables.ReviewTable, audio: tables.AudioTable, *,
   for position, index in train_indices(
       reviews, audio, batch_size=batch_size, num_devices=num_devices,
       seed=seed, neighbourhood=neighbourhood,
-      reviews_per_album=reviews_per_album, start_epoch=start_epoch,
-      start_batch=start_batch):
+      reviews_per_album=reviews_per_album, fill=fill,
+      start_epoch=start_epoch, start_batch=start_batch):
     batch = make_batch(reviews, index['rows'].reshape(-1), max_len)
     if album_tracks:
       batch['audio'], batch['num_tracks'] = audio.sequences(

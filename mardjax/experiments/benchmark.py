@@ -352,7 +352,7 @@ def run_pipeline(config, workdir: str) -> dict[str, Any]:
       reviews, audio, batch_size=t.batch_size, num_devices=1,
       max_len=config.data.max_len, seed=config.seed,
       neighbourhood=t.neighbourhood_sampling,
-      reviews_per_album=t.reviews_per_album)
+      reviews_per_album=t.reviews_per_album, fill=t.fill_groups)
   next(it)
   n = config.benchmark.pipeline_batches
   start = time.time()

@@ -129,7 +129,7 @@ def host_planning(config, plan: plan_lib.Plan, data: trainer.TrainingData,
     epoch_steps = len(input_pipeline.epoch_order(
         data.reviews, data.audio, batch_size=order['batch_size'],
         seed=order['seed'], epoch=epoch, neighbourhood=order['neighbourhood'],
-        reviews_per_album=order['reviews_per_album']))
+        reviews_per_album=order['reviews_per_album'], fill=order['fill']))
     draws.append(time.perf_counter() - start)
   draw_s = float(np.median(draws))
   it = planner.with_plans(input_pipeline.train_indices(

@@ -72,7 +72,7 @@ def positive_widths(config: ml_collections.ConfigDict, plan: plan_lib.Plan,
         reviews, audio, batch_size=t.batch_size // plan.processes,
         seed=config.seed, epoch=0, neighbourhood=t.neighbourhood_sampling,
         reviews_per_album=(t.reviews_per_album if t.neighbourhood_sampling
-                           else 1))
+                           else 1), fill=t.fill_groups)
     most = input_pipeline.most_album_rows(reviews, first_epoch)
     widths({'positives': train_step.program_width(
         losses.positive_width(most + 1), process_sync())})

@@ -154,7 +154,7 @@ def batch_order(config: ml_collections.ConfigDict, plan: plan_lib.Plan
   return dict(batch_size=t.batch_size // plan.processes,
               num_devices=plan.devices, seed=config.seed,
               neighbourhood=t.neighbourhood_sampling,
-              reviews_per_album=t.reviews_per_album)
+              reviews_per_album=t.reviews_per_album, fill=t.fill_groups)
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str,
@@ -169,6 +169,15 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
       bn_axis_name=train_step.AXIS if plan.parallel else None,
       dtype=train_step.compute_dtype(plan), lstm_loop=plan.lstm_loop)
   order = batch_order(config, plan)
+  if t.neighbourhood_sampling and not t.fill_groups:
+    albums, rows = input_pipeline.left_out(reviews, audio,
+                                           t.reviews_per_album)
+    if albums:
+      logging.warning(
+          'Neighbourhood sampling leaves out %d albums with fewer than %d '
+          'training reviews (%d reviews, %.0f%%); '
+          '--config.train.fill_groups=True trains them.', albums,
+          t.reviews_per_album, rows, 100 * rows / max(1, len(reviews)))
 
   def batches(epoch, batch):
     return input_pipeline.train_batches(
