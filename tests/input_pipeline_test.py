@@ -1,12 +1,15 @@
 """tf.data pipeline: shapes, pairing, neighbourhood sampling, determinism."""
 
 import itertools
+import types
 
 import numpy as np
 import pytest
 
+from configs import default
 from mardjax.data import input_pipeline
 from mardjax.data import tables
+from mardjax.train import trainer
 
 
 @pytest.fixture(scope='module')
@@ -96,6 +99,15 @@ def test_filled_groups_train_every_review_of_every_album():
   # Album 0 never trains without `fill`; album 4 has no track to train.
   assert input_pipeline.left_out(reviews, audio, 2) == (1, 1)
   assert input_pipeline.left_out(reviews, audio, 3) == (2, 3)
+
+
+def test_the_trainers_batch_order_follows_fill_groups():
+  """The config's choice reaches the epoch order the trainer draws."""
+  config = default.get_config()
+  plan = types.SimpleNamespace(processes=1, devices=1)
+  assert trainer.batch_order(config, plan)['fill'] is False
+  config.train.fill_groups = True
+  assert trainer.batch_order(config, plan)['fill'] is True
 
 
 def test_audio_table_is_normalised_with_training_statistics(tiny_records,
