@@ -614,8 +614,10 @@ def test_the_best_config_trains_and_beats_chance(tiny_records, tmp_path):
   for field in ('word_dim', 'hidden_dim', 'embed_dim', 'lstm_dim'):
     config.model[field] = small.model[field]
   # Linear heads reading 30% of the words learn more slowly than the
-  # non-linear ones at this size: 300 steps, where 150 fell short.
-  config.train.update(batch_size=32, num_steps=300, warmup_steps=10,
+  # non-linear ones at this size, and with every review in training
+  # (fill_groups) a step also trains the single-review albums, none of
+  # which the dev split holds: 500 steps, where 300 fell short.
+  config.train.update(batch_size=32, num_steps=500, warmup_steps=10,
                       eval_every=50, log_every=50, checkpoint_every=50)
   # 8 rows per device of the 4 forced CPU devices: fewer hardest negatives
   # (and as many uniform ones).
@@ -624,7 +626,7 @@ def test_the_best_config_trains_and_beats_chance(tiny_records, tmp_path):
   config_check.validate(config, jax.local_device_count())
   _, metrics = stages.train_and_evaluate(config, str(tmp_path), data_dir)
   assert metrics['recall@10'] > 2 * metrics['random_recall@10']
-  assert metrics['model_step'] in range(0, 301, 50)
+  assert metrics['model_step'] in range(0, 501, 50)
   # Its recipe differs from the paper's where the README says it does.
   paper = test_config.get_config()
   assert (config.loss.negatives, config.model.word_dropout,
