@@ -1,7 +1,7 @@
 """mardjax entry point: `python launch.py --config configs/default.py --workdir DIR`.
 
-Modes (`--mode`): train (default), eval, baselines, ablate, suite, export, serve,
-embed, synth, preprocess, benchmark. Every
+Modes (`--mode`): train (default), eval, baselines, ablate, suite, suite_table1,
+export, serve, embed, synth, preprocess, benchmark. Every
 mode prints one JSON object as the last line of stdout and writes the same
 object to DIR/<mode>.json. Config fields are overridden with
 `--config.data.vocab_size=30000` and the like; unknown fields are an error.

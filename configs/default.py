@@ -251,6 +251,11 @@ def get_config():
   # A recipe trained beside the config on the same data and seeds, as a
   # module with get_config() ('': none); the paper's by default.
   config.suite.reference = 'configs.default'
+  # --mode=suite_table1: Table 1's rows (experiments.ablation.ROWS,
+  # comma-separated; '': all) on the suite, and per-row step caps
+  # ('row:steps,...'; '': each row until early stopping or its epochs).
+  config.suite.table1_rows = ''
+  config.suite.row_steps = ''
 
   # --- Table 1 (--mode=ablate) ----------------------------------------------
   config.ablate = ml_collections.ConfigDict()

@@ -141,6 +141,14 @@ def run_suite(config, workdir: str, opts: Options = Options()
   return suite.run_suite(config, workdir, opts.show_progress)
 
 
+def run_suite_table1(config, workdir: str, opts: Options = Options()
+                     ) -> dict[str, Any]:
+  """Table 1's rows on every corpus of the suite
+  (`experiments.suite_table1`)."""
+  from mardjax.experiments import suite_table1  # pylint: disable=g-import-not-at-top
+  return suite_table1.run_table1_suite(config, workdir, opts.show_progress)
+
+
 def run_export(config, workdir: str, opts: Options = Options()
                ) -> dict[str, Any]:
   """The trained space as plain files (`serve.export`)."""
@@ -199,7 +207,8 @@ def run_benchmark(config, workdir: str, opts: Options = Options()
 # --mode name -> function(config, workdir, Options) -> JSON-able dict.
 MODES: dict[str, Callable[..., dict[str, Any]]] = {
     'train': run_train, 'eval': run_eval, 'baselines': run_baselines,
-    'ablate': run_ablate, 'suite': run_suite, 'export': run_export,
+    'ablate': run_ablate, 'suite': run_suite,
+    'suite_table1': run_suite_table1, 'export': run_export,
     'serve': run_serve,
     'embed': run_embed, 'synth': run_synth, 'preprocess': run_preprocess,
     'benchmark': run_benchmark, 'query': run_query,

@@ -66,7 +66,7 @@ ROWS = (
           sampling=True, loss='infonce'), None),
     # The project's recipe (configs/best.py), beyond the paper.
     ('best', 'configs.best',
-     dict(bert=False, lstm=False, nonlinear=True, bidirectional=True,
+     dict(bert=False, lstm=False, nonlinear=False, bidirectional=True,
           sampling=True), None),
 )
 # The paper's CCA figures (its own training data, 10,000 albums).
@@ -76,16 +76,21 @@ COLUMNS = ('bert', 'lstm', 'nonlinear', 'bidirectional', 'sampling')
 OWN_RECIPE = frozenset({'best'})
 
 
-def row_budgets(base: ml_collections.ConfigDict) -> dict[str, int]:
-  """`config.ablate.row_steps` ('row:steps,row:steps') as {row: steps}."""
+def parse_row_steps(text: str, field: str) -> dict[str, int]:
+  """'row:steps,row:steps' (config field `field`) as {row: steps}."""
   out = {}
-  for item in filter(None, base.ablate.row_steps.split(',')):
+  for item in filter(None, text.split(',')):
     name, _, steps = item.partition(':')
     if not steps.isdigit() or int(steps) < 1:
-      raise UserError(f'config.ablate.row_steps: {item!r} is not '
-                      '"row:steps" with steps >= 1.')
+      raise UserError(f'{field}: {item!r} is not "row:steps" with '
+                      'steps >= 1.')
     out[name.strip()] = int(steps)
   return out
+
+
+def row_budgets(base: ml_collections.ConfigDict) -> dict[str, int]:
+  """`config.ablate.row_steps` as {row: steps}."""
+  return parse_row_steps(base.ablate.row_steps, 'config.ablate.row_steps')
 
 
 def row_config(base: ml_collections.ConfigDict, name: str, module: str

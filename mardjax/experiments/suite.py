@@ -94,7 +94,7 @@ def corpus_config(config: ml_collections.ConfigDict, name: str,
   return cfg
 
 
-def _names(config: ml_collections.ConfigDict) -> list[str]:
+def corpus_names(config: ml_collections.ConfigDict) -> list[str]:
   names = [c.strip() for c in config.suite.corpora.split(',') if c.strip()]
   unknown = sorted(set(names) - set(CORPORA))
   if unknown:
@@ -103,7 +103,7 @@ def _names(config: ml_collections.ConfigDict) -> list[str]:
   return names or list(CORPORA)
 
 
-def _seeds(config: ml_collections.ConfigDict) -> list[int]:
+def seed_list(config: ml_collections.ConfigDict) -> list[int]:
   try:
     seeds = [int(s) for s in config.suite.seeds.split(',') if s.strip()]
   except ValueError:
@@ -233,14 +233,14 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def _write_json(path: str, value: dict[str, Any]) -> None:
+def write_json(path: str, value: dict[str, Any]) -> None:
   with open(path + '.tmp', 'w') as f:
     json.dump(value, f, indent=1)
   os.replace(path + '.tmp', path)
 
 
-def _train_seed(cfg: ml_collections.ConfigDict, root: str, data_dir: str,
-                seed: int, name: str) -> dict[str, Any]:
+def train_seed(cfg: ml_collections.ConfigDict, root: str, data_dir: str,
+               seed: int, name: str) -> dict[str, Any]:
   """One seed's run of `cfg` on the corpus under `root`, evaluated on dev
   and test; a run of the same config and seed done before (by this suite
   or another config's: a reference) is read back, not trained again."""
@@ -257,7 +257,7 @@ def _train_seed(cfg: ml_collections.ConfigDict, root: str, data_dir: str,
   start = time.time()
   logging.info('suite: %s, seed %d (%s)', name, seed, run_dir)
   os.makedirs(run_dir, exist_ok=True)
-  _write_json(os.path.join(run_dir, CONFIG_FILE),
+  write_json(os.path.join(run_dir, CONFIG_FILE),
               json.loads(run_cfg.to_json()))
   _, metrics = stages.train_and_evaluate(run_cfg, run_dir, data_dir)
   run = {'seed': seed, 'model_step': metrics['model_step'],
@@ -268,12 +268,12 @@ def _train_seed(cfg: ml_collections.ConfigDict, root: str, data_dir: str,
     run[split] = _figures(evaluate.evaluate_checkpoint(run_cfg, run_dir,
                                                        data_dir))
   run['seconds'] = round(time.time() - start, 1)
-  _write_json(os.path.join(run_dir, 'suite_run.json'), run)
+  write_json(os.path.join(run_dir, 'suite_run.json'), run)
   return run
 
 
-def _baselines(cfg: ml_collections.ConfigDict, root: str, data_dir: str
-               ) -> dict[str, dict[str, Any]]:
+def corpus_baselines(cfg: ml_collections.ConfigDict, root: str,
+                     data_dir: str) -> dict[str, dict[str, Any]]:
   """The baselines fitted once on the corpus and scored on dev and test
   (read back when fitted before with the same data and settings)."""
   from mardjax.evaluation import baselines  # pylint: disable=g-import-not-at-top
@@ -288,12 +288,13 @@ def _baselines(cfg: ml_collections.ConfigDict, root: str, data_dir: str
     done = {split: {r['baseline']: _figures(r) for r in split_rows
                     if 'recall@10' in r and r['baseline'] != 'random'}
             for split, split_rows in rows.items()}
-    _write_json(path, done)
+    write_json(path, done)
   return done
 
 
-def _corpus_run_config(config: ml_collections.ConfigDict, name: str
-                       ) -> ml_collections.ConfigDict:
+def corpus_run_config(config: ml_collections.ConfigDict, name: str
+                      ) -> ml_collections.ConfigDict:
+  """`config` on corpus `name` at the suite's scale and epochs."""
   cfg = corpus_config(config, name, config.suite.scale)
   if config.suite.num_epochs > 0:
     cfg.train.num_steps = 0
@@ -307,28 +308,28 @@ def run_corpus(config: ml_collections.ConfigDict, name: str, workdir: str,
   evaluated on dev and test, the reference recipe likewise
   (`config.suite.reference`, unless ''), and the baselines on both
   splits."""
-  cfg = _corpus_run_config(config, name)
+  cfg = corpus_run_config(config, name)
   root = os.path.join(workdir, name)
   stages.preprocess(cfg, root, show_progress=show_progress)
   data_dir = manifest_lib.data_dir_of(cfg, root)
   out = {'corpus': name, 'albums': cfg.data.synth_num_albums,
          'reviews': cfg.data.synth_num_reviews,
          'style': dict(CORPORA[name][3]), 'runs': [], 'baselines': {}}
-  out['runs'] = [_train_seed(cfg, root, data_dir, seed, name)
-                 for seed in _seeds(config)]
+  out['runs'] = [train_seed(cfg, root, data_dir, seed, name)
+                 for seed in seed_list(config)]
   if config.suite.reference:
-    ref = _corpus_run_config(reference_config(config,
+    ref = corpus_run_config(reference_config(config,
                                               config.suite.reference), name)
     out['reference'] = {
         'config': config.suite.reference,
-        'runs': [_train_seed(ref, root, data_dir, seed,
+        'runs': [train_seed(ref, root, data_dir, seed,
                              f'{name} ({config.suite.reference})')
-                 for seed in _seeds(config)]}
-  out['baselines'] = _baselines(cfg, root, data_dir)
+                 for seed in seed_list(config)]}
+  out['baselines'] = corpus_baselines(cfg, root, data_dir)
   return out
 
 
-def _mean_over_seeds(runs: list[dict[str, Any]], split: str
+def mean_over_seeds(runs: list[dict[str, Any]], split: str
                      ) -> tuple[float, list[float] | None]:
   """(mean recall@10 over the runs, the mean of their 95% intervals)."""
   recalls = [r[split]['recall@10'] for r in runs]
@@ -345,7 +346,7 @@ def summarize(corpus: dict[str, Any], split: str) -> dict[str, Any]:
   reference recipe, its mean and interval too, and whether the config is
   at most the half width of the reference's interval below it
   ('within_reference')."""
-  mean, ci = _mean_over_seeds(corpus['runs'], split)
+  mean, ci = mean_over_seeds(corpus['runs'], split)
   best_name, best = max(corpus['baselines'][split].items(),
                         key=lambda kv: kv[1]['recall@10'])
   row = {'corpus': corpus['corpus'], 'split': split, 'recall@10': mean,
@@ -354,7 +355,7 @@ def summarize(corpus: dict[str, Any], split: str) -> dict[str, Any]:
          'best_baseline_recall@10': best['recall@10'],
          'ratio': mean / best['recall@10'] if best['recall@10'] else None}
   if 'reference' in corpus:
-    ref, ref_ci = _mean_over_seeds(corpus['reference']['runs'], split)
+    ref, ref_ci = mean_over_seeds(corpus['reference']['runs'], split)
     slack = (ref_ci[1] - ref_ci[0]) / 2 if ref_ci else 0.0
     row.update({'reference': corpus['reference']['config'],
                 'reference_recall@10': ref, 'reference_ci95': ref_ci,
@@ -413,7 +414,7 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str,
               show_progress: bool = True) -> dict[str, Any]:
   """Every corpus of `config.suite.corpora` (checked, with the seeds,
   before any work); returns the table's rows and the files written."""
-  names, _ = _names(config), _seeds(config)
+  names, _ = corpus_names(config), seed_list(config)
   if not config.suite.scale > 0:
     raise UserError(f'config.suite.scale={config.suite.scale}: must be > 0.')
   # Both recipes checked as training will check them, before any corpus.
