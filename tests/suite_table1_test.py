@@ -149,6 +149,8 @@ def test_table1_trains_every_row_on_every_corpus(tmp_path, monkeypatch):
   table = (tmp_path / 'table1_suite.md').read_text()
   assert '| uni_nonlinear |' in table and '| cca-8 |' in table
   assert 'bert_bi_nonlinear skipped' in table
+  assert ('Not run (`suite.table1_rows`): bi_linear, lstm_bi_nonlinear, '
+          'bi_nonlinear_ns, no_constraints, infonce;') in table
   assert table.count('| The bi-directional loss') == 1
 
   # Again: every run and fit is read back, the same verdicts.

@@ -230,6 +230,11 @@ def _table(corpora: list[dict[str, Any]], found: list[dict[str, Any]],
                        if baseline in c['baselines'][s] else '-'
                        for s in SPLITS) for c in corpora) + ' |')
   lines += [f'\n{name} skipped: {why}.' for name, why in skipped.items()]
+  chosen = set(_row_names(config))
+  left = [r[0] for r in ablation.ROWS if r[0] not in chosen]
+  if left:
+    lines.append(f'\nNot run (`suite.table1_rows`): {", ".join(left)}; '
+                 'claims on them read "not run".')
   lines += [
       '', '## The paper\'s claims, corpus by corpus (dev / test)', '',
       'Held: above by more than the larger half width of the two 95% '
