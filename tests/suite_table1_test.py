@@ -122,7 +122,9 @@ def test_table1_trains_every_row_on_every_corpus(tmp_path, monkeypatch):
                       scale=0.1, num_epochs=2,
                       table1_rows='uni_nonlinear,bert_bi_nonlinear,'
                       'bi_nonlinear,best', row_steps='bi_nonlinear:4')
-  config.train.update(eval_every=5, log_every=5, checkpoint_every=5)
+  # 16 rows a device: room for the paper's 10 sampled negatives.
+  config.train.update(batch_size=64, eval_every=5, log_every=5,
+                      checkpoint_every=5)
   config.eval.bootstrap = 50
   config.baselines.update(wsabie_steps=50, text_dim=32, cca_dims=(8,))
   out = modes.run_mode('suite_table1', config, str(tmp_path))
