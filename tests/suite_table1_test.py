@@ -56,6 +56,17 @@ def test_claims_are_judged_against_the_intervals():
   assert verdict('gain', (('bi_nonlinear', 'uni_nonlinear'),
                           ('bi_nonlinear_ns', 'bi_nonlinear'),
                           ('bi_nonlinear', 'bi_linear'))) == 'not held'
+  # A change that loses gains nothing, even if the others lose more.
+  assert verdict('gain', (('bi_nonlinear', 'lstm_bi_nonlinear'),
+                          ('bi_nonlinear_ns', 'bi_nonlinear'))) == 'not held'
+  # The other changes that did not run are left out; the claimed one not.
+  assert verdict('gain', (('bi_nonlinear', 'bi_linear'),
+                          ('bert_bi_nonlinear', 'bi_nonlinear'),
+                          ('bi_nonlinear', 'uni_nonlinear'))) == 'held'
+  assert verdict('gain', (('bert_bi_nonlinear', 'bi_nonlinear'),
+                          ('bi_nonlinear', 'uni_nonlinear'))) == 'not run'
+  assert verdict('gain', (('bi_nonlinear', 'bi_linear'),
+                          ('bert_bi_nonlinear', 'bi_nonlinear'))) == 'not run'
   # 'cca': the best CCA row (cca-100, 0.12 with half width 0.02).
   assert verdict('above', ('bi_nonlinear_ns', 'cca')) == 'held'
   # Without intervals (the test split here) any lead holds.

@@ -32,7 +32,8 @@ A claim that a row beats another is "held" when its mean recall@10 is
 above the other's by more than the larger half width of the two rows'
 95% bootstrap intervals (each the mean over seeds), "not held" when it is
 below by as much, and "unclear" in between. Claims about which change
-gains most compare mean gains, without an interval.
+gains most compare mean gains, without an interval: held when the change
+gains and gains more than each other change that ran.
 """
 
 import os
@@ -56,8 +57,9 @@ SPLITS = ('dev', 'test')
 # What the paper's section 8 says of its Table 1, as (claim, kind, rows):
 # 'above': rows[0] beats rows[1]; 'level': rows[0] neither beats nor
 # trails rows[1] ("did not tank the model, but also did not provide any
-# substantial performance increase"); 'gain': the change rows[0] - rows[1]
-# gains more than each change in rows[2:]. 'cca' stands for the best CCA
+# substantial performance increase"); 'gain': the change rows[0] (a pair
+# of rows: with, without) gains something, and more than each other change
+# of rows[1:] that ran. 'cca' stands for the best CCA
 # baseline of the corpus and split.
 CLAIMS = (
     ('Trainable word embeddings beat frozen BERT features', 'above',
@@ -161,12 +163,15 @@ def verdict(kind: str, rows: tuple, corpus: dict[str, Any], split: str
   """'held', 'not held', 'unclear' or 'not run' for one claim
   (`CLAIMS`) on one corpus and split (module docstring)."""
   if kind == 'gain':
-    pairs = [(_figure(corpus, a, split), _figure(corpus, b, split))
-             for a, b in rows]
-    if any(x is None or y is None for x, y in pairs):
+    gains = []
+    for a, b in rows:
+      x, y = _figure(corpus, a, split), _figure(corpus, b, split)
+      gains.append(None if x is None or y is None else x[0] - y[0])
+    others = [g for g in gains[1:] if g is not None]
+    if gains[0] is None or not others:
       return 'not run'
-    gains = [x[0] - y[0] for x, y in pairs]
-    return 'held' if gains[0] > max(gains[1:]) else 'not held'
+    # A change that loses gains nothing, whatever the others lose.
+    return 'held' if gains[0] > max(0.0, *others) else 'not held'
   a, b = (_figure(corpus, r, split) for r in rows)
   if a is None or b is None:
     return 'not run'
@@ -240,7 +245,8 @@ def _table(corpora: list[dict[str, Any]], found: list[dict[str, Any]],
       'Held: above by more than the larger half width of the two 95% '
       'intervals (for "neither hurt nor help": within it); not held: below '
       'by as much (outside it); unclear: in between. Claims of the largest '
-      'gain compare mean gains.', '',
+      'gain compare mean gains: held when the change gains, and more than '
+      'each other change that ran.', '',
       '| claim | ' + ' | '.join(names) + ' | held (dev) |',
       '| --- |' + ' --- |' * len(names) + ' ---: |']
   for claim in found:
