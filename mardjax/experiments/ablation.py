@@ -88,6 +88,16 @@ def parse_row_steps(text: str, field: str) -> dict[str, int]:
   return out
 
 
+def skip_reason(config: ml_collections.ConfigDict) -> str | None:
+  """Why a row's config cannot train here (None: it can): the BERT row
+  reads a local Hugging Face model."""
+  if config.model.text_encoder == 'pretrained' and not (
+      config.data.text_encoder_path):
+    return ('needs config.data.text_encoder_path (a local Hugging Face '
+            'model directory, e.g. bert-base-uncased)')
+  return None
+
+
 def row_budgets(base: ml_collections.ConfigDict) -> dict[str, int]:
   """`config.ablate.row_steps` as {row: steps}."""
   return parse_row_steps(base.ablate.row_steps, 'config.ablate.row_steps')
@@ -217,12 +227,8 @@ def _plan(config: ml_collections.ConfigDict
       continue
     row = {'row': name, **columns, 'paper': paper}
     cfg = row_config(config, name, module)
-    if cfg.model.text_encoder == 'pretrained' and not (
-        cfg.data.text_encoder_path):
-      row['skipped'] = ('needs config.data.text_encoder_path (a local '
-                        'Hugging Face model directory, e.g. bert-base-'
-                        'uncased)')
-      cfg = None
+    if skip_reason(cfg):
+      row['skipped'], cfg = skip_reason(cfg), None
     plan.append((row, cfg))
   variants = parse_variants(config.ablate.variants, config)
   unknown = set(row_budgets(config)) - {r[0] for r in ROWS} - {

@@ -258,7 +258,7 @@ def train_seed(cfg: ml_collections.ConfigDict, root: str, data_dir: str,
   logging.info('suite: %s, seed %d (%s)', name, seed, run_dir)
   os.makedirs(run_dir, exist_ok=True)
   write_json(os.path.join(run_dir, CONFIG_FILE),
-              json.loads(run_cfg.to_json()))
+             json.loads(run_cfg.to_json()))
   _, metrics = stages.train_and_evaluate(run_cfg, run_dir, data_dir)
   run = {'seed': seed, 'model_step': metrics['model_step'],
          'steps': metrics['steps'], 'selection': metrics['selection'],
@@ -319,18 +319,18 @@ def run_corpus(config: ml_collections.ConfigDict, name: str, workdir: str,
                  for seed in seed_list(config)]
   if config.suite.reference:
     ref = corpus_run_config(reference_config(config,
-                                              config.suite.reference), name)
+                                             config.suite.reference), name)
     out['reference'] = {
         'config': config.suite.reference,
         'runs': [train_seed(ref, root, data_dir, seed,
-                             f'{name} ({config.suite.reference})')
+                            f'{name} ({config.suite.reference})')
                  for seed in seed_list(config)]}
   out['baselines'] = corpus_baselines(cfg, root, data_dir)
   return out
 
 
 def mean_over_seeds(runs: list[dict[str, Any]], split: str
-                     ) -> tuple[float, list[float] | None]:
+                    ) -> tuple[float, list[float] | None]:
   """(mean recall@10 over the runs, the mean of their 95% intervals)."""
   recalls = [r[split]['recall@10'] for r in runs]
   cis = [r[split]['recall@10_ci95'] for r in runs
@@ -338,6 +338,11 @@ def mean_over_seeds(runs: list[dict[str, Any]], split: str
   ci = ([float(np.mean([c[0] for c in cis])),
          float(np.mean([c[1] for c in cis]))] if cis else None)
   return float(np.mean(recalls)), ci
+
+
+def half_width(ci: list[float] | None) -> float:
+  """Half the width of a (low, high) interval; 0 without one."""
+  return (ci[1] - ci[0]) / 2 if ci else 0.0
 
 
 def summarize(corpus: dict[str, Any], split: str) -> dict[str, Any]:
@@ -356,7 +361,7 @@ def summarize(corpus: dict[str, Any], split: str) -> dict[str, Any]:
          'ratio': mean / best['recall@10'] if best['recall@10'] else None}
   if 'reference' in corpus:
     ref, ref_ci = mean_over_seeds(corpus['reference']['runs'], split)
-    slack = (ref_ci[1] - ref_ci[0]) / 2 if ref_ci else 0.0
+    slack = half_width(ref_ci)
     row.update({'reference': corpus['reference']['config'],
                 'reference_recall@10': ref, 'reference_ci95': ref_ci,
                 'within_reference': bool(mean >= ref - slack)})

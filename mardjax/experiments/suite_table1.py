@@ -43,7 +43,6 @@ from typing import Any
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 
 from mardjax import config_check
 from mardjax import stages
@@ -129,18 +128,12 @@ def plan(config: ml_collections.ConfigDict
   out = []
   for name in sorted(names, key=_SLOW_LAST.__contains__):
     cfg = row_config(config, name, modules[name], caps)
-    if cfg.model.text_encoder == 'pretrained' and not (
-        cfg.data.text_encoder_path):
-      out.append((name, None, 'needs config.data.text_encoder_path (a '
-                  'local Hugging Face model directory)'))
-      continue
-    config_check.validate(cfg, jax.local_device_count(), jax.process_count())
-    out.append((name, cfg, None))
+    why = ablation.skip_reason(cfg)
+    if why is None:
+      config_check.validate(cfg, jax.local_device_count(),
+                            jax.process_count())
+    out.append((name, None if why else cfg, why))
   return out
-
-
-def _half_width(ci: list[float] | None) -> float:
-  return (ci[1] - ci[0]) / 2 if ci else 0.0
 
 
 def _figure(corpus: dict[str, Any], row: str, split: str
@@ -176,7 +169,7 @@ def verdict(kind: str, rows: tuple, corpus: dict[str, Any], split: str
   if a is None or b is None:
     return 'not run'
   diff = a[0] - b[0]
-  slack = max(_half_width(a[1]), _half_width(b[1]))
+  slack = max(suite.half_width(a[1]), suite.half_width(b[1]))
   if kind == 'level':
     return 'held' if abs(diff) <= slack else 'not held'
   if diff > slack:
