@@ -184,6 +184,25 @@ def test_changing_the_config_rebuilds(processed, tiny_corpus_master, tmp_path):
                                                   'train'))
 
 
+def test_records_of_another_corpus_are_not_replaced_unasked(
+    processed, tiny_corpus_master, tmp_path):
+  config, _, _, _ = processed
+  out = tmp_path / 'data'
+  _run(config, tiny_corpus_master, out)
+  with open(out / manifest_lib.FILE, 'rb') as f:
+    before = f.read()
+  other = tmp_path / 'other_corpus'
+  shutil.copytree(tiny_corpus_master, other)
+  with pytest.raises(UserError, match='built from the corpus in') as e:
+    _run(config, other, out)
+  assert str(other) in str(e.value) and '--force' in str(e.value)
+  with open(out / manifest_lib.FILE, 'rb') as f:
+    assert f.read() == before  # Refused before any work: records intact.
+  report = _run(config, other, out, force=True)
+  assert not report['reused']
+  assert manifest_lib.load(str(out)).source['mard_dir'] == str(other)
+
+
 def test_interrupted_run_leaves_the_previous_output_intact(
     processed, tiny_corpus_master, tmp_path, monkeypatch):
   config, _, _, _ = processed

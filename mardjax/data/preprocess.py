@@ -147,6 +147,24 @@ def _reused(out_dir: str, fingerprint: str) -> dict[str, Any] | None:
   return old['report']
 
 
+def _refuse_other_source(out_dir: str, mard_dir: str) -> None:
+  """Raises UserError when `out_dir` holds records built from another
+  corpus folder: rebuilding there would silently replace them (a changed
+  config or changed files of the same corpus rebuild as usual)."""
+  existing = os.path.join(out_dir, manifest_lib.FILE)
+  try:
+    with open(existing) as f:
+      stored = json.load(f).get('source', {}).get('mard_dir')
+  except (OSError, ValueError, AttributeError):
+    return  # No readable records there: nothing to protect.
+  if stored and os.path.realpath(stored) != os.path.realpath(mard_dir):
+    raise UserError(
+        f'{out_dir} holds records built from the corpus in {stored}, not '
+        f'from {os.path.abspath(mard_dir)}: set --config.data.tfrecord_dir '
+        'to another folder, or pass --force (with --mode=preprocess or '
+        'train) to replace them.')
+
+
 def _count_reviews(corpus: ingest.Corpus, show_progress: bool) -> _Pass1:
   """Pass 1 over the reviews: split sizes, reviews per album, and the
   training split's words."""
@@ -371,6 +389,8 @@ def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
   # The encoder's weights are hashed once: they may be hundreds of MB.
   encoder_id = text_features.encoder_fingerprint(data.text_encoder_path)
   fingerprint = _fingerprint(mard_dir, sources.files, data, encoder_id)
+  if not force:
+    _refuse_other_source(out_dir, mard_dir)
   old = None if force else _reused(out_dir, fingerprint)
   if old is not None:
     return dict(old, reused=True, seconds=round(time.time() - t0, 2))
