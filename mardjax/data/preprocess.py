@@ -2,7 +2,8 @@
 
 The stages of `preprocess_corpus`, each a function of its own:
 
-  0. reuse: unchanged inputs and config give the old output (`_reused`);
+  0. reuse: unchanged inputs and config give the old output, and records
+     of another corpus folder are refused (`_reused`);
   1. metadata: albums, their songs' MBIDs (`ingest.load`);
   2. descriptor documents from the original and expanded directories, parsed
      in worker processes, tied to albums, flattened (`descriptors.extract`);
@@ -135,34 +136,31 @@ class _Pass1:
   reviews_per_album: dict[int, collections.Counter]
 
 
-def _reused(out_dir: str, fingerprint: str) -> dict[str, Any] | None:
-  """The old report when `out_dir` was built from these very inputs."""
+def _reused(out_dir: str, mard_dir: str, fingerprint: str
+            ) -> dict[str, Any] | None:
+  """The old report when `out_dir` was built from these very inputs.
+
+  Raises:
+    UserError: `out_dir` holds records built from another corpus folder:
+      rebuilding there would silently replace them (a changed config or
+      changed files of the same corpus rebuild as usual).
+  """
   existing = os.path.join(out_dir, manifest_lib.FILE)
   if not os.path.isfile(existing):
     return None
   with open(existing) as f:
     old = json.load(f)
-  if old.get('source', {}).get('fingerprint') != fingerprint:
-    return None
-  return old['report']
-
-
-def _refuse_other_source(out_dir: str, mard_dir: str) -> None:
-  """Raises UserError when `out_dir` holds records built from another
-  corpus folder: rebuilding there would silently replace them (a changed
-  config or changed files of the same corpus rebuild as usual)."""
-  existing = os.path.join(out_dir, manifest_lib.FILE)
-  try:
-    with open(existing) as f:
-      stored = json.load(f).get('source', {}).get('mard_dir')
-  except (OSError, ValueError, AttributeError):
-    return  # No readable records there: nothing to protect.
+  source = old.get('source', {})
+  stored = source.get('mard_dir')
   if stored and os.path.realpath(stored) != os.path.realpath(mard_dir):
     raise UserError(
         f'{out_dir} holds records built from the corpus in {stored}, not '
         f'from {os.path.abspath(mard_dir)}: set --config.data.tfrecord_dir '
         'to another folder, or pass --force (with --mode=preprocess or '
         'train) to replace them.')
+  if source.get('fingerprint') != fingerprint:
+    return None
+  return old['report']
 
 
 def _count_reviews(corpus: ingest.Corpus, show_progress: bool) -> _Pass1:
@@ -378,7 +376,8 @@ def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
     The report: counts per split, skips by reason, paths, timings.
 
   Raises:
-    UserError: missing files, or nothing usable in the input.
+    UserError: missing files, nothing usable in the input, or `out_dir`
+      holding records of another corpus folder (without `force`).
   """
   t0 = time.time()
   data = config.data
@@ -389,9 +388,7 @@ def preprocess_corpus(config: ml_collections.ConfigDict, mard_dir: str,
   # The encoder's weights are hashed once: they may be hundreds of MB.
   encoder_id = text_features.encoder_fingerprint(data.text_encoder_path)
   fingerprint = _fingerprint(mard_dir, sources.files, data, encoder_id)
-  if not force:
-    _refuse_other_source(out_dir, mard_dir)
-  old = None if force else _reused(out_dir, fingerprint)
+  old = None if force else _reused(out_dir, mard_dir, fingerprint)
   if old is not None:
     return dict(old, reused=True, seconds=round(time.time() - t0, 2))
   corpus = ingest.load(data, mard_dir, sources, show_progress)  # 1-3.

@@ -227,8 +227,9 @@ def _plan(config: ml_collections.ConfigDict
       continue
     row = {'row': name, **columns, 'paper': paper}
     cfg = row_config(config, name, module)
-    if skip_reason(cfg):
-      row['skipped'], cfg = skip_reason(cfg), None
+    why = skip_reason(cfg)
+    if why:
+      row['skipped'], cfg = why, None
     plan.append((row, cfg))
   variants = parse_variants(config.ablate.variants, config)
   unknown = set(row_budgets(config)) - {r[0] for r in ROWS} - {
