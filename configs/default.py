@@ -223,6 +223,14 @@ def get_config():
   # reviews every run): dev and test then only report. 0: select on the
   # dev split itself (slightly flattering its figures).
   config.eval.validation_fraction = 0.1
+  # Evidence-gated review queries (mardjax/evaluation/word_evidence.py;
+  # linear text heads only): a review is read through the words whose use
+  # follows the albums' sound, cut at the k of these (comma-separated)
+  # that gives the best recall@10 on the selection split, or not at all
+  # when the model's own query does better. '': off.
+  config.eval.evidence_ks = ''
+  # Words of fewer training albums than this keep their full weight.
+  config.eval.evidence_min_albums = 5
 
   # --- Baselines (--mode=baselines) -----------------------------------------
   config.baselines = ml_collections.ConfigDict()

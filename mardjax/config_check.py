@@ -25,6 +25,7 @@ import ml_collections
 from mardjax import plan as plan_lib
 from mardjax.data import descriptors as desc_lib
 from mardjax.errors import need
+from mardjax.evaluation import word_evidence
 from mardjax.models import two_branch
 from mardjax.serve import search_index
 from mardjax.train import losses
@@ -173,6 +174,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'eval.split', EVAL_SPLITS)
   search_index.check_config(config.export)
   desc_lib.check_config(config.data)
+  word_evidence.check_config(config)
   validate_values(config)
 
 

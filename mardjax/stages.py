@@ -109,8 +109,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   from mardjax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
   config_check.validate(config, jax.local_device_count(), jax.process_count())
-  return trainer.train_and_evaluate(config, workdir, records_dir,
-                                    evaluate.dev_evaluator, plan)
+  state, metrics = trainer.train_and_evaluate(config, workdir, records_dir,
+                                              evaluate.dev_evaluator, plan)
+  if config.eval.evidence_ks:  # The run's query rule, fitted on its model.
+    metrics = evaluate.with_query_rule(config, workdir, records_dir, metrics)
+  return state, metrics
 
 
 def adopt_run_config(config: ml_collections.ConfigDict, workdir: str,

@@ -8,10 +8,12 @@ ranking math (exact, chunked, tie-aware, bootstrap CIs) is
 `mardjax.evaluation.metrics`.
 """
 
+import json
 import os
 import time
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -22,6 +24,7 @@ from mardjax.data import manifest as manifest_lib
 from mardjax.data import tables
 from mardjax.errors import UserError
 from mardjax.evaluation import metrics
+from mardjax.evaluation import word_evidence
 from mardjax.models import embed
 from mardjax.models import two_branch
 from mardjax.train import checkpoints
@@ -33,7 +36,8 @@ def evaluate(variables: dict[str, Any], model: two_branch.TwoBranch,
              audio: tables.AudioTable, reviews: dict[str, np.ndarray],
              ks: tuple[int, ...] = DEFAULT_KS, max_tracks: int = 0,
              full: bool = False, genres: np.ndarray | None = None,
-             bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+             bootstrap: int = 1000, seed: int = 0,
+             rule: word_evidence.Rule | None = None) -> dict[str, Any]:
   """Retrieval metrics of held-out `reviews` against every album with audio.
 
   Args:
@@ -48,6 +52,8 @@ def evaluate(variables: dict[str, Any], model: two_branch.TwoBranch,
     genres: (num_albums,) root genre of each album (full only).
     bootstrap: resamples for the CIs.
     seed: seeds the bootstrap.
+    rule: the run's evidence-gated query rule (`word_evidence.for_run`);
+      None: the model's own review embeddings.
 
   Returns:
     review -> album 'recall@K', 'random_recall@K', 'median_rank', 'mrr',
@@ -58,7 +64,8 @@ def evaluate(variables: dict[str, Any], model: two_branch.TwoBranch,
     raise ValueError('No held-out reviews to evaluate.')
   albums, album_emb = embed.albums(variables, model, audio,
                                    max_tracks=max_tracks)
-  review_emb = embed.reviews(variables, model, reviews)
+  review_emb = word_evidence.review_embeddings(rule, variables, model,
+                                                reviews)
   out, counts = metrics.report(albums, album_emb, review_emb,
                                reviews['album'], ks, both_directions=full,
                                bootstrap=bootstrap if full else 0, seed=seed)
@@ -113,6 +120,32 @@ def dev_evaluator(config: ml_collections.ConfigDict,
   return evaluator
 
 
+def rule_summary(rule: word_evidence.Rule) -> dict[str, Any]:
+  """What a report says of the run's query rule: its cut (0: off) and the
+  selection split's recall@10 at each cut tried."""
+  return {'k': rule.k, 'selection_recall@10': rule.selection}
+
+
+def with_query_rule(config: ml_collections.ConfigDict, workdir: str,
+                    data_dir: str, metrics: dict[str, Any]
+                    ) -> dict[str, Any]:
+  """A training run's metrics with its dev figures read through the
+  evidence-gated query rule, fitted now on the run's model
+  (`word_evidence.for_run`), and 'query_rule' (`rule_summary`)."""
+  manifest = manifest_lib.load(data_dir)
+  trained = checkpoints.load_for_inference(config, workdir, manifest)
+  rule = word_evidence.for_run(config, workdir, trained.variables,
+                               trained.model, trained.step, data_dir)
+  dev = input_pipeline.load_reviews(manifest, 'dev', config.data.max_len)
+  out = evaluate(trained.variables, trained.model,
+                 input_pipeline.load_audio_table(manifest), dev,
+                 max_tracks=two_branch.album_tracks(config), rule=rule)
+  logging.info('step %d (the model, %s query) dev %s', trained.step,
+               f'cut {rule.k:g}' if rule.k else "the model's",
+               json.dumps(out))
+  return dict(metrics, **out, query_rule=rule_summary(rule))
+
+
 def load_genres(manifest: manifest_lib.Manifest) -> np.ndarray:
   """(num_albums,) root genre of each album, from albums.jsonl."""
   genres = np.full(manifest.counts.albums, '', object)
@@ -135,8 +168,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   split = config.eval.split
   if split not in ('dev', 'test'):
     raise UserError(f"config.eval.split={split!r}: choose 'dev' or 'test'.")
-  manifest = manifest_lib.load(data_dir or
-                               manifest_lib.data_dir_of(config, workdir))
+  data_dir = data_dir or manifest_lib.data_dir_of(config, workdir)
+  manifest = manifest_lib.load(data_dir)
   checkpoints.require_checkpoints(workdir)  # Before minutes of loading.
   reviews = input_pipeline.load_reviews(manifest, split, config.data.max_len)
   if not len(reviews['album']):
@@ -146,12 +179,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                     'larger config.data.dev_fraction / test_album_fraction.')
   trained = checkpoints.load_for_inference(config, workdir, manifest)
   audio = input_pipeline.load_audio_table(manifest)
+  rule = word_evidence.for_run(config, workdir, trained.variables,
+                               trained.model, trained.step, data_dir)
   start = time.time()
   result = evaluate(
       trained.variables, trained.model, audio, reviews,
       max_tracks=two_branch.album_tracks(config), full=True,
       genres=load_genres(manifest), bootstrap=config.eval.bootstrap,
-      seed=config.seed)
+      seed=config.seed, rule=rule)
+  if rule is not None:
+    result['query_rule'] = rule_summary(rule)
   result = dict(result, step=trained.step, split=split,
                 checkpoint=trained.source,
                 eval_seconds=round(time.time() - start, 2))

@@ -35,6 +35,7 @@ from mardjax.data import manifest as manifest_lib
 from mardjax.data import mard_io
 from mardjax.data import text_features
 from mardjax.errors import UserError
+from mardjax.evaluation import word_evidence
 from mardjax.models import embed
 from mardjax.models import two_branch
 from mardjax.serve import search_index
@@ -98,7 +99,10 @@ def write(config: ml_collections.ConfigDict, workdir: str, mard_dir: str,
   albums, album_emb = embed.albums(
       variables, model, input_pipeline.load_audio_table(manifest),
       max_tracks=two_branch.album_tracks(config))
-  review_emb = embed.reviews(variables, model, reviews)
+  rule = word_evidence.for_run(config, workdir, variables, model,
+                               trained.step, manifest.data_dir)
+  review_emb = word_evidence.review_embeddings(rule, variables, model,
+                                               reviews)
 
   out = os.path.join(workdir, EXPORT_DIR)
   meta = manifest_lib.read_albums(manifest)
@@ -119,6 +123,8 @@ def write(config: ml_collections.ConfigDict, workdir: str, mard_dir: str,
       'embed_dim': int(album_emb.shape[1]),
       'albums': int(len(albums)), 'reviews': int(len(review_emb)),
       'reviews_without_text': int(missing), 'index': index,
+      # The review vectors' query rule (`word_evidence`): its cut, 0 off.
+      'query_cut': None if rule is None else rule.k,
       'config': json.loads(config.to_json_best_effort()),
   }
   # Into a hidden folder beside the export, swapped in when whole: a full
