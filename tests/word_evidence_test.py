@@ -60,8 +60,10 @@ def test_weights_cut_and_keep_rare_words():
   rule = word_evidence.Rule(albums=np.array([10, 10, 10, 2, 0]),
                             scores=np.array([8.0, 2.0, 4.0, 0.5, 0.0]),
                             k=4.0, min_albums=5, step=0, selection={})
-  np.testing.assert_allclose(rule.weights(), [0.5, 0, 0, 1, 1])
-  np.testing.assert_allclose(rule.weights(2.0), [0.75, 0, 0.5, 1, 1])
+  # Rare words keep weight 1; words no training album used (their vectors
+  # never trained) weigh nothing.
+  np.testing.assert_allclose(rule.weights(), [0.5, 0, 0, 1, 0])
+  np.testing.assert_allclose(rule.weights(2.0), [0.75, 0, 0.5, 1, 0])
 
 
 def _linear_model(vocab=40, seed=0):

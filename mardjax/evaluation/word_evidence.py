@@ -21,8 +21,9 @@ sum of its words' vectors through the head,
         (not shifted: the training mean it subtracts is the common words').
 
 Words of fewer than `min_albums` training albums (names, titles, rare words)
-carry too little evidence either way and keep weight 1. A review with no
-word left falls back to the unweighted sum. The cut k is chosen per run,
+carry too little evidence either way and keep weight 1; words of no training
+album (their vectors never trained) weigh 0. A review with no word left
+falls back to the unweighted sum. The cut k is chosen per run,
 among `config.eval.evidence_ks` and 'off' (the model's own query), by
 recall@10 on the split model selection reads, so it holds on data it was not
 read from; the fitted rule is stored beside the run's model
@@ -72,11 +73,13 @@ class Rule(NamedTuple):
   selection: dict[str, float]
 
   def weights(self, k: float | None = None) -> np.ndarray:
-    """(V,) float32 weight of each word at cut `k` (default: the rule's)."""
+    """(V,) float32 weight of each word at cut `k` (default: the rule's):
+    0 for words of no training album, 1 for those of fewer than
+    `min_albums`, else max(0, 1 - k / score)."""
     k = self.k if k is None else k
     gated = np.maximum(0.0, 1.0 - k / np.maximum(self.scores, 1e-12))
-    return np.where(self.albums < self.min_albums, 1.0,
-                    gated).astype(np.float32)
+    kept = np.where(self.albums < self.min_albums, 1.0, gated)
+    return np.where(self.albums > 0, kept, 0.0).astype(np.float32)
 
 
 def parse_ks(value: str) -> tuple[float, ...]:
