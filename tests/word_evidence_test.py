@@ -244,3 +244,20 @@ def test_room_reads_texts_through_the_stored_cut(gated_run, tmp_path):
       own, embed.text(room.model, room.variables, tokens,
                       np.array([len(ids)], np.int32)), atol=1e-6)
   assert not np.allclose(own, want, atol=1e-3)
+
+
+def test_references_and_rows_keep_their_own_query():
+  from configs import best  # pylint: disable=g-import-not-at-top
+  from mardjax.experiments import ablation  # pylint: disable=g-import-not-at-top
+  from mardjax.experiments import suite  # pylint: disable=g-import-not-at-top
+  base = best.get_config()
+  base.eval.bootstrap = 7
+  assert base.eval.evidence_ks
+  reference = suite.reference_config(base, 'configs.default')
+  row = ablation.row_config(base, 'bi_nonlinear',
+                            'configs.table1.bi_nonlinear')
+  for config in (reference, row):
+    assert config.eval.evidence_ks == ''
+    assert config.eval.bootstrap == 7  # The protocol is the base's.
+    config_check.validate_common(config)
+  assert base.eval.evidence_ks  # The base's own is left alone.

@@ -122,6 +122,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
        "set it to '' for this model")
 
 
+# The eval fields that belong to a recipe (how its model reads a review),
+# not to the evaluation protocol rows and references share.
+RECIPE_FIELDS = ('evidence_ks', 'evidence_min_albums')
+
+
+def with_own_query(protocol: ml_collections.ConfigDict,
+                   own: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of the eval section `protocol` (the base config's, which a
+  reference recipe or a Table 1 row is evaluated with) holding the recipe's
+  own `RECIPE_FIELDS` from its eval section `own`."""
+  out = protocol.copy_and_resolve_references()
+  for field in RECIPE_FIELDS:
+    out[field] = own[field]
+  return out
+
+
 def album_sound(audio: tables.AudioTable, albums: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
   """The standardised mean descriptors of `albums` that have tracks.

@@ -37,6 +37,7 @@ import ml_collections
 from mardjax import stages
 from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
+from mardjax.evaluation import word_evidence
 
 # (row, config module, Table 1 columns, paper's dev R@1 / R@5 / R@10).
 ROWS = (
@@ -105,7 +106,9 @@ def row_budgets(base: ml_collections.ConfigDict) -> dict[str, int]:
 
 def row_config(base: ml_collections.ConfigDict, name: str, module: str
                ) -> ml_collections.ConfigDict:
-  """A row's config, with the base config's data, seed, budget and sizes.
+  """A row's config, with the base config's data, seed, budget, sizes and
+  evaluation (but for the row's own way of reading a review,
+  `word_evidence.RECIPE_FIELDS`).
 
   Paper rows also take the base's learning rate and negatives (the paper
   used one setting for every row); rows in `OWN_RECIPE` keep their own
@@ -114,7 +117,7 @@ def row_config(base: ml_collections.ConfigDict, name: str, module: str
   config = importlib.import_module(module).get_config()
   config.data = base.data
   config.seed = base.seed
-  config.eval = base.eval
+  config.eval = word_evidence.with_own_query(base.eval, config.eval)
   # The model's sizes, the batch, the schedule and how the computation
   # runs (the LSTM's loop, the update, the dtype: same function, other
   # speed) follow the base config (e.g. configs/test.py's small sizes);

@@ -51,6 +51,7 @@ from mardjax import config_check
 from mardjax import stages
 from mardjax.data import manifest as manifest_lib
 from mardjax.errors import UserError
+from mardjax.evaluation import word_evidence
 
 # Beside each run's suite_run.json: the config it trained with.
 CONFIG_FILE = 'suite_config.json'
@@ -203,7 +204,8 @@ def reference_config(base: ml_collections.ConfigDict, module: str
                      ) -> ml_collections.ConfigDict:
   """The reference recipe (`config.suite.reference`, e.g. the paper's,
   'configs.default') as the suite trains it beside `base`: its own
-  model switches, loss, optimiser, schedule and budget, with the base's
+  model switches, loss, optimiser, schedule, budget and way of reading a
+  review (`word_evidence.RECIPE_FIELDS`), with the base's
   data, evaluation, baselines, seed, model sizes and batch (as Table 1's
   rows take them: configs/test.py's in tests), and the base's settings
   that change only how fast a run goes."""
@@ -212,8 +214,9 @@ def reference_config(base: ml_collections.ConfigDict, module: str
   except (ImportError, AttributeError) as e:
     raise UserError(f'config.suite.reference={module!r}: not a config '
                     f'module with get_config() ({e}).') from e
-  for section in ('data', 'eval', 'baselines', 'suite'):
+  for section in ('data', 'baselines', 'suite'):
     config[section] = base[section].copy_and_resolve_references()
+  config.eval = word_evidence.with_own_query(base.eval, config.eval)
   config.seed = base.seed
   for field in ('word_dim', 'hidden_dim', 'embed_dim', 'lstm_dim',
                 'max_tracks', 'lstm_loop'):
