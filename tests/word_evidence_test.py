@@ -172,17 +172,23 @@ def test_training_fits_the_rule_and_evaluation_reads_it(gated_run):
                                        word_evidence.RULE_FILE)) == mtime
 
 
+def _copy_run(gated_run, tmp_path):
+  """(config, copy of the run's workdir, its rule): a test may change both."""
+  config, workdir, _ = gated_run
+  run = str(tmp_path / 'run')
+  shutil.copytree(workdir, run)
+  config = config.copy_and_resolve_references()
+  config.data.tfrecord_dir = os.path.join(workdir, 'data')
+  return config, run, word_evidence.load(workdir)
+
+
 def test_evaluation_applies_the_stored_cut(gated_run, tmp_path):
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from mardjax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from mardjax.evaluation import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from mardjax.train import checkpoints  # pylint: disable=g-import-not-at-top
-  config, workdir, metrics = gated_run
-  rule = word_evidence.load(workdir)
-  run = str(tmp_path / 'run')
-  shutil.copytree(workdir, run)
-  config = config.copy_and_resolve_references()
-  config.data.tfrecord_dir = os.path.join(workdir, 'data')
+  config, run, rule = _copy_run(gated_run, tmp_path)
+  metrics = gated_run[2]
   config.eval.update(bootstrap=0, split='test')
   off = config.copy_and_resolve_references()
   off.eval.evidence_ks = ''
@@ -212,13 +218,8 @@ def test_evaluation_applies_the_stored_cut(gated_run, tmp_path):
 def test_room_reads_texts_through_the_stored_cut(gated_run, tmp_path):
   from mardjax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from mardjax.serve import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
-  config, workdir, _ = gated_run
-  rule = word_evidence.load(workdir)
-  run = str(tmp_path / 'run')
-  shutil.copytree(workdir, run)
-  config = config.copy_and_resolve_references()
-  data_dir = os.path.join(workdir, 'data')
-  config.data.tfrecord_dir = data_dir
+  config, run, rule = _copy_run(gated_run, tmp_path)
+  data_dir = config.data.tfrecord_dir
   word_evidence.save(rule._replace(k=2.0), run)
   room = embedder_lib.Embedder(config, run, data_dir)
   vocab = manifest_lib.read_vocabulary(room.manifest)

@@ -3,7 +3,7 @@ in the training reviews follows the albums' sound.
 
 Most of a review's words say nothing about how the album sounds ('great',
 'shipping', 'the'), and in the mean of its word vectors they drown the few
-that do. A word's evidence is measured on the training data, apart from the
+that do. A word's evidence comes from the training data alone, not from the
 model: with x_a an album's mean track descriptors, standardised over the
 training albums (the D columns that vary), and the n training albums whose
 reviews use the word,
