@@ -107,11 +107,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   import jax  # pylint: disable=g-import-not-at-top
   from mardjax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from mardjax.evaluation import word_evidence  # pylint: disable=g-import-not-at-top
   from mardjax.train import trainer  # pylint: disable=g-import-not-at-top
   config_check.validate(config, jax.local_device_count(), jax.process_count())
   state, metrics = trainer.train_and_evaluate(config, workdir, records_dir,
                                               evaluate.dev_evaluator, plan)
-  if config.eval.evidence_ks:  # The run's query rule, fitted on its model.
+  if word_evidence.parse_ks(config.eval.evidence_ks):
+    # The run's query rule, fitted on its model.
     metrics = evaluate.with_query_rule(config, workdir, records_dir, metrics)
   return state, metrics
 

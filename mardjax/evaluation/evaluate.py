@@ -131,17 +131,20 @@ def with_query_rule(config: ml_collections.ConfigDict, workdir: str,
                     ) -> dict[str, Any]:
   """A training run's metrics with its dev figures read through the
   evidence-gated query rule, fitted now on the run's model
-  (`word_evidence.for_run`), and 'query_rule' (`rule_summary`)."""
+  (`word_evidence.for_run`), and 'query_rule' (`rule_summary`); the
+  metrics as they are when the config lists no cut."""
   manifest = manifest_lib.load(data_dir)
   trained = checkpoints.load_for_inference(config, workdir, manifest)
-  rule = word_evidence.for_run(config, workdir, trained.variables,
-                               trained.model, trained.step, data_dir)
+  audio = input_pipeline.load_audio_table(manifest)
+  rule = word_evidence.for_run(config, workdir, trained, audio)
+  if rule is None:
+    return metrics
+  if not rule.k:  # The model's own query: the dev figures already given.
+    return dict(metrics, query_rule=rule_summary(rule))
   dev = input_pipeline.load_reviews(manifest, 'dev', config.data.max_len)
-  out = evaluate(trained.variables, trained.model,
-                 input_pipeline.load_audio_table(manifest), dev,
+  out = evaluate(trained.variables, trained.model, audio, dev,
                  max_tracks=two_branch.album_tracks(config), rule=rule)
-  logging.info('step %d (the model, %s query) dev %s', trained.step,
-               f'cut {rule.k:g}' if rule.k else "the model's",
+  logging.info('step %d (the model, cut %g) dev %s', trained.step, rule.k,
                json.dumps(out))
   return dict(metrics, **out, query_rule=rule_summary(rule))
 
@@ -168,8 +171,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   split = config.eval.split
   if split not in ('dev', 'test'):
     raise UserError(f"config.eval.split={split!r}: choose 'dev' or 'test'.")
-  data_dir = data_dir or manifest_lib.data_dir_of(config, workdir)
-  manifest = manifest_lib.load(data_dir)
+  manifest = manifest_lib.load(data_dir or
+                               manifest_lib.data_dir_of(config, workdir))
   checkpoints.require_checkpoints(workdir)  # Before minutes of loading.
   reviews = input_pipeline.load_reviews(manifest, split, config.data.max_len)
   if not len(reviews['album']):
@@ -179,8 +182,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                     'larger config.data.dev_fraction / test_album_fraction.')
   trained = checkpoints.load_for_inference(config, workdir, manifest)
   audio = input_pipeline.load_audio_table(manifest)
-  rule = word_evidence.for_run(config, workdir, trained.variables,
-                               trained.model, trained.step, data_dir)
+  rule = word_evidence.for_run(config, workdir, trained, audio)
   start = time.time()
   result = evaluate(
       trained.variables, trained.model, audio, reviews,

@@ -281,14 +281,14 @@ def fit(variables: dict[str, Any], model, audio: tables.AudioTable,
   cand, cand_emb = embed.albums(variables, model, audio,
                                 max_tracks=max_tracks)
   vectors = word_vectors(variables)
-  best, recalls = 0.0, {}
+  best, best_recall, recalls = 0.0, -1.0, {}
   for k in (0.0,) + tuple(sorted(ks)):
     emb = (embed.reviews(variables, model, selection) if not k else
            queries(vectors, rule.weights(k), selection))
     out, _ = metrics.report(cand, cand_emb, emb, selection['album'], (10,))
     recalls['off' if not k else f'{k:g}'] = round(out['recall@10'], 5)
-    if out['recall@10'] > recalls['off' if not best else f'{best:g}']:
-      best = k
+    if out['recall@10'] > best_recall:  # Strictly: ties keep the earlier.
+      best, best_recall = k, out['recall@10']
   return rule._replace(k=best, selection=recalls)
 
 
@@ -323,27 +323,31 @@ def load(workdir: str) -> Rule | None:
                     'again from the run\'s model.') from e
 
 
-def for_run(config: ml_collections.ConfigDict, workdir: str,
-            variables: dict[str, Any], model, step: int,
-            data_dir: str) -> Rule | None:
-  """The rule of the run's model at `step`: the stored one when it was
-  fitted for this step and these settings, else fitted now on the
-  run's data (and stored). None when `config.eval.evidence_ks` is ''."""
+def for_run(config: ml_collections.ConfigDict, workdir: str, trained,
+            audio: tables.AudioTable) -> Rule | None:
+  """The rule of the run's model: the stored one when it was fitted for
+  this step and these settings, else fitted now on the run's data (and
+  stored). None when `config.eval.evidence_ks` lists no cut.
+
+  Args:
+    config, workdir: the run's.
+    trained: its restored model (`checkpoints.Inference`).
+    audio: every album's tracks (`input_pipeline.load_audio_table`).
+  """
   ks = parse_ks(config.eval.evidence_ks)
   if not ks:
     return None
+  model, manifest = trained.model, trained.manifest
   rule = load(workdir)
   wanted = {'off'} | {f'{k:g}' for k in ks}
-  if (rule is not None and rule.step == step and
+  if (rule is not None and rule.step == trained.step and
       rule.min_albums == config.eval.evidence_min_albums and
       set(rule.selection) == wanted and
       rule.albums.shape[0] == model.vocab_size):
     return rule
   from mardjax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from mardjax.data import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from mardjax.models import two_branch  # pylint: disable=g-import-not-at-top
   # Every process's reviews: the evidence and the cut are the whole run's.
-  manifest = manifest_lib.load(data_dir)
   trained_on, selection = input_pipeline.load_training_reviews(
       manifest, config.data.max_len, config.eval.validation_fraction,
       config.data.split_salt)
@@ -355,9 +359,9 @@ def for_run(config: ml_collections.ConfigDict, workdir: str,
         'config.eval.evidence_ks: the evidence-gated query needs training '
         'reviews and held-out reviews to choose its cut on; this run has '
         f'{len(trained_on)} and {len(selection["album"])}. Set it to "".')
-  rule = fit(variables, model, input_pipeline.load_audio_table(manifest),
-             trained_on, selection, ks, config.eval.evidence_min_albums,
-             step, two_branch.album_tracks(config))
+  rule = fit(trained.variables, model, audio, trained_on, selection, ks,
+             config.eval.evidence_min_albums, trained.step,
+             two_branch.album_tracks(config))
   logging.info('Evidence-gated query: cut %s (selection recall@10 %s)',
                rule.k or 'off', json.dumps(rule.selection))
   save(rule, workdir)

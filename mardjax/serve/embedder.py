@@ -56,28 +56,29 @@ class Embedder:
     self.specs = desc_lib.parse_descriptor_list(list(d.specs))
     self.names = desc_lib.feature_names(self.specs)
     self.extractors = self.manifest.extractor_versions
-    self.rule, self.word_vectors = self._query_rule(config, workdir)
+    self.gated = self._gated_reading(config, workdir)
     self.text_encoder = None
     if config.model.text_encoder == 'pretrained':
       self.text_encoder = self._frozen_encoder(config)
 
-  def _query_rule(self, config: ml_collections.ConfigDict, workdir: str
-                  ) -> tuple[word_evidence.Rule | None, np.ndarray | None]:
-    """The run's evidence-gated query rule, as evaluation and the export
-    fitted it for this model, with the word vectors it reads; (None, None)
-    when off or not fitted (texts then read as the model reads them)."""
+  def _gated_reading(self, config: ml_collections.ConfigDict, workdir: str
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(word vectors (V, E), word weights (V,)) of the run's evidence-gated
+    query rule, as evaluation and the export fitted it for this model; None
+    when it is off, its cut is off, or it was not fitted (texts then read
+    as the model reads them)."""
     if not word_evidence.parse_ks(config.eval.evidence_ks):
-      return None, None
+      return None
     rule = word_evidence.load(workdir)
     if rule is None or rule.step != self.step:
       logging.warning(
           'config.eval.evidence_ks is set but no query rule was fitted for '
           'the model of step %d: texts are read by the model alone; run '
           '--mode=eval or --mode=export to fit it.', self.step)
-      return None, None
+      return None
     if not rule.k:
-      return rule, None
-    return rule, word_evidence.word_vectors(self.variables)
+      return None
+    return word_evidence.word_vectors(self.variables), rule.weights()
 
   def _frozen_encoder(self, config: ml_collections.ConfigDict):
     """The pretrained text encoder the records were built with, checked."""
@@ -116,8 +117,8 @@ class Embedder:
     tokens = np.zeros((1, max_len), np.int32)
     tokens[0, :len(ids)] = ids
     lengths = np.array([len(ids)], np.int32)
-    if self.word_vectors is not None:  # The run's query rule.
-      emb = word_evidence.queries(self.word_vectors, self.rule.weights(),
+    if self.gated is not None:  # The run's query rule.
+      emb = word_evidence.queries(*self.gated,
                                   {'tokens': tokens, 'lengths': lengths})
     else:
       emb = embed.text(self.model, self.variables, tokens, lengths)

@@ -96,11 +96,10 @@ def write(config: ml_collections.ConfigDict, workdir: str, mard_dir: str,
   manifest, model, variables = (trained.manifest, trained.model,
                                 trained.variables)
   reviews = _all_reviews(config, manifest)
+  audio = input_pipeline.load_audio_table(manifest)
   albums, album_emb = embed.albums(
-      variables, model, input_pipeline.load_audio_table(manifest),
-      max_tracks=two_branch.album_tracks(config))
-  rule = word_evidence.for_run(config, workdir, variables, model,
-                               trained.step, manifest.data_dir)
+      variables, model, audio, max_tracks=two_branch.album_tracks(config))
+  rule = word_evidence.for_run(config, workdir, trained, audio)
   review_emb = word_evidence.review_embeddings(rule, variables, model,
                                                reviews)
 
