@@ -247,6 +247,46 @@ def test_room_reads_texts_through_the_stored_cut(gated_run, tmp_path):
   assert not np.allclose(own, want, atol=1e-3)
 
 
+def test_room_explains_a_text_as_the_rule_read_it(gated_run, tmp_path):
+  """'Why these words' takes each word out of the text and reads the rest
+  through the rule, as the room read the text: a word the rule cuts
+  weighs 0, and a text left with cut words only reads them all."""
+  from mardjax.serve import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
+  from mardjax.serve import explain  # pylint: disable=g-import-not-at-top
+  config, run, rule = _copy_run(gated_run, tmp_path)
+  word_evidence.save(rule._replace(k=2.0), run)
+  room = embedder_lib.Embedder(config, run, config.data.tfrecord_dir)
+  weights = rule.weights(2.0)
+  cut, kept = (np.flatnonzero(weights[2:] == 0)[:3] + 2,
+               np.flatnonzero(weights[2:] > 0)[:3] + 2)
+  ids = np.array([cut[0], kept[0], cut[1], kept[1], kept[0], cut[2],
+                  kept[2]], np.int32)
+  target = np.asarray(room.embed_text(
+      ' '.join(room.vocab.words[i] for i in kept[::-1]))[0])[0]
+
+  def read(ts):
+    tokens = np.zeros((1, config.data.max_len), np.int32)
+    tokens[0, :len(ts)] = ts
+    return word_evidence.queries(*room.gated, {
+        'tokens': tokens, 'lengths': np.array([len(ts)], np.int32)})[0]
+
+  words, got = explain.Explainer(room)._word_weights(ids, target[None])
+  assert sorted(words) == sorted(set(ids))
+  full = read(ids) @ target
+  for w, weight in zip(words, got[:, 0]):
+    np.testing.assert_allclose(weight, full - read(ids[ids != w]) @ target,
+                               atol=2e-5)
+    if w in cut:
+      assert weight == pytest.approx(0.0, abs=2e-5)
+  # Without its kept words the text reads its cut ones (the fallback).
+  words, got = explain.Explainer(room)._word_weights(
+      np.array([cut[0], kept[0], cut[1]], np.int32), target[None])
+  np.testing.assert_allclose(
+      got[list(words).index(kept[0]), 0],
+      read([cut[0], kept[0], cut[1]]) @ target - read([cut[0], cut[1]])
+      @ target, atol=2e-5)
+
+
 def test_references_and_rows_keep_their_own_query():
   from configs import best  # pylint: disable=g-import-not-at-top
   from mardjax.experiments import ablation  # pylint: disable=g-import-not-at-top

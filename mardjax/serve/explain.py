@@ -10,7 +10,9 @@ All the variants of one input are embedded in one program call.
 Taking a word out removes each of its occurrences; taking a descriptor group
 out sets its values to the training mean (0 in standardised units). When
 nothing of a text is left without a word, its weight is the whole similarity:
-an empty text has no direction.
+an empty text has no direction. Where the run reads texts through its
+evidence-gated query rule (`word_evidence`), the variants are read through
+it too: a word the rule cuts moved nothing and weighs 0.
 """
 
 import functools
@@ -184,11 +186,33 @@ class Explainer:
     rows[:, :len(ids)] = packed
     return words, rows, lengths
 
+  def _gated_without_each_word(self, ids: np.ndarray
+                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The run's evidence-gated reading (`word_evidence.queries`, what
+    the room served) of the text and of the text without each word, from
+    the text's weighted sums (in float64): (words (U,), (U + 1, E) unit
+    queries, (U + 1,) lengths). A variant whose every remaining word is cut
+    reads them all, as the served query does."""
+    vectors, weights = self.embedder.gated
+    words = np.unique(ids[ids > text_lib.UNK_ID])
+    keep = np.concatenate([np.ones((1, len(ids)), bool),
+                           ids[None, :] != words[:, None]])  # (U + 1, n)
+    rows = vectors[ids].astype(np.float64)  # (n, E)
+    w = weights[ids].astype(np.float64)
+    gated = (keep * w) @ rows
+    plain = keep.astype(np.float64) @ rows
+    # Exactly 0 where every kept word weighs 0 (weights are >= 0).
+    q = np.where((keep * w).sum(1, keepdims=True) > 0, gated, plain)
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    return words, q.astype(np.float32), keep.sum(1)
+
   def _word_weights(self, ids: np.ndarray, targets: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(distinct known words (U,), (U, T) weights against each of the
     (T, E) unit targets)."""
-    if self.table is not None:
+    if self.embedder.gated is not None:  # The run's query rule.
+      words, emb, lengths = self._gated_without_each_word(ids)
+    elif self.table is not None:
       words, pooled, lengths = self._pooled_without_each_word(ids)
       emb = self._head_rows(pooled)
     else:
