@@ -202,6 +202,13 @@ def test_the_suite_trains_every_corpus_and_seed_beside_the_baselines(
         [r[row['split']]['recall@10'] for r in ref_runs]))
   assert 'configs.default' in table
   assert table.count('| within |') + table.count('| below |') == 2
+  # The generator's own ranking beside them, from the same reviews.
+  for row in rows:
+    got = corpus['generator'][row['split']]
+    assert row['generator_recall@10'] == got['recall@10'] > 0
+    assert got['num_queries'] == corpus['runs'][0][row['split']][
+        'num_queries']
+  assert 'generator R@10' in table
 
   # Again in the same workdir: every run and the baselines are read back,
   # nothing trained or fitted, the same figures.
@@ -211,6 +218,8 @@ def test_the_suite_trains_every_corpus_and_seed_beside_the_baselines(
     raise AssertionError('trained or fitted again')
   monkeypatch.setattr(stages, 'train_and_evaluate', refuse)
   monkeypatch.setattr(baselines, 'baselines_on_splits', refuse)
+  from mardjax.evaluation import generator_ranking  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(generator_ranking, 'recall', refuse)
   assert modes.run_mode('suite', config, str(tmp_path))['rows'] == rows
 
   # Runs made before a field existed (under other fingerprints, their

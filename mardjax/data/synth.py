@@ -57,6 +57,7 @@ from mardjax.data import descriptors as desc_lib
 from mardjax.data import files as files_lib
 from mardjax.data import mard_io
 from mardjax import progress
+from mardjax.errors import UserError
 
 PRESETS = {
     'tiny': dict(num_albums=40, num_reviews=320, num_tracks=180),
@@ -69,6 +70,8 @@ _PHYSICS_SEED = 20161  # The latent -> sound map is fixed across corpora.
 _ALBUMS_PER_CHUNK = 250
 # Written last: a corpus without it is incomplete (an interrupted run).
 DONE_MARKER = '.synth_complete.json'
+# Bumped when the same request would write another corpus.
+GENERATOR_VERSION = 1
 # Written first: a folder holding it is a corpus mardjax was generating.
 STARTED_MARKER = '.synth_started.json'
 
@@ -733,13 +736,18 @@ def _metadata_line(album: dict[str, Any]) -> bytes:
   return orjson.dumps({k: album[k] for k in keys})
 
 
+def _track_latents(rng, z_album: np.ndarray, num_tracks: int) -> np.ndarray:
+  """(num_tracks, len(LATENT)): each track's traits, around its album's."""
+  return z_album + rng.normal(0, 0.35, (num_tracks, len(LATENT)))
+
+
 def _track_documents(rng, physics, album: dict[str, Any],
                      z_album: np.ndarray, files: _Files) -> None:
   """Each song's AcousticBrainz document, in one of the expanded set's forms
   (dump file, bulk response, amazonid_mbid file) and sometimes MARD's
   original first-track file."""
   songs, nt = album['songs'], len(album['songs'])
-  z_tracks = z_album + rng.normal(0, 0.35, (nt, len(LATENT)))
+  z_tracks = _track_latents(rng, z_album, nt)
   album_mbid = _uuid(rng)
   tags = [{'album': [album['title']], 'artist': [album['artist']],
            'albumartist': [album['artist']],
@@ -849,6 +857,84 @@ def _heavy_tailed_counts(rng, n_items: int, total: int, sigma: float):
   return 1 + rng.multinomial(total - n_items, weights / weights.sum())
 
 
+def _plan(sizes: SynthSizes, seed: int, style: Style
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(genre index, reviews, tracks) of each album, (num_albums,) each."""
+  rng = np.random.default_rng([seed, 2**31 - 1])
+  names = list(GENRES)
+  weights = np.array([GENRES[g][1] for g in names], np.float64)
+  genres = rng.choice(len(names), size=sizes.num_albums, p=weights / weights.sum())
+  n_reviews = _heavy_tailed_counts(rng, sizes.num_albums, sizes.num_reviews,
+                                   style.review_tail)
+  n_tracks = _heavy_tailed_counts(rng, sizes.num_albums, sizes.num_tracks,
+                                  style.track_tail)
+  if style.single_track > 0:  # Its own stream: the other draws stay put.
+    single = np.random.default_rng([seed, 2**31 - 2]).random(
+        sizes.num_albums) < style.single_track
+    n_tracks[single] = 1
+  return genres, n_reviews, n_tracks
+
+
+class Traits(NamedTuple):
+  """A generated corpus's hidden album traits, replayed.
+
+  Attributes:
+    amazon_ids: (num_albums,) each album's id, in generation order.
+    tracks: (num_albums, len(LATENT)) the mean of each album's tracks'
+      traits (what its descriptors carry).
+    genres: (num_albums,) index in `GENRES` of each album's genre.
+    num_tracks: (num_albums,) its tracks.
+    style: the corpus's `Style`.
+  """
+  amazon_ids: list[str]
+  tracks: np.ndarray
+  genres: np.ndarray
+  num_tracks: np.ndarray
+  style: Style
+
+
+def replay_traits(mard_dir: str) -> Traits:
+  """The hidden traits of the corpus `generate` wrote into `mard_dir`,
+  drawn again from its request (the same streams, no file written).
+
+  Raises:
+    UserError: `mard_dir` holds no complete corpus of this generator.
+  """
+  marker = os.path.join(mard_dir, DONE_MARKER)
+  try:
+    with open(marker) as f:
+      request = json.load(f)['request']
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f'{mard_dir}: not a complete synthetic corpus ({marker}: '
+                    f'{e}); its traits are known only for corpora this '
+                    'generator wrote.') from e
+  if request.get('generator_version') != GENERATOR_VERSION:
+    raise UserError(f'{marker}: generator version '
+                    f'{request.get("generator_version")!r}, this one is '
+                    f'{GENERATOR_VERSION}.')
+  sizes, seed = SynthSizes(**request['sizes']), request['seed']
+  style = Style(**request.get('style', {}))
+  genres, _, n_tracks = _plan(sizes, seed, style)
+  names = list(GENRES)
+  ids, tracks = [], np.zeros((sizes.num_albums, len(LATENT)))
+  for i, rng in enumerate(_ids_for_albums(seed, 0, sizes.num_albums)):
+    album, z_album = _album(rng, names[genres[i]])
+    _songs(rng, album, int(n_tracks[i]))
+    ids.append(album['amazon-id'])
+    tracks[i] = _track_latents(rng, z_album, int(n_tracks[i])).mean(0)
+  return Traits(ids, tracks, genres, n_tracks, style)
+
+
+def trait_words() -> dict[str, tuple[list[str], list[str]]]:
+  """{trait: (its low pole's words, its high pole's)}, as reviews use them."""
+  return {k: (list(lo), list(hi)) for k, (lo, hi) in _POLE_LISTS.items()}
+
+
+def genre_words() -> dict[str, list[str]]:
+  """{genre: the words its genre sentences draw from}."""
+  return {k: list(v) for k, v in _GENRE_LISTS.items()}
+
+
 def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
              num_workers: int = 1, show_progress: bool = True,
              style: Style = Style()) -> dict[str, Any]:
@@ -868,7 +954,7 @@ def generate(out_dir: str, sizes: SynthSizes, seed: int = 0,
   start_time = time.time()
   marker = os.path.join(out_dir, DONE_MARKER)
   wanted = {'sizes': dataclasses.asdict(sizes), 'seed': seed,
-            'generator_version': 1}
+            'generator_version': GENERATOR_VERSION}
   if style != Style():  # The original corpus's request stays as it was.
     wanted['style'] = dataclasses.asdict(style)
   if os.path.exists(marker):
@@ -901,18 +987,7 @@ def _generate_into(out_dir: str, sizes: SynthSizes, seed: int,
               os.path.join(mard_io.EXPANDED_DESCRIPTOR_DIR, 'lowlevel')):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
 
-  rng = np.random.default_rng([seed, 2**31 - 1])
-  names = list(GENRES)
-  weights = np.array([GENRES[g][1] for g in names], np.float64)
-  genres = rng.choice(len(names), size=sizes.num_albums, p=weights / weights.sum())
-  n_reviews = _heavy_tailed_counts(rng, sizes.num_albums, sizes.num_reviews,
-                                   style.review_tail)
-  n_tracks = _heavy_tailed_counts(rng, sizes.num_albums, sizes.num_tracks,
-                                  style.track_tail)
-  if style.single_track > 0:  # Its own stream: the other draws stay put.
-    single = np.random.default_rng([seed, 2**31 - 2]).random(
-        sizes.num_albums) < style.single_track
-    n_tracks[single] = 1
+  genres, n_reviews, n_tracks = _plan(sizes, seed, style)
   reviewer_pool = max(sizes.num_reviews // 3, int(n_reviews.max()) * 2)
   jobs = []
   for chunk_id, lo in enumerate(range(0, sizes.num_albums, _ALBUMS_PER_CHUNK)):

@@ -295,6 +295,22 @@ def corpus_baselines(cfg: ml_collections.ConfigDict, root: str,
   return done
 
 
+def corpus_generator_ranking(cfg: ml_collections.ConfigDict, root: str,
+                             data_dir: str) -> dict[str, dict[str, Any]]:
+  """recall@K of the generator's own ranking on dev and test
+  (`generator_ranking`), computed once per corpus and read back."""
+  from mardjax.evaluation import generator_ranking  # pylint: disable=g-import-not-at-top
+  key = ml_collections.ConfigDict({'data': cfg.data, 'version': 1})
+  path = os.path.join(root, f'generator-{_digest(key)}.json')
+  done = _read_json(path)
+  if done is None:
+    done = {split: generator_ranking.recall(
+        data_dir, stages.mard_dir(cfg, root), split, cfg.data.max_len)
+            for split in ('dev', 'test')}
+    write_json(path, done)
+  return done
+
+
 def corpus_run_config(config: ml_collections.ConfigDict, name: str
                       ) -> ml_collections.ConfigDict:
   """`config` on corpus `name` at the suite's scale and epochs."""
@@ -329,6 +345,7 @@ def run_corpus(config: ml_collections.ConfigDict, name: str, workdir: str,
                             f'{name} ({config.suite.reference})')
                  for seed in seed_list(config)]}
   out['baselines'] = corpus_baselines(cfg, root, data_dir)
+  out['generator'] = corpus_generator_ranking(cfg, root, data_dir)
   return out
 
 
@@ -362,6 +379,8 @@ def summarize(corpus: dict[str, Any], split: str) -> dict[str, Any]:
          'best_baseline': best_name,
          'best_baseline_recall@10': best['recall@10'],
          'ratio': mean / best['recall@10'] if best['recall@10'] else None}
+  if 'generator' in corpus:
+    row['generator_recall@10'] = corpus['generator'][split]['recall@10']
   if 'reference' in corpus:
     ref, ref_ci = mean_over_seeds(corpus['reference']['runs'], split)
     slack = half_width(ref_ci)
@@ -392,6 +411,16 @@ def _table(rows: list[dict[str, Any]], albums: dict[str, int],
                   'no more than the half width of its interval below it.')
     head += ' reference R@10 | its interval | vs reference |'
     rule += ' ---: | --- | --- |'
+  generator = any('generator_recall@10' in r for r in rows)
+  if generator:
+    lines[-1] += (' "generator" ranks the albums by the likelihood the '
+                  "corpus's generator gives a review's words about the "
+                  'sound and genre, from the traits each album\'s tracks '
+                  'carry (mardjax/evaluation/generator_ranking.py): about '
+                  'the best a model reading the audio can do on albums it '
+                  'never trained on.')
+    head += ' generator R@10 |'
+    rule += ' ---: |'
   lines += ['', head, rule]
   for r in rows:
     ratio = f'{r["ratio"]:.2f}x' if r['ratio'] is not None else '-'
@@ -403,6 +432,8 @@ def _table(rows: list[dict[str, Any]], albums: dict[str, int],
       line += (f' {pct(r["reference_recall@10"])} | '
                f'{interval(r["reference_ci95"])} | '
                f'{"within" if r["within_reference"] else "below"} |')
+    if generator:
+      line += f' {pct(r["generator_recall@10"])} |'
     lines.append(line)
   return lines
 
