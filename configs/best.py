@@ -27,6 +27,11 @@ table); the paper's best row stays in `configs/default.py` and
 * a higher peak learning rate with warmup and cosine decay, 60 epochs;
 * early stopping on held-out training reviews; the reported model is the
   best evaluation;
+* the model starts where the data already points (`model.init`,
+  mardjax/train/prototype_init.py): each word at the mean sound of its
+  training albums, in the sound's principal directions; with few reviews
+  per album (as most of MARD's albums have) a random start has too few
+  steps to learn that;
 * reviews read through the words whose use follows the albums' sound
   (`eval.evidence_ks`, mardjax/evaluation/word_evidence.py): the cut, or
   none, chosen per run on the same held-out training reviews; it helps
@@ -52,4 +57,5 @@ def get_config():
   config.train.eval_every = 500
   config.train.early_stop_patience = 4
   config.eval.evidence_ks = '0.5,1,2,4'
+  config.model.init = 'prototypes'
   return config

@@ -100,6 +100,12 @@ def get_config():
   # linear path; ignored with `linear`).
   config.model.linear_path = False
   config.model.batch_norm = True  # BN after the last linear layer (Wang et al.).
+  # How the parameters start: 'random' (the paper), or 'prototypes' (linear
+  # mean-encoder models: each word starts at the mean sound of its training
+  # albums in the sound's principal directions; mardjax/train/prototype_init.py),
+  # each word's mean shrunk as n / (n + prototype_shrink) over its n albums.
+  config.model.init = 'random'
+  config.model.prototype_shrink = 1.0
 
   # --- Loss -----------------------------------------------------------------
   config.loss = ml_collections.ConfigDict()

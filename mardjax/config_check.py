@@ -26,6 +26,7 @@ from mardjax import plan as plan_lib
 from mardjax.data import descriptors as desc_lib
 from mardjax.errors import need
 from mardjax.evaluation import word_evidence
+from mardjax.train import prototype_init
 from mardjax.models import two_branch
 from mardjax.serve import search_index
 from mardjax.train import losses
@@ -175,6 +176,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
   search_index.check_config(config.export)
   desc_lib.check_config(config.data)
   word_evidence.check_config(config)
+  prototype_init.check_config(config)
   validate_values(config)
 
 

@@ -114,3 +114,25 @@ class ReviewTable:
     at = self.token_index(np.arange(len(self)))
     pairs = np.unique(review * vocab_size + self.tokens[at])
     return np.bincount(pairs % vocab_size, minlength=vocab_size)
+
+
+def word_albums(reviews: ReviewTable, row: np.ndarray,
+                vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each distinct (word, album) pair of `reviews`, for the albums `row`
+  numbers (>= 0; the others left out).
+
+  Args:
+    reviews: the reviews.
+    row: (num_albums,) int64 each album's row, -1 for albums left out.
+    vocab_size: V.
+
+  Returns:
+    ((P,) word ids, (P,) album rows), sorted by album row, then word.
+  """
+  review = np.repeat(np.arange(len(reviews), dtype=np.int64),
+                     reviews.lengths)
+  words = reviews.tokens[reviews.token_index(np.arange(len(reviews)))]
+  rows = row[reviews.album[review]]
+  present = rows >= 0
+  pairs = np.unique(rows[present] * vocab_size + words[present])
+  return pairs % vocab_size, pairs // vocab_size

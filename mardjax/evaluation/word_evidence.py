@@ -177,13 +177,7 @@ def evidence(reviews: tables.ReviewTable, audio: tables.AudioTable,
     scores; 0 for words of no such album).
   """
   row, x = album_sound(audio, np.unique(reviews.album))
-  review = np.repeat(np.arange(len(reviews), dtype=np.int64),
-                     reviews.lengths)
-  words = reviews.tokens[reviews.token_index(np.arange(len(reviews)))]
-  rows = row[reviews.album[review]]
-  present = rows >= 0
-  pairs = np.unique(rows[present] * vocab_size + words[present])
-  word, album_row = pairs % vocab_size, pairs // vocab_size
+  word, album_row = tables.word_albums(reviews, row, vocab_size)
   albums = np.bincount(word, minlength=vocab_size).astype(np.int64)
   scores = np.zeros(vocab_size)
   if not x.size:

@@ -38,6 +38,7 @@ from mardjax.data import tables
 from mardjax.errors import UserError
 from mardjax.models import two_branch
 from mardjax.train import checkpoints
+from mardjax.train import prototype_init
 from mardjax.train import step_builder
 from mardjax.train import timing
 from mardjax.train import train_step
@@ -196,6 +197,10 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
                                                         held_out))
   if config.model.pooling == 'idf':
     state = train_step.set_word_scores(state, _idf(reviews, manifest))
+  if config.model.init == 'prototypes':
+    state = state.replace(params=prototype_init.initial_params(
+        state.params, _all_training_reviews(config, manifest, reviews),
+        audio, config.model.prototype_shrink))
   run = _Run(
       config=config, workdir=workdir, manifest=manifest, model=model,
       plan=plan, state=state, batches=batches, step_fn=None,
@@ -281,6 +286,19 @@ def _check_same_selection(meta: dict[str, Any], fraction: float,
         f'config holds out {fraction}: resume it with '
         f'--config.eval.validation_fraction={stored}, or train in another '
         'workdir.')
+
+
+def _all_training_reviews(config: ml_collections.ConfigDict,
+                          manifest: manifest_lib.Manifest,
+                          own: tables.ReviewTable) -> tables.ReviewTable:
+  """The reviews every process trains on (`own`, this process's share,
+  when it is the only one): what starts every process's parameters alike."""
+  if jax.process_count() == 1:
+    return own
+  every, _ = input_pipeline.load_training_reviews(
+      manifest, config.data.max_len, config.eval.validation_fraction,
+      config.data.split_salt)
+  return every
 
 
 def _evaluate(run: _Run, step: int) -> dict[str, Any]:
