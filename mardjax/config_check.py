@@ -26,10 +26,10 @@ from mardjax import plan as plan_lib
 from mardjax.data import descriptors as desc_lib
 from mardjax.errors import need
 from mardjax.evaluation import word_evidence
-from mardjax.train import prototype_init
 from mardjax.models import two_branch
 from mardjax.serve import search_index
 from mardjax.train import losses
+from mardjax.train import prototype_init
 
 PARALLELISM = plan_lib.PARALLELISMS
 EMBEDDING_UPDATES = plan_lib.EMBEDDING_UPDATES

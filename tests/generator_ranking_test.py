@@ -103,8 +103,8 @@ def test_the_generator_ranks_its_own_albums(tiny_records, tiny_corpus_master,
   albums = manifest.counts.albums
 
   def recall5():
-    got = [generator_ranking.recall(data_dir, tiny_corpus_master, split, 400)
-           for split in ('dev', 'test')]
+    got = list(generator_ranking.recall(data_dir, tiny_corpus_master,
+                                        ('dev', 'test'), 400).values())
     assert all(g['num_queries'] > 0 for g in got)
     return np.mean([g['recall@5'] for g in got]), got
 

@@ -56,6 +56,14 @@ _TRACK_SPREAD = 0.35
 _SALIENCE_PER_WORD = 0.5
 
 
+def _word_ids(vocab: text_lib.Vocabulary, words: list[str]) -> list[int]:
+  """The ids of `words` the vocabulary knows as one token ('laid-back'
+  reads as two common words and is left out)."""
+  ids = [vocab.encode([w], 1)[0][0] for w in words
+         if len(text_lib.tokenize(w)) == 1]
+  return [i for i in ids if i > text_lib.UNK_ID]
+
+
 def _word_columns(vocab: text_lib.Vocabulary) -> tuple[np.ndarray, ...]:
   """(V, K) signed pole votes of each word (+1 high, -1 low), (V, G) each
   word's share of each genre's words; words that are one token only."""
@@ -64,17 +72,13 @@ def _word_columns(vocab: text_lib.Vocabulary) -> tuple[np.ndarray, ...]:
   for j, trait in enumerate(synth.LATENT):
     low, high = synth.trait_words()[trait]
     for sign, words in ((-1.0, low), (1.0, high)):
-      for word in words:
-        ids, _ = vocab.encode([word], 1)
-        if len(text_lib.tokenize(word)) == 1 and ids[0] > text_lib.UNK_ID:
-          poles[ids[0], j] += sign
+      for i in _word_ids(vocab, words):
+        poles[i, j] += sign
   genres = synth.genre_words()
   shares = np.zeros((v, len(genres)))
   for g, words in enumerate(genres.values()):
-    for word in words:
-      ids, _ = vocab.encode([word], 1)
-      if len(text_lib.tokenize(word)) == 1 and ids[0] > text_lib.UNK_ID:
-        shares[ids[0], g] += 1.0 / len(words)
+    for i in _word_ids(vocab, words):
+      shares[i, g] += 1.0 / len(words)
   return poles, shares
 
 
@@ -120,49 +124,55 @@ def _review_features(reviews: dict[str, np.ndarray], poles: np.ndarray,
                          counts], 1)
 
 
-def recall(data_dir: str, mard_dir: str, split: str, max_len: int,
-           ks: tuple[int, ...] = metrics.DEFAULT_KS) -> dict[str, Any]:
-  """review -> album recall@K of the generator's ranking on `split`.
+def recall(data_dir: str, mard_dir: str, splits: tuple[str, ...],
+           max_len: int, ks: tuple[int, ...] = metrics.DEFAULT_KS
+           ) -> dict[str, dict[str, Any]]:
+  """review -> album recall@K of the generator's ranking on each split (the
+  traits replayed and the albums' features formed once for all of them).
 
   Args:
     data_dir: the corpus's preprocessed records.
     mard_dir: the synthetic corpus they were built from.
-    split: 'dev' or 'test'.
+    splits: of 'dev', 'test'.
     max_len: words of a review read (as the models read them).
     ks: the K of recall@K.
 
   Returns:
-    {'recall@K': ..., 'with_genre_label': {'recall@K': ...},
-    'num_queries': N}.
+    {split: {'recall@K': ..., 'with_genre_label': {'recall@K': ...},
+    'num_queries': N}}.
 
   Raises:
     UserError: `mard_dir` is not a corpus this generator wrote.
   """
   traits = synth.replay_traits(mard_dir)
   manifest = manifest_lib.load(data_dir)
-  audio = input_pipeline.load_audio_table(manifest)
-  reviews = input_pipeline.load_reviews(manifest, split, max_len)
+  albums = np.flatnonzero(input_pipeline.load_audio_table(manifest).counts)
   # Records index albums in their own order: matched by Amazon id.
   order = {a: i for i, a in enumerate(traits.amazon_ids)}
   ids = {a: m['amazon_id'] for a, m in manifest_lib.read_albums(
       manifest).items()}
-  albums = np.flatnonzero(audio.counts > 0)
   rows = np.array([order[ids[a]] for a in albums])
   poles, shares = _word_columns(manifest_lib.read_vocabulary(manifest))
   genre_words = np.flatnonzero(shares.sum(1))
-  queries = _review_features(reviews, poles, genre_words)
-  out = {'num_queries': int(len(reviews['album']))}
-  for name, genre in (
-      ('', _genre_posterior(traits)[rows]),
-      ('with_genre_label', np.eye(len(synth.GENRES))[traits.genres[rows]])):
-    album_emb = _album_features(traits.tracks[rows], genre,
-                                shares[genre_words],
-                                traits.style.impression_noise)
-    found, _ = metrics.report(albums, album_emb, queries, reviews['album'],
-                              ks, both_directions=False)
-    got = {f'recall@{k}': found[f'recall@{k}'] for k in ks}
-    if name:
-      out[name] = got
-    else:
-      out.update(got)
+  readings = {name: _album_features(traits.tracks[rows], genre,
+                                    shares[genre_words],
+                                    traits.style.impression_noise)
+              for name, genre in (
+                  ('', _genre_posterior(traits)[rows]),
+                  ('with_genre_label',
+                   np.eye(len(synth.GENRES))[traits.genres[rows]]))}
+  out = {}
+  for split in splits:
+    reviews = input_pipeline.load_reviews(manifest, split, max_len)
+    queries = _review_features(reviews, poles, genre_words)
+    got = {'num_queries': int(len(reviews['album']))}
+    for name, album_emb in readings.items():
+      found, _ = metrics.report(albums, album_emb, queries, reviews['album'],
+                                ks, both_directions=False)
+      figures = {f'recall@{k}': found[f'recall@{k}'] for k in ks}
+      if name:
+        got[name] = figures
+      else:
+        got.update(figures)
+    out[split] = got
   return out

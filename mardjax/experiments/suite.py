@@ -304,9 +304,8 @@ def corpus_generator_ranking(cfg: ml_collections.ConfigDict, root: str,
   path = os.path.join(root, f'generator-{_digest(key)}.json')
   done = _read_json(path)
   if done is None:
-    done = {split: generator_ranking.recall(
-        data_dir, stages.mard_dir(cfg, root), split, cfg.data.max_len)
-            for split in ('dev', 'test')}
+    done = generator_ranking.recall(data_dir, stages.mard_dir(cfg, root),
+                                    ('dev', 'test'), cfg.data.max_len)
     write_json(path, done)
   return done
 

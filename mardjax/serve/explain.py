@@ -174,9 +174,7 @@ class Explainer:
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ids (n,) of a text -> (its distinct known words (U,), (U + 1, max_len)
     rows: the text, then the text without each word, (U + 1,) lengths)."""
-    words = np.unique(ids[ids > text_lib.UNK_ID])
-    keep = np.concatenate([np.ones((1, len(ids)), bool),
-                           ids[None, :] != words[:, None]])  # (U + 1, n)
+    words, keep = _word_variants(ids)
     # Each row's kept tokens moved to its front, in order (stable sort).
     order = np.argsort(~keep, axis=1, kind='stable')
     lengths = keep.sum(1).astype(np.int32)
@@ -194,9 +192,7 @@ class Explainer:
     queries, (U + 1,) lengths). A variant whose every remaining word is cut
     reads them all, as the served query does."""
     vectors, weights = self.embedder.gated
-    words = np.unique(ids[ids > text_lib.UNK_ID])
-    keep = np.concatenate([np.ones((1, len(ids)), bool),
-                           ids[None, :] != words[:, None]])  # (U + 1, n)
+    words, keep = _word_variants(ids)
     rows = vectors[ids].astype(np.float64)  # (n, E)
     w = weights[ids].astype(np.float64)
     gated = (keep * w) @ rows
@@ -306,6 +302,14 @@ class Explainer:
                    'weight': _finite(weights[i, t]), 'values': values[i]}
                   for i in order])
     return out
+
+
+def _word_variants(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """ids (n,) of a text -> (its distinct known words (U,), (U + 1, n) the
+  tokens each variant keeps: all, then all but each word's)."""
+  words = np.unique(ids[ids > text_lib.UNK_ID])
+  return words, np.concatenate([np.ones((1, len(ids)), bool),
+                                ids[None, :] != words[:, None]])
 
 
 def _head(module, pooled: jax.Array) -> jax.Array:

@@ -114,8 +114,9 @@ def initial_params(params: Any, reviews: tables.ReviewTable,
   kernel = out['audio_head']['out']['kernel']  # (A, E)
   embed_dim = kernel.shape[1]
   proto, albums, directions = prototypes(reviews, audio, vocab_size, shrink)
+  # Fewer directions than E (few albums): the rest of the basis stays 0.
   basis = np.zeros((embed_dim, kernel.shape[0]))
-  basis[:len(directions[:embed_dim])] = directions[:embed_dim]
+  basis[:min(embed_dim, len(directions))] = directions[:embed_dim]
   words = np.asarray(table, np.float64).copy()
   used = albums > 0
   if used.any():
